@@ -1,0 +1,241 @@
+//! Variable-length multi-head self-attention over a packed batch.
+//!
+//! Shapes: `N` total tokens, `H` hidden, `nh` heads, `hd = H / nh`, `S` sequences.
+//! Input `qkv [N, 3H]` is the output of one fused QKV projection (columns: all of Q, then K,
+//! then V; head `h` uses columns `h*hd..(h+1)*hd` of each). Sequence `s` owns rows
+//! `cu_seqlens[s]..cu_seqlens[s+1]`, and tokens attend only within their sequence: no
+//! padding is materialised and no mask is needed. Output `[N, H]`.
+//!
+//! Each (sequence, head) pair is one task on the rayon pool; its score matrix `[L, L]` is
+//! the only scratch memory. The matmuls read Q, K, V in place through strides (no transposes
+//! or copies). The backward recomputes the probabilities rather than storing them.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::cpu::{dispatch, slice, with_slice, SendPtr};
+use crate::softmax::{softmax_row, softmax_row_backward};
+use crate::Float;
+
+/// Self-attention of each packed sequence; `qkv [N, 3H]` → `[N, H]`, differentiable in `qkv`.
+/// `scale` multiplies the scores before the softmax (usually `1/sqrt(hd)`).
+pub fn varlen_attention(qkv: &Tensor, cu_seqlens: &[usize], num_heads: usize, scale: f64) -> Result<Tensor> {
+    let (n, three_h) = qkv.dims2()?;
+    if three_h % 3 != 0 || (three_h / 3) % num_heads != 0 {
+        bail!("varlen_attention: qkv width {three_h} is not 3 x heads ({num_heads}) x head dim");
+    }
+    check_cu_seqlens(cu_seqlens, n)?;
+    qkv.contiguous()?.apply_op1(VarlenAttention { cu_seqlens: cu_seqlens.to_vec(), num_heads, scale })
+}
+
+fn check_cu_seqlens(cu: &[usize], n: usize) -> Result<()> {
+    if cu.first() != Some(&0) || cu.last() != Some(&n) || cu.windows(2).any(|w| w[0] > w[1]) {
+        bail!("varlen_attention: cu_seqlens {cu:?} must rise from 0 to the token count {n}");
+    }
+    Ok(())
+}
+
+/// The same attention composed from plain candle ops, one sequence at a time (test reference).
+pub fn reference_attention(qkv: &Tensor, cu_seqlens: &[usize], num_heads: usize, scale: f64) -> Result<Tensor> {
+    let h = qkv.dim(1)? / 3;
+    let hd = h / num_heads;
+    let mut outs = Vec::new();
+    for w in cu_seqlens.windows(2) {
+        let l = w[1] - w[0];
+        let rows = qkv.narrow(0, w[0], l)?;
+        // [L, H] -> [nh, L, hd]
+        let split = |i: usize| rows.narrow(1, i * h, h)?.reshape((l, num_heads, hd))?.transpose(0, 1)?.contiguous();
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let probs = crate::reference_softmax(&scores)?;
+        // [nh, L, hd] -> [L, H]
+        outs.push(probs.matmul(&v)?.transpose(0, 1)?.reshape((l, h))?);
+    }
+    Tensor::cat(&outs, 0)
+}
+
+struct VarlenAttention {
+    cu_seqlens: Vec<usize>,
+    num_heads: usize,
+    scale: f64,
+}
+
+/// One (sequence, head) unit of work: first row, length, head index.
+fn tasks(cu: &[usize], nh: usize) -> Vec<(usize, usize, usize)> {
+    let mut t = Vec::with_capacity((cu.len() - 1) * nh);
+    for w in cu.windows(2) {
+        for h in 0..nh {
+            if w[1] > w[0] {
+                t.push((w[0], w[1] - w[0], h));
+            }
+        }
+    }
+    // Longest first, so the pool is not left waiting on one long sequence at the end.
+    t.sort_by(|a, b| b.1.cmp(&a.1));
+    t
+}
+
+/// `dst[m, n] (+)= alpha * lhs[m, k] @ rhs[k, n]` on strided row-major views.
+/// Strides are (row stride, column stride) in elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Float>(
+    m: usize, n: usize, k: usize,
+    dst: *mut T, dst_s: (usize, usize), accumulate: bool,
+    lhs: *const T, lhs_s: (usize, usize),
+    rhs: *const T, rhs_s: (usize, usize),
+    alpha: T,
+) {
+    // gemm computes dst = a * dst + b * lhs @ rhs, with (column, row) stride order.
+    gemm::gemm(
+        m, n, k,
+        dst, dst_s.1 as isize, dst_s.0 as isize, accumulate,
+        lhs, lhs_s.1 as isize, lhs_s.0 as isize,
+        rhs, rhs_s.1 as isize, rhs_s.0 as isize,
+        T::one(), alpha, false, false, false, Parallelism::None,
+    )
+}
+
+/// Fills `p [L, L]` with softmax(scale * Q K^T) for one (sequence, head).
+unsafe fn probabilities<T: Float>(qkv: *const T, w3: usize, h: usize, hd: usize, start: usize, l: usize, head: usize, scale: T, p: &mut [T]) {
+    let q = qkv.add(start * w3 + head * hd);
+    let k = qkv.add(start * w3 + h + head * hd);
+    // K^T viewed as [hd, L]: row stride 1, column stride 3H.
+    matmul(l, l, hd, p.as_mut_ptr(), (l, 1), false, q, (w3, 1), k, (1, w3), scale);
+    p.chunks_mut(l).for_each(softmax_row);
+}
+
+fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
+    let n = *cu.last().unwrap_or(&0);
+    let w3 = if n == 0 { 0 } else { qkv.len() / n };
+    let h = w3 / 3;
+    let hd = h / nh.max(1);
+    let mut out = vec![T::zero(); n * h];
+    let dst = SendPtr(out.as_mut_ptr());
+    let src = SendPtr(qkv.as_ptr() as *mut T);
+    tasks(cu, nh).into_par_iter().for_each_init(Vec::new, |p, (start, l, head)| {
+        p.resize(l * l, T::zero());
+        // SAFETY: each task writes only its own rows x head columns of `out`.
+        unsafe {
+            let (qkv, out) = (src.get() as *const T, dst.get());
+            probabilities(qkv, w3, h, hd, start, l, head, T::from_f64(scale), p);
+            let v = qkv.add(start * w3 + 2 * h + head * hd);
+            let o = out.add(start * h + head * hd);
+            matmul(l, hd, l, o, (h, 1), false, p.as_ptr(), (l, 1), v, (w3, 1), T::one());
+        }
+    });
+    out
+}
+
+fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
+    let n = *cu.last().unwrap_or(&0);
+    let w3 = if n == 0 { 0 } else { qkv.len() / n };
+    let h = w3 / 3;
+    let hd = h / nh.max(1);
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let dst = SendPtr(dqkv.as_mut_ptr());
+    let src = SendPtr(qkv.as_ptr() as *mut T);
+    let gsrc = SendPtr(dout.as_ptr() as *mut T);
+    let scale = T::from_f64(scale);
+    tasks(cu, nh).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(p, dp, ds), (start, l, head)| {
+            p.resize(l * l, T::zero());
+            dp.resize(l * l, T::zero());
+            ds.resize(l * l, T::zero());
+            // SAFETY: each task writes only its own rows x head columns of dq, dk, dv.
+            unsafe {
+                let (qkv, dqkv, dout) = (src.get() as *const T, dst.get(), gsrc.get() as *const T);
+                probabilities(qkv, w3, h, hd, start, l, head, scale, p);
+                let base = start * w3 + head * hd;
+                let (q, k, v) = (qkv.add(base), qkv.add(base + h), qkv.add(base + 2 * h));
+                let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
+                let dout = dout.add(start * h + head * hd);
+                // dV = P^T dO
+                matmul(l, hd, l, dv, (w3, 1), false, p.as_ptr(), (1, l), dout, (h, 1), T::one());
+                // dP = dO V^T
+                matmul(l, l, hd, dp.as_mut_ptr(), (l, 1), false, dout, (h, 1), v, (1, w3), T::one());
+                // dS = scale * softmax'(dP)
+                for r in 0..l {
+                    let row = r * l..(r + 1) * l;
+                    softmax_row_backward(&p[row.clone()], &dp[row.clone()], &mut ds[row]);
+                }
+                // dQ = dS K * scale ; dK = dS^T Q * scale
+                matmul(l, hd, l, dq, (w3, 1), false, ds.as_ptr(), (l, 1), k, (w3, 1), scale);
+                matmul(l, hd, l, dk, (w3, 1), false, ds.as_ptr(), (1, l), q, (w3, 1), scale);
+            }
+        },
+    );
+    dqkv
+}
+
+impl CustomOp1 for VarlenAttention {
+    fn name(&self) -> &'static str {
+        "berth-varlen-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(op: &VarlenAttention, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let out = forward(slice::<T>(s, l)?, &op.cu_seqlens, op.num_heads, op.scale);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let (n, w3) = l.shape().dims2()?;
+        Ok((dispatch!(s.dtype(), self.name(), run(self, s, l))?, Shape::from((n, w3 / 3))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        fn run<T: Float>(op: &VarlenAttention, qkv: &Tensor, dout: &Tensor) -> Result<Tensor> {
+            let d = with_slice::<T, _>(qkv, |q| {
+                with_slice::<T, _>(dout, |g| backward(q, g, &op.cu_seqlens, op.num_heads, op.scale))
+            })??;
+            Tensor::from_vec(d, qkv.shape(), qkv.device())
+        }
+        Ok(Some(dispatch!(qkv.dtype(), self.name(), run(self, qkv, dout))?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, gradcheck, randn};
+
+    #[test]
+    fn matches_composed_reference_forward_and_backward() -> Result<()> {
+        let cu = [0, 5, 6, 13];
+        let qkv = candle_core::Var::from_tensor(&(randn(&[13, 24], 31)? * 2.0)?)?;
+        let w = randn(&[13, 8], 32)?;
+        let ours = varlen_attention(&qkv, &cu, 2, 0.5)?;
+        let theirs = reference_attention(&qkv, &cu, 2, 0.5)?;
+        assert_close("attention forward", &ours, &theirs, 1e-12)?;
+        let a = (ours * &w)?.sum_all()?.backward()?;
+        let b = (theirs * &w)?.sum_all()?.backward()?;
+        assert_close("attention dqkv", a.get(&qkv).unwrap(), b.get(&qkv).unwrap(), 1e-12)
+    }
+
+    #[test]
+    fn finite_difference_gradients() -> Result<()> {
+        let cu = [0, 3, 7];
+        gradcheck("varlen attention", &[(randn(&[7, 12], 33)? * 2.0)?], |v| varlen_attention(&v[0], &cu, 2, 0.7))
+    }
+
+    #[test]
+    fn tokens_do_not_attend_across_sequences() -> Result<()> {
+        // Changing sequence 1 must leave sequence 0's output untouched.
+        let cu = [0, 4, 9];
+        let a = randn(&[9, 12], 34)?;
+        let mut data = a.flatten_all()?.to_vec1::<f64>()?;
+        data[4 * 12..].iter_mut().for_each(|v| *v += 1.0);
+        let b = Tensor::from_vec(data, (9, 12), a.device())?;
+        let oa = varlen_attention(&a, &cu, 2, 0.5)?.narrow(0, 0, 4)?;
+        let ob = varlen_attention(&b, &cu, 2, 0.5)?.narrow(0, 0, 4)?;
+        assert_close("sequence 0 output", &oa, &ob, 0.0)
+    }
+
+    #[test]
+    fn rejects_bad_cu_seqlens() {
+        let qkv = randn(&[5, 12], 35).unwrap();
+        assert!(varlen_attention(&qkv, &[0, 3], 2, 1.0).is_err());
+        assert!(varlen_attention(&qkv, &[0, 4, 3, 5], 2, 1.0).is_err());
+        assert!(varlen_attention(&qkv, &[0, 5], 5, 1.0).is_err());
+    }
+}
