@@ -1,0 +1,278 @@
+//! config.json, as transformers writes it, for each supported architecture, and the
+//! normalised [`EncoderConfig`] the model code runs on.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use berth_kernels::Activation;
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// The architecture family, from `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `bert`.
+    Bert,
+    /// `roberta`, `xlm-roberta`, `camembert`: BERT with positions offset past the pad id.
+    Roberta,
+    /// `distilbert`: its own weight names, no token types, no pooler.
+    DistilBert,
+}
+
+impl Arch {
+    /// The prefix transformers puts before base-model weights in a model with a head.
+    pub fn base_prefix(self) -> &'static str {
+        match self {
+            Arch::Bert => "bert",
+            Arch::Roberta => "roberta",
+            Arch::DistilBert => "distilbert",
+        }
+    }
+}
+
+/// config.json of BERT, RoBERTa, XLM-R and CamemBERT (one schema in transformers).
+#[derive(Debug, Clone, Deserialize)]
+#[allow(missing_docs)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    #[serde(default = "d768")]
+    pub hidden_size: usize,
+    #[serde(default = "d12")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d3072")]
+    pub intermediate_size: usize,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    #[serde(default = "d512")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d2")]
+    pub type_vocab_size: usize,
+    #[serde(default = "eps12")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub hidden_dropout_prob: Option<f64>,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: Option<f64>,
+}
+
+/// config.json of DistilBERT.
+#[derive(Debug, Clone, Deserialize)]
+#[allow(missing_docs)]
+pub struct DistilBertConfig {
+    pub vocab_size: usize,
+    #[serde(default = "d768")]
+    pub dim: usize,
+    #[serde(default = "d6")]
+    pub n_layers: usize,
+    #[serde(default = "d12")]
+    pub n_heads: usize,
+    #[serde(default = "d3072")]
+    pub hidden_dim: usize,
+    #[serde(default = "gelu")]
+    pub activation: String,
+    #[serde(default = "d512")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    #[serde(default)]
+    pub attention_dropout: Option<f64>,
+}
+
+/// Fields common to all architectures (head labels, tying).
+#[derive(Debug, Clone, Deserialize, Default)]
+struct CommonConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    id2label: BTreeMap<String, String>,
+    #[serde(default)]
+    problem_type: Option<String>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+}
+
+fn d2() -> usize { 2 }
+fn d6() -> usize { 6 }
+fn d12() -> usize { 12 }
+fn d512() -> usize { 512 }
+fn d768() -> usize { 768 }
+fn d3072() -> usize { 3072 }
+fn eps12() -> f64 { 1e-12 }
+fn gelu() -> String { "gelu".into() }
+
+/// What the model code needs, whatever the architecture.
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    /// The config.json this came from.
+    pub path: PathBuf,
+    /// Family.
+    pub arch: Arch,
+    /// `model_type` as written.
+    pub model_type: String,
+    /// `architectures` as written (decides the head and the weight prefix).
+    pub architectures: Vec<String>,
+    /// Vocabulary size `V`.
+    pub vocab_size: usize,
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_layers: usize,
+    /// Attention heads `nh`.
+    pub num_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    pub activation: Activation,
+    /// Rows of the position table.
+    pub max_position_embeddings: usize,
+    /// Added to every position id (RoBERTa: `pad_token_id + 1`).
+    pub position_offset: usize,
+    /// Rows of the token-type table (0 for DistilBERT).
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Label names by class index, from `id2label`.
+    pub id2label: Vec<String>,
+    /// `problem_type` (single_label_classification, multi_label_classification, regression).
+    pub problem_type: Option<String>,
+    /// Whether the MLM decoder shares the word-embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl EncoderConfig {
+    /// Reads and validates `path` (a config.json).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ModelError::Io { path: path.into(), source })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses config.json text; `path` is used in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let bad = |message: String| ModelError::Config { path: path.into(), message };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let common: CommonConfig = serde_json::from_value(value.clone()).map_err(|e| bad(e.to_string()))?;
+        let model_type = common.model_type.clone().ok_or_else(|| bad("no \"model_type\" field".into()))?;
+        let arch = match model_type.as_str() {
+            "bert" => Arch::Bert,
+            "roberta" | "xlm-roberta" | "camembert" => Arch::Roberta,
+            "distilbert" => Arch::DistilBert,
+            other => {
+                return Err(ModelError::UnknownModelType { path: path.into(), model_type: other.into() })
+            }
+        };
+        let act = |name: &str| {
+            Activation::from_hidden_act(name).ok_or_else(|| bad(format!("unsupported activation {name:?}")))
+        };
+        let mut id2label: Vec<(usize, String)> = Vec::new();
+        for (k, v) in &common.id2label {
+            let i = k.parse().map_err(|_| bad(format!("id2label key {k:?} is not an integer")))?;
+            id2label.push((i, v.clone()));
+        }
+        id2label.sort();
+        if id2label.iter().enumerate().any(|(i, (k, _))| i != *k) {
+            return Err(bad("id2label keys are not 0..n".into()));
+        }
+        let mut cfg = EncoderConfig {
+            path: path.into(),
+            arch,
+            model_type,
+            architectures: common.architectures,
+            vocab_size: 0,
+            hidden_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            intermediate_size: 0,
+            activation: Activation::Gelu,
+            max_position_embeddings: 0,
+            position_offset: 0,
+            type_vocab_size: 0,
+            layer_norm_eps: 1e-12,
+            id2label: id2label.into_iter().map(|(_, v)| v).collect(),
+            problem_type: common.problem_type,
+            tie_word_embeddings: common.tie_word_embeddings.unwrap_or(true),
+        };
+        if arch == Arch::DistilBert {
+            let c: DistilBertConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            cfg.vocab_size = c.vocab_size;
+            cfg.hidden_size = c.dim;
+            cfg.num_layers = c.n_layers;
+            cfg.num_heads = c.n_heads;
+            cfg.intermediate_size = c.hidden_dim;
+            cfg.activation = act(&c.activation)?;
+            cfg.max_position_embeddings = c.max_position_embeddings;
+        } else {
+            let c: BertConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            if let Some(p) = c.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
+                return Err(bad(format!("position_embedding_type {p:?} is not supported (only \"absolute\")")));
+            }
+            cfg.vocab_size = c.vocab_size;
+            cfg.hidden_size = c.hidden_size;
+            cfg.num_layers = c.num_hidden_layers;
+            cfg.num_heads = c.num_attention_heads;
+            cfg.intermediate_size = c.intermediate_size;
+            cfg.activation = act(&c.hidden_act)?;
+            cfg.max_position_embeddings = c.max_position_embeddings;
+            cfg.type_vocab_size = c.type_vocab_size;
+            cfg.layer_norm_eps = c.layer_norm_eps;
+            if arch == Arch::Roberta {
+                cfg.position_offset = c.pad_token_id.unwrap_or(1) as usize + 1;
+            }
+        }
+        if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
+            return Err(bad(format!("hidden size {} is not a multiple of {} heads", cfg.hidden_size, cfg.num_heads)));
+        }
+        if cfg.max_position_embeddings <= cfg.position_offset {
+            return Err(bad("max_position_embeddings leaves no room past the position offset".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Longest sequence the position table allows.
+    pub fn max_sequence_length(&self) -> usize {
+        self.max_position_embeddings - self.position_offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<EncoderConfig> {
+        EncoderConfig::from_json(s, Path::new("config.json"))
+    }
+
+    #[test]
+    fn roberta_offsets_positions_past_pad() {
+        let c = parse(r#"{"model_type":"xlm-roberta","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"max_position_embeddings":514,"pad_token_id":1,"type_vocab_size":1}"#).unwrap();
+        assert_eq!((c.arch, c.position_offset, c.max_sequence_length()), (Arch::Roberta, 2, 512));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_problem() {
+        let e = parse(r#"{"model_type":"gpt2","vocab_size":10}"#).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("gpt2"), "{e}");
+        let e = parse("{not json").unwrap_err().to_string();
+        assert!(e.contains("config.json: invalid config"), "{e}");
+        let e = parse(r#"{"model_type":"bert","vocab_size":10,"hidden_act":"mish"}"#).unwrap_err().to_string();
+        assert!(e.contains("mish"), "{e}");
+        let e = parse(r#"{"model_type":"bert"}"#).unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
+    }
+
+    #[test]
+    fn distilbert_fields_map() {
+        let c = parse(r#"{"model_type":"distilbert","vocab_size":10,"dim":8,"n_heads":2,"n_layers":3,"hidden_dim":16,"activation":"gelu","id2label":{"1":"b","0":"a"}}"#).unwrap();
+        assert_eq!((c.hidden_size, c.num_layers, c.intermediate_size, c.type_vocab_size), (8, 3, 16, 0));
+        assert_eq!(c.id2label, ["a", "b"]);
+    }
+}

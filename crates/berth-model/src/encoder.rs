@@ -1,0 +1,123 @@
+//! Embeddings and the post-LN transformer encoder shared by BERT, RoBERTa and DistilBERT.
+//!
+//! Shapes: `N` total tokens of the packed batch, `H` hidden, `nh` heads, `hd = H / nh`,
+//! `F` feed-forward width, `S` sequences.
+use berth_kernels::Activation;
+use candle_core::{Device, Tensor};
+
+use crate::batch::Batch;
+use crate::config::EncoderConfig;
+use crate::error::{ModelError, Result};
+use crate::modules::{LayerNorm, Linear};
+use crate::names;
+use crate::weights::Weights;
+
+/// Word + position (+ token type) embeddings, then LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// `[V, H]`.
+    pub word_embeddings: Tensor,
+    /// `[P, H]`.
+    pub position_embeddings: Tensor,
+    /// `[T, H]`; absent for DistilBERT.
+    pub token_type_embeddings: Option<Tensor>,
+    /// Final LayerNorm.
+    pub layer_norm: LayerNorm,
+    position_offset: usize,
+}
+
+fn ids_tensor(ids: &[u32], limit: usize, what: &str) -> Result<Tensor> {
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= limit) {
+        return Err(ModelError::Input(format!("{what} {bad} is out of range (the model has {limit})")));
+    }
+    Ok(Tensor::new(ids, &Device::Cpu)?)
+}
+
+impl Embeddings {
+    /// Loads the embedding tables under prefix `p`.
+    pub fn load(w: &Weights, cfg: &EncoderConfig, p: &str) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let token_type_embeddings = if cfg.type_vocab_size > 0 {
+            Some(w.get(&names::token_type_embeddings(p), &[cfg.type_vocab_size, h])?)
+        } else {
+            None
+        };
+        Ok(Embeddings {
+            word_embeddings: w.get(&names::word_embeddings(p), &[cfg.vocab_size, h])?,
+            position_embeddings: w.get(&names::position_embeddings(p), &[cfg.max_position_embeddings, h])?,
+            token_type_embeddings,
+            layer_norm: LayerNorm::load(w, &names::embeddings_ln(p), h, cfg.layer_norm_eps)?,
+            position_offset: cfg.position_offset,
+        })
+    }
+
+    /// `[N, H]` embeddings of a packed batch.
+    pub fn forward(&self, b: &Batch) -> Result<Tensor> {
+        let vocab = self.word_embeddings.dim(0)?;
+        let positions: Vec<u32> = b.position_ids.iter().map(|&p| p + self.position_offset as u32).collect();
+        let max_pos = self.position_embeddings.dim(0)?;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+            return Err(ModelError::Input(format!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                p as usize - self.position_offset + 1,
+                max_pos - self.position_offset
+            )));
+        }
+        let mut x = self.word_embeddings.index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?;
+        x = (x + self.position_embeddings.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?)?;
+        if let Some(tt) = &self.token_type_embeddings {
+            let types = ids_tensor(&b.token_type_ids, tt.dim(0)?, "token type id")?;
+            x = (x + tt.index_select(&types, 0)?)?;
+        } else if b.token_type_ids.iter().any(|&t| t != 0) {
+            return Err(ModelError::Input("this architecture has no token types".into()));
+        }
+        self.layer_norm.forward(&x)
+    }
+}
+
+/// One encoder layer: attention → add & norm → feed-forward → add & norm.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Q, K, V projections fused: `[3H, H]`.
+    pub qkv: Linear,
+    /// Attention output projection `[H, H]`.
+    pub attn_out: Linear,
+    /// LayerNorm after attention.
+    pub attn_ln: LayerNorm,
+    /// Feed-forward up-projection `[F, H]`.
+    pub inter: Linear,
+    /// Feed-forward down-projection `[H, F]`.
+    pub out: Linear,
+    /// LayerNorm after the feed-forward block.
+    pub out_ln: LayerNorm,
+    num_heads: usize,
+    activation: Activation,
+}
+
+impl Layer {
+    /// Loads layer `i` under prefix `p`.
+    pub fn load(w: &Weights, cfg: &EncoderConfig, p: &str, i: usize) -> Result<Self> {
+        let k = names::layer(cfg.arch, p, i);
+        let (h, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        Ok(Layer {
+            qkv: Linear::load_fused(w, &[&k.query, &k.key, &k.value], h, h)?,
+            attn_out: Linear::load(w, &k.attn_out, h, h)?,
+            attn_ln: LayerNorm::load(w, &k.attn_ln, h, eps)?,
+            inter: Linear::load(w, &k.inter, h, f)?,
+            out: Linear::load(w, &k.out, f, h)?,
+            out_ln: LayerNorm::load(w, &k.out_ln, h, eps)?,
+            num_heads: cfg.num_heads,
+            activation: cfg.activation,
+        })
+    }
+
+    /// `x [N, H]` → `[N, H]`; tokens attend only within their sequence of `cu_seqlens`.
+    pub fn forward(&self, x: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?; // [N, 3H]
+        let hd = x.dim(1)? / self.num_heads;
+        let ctx = berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, 1.0 / (hd as f64).sqrt())?;
+        let x = self.attn_ln.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let f = berth_kernels::activation(&self.inter.forward(&x)?, self.activation)?; // [N, F]
+        self.out_ln.forward(&(self.out.forward(&f)? + x)?)
+    }
+}

@@ -1,0 +1,167 @@
+//! Task heads. Each returns logits; softmax belongs to the caller.
+//!
+//! Shapes: `N` tokens, `S` sequences, `H` hidden, `V` vocabulary, `C` classes.
+use berth_kernels::Activation;
+use candle_core::Tensor;
+
+use crate::config::{Arch, EncoderConfig};
+use crate::error::Result;
+use crate::modules::{LayerNorm, Linear};
+use crate::names;
+use crate::weights::Weights;
+
+/// Which head a checkpoint carries, from the class name in `architectures`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// `*ForMaskedLM` (and BERT's `*ForPreTraining`, whose NSP part is not used).
+    MaskedLm,
+    /// `*ForSequenceClassification`.
+    SequenceClassification,
+    /// `*ForTokenClassification`.
+    TokenClassification,
+    /// `*ForQuestionAnswering`.
+    QuestionAnswering,
+}
+
+impl HeadKind {
+    /// The head named by a transformers class name; `None` for a bare encoder (`*Model`).
+    pub fn from_class_name(class: &str) -> Option<Self> {
+        if class.ends_with("ForMaskedLM") || class.ends_with("ForPreTraining") {
+            Some(Self::MaskedLm)
+        } else if class.ends_with("ForSequenceClassification") {
+            Some(Self::SequenceClassification)
+        } else if class.ends_with("ForTokenClassification") {
+            Some(Self::TokenClassification)
+        } else if class.ends_with("ForQuestionAnswering") {
+            Some(Self::QuestionAnswering)
+        } else {
+            None
+        }
+    }
+
+    /// Human name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MaskedLm => "masked-LM",
+            Self::SequenceClassification => "sequence-classification",
+            Self::TokenClassification => "token-classification",
+            Self::QuestionAnswering => "question-answering",
+        }
+    }
+}
+
+/// Masked-LM head: dense → activation → LayerNorm → decoder (tied or not) + bias.
+#[derive(Debug, Clone)]
+pub struct MaskedLmHead {
+    /// Transform `[H, H]`.
+    pub dense: Linear,
+    /// Transform activation (RoBERTa's head always uses erf GELU).
+    pub activation: Activation,
+    /// Transform LayerNorm.
+    pub layer_norm: LayerNorm,
+    /// Decoder `[V, H]`: the word embeddings when tied.
+    pub decoder: Tensor,
+    /// Decoder bias `[V]`.
+    pub bias: Tensor,
+}
+
+impl MaskedLmHead {
+    fn load(w: &Weights, cfg: &EncoderConfig, word_embeddings: &Tensor) -> Result<Self> {
+        let [dense, ln, decoder, bias] = names::mlm_head(cfg.arch);
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let decoder = if cfg.tie_word_embeddings {
+            // transformers ties even when the file also holds a copy: mark it used.
+            if w.contains(decoder) {
+                w.get(decoder, &[v, h])?;
+            }
+            word_embeddings.clone()
+        } else {
+            w.get(decoder, &[v, h])?
+        };
+        Ok(MaskedLmHead {
+            dense: Linear::load(w, dense, h, h)?,
+            activation: if cfg.arch == Arch::Roberta { Activation::Gelu } else { cfg.activation },
+            layer_norm: LayerNorm::load(w, ln, h, cfg.layer_norm_eps)?,
+            decoder,
+            bias: w.get(bias, &[v])?,
+        })
+    }
+
+    /// `hidden [R, H]` (only the rows that need predictions) → `[R, V]`.
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = berth_kernels::activation(&self.dense.forward(hidden)?, self.activation)?;
+        let x = self.layer_norm.forward(&x)?;
+        Ok(x.matmul(&self.decoder.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Sequence classification on the first token of each sequence.
+#[derive(Debug, Clone)]
+pub enum SequenceClassificationHead {
+    /// BERT: the pooler's output → `classifier`.
+    Pooled {
+        /// `[C, H]`.
+        classifier: Linear,
+    },
+    /// RoBERTa: first token → `classifier.dense` → tanh → `classifier.out_proj`.
+    Roberta {
+        /// `[H, H]`.
+        dense: Linear,
+        /// `[C, H]`.
+        out_proj: Linear,
+    },
+    /// DistilBERT: first token → `pre_classifier` → ReLU → `classifier`.
+    DistilBert {
+        /// `[H, H]`.
+        pre_classifier: Linear,
+        /// `[C, H]`.
+        classifier: Linear,
+    },
+}
+
+/// A loaded head.
+#[derive(Debug, Clone)]
+pub enum Head {
+    /// Masked-LM.
+    MaskedLm(MaskedLmHead),
+    /// Sequence classification / regression.
+    SequenceClassification(SequenceClassificationHead),
+    /// Per-token classification `[C, H]`.
+    TokenClassification(Linear),
+    /// Start / end logits `[2, H]`.
+    QuestionAnswering(Linear),
+}
+
+impl Head {
+    /// Loads the head of `kind`; `classes` is the label count of classification heads.
+    pub(crate) fn load(w: &Weights, cfg: &EncoderConfig, kind: HeadKind, word_embeddings: &Tensor) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let classes = cfg.id2label.len().max(1);
+        Ok(match kind {
+            HeadKind::MaskedLm => Head::MaskedLm(MaskedLmHead::load(w, cfg, word_embeddings)?),
+            HeadKind::SequenceClassification => Head::SequenceClassification(match cfg.arch {
+                Arch::Bert => SequenceClassificationHead::Pooled { classifier: Linear::load(w, "classifier", h, classes)? },
+                Arch::Roberta => SequenceClassificationHead::Roberta {
+                    dense: Linear::load(w, "classifier.dense", h, h)?,
+                    out_proj: Linear::load(w, "classifier.out_proj", h, classes)?,
+                },
+                Arch::DistilBert => SequenceClassificationHead::DistilBert {
+                    pre_classifier: Linear::load(w, "pre_classifier", h, h)?,
+                    classifier: Linear::load(w, "classifier", h, classes)?,
+                },
+            }),
+            HeadKind::TokenClassification => Head::TokenClassification(Linear::load(w, "classifier", h, classes)?),
+            HeadKind::QuestionAnswering => Head::QuestionAnswering(Linear::load(w, "qa_outputs", h, 2)?),
+        })
+    }
+
+    /// Which kind this is.
+    pub fn kind(&self) -> HeadKind {
+        match self {
+            Head::MaskedLm(_) => HeadKind::MaskedLm,
+            Head::SequenceClassification(_) => HeadKind::SequenceClassification,
+            Head::TokenClassification(_) => HeadKind::TokenClassification,
+            Head::QuestionAnswering(_) => HeadKind::QuestionAnswering,
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A BERT-family encoder with its optional pooler and head, loaded from a Hugging Face
+//! model directory.
+//!
+//! Shapes: `N` total tokens, `S` sequences, `H` hidden, `V` vocabulary, `C` classes.
+//! Dropout is not applied: this is the inference (and eval-mode gradient) path.
+//! TODO(#4): hidden and attention-probability dropout for training.
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::batch::Batch;
+use crate::config::{Arch, EncoderConfig};
+use crate::encoder::{Embeddings, Layer};
+use crate::error::{ModelError, Result};
+use crate::heads::{Head, HeadKind, SequenceClassificationHead};
+use crate::modules::Linear;
+use crate::names;
+use crate::weights::{Param, Weights};
+
+/// What loading found besides the model: what transformers would warn about.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Checkpoint keys no module used.
+    pub unused: Vec<String>,
+    /// The head `architectures` names but the checkpoint lacks, with the first missing key.
+    pub missing_head: Option<(HeadKind, String)>,
+}
+
+/// Encoder + pooler + head.
+pub struct Model {
+    /// The normalised config.
+    pub config: EncoderConfig,
+    /// The model directory.
+    pub dir: PathBuf,
+    /// Embeddings.
+    pub embeddings: Embeddings,
+    /// Encoder layers.
+    pub layers: Vec<Layer>,
+    /// BERT / RoBERTa pooler (`dense` + tanh on the first token), when the checkpoint has it.
+    pub pooler: Option<Linear>,
+    /// The head named by `architectures`, when the checkpoint has its weights.
+    pub head: Option<Head>,
+    /// Trainable parameters by Hugging Face name (empty unless loaded trainable).
+    pub params: Vec<Param>,
+}
+
+/// The base-model key prefix: from the class in `architectures` (a bare `*Model` has none,
+/// a model with a head has `bert.` / `roberta.` / `distilbert.`); with no `architectures`,
+/// from whether the checkpoint's keys carry the prefix, as transformers decides.
+fn base_prefix(cfg: &EncoderConfig, w: &Weights) -> String {
+    let prefixed = format!("{}.", cfg.arch.base_prefix());
+    match cfg.architectures.first() {
+        Some(class) if class.ends_with("Model") => String::new(),
+        Some(_) => prefixed,
+        None if w.keys().any(|k| k.starts_with(&prefixed)) => prefixed,
+        None => String::new(),
+    }
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights beside it. Missing encoder weights are an
+    /// error; a missing head is reported in [`LoadReport`] and only fails when used.
+    pub fn load(dir: &Path, trainable: bool) -> Result<(Self, LoadReport)> {
+        let config = EncoderConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::from_dir(dir, trainable)?;
+        Self::from_weights(config, w, dir)
+    }
+
+    /// Builds the model from a parsed config and loaded weights.
+    pub fn from_weights(config: EncoderConfig, w: Weights, dir: &Path) -> Result<(Self, LoadReport)> {
+        let p = base_prefix(&config, &w);
+        let embeddings = Embeddings::load(&w, &config, &p)?;
+        let layers = (0..config.num_layers).map(|i| Layer::load(&w, &config, &p, i)).collect::<Result<_>>()?;
+        let pooler_key = names::pooler(&p);
+        let pooler = if config.arch != Arch::DistilBert && w.contains(&format!("{pooler_key}.weight")) {
+            Some(Linear::load(&w, &pooler_key, config.hidden_size, config.hidden_size)?)
+        } else {
+            None
+        };
+        let mut report = LoadReport::default();
+        let kind = config.architectures.first().and_then(|c| HeadKind::from_class_name(c));
+        let head = match kind {
+            None => None,
+            Some(kind) => match Head::load(&w, &config, kind, &embeddings.word_embeddings) {
+                Ok(h) => Some(h),
+                Err(ModelError::WeightMissing { name, .. }) => {
+                    report.missing_head = Some((kind, name));
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        report.unused = w.unused();
+        let model = Model { params: w.params(), config, dir: dir.into(), embeddings, layers, pooler, head };
+        Ok((model, report))
+    }
+
+    /// Last hidden state `[N, H]` of a packed batch.
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        if batch.num_tokens() == 0 {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        let mut x = self.embeddings.forward(batch)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &batch.cu_seqlens)?;
+        }
+        Ok(x)
+    }
+
+    /// Rows `rows` of `hidden` (e.g. masked positions, or first tokens).
+    pub fn select_rows(hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        Ok(hidden.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?)
+    }
+
+    /// The first token of each sequence, `[S, H]`.
+    pub fn first_tokens(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let firsts: Vec<u32> = batch.cu_seqlens[..batch.num_sequences()].iter().map(|&i| i as u32).collect();
+        Self::select_rows(hidden, &firsts)
+    }
+
+    fn missing(&self, head: &str) -> ModelError {
+        ModelError::HeadMissing { dir: self.dir.clone(), head: head.into(), architectures: self.config.architectures.clone() }
+    }
+
+    /// The pooler output `[S, H]` (tanh of a dense layer on each first token).
+    pub fn pooler_output(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let pooler = self.pooler.as_ref().ok_or_else(|| self.missing("pooler"))?;
+        Ok(pooler.forward(&Self::first_tokens(hidden, batch)?)?.tanh()?)
+    }
+
+    /// Masked-LM logits `[R, V]` for `hidden [R, H]` (select the rows first: the vocabulary
+    /// projection is the most expensive matmul, and only masked positions need it).
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(Head::MaskedLm(h)) => h.forward(hidden),
+            _ => Err(self.missing(HeadKind::MaskedLm.name())),
+        }
+    }
+
+    /// Sequence-classification logits `[S, C]`.
+    pub fn sequence_logits(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let Some(Head::SequenceClassification(head)) = &self.head else {
+            return Err(self.missing(HeadKind::SequenceClassification.name()));
+        };
+        match head {
+            SequenceClassificationHead::Pooled { classifier } => classifier.forward(&self.pooler_output(hidden, batch)?),
+            SequenceClassificationHead::Roberta { dense, out_proj } => {
+                out_proj.forward(&dense.forward(&Self::first_tokens(hidden, batch)?)?.tanh()?)
+            }
+            SequenceClassificationHead::DistilBert { pre_classifier, classifier } => {
+                classifier.forward(&pre_classifier.forward(&Self::first_tokens(hidden, batch)?)?.relu()?)
+            }
+        }
+    }
+
+    /// Token-classification logits `[N, C]`.
+    pub fn token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(Head::TokenClassification(l)) => l.forward(hidden),
+            _ => Err(self.missing(HeadKind::TokenClassification.name())),
+        }
+    }
+
+    /// Question-answering start and end logits, each `[N]`.
+    pub fn qa_logits(&self, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.head {
+            Some(Head::QuestionAnswering(l)) => {
+                let x = l.forward(hidden)?; // [N, 2]
+                Ok((x.narrow(1, 0, 1)?.squeeze(1)?, x.narrow(1, 1, 1)?.squeeze(1)?))
+            }
+            _ => Err(self.missing(HeadKind::QuestionAnswering.name())),
+        }
+    }
+
+    /// Number of distinct parameters (the tied decoder counted once).
+    pub fn num_parameters(&self) -> usize {
+        let lin = |l: &Linear| l.weight.elem_count() + l.bias.elem_count();
+        let ln = |l: &crate::modules::LayerNorm| l.weight.elem_count() + l.bias.elem_count();
+        let e = &self.embeddings;
+        let mut n = e.word_embeddings.elem_count() + e.position_embeddings.elem_count() + ln(&e.layer_norm);
+        n += e.token_type_embeddings.as_ref().map_or(0, |t| t.elem_count());
+        for l in &self.layers {
+            n += lin(&l.qkv) + lin(&l.attn_out) + ln(&l.attn_ln) + lin(&l.inter) + lin(&l.out) + ln(&l.out_ln);
+        }
+        n += self.pooler.as_ref().map_or(0, lin);
+        n += match &self.head {
+            None => 0,
+            Some(Head::MaskedLm(h)) => {
+                let dec = if self.config.tie_word_embeddings { 0 } else { h.decoder.elem_count() };
+                lin(&h.dense) + ln(&h.layer_norm) + dec + h.bias.elem_count()
+            }
+            Some(Head::SequenceClassification(SequenceClassificationHead::Pooled { classifier })) => lin(classifier),
+            Some(Head::SequenceClassification(SequenceClassificationHead::Roberta { dense, out_proj })) => lin(dense) + lin(out_proj),
+            Some(Head::SequenceClassification(SequenceClassificationHead::DistilBert { pre_classifier, classifier })) => {
+                lin(pre_classifier) + lin(classifier)
+            }
+            Some(Head::TokenClassification(l)) | Some(Head::QuestionAnswering(l)) => lin(l),
+        };
+        n
+    }
+}

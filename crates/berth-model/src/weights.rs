@@ -1,0 +1,193 @@
+//! Reading Hugging Face weight files: `model.safetensors`, sharded safetensors with
+//! `model.safetensors.index.json`, or `pytorch_model.bin` (read by candle's pickle reader,
+//! which interprets the pickle opcodes itself and never executes code from the file).
+//!
+//! [`Weights`] hands out tensors by checkpoint key, checks shapes against the config, and
+//! remembers which keys were used so unused ones can be reported as transformers does.
+//! In trainable mode every tensor it hands out is a leaf [`Var`] recorded as a [`Param`].
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{ModelError, Result};
+
+/// A trainable parameter under its Hugging Face name: rows `rows` of `var` (all rows when
+/// `None`). Fused weights (QKV) are one `Var` seen as several parameters.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Checkpoint key, e.g. `bert.encoder.layer.0.attention.self.query.weight`.
+    pub name: String,
+    /// The variable holding it.
+    pub var: Var,
+    /// Row range within `var`, for fused weights.
+    pub rows: Option<(usize, usize)>,
+}
+
+impl Param {
+    /// This parameter's slice of a tensor shaped like its variable (a value or a gradient).
+    pub fn view(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        match self.rows {
+            Some((start, len)) => t.narrow(0, start, len),
+            None => Ok(t.clone()),
+        }
+    }
+}
+
+/// All tensors of a checkpoint, by key, as f32 on the CPU.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    source: PathBuf,
+    used: RefCell<BTreeSet<String>>,
+    params: Option<RefCell<Vec<Param>>>,
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::CorruptWeights { path: path.into(), message: e.to_string() }
+}
+
+fn read_safetensors(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()> {
+    let data = std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let st = candle_core::safetensors::SliceSafetensors::new(&data).map_err(|e| corrupt(path, e))?;
+    for (name, _) in st.tensors() {
+        let t = st.load(&name, &Device::Cpu).map_err(|e| corrupt(path, e))?;
+        out.insert(name, t);
+    }
+    Ok(())
+}
+
+impl Weights {
+    /// Loads the weights of the model directory `dir` (see the module docs for the formats).
+    pub fn from_dir(dir: &Path, trainable: bool) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let bin = dir.join("pytorch_model.bin");
+        let source = if single.is_file() {
+            read_safetensors(&single, &mut tensors)?;
+            single
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index)
+                .map_err(|source| ModelError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&index, e))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| corrupt(&index, "no \"weight_map\" object"))?;
+            let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            for f in files {
+                read_safetensors(&dir.join(f), &mut tensors)?;
+            }
+            for key in map.keys() {
+                if !tensors.contains_key(key) {
+                    return Err(corrupt(&index, format!("lists {key:?} but no shard holds it")));
+                }
+            }
+            index
+        } else if bin.is_file() {
+            for (name, t) in candle_core::pickle::read_all(&bin).map_err(|e| corrupt(&bin, e))? {
+                tensors.insert(name, t);
+            }
+            bin
+        } else {
+            return Err(ModelError::NoWeights { dir: dir.into() });
+        };
+        Self::from_tensors(tensors, source, trainable)
+    }
+
+    /// Wraps tensors already in memory; `source` names them in errors.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, source: PathBuf, trainable: bool) -> Result<Self> {
+        let mut out = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            // Old TF-converted BERT checkpoints call LayerNorm parameters gamma / beta;
+            // transformers renames them on load, and so do we.
+            let name = if let Some(p) = name.strip_suffix(".gamma") {
+                format!("{p}.weight")
+            } else if let Some(p) = name.strip_suffix(".beta") {
+                format!("{p}.bias")
+            } else {
+                name
+            };
+            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+            out.insert(name, t);
+        }
+        Ok(Weights {
+            tensors: out,
+            source,
+            used: RefCell::new(BTreeSet::new()),
+            params: trainable.then(|| RefCell::new(Vec::new())),
+        })
+    }
+
+    /// The file (or index) the weights came from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Whether `name` is in the checkpoint.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All keys in the checkpoint.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::WeightMissing {
+            name: name.into(),
+            path: self.source.clone(),
+        })?;
+        if t.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+                path: self.source.clone(),
+            });
+        }
+        self.used.borrow_mut().insert(name.into());
+        Ok(t.clone())
+    }
+
+    fn register(&self, t: Tensor, parts: &[(String, Option<(usize, usize)>)]) -> Result<Tensor> {
+        match &self.params {
+            None => Ok(t),
+            Some(params) => {
+                let var = Var::from_tensor(&t)?;
+                for (name, rows) in parts {
+                    params.borrow_mut().push(Param { name: name.clone(), var: var.clone(), rows: *rows });
+                }
+                Ok(var.as_tensor().clone())
+            }
+        }
+    }
+
+    /// The tensor `name`, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.raw(name, shape)?;
+        self.register(t, &[(name.into(), None)])
+    }
+
+    /// Several tensors concatenated along rows as one weight (QKV fusion). In trainable
+    /// mode they become one variable seen as one [`Param`] per original name.
+    pub fn get_fused(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
+        let parts: Vec<Tensor> = names.iter().map(|n| self.raw(n, shape)).collect::<Result<_>>()?;
+        let fused = Tensor::cat(&parts, 0)?;
+        let rows = shape[0];
+        let names: Vec<_> = names.iter().enumerate().map(|(i, n)| (n.clone(), Some((i * rows, rows)))).collect();
+        self.register(fused, &names)
+    }
+
+    /// Keys of the checkpoint no module asked for.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        let mut v: Vec<String> = self.tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The trainable parameters handed out so far (empty unless loaded trainable).
+    pub fn params(&self) -> Vec<Param> {
+        self.params.as_ref().map(|p| p.borrow().clone()).unwrap_or_default()
+    }
+}
