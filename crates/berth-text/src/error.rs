@@ -1,0 +1,56 @@
+//! Tokenizer errors, each naming the file or input.
+use std::path::PathBuf;
+
+/// A tokenizer loading or encoding error.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A tokenizer file is malformed.
+    #[error("{path}: invalid tokenizer: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No tokenizer file in the model directory.
+    #[error("{dir}: no tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt)")]
+    NoTokenizer {
+        /// The model directory.
+        dir: PathBuf,
+    },
+    /// An input text is empty or only whitespace.
+    #[error("input {index}: empty text")]
+    EmptyText {
+        /// Input number (0-based).
+        index: usize,
+    },
+    /// An input is longer than the model allows and truncation is off.
+    #[error("input {index}: {tokens} tokens, longer than the maximum of {max} (drop --no-truncate to truncate)")]
+    TooLong {
+        /// Input number (0-based).
+        index: usize,
+        /// Its token count.
+        tokens: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The tokenizer failed on an input.
+    #[error("input {index}: tokenization failed: {message}")]
+    Tokenize {
+        /// Input number (0-based).
+        index: usize,
+        /// The tokenizer's message.
+        message: String,
+    },
+}
+
+/// Result with a [`TextError`].
+pub type Result<T> = std::result::Result<T, TextError>;
