@@ -157,6 +157,7 @@ def tiny(tmp: Path):
     toks = {"bert": bert_tok, "distilbert": distil_tok, "roberta": rob_tok}
     tokenization = {}
     fill_mask = {}
+    param_counts = {}
     for arch, heads in HEADS.items():
         tok = toks[arch]
         ids, types, cu = encode_all(tok, arch)
@@ -169,6 +170,7 @@ def tiny(tmp: Path):
             model = getattr(transformers, cls)(cfg).eval()
             model.save_pretrained(d)
             tok.save_pretrained(d)
+            param_counts[f"{arch}-{head}"] = sum(p.numel() for p in model.parameters())
             if arch == "distilbert":  # exercise building from vocab.txt + tokenizer_config.json
                 (d / "tokenizer.json").unlink()
             if arch == "roberta" and head == "mlm":  # exercise vocab.json + merges.txt
@@ -185,6 +187,7 @@ def tiny(tmp: Path):
                 pipe = pipeline("fill-mask", model=str(d), top_k=5, device="cpu")
                 fill_mask[arch] = {"texts": texts, "top_k": 5, "outputs": [pipe(t) for t in texts]}
     (TINY / "tokenization.json").write_text(json.dumps(tokenization, indent=1, ensure_ascii=False))
+    (TINY / "param_counts.json").write_text(json.dumps(param_counts, indent=1))
     (TINY / "fill_mask.json").write_text(json.dumps(fill_mask, indent=1, ensure_ascii=False))
 
 
@@ -207,9 +210,9 @@ MINILM_SENTENCES = [
     "BERT (Bidirectional Encoder Representations from Transformers) is a language model.",
     "The mitochondria is the powerhouse of the cell, producing ATP through oxidative phosphorylation.",
     "A quick movement of the enemy will jeopardize six gunboats.",
-    " ".join(["Sentence embeddings map text to dense vectors for search, clustering and similarity."] * 6),
+    " ".join(["Sentence embeddings map text to dense vectors for search, clustering and similarity."] * 11),
     " ".join(["The committee reviewed 17 proposals, approved 9, and deferred the remaining 8 to March;"
-              " several members noted the budget (roughly €2.3 million) was tight."] * 4),
+              " several members noted the budget (roughly €2.3 million) was tight."] * 5),
     "Mixed   whitespace\tand\ttabs   between   words.",
     "ok",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 10000 3.14159 2.71828",

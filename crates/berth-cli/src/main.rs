@@ -1,1 +1,68 @@
-fn main(){}
+//! `berth`: BERT in Rust, end to end. Thin glue over the berth crates.
+//!
+//!     scripts/fetch-assets                      # default model into ~/.cache/berth
+//!     berth embed "some text"                   # sentence embedding, JSON Lines
+//!     berth fill-mask --model DIR "the [MASK] sat on the mat."
+//!     berth inspect
+//!     berth bench                               # berth vs PyTorch / ONNX Runtime
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
+
+mod bench;
+mod embed;
+mod fill_mask;
+mod input;
+mod inspect;
+mod resolve;
+
+// Large activations stay in the heap instead of a fresh mmap per tensor (see DESIGN.md §2).
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "BERT in Rust: embed, fill-mask, inspect, bench")]
+struct Cli {
+    /// Worker threads (default: all cores). Fewer threads leave cores for other work.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sentence (or token) embeddings as JSON Lines.
+    Embed(embed::EmbedArgs),
+    /// Top-k predictions for each mask token, as JSON Lines.
+    FillMask(fill_mask::FillMaskArgs),
+    /// Architecture, sizes, parameter count, tokenizer and heads of a model.
+    Inspect(inspect::InspectArgs),
+    /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
+    Bench(bench::BenchArgs),
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        // candle's matmul reads its thread count from here.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    match cli.command {
+        Command::Embed(a) => embed::run(a),
+        Command::FillMask(a) => fill_mask::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

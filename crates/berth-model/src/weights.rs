@@ -178,10 +178,16 @@ impl Weights {
         self.register(fused, &names)
     }
 
-    /// Keys of the checkpoint no module asked for.
+    /// Keys of the checkpoint no module asked for (the `position_ids` buffer older
+    /// checkpoints carry is not a weight; transformers ignores it too).
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        let mut v: Vec<String> = self.tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k) && !k.ends_with("position_ids"))
+            .cloned()
+            .collect();
         v.sort();
         v
     }

@@ -18,14 +18,15 @@ use crate::error::{Result, TextError};
 
 /// tokenizer_config.json, the fields that change how the tokenizer is built.
 #[derive(Default, serde::Deserialize)]
-struct TokenizerConfig {
+pub(crate) struct TokenizerConfig {
     do_lower_case: Option<bool>,
     add_prefix_space: Option<bool>,
     tokenize_chinese_chars: Option<bool>,
     strip_accents: Option<bool>,
+    pub(crate) clean_up_tokenization_spaces: Option<bool>,
 }
 
-fn read_config(dir: &Path) -> Result<TokenizerConfig> {
+pub(crate) fn read_config(dir: &Path) -> Result<TokenizerConfig> {
     let path = dir.join("tokenizer_config.json");
     if !path.is_file() {
         return Ok(TokenizerConfig::default());

@@ -58,6 +58,7 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     kind: TokenizerKind,
     source: PathBuf,
+    clean_up_spaces: bool,
 }
 
 impl TextTokenizer {
@@ -87,7 +88,8 @@ impl TextTokenizer {
             tokenizers::ModelWrapper::Unigram(_) => TokenizerKind::Unigram,
             tokenizers::ModelWrapper::WordLevel(_) => TokenizerKind::WordLevel,
         };
-        Ok(TextTokenizer { inner, kind, source })
+        let clean_up_spaces = build::read_config(dir)?.clean_up_tokenization_spaces.unwrap_or(false);
+        Ok(TextTokenizer { inner, kind, source, clean_up_spaces })
     }
 
     /// The subword model.
@@ -160,10 +162,23 @@ impl TextTokenizer {
         })
     }
 
-    /// Text of token ids, special tokens skipped (as transformers' `decode(skip_special_tokens=True)`).
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| TextError::Tokenize { index: 0, message: e.to_string() })
+    /// Text of token ids, as transformers' `decode(ids, skip_special_tokens)`, including its
+    /// `clean_up_tokenization_spaces` step when tokenizer_config.json asks for it.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let text = self
+            .inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TextError::Tokenize { index: 0, message: e.to_string() })?;
+        Ok(if self.clean_up_spaces { clean_up_tokenization(&text) } else { text })
     }
+}
+
+/// transformers' `clean_up_tokenization`: removes the spaces decoding leaves before
+/// punctuation and English contractions.
+pub fn clean_up_tokenization(text: &str) -> String {
+    const RULES: [(&str, &str); 10] = [
+        (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+        (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    ];
+    RULES.iter().fold(text.to_string(), |s, (from, to)| s.replace(from, to))
 }

@@ -1,0 +1,157 @@
+//! `berth embed`.
+use std::io::Write;
+
+use anyhow::Context;
+use berth_tasks::{normalize, pool, token_budget_batches, EncodeOptions, Pipeline, Pooling, SentenceConfig};
+use berth_text::Truncation;
+use clap::{Args, ValueEnum};
+
+use crate::{input, resolve};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolingArg {
+    Mean,
+    Cls,
+    Max,
+    None,
+}
+
+/// Arguments of `berth embed`.
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// Model directory, cached model name, or hub id (default: all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: Option<String>,
+    /// Pooling; default: the model's sentence-transformers config, else CLS.
+    /// `none` prints every token's vector (large output).
+    #[arg(long, value_enum)]
+    pooling: Option<PoolingArg>,
+    /// L2-normalise the pooled vectors (on by default when the model's config says so).
+    #[arg(long)]
+    normalize: bool,
+    /// Token limit per text; default: the model's (sentence-transformers' max_seq_length).
+    /// Longer limits cost quadratic attention time.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Refuse over-long texts instead of truncating them (with a warning).
+    #[arg(long)]
+    no_truncate: bool,
+    /// Read texts one per line from FILE (`-` = stdin).
+    #[arg(long)]
+    input: Option<String>,
+    /// Write JSON Lines to FILE instead of stdout.
+    #[arg(long)]
+    output: Option<String>,
+    /// Tokens per packed batch: larger batches run matmuls more efficiently but hold
+    /// more activation memory (~6 KB per token per 384 hidden).
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Texts to embed.
+    texts: Vec<String>,
+}
+
+/// One output line with a pooled vector.
+#[derive(serde::Serialize)]
+struct EmbeddingLine<'a> {
+    index: usize,
+    embedding: &'a [f32],
+}
+
+/// One output line with per-token vectors (`--pooling none`).
+#[derive(serde::Serialize)]
+struct TokenLine<'a> {
+    index: usize,
+    tokens: &'a [String],
+    hidden: Vec<&'a [f32]>,
+}
+
+/// Output sink: a file or stdout.
+pub fn open_output(path: Option<&str>) -> anyhow::Result<Box<dyn Write>> {
+    Ok(match path {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{p}: cannot create"))?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    })
+}
+
+/// A progress bar on stderr for file inputs (hidden otherwise, and when stderr is not a terminal).
+pub fn progress(len: usize, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len as u64), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} texts {per_sec} eta {eta}")
+            .expect("valid progress template; this is a bug"),
+    );
+    bar
+}
+
+/// Prints the loader's findings the way transformers warns about them.
+pub fn report_load(report: &berth_model::LoadReport) {
+    if let Some((kind, key)) = &report.missing_head {
+        eprintln!("warning: the checkpoint has no {} head weights (first missing: {key}); only the encoder is usable", kind.name());
+    }
+    if !report.unused.is_empty() {
+        eprintln!("warning: {} checkpoint weights were not used: {}", report.unused.len(), report.unused.join(", "));
+    }
+}
+
+/// Warns once per truncated input.
+pub fn warn_truncated(encs: &[berth_text::Encoded], first: usize, max: usize) {
+    for (i, e) in encs.iter().enumerate().filter(|(_, e)| e.truncated) {
+        eprintln!("warning: input {}: {} tokens truncated to {max} (--no-truncate makes this an error)", first + i, e.full_len);
+    }
+}
+
+pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
+    let dir = resolve::model_dir(a.model.as_deref())?;
+    let st = SentenceConfig::from_dir(&dir)?;
+    let pooling = match a.pooling {
+        Some(PoolingArg::Mean) => Pooling::Mean,
+        Some(PoolingArg::Cls) => Pooling::Cls,
+        Some(PoolingArg::Max) => Pooling::Max,
+        Some(PoolingArg::None) => Pooling::None,
+        None => st.map_or(Pooling::Cls, |c| c.pooling),
+    };
+    let norm = a.normalize || (a.pooling.is_none() && st.is_some_and(|c| c.normalize));
+    let truncation = if a.no_truncate { Truncation::Error } else { Truncation::Truncate };
+    let opts = EncodeOptions { max_length: a.max_length, truncation };
+    let (p, report) = Pipeline::load(&dir, opts, st.and_then(|c| c.max_seq_length))?;
+    report_load(&report);
+    let (texts, from_file) = input::read_texts(a.input.as_deref(), &a.texts)?;
+    let source = a.input.as_deref().map(|f| if f == "-" { "<stdin>" } else { f }).unwrap_or("arguments");
+    let mut out = open_output(a.output.as_deref())?;
+    let bar = progress(texts.len(), from_file);
+    let h = p.model.config.hidden_size;
+    // Chunks bound memory for large files; tokenization within a chunk runs in parallel.
+    for (c, chunk) in texts.chunks(2048).enumerate() {
+        let first = c * 2048;
+        let encs = p.encode(chunk, first).with_context(|| source.to_string())?;
+        warn_truncated(&encs, first, p.max_length);
+        let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
+        for r in token_budget_batches(&lens, a.batch_tokens) {
+            let (batch, hidden) = p.run(&encs[r.clone()])?;
+            let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+            if pooling == Pooling::None {
+                for (s, i) in r.clone().enumerate() {
+                    let rows = batch.range(s);
+                    let hidden: Vec<&[f32]> = flat[rows.start * h..rows.end * h].chunks(h).collect();
+                    let line = TokenLine { index: first + i, tokens: &encs[i].tokens, hidden };
+                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                }
+            } else {
+                for (s, mut v) in pool(&flat, h, &batch, pooling).into_iter().enumerate() {
+                    if norm {
+                        normalize(&mut v);
+                    }
+                    let line = EmbeddingLine { index: first + r.start + s, embedding: &v };
+                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                }
+            }
+            bar.inc(r.len() as u64);
+        }
+    }
+    bar.finish_and_clear();
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Reading input texts: from arguments, or one per line from a file or stdin.
+use std::io::Read;
+
+use anyhow::{bail, Context};
+
+/// Texts from `--input` (`-` = stdin; one per line, `\r\n` accepted) or from arguments.
+/// Invalid UTF-8 is an error naming the file and line. Returns the texts and whether they
+/// came from a file (which turns on the progress bar).
+pub fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
+    let Some(path) = input else {
+        if args.is_empty() {
+            bail!("no input: give texts as arguments or --input FILE (- for stdin)");
+        }
+        return Ok((args.to_vec(), false));
+    };
+    if !args.is_empty() {
+        bail!("give texts either as arguments or with --input, not both");
+    }
+    let mut bytes = Vec::new();
+    let name = if path == "-" { "<stdin>" } else { path };
+    if path == "-" {
+        std::io::stdin().read_to_end(&mut bytes).context("<stdin>")?;
+    } else {
+        bytes = std::fs::read(path).with_context(|| format!("{path}: cannot read"))?;
+    }
+    let mut texts = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let text = std::str::from_utf8(line)
+            .map_err(|e| anyhow::anyhow!("{name}:{}: invalid UTF-8 at byte {}", i + 1, e.valid_up_to()))?;
+        texts.push(text.to_string());
+    }
+    if texts.last().is_some_and(|t| t.is_empty()) {
+        texts.pop(); // the newline that ends the last line
+    }
+    if texts.is_empty() {
+        bail!("{name}: no input lines");
+    }
+    Ok((texts, true))
+}

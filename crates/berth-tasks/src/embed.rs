@@ -1,0 +1,127 @@
+//! Sentence embeddings: pooling of the last hidden state, as sentence-transformers does.
+use std::path::Path;
+
+use berth_model::Batch;
+
+use crate::error::{Result, TaskError};
+
+/// How token vectors become one vector per text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean over all tokens of the text (special tokens included, as sentence-transformers).
+    Mean,
+    /// The first token (`[CLS]` / `<s>`).
+    Cls,
+    /// Element-wise max over the tokens.
+    Max,
+    /// No pooling: one vector per token.
+    None,
+}
+
+/// A sentence-transformers model's pooling setup, read from its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentenceConfig {
+    /// From `1_Pooling/config.json` (or the module named in modules.json).
+    pub pooling: Pooling,
+    /// Whether modules.json ends in a Normalize module.
+    pub normalize: bool,
+    /// `max_seq_length` from sentence_bert_config.json.
+    pub max_seq_length: Option<usize>,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bad = |message: String| TaskError::Config { path: path.into(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))
+}
+
+impl SentenceConfig {
+    /// Reads modules.json and friends from `dir`; `None` when the model is not a
+    /// sentence-transformers model (then callers default to CLS pooling, no normalisation).
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let modules_path = dir.join("modules.json");
+        if !modules_path.is_file() {
+            return Ok(None);
+        }
+        let modules = read_json(&modules_path)?;
+        let list = modules.as_array().ok_or_else(|| TaskError::Config {
+            path: modules_path.clone(),
+            message: "expected a list of modules".into(),
+        })?;
+        let mut cfg = SentenceConfig { pooling: Pooling::Cls, normalize: false, max_seq_length: None };
+        for m in list {
+            let ty = m["type"].as_str().unwrap_or_default();
+            if ty.ends_with("models.Pooling") {
+                let path = dir.join(m["path"].as_str().unwrap_or("1_Pooling")).join("config.json");
+                let p = read_json(&path)?;
+                let on = |k: &str| p[k].as_bool().unwrap_or(false);
+                cfg.pooling = if on("pooling_mode_mean_tokens") {
+                    Pooling::Mean
+                } else if on("pooling_mode_max_tokens") {
+                    Pooling::Max
+                } else if on("pooling_mode_cls_token") {
+                    Pooling::Cls
+                } else {
+                    return Err(TaskError::Config { path, message: "no pooling mode berth supports (mean, max, cls)".into() });
+                };
+            } else if ty.ends_with("models.Normalize") {
+                cfg.normalize = true;
+            }
+        }
+        let sb = dir.join("sentence_bert_config.json");
+        if sb.is_file() {
+            cfg.max_seq_length = read_json(&sb)?["max_seq_length"].as_u64().map(|v| v as usize);
+        }
+        Ok(Some(cfg))
+    }
+}
+
+/// Pools `hidden` (row-major `[N, H]`) per sequence of `batch`; `Pooling::None` is not a
+/// pooling and is refused here (callers emit the token rows themselves).
+pub fn pool(hidden: &[f32], h: usize, batch: &Batch, pooling: Pooling) -> Vec<Vec<f32>> {
+    (0..batch.num_sequences())
+        .map(|s| {
+            let r = batch.range(s);
+            let rows = &hidden[r.start * h..r.end * h];
+            match pooling {
+                Pooling::Cls => rows[..h].to_vec(),
+                Pooling::Mean => {
+                    let mut acc = vec![0f32; h];
+                    rows.chunks(h).for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+                    let n = r.len() as f32;
+                    acc.iter_mut().for_each(|a| *a /= n);
+                    acc
+                }
+                Pooling::Max => {
+                    let mut acc = vec![f32::NEG_INFINITY; h];
+                    rows.chunks(h).for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a = a.max(*v)));
+                    acc
+                }
+                Pooling::None => panic!("pool() called with Pooling::None; this is a bug"),
+            }
+        })
+        .collect()
+}
+
+/// Scales `v` to unit L2 norm (sentence-transformers' Normalize: divides by max(norm, 1e-12)).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_modes() {
+        let b = Batch::from_sequences([(&[1u32, 2][..], &[][..]), (&[3u32][..], &[][..])]).unwrap();
+        let hidden = [1.0, -1.0, 3.0, 5.0, 7.0, 9.0];
+        assert_eq!(pool(&hidden, 2, &b, Pooling::Mean), vec![vec![2.0, 2.0], vec![7.0, 9.0]]);
+        assert_eq!(pool(&hidden, 2, &b, Pooling::Cls), vec![vec![1.0, -1.0], vec![7.0, 9.0]]);
+        assert_eq!(pool(&hidden, 2, &b, Pooling::Max), vec![vec![3.0, 5.0], vec![7.0, 9.0]]);
+        let mut v = vec![3.0, 4.0];
+        normalize(&mut v);
+        assert_eq!(v, [0.6, 0.8]);
+    }
+}

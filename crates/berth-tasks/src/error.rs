@@ -1,0 +1,34 @@
+//! Pipeline errors: model, tokenizer, or input problems, each with its detail.
+
+/// A pipeline error.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] berth_model::ModelError),
+    /// Loading the tokenizer or encoding text failed.
+    #[error(transparent)]
+    Text(#[from] berth_text::TextError),
+    /// A configuration file of the pipeline is malformed.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An input the task cannot handle.
+    #[error("input {index}: {message}")]
+    Input {
+        /// Input number (0-based).
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result with a [`TaskError`].
+pub type Result<T> = std::result::Result<T, TaskError>;

@@ -1,0 +1,115 @@
+//! A model with its tokenizer, and the packing of encoded texts into token-budget batches.
+use std::ops::Range;
+use std::path::Path;
+
+use berth_model::{Batch, LoadReport, Model};
+use berth_text::{Encoded, TextTokenizer, Truncation};
+use rayon::prelude::*;
+
+use crate::error::{Result, TaskError};
+
+/// How texts are encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    /// Token limit per text, special tokens included; `None` = the model's own limit.
+    pub max_length: Option<usize>,
+    /// What to do with longer texts.
+    pub truncation: Truncation,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions { max_length: None, truncation: Truncation::Truncate }
+    }
+}
+
+/// Model + tokenizer + the effective token limit.
+pub struct Pipeline {
+    /// The model.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Token limit per text.
+    pub max_length: usize,
+    /// Truncation policy.
+    pub truncation: Truncation,
+}
+
+impl Pipeline {
+    /// Loads the model and tokenizer of `dir`. `default_max` (e.g. sentence-transformers'
+    /// `max_seq_length`) applies when `opts.max_length` is unset; both are capped by the
+    /// position table, and a larger request is an error.
+    pub fn load(dir: &Path, opts: EncodeOptions, default_max: Option<usize>) -> Result<(Self, LoadReport)> {
+        let (model, report) = Model::load(dir, false)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let limit = model.config.max_sequence_length();
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            return Err(TaskError::Config {
+                path: tokenizer.source().into(),
+                message: format!(
+                    "tokenizer has {} tokens but the model's vocabulary has {}",
+                    tokenizer.vocab_size(),
+                    model.config.vocab_size
+                ),
+            });
+        }
+        let max_length = match opts.max_length {
+            Some(m) if m > limit => {
+                return Err(TaskError::Config {
+                    path: model.config.path.clone(),
+                    message: format!("--max-length {m} exceeds the model's {limit} positions"),
+                })
+            }
+            Some(m) => m,
+            None => default_max.unwrap_or(limit).min(limit),
+        };
+        Ok((Pipeline { model, tokenizer, max_length, truncation: opts.truncation }, report))
+    }
+
+    /// Encodes texts in parallel; input `i` is named `first_index + i` in errors.
+    pub fn encode(&self, texts: &[String], first_index: usize) -> Result<Vec<Encoded>> {
+        texts
+            .par_iter()
+            .enumerate()
+            .map(|(i, t)| Ok(self.tokenizer.encode(t, None, self.max_length, self.truncation, first_index + i)?))
+            .collect()
+    }
+
+    /// Runs the encoder on `encs` packed into one batch: `(batch, hidden [N, H])`.
+    pub fn run(&self, encs: &[Encoded]) -> Result<(Batch, candle_core::Tensor)> {
+        let batch = Batch::from_sequences(encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())))?;
+        let hidden = self.model.forward(&batch)?;
+        Ok((batch, hidden))
+    }
+}
+
+/// Splits `lens` (token counts, in input order) into consecutive ranges of at most
+/// `budget` tokens each (a longer single input gets a range of its own).
+pub fn token_budget_batches(lens: &[usize], budget: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, &l) in lens.iter().enumerate() {
+        if i > start && tokens + l > budget {
+            out.push(start..i);
+            start = i;
+            tokens = 0;
+        }
+        tokens += l;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_the_budget_and_keep_order() {
+        assert_eq!(token_budget_batches(&[3, 3, 3, 10, 1], 6), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(token_budget_batches(&[1, 1, 1], 100), vec![0..3]);
+        assert!(token_budget_batches(&[], 5).is_empty());
+    }
+}
