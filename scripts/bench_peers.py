@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Peer baselines for `berth bench`: PyTorch eager and ONNX Runtime fp32 on the workloads
+berth writes to --spec (JSON: "a", "b" = lists of equal-length id lists, "c" = texts,
+"max_length", "seconds", "threads"). Prints one JSON line: {"torch": {...}, "ort": {...}}
+with sequences/s per workload; a peer that is not installed is left out.
+
+    pip install torch transformers onnxruntime onnx
+"""
+import argparse, json, os, sys, tempfile, time
+
+
+def rate(seconds, fn):
+    fn()
+    start, runs = time.perf_counter(), 0
+    while runs < 3 or time.perf_counter() - start < seconds:
+        fn()
+        runs += 1
+    return runs / (time.perf_counter() - start)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--spec", required=True)
+    args = ap.parse_args()
+    spec = json.load(open(args.spec))
+    threads, seconds, max_len = spec["threads"], spec["seconds"], spec["max_length"]
+    out = {}
+    try:
+        import numpy as np
+        import torch
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        print(f"peers: PyTorch not available ({e})", file=sys.stderr)
+        print(json.dumps(out))
+        return
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def pooled(hidden, mask):
+        m = mask[..., None].astype(np.float32)
+        v = (hidden * m).sum(1) / m.sum(1)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def torch_ids(batch):
+        ids = torch.tensor(batch)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def torch_texts():
+        for i in range(0, len(spec["c"]), 32):
+            enc = tok(spec["c"][i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            with torch.inference_mode():
+                h = model(**enc).last_hidden_state.numpy()
+            pooled(h, enc["attention_mask"].numpy())
+
+    n_c = len(spec["c"])
+    out["torch"] = {"a": 32 * rate(seconds, lambda: torch_ids(spec["a"])),
+                    "b": rate(seconds, lambda: torch_ids(spec["b"])),
+                    "c": n_c * rate(0, torch_texts)}
+    print(f"peers: PyTorch {out['torch']}", file=sys.stderr)
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        print(f"peers: ONNX Runtime not available ({e})", file=sys.stderr)
+        print(json.dumps(out))
+        return
+    out["versions"]["onnxruntime"] = ort.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ids = torch.tensor(spec["a"][:2])
+        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), path,
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"],
+                          dynamic_axes={k: {0: "batch", 1: "seq"} for k in
+                                        ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
+                          opset_version=17, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def ort_ids(batch):
+        a = np.array(batch, dtype=np.int64)
+        sess.run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
+
+    def ort_texts():
+        for i in range(0, len(spec["c"]), 32):
+            enc = tok(spec["c"][i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="np")
+            feed = {k: enc[k].astype(np.int64) for k in ["input_ids", "attention_mask", "token_type_ids"]}
+            pooled(sess.run(None, feed)[0], enc["attention_mask"])
+
+    out["ort"] = {"a": 32 * rate(seconds, lambda: ort_ids(spec["a"])),
+                  "b": rate(seconds, lambda: ort_ids(spec["b"])),
+                  "c": n_c * rate(0, ort_texts)}
+    print(f"peers: ONNX Runtime {out['ort']}", file=sys.stderr)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
