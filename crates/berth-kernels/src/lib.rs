@@ -5,7 +5,7 @@
 //! fused `layer_norm` / `softmax_last_dim` have no backward (gradients upstream of them are
 //! silently dropped), which is why none of them is used here.
 //!
-//! Ops: [`layer_norm`], [`activation`] (GELU erf / tanh forms, ReLU), [`softmax_last_dim`],
+//! Ops: [`linear`] (bias fused), [`layer_norm`], [`activation`] (GELU erf / tanh forms, ReLU), [`softmax_last_dim`],
 //! and [`varlen_attention`] over a packed batch described by `cu_seqlens`.
 //! Each is generic over `f32` (inference, training) and `f64` (gradient checks).
 #![deny(missing_docs)]
@@ -14,6 +14,7 @@ mod activation;
 mod attention;
 mod cpu;
 mod layer_norm;
+mod linear;
 mod softmax;
 #[cfg(test)]
 mod testing;
@@ -21,6 +22,7 @@ mod testing;
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention};
 pub use layer_norm::{layer_norm, reference_layer_norm};
+pub use linear::linear;
 pub use softmax::{reference_softmax, softmax_last_dim};
 
 /// The element types the kernels run on.
@@ -29,11 +31,50 @@ pub trait Float:
 {
     /// The error function, accurate to the type's precision for GELU.
     fn erf(self) -> Self;
+
+    /// Applies `act` in place. The default is the exact scalar path; f32 overrides it
+    /// with branch-free loops the compiler vectorises.
+    fn activate(act: Activation, xs: &mut [Self]) {
+        xs.iter_mut().for_each(|v| *v = act.value_and_slope(*v).0);
+    }
+
+    /// Dot product of equal-length slices. f32 uses AVX-512 when the CPU has it (the crate
+    /// is built for baseline x86-64, so plain loops get SSE2 at best).
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        linear::dot_generic(a, b)
+    }
+
+    /// In-place softmax of one row (f32: a vectorised exp, AVX-512 when available).
+    fn softmax_row(row: &mut [Self]) {
+        softmax::softmax_row_generic(row)
+    }
 }
 
 impl Float for f32 {
     fn erf(self) -> Self {
-        libm::erff(self)
+        activation::erf_f32(self)
+    }
+
+    fn activate(act: Activation, xs: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { activation::activate_f32_avx512(act, xs) };
+        }
+        activation::activate_f32(act, xs)
+    }
+
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { linear::dot_avx512(a, b) };
+        }
+        linear::dot_generic(a, b)
+    }
+
+    fn softmax_row(row: &mut [Self]) {
+        softmax::softmax_row_f32(row)
     }
 }
 

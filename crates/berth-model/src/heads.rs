@@ -91,7 +91,7 @@ impl MaskedLmHead {
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = berth_kernels::activation(&self.dense.forward(hidden)?, self.activation)?;
         let x = self.layer_norm.forward(&x)?;
-        Ok(x.matmul(&self.decoder.t()?)?.broadcast_add(&self.bias)?)
+        Ok(berth_kernels::linear(&x, &self.decoder, &self.bias)?)
     }
 }
 

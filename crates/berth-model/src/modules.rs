@@ -34,7 +34,7 @@ impl Linear {
 
     /// `x [N, I]` → `[N, O]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+        Ok(berth_kernels::linear(x, &self.weight, &self.bias)?)
     }
 }
 

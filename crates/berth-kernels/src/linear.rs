@@ -1,0 +1,256 @@
+//! Linear layer `y = x W^T + b` as one op: the bias is the initial value of the output that
+//! the matmul accumulates into (no separate broadcast pass), and `W` stays in the
+//! checkpoint's `[O, I]` layout (read transposed through strides).
+//!
+//! Shapes: `N` rows, `I` input features, `O` output features.
+//!
+//! Few rows (batch-1 latency) take a dot-product kernel over rows of `W`: the AVX-512 gemm
+//! microkernels pack the whole weight matrix per call, which costs more than the product
+//! itself when `N` is small.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::cpu::{dispatch, same_dtype, slice, with_slice};
+use crate::Float;
+
+/// Rows at or below which the dot-product kernel is used.
+const SMALL_N: usize = 32;
+
+/// `x [N, I]`, `w [O, I]`, `b [O]` → `[N, O]`; differentiable in all three.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, i) = x.dims2()?;
+    let (o, wi) = w.dims2()?;
+    if wi != i || b.dims() != [o] {
+        bail!("linear: x {:?}, w {:?}, b {:?} do not fit", x.dims(), w.dims(), b.dims());
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+struct Linear;
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + lhs[m, k] @ rhs[k, n]`, strides (row, column).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<T: Float>(
+    m: usize, n: usize, k: usize,
+    dst: *mut T, dst_s: (usize, usize), accumulate: bool,
+    lhs: *const T, lhs_s: (usize, usize),
+    rhs: *const T, rhs_s: (usize, usize),
+) {
+    gemm::gemm(
+        m, n, k,
+        dst, dst_s.1 as isize, dst_s.0 as isize, accumulate,
+        lhs, lhs_s.1 as isize, lhs_s.0 as isize,
+        rhs, rhs_s.1 as isize, rhs_s.0 as isize,
+        T::one(), T::one(), false, false, false, threads(),
+    )
+}
+
+/// f32 dot product with AVX-512 FMAs, two accumulators of 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= n {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), acc1);
+        i += 32;
+    }
+    if i + 16 <= n {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+        i += 16;
+    }
+    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// Dot product with 16 independent accumulators (portable fallback).
+#[inline(always)]
+pub(crate) fn dot_generic<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..16 {
+            acc[j] = acc[j] + x[j] * y[j];
+        }
+    }
+    let mut s = acc.iter().copied().sum::<T>();
+    for (x, y) in ra.iter().zip(rb) {
+        s = s + *x * *y;
+    }
+    s
+}
+
+fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    let (o, i) = (b.len(), w.len() / b.len().max(1));
+    let n = if i == 0 { 0 } else { x.len() / i };
+    let mut y: Vec<T> = Vec::with_capacity(n * o);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    if n == 0 || i == 0 {
+        return y;
+    }
+    if n <= SMALL_N {
+        // Parallel over blocks of output features; each block reads its rows of W once.
+        let block = 64;
+        let mut cols: Vec<Vec<T>> = (0..o.div_ceil(block)).into_par_iter().map(|blk| {
+            let rows = blk * block..((blk + 1) * block).min(o);
+            let mut out = Vec::with_capacity(n * rows.len());
+            for r in 0..n {
+                let xr = &x[r * i..(r + 1) * i];
+                out.extend(rows.clone().map(|c| T::dot(xr, &w[c * i..(c + 1) * i])));
+            }
+            out
+        }).collect();
+        for (blk, vals) in cols.iter_mut().enumerate() {
+            let start = blk * block;
+            let width = vals.len() / n;
+            for r in 0..n {
+                for c in 0..width {
+                    y[r * o + start + c] = y[r * o + start + c] + vals[r * width + c];
+                }
+            }
+        }
+        return y;
+    }
+    // SAFETY: buffers have the sizes the strides describe.
+    unsafe { gemm(n, o, i, y.as_mut_ptr(), (o, 1), true, x.as_ptr(), (i, 1), w.as_ptr(), (1, i)) };
+    y
+}
+
+/// Returns (dx, dw, db) for upstream `dy [N, O]`.
+fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let i = w.len() / o;
+    let n = dy.len() / o;
+    let mut dx = vec![T::zero(); n * i];
+    let mut dw = vec![T::zero(); o * i];
+    let mut db = vec![T::zero(); o];
+    for r in 0..n {
+        for c in 0..o {
+            db[c] = db[c] + dy[r * o + c];
+        }
+    }
+    if n > 0 && i > 0 {
+        // SAFETY: buffers have the sizes the strides describe.
+        unsafe {
+            // dx [N, I] = dy [N, O] @ w [O, I]
+            gemm(n, i, o, dx.as_mut_ptr(), (i, 1), false, dy.as_ptr(), (o, 1), w.as_ptr(), (i, 1));
+            // dw [O, I] = dy^T [O, N] @ x [N, I]
+            gemm(o, i, n, dw.as_mut_ptr(), (i, 1), false, dy.as_ptr(), (1, o), x.as_ptr(), (i, 1));
+        }
+    }
+    (dx, dw, db)
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "berth-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
+            let y = forward(slice::<T>(s[0].0, s[0].1)?, slice(s[1].0, s[1].1)?, slice(s[2].0, s[2].1)?);
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let dtype = same_dtype(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
+        let out = dispatch!(dtype, self.name(), run([(s1, l1), (s2, l2), (s3, l3)]))?;
+        let n = l1.dims()[0];
+        let o = l2.dims()[0];
+        Ok((out, Shape::from((n, o))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Float>(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+            let o = w.dim(0)?;
+            let (dx, dw, db) = with_slice::<T, _>(x, |xs| {
+                with_slice::<T, _>(w, |ws| with_slice::<T, _>(dy, |dys| backward(xs, ws, dys, o)))
+            })???;
+            Ok((
+                Tensor::from_vec(dx, x.shape(), x.device())?,
+                Tensor::from_vec(dw, w.shape(), x.device())?,
+                Tensor::from_vec(db, o, x.device())?,
+            ))
+        }
+        let (dx, dw, db) = dispatch!(x.dtype(), self.name(), run(x, w, dy))?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, gradcheck, randn};
+
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        x.matmul(&w.t()?)?.broadcast_add(b)
+    }
+
+    #[test]
+    fn matches_composed_reference_small_and_large() -> Result<()> {
+        for n in [1, 5, SMALL_N, SMALL_N + 7, 200] {
+            let x = candle_core::Var::from_tensor(&randn(&[n, 37], 41)?)?;
+            let w = candle_core::Var::from_tensor(&randn(&[70, 37], 42)?)?;
+            let b = candle_core::Var::from_tensor(&randn(&[70], 43)?)?;
+            let g = randn(&[n, 70], 44)?;
+            let ours = linear(&x, &w, &b)?;
+            let theirs = reference(&x, &w, &b)?;
+            assert_close(&format!("linear n={n} forward"), &ours, &theirs, 1e-12)?;
+            let a = (ours * &g)?.sum_all()?.backward()?;
+            let c = (theirs * &g)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                assert_close(&format!("linear n={n} d{name}"), a.get(v).unwrap(), c.get(v).unwrap(), 1e-11)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_paths_match_f64() -> Result<()> {
+        // f32 takes the AVX-512 dot kernel (small N) or the gemm path; compare both to f64.
+        for n in [3, 100] {
+            let (x, w, b) = (randn(&[n, 40], 48)?, randn(&[24, 40], 49)?, randn(&[24], 50)?);
+            let exact = linear(&x, &w, &b)?;
+            let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            assert_close(&format!("f32 linear n={n}"), &linear(&f(&x)?, &f(&w)?, &f(&b)?)?, &exact, 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn finite_difference_gradients() -> Result<()> {
+        gradcheck("linear", &[randn(&[4, 5], 45)?, randn(&[3, 5], 46)?, randn(&[3], 47)?], |v| linear(&v[0], &v[1], &v[2]))
+    }
+}
