@@ -54,3 +54,26 @@ impl<T> SendPtr<T> {
         self.0
     }
 }
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] @ rhs[k, n]` on strided
+/// row-major views; strides are (row stride, column stride) in elements.
+///
+/// # Safety
+/// The pointers must cover the views the sizes and strides describe.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul<T: crate::Float>(
+    m: usize, n: usize, k: usize,
+    dst: *mut T, dst_s: (usize, usize), accumulate: bool,
+    lhs: *const T, lhs_s: (usize, usize),
+    rhs: *const T, rhs_s: (usize, usize),
+    alpha: T, parallelism: gemm::Parallelism,
+) {
+    // gemm computes dst = a * dst + b * lhs @ rhs, with (column, row) stride order.
+    gemm::gemm(
+        m, n, k,
+        dst, dst_s.1 as isize, dst_s.0 as isize, accumulate,
+        lhs, lhs_s.1 as isize, lhs_s.0 as isize,
+        rhs, rhs_s.1 as isize, rhs_s.0 as isize,
+        T::one(), alpha, false, false, false, parallelism,
+    )
+}

@@ -37,7 +37,7 @@ fn threads() -> Parallelism {
     }
 }
 
-/// `dst[m, n] = (accumulate ? dst : 0) + lhs[m, k] @ rhs[k, n]`, strides (row, column).
+/// Strided matmul on the rayon pool (see [`crate::cpu::matmul`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm<T: Float>(
     m: usize, n: usize, k: usize,
@@ -45,13 +45,7 @@ unsafe fn gemm<T: Float>(
     lhs: *const T, lhs_s: (usize, usize),
     rhs: *const T, rhs_s: (usize, usize),
 ) {
-    gemm::gemm(
-        m, n, k,
-        dst, dst_s.1 as isize, dst_s.0 as isize, accumulate,
-        lhs, lhs_s.1 as isize, lhs_s.0 as isize,
-        rhs, rhs_s.1 as isize, rhs_s.0 as isize,
-        T::one(), T::one(), false, false, false, threads(),
-    )
+    crate::cpu::matmul(m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s, T::one(), threads())
 }
 
 /// f32 dot product with AVX-512 FMAs, two accumulators of 16 lanes.

@@ -49,7 +49,7 @@ pub fn gradcheck(
         assert!(g.iter().any(|x| *x != 0.0), "{what}: input {i} has an all-zero gradient");
         let base = inputs[i].flatten_all()?.to_vec1::<f64>()?;
         for j in 0..base.len() {
-            let mut eval = |delta: f64| -> Result<f64> {
+            let eval = |delta: f64| -> Result<f64> {
                 let mut p = base.clone();
                 p[j] += delta;
                 let mut xs = inputs.to_vec();
