@@ -97,62 +97,6 @@ unsafe fn probabilities<T: Float>(qkv: *const T, w3: usize, h: usize, hd: usize,
     p.chunks_mut(l).for_each(softmax_row);
 }
 
-/// Where one (sequence, head) task reads and writes: Q, K, V rows of stride `w3` and the
-/// output rows of stride `h`, `l` tokens, head dim `hd`.
-pub(crate) struct HeadTask<T> {
-    pub q: *const T,
-    pub k: *const T,
-    pub v: *const T,
-    pub out: *mut T,
-    pub w3: usize,
-    pub h: usize,
-    pub l: usize,
-    pub hd: usize,
-    pub scale: T,
-}
-
-/// One (sequence, head) of the forward, a query row at a time: scores as axpy updates over
-/// a transposed copy of K (no reductions, so the loops vectorise), softmax, then the
-/// output row as a sum of V rows. Scratch: `kt [hd, L]` and one score row.
-///
-/// # Safety
-/// The pointers must cover the rows and columns described by `t`, and no other thread may
-/// write the output rows x head columns at the same time.
-#[inline(always)]
-pub(crate) unsafe fn head_forward<T: Float>(t: &HeadTask<T>, kt: &mut Vec<T>, row: &mut Vec<T>) {
-    let (l, hd, w3) = (t.l, t.hd, t.w3);
-    kt.clear();
-    kt.resize(hd * l, T::zero());
-    for j in 0..l {
-        let kj = std::slice::from_raw_parts(t.k.add(j * w3), hd);
-        for d in 0..hd {
-            kt[d * l + j] = kj[d];
-        }
-    }
-    row.resize(l, T::zero());
-    for i in 0..l {
-        let qi = std::slice::from_raw_parts(t.q.add(i * w3), hd);
-        row.iter_mut().for_each(|r| *r = T::zero());
-        for d in 0..hd {
-            let qd = qi[d] * t.scale;
-            let ktd = &kt[d * l..(d + 1) * l];
-            for j in 0..l {
-                row[j] = row[j] + qd * ktd[j];
-            }
-        }
-        T::softmax_row(row);
-        let oi = std::slice::from_raw_parts_mut(t.out.add(i * t.h), hd);
-        oi.iter_mut().for_each(|o| *o = T::zero());
-        for j in 0..l {
-            let p = row[j];
-            let vj = std::slice::from_raw_parts(t.v.add(j * w3), hd);
-            for d in 0..hd {
-                oi[d] = oi[d] + p * vj[d];
-            }
-        }
-    }
-}
-
 fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
     let n = *cu.last().unwrap_or(&0);
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
@@ -161,29 +105,17 @@ fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
     let mut out = vec![T::zero(); n * h];
     let dst = SendPtr(out.as_mut_ptr());
     let src = SendPtr(qkv.as_ptr() as *mut T);
-    tasks(cu, nh).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(kt, row), (start, l, head)| {
+    tasks(cu, nh).into_par_iter().for_each_init(Vec::new, |p, (start, l, head)| {
+        p.resize(l * l, T::zero());
+        // SAFETY: each task writes only its own rows x head columns of `out`.
+        unsafe {
             let (qkv, out) = (src.get() as *const T, dst.get());
-            let base = start * w3 + head * hd;
-            // SAFETY: in bounds by construction; each task writes only its own rows x
-            // head columns of `out`.
-            unsafe {
-                let t = HeadTask {
-                    q: qkv.add(base),
-                    k: qkv.add(base + h),
-                    v: qkv.add(base + 2 * h),
-                    out: out.add(start * h + head * hd),
-                    w3,
-                    h,
-                    l,
-                    hd,
-                    scale: T::from_f64(scale),
-                };
-                T::head_forward(&t, kt, row);
-            }
-        },
-    );
+            probabilities(qkv, w3, h, hd, start, l, head, T::from_f64(scale), p);
+            let v = qkv.add(start * w3 + 2 * h + head * hd);
+            let o = out.add(start * h + head * hd);
+            matmul(l, hd, l, o, (h, 1), false, p.as_ptr(), (l, 1), v, (w3, 1), T::one());
+        }
+    });
     out
 }
 

@@ -48,15 +48,6 @@ pub(crate) trait Float:
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_generic(row)
     }
-
-    /// One (sequence, head) of the attention forward (f32: compiled for AVX-512 when
-    /// available).
-    ///
-    /// # Safety
-    /// As [`attention::head_forward`].
-    unsafe fn head_forward(t: &attention::HeadTask<Self>, kt: &mut Vec<Self>, row: &mut Vec<Self>) {
-        attention::head_forward(t, kt, row)
-    }
 }
 
 impl Float for f32 {
@@ -85,21 +76,6 @@ impl Float for f32 {
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_f32(row)
     }
-
-    unsafe fn head_forward(t: &attention::HeadTask<Self>, kt: &mut Vec<Self>, row: &mut Vec<Self>) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return head_forward_avx512(t, kt, row);
-        }
-        attention::head_forward(t, kt, row)
-    }
-}
-
-/// The f32 attention task compiled for AVX-512 (same source as the portable one).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn head_forward_avx512(t: &attention::HeadTask<f32>, kt: &mut Vec<f32>, row: &mut Vec<f32>) {
-    attention::head_forward(t, kt, row)
 }
 
 impl Float for f64 {
