@@ -124,8 +124,13 @@ impl CustomOp1 for ActOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(act: Activation, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-            let mut y = slice::<T>(s, l)?.to_vec();
-            y.par_chunks_mut(CHUNK).for_each(|c| T::activate(act, c));
+            let x = slice::<T>(s, l)?;
+            let mut y = vec![T::zero(); x.len()];
+            // Copy and activate chunk by chunk, in parallel: the second pass hits L1.
+            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, c)| {
+                d.copy_from_slice(c);
+                T::activate(act, d)
+            });
             Ok(T::to_cpu_storage_owned(y))
         }
         Ok((dispatch!(s.dtype(), self.name(), run(self.0, s, l))?, l.shape().clone()))
