@@ -49,7 +49,7 @@ fn from_hub(id: &str) -> anyhow::Result<PathBuf> {
     let repo = api.model(id.to_string());
     let fetch = |f: &str| repo.get(f);
     let config = fetch("config.json").with_context(|| {
-        format!("could not fetch {id} from the Hugging Face hub (offline? set HF_HUB_OFFLINE or pass a local directory with --model DIR)")
+        format!("could not fetch {id} from the Hugging Face hub: check the network, or download the model directory and pass it with --model DIR")
     })?;
     for f in ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
         let _ = fetch(f); // optional files; the loaders report what is really missing

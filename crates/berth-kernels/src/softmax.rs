@@ -28,12 +28,16 @@ pub(crate) fn softmax_row<T: Float>(row: &mut [T]) {
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest with the 1.5 * 2^23 trick: a plain add, unlike f32::round.
+    // Round to nearest with the 1.5 * 2^23 trick: after the add, the low mantissa bits of
+    // `t` hold n as a two's-complement integer, so 2^n comes from bit arithmetic alone.
+    // (A float-to-int cast would be a saturating conversion, which LLVM scalarises.)
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6; // ln 2 split in two for accuracy
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let two_n = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    p * two_n
 }
 
 /// The row body with 16 independent lanes for the max and the sum: float reductions
