@@ -2,8 +2,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use berth_tasks::{normalize, pool, token_budget_batches, EncodeOptions, Pipeline, Pooling, SentenceConfig};
-use berth_text::Truncation;
+use berth_tasks::{normalize, pool, token_budget_batches, Pipeline, Pooling, SentenceConfig};
 use clap::{Args, ValueEnum};
 
 use crate::{input, resolve};
@@ -29,16 +28,8 @@ pub struct EmbedArgs {
     /// L2-normalise the pooled vectors (on by default when the model's config says so).
     #[arg(long)]
     normalize: bool,
-    /// Token limit per text; default: the model's (sentence-transformers' max_seq_length).
-    /// Longer limits cost quadratic attention time.
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// Refuse over-long texts instead of truncating them (with a warning).
-    #[arg(long)]
-    no_truncate: bool,
-    /// Read texts one per line from FILE (`-` = stdin).
-    #[arg(long)]
-    input: Option<String>,
+    #[command(flatten)]
+    text: input::TextArgs,
     /// Write JSON Lines to FILE instead of stdout.
     #[arg(long)]
     output: Option<String>,
@@ -114,12 +105,10 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         None => st.map_or(Pooling::Cls, |c| c.pooling),
     };
     let norm = a.normalize || (a.pooling.is_none() && st.is_some_and(|c| c.normalize));
-    let truncation = if a.no_truncate { Truncation::Error } else { Truncation::Truncate };
-    let opts = EncodeOptions { max_length: a.max_length, truncation };
-    let (p, report) = Pipeline::load(&dir, opts, st.and_then(|c| c.max_seq_length))?;
+    let (p, report) = Pipeline::load(&dir, a.text.encode_options(), st.and_then(|c| c.max_seq_length))?;
     report_load(&report);
-    let (texts, from_file) = input::read_texts(a.input.as_deref(), &a.texts)?;
-    let source = a.input.as_deref().map(|f| if f == "-" { "<stdin>" } else { f }).unwrap_or("arguments");
+    let (texts, from_file) = a.text.texts(&a.texts)?;
+    let source = a.text.input.as_deref().map(|f| if f == "-" { "<stdin>" } else { f }).unwrap_or("arguments");
     let mut out = open_output(a.output.as_deref())?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;

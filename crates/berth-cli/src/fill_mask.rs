@@ -1,8 +1,7 @@
 //! `berth fill-mask`.
 use std::io::Write;
 
-use berth_tasks::{fill_mask, EncodeOptions, Pipeline};
-use berth_text::Truncation;
+use berth_tasks::{fill_mask, Pipeline, SentenceConfig};
 use clap::Args;
 
 use crate::embed::{report_load, warn_truncated};
@@ -30,25 +29,18 @@ pub struct FillMaskArgs {
     /// Predictions per mask.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
-    /// Token limit per text (default: the model's).
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// Refuse over-long texts instead of truncating them.
-    #[arg(long)]
-    no_truncate: bool,
-    /// Read texts one per line from FILE (`-` = stdin).
-    #[arg(long)]
-    input: Option<String>,
+    #[command(flatten)]
+    text: input::TextArgs,
     /// Texts containing the mask token ([MASK] or <mask>).
     texts: Vec<String>,
 }
 
 pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(a.model.as_deref())?;
-    let truncation = if a.no_truncate { Truncation::Error } else { Truncation::Truncate };
-    let (p, report) = Pipeline::load(&dir, EncodeOptions { max_length: a.max_length, truncation }, None)?;
+    let st_max = SentenceConfig::from_dir(&dir)?.and_then(|c| c.max_seq_length);
+    let (p, report) = Pipeline::load(&dir, a.text.encode_options(), st_max)?;
     report_load(&report);
-    let (texts, _) = input::read_texts(a.input.as_deref(), &a.texts)?;
+    let (texts, _) = a.text.texts(&a.texts)?;
     if let Ok(encs) = p.encode(&texts, 0) {
         warn_truncated(&encs, 0, p.max_length);
     }

@@ -2,11 +2,41 @@
 use std::io::Read;
 
 use anyhow::{bail, Context};
+use berth_tasks::EncodeOptions;
+use berth_text::Truncation;
+
+/// Input flags shared by the commands that read texts.
+#[derive(clap::Args)]
+pub struct TextArgs {
+    /// Token limit per text; default: the model's (sentence-transformers' max_seq_length
+    /// when the model has one). Longer limits cost quadratic attention time.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Refuse over-long texts instead of truncating them (with a warning).
+    #[arg(long)]
+    pub no_truncate: bool,
+    /// Read texts one per line from FILE (`-` = stdin).
+    #[arg(long)]
+    pub input: Option<String>,
+}
+
+impl TextArgs {
+    /// The encoding options these flags ask for.
+    pub fn encode_options(&self) -> EncodeOptions {
+        let truncation = if self.no_truncate { Truncation::Error } else { Truncation::Truncate };
+        EncodeOptions { max_length: self.max_length, truncation }
+    }
+
+    /// The texts: from `--input`, or the positional arguments.
+    pub fn texts(&self, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
+        read_texts(self.input.as_deref(), args)
+    }
+}
 
 /// Texts from `--input` (`-` = stdin; one per line, `\r\n` accepted) or from arguments.
 /// Invalid UTF-8 is an error naming the file and line. Returns the texts and whether they
 /// came from a file (which turns on the progress bar).
-pub fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
+fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
     let Some(path) = input else {
         if args.is_empty() {
             bail!("no input: give texts as arguments or --input FILE (- for stdin)");
