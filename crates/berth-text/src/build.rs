@@ -53,7 +53,8 @@ pub(crate) fn wordpiece(dir: &Path) -> Result<Tokenizer> {
         .map_err(|e| invalid(e.to_string()))?;
     let mut t = Tokenizer::new(wp);
     let lower = cfg.do_lower_case.unwrap_or(true);
-    t.with_normalizer(Some(BertNormalizer::new(true, cfg.tokenize_chinese_chars.unwrap_or(true), cfg.strip_accents, lower)));
+    t.with_normalizer(Some(BertNormalizer::new(true, cfg.tokenize_chinese_chars.unwrap_or(true), cfg.strip_accents, lower)))
+        .map_err(|e| invalid(e.to_string()))?;
     t.with_pre_tokenizer(Some(BertPreTokenizer));
     let (cls, sep) = (special_id(&t, "[CLS]", &path)?, special_id(&t, "[SEP]", &path)?);
     t.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
@@ -63,7 +64,7 @@ pub(crate) fn wordpiece(dir: &Path) -> Result<Tokenizer> {
         .filter(|s| t.token_to_id(s).is_some())
         .map(|s| AddedToken::from(*s, true))
         .collect();
-    t.add_special_tokens(&specials);
+    t.add_special_tokens(specials).map_err(|e| invalid(e.to_string()))?;
     Ok(t)
 }
 
@@ -88,6 +89,6 @@ pub(crate) fn byte_level_bpe(dir: &Path) -> Result<Tokenizer> {
         // RoBERTa's mask token swallows the space before it.
         .map(|s| AddedToken::from(*s, true).lstrip(*s == "<mask>"))
         .collect();
-    t.add_special_tokens(&specials);
+    t.add_special_tokens(specials).map_err(|e| TextError::Invalid { path: vocab.clone(), message: e.to_string() })?;
     Ok(t)
 }
