@@ -41,12 +41,11 @@ pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let (p, report) = Pipeline::load(&dir, a.text.encode_options(), st_max)?;
     report_load(&report);
     let (texts, _) = a.text.texts(&a.texts)?;
-    if let Ok(encs) = p.encode(&texts, 0) {
-        warn_truncated(&encs, 0, p.max_length);
-    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (c, chunk) in texts.chunks(256).enumerate() {
-        for (i, preds) in fill_mask(&p, chunk, a.top_k, c * 256)?.into_iter().enumerate() {
+        let encs = p.encode(chunk, c * 256)?;
+        warn_truncated(&encs, c * 256, p.max_length);
+        for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)?.into_iter().enumerate() {
             // One list per mask when a text has several, as transformers returns them.
             let predictions = if preds.len() == 1 { Predictions::One(&preds[0]) } else { Predictions::PerMask(&preds) };
             writeln!(out, "{}", serde_json::to_string(&Line { index: c * 256 + i, predictions })?)?;

@@ -1,4 +1,5 @@
 //! Fill-mask: the top-k tokens for each mask position, as transformers' FillMaskPipeline.
+use berth_text::Encoded;
 use serde::Serialize;
 
 use crate::error::{Result, TaskError};
@@ -18,13 +19,13 @@ pub struct Prediction {
     pub sequence: String,
 }
 
-/// Predictions for each mask of each text: `[text][mask][k]`.
-pub fn fill_mask(p: &Pipeline, texts: &[String], top_k: usize, first_index: usize) -> Result<Vec<Vec<Vec<Prediction>>>> {
+/// Predictions for each mask of each encoded text (from [`Pipeline::encode`]):
+/// `[text][mask][k]`. Input `i` is named `first_index + i` in errors.
+pub fn fill_mask(p: &Pipeline, encs: &[Encoded], top_k: usize, first_index: usize) -> Result<Vec<Vec<Vec<Prediction>>>> {
     let (mask, mask_id) = p.tokenizer.mask_token().ok_or_else(|| TaskError::Config {
         path: p.tokenizer.source().into(),
         message: "the tokenizer has no mask token".into(),
     })?;
-    let encs = p.encode(texts, first_index)?;
     let mut rows = Vec::new();
     for (i, e) in encs.iter().enumerate() {
         let before = rows.len();
@@ -33,7 +34,7 @@ pub fn fill_mask(p: &Pipeline, texts: &[String], top_k: usize, first_index: usiz
             return Err(TaskError::Input { index: first_index + i, message: format!("no {mask} token in the text") });
         }
     }
-    let (batch, hidden) = p.run(&encs)?;
+    let (batch, hidden) = p.run(encs)?;
     let flat: Vec<u32> = rows.iter().map(|&(i, j)| (batch.cu_seqlens[i] + j) as u32).collect();
     let logits = p.model.mlm_logits(&berth_model::Model::select_rows(&hidden, &flat)?)?; // [R, V]
     let probs = berth_kernels::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
