@@ -73,15 +73,20 @@ fn rate(seconds: f64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resu
 }
 
 fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    Ok(std::io::BufReader::new(f).lines().collect::<Result<_, _>>().with_context(|| path.display().to_string())?)
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    Ok(std::io::BufReader::new(f)
+        .lines()
+        .collect::<Result<_, _>>()
+        .with_context(|| path.display().to_string())?)
 }
 
 fn jsonl_texts(path: &Path) -> anyhow::Result<Vec<String>> {
     read_lines(path)?
         .iter()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).with_context(|| path.display().to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_str(l).with_context(|| path.display().to_string())?;
             Ok(v["text"].as_str().context("no text field")?.to_string())
         })
         .collect()
@@ -97,14 +102,21 @@ fn mixed_texts(data: &Path, n: usize) -> anyhow::Result<Vec<String>> {
         .skip(1)
         .filter_map(|l| l.split('\t').next().map(|s| s.trim().to_string()))
         .collect();
-    let (mut p, mut q, mut s) = (paragraphs.iter().cycle(), questions.iter().cycle(), sst.iter().cycle());
+    let (mut p, mut q, mut s) = (
+        paragraphs.iter().cycle(),
+        questions.iter().cycle(),
+        sst.iter().cycle(),
+    );
     Ok((0..n)
         .map(|i| match i % 8 {
             7 => p.next(),
             k if k % 2 == 0 => q.next(),
             _ => s.next(),
         })
-        .map(|t| t.expect("cycled iterators never end; this is a bug").clone())
+        .map(|t| {
+            t.expect("cycled iterators never end; this is a bug")
+                .clone()
+        })
         .collect())
 }
 
@@ -140,26 +152,49 @@ fn peers(a: &BenchArgs, dir: &Path, spec: &serde_json::Value) -> anyhow::Result<
     if !out.status.success() {
         bail!("{} failed", script.display());
     }
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("{}").to_string();
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("{}")
+        .to_string();
     serde_json::from_str(&last).context("peer script output is not JSON")
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(a.model.as_deref())?;
     let st = SentenceConfig::from_dir(&dir)?;
-    let (p, _) = Pipeline::load(&dir, EncodeOptions::default(), st.and_then(|c| c.max_seq_length))?;
-    let data = a.data.clone().or_else(|| std::env::var_os("BERTH_DATASETS").map(PathBuf::from)).unwrap_or_else(|| "../shared/datasets".into());
+    let (p, _) = Pipeline::load(
+        &dir,
+        EncodeOptions::default(),
+        st.and_then(|c| c.max_seq_length),
+    )?;
+    let data = a
+        .data
+        .clone()
+        .or_else(|| std::env::var_os("BERTH_DATASETS").map(PathBuf::from))
+        .unwrap_or_else(|| "../shared/datasets".into());
     let threads = rayon::current_num_threads();
     let vocab = p.model.config.vocab_size as u32;
-    let cls = p.tokenizer.token_to_id("[CLS]").or_else(|| p.tokenizer.token_to_id("<s>")).unwrap_or(0);
-    let sep = p.tokenizer.token_to_id("[SEP]").or_else(|| p.tokenizer.token_to_id("</s>")).unwrap_or(0);
+    let cls = p
+        .tokenizer
+        .token_to_id("[CLS]")
+        .or_else(|| p.tokenizer.token_to_id("<s>"))
+        .unwrap_or(0);
+    let sep = p
+        .tokenizer
+        .token_to_id("[SEP]")
+        .or_else(|| p.tokenizer.token_to_id("</s>"))
+        .unwrap_or(0);
     let wa = synthetic(32, 128, vocab, cls, sep);
     let wb = synthetic(1, 16, vocab, cls, sep);
     let texts = mixed_texts(&data, a.sentences)
         .with_context(|| format!("workload (c) needs {} (pass --data DIR)", data.display()))?;
     let encs = p.encode(&texts, 0)?;
     let real: usize = encs.iter().map(|e| e.ids.len()).sum();
-    let padded: usize = encs.chunks(32).map(|c| c.len() * c.iter().map(|e| e.ids.len()).max().unwrap_or(0)).sum();
+    let padded: usize = encs
+        .chunks(32)
+        .map(|c| c.len() * c.iter().map(|e| e.ids.len()).max().unwrap_or(0))
+        .sum();
 
     eprintln!("berth: {} ({} threads); (c) {} texts, {real} real tokens, {padded} when padded per batch of 32 ({:.0} % real)",
         dir.display(), threads, texts.len(), 100.0 * real as f64 / padded as f64);
@@ -179,7 +214,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let before = measure()?;
     let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "max_length": p.max_length,
         "seconds": a.seconds, "threads": threads});
-    let peer = if a.no_peers { serde_json::json!({}) } else { peers(&a, &dir, &spec)? };
+    let peer = if a.no_peers {
+        serde_json::json!({})
+    } else {
+        peers(&a, &dir, &spec)?
+    };
     // Shared machines drift: berth is measured before and after the peers and the mean is
     // reported, so a slow or fast phase does not favour either side.
     let ours = if a.no_peers {
@@ -192,12 +231,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     println!("| workload | berth seq/s | PyTorch seq/s | ORT fp32 seq/s | berth / PyTorch | berth / ORT |");
     println!("|---|---|---|---|---|---|");
-    let names = ["(a) 32 x 128", "(b) 1 x 16", &format!("(c) {} mixed texts, batches of 32", texts.len())];
+    let names = [
+        "(a) 32 x 128",
+        "(b) 1 x 16",
+        &format!("(c) {} mixed texts, batches of 32", texts.len()),
+    ];
     for (i, key) in ["a", "b", "c"].iter().enumerate() {
         let get = |peer_name: &str| peer[peer_name][key].as_f64();
         let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
-        let ratio = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.2}x", ours[i] / v));
-        println!("| {} | {:.1} | {} | {} | {} | {} |", names[i], ours[i], cell(get("torch")), cell(get("ort")), ratio(get("torch")), ratio(get("ort")));
+        let ratio =
+            |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.2}x", ours[i] / v));
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {} |",
+            names[i],
+            ours[i],
+            cell(get("torch")),
+            cell(get("ort")),
+            ratio(get("torch")),
+            ratio(get("ort"))
+        );
     }
     if let Some(v) = peer.get("versions") {
         println!("peers: {v}");

@@ -59,7 +59,9 @@ struct TokenLine<'a> {
 /// Output sink: a file or stdout.
 pub fn open_output(path: Option<&str>) -> anyhow::Result<Box<dyn Write>> {
     Ok(match path {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{p}: cannot create"))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{p}: cannot create"))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     })
 }
@@ -69,7 +71,10 @@ pub fn progress(len: usize, show: bool) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::with_draw_target(Some(len as u64), indicatif::ProgressDrawTarget::stderr());
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} texts {per_sec} eta {eta}")
             .expect("valid progress template; this is a bug"),
@@ -83,14 +88,22 @@ pub fn report_load(report: &berth_model::LoadReport) {
         eprintln!("warning: the checkpoint has no {} head weights (first missing: {key}); only the encoder is usable", kind.name());
     }
     if !report.unused.is_empty() {
-        eprintln!("warning: {} checkpoint weights were not used: {}", report.unused.len(), report.unused.join(", "));
+        eprintln!(
+            "warning: {} checkpoint weights were not used: {}",
+            report.unused.len(),
+            report.unused.join(", ")
+        );
     }
 }
 
 /// Warns once per truncated input.
 pub fn warn_truncated(encs: &[berth_text::Encoded], first: usize, max: usize) {
     for (i, e) in encs.iter().enumerate().filter(|(_, e)| e.truncated) {
-        eprintln!("warning: input {}: {} tokens truncated to {max} (--no-truncate makes this an error)", first + i, e.full_len);
+        eprintln!(
+            "warning: input {}: {} tokens truncated to {max} (--no-truncate makes this an error)",
+            first + i,
+            e.full_len
+        );
     }
 }
 
@@ -105,10 +118,19 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         None => st.map_or(Pooling::Cls, |c| c.pooling),
     };
     let norm = a.normalize || (a.pooling.is_none() && st.is_some_and(|c| c.normalize));
-    let (p, report) = Pipeline::load(&dir, a.text.encode_options(), st.and_then(|c| c.max_seq_length))?;
+    let (p, report) = Pipeline::load(
+        &dir,
+        a.text.encode_options(),
+        st.and_then(|c| c.max_seq_length),
+    )?;
     report_load(&report);
     let (texts, from_file) = a.text.texts(&a.texts)?;
-    let source = a.text.input.as_deref().map(|f| if f == "-" { "<stdin>" } else { f }).unwrap_or("arguments");
+    let source = a
+        .text
+        .input
+        .as_deref()
+        .map(|f| if f == "-" { "<stdin>" } else { f })
+        .unwrap_or("arguments");
     let mut out = open_output(a.output.as_deref())?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;
@@ -124,8 +146,13 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
             if pooling == Pooling::None {
                 for (s, i) in r.clone().enumerate() {
                     let rows = batch.range(s);
-                    let hidden: Vec<&[f32]> = flat[rows.start * h..rows.end * h].chunks(h).collect();
-                    let line = TokenLine { index: first + i, tokens: &encs[i].tokens, hidden };
+                    let hidden: Vec<&[f32]> =
+                        flat[rows.start * h..rows.end * h].chunks(h).collect();
+                    let line = TokenLine {
+                        index: first + i,
+                        tokens: &encs[i].tokens,
+                        hidden,
+                    };
                     writeln!(out, "{}", serde_json::to_string(&line)?)?;
                 }
             } else {
@@ -133,7 +160,10 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
                     if norm {
                         normalize(&mut v);
                     }
-                    let line = EmbeddingLine { index: first + r.start + s, embedding: &v };
+                    let line = EmbeddingLine {
+                        index: first + r.start + s,
+                        embedding: &v,
+                    };
                     writeln!(out, "{}", serde_json::to_string(&line)?)?;
                 }
             }

@@ -45,10 +45,24 @@ pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     for (c, chunk) in texts.chunks(256).enumerate() {
         let encs = p.encode(chunk, c * 256)?;
         warn_truncated(&encs, c * 256, p.max_length);
-        for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)?.into_iter().enumerate() {
+        for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)?
+            .into_iter()
+            .enumerate()
+        {
             // One list per mask when a text has several, as transformers returns them.
-            let predictions = if preds.len() == 1 { Predictions::One(&preds[0]) } else { Predictions::PerMask(&preds) };
-            writeln!(out, "{}", serde_json::to_string(&Line { index: c * 256 + i, predictions })?)?;
+            let predictions = if preds.len() == 1 {
+                Predictions::One(&preds[0])
+            } else {
+                Predictions::PerMask(&preds)
+            };
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&Line {
+                    index: c * 256 + i,
+                    predictions
+                })?
+            )?;
         }
     }
     out.flush()?;

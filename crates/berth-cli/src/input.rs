@@ -23,8 +23,15 @@ pub struct TextArgs {
 impl TextArgs {
     /// The encoding options these flags ask for.
     pub fn encode_options(&self) -> EncodeOptions {
-        let truncation = if self.no_truncate { Truncation::Error } else { Truncation::Truncate };
-        EncodeOptions { max_length: self.max_length, truncation }
+        let truncation = if self.no_truncate {
+            Truncation::Error
+        } else {
+            Truncation::Truncate
+        };
+        EncodeOptions {
+            max_length: self.max_length,
+            truncation,
+        }
     }
 
     /// The texts: from `--input`, or the positional arguments.
@@ -49,15 +56,22 @@ fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<Strin
     let mut bytes = Vec::new();
     let name = if path == "-" { "<stdin>" } else { path };
     if path == "-" {
-        std::io::stdin().read_to_end(&mut bytes).context("<stdin>")?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("<stdin>")?;
     } else {
         bytes = std::fs::read(path).with_context(|| format!("{path}: cannot read"))?;
     }
     let mut texts = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let text = std::str::from_utf8(line)
-            .map_err(|e| anyhow::anyhow!("{name}:{}: invalid UTF-8 at byte {}", i + 1, e.valid_up_to()))?;
+        let text = std::str::from_utf8(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{name}:{}: invalid UTF-8 at byte {}",
+                i + 1,
+                e.valid_up_to()
+            )
+        })?;
         texts.push(text.to_string());
     }
     if texts.last().is_some_and(|t| t.is_empty()) {

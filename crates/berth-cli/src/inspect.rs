@@ -20,7 +20,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     report_load(&report);
     let c = &model.config;
     let tokenizer = match TextTokenizer::from_dir(&dir) {
-        Ok(t) => format!("{:?}, {} tokens, from {}", t.kind(), t.vocab_size(), t.source().display()),
+        Ok(t) => format!(
+            "{:?}, {} tokens, from {}",
+            t.kind(),
+            t.vocab_size(),
+            t.source().display()
+        ),
         Err(e) => format!("none ({e})"),
     };
     let mut heads = Vec::new();
@@ -30,15 +35,45 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     if let Some(h) = &model.head {
         heads.push(h.kind().name().to_string());
     }
-    let labels = if c.id2label.is_empty() { String::new() } else { format!(" (labels: {})", c.id2label.join(", ")) };
+    let labels = if c.id2label.is_empty() {
+        String::new()
+    } else {
+        format!(" (labels: {})", c.id2label.join(", "))
+    };
     println!("model:        {}", dir.display());
-    println!("architecture: {} ({:?}), classes {:?}", c.model_type, c.arch, c.architectures);
-    println!("layers:       {} x hidden {} x heads {} (head dim {}), feed-forward {} ({:?})",
-        c.num_layers, c.hidden_size, c.num_heads, c.hidden_size / c.num_heads, c.intermediate_size, c.activation);
-    println!("vocabulary:   {}; positions {} (max sequence {}); token types {}",
-        c.vocab_size, c.max_position_embeddings, c.max_sequence_length(), c.type_vocab_size);
-    println!("parameters:   {} ({:.1} M)", model.num_parameters(), model.num_parameters() as f64 / 1e6);
+    println!(
+        "architecture: {} ({:?}), classes {:?}",
+        c.model_type, c.arch, c.architectures
+    );
+    println!(
+        "layers:       {} x hidden {} x heads {} (head dim {}), feed-forward {} ({:?})",
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.hidden_size / c.num_heads,
+        c.intermediate_size,
+        c.activation
+    );
+    println!(
+        "vocabulary:   {}; positions {} (max sequence {}); token types {}",
+        c.vocab_size,
+        c.max_position_embeddings,
+        c.max_sequence_length(),
+        c.type_vocab_size
+    );
+    println!(
+        "parameters:   {} ({:.1} M)",
+        model.num_parameters(),
+        model.num_parameters() as f64 / 1e6
+    );
     println!("tokenizer:    {tokenizer}");
-    println!("heads:        {}{labels}", if heads.is_empty() { "none".into() } else { heads.join(", ") });
+    println!(
+        "heads:        {}{labels}",
+        if heads.is_empty() {
+            "none".into()
+        } else {
+            heads.join(", ")
+        }
+    );
     Ok(())
 }

@@ -22,7 +22,11 @@ mod resolve;
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "BERT in Rust: embed, fill-mask, inspect, bench")]
+#[command(
+    name = "berth",
+    version,
+    about = "BERT in Rust: embed, fill-mask, inspect, bench"
+)]
 struct Cli {
     /// Worker threads (default: all cores). Fewer threads leave cores for other work.
     #[arg(long, global = true)]
@@ -45,7 +49,9 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
         // candle's matmul reads its thread count from here.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }

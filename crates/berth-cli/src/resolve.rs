@@ -45,19 +45,32 @@ pub fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
 #[cfg(feature = "hub")]
 fn from_hub(id: &str) -> anyhow::Result<PathBuf> {
     use anyhow::Context;
-    let api = hf_hub::api::sync::Api::new().context("could not set up the Hugging Face hub client")?;
+    let api =
+        hf_hub::api::sync::Api::new().context("could not set up the Hugging Face hub client")?;
     let repo = api.model(id.to_string());
     let fetch = |f: &str| repo.get(f);
     let config = fetch("config.json").with_context(|| {
         format!("could not fetch {id} from the Hugging Face hub: check the network, or download the model directory and pass it with --model DIR")
     })?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
         let _ = fetch(f); // optional files; the loaders report what is really missing
     }
     if fetch("model.safetensors").is_err() {
-        fetch("pytorch_model.bin").with_context(|| format!("{id}: no model.safetensors or pytorch_model.bin on the hub"))?;
+        fetch("pytorch_model.bin").with_context(|| {
+            format!("{id}: no model.safetensors or pytorch_model.bin on the hub")
+        })?;
     }
-    Ok(config.parent().context("hub cache path has no parent")?.to_path_buf())
+    Ok(config
+        .parent()
+        .context("hub cache path has no parent")?
+        .to_path_buf())
 }
 
 #[cfg(not(feature = "hub"))]

@@ -9,47 +9,79 @@ fn root() -> PathBuf {
 }
 
 fn tiny(name: &str) -> String {
-    root().join("fixtures/tiny").join(name).to_string_lossy().into_owned()
+    root()
+        .join("fixtures/tiny")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// `berth` with a private, empty cache so tests never depend on the user's.
 fn berth(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_berth")).args(args).output().expect("berth runs")
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .output()
+        .expect("berth runs")
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "berth failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "berth failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
 
 /// Asserts a clean failure: non-zero exit, one `error:` line mentioning each of `needles`.
 fn fails_with(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
     for n in needles {
         assert!(line.contains(n), "error line lacks {n:?}: {line}");
     }
 }
 
 fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines().map(|l| serde_json::from_str(l).expect("each stdout line is JSON")).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
+        .collect()
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn minilm_dir() -> PathBuf {
-    let cache = std::env::var_os("BERTH_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache"));
-        base.join("berth")
-    });
+    let cache = std::env::var_os("BERTH_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache"));
+            base.join("berth")
+        });
     let dir = cache.join("models/all-MiniLM-L6-v2");
-    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 missing at {}: run scripts/fetch-assets", dir.display());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 missing at {}: run scripts/fetch-assets",
+        dir.display()
+    );
     dir
 }
 
@@ -57,14 +89,33 @@ fn minilm_dir() -> PathBuf {
 fn minilm_embeddings_match_sentence_transformers() {
     let dir = minilm_dir();
     let fixture = root().join("fixtures/minilm");
-    let sentences: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap()).unwrap();
-    let texts: Vec<&str> = sentences["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap())
+            .unwrap();
+    let texts: Vec<&str> = sentences["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.txt");
     std::fs::write(&input, texts.join("\n") + "\n").unwrap();
     // Default pooling from the model's sentence-transformers config: mean + normalize.
-    let out = json_lines(&ok(&berth(&["embed", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--batch-tokens", "300"])));
-    let reference = candle_core::safetensors::load(fixture.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let out = json_lines(&ok(&berth(&[
+        "embed",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--batch-tokens",
+        "300",
+    ])));
+    let reference = candle_core::safetensors::load(
+        fixture.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let want = reference["embeddings"].to_vec2::<f32>().unwrap();
     assert_eq!(out.len(), texts.len());
     let mut worst = 0f32;
@@ -72,42 +123,93 @@ fn minilm_embeddings_match_sentence_transformers() {
         assert_eq!(line["index"], i);
         let got = floats(&line["embedding"]);
         assert_eq!(got.len(), 384);
-        let d = got.iter().zip(&want[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = got
+            .iter()
+            .zip(&want[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         worst = worst.max(d);
     }
-    println!("MiniLM, {} sentences: max abs diff to sentence-transformers {worst:.3e}", texts.len());
+    println!(
+        "MiniLM, {} sentences: max abs diff to sentence-transformers {worst:.3e}",
+        texts.len()
+    );
     assert!(worst <= 1e-4, "max abs diff {worst}");
 }
 
 #[test]
 fn embed_arguments_and_the_default_model_agree() {
     let dir = minilm_dir();
-    let a = json_lines(&ok(&berth(&["embed", "--model", dir.to_str().unwrap(), "The cat sits outside.", "ok"])));
+    let a = json_lines(&ok(&berth(&[
+        "embed",
+        "--model",
+        dir.to_str().unwrap(),
+        "The cat sits outside.",
+        "ok",
+    ])));
     let b = json_lines(&ok(&berth(&["embed", "The cat sits outside.", "ok"])));
     assert_eq!(a, b);
-    let norm: f32 = floats(&a[0]["embedding"]).iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!((norm - 1.0).abs() < 1e-5, "normalised by default, norm {norm}");
-    let raw = json_lines(&ok(&berth(&["embed", "--pooling", "cls", "The cat sits outside."])));
-    let norm: f32 = floats(&raw[0]["embedding"]).iter().map(|x| x * x).sum::<f32>().sqrt();
-    assert!((norm - 1.0).abs() > 1e-3, "--pooling cls without --normalize is not normalised");
+    let norm: f32 = floats(&a[0]["embedding"])
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-5,
+        "normalised by default, norm {norm}"
+    );
+    let raw = json_lines(&ok(&berth(&[
+        "embed",
+        "--pooling",
+        "cls",
+        "The cat sits outside.",
+    ])));
+    let norm: f32 = floats(&raw[0]["embedding"])
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt();
+    assert!(
+        (norm - 1.0).abs() > 1e-3,
+        "--pooling cls without --normalize is not normalised"
+    );
 }
 
 #[test]
 fn pooling_none_gives_the_last_hidden_state() {
-    let reference = candle_core::safetensors::load(root().join("fixtures/tiny/bert-base/reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(
+        root().join("fixtures/tiny/bert-base/reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let hidden = reference["last_hidden_state"].to_vec2::<f32>().unwrap();
-    let tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny("tokenization.json")).unwrap()).unwrap();
-    let texts: Vec<&str> = tok["bert"]["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    let mut args = vec!["embed", "--model", &tiny("bert-base"), "--pooling", "none"].into_iter().map(String::from).collect::<Vec<_>>();
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny("tokenization.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = tok["bert"]["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let mut args = vec!["embed", "--model", &tiny("bert-base"), "--pooling", "none"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
     args.extend(texts.iter().map(|t| t.to_string()));
-    let out = json_lines(&ok(&berth(&args.iter().map(String::as_str).collect::<Vec<_>>())));
+    let out = json_lines(&ok(&berth(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
     let mut row = 0;
     let mut worst = 0f32;
     for line in &out {
         let tokens = line["tokens"].as_array().unwrap();
         assert_eq!(tokens[0], "[CLS]");
         for v in line["hidden"].as_array().unwrap() {
-            let d = floats(v).iter().zip(&hidden[row]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let d = floats(v)
+                .iter()
+                .zip(&hidden[row])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             worst = worst.max(d);
             row += 1;
         }
@@ -119,10 +221,16 @@ fn pooling_none_gives_the_last_hidden_state() {
 
 #[test]
 fn fill_mask_matches_the_transformers_pipeline() {
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny("fill_mask.json")).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny("fill_mask.json")).unwrap()).unwrap();
     for arch in ["bert", "roberta", "distilbert"] {
         let r = &reference[arch];
-        let texts: Vec<&str> = r["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let texts: Vec<&str> = r["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
         let model = tiny(&format!("{arch}-mlm"));
         let mut args = vec!["fill-mask", "--model", &model, "--top-k", "5"];
         args.extend(&texts);
@@ -131,18 +239,36 @@ fn fill_mask_matches_the_transformers_pipeline() {
         for (i, want) in r["outputs"].as_array().unwrap().iter().enumerate() {
             let got = &out[i]["predictions"];
             // transformers returns a flat list for one mask, a list per mask otherwise.
-            let (got, want): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = if want[0].is_array() {
-                (got.as_array().unwrap().iter().flat_map(|m| m.as_array().unwrap()).collect(),
-                 want.as_array().unwrap().iter().flat_map(|m| m.as_array().unwrap()).collect())
-            } else {
-                (got.as_array().unwrap().iter().collect(), want.as_array().unwrap().iter().collect())
-            };
+            let (got, want): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) =
+                if want[0].is_array() {
+                    (
+                        got.as_array()
+                            .unwrap()
+                            .iter()
+                            .flat_map(|m| m.as_array().unwrap())
+                            .collect(),
+                        want.as_array()
+                            .unwrap()
+                            .iter()
+                            .flat_map(|m| m.as_array().unwrap())
+                            .collect(),
+                    )
+                } else {
+                    (
+                        got.as_array().unwrap().iter().collect(),
+                        want.as_array().unwrap().iter().collect(),
+                    )
+                };
             assert_eq!(got.len(), want.len(), "{arch} text {i}");
             for (g, w) in got.iter().zip(&want) {
-                assert_eq!(g["token_id"], w["token"], "{arch} text {i}: token order differs");
+                assert_eq!(
+                    g["token_id"], w["token"],
+                    "{arch} text {i}: token order differs"
+                );
                 assert_eq!(g["token"], w["token_str"], "{arch} text {i}");
                 assert_eq!(g["sequence"], w["sequence"], "{arch} text {i}");
-                worst = worst.max((g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs());
+                worst =
+                    worst.max((g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs());
             }
         }
         println!("{arch} fill-mask: max score diff {worst:.3e}");
@@ -152,14 +278,22 @@ fn fill_mask_matches_the_transformers_pipeline() {
 
 #[test]
 fn inspect_reports_the_parameter_count_pytorch_counts() {
-    let counts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny("param_counts.json")).unwrap()).unwrap();
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny("param_counts.json")).unwrap()).unwrap();
     for (name, n) in counts.as_object().unwrap() {
         let out = ok(&berth(&["inspect", "--model", &tiny(name)]));
         let line = out.lines().find(|l| l.starts_with("parameters:")).unwrap();
-        assert!(line.contains(&format!(" {n} ")), "{name}: {line} (PyTorch: {n})");
+        assert!(
+            line.contains(&format!(" {n} ")),
+            "{name}: {line} (PyTorch: {n})"
+        );
     }
     let out = ok(&berth(&["inspect", "--model", &tiny("roberta-seqcls")]));
-    assert!(out.contains("sequence-classification") && out.contains("labels: negative, neutral, positive"), "{out}");
+    assert!(
+        out.contains("sequence-classification")
+            && out.contains("labels: negative, neutral, positive"),
+        "{out}"
+    );
 }
 
 fn broken_copy(from: &str, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
@@ -177,45 +311,91 @@ fn bad_checkpoints_fail_with_one_line_naming_the_file() {
     let truncated = broken_copy("bert-base", |d| {
         let f = d.join("model.safetensors");
         let len = std::fs::metadata(&f).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
     });
-    fails_with(&berth(&["embed", "--model", truncated.path().to_str().unwrap(), "hi"]), &["model.safetensors", "corrupt"]);
+    fails_with(
+        &berth(&["embed", "--model", truncated.path().to_str().unwrap(), "hi"]),
+        &["model.safetensors", "corrupt"],
+    );
 
     let gpt = broken_copy("bert-base", |d| {
         let c = std::fs::read_to_string(d.join("config.json")).unwrap();
-        std::fs::write(d.join("config.json"), c.replace("\"model_type\": \"bert\"", "\"model_type\": \"llama\"")).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            c.replace("\"model_type\": \"bert\"", "\"model_type\": \"llama\""),
+        )
+        .unwrap();
     });
-    fails_with(&berth(&["inspect", "--model", gpt.path().to_str().unwrap()]), &["config.json", "unknown model_type \"llama\""]);
+    fails_with(
+        &berth(&["inspect", "--model", gpt.path().to_str().unwrap()]),
+        &["config.json", "unknown model_type \"llama\""],
+    );
 
     let shape = broken_copy("bert-base", |d| {
         let c = std::fs::read_to_string(d.join("config.json")).unwrap();
-        std::fs::write(d.join("config.json"), c.replace("\"vocab_size\": ", "\"vocab_size\": 1")).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            c.replace("\"vocab_size\": ", "\"vocab_size\": 1"),
+        )
+        .unwrap();
     });
-    fails_with(&berth(&["embed", "--model", shape.path().to_str().unwrap(), "hi"]), &["word_embeddings.weight", "shape"]);
+    fails_with(
+        &berth(&["embed", "--model", shape.path().to_str().unwrap(), "hi"]),
+        &["word_embeddings.weight", "shape"],
+    );
 
     let no_tok = broken_copy("bert-base", |d| {
         for f in ["tokenizer.json", "vocab.txt"] {
             std::fs::remove_file(d.join(f)).unwrap();
         }
     });
-    fails_with(&berth(&["embed", "--model", no_tok.path().to_str().unwrap(), "hi"]), &["no tokenizer"]);
+    fails_with(
+        &berth(&["embed", "--model", no_tok.path().to_str().unwrap(), "hi"]),
+        &["no tokenizer"],
+    );
 
-    fails_with(&berth(&["fill-mask", "--model", &tiny("bert-base"), "a [MASK]"]), &["no masked-LM head"]);
-    fails_with(&berth(&["embed", "--model", "nobody/no-such-model", "hi"]), &["nobody/no-such-model", "--model"]);
+    fails_with(
+        &berth(&["fill-mask", "--model", &tiny("bert-base"), "a [MASK]"]),
+        &["no masked-LM head"],
+    );
+    fails_with(
+        &berth(&["embed", "--model", "nobody/no-such-model", "hi"]),
+        &["nobody/no-such-model", "--model"],
+    );
 }
 
 #[test]
 fn bad_inputs_fail_with_one_line_naming_the_input() {
     let m = tiny("bert-base");
-    fails_with(&berth(&["embed", "--model", &m, "fine", ""]), &["input 1", "empty text"]);
+    fails_with(
+        &berth(&["embed", "--model", &m, "fine", ""]),
+        &["input 1", "empty text"],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("bad.txt");
     std::fs::write(&f, b"good line\nbad \xff\xfe line\n").unwrap();
-    fails_with(&berth(&["embed", "--model", &m, "--input", f.to_str().unwrap()]), &["bad.txt:2", "invalid UTF-8"]);
+    fails_with(
+        &berth(&["embed", "--model", &m, "--input", f.to_str().unwrap()]),
+        &["bad.txt:2", "invalid UTF-8"],
+    );
     let long = "word ".repeat(100);
-    fails_with(&berth(&["embed", "--model", &m, "--no-truncate", &long]), &["input 0", "maximum of 64"]);
-    fails_with(&berth(&["embed", "--model", &m, "--max-length", "1000", "hi"]), &["--max-length 1000", "64 positions"]);
-    fails_with(&berth(&["fill-mask", "--model", &tiny("bert-mlm"), "no mask here"]), &["input 0", "no [MASK] token"]);
+    fails_with(
+        &berth(&["embed", "--model", &m, "--no-truncate", &long]),
+        &["input 0", "maximum of 64"],
+    );
+    fails_with(
+        &berth(&["embed", "--model", &m, "--max-length", "1000", "hi"]),
+        &["--max-length 1000", "64 positions"],
+    );
+    fails_with(
+        &berth(&["fill-mask", "--model", &tiny("bert-mlm"), "no mask here"]),
+        &["input 0", "no [MASK] token"],
+    );
     // Over-long text is truncated by default, with a warning on stderr and JSON on stdout.
     let out = berth(&["embed", "--model", &m, &long]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated to 64"));
@@ -225,6 +405,10 @@ fn bad_inputs_fail_with_one_line_naming_the_input() {
 #[test]
 fn missing_default_model_says_how_to_fetch_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_berth")).env("BERTH_HOME", tmp.path()).args(["embed", "hi"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .env("BERTH_HOME", tmp.path())
+        .args(["embed", "hi"])
+        .output()
+        .unwrap();
     fails_with(&out, &["scripts/fetch-assets"]);
 }

@@ -20,13 +20,22 @@ use crate::Float;
 
 /// Self-attention of each packed sequence; `qkv [N, 3H]` → `[N, H]`, differentiable in `qkv`.
 /// `scale` multiplies the scores before the softmax (usually `1/sqrt(hd)`).
-pub fn varlen_attention(qkv: &Tensor, cu_seqlens: &[usize], num_heads: usize, scale: f64) -> Result<Tensor> {
+pub fn varlen_attention(
+    qkv: &Tensor,
+    cu_seqlens: &[usize],
+    num_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (n, three_h) = qkv.dims2()?;
     if three_h % 3 != 0 || (three_h / 3) % num_heads != 0 {
         bail!("varlen_attention: qkv width {three_h} is not 3 x heads ({num_heads}) x head dim");
     }
     check_cu_seqlens(cu_seqlens, n)?;
-    qkv.contiguous()?.apply_op1(VarlenAttention { cu_seqlens: cu_seqlens.to_vec(), num_heads, scale })
+    qkv.contiguous()?.apply_op1(VarlenAttention {
+        cu_seqlens: cu_seqlens.to_vec(),
+        num_heads,
+        scale,
+    })
 }
 
 fn check_cu_seqlens(cu: &[usize], n: usize) -> Result<()> {
@@ -37,7 +46,12 @@ fn check_cu_seqlens(cu: &[usize], n: usize) -> Result<()> {
 }
 
 /// The same attention composed from plain candle ops, one sequence at a time (test reference).
-pub fn reference_attention(qkv: &Tensor, cu_seqlens: &[usize], num_heads: usize, scale: f64) -> Result<Tensor> {
+pub fn reference_attention(
+    qkv: &Tensor,
+    cu_seqlens: &[usize],
+    num_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let h = qkv.dim(1)? / 3;
     let hd = h / num_heads;
     let mut outs = Vec::new();
@@ -45,7 +59,12 @@ pub fn reference_attention(qkv: &Tensor, cu_seqlens: &[usize], num_heads: usize,
         let l = w[1] - w[0];
         let rows = qkv.narrow(0, w[0], l)?;
         // [L, H] -> [nh, L, hd]
-        let split = |i: usize| rows.narrow(1, i * h, h)?.reshape((l, num_heads, hd))?.transpose(0, 1)?.contiguous();
+        let split = |i: usize| {
+            rows.narrow(1, i * h, h)?
+                .reshape((l, num_heads, hd))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = crate::reference_softmax(&scores)?;
@@ -79,21 +98,62 @@ fn tasks(cu: &[usize], nh: usize) -> Vec<(usize, usize, usize)> {
 /// Single-threaded strided matmul: the (sequence, head) tasks are the parallelism.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: Float>(
-    m: usize, n: usize, k: usize,
-    dst: *mut T, dst_s: (usize, usize), accumulate: bool,
-    lhs: *const T, lhs_s: (usize, usize),
-    rhs: *const T, rhs_s: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_s: (usize, usize),
+    accumulate: bool,
+    lhs: *const T,
+    lhs_s: (usize, usize),
+    rhs: *const T,
+    rhs_s: (usize, usize),
     alpha: T,
 ) {
-    crate::cpu::matmul(m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s, alpha, Parallelism::None)
+    crate::cpu::matmul(
+        m,
+        n,
+        k,
+        dst,
+        dst_s,
+        accumulate,
+        lhs,
+        lhs_s,
+        rhs,
+        rhs_s,
+        alpha,
+        Parallelism::None,
+    )
 }
 
 /// Fills `p [L, L]` with softmax(scale * Q K^T) for one (sequence, head).
-unsafe fn probabilities<T: Float>(qkv: *const T, w3: usize, h: usize, hd: usize, start: usize, l: usize, head: usize, scale: T, p: &mut [T]) {
+unsafe fn probabilities<T: Float>(
+    qkv: *const T,
+    w3: usize,
+    h: usize,
+    hd: usize,
+    start: usize,
+    l: usize,
+    head: usize,
+    scale: T,
+    p: &mut [T],
+) {
     let q = qkv.add(start * w3 + head * hd);
     let k = qkv.add(start * w3 + h + head * hd);
     // K^T viewed as [hd, L]: row stride 1, column stride 3H.
-    matmul(l, l, hd, p.as_mut_ptr(), (l, 1), false, q, (w3, 1), k, (1, w3), scale);
+    matmul(
+        l,
+        l,
+        hd,
+        p.as_mut_ptr(),
+        (l, 1),
+        false,
+        q,
+        (w3, 1),
+        k,
+        (1, w3),
+        scale,
+    );
     p.chunks_mut(l).for_each(softmax_row);
 }
 
@@ -105,17 +165,31 @@ fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
     let mut out = vec![T::zero(); n * h];
     let dst = SendPtr(out.as_mut_ptr());
     let src = SendPtr(qkv.as_ptr() as *mut T);
-    tasks(cu, nh).into_par_iter().for_each_init(Vec::new, |p, (start, l, head)| {
-        p.resize(l * l, T::zero());
-        // SAFETY: each task writes only its own rows x head columns of `out`.
-        unsafe {
-            let (qkv, out) = (src.get() as *const T, dst.get());
-            probabilities(qkv, w3, h, hd, start, l, head, T::from_f64(scale), p);
-            let v = qkv.add(start * w3 + 2 * h + head * hd);
-            let o = out.add(start * h + head * hd);
-            matmul(l, hd, l, o, (h, 1), false, p.as_ptr(), (l, 1), v, (w3, 1), T::one());
-        }
-    });
+    tasks(cu, nh)
+        .into_par_iter()
+        .for_each_init(Vec::new, |p, (start, l, head)| {
+            p.resize(l * l, T::zero());
+            // SAFETY: each task writes only its own rows x head columns of `out`.
+            unsafe {
+                let (qkv, out) = (src.get() as *const T, dst.get());
+                probabilities(qkv, w3, h, hd, start, l, head, T::from_f64(scale), p);
+                let v = qkv.add(start * w3 + 2 * h + head * hd);
+                let o = out.add(start * h + head * hd);
+                matmul(
+                    l,
+                    hd,
+                    l,
+                    o,
+                    (h, 1),
+                    false,
+                    p.as_ptr(),
+                    (l, 1),
+                    v,
+                    (w3, 1),
+                    T::one(),
+                );
+            }
+        });
     out
 }
 
@@ -144,17 +218,65 @@ fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64
                 let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
                 let dout = dout.add(start * h + head * hd);
                 // dV = P^T dO
-                matmul(l, hd, l, dv, (w3, 1), false, p.as_ptr(), (1, l), dout, (h, 1), T::one());
+                matmul(
+                    l,
+                    hd,
+                    l,
+                    dv,
+                    (w3, 1),
+                    false,
+                    p.as_ptr(),
+                    (1, l),
+                    dout,
+                    (h, 1),
+                    T::one(),
+                );
                 // dP = dO V^T
-                matmul(l, l, hd, dp.as_mut_ptr(), (l, 1), false, dout, (h, 1), v, (1, w3), T::one());
+                matmul(
+                    l,
+                    l,
+                    hd,
+                    dp.as_mut_ptr(),
+                    (l, 1),
+                    false,
+                    dout,
+                    (h, 1),
+                    v,
+                    (1, w3),
+                    T::one(),
+                );
                 // dS = scale * softmax'(dP)
                 for r in 0..l {
                     let row = r * l..(r + 1) * l;
                     softmax_row_backward(&p[row.clone()], &dp[row.clone()], &mut ds[row]);
                 }
                 // dQ = dS K * scale ; dK = dS^T Q * scale
-                matmul(l, hd, l, dq, (w3, 1), false, ds.as_ptr(), (l, 1), k, (w3, 1), scale);
-                matmul(l, hd, l, dk, (w3, 1), false, ds.as_ptr(), (1, l), q, (w3, 1), scale);
+                matmul(
+                    l,
+                    hd,
+                    l,
+                    dq,
+                    (w3, 1),
+                    false,
+                    ds.as_ptr(),
+                    (l, 1),
+                    k,
+                    (w3, 1),
+                    scale,
+                );
+                matmul(
+                    l,
+                    hd,
+                    l,
+                    dk,
+                    (w3, 1),
+                    false,
+                    ds.as_ptr(),
+                    (1, l),
+                    q,
+                    (w3, 1),
+                    scale,
+                );
             }
         },
     );
@@ -172,17 +294,26 @@ impl CustomOp1 for VarlenAttention {
             Ok(T::to_cpu_storage_owned(out))
         }
         let (n, w3) = l.shape().dims2()?;
-        Ok((dispatch!(s.dtype(), self.name(), run(self, s, l))?, Shape::from((n, w3 / 3))))
+        Ok((
+            dispatch!(s.dtype(), self.name(), run(self, s, l))?,
+            Shape::from((n, w3 / 3)),
+        ))
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
         fn run<T: Float>(op: &VarlenAttention, qkv: &Tensor, dout: &Tensor) -> Result<Tensor> {
             let d = with_slice::<T, _>(qkv, |q| {
-                with_slice::<T, _>(dout, |g| backward(q, g, &op.cu_seqlens, op.num_heads, op.scale))
+                with_slice::<T, _>(dout, |g| {
+                    backward(q, g, &op.cu_seqlens, op.num_heads, op.scale)
+                })
             })??;
             Tensor::from_vec(d, qkv.shape(), qkv.device())
         }
-        Ok(Some(dispatch!(qkv.dtype(), self.name(), run(self, qkv, dout))?))
+        Ok(Some(dispatch!(
+            qkv.dtype(),
+            self.name(),
+            run(self, qkv, dout)
+        )?))
     }
 }
 
@@ -201,7 +332,12 @@ mod tests {
         assert_close("attention forward", &ours, &theirs, 1e-12)?;
         let a = (ours * &w)?.sum_all()?.backward()?;
         let b = (theirs * &w)?.sum_all()?.backward()?;
-        assert_close("attention dqkv", a.get(&qkv).unwrap(), b.get(&qkv).unwrap(), 1e-12)
+        assert_close(
+            "attention dqkv",
+            a.get(&qkv).unwrap(),
+            b.get(&qkv).unwrap(),
+            1e-12,
+        )
     }
 
     #[test]
@@ -217,7 +353,9 @@ mod tests {
     #[test]
     fn finite_difference_gradients() -> Result<()> {
         let cu = [0, 3, 7];
-        gradcheck("varlen attention", &[(randn(&[7, 12], 33)? * 2.0)?], |v| varlen_attention(&v[0], &cu, 2, 0.7))
+        gradcheck("varlen attention", &[(randn(&[7, 12], 33)? * 2.0)?], |v| {
+            varlen_attention(&v[0], &cu, 2, 0.7)
+        })
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             beta.dims()
         );
     }
-    x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })
 }
 
 /// The same LayerNorm composed from plain candle ops: the reference the kernel is tested against.
@@ -47,12 +48,14 @@ fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
 fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = g.len();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let (mean, rstd) = row_stats(xr, eps);
-        for i in 0..d {
-            yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let (mean, rstd) = row_stats(xr, eps);
+            for i in 0..d {
+                yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+            }
+        });
     y
 }
 
@@ -112,15 +115,21 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(
-            eps: f64,
-            s: [(&CpuStorage, &Layout); 3],
-        ) -> Result<CpuStorage> {
-            let y = forward(slice::<T>(s[0].0, s[0].1)?, slice(s[1].0, s[1].1)?, slice(s[2].0, s[2].1)?, eps);
+        fn run<T: Float>(eps: f64, s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
+            let y = forward(
+                slice::<T>(s[0].0, s[0].1)?,
+                slice(s[1].0, s[1].1)?,
+                slice(s[2].0, s[2].1)?,
+                eps,
+            );
             Ok(T::to_cpu_storage_owned(y))
         }
         let dtype = same_dtype(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
-        let out = dispatch!(dtype, self.name(), run(self.eps, [(s1, l1), (s2, l2), (s3, l3)]))?;
+        let out = dispatch!(
+            dtype,
+            self.name(),
+            run(self.eps, [(s1, l1), (s2, l2), (s3, l3)])
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -132,9 +141,16 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float>(eps: f64, x: &Tensor, g: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        fn run<T: Float>(
+            eps: f64,
+            x: &Tensor,
+            g: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
             let (dx, dg, db) = with_slice::<T, _>(x, |xs| {
-                with_slice::<T, _>(g, |gs| with_slice::<T, _>(dy, |dys| backward(xs, gs, dys, eps)))
+                with_slice::<T, _>(g, |gs| {
+                    with_slice::<T, _>(dy, |dys| backward(xs, gs, dys, eps))
+                })
             })???;
             let d = g.dims1()?;
             Ok((
@@ -165,7 +181,9 @@ mod tests {
         let go = (ours * &w)?.sum_all()?.backward()?;
         let gt = (theirs * &w)?.sum_all()?.backward()?;
         for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
-            let a = go.get(v).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let a = go
+                .get(v)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             assert_close(&format!("layer_norm d{name}"), a, gt.get(v).unwrap(), 1e-10)?;
         }
         Ok(())
@@ -176,6 +194,8 @@ mod tests {
         let x = randn(&[3, 5], 11)?;
         let g = (randn(&[5], 12)? + 1.0)?;
         let b = randn(&[5], 13)?;
-        gradcheck("layer_norm", &[x, g, b], |v| layer_norm(&v[0], &v[1], &v[2], 1e-5))
+        gradcheck("layer_norm", &[x, g, b], |v| {
+            layer_norm(&v[0], &v[1], &v[2], 1e-5)
+        })
     }
 }

@@ -23,9 +23,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (_, i) = x.dims2()?;
     let (o, wi) = w.dims2()?;
     if wi != i || b.dims() != [o] {
-        bail!("linear: x {:?}, w {:?}, b {:?} do not fit", x.dims(), w.dims(), b.dims());
+        bail!(
+            "linear: x {:?}, w {:?}, b {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
     }
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
 
 struct Linear;
@@ -40,12 +46,31 @@ fn threads() -> Parallelism {
 /// Strided matmul on the rayon pool (see [`crate::cpu::matmul`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm<T: Float>(
-    m: usize, n: usize, k: usize,
-    dst: *mut T, dst_s: (usize, usize), accumulate: bool,
-    lhs: *const T, lhs_s: (usize, usize),
-    rhs: *const T, rhs_s: (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_s: (usize, usize),
+    accumulate: bool,
+    lhs: *const T,
+    lhs_s: (usize, usize),
+    rhs: *const T,
+    rhs_s: (usize, usize),
 ) {
-    crate::cpu::matmul(m, n, k, dst, dst_s, accumulate, lhs, lhs_s, rhs, rhs_s, T::one(), threads())
+    crate::cpu::matmul(
+        m,
+        n,
+        k,
+        dst,
+        dst_s,
+        accumulate,
+        lhs,
+        lhs_s,
+        rhs,
+        rhs_s,
+        T::one(),
+        threads(),
+    )
 }
 
 /// f32 dot product with AVX-512 FMAs, two accumulators of 16 lanes.
@@ -59,7 +84,11 @@ pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 32 <= n {
         acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), acc1);
+        acc1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 16)),
+            _mm512_loadu_ps(pb.add(i + 16)),
+            acc1,
+        );
         i += 32;
     }
     if i + 16 <= n {
@@ -105,15 +134,18 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     if n <= SMALL_N {
         // Parallel over blocks of output features; each block reads its rows of W once.
         let block = 64;
-        let mut cols: Vec<Vec<T>> = (0..o.div_ceil(block)).into_par_iter().map(|blk| {
-            let rows = blk * block..((blk + 1) * block).min(o);
-            let mut out = Vec::with_capacity(n * rows.len());
-            for r in 0..n {
-                let xr = &x[r * i..(r + 1) * i];
-                out.extend(rows.clone().map(|c| T::dot(xr, &w[c * i..(c + 1) * i])));
-            }
-            out
-        }).collect();
+        let mut cols: Vec<Vec<T>> = (0..o.div_ceil(block))
+            .into_par_iter()
+            .map(|blk| {
+                let rows = blk * block..((blk + 1) * block).min(o);
+                let mut out = Vec::with_capacity(n * rows.len());
+                for r in 0..n {
+                    let xr = &x[r * i..(r + 1) * i];
+                    out.extend(rows.clone().map(|c| T::dot(xr, &w[c * i..(c + 1) * i])));
+                }
+                out
+            })
+            .collect();
         for (blk, vals) in cols.iter_mut().enumerate() {
             let start = blk * block;
             let width = vals.len() / n;
@@ -126,7 +158,20 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         return y;
     }
     // SAFETY: buffers have the sizes the strides describe.
-    unsafe { gemm(n, o, i, y.as_mut_ptr(), (o, 1), true, x.as_ptr(), (i, 1), w.as_ptr(), (1, i)) };
+    unsafe {
+        gemm(
+            n,
+            o,
+            i,
+            y.as_mut_ptr(),
+            (o, 1),
+            true,
+            x.as_ptr(),
+            (i, 1),
+            w.as_ptr(),
+            (1, i),
+        )
+    };
     y
 }
 
@@ -146,9 +191,31 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, 
         // SAFETY: buffers have the sizes the strides describe.
         unsafe {
             // dx [N, I] = dy [N, O] @ w [O, I]
-            gemm(n, i, o, dx.as_mut_ptr(), (i, 1), false, dy.as_ptr(), (o, 1), w.as_ptr(), (i, 1));
+            gemm(
+                n,
+                i,
+                o,
+                dx.as_mut_ptr(),
+                (i, 1),
+                false,
+                dy.as_ptr(),
+                (o, 1),
+                w.as_ptr(),
+                (i, 1),
+            );
             // dw [O, I] = dy^T [O, N] @ x [N, I]
-            gemm(o, i, n, dw.as_mut_ptr(), (i, 1), false, dy.as_ptr(), (1, o), x.as_ptr(), (i, 1));
+            gemm(
+                o,
+                i,
+                n,
+                dw.as_mut_ptr(),
+                (i, 1),
+                false,
+                dy.as_ptr(),
+                (1, o),
+                x.as_ptr(),
+                (i, 1),
+            );
         }
     }
     (dx, dw, db)
@@ -169,7 +236,11 @@ impl CustomOp3 for Linear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
-            let y = forward(slice::<T>(s[0].0, s[0].1)?, slice(s[1].0, s[1].1)?, slice(s[2].0, s[2].1)?);
+            let y = forward(
+                slice::<T>(s[0].0, s[0].1)?,
+                slice(s[1].0, s[1].1)?,
+                slice(s[2].0, s[2].1)?,
+            );
             Ok(T::to_cpu_storage_owned(y))
         }
         let dtype = same_dtype(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
@@ -190,7 +261,9 @@ impl CustomOp3 for Linear {
         fn run<T: Float>(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
             let o = w.dim(0)?;
             let (dx, dw, db) = with_slice::<T, _>(x, |xs| {
-                with_slice::<T, _>(w, |ws| with_slice::<T, _>(dy, |dys| backward(xs, ws, dys, o)))
+                with_slice::<T, _>(w, |ws| {
+                    with_slice::<T, _>(dy, |dys| backward(xs, ws, dys, o))
+                })
             })???;
             Ok((
                 Tensor::from_vec(dx, x.shape(), x.device())?,
@@ -225,7 +298,12 @@ mod tests {
             let a = (ours * &g)?.sum_all()?.backward()?;
             let c = (theirs * &g)?.sum_all()?.backward()?;
             for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                assert_close(&format!("linear n={n} d{name}"), a.get(v).unwrap(), c.get(v).unwrap(), 1e-11)?;
+                assert_close(
+                    &format!("linear n={n} d{name}"),
+                    a.get(v).unwrap(),
+                    c.get(v).unwrap(),
+                    1e-11,
+                )?;
             }
         }
         Ok(())
@@ -235,16 +313,29 @@ mod tests {
     fn f32_paths_match_f64() -> Result<()> {
         // f32 takes the AVX-512 dot kernel (small N) or the gemm path; compare both to f64.
         for n in [3, 100] {
-            let (x, w, b) = (randn(&[n, 40], 48)?, randn(&[24, 40], 49)?, randn(&[24], 50)?);
+            let (x, w, b) = (
+                randn(&[n, 40], 48)?,
+                randn(&[24, 40], 49)?,
+                randn(&[24], 50)?,
+            );
             let exact = linear(&x, &w, &b)?;
             let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
-            assert_close(&format!("f32 linear n={n}"), &linear(&f(&x)?, &f(&w)?, &f(&b)?)?, &exact, 1e-5)?;
+            assert_close(
+                &format!("f32 linear n={n}"),
+                &linear(&f(&x)?, &f(&w)?, &f(&b)?)?,
+                &exact,
+                1e-5,
+            )?;
         }
         Ok(())
     }
 
     #[test]
     fn finite_difference_gradients() -> Result<()> {
-        gradcheck("linear", &[randn(&[4, 5], 45)?, randn(&[3, 5], 46)?, randn(&[3], 47)?], |v| linear(&v[0], &v[1], &v[2]))
+        gradcheck(
+            "linear",
+            &[randn(&[4, 5], 45)?, randn(&[3, 5], 46)?, randn(&[3], 47)?],
+            |v| linear(&v[0], &v[1], &v[2]),
+        )
     }
 }

@@ -35,7 +35,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let t = x * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6; // ln 2 split in two for accuracy
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let two_n = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     p * two_n
 }
@@ -51,7 +54,12 @@ fn softmax_row_f32_body(row: &mut [f32]) {
             lanes[j] = lanes[j].max(c[j]);
         }
     }
-    let max = chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     let mut sums = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -87,7 +95,10 @@ pub(crate) fn softmax_row_f32(row: &mut [f32]) {
 
 /// In-place softmax of one row with the type's own exp (exact path, used for f64).
 pub(crate) fn softmax_row_generic<T: Float>(row: &mut [T]) {
-    let max = row.iter().copied().fold(T::neg_infinity(), num_traits::Float::max);
+    let max = row
+        .iter()
+        .copied()
+        .fold(T::neg_infinity(), num_traits::Float::max);
     let mut sum = T::zero();
     for v in row.iter_mut() {
         *v = (*v - max).exp();
@@ -121,7 +132,10 @@ impl CustomOp1 for Softmax {
             }
             Ok(T::to_cpu_storage_owned(y))
         }
-        Ok((dispatch!(s.dtype(), self.name(), run(s, l))?, l.shape().clone()))
+        Ok((
+            dispatch!(s.dtype(), self.name(), run(s, l))?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -161,7 +175,9 @@ mod tests {
 
     #[test]
     fn finite_difference_gradients() -> Result<()> {
-        gradcheck("softmax", &[(randn(&[4, 7], 7)? * 3.0)?], |v| softmax_last_dim(&v[0]))
+        gradcheck("softmax", &[(randn(&[4, 7], 7)? * 3.0)?], |v| {
+            softmax_last_dim(&v[0])
+        })
     }
 
     #[test]

@@ -46,7 +46,10 @@ pub fn gradcheck(
             .unwrap_or_else(|| panic!("{what}: input {i} received no gradient"))
             .flatten_all()?
             .to_vec1::<f64>()?;
-        assert!(g.iter().any(|x| *x != 0.0), "{what}: input {i} has an all-zero gradient");
+        assert!(
+            g.iter().any(|x| *x != 0.0),
+            "{what}: input {i} has an all-zero gradient"
+        );
         let base = inputs[i].flatten_all()?.to_vec1::<f64>()?;
         for j in 0..base.len() {
             let eval = |delta: f64| -> Result<f64> {
@@ -59,7 +62,11 @@ pub fn gradcheck(
             let numeric = (eval(h)? - eval(-h)?) / (2.0 * h);
             let err = (numeric - g[j]).abs() / (1.0 + numeric.abs());
             worst = worst.max(err);
-            assert!(err < 1e-6, "{what}: input {i}[{j}] analytic {} vs numeric {numeric}", g[j]);
+            assert!(
+                err < 1e-6,
+                "{what}: input {i}[{j}] analytic {} vs numeric {numeric}",
+                g[j]
+            );
         }
     }
     println!("{what}: finite-difference gradcheck worst relative error {worst:.3e}");

@@ -13,7 +13,11 @@ fn time(name: &str, flops: f64, mut f: impl FnMut()) {
         f();
     }
     let s = t.elapsed().as_secs_f64() / n as f64;
-    println!("{name:32} {:8.2} ms  {:6.1} GFLOP/s", s * 1e3, flops / s / 1e9);
+    println!(
+        "{name:32} {:8.2} ms  {:6.1} GFLOP/s",
+        s * 1e3,
+        flops / s / 1e9
+    );
 }
 
 fn main() -> candle_core::Result<()> {
@@ -29,16 +33,44 @@ fn main() -> candle_core::Result<()> {
     let cu: Vec<usize> = (0..=32).map(|i| i * 128).collect();
     let qkv = x.matmul(&wqkv.t()?)?;
     let bi = Tensor::zeros(f, candle_core::DType::F32, &d)?;
-    time("linear op ffn up (bias fused)", 2.0 * (n * h * f) as f64, || { berth_kernels::linear(&x, &wi, &bi).unwrap(); });
-    time("qkv matmul (w.t())", 2.0 * (n * h * 3 * h) as f64, || { x.matmul(&wqkv.t().unwrap()).unwrap(); });
+    time(
+        "linear op ffn up (bias fused)",
+        2.0 * (n * h * f) as f64,
+        || {
+            berth_kernels::linear(&x, &wi, &bi).unwrap();
+        },
+    );
+    time("qkv matmul (w.t())", 2.0 * (n * h * 3 * h) as f64, || {
+        x.matmul(&wqkv.t().unwrap()).unwrap();
+    });
     let wqkv_t = wqkv.t()?.contiguous()?;
-    time("qkv matmul (pre-transposed)", 2.0 * (n * h * 3 * h) as f64, || { x.matmul(&wqkv_t).unwrap(); });
-    time("qkv bias add", 0.0, || { qkv.broadcast_add(&bqkv).unwrap(); });
-    time("attention", 4.0 * (n * 128 * h) as f64, || { varlen_attention(&qkv, &cu, 12, 0.17).unwrap(); });
-    time("ffn up matmul", 2.0 * (n * h * f) as f64, || { x.matmul(&wi.t().unwrap()).unwrap(); });
-    time("gelu", 0.0, || { activation(&inter, Activation::Gelu).unwrap(); });
-    time("ffn down matmul", 2.0 * (n * h * f) as f64, || { inter.matmul(&wo.t().unwrap()).unwrap(); });
-    time("residual add", 0.0, || { (&x + &x).unwrap(); });
-    time("layer norm", 0.0, || { layer_norm(&x, &g, &g, 1e-12).unwrap(); });
+    time(
+        "qkv matmul (pre-transposed)",
+        2.0 * (n * h * 3 * h) as f64,
+        || {
+            x.matmul(&wqkv_t).unwrap();
+        },
+    );
+    time("qkv bias add", 0.0, || {
+        qkv.broadcast_add(&bqkv).unwrap();
+    });
+    time("attention", 4.0 * (n * 128 * h) as f64, || {
+        varlen_attention(&qkv, &cu, 12, 0.17).unwrap();
+    });
+    time("ffn up matmul", 2.0 * (n * h * f) as f64, || {
+        x.matmul(&wi.t().unwrap()).unwrap();
+    });
+    time("gelu", 0.0, || {
+        activation(&inter, Activation::Gelu).unwrap();
+    });
+    time("ffn down matmul", 2.0 * (n * h * f) as f64, || {
+        inter.matmul(&wo.t().unwrap()).unwrap();
+    });
+    time("residual add", 0.0, || {
+        (&x + &x).unwrap();
+    });
+    time("layer norm", 0.0, || {
+        layer_norm(&x, &g, &g, 1e-12).unwrap();
+    });
     Ok(())
 }

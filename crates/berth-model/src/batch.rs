@@ -21,8 +21,13 @@ pub struct Batch {
 
 impl Batch {
     /// Packs `(input_ids, token_type_ids)` pairs; an empty type-id slice means all zeros.
-    pub fn from_sequences<'a>(seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> Result<Self> {
-        let mut b = Batch { cu_seqlens: vec![0], ..Default::default() };
+    pub fn from_sequences<'a>(
+        seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
+    ) -> Result<Self> {
+        let mut b = Batch {
+            cu_seqlens: vec![0],
+            ..Default::default()
+        };
         for (i, (ids, types)) in seqs.into_iter().enumerate() {
             if ids.is_empty() {
                 return Err(ModelError::Input(format!("sequence {i} is empty")));
@@ -69,7 +74,8 @@ mod tests {
 
     #[test]
     fn packs_sequences_with_positions_and_offsets() {
-        let b = Batch::from_sequences([(&[5u32, 6, 7][..], &[][..]), (&[8, 9][..], &[0, 1][..])]).unwrap();
+        let b = Batch::from_sequences([(&[5u32, 6, 7][..], &[][..]), (&[8, 9][..], &[0, 1][..])])
+            .unwrap();
         assert_eq!(b.input_ids, [5, 6, 7, 8, 9]);
         assert_eq!(b.token_type_ids, [0, 0, 0, 0, 1]);
         assert_eq!(b.position_ids, [0, 1, 2, 0, 1]);

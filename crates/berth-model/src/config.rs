@@ -100,14 +100,30 @@ struct CommonConfig {
     tie_word_embeddings: Option<bool>,
 }
 
-fn d2() -> usize { 2 }
-fn d6() -> usize { 6 }
-fn d12() -> usize { 12 }
-fn d512() -> usize { 512 }
-fn d768() -> usize { 768 }
-fn d3072() -> usize { 3072 }
-fn eps12() -> f64 { 1e-12 }
-fn gelu() -> String { "gelu".into() }
+fn d2() -> usize {
+    2
+}
+fn d6() -> usize {
+    6
+}
+fn d12() -> usize {
+    12
+}
+fn d512() -> usize {
+    512
+}
+fn d768() -> usize {
+    768
+}
+fn d3072() -> usize {
+    3072
+}
+fn eps12() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
 
 /// What the model code needs, whatever the architecture.
 #[derive(Debug, Clone)]
@@ -151,31 +167,47 @@ pub struct EncoderConfig {
 impl EncoderConfig {
     /// Reads and validates `path` (a config.json).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_json(&text, path)
     }
 
     /// Parses config.json text; `path` is used in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let bad = |message: String| ModelError::Config { path: path.into(), message };
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let common: CommonConfig = serde_json::from_value(value.clone()).map_err(|e| bad(e.to_string()))?;
-        let model_type = common.model_type.clone().ok_or_else(|| bad("no \"model_type\" field".into()))?;
+        let bad = |message: String| ModelError::Config {
+            path: path.into(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let common: CommonConfig =
+            serde_json::from_value(value.clone()).map_err(|e| bad(e.to_string()))?;
+        let model_type = common
+            .model_type
+            .clone()
+            .ok_or_else(|| bad("no \"model_type\" field".into()))?;
         let arch = match model_type.as_str() {
             "bert" => Arch::Bert,
             "roberta" | "xlm-roberta" | "camembert" => Arch::Roberta,
             "distilbert" => Arch::DistilBert,
             other => {
-                return Err(ModelError::UnknownModelType { path: path.into(), model_type: other.into() })
+                return Err(ModelError::UnknownModelType {
+                    path: path.into(),
+                    model_type: other.into(),
+                })
             }
         };
         let act = |name: &str| {
-            Activation::from_hidden_act(name).ok_or_else(|| bad(format!("unsupported activation {name:?}")))
+            Activation::from_hidden_act(name)
+                .ok_or_else(|| bad(format!("unsupported activation {name:?}")))
         };
         let mut id2label: Vec<(usize, String)> = Vec::new();
         for (k, v) in &common.id2label {
-            let i = k.parse().map_err(|_| bad(format!("id2label key {k:?} is not an integer")))?;
+            let i = k
+                .parse()
+                .map_err(|_| bad(format!("id2label key {k:?} is not an integer")))?;
             id2label.push((i, v.clone()));
         }
         id2label.sort();
@@ -202,7 +234,8 @@ impl EncoderConfig {
             tie_word_embeddings: common.tie_word_embeddings.unwrap_or(true),
         };
         if arch == Arch::DistilBert {
-            let c: DistilBertConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            let c: DistilBertConfig =
+                serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
             cfg.vocab_size = c.vocab_size;
             cfg.hidden_size = c.dim;
             cfg.num_layers = c.n_layers;
@@ -212,8 +245,14 @@ impl EncoderConfig {
             cfg.max_position_embeddings = c.max_position_embeddings;
         } else {
             let c: BertConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-            if let Some(p) = c.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
-                return Err(bad(format!("position_embedding_type {p:?} is not supported (only \"absolute\")")));
+            if let Some(p) = c
+                .position_embedding_type
+                .as_deref()
+                .filter(|p| *p != "absolute")
+            {
+                return Err(bad(format!(
+                    "position_embedding_type {p:?} is not supported (only \"absolute\")"
+                )));
             }
             cfg.vocab_size = c.vocab_size;
             cfg.hidden_size = c.hidden_size;
@@ -229,10 +268,15 @@ impl EncoderConfig {
             }
         }
         if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
-            return Err(bad(format!("hidden size {} is not a multiple of {} heads", cfg.hidden_size, cfg.num_heads)));
+            return Err(bad(format!(
+                "hidden size {} is not a multiple of {} heads",
+                cfg.hidden_size, cfg.num_heads
+            )));
         }
         if cfg.max_position_embeddings <= cfg.position_offset {
-            return Err(bad("max_position_embeddings leaves no room past the position offset".into()));
+            return Err(bad(
+                "max_position_embeddings leaves no room past the position offset".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -254,16 +298,23 @@ mod tests {
     #[test]
     fn roberta_offsets_positions_past_pad() {
         let c = parse(r#"{"model_type":"xlm-roberta","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"max_position_embeddings":514,"pad_token_id":1,"type_vocab_size":1}"#).unwrap();
-        assert_eq!((c.arch, c.position_offset, c.max_sequence_length()), (Arch::Roberta, 2, 512));
+        assert_eq!(
+            (c.arch, c.position_offset, c.max_sequence_length()),
+            (Arch::Roberta, 2, 512)
+        );
     }
 
     #[test]
     fn errors_name_the_file_and_problem() {
-        let e = parse(r#"{"model_type":"gpt2","vocab_size":10}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_type":"gpt2","vocab_size":10}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("config.json") && e.contains("gpt2"), "{e}");
         let e = parse("{not json").unwrap_err().to_string();
         assert!(e.contains("config.json: invalid config"), "{e}");
-        let e = parse(r#"{"model_type":"bert","vocab_size":10,"hidden_act":"mish"}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_type":"bert","vocab_size":10,"hidden_act":"mish"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mish"), "{e}");
         let e = parse(r#"{"model_type":"bert"}"#).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
@@ -272,7 +323,15 @@ mod tests {
     #[test]
     fn distilbert_fields_map() {
         let c = parse(r#"{"model_type":"distilbert","vocab_size":10,"dim":8,"n_heads":2,"n_layers":3,"hidden_dim":16,"activation":"gelu","id2label":{"1":"b","0":"a"}}"#).unwrap();
-        assert_eq!((c.hidden_size, c.num_layers, c.intermediate_size, c.type_vocab_size), (8, 3, 16, 0));
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_layers,
+                c.intermediate_size,
+                c.type_vocab_size
+            ),
+            (8, 3, 16, 0)
+        );
         assert_eq!(c.id2label, ["a", "b"]);
     }
 }

@@ -28,7 +28,9 @@ pub struct Embeddings {
 
 fn ids_tensor(ids: &[u32], limit: usize, what: &str) -> Result<Tensor> {
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= limit) {
-        return Err(ModelError::Input(format!("{what} {bad} is out of range (the model has {limit})")));
+        return Err(ModelError::Input(format!(
+            "{what} {bad} is out of range (the model has {limit})"
+        )));
     }
     Ok(Tensor::new(ids, &Device::Cpu)?)
 }
@@ -44,7 +46,10 @@ impl Embeddings {
         };
         Ok(Embeddings {
             word_embeddings: w.get(&names::word_embeddings(p), &[cfg.vocab_size, h])?,
-            position_embeddings: w.get(&names::position_embeddings(p), &[cfg.max_position_embeddings, h])?,
+            position_embeddings: w.get(
+                &names::position_embeddings(p),
+                &[cfg.max_position_embeddings, h],
+            )?,
             token_type_embeddings,
             layer_norm: LayerNorm::load(w, &names::embeddings_ln(p), h, cfg.layer_norm_eps)?,
             position_offset: cfg.position_offset,
@@ -54,7 +59,11 @@ impl Embeddings {
     /// `[N, H]` embeddings of a packed batch.
     pub fn forward(&self, b: &Batch) -> Result<Tensor> {
         let vocab = self.word_embeddings.dim(0)?;
-        let positions: Vec<u32> = b.position_ids.iter().map(|&p| p + self.position_offset as u32).collect();
+        let positions: Vec<u32> = b
+            .position_ids
+            .iter()
+            .map(|&p| p + self.position_offset as u32)
+            .collect();
         let max_pos = self.position_embeddings.dim(0)?;
         if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
             return Err(ModelError::Input(format!(
@@ -63,13 +72,19 @@ impl Embeddings {
                 max_pos - self.position_offset
             )));
         }
-        let mut x = self.word_embeddings.index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?;
-        x = (x + self.position_embeddings.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?)?;
+        let mut x = self
+            .word_embeddings
+            .index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?;
+        x = (x + self
+            .position_embeddings
+            .index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?)?;
         if let Some(tt) = &self.token_type_embeddings {
             let types = ids_tensor(&b.token_type_ids, tt.dim(0)?, "token type id")?;
             x = (x + tt.index_select(&types, 0)?)?;
         } else if b.token_type_ids.iter().any(|&t| t != 0) {
-            return Err(ModelError::Input("this architecture has no token types".into()));
+            return Err(ModelError::Input(
+                "this architecture has no token types".into(),
+            ));
         }
         self.layer_norm.forward(&x)
     }
@@ -115,7 +130,12 @@ impl Layer {
     pub fn forward(&self, x: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, 3H]
         let hd = x.dim(1)? / self.num_heads;
-        let ctx = berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, 1.0 / (hd as f64).sqrt())?;
+        let ctx = berth_kernels::varlen_attention(
+            &qkv,
+            cu_seqlens,
+            self.num_heads,
+            1.0 / (hd as f64).sqrt(),
+        )?;
         let x = self.attn_ln.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
         let f = berth_kernels::activation(&self.inter.forward(&x)?, self.activation)?; // [N, F]
         self.out_ln.forward(&(self.out.forward(&f)? + x)?)

@@ -80,7 +80,11 @@ impl MaskedLmHead {
         };
         Ok(MaskedLmHead {
             dense: Linear::load(w, dense, h, h)?,
-            activation: if cfg.arch == Arch::Roberta { Activation::Gelu } else { cfg.activation },
+            activation: if cfg.arch == Arch::Roberta {
+                Activation::Gelu
+            } else {
+                cfg.activation
+            },
             layer_norm: LayerNorm::load(w, ln, h, cfg.layer_norm_eps)?,
             decoder,
             bias: w.get(bias, &[v])?,
@@ -134,13 +138,20 @@ pub enum Head {
 
 impl Head {
     /// Loads the head of `kind`; `classes` is the label count of classification heads.
-    pub(crate) fn load(w: &Weights, cfg: &EncoderConfig, kind: HeadKind, word_embeddings: &Tensor) -> Result<Self> {
+    pub(crate) fn load(
+        w: &Weights,
+        cfg: &EncoderConfig,
+        kind: HeadKind,
+        word_embeddings: &Tensor,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let classes = cfg.id2label.len().max(1);
         Ok(match kind {
             HeadKind::MaskedLm => Head::MaskedLm(MaskedLmHead::load(w, cfg, word_embeddings)?),
             HeadKind::SequenceClassification => Head::SequenceClassification(match cfg.arch {
-                Arch::Bert => SequenceClassificationHead::Pooled { classifier: Linear::load(w, "classifier", h, classes)? },
+                Arch::Bert => SequenceClassificationHead::Pooled {
+                    classifier: Linear::load(w, "classifier", h, classes)?,
+                },
                 Arch::Roberta => SequenceClassificationHead::Roberta {
                     dense: Linear::load(w, "classifier.dense", h, h)?,
                     out_proj: Linear::load(w, "classifier.out_proj", h, classes)?,
@@ -150,8 +161,12 @@ impl Head {
                     classifier: Linear::load(w, "classifier", h, classes)?,
                 },
             }),
-            HeadKind::TokenClassification => Head::TokenClassification(Linear::load(w, "classifier", h, classes)?),
-            HeadKind::QuestionAnswering => Head::QuestionAnswering(Linear::load(w, "qa_outputs", h, 2)?),
+            HeadKind::TokenClassification => {
+                Head::TokenClassification(Linear::load(w, "classifier", h, classes)?)
+            }
+            HeadKind::QuestionAnswering => {
+                Head::QuestionAnswering(Linear::load(w, "qa_outputs", h, 2)?)
+            }
         })
     }
 

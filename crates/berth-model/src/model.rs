@@ -67,18 +67,33 @@ impl Model {
     }
 
     /// Builds the model from a parsed config and loaded weights.
-    pub fn from_weights(config: EncoderConfig, w: Weights, dir: &Path) -> Result<(Self, LoadReport)> {
+    pub fn from_weights(
+        config: EncoderConfig,
+        w: Weights,
+        dir: &Path,
+    ) -> Result<(Self, LoadReport)> {
         let p = base_prefix(&config, &w);
         let embeddings = Embeddings::load(&w, &config, &p)?;
-        let layers = (0..config.num_layers).map(|i| Layer::load(&w, &config, &p, i)).collect::<Result<_>>()?;
+        let layers = (0..config.num_layers)
+            .map(|i| Layer::load(&w, &config, &p, i))
+            .collect::<Result<_>>()?;
         let pooler_key = names::pooler(&p);
-        let pooler = if config.arch != Arch::DistilBert && w.contains(&format!("{pooler_key}.weight")) {
-            Some(Linear::load(&w, &pooler_key, config.hidden_size, config.hidden_size)?)
-        } else {
-            None
-        };
+        let pooler =
+            if config.arch != Arch::DistilBert && w.contains(&format!("{pooler_key}.weight")) {
+                Some(Linear::load(
+                    &w,
+                    &pooler_key,
+                    config.hidden_size,
+                    config.hidden_size,
+                )?)
+            } else {
+                None
+            };
         let mut report = LoadReport::default();
-        let kind = config.architectures.first().and_then(|c| HeadKind::from_class_name(c));
+        let kind = config
+            .architectures
+            .first()
+            .and_then(|c| HeadKind::from_class_name(c));
         let head = match kind {
             None => None,
             Some(kind) => match Head::load(&w, &config, kind, &embeddings.word_embeddings) {
@@ -91,7 +106,15 @@ impl Model {
             },
         };
         report.unused = w.unused();
-        let model = Model { params: w.params(), config, dir: dir.into(), embeddings, layers, pooler, head };
+        let model = Model {
+            params: w.params(),
+            config,
+            dir: dir.into(),
+            embeddings,
+            layers,
+            pooler,
+            head,
+        };
         Ok((model, report))
     }
 
@@ -114,18 +137,52 @@ impl Model {
 
     /// The first token of each sequence, `[S, H]`.
     pub fn first_tokens(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let firsts: Vec<u32> = batch.cu_seqlens[..batch.num_sequences()].iter().map(|&i| i as u32).collect();
+        let firsts: Vec<u32> = batch.cu_seqlens[..batch.num_sequences()]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         Self::select_rows(hidden, &firsts)
     }
 
+    /// Whether the checkpoint carries the weights of `head`.
+    pub fn has_head(&self, head: HeadKind) -> bool {
+        matches!(
+            (&self.head, head),
+            (Some(Head::MaskedLm(_)), HeadKind::MaskedLm)
+                | (
+                    Some(Head::SequenceClassification(_)),
+                    HeadKind::SequenceClassification
+                )
+                | (
+                    Some(Head::TokenClassification(_)),
+                    HeadKind::TokenClassification
+                )
+                | (
+                    Some(Head::QuestionAnswering(_)),
+                    HeadKind::QuestionAnswering
+                )
+        )
+    }
+
+    /// The error for a task that needs `head`, which this model lacks.
+    pub fn missing_head(&self, head: HeadKind) -> ModelError {
+        self.missing(head.name())
+    }
+
     fn missing(&self, head: &str) -> ModelError {
-        ModelError::HeadMissing { dir: self.dir.clone(), head: head.into(), architectures: self.config.architectures.clone() }
+        ModelError::HeadMissing {
+            dir: self.dir.clone(),
+            head: head.into(),
+            architectures: self.config.architectures.clone(),
+        }
     }
 
     /// The pooler output `[S, H]` (tanh of a dense layer on each first token).
     pub fn pooler_output(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
         let pooler = self.pooler.as_ref().ok_or_else(|| self.missing("pooler"))?;
-        Ok(pooler.forward(&Self::first_tokens(hidden, batch)?)?.tanh()?)
+        Ok(pooler
+            .forward(&Self::first_tokens(hidden, batch)?)?
+            .tanh()?)
     }
 
     /// Masked-LM logits `[R, V]` for `hidden [R, H]` (select the rows first: the vocabulary
@@ -143,13 +200,20 @@ impl Model {
             return Err(self.missing(HeadKind::SequenceClassification.name()));
         };
         match head {
-            SequenceClassificationHead::Pooled { classifier } => classifier.forward(&self.pooler_output(hidden, batch)?),
+            SequenceClassificationHead::Pooled { classifier } => {
+                classifier.forward(&self.pooler_output(hidden, batch)?)
+            }
             SequenceClassificationHead::Roberta { dense, out_proj } => {
                 out_proj.forward(&dense.forward(&Self::first_tokens(hidden, batch)?)?.tanh()?)
             }
-            SequenceClassificationHead::DistilBert { pre_classifier, classifier } => {
-                classifier.forward(&pre_classifier.forward(&Self::first_tokens(hidden, batch)?)?.relu()?)
-            }
+            SequenceClassificationHead::DistilBert {
+                pre_classifier,
+                classifier,
+            } => classifier.forward(
+                &pre_classifier
+                    .forward(&Self::first_tokens(hidden, batch)?)?
+                    .relu()?,
+            ),
         }
     }
 
@@ -166,7 +230,10 @@ impl Model {
         match &self.head {
             Some(Head::QuestionAnswering(l)) => {
                 let x = l.forward(hidden)?; // [N, 2]
-                Ok((x.narrow(1, 0, 1)?.squeeze(1)?, x.narrow(1, 1, 1)?.squeeze(1)?))
+                Ok((
+                    x.narrow(1, 0, 1)?.squeeze(1)?,
+                    x.narrow(1, 1, 1)?.squeeze(1)?,
+                ))
             }
             _ => Err(self.missing(HeadKind::QuestionAnswering.name())),
         }
@@ -177,23 +244,42 @@ impl Model {
         let lin = |l: &Linear| l.weight.elem_count() + l.bias.elem_count();
         let ln = |l: &crate::modules::LayerNorm| l.weight.elem_count() + l.bias.elem_count();
         let e = &self.embeddings;
-        let mut n = e.word_embeddings.elem_count() + e.position_embeddings.elem_count() + ln(&e.layer_norm);
-        n += e.token_type_embeddings.as_ref().map_or(0, |t| t.elem_count());
+        let mut n =
+            e.word_embeddings.elem_count() + e.position_embeddings.elem_count() + ln(&e.layer_norm);
+        n += e
+            .token_type_embeddings
+            .as_ref()
+            .map_or(0, |t| t.elem_count());
         for l in &self.layers {
-            n += lin(&l.qkv) + lin(&l.attn_out) + ln(&l.attn_ln) + lin(&l.inter) + lin(&l.out) + ln(&l.out_ln);
+            n += lin(&l.qkv)
+                + lin(&l.attn_out)
+                + ln(&l.attn_ln)
+                + lin(&l.inter)
+                + lin(&l.out)
+                + ln(&l.out_ln);
         }
         n += self.pooler.as_ref().map_or(0, lin);
         n += match &self.head {
             None => 0,
             Some(Head::MaskedLm(h)) => {
-                let dec = if self.config.tie_word_embeddings { 0 } else { h.decoder.elem_count() };
+                let dec = if self.config.tie_word_embeddings {
+                    0
+                } else {
+                    h.decoder.elem_count()
+                };
                 lin(&h.dense) + ln(&h.layer_norm) + dec + h.bias.elem_count()
             }
-            Some(Head::SequenceClassification(SequenceClassificationHead::Pooled { classifier })) => lin(classifier),
-            Some(Head::SequenceClassification(SequenceClassificationHead::Roberta { dense, out_proj })) => lin(dense) + lin(out_proj),
-            Some(Head::SequenceClassification(SequenceClassificationHead::DistilBert { pre_classifier, classifier })) => {
-                lin(pre_classifier) + lin(classifier)
-            }
+            Some(Head::SequenceClassification(SequenceClassificationHead::Pooled {
+                classifier,
+            })) => lin(classifier),
+            Some(Head::SequenceClassification(SequenceClassificationHead::Roberta {
+                dense,
+                out_proj,
+            })) => lin(dense) + lin(out_proj),
+            Some(Head::SequenceClassification(SequenceClassificationHead::DistilBert {
+                pre_classifier,
+                classifier,
+            })) => lin(pre_classifier) + lin(classifier),
             Some(Head::TokenClassification(l)) | Some(Head::QuestionAnswering(l)) => lin(l),
         };
         n

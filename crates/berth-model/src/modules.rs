@@ -25,7 +25,12 @@ impl Linear {
 
     /// Several linears with the same input, fused along outputs into one matmul.
     pub fn load_fused(w: &Weights, names: &[&str], inp: usize, out: usize) -> Result<Self> {
-        let key = |suffix: &str| names.iter().map(|n| format!("{n}.{suffix}")).collect::<Vec<_>>();
+        let key = |suffix: &str| {
+            names
+                .iter()
+                .map(|n| format!("{n}.{suffix}"))
+                .collect::<Vec<_>>()
+        };
         Ok(Linear {
             weight: w.get_fused(&key("weight"), &[out, inp])?,
             bias: w.get_fused(&key("bias"), &[out])?,
@@ -61,6 +66,11 @@ impl LayerNorm {
 
     /// `x [N, H]` → `[N, H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(berth_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+        Ok(berth_kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }

@@ -76,7 +76,17 @@ pub(crate) fn mlm_head(arch: Arch) -> [&'static str; 4] {
             "cls.predictions.decoder.weight",
             "cls.predictions.bias",
         ],
-        Arch::Roberta => ["lm_head.dense", "lm_head.layer_norm", "lm_head.decoder.weight", "lm_head.bias"],
-        Arch::DistilBert => ["vocab_transform", "vocab_layer_norm", "vocab_projector.weight", "vocab_projector.bias"],
+        Arch::Roberta => [
+            "lm_head.dense",
+            "lm_head.layer_norm",
+            "lm_head.decoder.weight",
+            "lm_head.bias",
+        ],
+        Arch::DistilBert => [
+            "vocab_transform",
+            "vocab_layer_norm",
+            "vocab_projector.weight",
+            "vocab_projector.bias",
+        ],
     }
 }

@@ -44,12 +44,19 @@ pub struct Weights {
 }
 
 fn corrupt(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::CorruptWeights { path: path.into(), message: e.to_string() }
+    ModelError::CorruptWeights {
+        path: path.into(),
+        message: e.to_string(),
+    }
 }
 
 fn read_safetensors(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()> {
-    let data = std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    let st = candle_core::safetensors::SliceSafetensors::new(&data).map_err(|e| corrupt(path, e))?;
+    let data = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let st =
+        candle_core::safetensors::SliceSafetensors::new(&data).map_err(|e| corrupt(path, e))?;
     for (name, _) in st.tensors() {
         let t = st.load(&name, &Device::Cpu).map_err(|e| corrupt(path, e))?;
         out.insert(name, t);
@@ -68,17 +75,26 @@ impl Weights {
             read_safetensors(&single, &mut tensors)?;
             single
         } else if index.is_file() {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|source| ModelError::Io { path: index.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&index, e))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| corrupt(&index, "no \"weight_map\" object"))?;
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| corrupt(&index, e))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| corrupt(&index, "no \"weight_map\" object"))?;
             let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
             for f in files {
                 read_safetensors(&dir.join(f), &mut tensors)?;
             }
             for key in map.keys() {
                 if !tensors.contains_key(key) {
-                    return Err(corrupt(&index, format!("lists {key:?} but no shard holds it")));
+                    return Err(corrupt(
+                        &index,
+                        format!("lists {key:?} but no shard holds it"),
+                    ));
                 }
             }
             index
@@ -94,7 +110,11 @@ impl Weights {
     }
 
     /// Wraps tensors already in memory; `source` names them in errors.
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, source: PathBuf, trainable: bool) -> Result<Self> {
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        source: PathBuf,
+        trainable: bool,
+    ) -> Result<Self> {
         let mut out = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
             // Old TF-converted BERT checkpoints call LayerNorm parameters gamma / beta;
@@ -106,7 +126,11 @@ impl Weights {
             } else {
                 name
             };
-            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+            let t = if t.dtype() == DType::F32 {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
             out.insert(name, t);
         }
         Ok(Weights {
@@ -133,10 +157,13 @@ impl Weights {
     }
 
     fn raw(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::WeightMissing {
-            name: name.into(),
-            path: self.source.clone(),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::WeightMissing {
+                name: name.into(),
+                path: self.source.clone(),
+            })?;
         if t.dims() != shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.into(),
@@ -155,7 +182,11 @@ impl Weights {
             Some(params) => {
                 let var = Var::from_tensor(&t)?;
                 for (name, rows) in parts {
-                    params.borrow_mut().push(Param { name: name.clone(), var: var.clone(), rows: *rows });
+                    params.borrow_mut().push(Param {
+                        name: name.clone(),
+                        var: var.clone(),
+                        rows: *rows,
+                    });
                 }
                 Ok(var.as_tensor().clone())
             }
@@ -171,10 +202,17 @@ impl Weights {
     /// Several tensors concatenated along rows as one weight (QKV fusion). In trainable
     /// mode they become one variable seen as one [`Param`] per original name.
     pub fn get_fused(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
-        let parts: Vec<Tensor> = names.iter().map(|n| self.raw(n, shape)).collect::<Result<_>>()?;
+        let parts: Vec<Tensor> = names
+            .iter()
+            .map(|n| self.raw(n, shape))
+            .collect::<Result<_>>()?;
         let fused = Tensor::cat(&parts, 0)?;
         let rows = shape[0];
-        let names: Vec<_> = names.iter().enumerate().map(|(i, n)| (n.clone(), Some((i * rows, rows)))).collect();
+        let names: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), Some((i * rows, rows))))
+            .collect();
         self.register(fused, &names)
     }
 
@@ -194,6 +232,9 @@ impl Weights {
 
     /// The trainable parameters handed out so far (empty unless loaded trainable).
     pub fn params(&self) -> Vec<Param> {
-        self.params.as_ref().map(|p| p.borrow().clone()).unwrap_or_default()
+        self.params
+            .as_ref()
+            .map(|p| p.borrow().clone())
+            .unwrap_or_default()
     }
 }

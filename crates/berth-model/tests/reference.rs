@@ -7,27 +7,52 @@ use berth_model::{Batch, Model, ModelError};
 use candle_core::{DType, Device, Tensor, D};
 
 fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tiny")
+        .join(name)
 }
 
 fn load_ref(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn ints(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
 }
 
 fn batch_of(r: &HashMap<String, Tensor>) -> Batch {
     let ids = ints(&r["input_ids"]);
     let types = ints(&r["token_type_ids"]);
-    let cu: Vec<usize> = ints(&r["cu_seqlens"]).into_iter().map(|v| v as usize).collect();
-    Batch::from_sequences(cu.windows(2).map(|w| (&ids[w[0]..w[1]], &types[w[0]..w[1]]))).unwrap()
+    let cu: Vec<usize> = ints(&r["cu_seqlens"])
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    Batch::from_sequences(
+        cu.windows(2)
+            .map(|w| (&ids[w[0]..w[1]], &types[w[0]..w[1]])),
+    )
+    .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
@@ -38,23 +63,56 @@ fn check(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
 
 fn compare_dir(dir: &str, reference: &str) {
     let (model, report) = Model::load(&tiny(dir), false).unwrap();
-    assert!(report.missing_head.is_none(), "{dir}: {:?}", report.missing_head);
-    assert!(report.unused.is_empty(), "{dir}: unused {:?}", report.unused);
+    assert!(
+        report.missing_head.is_none(),
+        "{dir}: {:?}",
+        report.missing_head
+    );
+    assert!(
+        report.unused.is_empty(),
+        "{dir}: unused {:?}",
+        report.unused
+    );
     let r = load_ref(&tiny(reference).join("reference.safetensors"));
     let batch = batch_of(&r);
     let hidden = model.forward(&batch).unwrap();
-    check(&format!("{dir} last_hidden_state"), &hidden, &r["last_hidden_state"], 1e-4);
+    check(
+        &format!("{dir} last_hidden_state"),
+        &hidden,
+        &r["last_hidden_state"],
+        1e-4,
+    );
     if let Some(p) = r.get("pooler_output") {
-        check(&format!("{dir} pooler_output"), &model.pooler_output(&hidden, &batch).unwrap(), p, 1e-4);
+        check(
+            &format!("{dir} pooler_output"),
+            &model.pooler_output(&hidden, &batch).unwrap(),
+            p,
+            1e-4,
+        );
     }
     if dir.ends_with("-mlm") {
-        check(&format!("{dir} mlm logits"), &model.mlm_logits(&hidden).unwrap(), &r["logits"], 1e-4);
+        check(
+            &format!("{dir} mlm logits"),
+            &model.mlm_logits(&hidden).unwrap(),
+            &r["logits"],
+            1e-4,
+        );
     }
     if dir.ends_with("-seqcls") {
-        check(&format!("{dir} sequence logits"), &model.sequence_logits(&hidden, &batch).unwrap(), &r["logits"], 1e-4);
+        check(
+            &format!("{dir} sequence logits"),
+            &model.sequence_logits(&hidden, &batch).unwrap(),
+            &r["logits"],
+            1e-4,
+        );
     }
     if dir.ends_with("-tokcls") {
-        check(&format!("{dir} token logits"), &model.token_logits(&hidden).unwrap(), &r["logits"], 1e-4);
+        check(
+            &format!("{dir} token logits"),
+            &model.token_logits(&hidden).unwrap(),
+            &r["logits"],
+            1e-4,
+        );
     }
     if dir.ends_with("-qa") {
         let (s, e) = model.qa_logits(&hidden).unwrap();
@@ -89,9 +147,16 @@ fn sequence_alone_equals_sequence_packed() {
         let mut worst = 0f32;
         for s in 0..packed.num_sequences() {
             let range = packed.range(s);
-            let one = Batch::from_sequences([(&packed.input_ids[range.clone()], &packed.token_type_ids[range.clone()])]).unwrap();
+            let one = Batch::from_sequences([(
+                &packed.input_ids[range.clone()],
+                &packed.token_type_ids[range.clone()],
+            )])
+            .unwrap();
             let alone = model.forward(&one).unwrap();
-            worst = worst.max(max_diff(&alone, &all.narrow(0, range.start, range.len()).unwrap()));
+            worst = worst.max(max_diff(
+                &alone,
+                &all.narrow(0, range.start, range.len()).unwrap(),
+            ));
         }
         println!("{dir}: alone vs packed max abs diff {worst:.3e}");
         assert!(worst <= 1e-5, "{dir}: {worst}");
@@ -101,8 +166,21 @@ fn sequence_alone_equals_sequence_packed() {
 /// Sum over sequences of cross-entropy(logits[s], label[s]), composed from candle ops.
 fn cross_entropy_sum(logits: &Tensor, labels: &[u32]) -> Tensor {
     let max = logits.max_keepdim(D::Minus1).unwrap().detach();
-    let lse = (logits.broadcast_sub(&max).unwrap().exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap() + &max).unwrap();
-    let idx = Tensor::new(labels, &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+    let lse = (logits
+        .broadcast_sub(&max)
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        .log()
+        .unwrap()
+        + &max)
+        .unwrap();
+    let idx = Tensor::new(labels, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
     let picked = logits.gather(&idx, 1).unwrap();
     (lse - picked).unwrap().sum_all().unwrap()
 }
@@ -123,25 +201,58 @@ fn gradients_of_every_parameter_match_pytorch() {
     assert!((ours - theirs).abs() <= 1e-5 * theirs.abs().max(1.0));
     let grads = loss.backward().unwrap();
     let expected: Vec<&String> = g.keys().filter(|k| k.starts_with("grad.")).collect();
-    assert_eq!(model.params.len(), expected.len(), "berth and PyTorch disagree on the parameter count");
+    assert_eq!(
+        model.params.len(),
+        expected.len(),
+        "berth and PyTorch disagree on the parameter count"
+    );
     let mut worst = (0f32, String::new());
     for p in &model.params {
-        let theirs = g.get(&format!("grad.{}", p.name)).unwrap_or_else(|| panic!("PyTorch has no parameter {}", p.name));
-        let ours = p.view(grads.get(&p.var).unwrap_or_else(|| panic!("{} received no gradient", p.name))).unwrap();
-        let scale = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let theirs = g
+            .get(&format!("grad.{}", p.name))
+            .unwrap_or_else(|| panic!("PyTorch has no parameter {}", p.name));
+        let ours = p
+            .view(
+                grads
+                    .get(&p.var)
+                    .unwrap_or_else(|| panic!("{} received no gradient", p.name)),
+            )
+            .unwrap();
+        let scale = theirs
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // The key bias cannot change attention (softmax ignores a per-row constant): its
         // true gradient is zero and both frameworks give round-off (~1e-9). The scale floor
         // of 1e-3 (gradients here are ~0.5) turns the check into |diff| <= 1e-6 for it.
         if !p.name.ends_with("key.bias") {
-            assert!(scale > 1e-6, "{}: PyTorch gradient is (near) zero: {scale}", p.name);
+            assert!(
+                scale > 1e-6,
+                "{}: PyTorch gradient is (near) zero: {scale}",
+                p.name
+            );
         }
         let rel = max_diff(&ours, theirs) / scale.max(1e-3);
         if rel > worst.0 {
             worst = (rel, p.name.clone());
         }
-        assert!(rel <= 1e-3, "{}: relative gradient difference {rel}", p.name);
+        assert!(
+            rel <= 1e-3,
+            "{}: relative gradient difference {rel}",
+            p.name
+        );
     }
-    println!("{} parameters, worst relative gradient difference {:.3e} ({})", model.params.len(), worst.0, worst.1);
+    println!(
+        "{} parameters, worst relative gradient difference {:.3e} ({})",
+        model.params.len(),
+        worst.0,
+        worst.1
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -165,12 +276,23 @@ fn truncated_safetensors_is_a_clear_error() {
     copy_dir(&tiny("bert-base"), tmp.path());
     let f = tmp.path().join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let e = load_err(tmp.path());
-    assert!(e.contains("model.safetensors") && e.contains("corrupt"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupt"),
+        "{e}"
+    );
     std::fs::write(&f, b"not a safetensors file at all").unwrap();
     let e = load_err(tmp.path());
-    assert!(e.contains("model.safetensors") && e.contains("corrupt"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupt"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -179,9 +301,16 @@ fn wrong_shape_and_missing_weight_are_clear_errors() {
     copy_dir(&tiny("bert-base"), tmp.path());
     let cfg_path = tmp.path().join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 48")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 48"),
+    )
+    .unwrap();
     let e = load_err(tmp.path());
-    assert!(e.contains("intermediate.dense.weight") && e.contains("[48, 32]") && e.contains("[64, 32]"), "{e}");
+    assert!(
+        e.contains("intermediate.dense.weight") && e.contains("[48, 32]") && e.contains("[64, 32]"),
+        "{e}"
+    );
 
     std::fs::write(&cfg_path, cfg).unwrap();
     let f = tmp.path().join("model.safetensors");
@@ -189,7 +318,9 @@ fn wrong_shape_and_missing_weight_are_clear_errors() {
     all.remove("encoder.layer.1.output.dense.bias");
     candle_core::safetensors::save(&all, &f).unwrap();
     match Model::load(tmp.path(), false) {
-        Err(ModelError::WeightMissing { name, .. }) => assert_eq!(name, "encoder.layer.1.output.dense.bias"),
+        Err(ModelError::WeightMissing { name, .. }) => {
+            assert_eq!(name, "encoder.layer.1.output.dense.bias")
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("loaded without an encoder weight"),
     }
@@ -201,15 +332,28 @@ fn unknown_architecture_and_missing_head_are_reported() {
     copy_dir(&tiny("bert-base"), tmp.path());
     let cfg_path = tmp.path().join("config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"model_type\": \"bert\"", "\"model_type\": \"gpt2\"")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"model_type\": \"bert\"", "\"model_type\": \"gpt2\""),
+    )
+    .unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("config.json") && e.contains("gpt2"), "{e}");
 
     // A base checkpoint whose config claims a masked-LM head: the encoder loads,
     // the head is reported missing, and asking for MLM logits is a clear error.
-    std::fs::write(&cfg_path, cfg.replace("\"BertModel\"", "\"BertForMaskedLM\"")).unwrap();
-    std::fs::copy(tiny("bert-mlm").join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
-    let mut w = candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"BertModel\"", "\"BertForMaskedLM\""),
+    )
+    .unwrap();
+    std::fs::copy(
+        tiny("bert-mlm").join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut w =
+        candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu).unwrap();
     w.retain(|k, _| !k.starts_with("cls."));
     candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
     let (model, report) = Model::load(tmp.path(), false).unwrap();
@@ -224,8 +368,16 @@ fn unknown_architecture_and_missing_head_are_reported() {
 fn out_of_range_input_is_an_error_not_a_panic() {
     let (model, _) = Model::load(&tiny("bert-base"), false).unwrap();
     let b = Batch::from_sequences([(&[2u32, 100_000, 3][..], &[][..])]).unwrap();
-    assert!(model.forward(&b).unwrap_err().to_string().contains("token id 100000"));
+    assert!(model
+        .forward(&b)
+        .unwrap_err()
+        .to_string()
+        .contains("token id 100000"));
     let long: Vec<u32> = vec![5; 65];
     let b = Batch::from_sequences([(&long[..], &[][..])]).unwrap();
-    assert!(model.forward(&b).unwrap_err().to_string().contains("exceeds the model's 64 positions"));
+    assert!(model
+        .forward(&b)
+        .unwrap_err()
+        .to_string()
+        .contains("exceeds the model's 64 positions"));
 }

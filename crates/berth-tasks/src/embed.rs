@@ -30,7 +30,10 @@ pub struct SentenceConfig {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bad = |message: String| TaskError::Config { path: path.into(), message };
+    let bad = |message: String| TaskError::Config {
+        path: path.into(),
+        message,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))
 }
@@ -48,11 +51,17 @@ impl SentenceConfig {
             path: modules_path.clone(),
             message: "expected a list of modules".into(),
         })?;
-        let mut cfg = SentenceConfig { pooling: Pooling::Cls, normalize: false, max_seq_length: None };
+        let mut cfg = SentenceConfig {
+            pooling: Pooling::Cls,
+            normalize: false,
+            max_seq_length: None,
+        };
         for m in list {
             let ty = m["type"].as_str().unwrap_or_default();
             if ty.ends_with("models.Pooling") {
-                let path = dir.join(m["path"].as_str().unwrap_or("1_Pooling")).join("config.json");
+                let path = dir
+                    .join(m["path"].as_str().unwrap_or("1_Pooling"))
+                    .join("config.json");
                 let p = read_json(&path)?;
                 let on = |k: &str| p[k].as_bool().unwrap_or(false);
                 cfg.pooling = if on("pooling_mode_mean_tokens") {
@@ -62,7 +71,10 @@ impl SentenceConfig {
                 } else if on("pooling_mode_cls_token") {
                     Pooling::Cls
                 } else {
-                    return Err(TaskError::Config { path, message: "no pooling mode berth supports (mean, max, cls)".into() });
+                    return Err(TaskError::Config {
+                        path,
+                        message: "no pooling mode berth supports (mean, max, cls)".into(),
+                    });
                 };
             } else if ty.ends_with("models.Normalize") {
                 cfg.normalize = true;
@@ -70,7 +82,9 @@ impl SentenceConfig {
         }
         let sb = dir.join("sentence_bert_config.json");
         if sb.is_file() {
-            cfg.max_seq_length = read_json(&sb)?["max_seq_length"].as_u64().map(|v| v as usize);
+            cfg.max_seq_length = read_json(&sb)?["max_seq_length"]
+                .as_u64()
+                .map(|v| v as usize);
         }
         Ok(Some(cfg))
     }
@@ -87,14 +101,16 @@ pub fn pool(hidden: &[f32], h: usize, batch: &Batch, pooling: Pooling) -> Vec<Ve
                 Pooling::Cls => rows[..h].to_vec(),
                 Pooling::Mean => {
                     let mut acc = vec![0f32; h];
-                    rows.chunks(h).for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += v));
+                    rows.chunks(h)
+                        .for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a += v));
                     let n = r.len() as f32;
                     acc.iter_mut().for_each(|a| *a /= n);
                     acc
                 }
                 Pooling::Max => {
                     let mut acc = vec![f32::NEG_INFINITY; h];
-                    rows.chunks(h).for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a = a.max(*v)));
+                    rows.chunks(h)
+                        .for_each(|row| acc.iter_mut().zip(row).for_each(|(a, v)| *a = a.max(*v)));
                     acc
                 }
                 Pooling::None => panic!("pool() called with Pooling::None; this is a bug"),
@@ -117,11 +133,88 @@ mod tests {
     fn pooling_modes() {
         let b = Batch::from_sequences([(&[1u32, 2][..], &[][..]), (&[3u32][..], &[][..])]).unwrap();
         let hidden = [1.0, -1.0, 3.0, 5.0, 7.0, 9.0];
-        assert_eq!(pool(&hidden, 2, &b, Pooling::Mean), vec![vec![2.0, 2.0], vec![7.0, 9.0]]);
-        assert_eq!(pool(&hidden, 2, &b, Pooling::Cls), vec![vec![1.0, -1.0], vec![7.0, 9.0]]);
-        assert_eq!(pool(&hidden, 2, &b, Pooling::Max), vec![vec![3.0, 5.0], vec![7.0, 9.0]]);
+        assert_eq!(
+            pool(&hidden, 2, &b, Pooling::Mean),
+            vec![vec![2.0, 2.0], vec![7.0, 9.0]]
+        );
+        assert_eq!(
+            pool(&hidden, 2, &b, Pooling::Cls),
+            vec![vec![1.0, -1.0], vec![7.0, 9.0]]
+        );
+        assert_eq!(
+            pool(&hidden, 2, &b, Pooling::Max),
+            vec![vec![3.0, 5.0], vec![7.0, 9.0]]
+        );
         let mut v = vec![3.0, 4.0];
         normalize(&mut v);
         assert_eq!(v, [0.6, 0.8]);
+    }
+}
+
+/// Options of [`embed_texts`].
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedOptions {
+    /// Token pooling (not [`Pooling::None`]).
+    pub pooling: Pooling,
+    /// L2-normalise the final vectors.
+    pub normalize: bool,
+    /// Long texts: pooled vectors of overlapping windows combined, instead of truncation.
+    pub windows: Option<crate::classify::Windows>,
+    /// Tokens per packed batch.
+    pub batch_tokens: usize,
+}
+
+/// One pooled vector per text. With windows, each window is pooled on its own and the
+/// window vectors combined before normalisation. Input `i` is named `first_index + i`.
+pub fn embed_texts(
+    p: &crate::Pipeline,
+    texts: &[String],
+    opts: &EmbedOptions,
+    first_index: usize,
+) -> Result<(Vec<Vec<f32>>, Vec<berth_text::Encoded>)> {
+    if opts.pooling == Pooling::None {
+        return Err(TaskError::Options(
+            "embed_texts needs a pooling other than none".into(),
+        ));
+    }
+    let inputs: Vec<_> = texts.iter().map(|t| (t.clone(), None)).collect();
+    let (encs, ranges) =
+        crate::classify::encode_inputs(p, &inputs, opts.windows.map(|w| w.stride), first_index)?;
+    let h = p.model.config.hidden_size;
+    let mut vecs = Vec::with_capacity(encs.len());
+    p.for_each_batch(&encs, opts.batch_tokens, |_, batch, hidden| {
+        vecs.extend(pool(
+            &hidden.flatten_all()?.to_vec1::<f32>()?,
+            h,
+            batch,
+            opts.pooling,
+        ));
+        Ok(())
+    })?;
+    let combine = opts
+        .windows
+        .map_or(crate::classify::WindowPool::First, |w| w.pool);
+    let out = ranges
+        .into_iter()
+        .map(|r| {
+            let mut v = combine.combine(&vecs[r]);
+            if opts.normalize {
+                normalize(&mut v);
+            }
+            v
+        })
+        .collect();
+    Ok((out, encs))
+}
+
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
     }
 }

@@ -25,6 +25,9 @@ pub enum TaskError {
         /// What is wrong.
         message: String,
     },
+    /// Options that contradict each other or the model.
+    #[error("{0}")]
+    Options(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -21,7 +21,12 @@ pub struct Prediction {
 
 /// Predictions for each mask of each encoded text (from [`Pipeline::encode`]):
 /// `[text][mask][k]`. Input `i` is named `first_index + i` in errors.
-pub fn fill_mask(p: &Pipeline, encs: &[Encoded], top_k: usize, first_index: usize) -> Result<Vec<Vec<Vec<Prediction>>>> {
+pub fn fill_mask(
+    p: &Pipeline,
+    encs: &[Encoded],
+    top_k: usize,
+    first_index: usize,
+) -> Result<Vec<Vec<Vec<Prediction>>>> {
     let (mask, mask_id) = p.tokenizer.mask_token().ok_or_else(|| TaskError::Config {
         path: p.tokenizer.source().into(),
         message: "the tokenizer has no mask token".into(),
@@ -29,14 +34,28 @@ pub fn fill_mask(p: &Pipeline, encs: &[Encoded], top_k: usize, first_index: usiz
     let mut rows = Vec::new();
     for (i, e) in encs.iter().enumerate() {
         let before = rows.len();
-        rows.extend(e.ids.iter().enumerate().filter(|(_, &id)| id == mask_id).map(|(j, _)| (i, j)));
+        rows.extend(
+            e.ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &id)| id == mask_id)
+                .map(|(j, _)| (i, j)),
+        );
         if rows.len() == before {
-            return Err(TaskError::Input { index: first_index + i, message: format!("no {mask} token in the text") });
+            return Err(TaskError::Input {
+                index: first_index + i,
+                message: format!("no {mask} token in the text"),
+            });
         }
     }
     let (batch, hidden) = p.run(encs)?;
-    let flat: Vec<u32> = rows.iter().map(|&(i, j)| (batch.cu_seqlens[i] + j) as u32).collect();
-    let logits = p.model.mlm_logits(&berth_model::Model::select_rows(&hidden, &flat)?)?; // [R, V]
+    let flat: Vec<u32> = rows
+        .iter()
+        .map(|&(i, j)| (batch.cu_seqlens[i] + j) as u32)
+        .collect();
+    let logits = p
+        .model
+        .mlm_logits(&berth_model::Model::select_rows(&hidden, &flat)?)?; // [R, V]
     let probs = berth_kernels::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
     let mut out: Vec<Vec<Vec<Prediction>>> = vec![Vec::new(); encs.len()];
     for (&(i, j), row) in rows.iter().zip(&probs) {

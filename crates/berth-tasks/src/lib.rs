@@ -1,13 +1,28 @@
-//! berth pipelines on top of the encoder: sentence embeddings and fill-mask.
-//! Every pipeline runs on packed batches (no padding) bounded by a token budget.
+//! berth pipelines on top of the encoder, each with the semantics of its transformers /
+//! sentence-transformers counterpart: sentence embeddings, fill-mask, sequence
+//! classification, token classification (NER), extractive QA, cross-encoder reranking;
+//! and the metrics that score them. Every pipeline runs on packed batches (no padding)
+//! bounded by a token budget.
 #![deny(missing_docs)]
 
+mod classify;
 mod embed;
 mod error;
 mod fill_mask;
+pub mod metrics;
+mod ner;
 mod pipeline;
+mod qa;
+mod rerank;
 
-pub use embed::{normalize, pool, Pooling, SentenceConfig};
+pub use classify::{
+    classify, require_head, ClassFunction, ClassifyOptions, LabelScore, TextPair, WindowPool,
+    Windows,
+};
+pub use embed::{cosine, embed_texts, normalize, pool, EmbedOptions, Pooling, SentenceConfig};
 pub use error::{Result, TaskError};
 pub use fill_mask::{fill_mask, Prediction};
+pub use ner::{token_classify, Aggregation, Entity, NerOptions};
 pub use pipeline::{token_budget_batches, EncodeOptions, Pipeline};
+pub use qa::{answer, Answer, QaInput, QaOptions};
+pub use rerank::{rerank, Ranked};

@@ -19,7 +19,10 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        EncodeOptions { max_length: None, truncation: Truncation::Truncate }
+        EncodeOptions {
+            max_length: None,
+            truncation: Truncation::Truncate,
+        }
     }
 }
 
@@ -39,7 +42,11 @@ impl Pipeline {
     /// Loads the model and tokenizer of `dir`. `default_max` (e.g. sentence-transformers'
     /// `max_seq_length`) applies when `opts.max_length` is unset; both are capped by the
     /// position table, and a larger request is an error.
-    pub fn load(dir: &Path, opts: EncodeOptions, default_max: Option<usize>) -> Result<(Self, LoadReport)> {
+    pub fn load(
+        dir: &Path,
+        opts: EncodeOptions,
+        default_max: Option<usize>,
+    ) -> Result<(Self, LoadReport)> {
         let (model, report) = Model::load(dir, false)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let limit = model.config.max_sequence_length();
@@ -63,7 +70,15 @@ impl Pipeline {
             Some(m) => m,
             None => default_max.unwrap_or(limit).min(limit),
         };
-        Ok((Pipeline { model, tokenizer, max_length, truncation: opts.truncation }, report))
+        Ok((
+            Pipeline {
+                model,
+                tokenizer,
+                max_length,
+                truncation: opts.truncation,
+            },
+            report,
+        ))
     }
 
     /// Encodes texts in parallel; input `i` is named `first_index + i` in errors.
@@ -71,15 +86,63 @@ impl Pipeline {
         texts
             .par_iter()
             .enumerate()
-            .map(|(i, t)| Ok(self.tokenizer.encode(t, None, self.max_length, self.truncation, first_index + i)?))
+            .map(|(i, t)| {
+                Ok(self.tokenizer.encode(
+                    t,
+                    None,
+                    self.max_length,
+                    self.truncation,
+                    first_index + i,
+                )?)
+            })
             .collect()
     }
 
     /// Runs the encoder on `encs` packed into one batch: `(batch, hidden [N, H])`.
     pub fn run(&self, encs: &[Encoded]) -> Result<(Batch, candle_core::Tensor)> {
-        let batch = Batch::from_sequences(encs.iter().map(|e| (e.ids.as_slice(), e.type_ids.as_slice())))?;
+        let batch = Batch::from_sequences(
+            encs.iter()
+                .map(|e| (e.ids.as_slice(), e.type_ids.as_slice())),
+        )?;
         let hidden = self.model.forward(&batch)?;
         Ok((batch, hidden))
+    }
+}
+
+impl Pipeline {
+    /// Runs `encs` in consecutive batches of at most `budget` tokens (packed, no padding),
+    /// handing each batch's range of `encs`, its packing and its hidden states `[N, H]` to `f`.
+    pub fn for_each_batch(
+        &self,
+        encs: &[Encoded],
+        budget: usize,
+        mut f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
+        for r in token_budget_batches(&lens, budget) {
+            let (batch, hidden) = self.run(&encs[r.clone()])?;
+            f(r, &batch, &hidden)?;
+        }
+        Ok(())
+    }
+
+    /// Label names of the classification head with `classes` outputs: `id2label`, or
+    /// `LABEL_i` when the config has none (as transformers names them).
+    pub fn labels(&self, classes: usize) -> Result<Vec<String>> {
+        let names = &self.model.config.id2label;
+        if names.is_empty() {
+            return Ok((0..classes).map(|i| format!("LABEL_{i}")).collect());
+        }
+        if names.len() != classes {
+            return Err(TaskError::Config {
+                path: self.model.config.path.clone(),
+                message: format!(
+                    "id2label names {} labels but the head has {classes} outputs",
+                    names.len()
+                ),
+            });
+        }
+        Ok(names.clone())
     }
 }
 
@@ -108,7 +171,10 @@ mod tests {
 
     #[test]
     fn batches_respect_the_budget_and_keep_order() {
-        assert_eq!(token_budget_batches(&[3, 3, 3, 10, 1], 6), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(
+            token_budget_batches(&[3, 3, 3, 10, 1], 6),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
         assert_eq!(token_budget_batches(&[1, 1, 1], 100), vec![0..3]);
         assert!(token_budget_batches(&[], 5).is_empty());
     }

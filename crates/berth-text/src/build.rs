@@ -31,8 +31,14 @@ pub(crate) fn read_config(dir: &Path) -> Result<TokenizerConfig> {
     if !path.is_file() {
         return Ok(TokenizerConfig::default());
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| TextError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text).map_err(|e| TextError::Invalid { path, message: e.to_string() })
+    let text = std::fs::read_to_string(&path).map_err(|source| TextError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TextError::Invalid {
+        path,
+        message: e.to_string(),
+    })
 }
 
 fn special_id(t: &Tokenizer, token: &str, path: &Path) -> Result<u32> {
@@ -46,25 +52,40 @@ fn special_id(t: &Tokenizer, token: &str, path: &Path) -> Result<u32> {
 pub(crate) fn wordpiece(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("vocab.txt");
     let cfg = read_config(dir)?;
-    let invalid = |message: String| TextError::Invalid { path: path.clone(), message };
+    let invalid = |message: String| TextError::Invalid {
+        path: path.clone(),
+        message,
+    };
     let wp = WordPiece::from_file(&path.to_string_lossy())
         .unk_token("[UNK]".into())
         .build()
         .map_err(|e| invalid(e.to_string()))?;
     let mut t = Tokenizer::new(wp);
     let lower = cfg.do_lower_case.unwrap_or(true);
-    t.with_normalizer(Some(BertNormalizer::new(true, cfg.tokenize_chinese_chars.unwrap_or(true), cfg.strip_accents, lower)))
-        .map_err(|e| invalid(e.to_string()))?;
+    t.with_normalizer(Some(BertNormalizer::new(
+        true,
+        cfg.tokenize_chinese_chars.unwrap_or(true),
+        cfg.strip_accents,
+        lower,
+    )))
+    .map_err(|e| invalid(e.to_string()))?;
     t.with_pre_tokenizer(Some(BertPreTokenizer));
-    let (cls, sep) = (special_id(&t, "[CLS]", &path)?, special_id(&t, "[SEP]", &path)?);
-    t.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+    let (cls, sep) = (
+        special_id(&t, "[CLS]", &path)?,
+        special_id(&t, "[SEP]", &path)?,
+    );
+    t.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
     t.with_decoder(Some(WordPieceDecoder::default()));
     let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         .iter()
         .filter(|s| t.token_to_id(s).is_some())
         .map(|s| AddedToken::from(*s, true))
         .collect();
-    t.add_special_tokens(specials).map_err(|e| invalid(e.to_string()))?;
+    t.add_special_tokens(specials)
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(t)
 }
 
@@ -74,13 +95,21 @@ pub(crate) fn byte_level_bpe(dir: &Path) -> Result<Tokenizer> {
     let cfg = read_config(dir)?;
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
         .build()
-        .map_err(|e| TextError::Invalid { path: vocab.clone(), message: e.to_string() })?;
+        .map_err(|e| TextError::Invalid {
+            path: vocab.clone(),
+            message: e.to_string(),
+        })?;
     let mut t = Tokenizer::new(bpe);
     let prefix = cfg.add_prefix_space.unwrap_or(false);
     t.with_pre_tokenizer(Some(ByteLevel::new(prefix, true, true)));
-    let (cls, sep) = (special_id(&t, "<s>", &vocab)?, special_id(&t, "</s>", &vocab)?);
+    let (cls, sep) = (
+        special_id(&t, "<s>", &vocab)?,
+        special_id(&t, "</s>", &vocab)?,
+    );
     t.with_post_processor(Some(
-        RobertaProcessing::new(("</s>".into(), sep), ("<s>".into(), cls)).trim_offsets(true).add_prefix_space(prefix),
+        RobertaProcessing::new(("</s>".into(), sep), ("<s>".into(), cls))
+            .trim_offsets(true)
+            .add_prefix_space(prefix),
     ));
     t.with_decoder(Some(ByteLevelDecoder::default()));
     let specials: Vec<AddedToken> = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -89,6 +118,10 @@ pub(crate) fn byte_level_bpe(dir: &Path) -> Result<Tokenizer> {
         // RoBERTa's mask token swallows the space before it.
         .map(|s| AddedToken::from(*s, true).lstrip(*s == "<mask>"))
         .collect();
-    t.add_special_tokens(specials).map_err(|e| TextError::Invalid { path: vocab.clone(), message: e.to_string() })?;
+    t.add_special_tokens(specials)
+        .map_err(|e| TextError::Invalid {
+            path: vocab.clone(),
+            message: e.to_string(),
+        })?;
     Ok(t)
 }

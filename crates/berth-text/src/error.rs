@@ -42,6 +42,18 @@ pub enum TextError {
         /// The limit.
         max: usize,
     },
+    /// Windows cannot advance: the stride leaves no room for new tokens.
+    #[error("input {index}: stride {stride} must be smaller than the room a window leaves after {fixed} fixed tokens (max length {max_len})")]
+    Window {
+        /// Input number (0-based).
+        index: usize,
+        /// Window size.
+        max_len: usize,
+        /// Overlap asked for.
+        stride: usize,
+        /// Special tokens plus the first text of a pair.
+        fixed: usize,
+    },
     /// The tokenizer failed on an input.
     #[error("input {index}: tokenization failed: {message}")]
     Tokenize {

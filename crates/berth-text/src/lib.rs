@@ -43,10 +43,15 @@ pub struct Encoded {
     pub type_ids: Vec<u32>,
     /// Token strings.
     pub tokens: Vec<String>,
-    /// Byte offsets of each token in its source text (`(0, 0)` for special tokens).
+    /// Character (Unicode scalar) offsets of each token in its own text, as Python indexes
+    /// strings (`(0, 0)` for special tokens); [`byte_offsets`] converts them for slicing.
     pub offsets: Vec<(usize, usize)>,
-    /// Word index of each token (`None` for special tokens).
+    /// Word index of each token within its text (`None` for special tokens).
     pub word_ids: Vec<Option<u32>>,
+    /// Which text each token comes from: `Some(0)` the first, `Some(1)` the pair, `None` special.
+    pub sequence_ids: Vec<Option<usize>>,
+    /// Whether each token is a special token added by the post-processor.
+    pub special: Vec<bool>,
     /// Whether tokens were dropped to fit the limit.
     pub truncated: bool,
     /// Token count before truncation.
@@ -67,8 +72,10 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let (mut inner, source) = if json.is_file() {
-            let t = tokenizers::Tokenizer::from_file(&json)
-                .map_err(|e| TextError::Invalid { path: json.clone(), message: e.to_string() })?;
+            let t = tokenizers::Tokenizer::from_file(&json).map_err(|e| TextError::Invalid {
+                path: json.clone(),
+                message: e.to_string(),
+            })?;
             (t, json)
         } else if dir.join("vocab.txt").is_file() {
             (build::wordpiece(dir)?, dir.join("vocab.txt"))
@@ -81,15 +88,25 @@ impl TextTokenizer {
         inner.with_padding(None);
         inner
             .with_truncation(None)
-            .map_err(|e| TextError::Invalid { path: source.clone(), message: e.to_string() })?;
+            .map_err(|e| TextError::Invalid {
+                path: source.clone(),
+                message: e.to_string(),
+            })?;
         let kind = match inner.get_model() {
             tokenizers::ModelWrapper::WordPiece(_) => TokenizerKind::WordPiece,
             tokenizers::ModelWrapper::BPE(_) => TokenizerKind::Bpe,
             tokenizers::ModelWrapper::Unigram(_) => TokenizerKind::Unigram,
             tokenizers::ModelWrapper::WordLevel(_) => TokenizerKind::WordLevel,
         };
-        let clean_up_spaces = build::read_config(dir)?.clean_up_tokenization_spaces.unwrap_or(false);
-        Ok(TextTokenizer { inner, kind, source, clean_up_spaces })
+        let clean_up_spaces = build::read_config(dir)?
+            .clean_up_tokenization_spaces
+            .unwrap_or(false);
+        Ok(TextTokenizer {
+            inner,
+            kind,
+            source,
+            clean_up_spaces,
+        })
     }
 
     /// The subword model.
@@ -119,57 +136,267 @@ impl TextTokenizer {
 
     /// The mask token (`[MASK]` or `<mask>`), if the vocabulary has one.
     pub fn mask_token(&self) -> Option<(String, u32)> {
-        ["[MASK]", "<mask>"].iter().find_map(|t| self.token_to_id(t).map(|id| (t.to_string(), id)))
+        ["[MASK]", "<mask>"]
+            .iter()
+            .find_map(|t| self.token_to_id(t).map(|id| (t.to_string(), id)))
     }
 
     /// Encodes `text` (and `pair`, for sentence pairs) with special tokens, limited to
     /// `max_len` tokens. `index` names the input in errors.
-    pub fn encode(&self, text: &str, pair: Option<&str>, max_len: usize, truncation: Truncation, index: usize) -> Result<Encoded> {
-        if text.trim().is_empty() || pair.is_some_and(|p| p.trim().is_empty()) {
-            return Err(TextError::EmptyText { index });
-        }
-        let fail = |e: tokenizers::Error| TextError::Tokenize { index, message: e.to_string() };
-        let enc = match pair {
-            None => self.inner.encode(text, true),
-            Some(p) => self.inner.encode((text, p), true),
-        }
-        .map_err(fail)?;
+    pub fn encode(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        max_len: usize,
+        truncation: Truncation,
+        index: usize,
+    ) -> Result<Encoded> {
+        check_not_empty(text, pair, index)?;
+        let enc = self.encode_raw(text, pair, None, index)?;
         let full_len = enc.len();
-        let enc = if full_len <= max_len {
-            enc
-        } else if truncation == Truncation::Error {
-            return Err(TextError::TooLong { index, tokens: full_len, max: max_len });
-        } else {
-            // Re-encoding with the tokenizer's own truncation keeps the special tokens and
-            // trims the longest text of a pair first, as transformers does.
-            let mut t = self.inner.clone();
-            let params = tokenizers::TruncationParams { max_length: max_len, ..Default::default() };
-            t.with_truncation(Some(params)).map_err(fail)?;
-            match pair {
-                None => t.encode(text, true),
-                Some(p) => t.encode((text, p), true),
-            }
-            .map_err(fail)?
+        if full_len <= max_len {
+            return Ok(Encoded::from_encoding(&enc, full_len));
+        }
+        if truncation == Truncation::Error {
+            return Err(TextError::TooLong {
+                index,
+                tokens: full_len,
+                max: max_len,
+            });
+        }
+        // Re-encoding with the tokenizer's own truncation keeps the special tokens and
+        // trims the longest text of a pair first, as transformers does.
+        let params = tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
         };
-        Ok(Encoded {
-            ids: enc.get_ids().to_vec(),
-            type_ids: enc.get_type_ids().to_vec(),
-            tokens: enc.get_tokens().to_vec(),
-            offsets: enc.get_offsets().to_vec(),
-            word_ids: enc.get_word_ids().to_vec(),
-            truncated: full_len > max_len,
-            full_len,
-        })
+        let enc = self.encode_raw(text, pair, Some(params), index)?;
+        Ok(Encoded::from_encoding(&enc, full_len))
+    }
+
+    /// Encodes `text` (and `pair`) into overlapping windows of at most `max_len` tokens, as
+    /// transformers does with `return_overflowing_tokens=True, stride=stride`: consecutive
+    /// windows share `stride` tokens. With a pair only the pair is windowed (`only_second`,
+    /// the question-answering layout); a lone text is windowed itself. A text that fits gives
+    /// one window.
+    pub fn encode_windows(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        max_len: usize,
+        stride: usize,
+        index: usize,
+    ) -> Result<Vec<Encoded>> {
+        check_not_empty(text, pair, index)?;
+        let whole = self.encode_raw(text, pair, None, index)?;
+        let full_len = whole.len();
+        if full_len <= max_len {
+            return Ok(vec![Encoded::from_encoding(&whole, full_len)]);
+        }
+        let specials = whole
+            .get_special_tokens_mask()
+            .iter()
+            .filter(|&&m| m != 0)
+            .count();
+        let first_text = whole
+            .get_sequence_ids()
+            .iter()
+            .filter(|&&s| s == Some(0))
+            .count();
+        let fixed = specials + if pair.is_some() { first_text } else { 0 };
+        if stride >= max_len.saturating_sub(fixed) {
+            return Err(TextError::Window {
+                index,
+                max_len,
+                stride,
+                fixed,
+            });
+        }
+        // Windows are cut from the whole encoding: the tokens before and after the windowed
+        // text (special tokens, and the first text of a pair) repeat in every window, as
+        // transformers' overflowing encodings give them. (tokenizers 0.23's own pair overflow
+        // loses windows: for a 94-token context with room 55 and stride 32 it gives
+        // [0, 55) and [23, 64) where Python's tokenizers gives [0, 55), [23, 78), [46, 94).)
+        let full = Encoded::from_encoding(&whole, full_len);
+        let windowed = if pair.is_some() { 1 } else { 0 };
+        let content: Vec<usize> = (0..full_len)
+            .filter(|&t| full.sequence_ids[t] == Some(windowed))
+            .collect();
+        let (c0, c1) = (content[0], content[content.len() - 1] + 1);
+        let room = max_len - (full_len - (c1 - c0));
+        let step = room - stride;
+        let mut out = Vec::new();
+        let mut start = c0;
+        loop {
+            let stop = (start + room).min(c1);
+            let keep: Vec<usize> = (0..c0).chain(start..stop).chain(c1..full_len).collect();
+            out.push(full.select(&keep));
+            if stop == c1 {
+                break;
+            }
+            start += step;
+        }
+        Ok(out)
+    }
+
+    fn encode_raw(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        truncation: Option<tokenizers::TruncationParams>,
+        index: usize,
+    ) -> Result<tokenizers::Encoding> {
+        let fail = |e: tokenizers::Error| TextError::Tokenize {
+            index,
+            message: e.to_string(),
+        };
+        let t = match truncation {
+            None => std::borrow::Cow::Borrowed(&self.inner),
+            Some(params) => {
+                let mut t = self.inner.clone();
+                t.with_truncation(Some(params)).map_err(fail)?;
+                std::borrow::Cow::Owned(t)
+            }
+        };
+        // Character offsets, as transformers' fast tokenizers report them.
+        match pair {
+            None => t.encode_char_offsets(text, true),
+            Some(p) => t.encode_char_offsets((text, p), true),
+        }
+        .map_err(fail)
+    }
+
+    /// Joins token strings back into text with the tokenizer's decoder, as transformers'
+    /// `convert_tokens_to_string` (tokens joined by spaces when there is no decoder).
+    pub fn tokens_to_string(&self, tokens: &[String]) -> Result<String> {
+        use tokenizers::Decoder;
+        match self.inner.get_decoder() {
+            Some(d) => d.decode(tokens.to_vec()).map_err(|e| TextError::Tokenize {
+                index: 0,
+                message: e.to_string(),
+            }),
+            None => Ok(tokens.join(" ")),
+        }
+    }
+
+    /// The model's continuing-subword prefix (`##` for WordPiece), when it has a non-empty one:
+    /// transformers then tells subwords by their token length.
+    pub fn continuing_subword_prefix(&self) -> Option<&str> {
+        let p = match self.inner.get_model() {
+            tokenizers::ModelWrapper::WordPiece(m) => Some(m.continuing_subword_prefix.as_str()),
+            tokenizers::ModelWrapper::BPE(m) => m.continuing_subword_prefix.as_deref(),
+            _ => None,
+        };
+        p.filter(|p| !p.is_empty())
+    }
+
+    /// Id of the unknown token, if the vocabulary has one.
+    pub fn unk_id(&self) -> Option<u32> {
+        ["[UNK]", "<unk>"].iter().find_map(|t| self.token_to_id(t))
+    }
+
+    /// Id of the classification token (`[CLS]` or `<s>`), if the vocabulary has one.
+    pub fn cls_id(&self) -> Option<u32> {
+        ["[CLS]", "<s>"].iter().find_map(|t| self.token_to_id(t))
     }
 
     /// Text of token ids, as transformers' `decode(ids, skip_special_tokens)`, including its
     /// `clean_up_tokenization_spaces` step when tokenizer_config.json asks for it.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let text = self
-            .inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| TextError::Tokenize { index: 0, message: e.to_string() })?;
-        Ok(if self.clean_up_spaces { clean_up_tokenization(&text) } else { text })
+        let text =
+            self.inner
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| TextError::Tokenize {
+                    index: 0,
+                    message: e.to_string(),
+                })?;
+        Ok(if self.clean_up_spaces {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        })
+    }
+}
+
+fn check_not_empty(text: &str, pair: Option<&str>, index: usize) -> Result<()> {
+    if text.trim().is_empty() || pair.is_some_and(|p| p.trim().is_empty()) {
+        return Err(TextError::EmptyText { index });
+    }
+    Ok(())
+}
+
+impl Encoded {
+    fn from_encoding(enc: &tokenizers::Encoding, full_len: usize) -> Self {
+        Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+            tokens: enc.get_tokens().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+            word_ids: enc.get_word_ids().to_vec(),
+            sequence_ids: enc.get_sequence_ids(),
+            special: enc
+                .get_special_tokens_mask()
+                .iter()
+                .map(|&m| m != 0)
+                .collect(),
+            truncated: full_len > enc.len(),
+            full_len,
+        }
+    }
+
+    /// The tokens at positions `keep`, in that order.
+    fn select(&self, keep: &[usize]) -> Encoded {
+        Encoded {
+            ids: keep.iter().map(|&t| self.ids[t]).collect(),
+            type_ids: keep.iter().map(|&t| self.type_ids[t]).collect(),
+            tokens: keep.iter().map(|&t| self.tokens[t].clone()).collect(),
+            offsets: keep.iter().map(|&t| self.offsets[t]).collect(),
+            word_ids: keep.iter().map(|&t| self.word_ids[t]).collect(),
+            sequence_ids: keep.iter().map(|&t| self.sequence_ids[t]).collect(),
+            special: keep.iter().map(|&t| self.special[t]).collect(),
+            truncated: keep.len() < self.full_len,
+            full_len: self.full_len,
+        }
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Character span of word `word` of text `sequence` (first token's start to last token's
+    /// end), as tokenizers' `Encoding.word_to_chars`.
+    pub fn word_to_chars(&self, word: u32, sequence: usize) -> Option<(usize, usize)> {
+        let mut hits = (0..self.len())
+            .filter(|&i| self.word_ids[i] == Some(word) && self.sequence_ids[i] == Some(sequence));
+        let first = hits.next()?;
+        let last = hits.last().unwrap_or(first);
+        Some((self.offsets[first].0, self.offsets[last].1))
+    }
+}
+
+/// Byte position of every character boundary of `text`: `table[c]` is the byte offset of
+/// character `c` (and `table[char count] == text.len()`), for slicing by character offsets.
+pub fn char_to_byte_table(text: &str) -> Vec<usize> {
+    text.char_indices()
+        .map(|(b, _)| b)
+        .chain(std::iter::once(text.len()))
+        .collect()
+}
+
+/// `text[start..end]` by character offsets (clamped to the text).
+pub fn char_slice(text: &str, table: &[usize], start: usize, end: usize) -> String {
+    let last = table.len() - 1;
+    let (s, e) = (table[start.min(last)], table[end.min(last)]);
+    if s >= e {
+        String::new()
+    } else {
+        text[s..e].to_string()
     }
 }
 
@@ -177,8 +404,18 @@ impl TextTokenizer {
 /// punctuation and English contractions.
 pub fn clean_up_tokenization(text: &str) -> String {
     const RULES: [(&str, &str); 10] = [
-        (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-        (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
     ];
-    RULES.iter().fold(text.to_string(), |s, (from, to)| s.replace(from, to))
+    RULES
+        .iter()
+        .fold(text.to_string(), |s, (from, to)| s.replace(from, to))
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use berth_text::{TextTokenizer, TokenizerKind, Truncation};
 
 fn tiny(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tiny")
+        .join(name)
 }
 
 fn reference() -> serde_json::Value {
@@ -18,20 +20,47 @@ fn check(dir: &str, arch: &str, kind: TokenizerKind) {
     assert_eq!(tok.kind(), kind);
     let mut ids = Vec::new();
     let mut types = Vec::new();
-    let texts: Vec<&str> = r["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let texts: Vec<&str> = r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
     for (i, t) in texts.iter().enumerate() {
         let e = tok.encode(t, None, 512, Truncation::Error, i).unwrap();
         ids.extend(e.ids);
         types.extend(e.type_ids);
     }
     if let Some(p) = r["pair"].as_array() {
-        let e = tok.encode(p[0].as_str().unwrap(), Some(p[1].as_str().unwrap()), 512, Truncation::Error, 9).unwrap();
+        let e = tok
+            .encode(
+                p[0].as_str().unwrap(),
+                Some(p[1].as_str().unwrap()),
+                512,
+                Truncation::Error,
+                9,
+            )
+            .unwrap();
         ids.extend(e.ids);
         types.extend(e.type_ids);
     }
-    let want = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    assert_eq!(ids, want("input_ids"), "{dir}: token ids differ from transformers");
-    assert_eq!(types, want("token_type_ids"), "{dir}: token type ids differ from transformers");
+    let want = |k: &str| {
+        r[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids,
+        want("input_ids"),
+        "{dir}: token ids differ from transformers"
+    );
+    assert_eq!(
+        types,
+        want("token_type_ids"),
+        "{dir}: token type ids differ from transformers"
+    );
 }
 
 #[test]
@@ -57,16 +86,33 @@ fn truncation_keeps_special_tokens_or_errors() {
     let full = tok.encode(text, None, 512, Truncation::Error, 0).unwrap();
     let cut = tok.encode(text, None, 5, Truncation::Truncate, 0).unwrap();
     assert!(cut.truncated && cut.full_len == full.ids.len() && cut.ids.len() == 5);
-    assert_eq!((cut.ids[0], cut.ids[4]), (full.ids[0], *full.ids.last().unwrap()));
+    assert_eq!(
+        (cut.ids[0], cut.ids[4]),
+        (full.ids[0], *full.ids.last().unwrap())
+    );
     assert_eq!(&cut.ids[1..4], &full.ids[1..4]);
-    let e = tok.encode(text, None, 5, Truncation::Error, 3).unwrap_err().to_string();
+    let e = tok
+        .encode(text, None, 5, Truncation::Error, 3)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("input 3") && e.contains("maximum of 5"), "{e}");
 }
 
 #[test]
 fn empty_text_and_missing_tokenizer_are_errors() {
     let tok = TextTokenizer::from_dir(&tiny("bert-mlm")).unwrap();
-    assert_eq!(tok.encode("  ", None, 512, Truncation::Error, 2).unwrap_err().to_string(), "input 2: empty text");
-    let e = TextTokenizer::from_dir(&tiny("bert-base-sharded")).err().unwrap().to_string();
-    assert!(e.contains("bert-base-sharded") && e.contains("no tokenizer"), "{e}");
+    assert_eq!(
+        tok.encode("  ", None, 512, Truncation::Error, 2)
+            .unwrap_err()
+            .to_string(),
+        "input 2: empty text"
+    );
+    let e = TextTokenizer::from_dir(&tiny("bert-base-sharded"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("bert-base-sharded") && e.contains("no tokenizer"),
+        "{e}"
+    );
 }

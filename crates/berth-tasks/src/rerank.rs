@@ -1,0 +1,81 @@
+//! Cross-encoder reranking: (query, passage) pairs scored by a sequence-classification model
+//! with one output, as sentence-transformers' `CrossEncoder.rank`.
+use serde::Serialize;
+
+use crate::classify::{encode_inputs, require_head, sequence_logits, ClassFunction};
+use crate::error::{Result, TaskError};
+use crate::pipeline::Pipeline;
+
+/// One passage's score.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ranked {
+    /// Position of the passage in the input.
+    pub corpus_id: usize,
+    /// Relevance: sigmoid of the logit (or the activation the model's config names).
+    pub score: f32,
+}
+
+/// The activation sentence-transformers applies: `sentence_transformers.activation_fn` in
+/// config.json when set (Sigmoid or Identity), else sigmoid for one output.
+fn activation(p: &Pipeline) -> Result<ClassFunction> {
+    let path = &p.model.config.path;
+    let text = std::fs::read_to_string(path).map_err(|e| TaskError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TaskError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let name = v["sentence_transformers"]["activation_fn"]
+        .as_str()
+        .or(v["sbert_ce_default_activation_function"].as_str());
+    match name {
+        None => Ok(ClassFunction::Sigmoid),
+        Some(n) if n.ends_with("Sigmoid") => Ok(ClassFunction::Sigmoid),
+        Some(n) if n.ends_with("Identity") => Ok(ClassFunction::Identity),
+        Some(n) => Err(TaskError::Config {
+            path: path.clone(),
+            message: format!("unsupported cross-encoder activation {n:?}"),
+        }),
+    }
+}
+
+/// Scores every passage against `query`; returns them sorted best first (ties in input order).
+pub fn rerank(
+    p: &Pipeline,
+    query: &str,
+    passages: &[String],
+    batch_tokens: usize,
+) -> Result<Vec<Ranked>> {
+    require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
+    if query.trim().is_empty() {
+        return Err(TaskError::Options("empty query".into()));
+    }
+    let f = activation(p)?;
+    let inputs: Vec<_> = passages
+        .iter()
+        .map(|d| (query.to_string(), Some(d.clone())))
+        .collect();
+    let (encs, _) = encode_inputs(p, &inputs, None, 0)?;
+    let logits = sequence_logits(p, &encs, batch_tokens)?;
+    if let Some(row) = logits.first().filter(|r| r.len() != 1) {
+        return Err(TaskError::Config {
+            path: p.model.config.path.clone(),
+            message: format!(
+                "a reranker needs a head with one output (a cross-encoder); this one has {}",
+                row.len()
+            ),
+        });
+    }
+    let mut out: Vec<Ranked> = logits
+        .iter()
+        .enumerate()
+        .map(|(corpus_id, row)| Ranked {
+            corpus_id,
+            score: f.apply(row)[0],
+        })
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Ok(out)
+}
