@@ -2,7 +2,9 @@
 use std::io::Write;
 
 use anyhow::Context;
-use berth_tasks::{normalize, pool, token_budget_batches, Pipeline, Pooling, SentenceConfig};
+use berth_tasks::{
+    embed_texts, token_budget_batches, EmbedOptions, Pipeline, Pooling, SentenceConfig,
+};
 use clap::{Args, ValueEnum};
 
 use crate::{input, resolve};
@@ -33,10 +35,8 @@ pub struct EmbedArgs {
     /// Write JSON Lines to FILE instead of stdout.
     #[arg(long)]
     output: Option<String>,
-    /// Tokens per packed batch: larger batches run matmuls more efficiently but hold
-    /// more activation memory (~6 KB per token per 384 hidden).
-    #[arg(long, default_value_t = 8192)]
-    batch_tokens: usize,
+    #[command(flatten)]
+    windows: input::WindowArgs,
     /// Texts to embed.
     texts: Vec<String>,
 }
@@ -134,38 +134,54 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let mut out = open_output(a.output.as_deref())?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;
+    if pooling == Pooling::None && a.windows.stride.is_some() {
+        anyhow::bail!(
+            "--stride pools windows into one vector per text: it needs a pooling other than none"
+        );
+    }
     // Chunks bound memory for large files; tokenization within a chunk runs in parallel.
     for (c, chunk) in texts.chunks(2048).enumerate() {
         let first = c * 2048;
+        if pooling != Pooling::None {
+            let opts = EmbedOptions {
+                pooling,
+                normalize: norm,
+                windows: a.windows.windows(),
+                batch_tokens: a.text.batch_tokens,
+            };
+            let (vecs, encs) =
+                embed_texts(&p, chunk, &opts, first).with_context(|| source.to_string())?;
+            if opts.windows.is_none() {
+                warn_truncated(&encs, first, p.max_length);
+            }
+            for (i, v) in vecs.iter().enumerate() {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&EmbeddingLine {
+                        index: first + i,
+                        embedding: v
+                    })?
+                )?;
+            }
+            bar.inc(chunk.len() as u64);
+            continue;
+        }
         let encs = p.encode(chunk, first).with_context(|| source.to_string())?;
         warn_truncated(&encs, first, p.max_length);
         let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
-        for r in token_budget_batches(&lens, a.batch_tokens) {
+        for r in token_budget_batches(&lens, a.text.batch_tokens) {
             let (batch, hidden) = p.run(&encs[r.clone()])?;
             let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
-            if pooling == Pooling::None {
-                for (s, i) in r.clone().enumerate() {
-                    let rows = batch.range(s);
-                    let hidden: Vec<&[f32]> =
-                        flat[rows.start * h..rows.end * h].chunks(h).collect();
-                    let line = TokenLine {
-                        index: first + i,
-                        tokens: &encs[i].tokens,
-                        hidden,
-                    };
-                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
-                }
-            } else {
-                for (s, mut v) in pool(&flat, h, &batch, pooling).into_iter().enumerate() {
-                    if norm {
-                        normalize(&mut v);
-                    }
-                    let line = EmbeddingLine {
-                        index: first + r.start + s,
-                        embedding: &v,
-                    };
-                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
-                }
+            for (s, i) in r.clone().enumerate() {
+                let rows = batch.range(s);
+                let hidden: Vec<&[f32]> = flat[rows.start * h..rows.end * h].chunks(h).collect();
+                let line = TokenLine {
+                    index: first + i,
+                    tokens: &encs[i].tokens,
+                    hidden,
+                };
+                writeln!(out, "{}", serde_json::to_string(&line)?)?;
             }
             bar.inc(r.len() as u64);
         }

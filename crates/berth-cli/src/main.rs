@@ -3,6 +3,8 @@
 //!     scripts/fetch-assets                      # default model into ~/.cache/berth
 //!     berth embed "some text"                   # sentence embedding, JSON Lines
 //!     berth fill-mask --model DIR "the [MASK] sat on the mat."
+//!     berth classify --model DIR "great film"  # also ner, qa, rerank, similarity
+//!     berth eval --task ner --gold G --predictions P
 //!     berth inspect
 //!     berth bench                               # berth vs PyTorch / ONNX Runtime
 use std::process::ExitCode;
@@ -12,10 +14,12 @@ use mimalloc::MiMalloc;
 
 mod bench;
 mod embed;
+mod eval;
 mod fill_mask;
 mod input;
 mod inspect;
 mod resolve;
+mod tasks;
 
 // Large activations stay in the heap instead of a fresh mmap per tensor (see DESIGN.md §2).
 #[global_allocator]
@@ -25,7 +29,7 @@ static GLOBAL: MiMalloc = MiMalloc;
 #[command(
     name = "berth",
     version,
-    about = "BERT in Rust: embed, fill-mask, inspect, bench"
+    about = "BERT in Rust: embed, classify, ner, qa, rerank, similarity, fill-mask, eval, inspect, bench"
 )]
 struct Cli {
     /// Worker threads (default: all cores). Fewer threads leave cores for other work.
@@ -41,6 +45,18 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Top-k predictions for each mask token, as JSON Lines.
     FillMask(fill_mask::FillMaskArgs),
+    /// Sequence classification (sentiment, topic, ...; pairs with --pair), as JSON Lines.
+    Classify(tasks::ClassifyArgs),
+    /// Named entities (token classification with aggregation), as JSON Lines.
+    Ner(tasks::NerArgs),
+    /// Extractive question answering: answer spans of a context, as JSON Lines.
+    Qa(tasks::QaArgs),
+    /// Cross-encoder reranking of passages for a query, best first, as JSON Lines.
+    Rerank(tasks::RerankArgs),
+    /// Cosine similarity of sentence embeddings, every text against every other.
+    Similarity(tasks::SimilarityArgs),
+    /// Score predictions against gold: accuracy/F1, conlleval, SQuAD EM/F1, MRR/nDCG, correlation.
+    Eval(eval::EvalArgs),
     /// Architecture, sizes, parameter count, tokenizer and heads of a model.
     Inspect(inspect::InspectArgs),
     /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
@@ -58,6 +74,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Embed(a) => embed::run(a),
         Command::FillMask(a) => fill_mask::run(a),
+        Command::Classify(a) => tasks::classify(a),
+        Command::Ner(a) => tasks::ner(a),
+        Command::Qa(a) => tasks::qa(a),
+        Command::Rerank(a) => tasks::rerank(a),
+        Command::Similarity(a) => tasks::similarity(a),
+        Command::Eval(a) => eval::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -1,89 +1,10 @@
 //! End to end through the real `berth` binary: outputs against references made by
 //! sentence-transformers / transformers (scripts/make_reference.py), and every bad input
 //! ending in a one-line error with a non-zero exit and no panic.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny(name: &str) -> String {
-    root()
-        .join("fixtures/tiny")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// `berth` with a private, empty cache so tests never depend on the user's.
-fn berth(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(args)
-        .output()
-        .expect("berth runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "berth failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
-}
-
-/// Asserts a clean failure: non-zero exit, one `error:` line mentioning each of `needles`.
-fn fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
-    for n in needles {
-        assert!(line.contains(n), "error line lacks {n:?}: {line}");
-    }
-}
-
-fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines()
-        .map(|l| serde_json::from_str(l).expect("each stdout line is JSON"))
-        .collect()
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn minilm_dir() -> PathBuf {
-    let cache = std::env::var_os("BERTH_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache"));
-            base.join("berth")
-        });
-    let dir = cache.join("models/all-MiniLM-L6-v2");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 missing at {}: run scripts/fetch-assets",
-        dir.display()
-    );
-    dir
-}
+mod common;
+use common::*;
 
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
@@ -296,19 +217,9 @@ fn inspect_reports_the_parameter_count_pytorch_counts() {
     );
 }
 
-fn broken_copy(from: &str, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(tiny(from)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    edit(tmp.path());
-    tmp
-}
-
 #[test]
 fn bad_checkpoints_fail_with_one_line_naming_the_file() {
-    let truncated = broken_copy("bert-base", |d| {
+    let truncated = broken_copy(&tiny("bert-base"), |d| {
         let f = d.join("model.safetensors");
         let len = std::fs::metadata(&f).unwrap().len();
         std::fs::OpenOptions::new()
@@ -323,7 +234,7 @@ fn bad_checkpoints_fail_with_one_line_naming_the_file() {
         &["model.safetensors", "corrupt"],
     );
 
-    let gpt = broken_copy("bert-base", |d| {
+    let gpt = broken_copy(&tiny("bert-base"), |d| {
         let c = std::fs::read_to_string(d.join("config.json")).unwrap();
         std::fs::write(
             d.join("config.json"),
@@ -336,7 +247,7 @@ fn bad_checkpoints_fail_with_one_line_naming_the_file() {
         &["config.json", "unknown model_type \"llama\""],
     );
 
-    let shape = broken_copy("bert-base", |d| {
+    let shape = broken_copy(&tiny("bert-base"), |d| {
         let c = std::fs::read_to_string(d.join("config.json")).unwrap();
         std::fs::write(
             d.join("config.json"),
@@ -349,7 +260,7 @@ fn bad_checkpoints_fail_with_one_line_naming_the_file() {
         &["word_embeddings.weight", "shape"],
     );
 
-    let no_tok = broken_copy("bert-base", |d| {
+    let no_tok = broken_copy(&tiny("bert-base"), |d| {
         for f in ["tokenizer.json", "vocab.txt"] {
             std::fs::remove_file(d.join(f)).unwrap();
         }

@@ -375,7 +375,7 @@ impl Encoded {
         let mut hits = (0..self.len())
             .filter(|&i| self.word_ids[i] == Some(word) && self.sequence_ids[i] == Some(sequence));
         let first = hits.next()?;
-        let last = hits.last().unwrap_or(first);
+        let last = hits.next_back().unwrap_or(first);
         Some((self.offsets[first].0, self.offsets[last].1))
     }
 }

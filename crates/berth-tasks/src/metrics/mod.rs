@@ -172,8 +172,8 @@ pub fn roc_auc(labels: &[bool], scores: &[f64]) -> Option<f64> {
     Some((rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
 }
 
-/// Relevance of each retrieved document, in the system's ranking order.
-fn ranked_relevance(scores: &[f64], relevance: &[f64]) -> Vec<f64> {
+/// Relevance of each retrieved document, in the system's ranking order (ties keep input order).
+pub fn ranked_relevance(scores: &[f64], relevance: &[f64]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a])); // stable: ties keep input order
     order.into_iter().map(|i| relevance[i]).collect()
@@ -192,6 +192,13 @@ pub fn reciprocal_rank(scores: &[f64], relevance: &[f64], k: usize) -> f64 {
 /// nDCG@k with linear gains and a log2(rank + 1) discount, as scikit-learn's `ndcg_score`
 /// (0 for a query with no relevant document).
 pub fn ndcg(scores: &[f64], relevance: &[f64], k: usize) -> f64 {
+    ndcg_of_ranking(&ranked_relevance(scores, relevance), relevance, k)
+}
+
+/// nDCG@k of a ranking given as the relevance of each retrieved document in rank order,
+/// against the ideal ordering of `judged` (every judged relevance of the query, retrieved or
+/// not).
+pub fn ndcg_of_ranking(ranked: &[f64], judged: &[f64], k: usize) -> f64 {
     let dcg = |rels: &[f64]| {
         rels.iter()
             .take(k)
@@ -199,13 +206,13 @@ pub fn ndcg(scores: &[f64], relevance: &[f64], k: usize) -> f64 {
             .map(|(i, r)| r / ((i + 2) as f64).log2())
             .sum::<f64>()
     };
-    let mut ideal = relevance.to_vec();
+    let mut ideal = judged.to_vec();
     ideal.sort_by(|a, b| b.total_cmp(a));
     let best = dcg(&ideal);
     if best == 0.0 {
         0.0
     } else {
-        dcg(&ranked_relevance(scores, relevance)) / best
+        dcg(ranked) / best
     }
 }
 

@@ -1,0 +1,377 @@
+//! `berth eval`: scores a predictions file against a gold file, for each task's format.
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+use berth_tasks::metrics::{self, conlleval, squad};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::input::read_lines;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Task {
+    /// Labels, one per line: accuracy, precision / recall / F1 (macro, micro, weighted, per
+    /// class), ROC-AUC with --positive.
+    Classify,
+    /// CoNLL column files: entity P / R / F1 exactly as conlleval.pl (its report is printed).
+    Ner,
+    /// SQuAD JSON gold, predictions as {"id": "answer"} JSON or `berth qa` JSON Lines: EM / F1.
+    Qa,
+    /// BEIR qrels TSV gold (query-id, corpus-id, score) and a run TSV of the same columns:
+    /// MRR@k and nDCG@k.
+    Rerank,
+    /// Scores, one per line: Pearson and Spearman.
+    Similarity,
+}
+
+/// Arguments of `berth eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The task format.
+    #[arg(long, value_enum)]
+    task: Task,
+    /// Gold file.
+    #[arg(long)]
+    gold: String,
+    /// Predictions file. For `ner` it may be left out when the gold file is conlleval input
+    /// (gold tag second to last, predicted tag last).
+    #[arg(long)]
+    predictions: Option<String>,
+    /// classify: the column holding the label in a TSV gold file with a header.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// classify: the positive label, for ROC-AUC from the predictions' scores of it (needs
+    /// `berth classify --top-k 0` output).
+    #[arg(long)]
+    positive: Option<String>,
+    /// rerank: cutoff for MRR@k and nDCG@k.
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    /// ner: print JSON instead of conlleval's report.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    let preds = || {
+        a.predictions
+            .as_deref()
+            .context("--predictions FILE is needed for this task")
+    };
+    let report = match a.task {
+        Task::Classify => classify(&a, preds()?)?,
+        Task::Ner => return ner(&a),
+        Task::Qa => qa(&a.gold, preds()?)?,
+        Task::Rerank => rerank(&a.gold, preds()?, a.k)?,
+        Task::Similarity => similarity(&a.gold, preds()?)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn same_length(gold: &str, g: usize, pred: &str, p: usize) -> anyhow::Result<()> {
+    if g != p {
+        bail!("{pred}: {p} lines but {gold} has {g}: predictions must be line-aligned with the gold file");
+    }
+    Ok(())
+}
+
+/// Gold labels: JSON Lines with "label", a TSV with a header naming `column`, or the last
+/// tab-separated field of each line.
+fn gold_labels(path: &str, column: &str) -> anyhow::Result<Vec<String>> {
+    let lines = read_lines(path)?;
+    if lines[0].trim_start().starts_with('{') {
+        return lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let v: Value = serde_json::from_str(l)
+                    .with_context(|| format!("{path}:{}: invalid JSON", i + 1))?;
+                scalar(&v["label"]).with_context(|| format!("{path}:{}: no \"label\"", i + 1))
+            })
+            .collect();
+    }
+    let header: Vec<&str> = lines[0].split('\t').collect();
+    let (col, skip) = match header.iter().position(|h| *h == column) {
+        Some(c) => (Some(c), 1),
+        None => (None, 0),
+    };
+    lines[skip..]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let v = match col {
+                Some(c) => f.get(c).copied(),
+                None => f.last().copied(),
+            };
+            v.map(|s| s.trim().to_string())
+                .with_context(|| format!("{path}:{}: no column {column}", i + 1 + skip))
+        })
+        .collect()
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn classify(a: &EvalArgs, pred_path: &str) -> anyhow::Result<Value> {
+    let gold = gold_labels(&a.gold, &a.label_column)?;
+    let lines = read_lines(pred_path)?;
+    same_length(&a.gold, gold.len(), pred_path, lines.len())?;
+    let mut pred = Vec::with_capacity(lines.len());
+    let mut positive_scores = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if !l.trim_start().starts_with('{') {
+            pred.push(l.trim().to_string());
+            continue;
+        }
+        let v: Value = serde_json::from_str(l)
+            .with_context(|| format!("{pred_path}:{}: invalid JSON", i + 1))?;
+        let labels = v["labels"].as_array().with_context(|| {
+            format!(
+                "{pred_path}:{}: no \"labels\" list (berth classify output)",
+                i + 1
+            )
+        })?;
+        let top = labels
+            .first()
+            .and_then(|x| x["label"].as_str())
+            .with_context(|| format!("{pred_path}:{}: empty labels", i + 1))?;
+        pred.push(top.to_string());
+        if let Some(pos) = &a.positive {
+            let s = labels
+                .iter()
+                .find(|x| x["label"].as_str() == Some(pos))
+                .and_then(|x| x["score"].as_f64());
+            positive_scores.push(s.with_context(|| {
+                format!(
+                    "{pred_path}:{}: no score for {pos} (classify with --top-k 0)",
+                    i + 1
+                )
+            })?);
+        }
+    }
+    let r = metrics::classification_report(&gold, &pred);
+    let mut out = serde_json::to_value(&r)?;
+    if let Some(pos) = &a.positive {
+        let is_pos: Vec<bool> = gold.iter().map(|g| g == pos).collect();
+        out["roc_auc"] = json!(metrics::roc_auc(&is_pos, &positive_scores));
+    }
+    Ok(out)
+}
+
+/// Tags (last field) of a CoNLL column file, with the first field for alignment checks;
+/// blank lines are sentence breaks.
+fn conll(path: &str) -> anyhow::Result<Vec<Option<(String, String)>>> {
+    Ok(read_lines(path)?
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (!f.is_empty()).then(|| (f[0].to_string(), f[f.len() - 1].to_string()))
+        })
+        .collect())
+}
+
+fn ner(a: &EvalArgs) -> anyhow::Result<()> {
+    let r = match &a.predictions {
+        None => {
+            let lines = read_lines(&a.gold)?;
+            let delimiter = if lines.iter().any(|l| l.contains('\t')) {
+                '\t'
+            } else {
+                ' '
+            };
+            conlleval::evaluate(lines.iter().map(String::as_str), delimiter)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {}", a.gold, e.line, e.message))?
+        }
+        Some(pred_path) => {
+            let (gold, pred) = (conll(&a.gold)?, conll(pred_path)?);
+            same_length(&a.gold, gold.len(), pred_path, pred.len())?;
+            let mut lines = Vec::with_capacity(gold.len());
+            for (i, (g, p)) in gold.iter().zip(&pred).enumerate() {
+                lines.push(match (g, p) {
+                    (None, None) => String::new(),
+                    (Some((tok, gt)), Some((ptok, pt))) if tok == ptok => {
+                        format!("{tok} {gt} {pt}")
+                    }
+                    (Some((tok, _)), Some((ptok, _))) => bail!(
+                        "{pred_path}:{}: token {ptok:?} where {} has {tok:?}",
+                        i + 1,
+                        a.gold
+                    ),
+                    _ => bail!(
+                        "{pred_path}:{}: sentence breaks differ from {}",
+                        i + 1,
+                        a.gold
+                    ),
+                });
+            }
+            conlleval::evaluate(lines.iter().map(String::as_str), ' ')
+                .map_err(|e| anyhow::anyhow!("{}:{}: {}", a.gold, e.line, e.message))?
+        }
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["precision"] = json!(r.overall.precision());
+        v["recall"] = json!(r.overall.recall());
+        v["f1"] = json!(r.overall.f1());
+        v["accuracy"] = json!(r.accuracy());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", r.report());
+    }
+    Ok(())
+}
+
+fn qa(gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(gold_path).with_context(|| format!("{gold_path}: cannot read"))?;
+    let gold: Value =
+        serde_json::from_str(&text).with_context(|| format!("{gold_path}: invalid JSON"))?;
+    let articles = gold["data"]
+        .as_array()
+        .with_context(|| format!("{gold_path}: no \"data\" list (SQuAD format)"))?;
+    let ptext =
+        std::fs::read_to_string(pred_path).with_context(|| format!("{pred_path}: cannot read"))?;
+    let mut preds: HashMap<String, String> = HashMap::new();
+    if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&ptext) {
+        for (k, v) in m {
+            let answer = v
+                .as_str()
+                .with_context(|| format!("{pred_path}: answer of {k} is not a string"))?
+                .to_string();
+            preds.insert(k, answer);
+        }
+    } else {
+        for (i, l) in ptext
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: Value = serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{pred_path}:{}: neither a JSON object nor JSON Lines",
+                    i + 1
+                )
+            })?;
+            let id =
+                scalar(&v["id"]).with_context(|| format!("{pred_path}:{}: no \"id\"", i + 1))?;
+            let ans = v["answers"][0]["answer"].as_str().unwrap_or_default();
+            preds.insert(id, ans.to_string());
+        }
+    }
+    let (mut em, mut f1, mut n, mut missing) = (0.0, 0.0, 0usize, 0usize);
+    for qa in articles
+        .iter()
+        .flat_map(|a| a["paragraphs"].as_array().into_iter().flatten())
+        .flat_map(|p| p["qas"].as_array().into_iter().flatten())
+    {
+        let id =
+            scalar(&qa["id"]).with_context(|| format!("{gold_path}: a question without \"id\""))?;
+        let golds: Vec<String> = qa["answers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["text"].as_str().map(str::to_string))
+            .collect();
+        n += 1;
+        match preds.get(&id) {
+            Some(p) => {
+                let (e, f) = squad::score(&golds, p);
+                em += e;
+                f1 += f;
+            }
+            None => missing += 1, // scored 0, as the official script does
+        }
+    }
+    if missing > 0 {
+        eprintln!("warning: {missing} of {n} questions have no prediction and score 0");
+    }
+    if n == 0 {
+        bail!("{gold_path}: no questions");
+    }
+    Ok(
+        json!({"exact_match": 100.0 * em / n as f64, "f1": 100.0 * f1 / n as f64, "questions": n, "unanswered": missing}),
+    )
+}
+
+/// (query, doc, value) rows of a TSV, skipping a header whose third field is not a number.
+fn triples(path: &str) -> anyhow::Result<Vec<(String, String, f64)>> {
+    let mut out = Vec::new();
+    for (i, l) in read_lines(path)?.iter().enumerate() {
+        let f: Vec<&str> = l.split('\t').collect();
+        if f.len() < 3 {
+            bail!(
+                "{path}:{}: expected query-id<TAB>corpus-id<TAB>score",
+                i + 1
+            );
+        }
+        match f[2].trim().parse::<f64>() {
+            Ok(v) => out.push((f[0].to_string(), f[1].to_string(), v)),
+            Err(_) if i == 0 => {} // header
+            Err(_) => bail!("{path}:{}: score {:?} is not a number", i + 1, f[2]),
+        }
+    }
+    Ok(out)
+}
+
+fn rerank(gold_path: &str, pred_path: &str, k: usize) -> anyhow::Result<Value> {
+    let mut qrels: HashMap<String, HashMap<String, f64>> = HashMap::new();
+    for (q, d, r) in triples(gold_path)? {
+        qrels.entry(q).or_default().insert(d, r);
+    }
+    let mut runs: HashMap<String, Vec<(String, f64)>> = HashMap::new();
+    for (q, d, s) in triples(pred_path)? {
+        runs.entry(q).or_default().push((d, s));
+    }
+    let (mut mrr, mut ndcg) = (0.0, 0.0);
+    for (q, rels) in &qrels {
+        let run = runs.get(q).map(Vec::as_slice).unwrap_or_default();
+        let scores: Vec<f64> = run.iter().map(|(_, s)| *s).collect();
+        let relevance: Vec<f64> = run
+            .iter()
+            .map(|(d, _)| rels.get(d).copied().unwrap_or(0.0))
+            .collect();
+        mrr += metrics::reciprocal_rank(&scores, &relevance, k);
+        // Relevant documents the run never retrieved still count in the ideal ranking.
+        let judged: Vec<f64> = rels.values().copied().collect();
+        ndcg +=
+            metrics::ndcg_of_ranking(&metrics::ranked_relevance(&scores, &relevance), &judged, k);
+    }
+    let n = qrels.len().max(1) as f64;
+    Ok(json!({format!("mrr@{k}"): mrr / n, format!("ndcg@{k}"): ndcg / n, "queries": qrels.len()}))
+}
+
+/// Numbers, one per line (or the last tab-separated field; JSON Lines with "score").
+fn numbers(path: &str) -> anyhow::Result<Vec<f64>> {
+    read_lines(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let v = if l.trim_start().starts_with('{') {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["score"].as_f64())
+            } else {
+                l.split('\t')
+                    .next_back()
+                    .and_then(|s| s.trim().parse().ok())
+            };
+            v.with_context(|| format!("{path}:{}: not a number", i + 1))
+        })
+        .collect()
+}
+
+fn similarity(gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
+    let (g, p) = (numbers(gold_path)?, numbers(pred_path)?);
+    same_length(gold_path, g.len(), pred_path, p.len())?;
+    Ok(
+        json!({"pearson": metrics::pearson(&g, &p), "spearman": metrics::spearman(&g, &p), "pairs": g.len()}),
+    )
+}
