@@ -78,7 +78,7 @@ fn pairs(texts: Vec<String>, from_file: bool) -> anyhow::Result<Vec<berth_tasks:
             })
             .collect();
     }
-    if texts.len() % 2 != 0 {
+    if !texts.len().is_multiple_of(2) {
         bail!(
             "--pair needs texts two at a time (got {} arguments)",
             texts.len()
@@ -157,6 +157,10 @@ pub struct NerArgs {
     /// the overlap are resolved as transformers does.
     #[arg(long, value_name = "N")]
     stride: Option<usize>,
+    /// Read S- (single-token) and E- (end) tags as BIOES: transformers knows only B-/I- and
+    /// merges runs of S- tags, so this is off by default for parity with it.
+    #[arg(long)]
+    bioes: bool,
     #[command(flatten)]
     text: input::TextArgs,
     /// Texts to tag.
@@ -187,6 +191,7 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
             .filter(|l| !l.is_empty())
             .collect(),
         stride: a.stride,
+        bioes: a.bioes,
         batch_tokens: a.text.batch_tokens,
     };
     let mut out = stdout();

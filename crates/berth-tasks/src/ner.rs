@@ -33,6 +33,10 @@ pub struct NerOptions {
     /// Long texts: windows of the pipeline's max length sharing `stride` tokens (needs an
     /// aggregation other than `None`, as in transformers).
     pub stride: Option<usize>,
+    /// Read S- (single) and E- (end) tags as BIOES does. transformers knows only B- and
+    /// I-, so it reads `S-PER` as a continuation of a type named `S-PER`; off by default
+    /// for parity with it.
+    pub bioes: bool,
     /// Tokens per packed batch.
     pub batch_tokens: usize,
 }
@@ -128,7 +132,7 @@ pub fn token_classify(
         let mut entities = Vec::new();
         for w in r.clone() {
             let pre = gather(p, text, &table, &encs[w], &logits[w], opts.aggregation);
-            let grouped = aggregate(p, pre, opts.aggregation, &labels)?;
+            let grouped = aggregate(p, pre, opts.aggregation, &labels, opts.bioes)?;
             entities.extend(grouped.into_iter().filter(|e| {
                 let name = e
                     .entity
@@ -194,6 +198,7 @@ fn aggregate(
     pre: Vec<PreEntity>,
     agg: Aggregation,
     labels: &[String],
+    bioes: bool,
 ) -> Result<Vec<Entity>> {
     let labelled: Vec<Labelled> = match agg {
         Aggregation::None | Aggregation::Simple => pre
@@ -239,7 +244,7 @@ fn aggregate(
             })
             .collect());
     }
-    group_entities(p, labelled)
+    group_entities(p, labelled, bioes)
 }
 
 /// One word from its tokens (transformers' `aggregate_word`).
@@ -288,7 +293,15 @@ fn aggregate_word(
 
 /// B-/I- prefix and entity type: `B-PER` → (B, PER); a label without either prefix
 /// continues (I) an entity of its own name, as transformers reads it.
-fn tag(label: &str) -> (char, &str) {
+fn tag(label: &str, bioes: bool) -> (char, &str) {
+    if bioes {
+        if let Some(t) = label.strip_prefix("S-") {
+            return ('S', t);
+        }
+        if let Some(t) = label.strip_prefix("E-") {
+            return ('E', t);
+        }
+    }
     if let Some(t) = label.strip_prefix("B-") {
         ('B', t)
     } else if let Some(t) = label.strip_prefix("I-") {
@@ -298,17 +311,32 @@ fn tag(label: &str) -> (char, &str) {
     }
 }
 
+/// Where each item starts a new group (transformers' `group_entities` rule: a change of
+/// type, or a B- tag; with `bioes`, also S- tags and whatever follows an S- or E- tag).
+fn group_starts(labels: &[&str], bioes: bool) -> Vec<bool> {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| {
+            if i == 0 {
+                return true;
+            }
+            let (bi, t) = tag(label, bioes);
+            let (last_bi, last_t) = tag(labels[i - 1], bioes);
+            t != last_t || bi == 'B' || bi == 'S' || last_bi == 'E' || last_bi == 'S'
+        })
+        .collect()
+}
+
 /// Groups adjacent entities of one type (transformers' `group_entities`).
-fn group_entities(p: &Pipeline, items: Vec<Labelled>) -> Result<Vec<Entity>> {
+fn group_entities(p: &Pipeline, items: Vec<Labelled>, bioes: bool) -> Result<Vec<Entity>> {
+    let labels: Vec<&str> = items.iter().map(|i| i.label.as_str()).collect();
+    let starts = group_starts(&labels, bioes);
     let mut groups = Vec::new();
     let mut current: Vec<Labelled> = Vec::new();
-    for item in items {
-        if let Some(last) = current.last() {
-            let (bi, t) = tag(&item.label);
-            let (_, last_t) = tag(&last.label);
-            if !(t == last_t && bi != 'B') {
-                groups.push(group(p, std::mem::take(&mut current))?);
-            }
+    for (item, start) in items.into_iter().zip(starts) {
+        if start && !current.is_empty() {
+            groups.push(group(p, std::mem::take(&mut current))?);
         }
         current.push(item);
     }
@@ -362,4 +390,44 @@ fn merge_overlapping(mut entities: Vec<Entity>) -> Vec<Entity> {
     }
     out.push(prev);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts(labels: &[&str], bioes: bool) -> Vec<bool> {
+        group_starts(labels, bioes)
+    }
+
+    #[test]
+    fn iob2_and_iob1_runs_group_as_transformers_does() {
+        // IOB2: B- starts, I- continues; a type change starts a group.
+        assert_eq!(
+            starts(&["B-PER", "I-PER", "B-PER", "I-LOC"], false),
+            [true, false, true, true]
+        );
+        // IOB1: an I- run after another type starts a group; B- only splits same-type runs.
+        assert_eq!(
+            starts(&["I-PER", "I-PER", "B-PER", "I-ORG"], false),
+            [true, false, true, true]
+        );
+    }
+
+    #[test]
+    fn bioes_singles_and_ends_close_their_groups() {
+        let tags = [
+            "S-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "B-LOC", "E-LOC",
+        ];
+        assert_eq!(
+            starts(&tags, true),
+            [true, true, true, false, false, true, false]
+        );
+        // As transformers reads them: S-PER twice is one run of a type named "S-PER", and
+        // E-LOC is a type of its own.
+        assert_eq!(
+            starts(&tags, false),
+            [true, false, true, false, true, true, true]
+        );
+    }
 }

@@ -167,6 +167,7 @@ fn token_classification_matches_transformers() {
             aggregation,
             ignore_labels,
             stride,
+            bioes: false,
             batch_tokens: 64,
         };
         let (got, _) = token_classify(&p, &strings(&case["inputs"]), &opts, 0).unwrap();
