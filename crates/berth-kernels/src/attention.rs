@@ -35,7 +35,44 @@ pub fn varlen_attention(
         cu_seqlens: cu_seqlens.to_vec(),
         num_heads,
         scale,
+        dropout: None,
     })
+}
+
+/// [`varlen_attention`] with dropout on the attention probabilities (as BERT trains):
+/// each probability is zeroed with probability `p` and the rest scaled by `1 / (1 - p)`.
+/// The mask is a function of `seed` and the (sequence start, head, row, column), so the
+/// backward regenerates it instead of storing `[L, L]` masks.
+pub fn varlen_attention_dropout(
+    qkv: &Tensor,
+    cu_seqlens: &[usize],
+    num_heads: usize,
+    scale: f64,
+    p: f64,
+    seed: u64,
+) -> Result<Tensor> {
+    if p <= 0.0 {
+        return varlen_attention(qkv, cu_seqlens, num_heads, scale);
+    }
+    let (n, _) = qkv.dims2()?;
+    check_cu_seqlens(cu_seqlens, n)?;
+    qkv.contiguous()?.apply_op1(VarlenAttention {
+        cu_seqlens: cu_seqlens.to_vec(),
+        num_heads,
+        scale,
+        dropout: Some((p as f32, seed)),
+    })
+}
+
+/// Applies the dropout mask of one (sequence, head) to `p [L, L]` in place.
+fn drop_probabilities<T: Float>(p: &mut [T], dropout: Option<(f32, u64)>, start: usize, head: usize) {
+    if let Some((rate, seed)) = dropout {
+        let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
+        let scale = T::from_f64(1.0 / (1.0 - rate as f64));
+        for (i, v) in p.iter_mut().enumerate() {
+            *v = if crate::dropout::keep(key, i as u64, rate) { *v * scale } else { T::zero() };
+        }
+    }
 }
 
 fn check_cu_seqlens(cu: &[usize], n: usize) -> Result<()> {
@@ -78,6 +115,8 @@ struct VarlenAttention {
     cu_seqlens: Vec<usize>,
     num_heads: usize,
     scale: f64,
+    /// Attention-probability dropout: rate and seed.
+    dropout: Option<(f32, u64)>,
 }
 
 /// One (sequence, head) unit of work: first row, length, head index.
@@ -157,7 +196,7 @@ unsafe fn probabilities<T: Float>(
     p.chunks_mut(l).for_each(softmax_row);
 }
 
-fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
+fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64, dropout: Option<(f32, u64)>) -> Vec<T> {
     let n = *cu.last().unwrap_or(&0);
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
@@ -173,6 +212,7 @@ fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
             unsafe {
                 let (qkv, out) = (src.get() as *const T, dst.get());
                 probabilities(qkv, w3, h, hd, start, l, head, T::from_f64(scale), p);
+                drop_probabilities(p, dropout, start, head);
                 let v = qkv.add(start * w3 + 2 * h + head * hd);
                 let o = out.add(start * h + head * hd);
                 matmul(
@@ -193,7 +233,7 @@ fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
     out
 }
 
-fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64) -> Vec<T> {
+fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64, dropout: Option<(f32, u64)>) -> Vec<T> {
     let n = *cu.last().unwrap_or(&0);
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
@@ -204,8 +244,8 @@ fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64
     let gsrc = SendPtr(dout.as_ptr() as *mut T);
     let scale = T::from_f64(scale);
     tasks(cu, nh).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(p, dp, ds), (start, l, head)| {
+        || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |(p, dp, ds, pd), (start, l, head)| {
             p.resize(l * l, T::zero());
             dp.resize(l * l, T::zero());
             ds.resize(l * l, T::zero());
@@ -213,6 +253,15 @@ fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64
             unsafe {
                 let (qkv, dqkv, dout) = (src.get() as *const T, dst.get(), gsrc.get() as *const T);
                 probabilities(qkv, w3, h, hd, start, l, head, scale, p);
+                // With dropout, dV uses the dropped probabilities P', and dP' is masked back.
+                let p_used: *const T = if dropout.is_some() {
+                    pd.clear();
+                    pd.extend_from_slice(p);
+                    drop_probabilities(pd, dropout, start, head);
+                    pd.as_ptr()
+                } else {
+                    p.as_ptr()
+                };
                 let base = start * w3 + head * hd;
                 let (q, k, v) = (qkv.add(base), qkv.add(base + h), qkv.add(base + 2 * h));
                 let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
@@ -225,7 +274,7 @@ fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64
                     dv,
                     (w3, 1),
                     false,
-                    p.as_ptr(),
+                    p_used,
                     (1, l),
                     dout,
                     (h, 1),
@@ -245,6 +294,7 @@ fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64
                     (1, w3),
                     T::one(),
                 );
+                drop_probabilities(dp, dropout, start, head);
                 // dS = scale * softmax'(dP)
                 for r in 0..l {
                     let row = r * l..(r + 1) * l;
@@ -290,7 +340,7 @@ impl CustomOp1 for VarlenAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(op: &VarlenAttention, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-            let out = forward(slice::<T>(s, l)?, &op.cu_seqlens, op.num_heads, op.scale);
+            let out = forward(slice::<T>(s, l)?, &op.cu_seqlens, op.num_heads, op.scale, op.dropout);
             Ok(T::to_cpu_storage_owned(out))
         }
         let (n, w3) = l.shape().dims2()?;
@@ -304,7 +354,7 @@ impl CustomOp1 for VarlenAttention {
         fn run<T: Float>(op: &VarlenAttention, qkv: &Tensor, dout: &Tensor) -> Result<Tensor> {
             let d = with_slice::<T, _>(qkv, |q| {
                 with_slice::<T, _>(dout, |g| {
-                    backward(q, g, &op.cu_seqlens, op.num_heads, op.scale)
+                    backward(q, g, &op.cu_seqlens, op.num_heads, op.scale, op.dropout)
                 })
             })??;
             Tensor::from_vec(d, qkv.shape(), qkv.device())
@@ -356,6 +406,28 @@ mod tests {
         gradcheck("varlen attention", &[(randn(&[7, 12], 33)? * 2.0)?], |v| {
             varlen_attention(&v[0], &cu, 2, 0.7)
         })
+    }
+
+    #[test]
+    fn dropout_gradients_use_the_forward_mask() -> Result<()> {
+        let cu = [0, 3, 7];
+        gradcheck("varlen attention with dropout", &[(randn(&[7, 12], 36)? * 2.0)?], |v| {
+            varlen_attention_dropout(&v[0], &cu, 2, 0.7, 0.3, 5)
+        })
+    }
+
+    #[test]
+    fn dropout_matches_dropping_the_reference_probabilities() -> Result<()> {
+        // Rate 0 is the plain op; a nonzero rate changes the output and is reproducible.
+        let cu = [0, 4, 9];
+        let qkv = randn(&[9, 12], 37)?;
+        let plain = varlen_attention(&qkv, &cu, 2, 0.5)?;
+        assert_close("rate 0", &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.0, 1)?, &plain, 0.0)?;
+        let a = varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?;
+        assert_close("same seed", &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?, &a, 0.0)?;
+        let diff = (a - plain)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+        assert!(diff > 0.1, "dropout changed nothing");
+        Ok(())
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod activation;
 mod attention;
 mod cpu;
+mod dropout;
 mod layer_norm;
 mod linear;
 mod softmax;
@@ -20,7 +21,8 @@ mod softmax;
 mod testing;
 
 pub use activation::{activation, Activation};
-pub use attention::{reference_attention, varlen_attention};
+pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
+pub use dropout::dropout;
 pub use layer_norm::{layer_norm, reference_layer_norm};
 pub use linear::linear;
 pub use softmax::{reference_softmax, softmax_last_dim};
