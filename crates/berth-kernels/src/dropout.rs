@@ -13,8 +13,8 @@ pub(crate) fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A stream key derived from a seed and a sub-stream number.
-pub(crate) fn substream(seed: u64, n: u64) -> u64 {
+/// An independent seed for sub-stream `n` of `seed` (e.g. the n-th dropout call of a step).
+pub fn substream(seed: u64, n: u64) -> u64 {
     mix(seed ^ mix(n.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 

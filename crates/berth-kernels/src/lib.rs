@@ -22,7 +22,7 @@ mod testing;
 
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
-pub use dropout::dropout;
+pub use dropout::{dropout, substream as seed_stream};
 pub use layer_norm::{layer_norm, reference_layer_norm};
 pub use linear::linear;
 pub use softmax::{reference_softmax, softmax_last_dim};

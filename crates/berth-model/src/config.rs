@@ -59,6 +59,8 @@ pub struct BertConfig {
     pub hidden_dropout_prob: Option<f64>,
     #[serde(default)]
     pub attention_probs_dropout_prob: Option<f64>,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
 }
 
 /// config.json of DistilBERT.
@@ -84,6 +86,10 @@ pub struct DistilBertConfig {
     pub dropout: Option<f64>,
     #[serde(default)]
     pub attention_dropout: Option<f64>,
+    #[serde(default)]
+    pub seq_classif_dropout: Option<f64>,
+    #[serde(default)]
+    pub qa_dropout: Option<f64>,
 }
 
 /// Fields common to all architectures (head labels, tying).
@@ -162,6 +168,23 @@ pub struct EncoderConfig {
     pub problem_type: Option<String>,
     /// Whether the MLM decoder shares the word-embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Training dropout rates, as transformers applies them.
+    pub dropout: DropoutRates,
+}
+
+/// Dropout rates of one architecture (used only in training).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DropoutRates {
+    /// Embeddings output and each residual branch (DistilBERT: embeddings and feed-forward).
+    pub hidden: f64,
+    /// Attention probabilities.
+    pub attention: f64,
+    /// Before the sequence-classification output layers.
+    pub sequence_classifier: f64,
+    /// Before the token classifier.
+    pub token_classifier: f64,
+    /// Before the QA outputs (BERT and RoBERTa have none).
+    pub question_answering: f64,
 }
 
 impl EncoderConfig {
@@ -232,6 +255,7 @@ impl EncoderConfig {
             id2label: id2label.into_iter().map(|(_, v)| v).collect(),
             problem_type: common.problem_type,
             tie_word_embeddings: common.tie_word_embeddings.unwrap_or(true),
+            dropout: DropoutRates::default(),
         };
         if arch == Arch::DistilBert {
             let c: DistilBertConfig =
@@ -243,6 +267,14 @@ impl EncoderConfig {
             cfg.intermediate_size = c.hidden_dim;
             cfg.activation = act(&c.activation)?;
             cfg.max_position_embeddings = c.max_position_embeddings;
+            let hidden = c.dropout.unwrap_or(0.1);
+            cfg.dropout = DropoutRates {
+                hidden,
+                attention: c.attention_dropout.unwrap_or(0.1),
+                sequence_classifier: c.seq_classif_dropout.unwrap_or(0.2),
+                token_classifier: hidden,
+                question_answering: c.qa_dropout.unwrap_or(0.1),
+            };
         } else {
             let c: BertConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
             if let Some(p) = c
@@ -263,6 +295,15 @@ impl EncoderConfig {
             cfg.max_position_embeddings = c.max_position_embeddings;
             cfg.type_vocab_size = c.type_vocab_size;
             cfg.layer_norm_eps = c.layer_norm_eps;
+            let hidden = c.hidden_dropout_prob.unwrap_or(0.1);
+            let classifier = c.classifier_dropout.unwrap_or(hidden);
+            cfg.dropout = DropoutRates {
+                hidden,
+                attention: c.attention_probs_dropout_prob.unwrap_or(0.1),
+                sequence_classifier: classifier,
+                token_classifier: classifier,
+                question_answering: 0.0,
+            };
             if arch == Arch::Roberta {
                 cfg.position_offset = c.pad_token_id.unwrap_or(1) as usize + 1;
             }

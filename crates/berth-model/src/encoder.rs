@@ -58,6 +58,11 @@ impl Embeddings {
 
     /// `[N, H]` embeddings of a packed batch.
     pub fn forward(&self, b: &Batch) -> Result<Tensor> {
+        self.forward_train(b, None, 0.0)
+    }
+
+    /// [`Self::forward`] with dropout `p` on the output when `d` is given (training).
+    pub fn forward_train(&self, b: &Batch, d: Option<&crate::Dropout>, p: f64) -> Result<Tensor> {
         let vocab = self.word_embeddings.dim(0)?;
         let positions: Vec<u32> = b
             .position_ids
@@ -86,7 +91,11 @@ impl Embeddings {
                 "this architecture has no token types".into(),
             ));
         }
-        self.layer_norm.forward(&x)
+        let x = self.layer_norm.forward(&x)?;
+        match d {
+            Some(d) => d.apply(&x, p),
+            None => Ok(x),
+        }
     }
 }
 
@@ -107,6 +116,9 @@ pub struct Layer {
     pub out_ln: LayerNorm,
     num_heads: usize,
     activation: Activation,
+    dropout: crate::DropoutRates,
+    /// DistilBERT has no dropout on the attention output.
+    attention_output_dropout: bool,
 }
 
 impl Layer {
@@ -123,21 +135,43 @@ impl Layer {
             out_ln: LayerNorm::load(w, &k.out_ln, h, eps)?,
             num_heads: cfg.num_heads,
             activation: cfg.activation,
+            dropout: cfg.dropout,
+            attention_output_dropout: cfg.arch != crate::Arch::DistilBert,
         })
     }
 
     /// `x [N, H]` → `[N, H]`; tokens attend only within their sequence of `cu_seqlens`.
     pub fn forward(&self, x: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
+        self.forward_train(x, cu_seqlens, None)
+    }
+
+    /// [`Self::forward`] with dropout when `d` is given (training): on the attention
+    /// probabilities, and on the attention output (not in DistilBERT) and feed-forward
+    /// output before their residual adds, as transformers places it.
+    pub fn forward_train(&self, x: &Tensor, cu_seqlens: &[usize], d: Option<&crate::Dropout>) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, 3H]
         let hd = x.dim(1)? / self.num_heads;
-        let ctx = berth_kernels::varlen_attention(
-            &qkv,
-            cu_seqlens,
-            self.num_heads,
-            1.0 / (hd as f64).sqrt(),
-        )?;
-        let x = self.attn_ln.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let drop = |t: Tensor, p: f64| match d {
+            Some(d) => d.apply(&t, p),
+            None => Ok(t),
+        };
+        let ctx = match d {
+            Some(d) if self.dropout.attention > 0.0 => berth_kernels::varlen_attention_dropout(
+                &qkv,
+                cu_seqlens,
+                self.num_heads,
+                scale,
+                self.dropout.attention,
+                d.next_seed(),
+            )?,
+            _ => berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, scale)?,
+        };
+        let attn = self.attn_out.forward(&ctx)?;
+        let attn = if self.attention_output_dropout { drop(attn, self.dropout.hidden)? } else { attn };
+        let x = self.attn_ln.forward(&(attn + x)?)?;
         let f = berth_kernels::activation(&self.inter.forward(&x)?, self.activation)?; // [N, F]
-        self.out_ln.forward(&(self.out.forward(&f)? + x)?)
+        let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
+        self.out_ln.forward(&(f + x)?)
     }
 }

@@ -72,7 +72,7 @@ impl MaskedLmHead {
         let decoder = if cfg.tie_word_embeddings {
             // transformers ties even when the file also holds a copy: mark it used.
             if w.contains(decoder) {
-                w.get(decoder, &[v, h])?;
+                w.mark_used(decoder, &[v, h])?;
             }
             word_embeddings.clone()
         } else {
@@ -145,7 +145,8 @@ impl Head {
         word_embeddings: &Tensor,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
-        let classes = cfg.id2label.len().max(1);
+        // transformers' default is two labels when config.json names none.
+        let classes = if cfg.id2label.is_empty() { 2 } else { cfg.id2label.len() };
         Ok(match kind {
             HeadKind::MaskedLm => Head::MaskedLm(MaskedLmHead::load(w, cfg, word_embeddings)?),
             HeadKind::SequenceClassification => Head::SequenceClassification(match cfg.arch {

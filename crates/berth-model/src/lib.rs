@@ -9,6 +9,7 @@
 
 mod batch;
 mod config;
+mod dropout;
 mod encoder;
 mod error;
 mod heads;
@@ -18,7 +19,8 @@ mod names;
 mod weights;
 
 pub use batch::Batch;
-pub use config::{Arch, BertConfig, DistilBertConfig, EncoderConfig};
+pub use config::{Arch, BertConfig, DistilBertConfig, DropoutRates, EncoderConfig};
+pub use dropout::Dropout;
 pub use encoder::{Embeddings, Layer};
 pub use error::{ModelError, Result};
 pub use heads::{Head, HeadKind, MaskedLmHead, SequenceClassificationHead};

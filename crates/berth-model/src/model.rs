@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 
 use crate::batch::Batch;
 use crate::config::{Arch, EncoderConfig};
+use crate::dropout::Dropout;
 use crate::encoder::{Embeddings, Layer};
 use crate::error::{ModelError, Result};
 use crate::heads::{Head, HeadKind, SequenceClassificationHead};
@@ -123,9 +124,17 @@ impl Model {
         if batch.num_tokens() == 0 {
             return Err(ModelError::Input("empty batch".into()));
         }
-        let mut x = self.embeddings.forward(batch)?;
+        self.forward_train(batch, None)
+    }
+
+    /// [`Self::forward`] with transformers' training dropout when `d` is given.
+    pub fn forward_train(&self, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
+        if batch.num_tokens() == 0 {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        let mut x = self.embeddings.forward_train(batch, d, self.config.dropout.hidden)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &batch.cu_seqlens)?;
+            x = layer.forward_train(&x, &batch.cu_seqlens, d)?;
         }
         Ok(x)
     }
@@ -196,40 +205,68 @@ impl Model {
 
     /// Sequence-classification logits `[S, C]`.
     pub fn sequence_logits(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        self.sequence_logits_train(hidden, batch, None)
+    }
+
+    /// [`Self::sequence_logits`] with the head's training dropout when `d` is given.
+    pub fn sequence_logits_train(&self, hidden: &Tensor, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
+        let p = self.config.dropout.sequence_classifier;
+        let drop = |t: Tensor| match d {
+            Some(d) => d.apply(&t, p),
+            None => Ok(t),
+        };
         let Some(Head::SequenceClassification(head)) = &self.head else {
             return Err(self.missing(HeadKind::SequenceClassification.name()));
         };
         match head {
             SequenceClassificationHead::Pooled { classifier } => {
-                classifier.forward(&self.pooler_output(hidden, batch)?)
+                classifier.forward(&drop(self.pooler_output(hidden, batch)?)?)
             }
             SequenceClassificationHead::Roberta { dense, out_proj } => {
-                out_proj.forward(&dense.forward(&Self::first_tokens(hidden, batch)?)?.tanh()?)
+                let x = dense.forward(&drop(Self::first_tokens(hidden, batch)?)?)?.tanh()?;
+                out_proj.forward(&drop(x)?)
             }
             SequenceClassificationHead::DistilBert {
                 pre_classifier,
                 classifier,
-            } => classifier.forward(
-                &pre_classifier
+            } => classifier.forward(&drop(
+                pre_classifier
                     .forward(&Self::first_tokens(hidden, batch)?)?
                     .relu()?,
-            ),
+            )?),
         }
     }
 
     /// Token-classification logits `[N, C]`.
     pub fn token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.token_logits_train(hidden, None)
+    }
+
+    /// [`Self::token_logits`] with the head's training dropout when `d` is given.
+    pub fn token_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
         match &self.head {
-            Some(Head::TokenClassification(l)) => l.forward(hidden),
+            Some(Head::TokenClassification(l)) => match d {
+                Some(d) => l.forward(&d.apply(hidden, self.config.dropout.token_classifier)?),
+                None => l.forward(hidden),
+            },
             _ => Err(self.missing(HeadKind::TokenClassification.name())),
         }
     }
 
     /// Question-answering start and end logits, each `[N]`.
     pub fn qa_logits(&self, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.qa_logits_train(hidden, None)
+    }
+
+    /// [`Self::qa_logits`] with the head's training dropout (DistilBERT only) when `d` is given.
+    pub fn qa_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<(Tensor, Tensor)> {
         match &self.head {
             Some(Head::QuestionAnswering(l)) => {
-                let x = l.forward(hidden)?; // [N, 2]
+                let hidden = match d {
+                    Some(d) => d.apply(hidden, self.config.dropout.question_answering)?,
+                    None => hidden.clone(),
+                };
+                let x = l.forward(&hidden)?; // [N, 2]
                 Ok((
                     x.narrow(1, 0, 1)?.squeeze(1)?,
                     x.narrow(1, 1, 1)?.squeeze(1)?,

@@ -67,6 +67,12 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()
 impl Weights {
     /// Loads the weights of the model directory `dir` (see the module docs for the formats).
     pub fn from_dir(dir: &Path, trainable: bool) -> Result<Self> {
+        let (tensors, source) = Self::read_dir(dir)?;
+        Self::from_tensors(tensors, source, trainable)
+    }
+
+    /// Every tensor of the model directory `dir` by key, with the file they came from.
+    pub fn read_dir(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
         let mut tensors = HashMap::new();
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -106,7 +112,7 @@ impl Weights {
         } else {
             return Err(ModelError::NoWeights { dir: dir.into() });
         };
-        Self::from_tensors(tensors, source, trainable)
+        Ok((tensors, source))
     }
 
     /// Wraps tensors already in memory; `source` names them in errors.
@@ -191,6 +197,12 @@ impl Weights {
                 Ok(var.as_tensor().clone())
             }
         }
+    }
+
+    /// Checks `name` has `shape` and marks it used without handing it out (a tied copy:
+    /// no separate trainable parameter).
+    pub fn mark_used(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.raw(name, shape).map(|_| ())
     }
 
     /// The tensor `name`, which must have `shape`.

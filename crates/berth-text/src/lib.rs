@@ -141,6 +141,24 @@ impl TextTokenizer {
             .find_map(|t| self.token_to_id(t).map(|id| (t.to_string(), id)))
     }
 
+    /// Encodes pre-split words (a CoNLL sentence) with special tokens, cut to `max_len`
+    /// tokens; `word_ids` map each token back to its word. `index` names the input in errors.
+    pub fn encode_words(&self, words: &[String], max_len: usize, index: usize) -> Result<Encoded> {
+        if words.is_empty() {
+            return Err(TextError::EmptyText { index });
+        }
+        let fail = |e: tokenizers::Error| TextError::Tokenize { index, message: e.to_string() };
+        let input = tokenizers::InputSequence::from(words.iter().map(String::as_str).collect::<Vec<_>>());
+        let enc = self.inner.encode_char_offsets(input.clone(), true).map_err(fail)?;
+        let full_len = enc.len();
+        if full_len <= max_len {
+            return Ok(Encoded::from_encoding(&enc, full_len));
+        }
+        let mut t = self.inner.clone();
+        t.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() })).map_err(fail)?;
+        Ok(Encoded::from_encoding(&t.encode_char_offsets(input, true).map_err(fail)?, full_len))
+    }
+
     /// Encodes `text` (and `pair`, for sentence pairs) with special tokens, limited to
     /// `max_len` tokens. `index` names the input in errors.
     pub fn encode(

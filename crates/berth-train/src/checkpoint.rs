@@ -1,0 +1,155 @@
+//! Run directories and checkpoints.
+//!
+//! ```text
+//! RUN/config.json                the full training configuration
+//! RUN/metrics.jsonl              one line per logged step and per evaluation
+//! RUN/checkpoints/step-N/        model.safetensors + config.json + tokenizer files
+//!                                (the Hugging Face layout: `from_pretrained` loads it),
+//!                                optimizer.safetensors, trainer_state.json
+//! ```
+//! Every checkpoint is written into a temporary directory beside its final name and renamed
+//! into place, so a crash or a full disk never leaves a half-written checkpoint, and the
+//! previous ones are untouched.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use berth_model::Model;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io, Result, TrainError};
+use crate::optim::AdamW;
+
+/// Version of the checkpoint layout berth writes (and the only one it resumes).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Tokenizer files copied next to a saved model when the source has them.
+const TOKENIZER_FILES: [&str; 6] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt"];
+
+/// Where training stands, saved with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Epoch in progress (0-based).
+    pub epoch: usize,
+    /// Batches of that epoch already consumed (the data position).
+    pub batch_in_epoch: usize,
+    /// The run's seed (data order and dropout masks derive from it and the position).
+    pub seed: u64,
+    /// Best dev metric so far and the step that reached it.
+    pub best: Option<(f64, u64)>,
+    /// Evaluations since the best one (early stopping).
+    pub evals_without_improvement: usize,
+}
+
+/// The model's parameters under their Hugging Face names (fused weights split back).
+pub fn model_tensors(model: &Model) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for p in &model.params {
+        out.insert(p.name.clone(), p.view(p.var.as_tensor())?.contiguous()?);
+    }
+    if out.is_empty() {
+        return Err(TrainError::Config("the model was not loaded trainable: nothing to save".into()));
+    }
+    Ok(out)
+}
+
+/// Writes `model` in the Hugging Face layout into `dir` (which must exist): weights,
+/// `config` as config.json, and the tokenizer files of `tokenizer_dir`.
+pub fn write_model(dir: &Path, model: &Model, config: &serde_json::Value, tokenizer_dir: &Path) -> Result<()> {
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&model_tensors(model)?, &weights)
+        .map_err(|e| TrainError::Checkpoint { path: weights.clone(), message: e.to_string() })?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, serde_json::to_string_pretty(config).expect("JSON values serialise")).map_err(io(&cfg))?;
+    for f in TOKENIZER_FILES {
+        let src = tokenizer_dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(f)).map_err(io(&src))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint atomically to `checkpoints/step-N` under `run`.
+pub fn save(run: &Path, model: &Model, config: &serde_json::Value, tokenizer_dir: &Path, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    let root = run.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let name = format!("step-{}", state.step);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let dst = root.join(&name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let written = (|| -> Result<()> {
+        write_model(&tmp, model, config, tokenizer_dir)?;
+        let opt_path = tmp.join("optimizer.safetensors");
+        candle_core::safetensors::save(&opt.state_tensors()?, &opt_path)
+            .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?;
+        let st = tmp.join("trainer_state.json");
+        std::fs::write(&st, serde_json::to_string_pretty(state).expect("state serialises")).map_err(io(&st))?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp); // leave nothing half-written behind
+        return Err(e);
+    }
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
+    }
+    std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    Ok(dst)
+}
+
+/// Checkpoints under `run`, oldest first, as (step, path).
+pub fn list(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run.join("checkpoints");
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&root).map_err(io(&root))? {
+        let e = e.map_err(io(&root))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+            out.push((step, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes all but the newest `keep` checkpoints and the best one.
+pub fn rotate(run: &Path, keep: usize, best_step: Option<u64>) -> Result<()> {
+    let all = list(run)?;
+    let cut = all.len().saturating_sub(keep);
+    for (step, path) in &all[..cut] {
+        if Some(*step) != best_step {
+            std::fs::remove_dir_all(path).map_err(io(path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's trainer state and optimizer tensors.
+pub fn read_state(ckpt: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let st = ckpt.join("trainer_state.json");
+    let text = std::fs::read_to_string(&st).map_err(io(&st))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: st.clone(), message: e.to_string() })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(TrainError::Checkpoint {
+            path: st,
+            message: format!("format version {} (this berth reads {FORMAT_VERSION})", state.format_version),
+        });
+    }
+    let opt = ckpt.join("optimizer.safetensors");
+    let tensors = candle_core::safetensors::load(&opt, &candle_core::Device::Cpu)
+        .map_err(|e| TrainError::Checkpoint { path: opt.clone(), message: e.to_string() })?;
+    Ok((state, tensors))
+}

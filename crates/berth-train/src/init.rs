@@ -1,0 +1,137 @@
+//! A model ready to fine-tune for a task: the checkpoint's encoder, and its head when it has
+//! one for the same labels, else a fresh head initialised as transformers initialises one
+//! (normal with `initializer_range` for weights, zeros for biases).
+use std::collections::HashMap;
+use std::path::Path;
+
+use berth_model::{Arch, EncoderConfig, HeadKind, Model, Weights};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{io, Result, TrainError};
+
+/// What the fine-tuned model predicts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskHead {
+    /// The head.
+    pub kind: HeadKind,
+    /// Label names (empty for question answering).
+    pub labels: Vec<String>,
+    /// transformers' `problem_type` for sequence classification.
+    pub problem_type: Option<String>,
+}
+
+fn class_name(arch: Arch, kind: HeadKind) -> String {
+    let prefix = match arch {
+        Arch::Bert => "Bert",
+        Arch::Roberta => "Roberta",
+        Arch::DistilBert => "DistilBert",
+    };
+    let suffix = match kind {
+        HeadKind::MaskedLm => "ForMaskedLM",
+        HeadKind::SequenceClassification => "ForSequenceClassification",
+        HeadKind::TokenClassification => "ForTokenClassification",
+        HeadKind::QuestionAnswering => "ForQuestionAnswering",
+    };
+    format!("{prefix}{suffix}")
+}
+
+/// Head weight names and shapes for `kind` (`h` hidden, `c` outputs).
+fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, Vec<usize>)> {
+    let lin = |name: &str, o: usize, i: usize| vec![(format!("{name}.weight"), vec![o, i]), (format!("{name}.bias"), vec![o])];
+    match (kind, arch) {
+        (HeadKind::SequenceClassification, Arch::Bert) => [lin("bert.pooler.dense", h, h), lin("classifier", c, h)].concat(),
+        (HeadKind::SequenceClassification, Arch::Roberta) => [lin("classifier.dense", h, h), lin("classifier.out_proj", c, h)].concat(),
+        (HeadKind::SequenceClassification, Arch::DistilBert) => [lin("pre_classifier", h, h), lin("classifier", c, h)].concat(),
+        (HeadKind::TokenClassification, _) => lin("classifier", c, h),
+        (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
+        (HeadKind::MaskedLm, _) => Vec::new(),
+    }
+}
+
+/// The config.json for the fine-tuned model: the checkpoint's, with the head's class,
+/// labels and problem type.
+pub fn task_config(dir: &Path, head: &TaskHead) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    let arch = EncoderConfig::from_json(&text, &path)?.arch;
+    v["architectures"] = serde_json::json!([class_name(arch, head.kind)]);
+    if head.kind != HeadKind::QuestionAnswering {
+        let id2label: serde_json::Map<String, serde_json::Value> =
+            head.labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect();
+        let label2id: serde_json::Map<String, serde_json::Value> =
+            head.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
+        v["id2label"] = id2label.into();
+        v["label2id"] = label2id.into();
+    }
+    if let Some(p) = &head.problem_type {
+        v["problem_type"] = p.clone().into();
+    }
+    Ok(v)
+}
+
+/// Loads `dir` as a trainable model with `head`. A base checkpoint (`*Model`, keys without
+/// the `bert.` / `roberta.` / `distilbert.` prefix) gets the prefix, as transformers does
+/// when loading a base model into a head model. Head weights absent from the checkpoint are
+/// initialised from `seed`; present ones must fit the label count.
+pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, serde_json::Value)> {
+    let config_json = task_config(dir, head)?;
+    let config = EncoderConfig::from_json(&config_json.to_string(), &dir.join("config.json"))?;
+    let (raw, source) = Weights::read_dir(dir)?;
+    let prefix = format!("{}.", config.arch.base_prefix());
+    let has_prefix = raw.keys().any(|k| k.starts_with(&prefix));
+    let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(raw.len());
+    for (k, t) in raw {
+        // Parts the task's model does not have: the pooler outside sequence classification
+        // (transformers builds those models without it), another task's head.
+        let other_head = ["classifier.", "pre_classifier.", "qa_outputs.", "cls.", "lm_head.", "vocab_"]
+            .iter()
+            .any(|h| k.starts_with(h))
+            && !head_shapes(config.arch, head.kind, config.hidden_size, 1).iter().any(|(n, _)| k.split('.').next() == n.split('.').next());
+        if other_head || (head.kind != HeadKind::SequenceClassification && k.contains("pooler.")) {
+            continue;
+        }
+        let head_key = ["classifier.", "pre_classifier.", "qa_outputs.", "cls.", "lm_head.", "vocab_"].iter().any(|h| k.starts_with(h));
+        let key = if has_prefix || head_key { k } else { format!("{prefix}{k}") };
+        tensors.insert(key, t);
+    }
+    let c = if head.kind == HeadKind::QuestionAnswering { 2 } else { head.labels.len() };
+    let init_range = config_json["initializer_range"].as_f64().unwrap_or(0.02);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (name, shape) in head_shapes(config.arch, head.kind, config.hidden_size, c) {
+        match tensors.get(&name) {
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(TrainError::Config(format!(
+                    "{}: head weight {name} has shape {:?} but the task needs {shape:?} ({} labels); start from the base model or use the checkpoint's labels",
+                    source.display(),
+                    t.dims(),
+                    c
+                )))
+            }
+            Some(_) => {}
+            None => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else {
+                    // Box-Muller from the seeded generator.
+                    (0..n)
+                        .map(|_| {
+                            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * init_range) as f32
+                        })
+                        .collect()
+                };
+                tensors.insert(name, Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?);
+            }
+        }
+    }
+    let w = Weights::from_tensors(tensors, source, true)?;
+    let (model, report) = Model::from_weights(config, w, dir)?;
+    if let Some((kind, key)) = report.missing_head {
+        return Err(TrainError::Config(format!("{}: the {} head is incomplete (missing {key})", dir.display(), kind.name())));
+    }
+    Ok((model, config_json))
+}

@@ -1,0 +1,206 @@
+//! AdamW as `torch.optim.AdamW` computes it (decoupled weight decay, bias correction), with
+//! gradient accumulation and global-norm clipping as the Hugging Face Trainer does them.
+use std::collections::HashMap;
+
+use berth_model::Param;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+
+use crate::error::{Result, TrainError};
+
+/// AdamW hyper-parameters (torch's defaults; the Trainer's weight decay default is 0).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AdamWConfig {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay for weights (not biases or LayerNorm weights).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Whether weight decay applies to a parameter, by its Hugging Face name: not to biases
+/// nor LayerNorm weights (the Trainer's `get_decay_parameter_names`).
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(name.ends_with(".bias") || lower.contains("layernorm") || lower.contains("layer_norm"))
+}
+
+/// One optimised variable (a fused variable is one slot).
+struct Slot {
+    /// Name of its first parameter (names optimizer state on disk).
+    name: String,
+    var: Var,
+    decay: bool,
+    grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Whether a gradient arrived since the last step.
+    touched: bool,
+}
+
+/// AdamW over a model's parameters, with a gradient accumulator.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+impl AdamW {
+    /// An optimizer for `params`; variables shared by several parameters (fused QKV) are
+    /// one slot, and decay only when every name they carry decays.
+    pub fn new(params: &[Param], cfg: AdamWConfig) -> Self {
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut index: HashMap<candle_core::TensorId, usize> = HashMap::new();
+        for p in params {
+            let id = p.var.as_tensor().id();
+            match index.get(&id) {
+                Some(&i) => slots[i].decay &= decays(&p.name),
+                None => {
+                    let n = p.var.as_tensor().elem_count();
+                    index.insert(id, slots.len());
+                    slots.push(Slot {
+                        name: p.name.clone(),
+                        var: p.var.clone(),
+                        decay: decays(&p.name),
+                        grad: vec![0.0; n],
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                        touched: false,
+                    });
+                }
+            }
+        }
+        AdamW { cfg, slots, step: 0 }
+    }
+
+    /// Adds `scale ×` the gradients of `grads` to the accumulator.
+    pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
+        for s in &mut self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
+                s.grad.iter_mut().zip(&g).for_each(|(a, &b)| *a += scale * b);
+                s.touched = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of variables that received no gradient since the last step.
+    pub fn untouched(&self) -> Vec<&str> {
+        self.slots.iter().filter(|s| !s.touched).map(|s| s.name.as_str()).collect()
+    }
+
+    /// The accumulated gradient of the variable whose first parameter is `name`.
+    pub fn grad(&self, name: &str) -> Option<&[f32]> {
+        self.slots.iter().find(|s| s.name == name).map(|s| s.grad.as_slice())
+    }
+
+    /// Global L2 norm of the accumulated gradients; when above `max_norm`, scales them by
+    /// `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`). Returns the norm before
+    /// clipping.
+    pub fn clip(&mut self, max_norm: Option<f64>) -> f64 {
+        let total: f64 = self.slots.iter().map(|s| s.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).sum();
+        let norm = total.sqrt();
+        if let Some(max) = max_norm {
+            let coef = (max / (norm + 1e-6)).min(1.0) as f32;
+            if coef < 1.0 {
+                for s in &mut self.slots {
+                    s.grad.iter_mut().for_each(|g| *g *= coef);
+                }
+            }
+        }
+        norm
+    }
+
+    /// One AdamW update at learning rate `lr` from the accumulated gradients, then clears
+    /// them.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        for s in &mut self.slots {
+            let t = s.var.as_tensor();
+            let mut p = t.flatten_all()?.to_vec1::<f32>()?;
+            let decay = if s.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            for i in 0..p.len() {
+                let g = s.grad[i];
+                p[i] *= decay;
+                s.m[i] += (1.0 - b1) * (g - s.m[i]);
+                s.v[i] = b2 * s.v[i] + (1.0 - b2) * g * g;
+                let denom = s.v[i].sqrt() / bc2_sqrt as f32 + eps;
+                p[i] -= step_size * s.m[i] / denom;
+            }
+            s.var.set(&Tensor::from_vec(p, t.shape(), &Device::Cpu)?)?;
+            s.grad.iter_mut().for_each(|g| *g = 0.0);
+            s.touched = false;
+        }
+        Ok(())
+    }
+
+    /// Clears the accumulated gradients without stepping.
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.grad.iter_mut().for_each(|g| *g = 0.0);
+            s.touched = false;
+        }
+    }
+
+    /// The moment estimates by slot name, for checkpoints.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            let shape = s.var.as_tensor().shape().clone();
+            out.insert(format!("exp_avg.{}", s.name), Tensor::from_vec(s.m.clone(), &shape, &Device::Cpu)?);
+            out.insert(format!("exp_avg_sq.{}", s.name), Tensor::from_vec(s.v.clone(), &shape, &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    /// Restores moment estimates saved by [`Self::state_tensors`] and the step count.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64, source: &std::path::Path) -> Result<()> {
+        for s in &mut self.slots {
+            for (key, dst) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+                let name = format!("{key}.{}", s.name);
+                let t = tensors.get(&name).ok_or_else(|| TrainError::Checkpoint {
+                    path: source.into(),
+                    message: format!("optimizer state lacks {name}"),
+                })?;
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                if v.len() != dst.len() {
+                    return Err(TrainError::Checkpoint { path: source.into(), message: format!("{name} has {} values, the model {}", v.len(), dst.len()) });
+                }
+                *dst = v;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_skips_biases_and_layer_norms() {
+        assert!(decays("bert.encoder.layer.0.attention.self.query.weight"));
+        assert!(!decays("bert.encoder.layer.0.attention.self.query.bias"));
+        assert!(!decays("bert.embeddings.LayerNorm.weight"));
+        assert!(!decays("distilbert.transformer.layer.0.sa_layer_norm.weight"));
+        assert!(decays("classifier.weight"));
+    }
+}

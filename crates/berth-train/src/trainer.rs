@@ -1,0 +1,643 @@
+//! The fine-tuning loop, readable top to bottom:
+//! data → model → for each optimizer step: learning rate → forward / backward over the
+//! accumulated micro-batches (dropout on) → clip → AdamW step → log; at each epoch end (or
+//! every `save_every` steps): evaluate on dev → checkpoint → early stopping.
+//!
+//! Determinism: the data order of epoch `e` is a shuffle seeded by `(seed, e)`, and the
+//! dropout masks of micro-batch `k` are seeded by `(seed, k)`. Nothing else is random, so
+//! the same config and seed give the same losses, and a resumed run (which restores
+//! weights, optimizer moments and the data position) continues exactly.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use berth_model::{Batch, Dropout, HeadKind, Model};
+use berth_tasks::metrics;
+use berth_text::{Encoded, TextTokenizer, Truncation};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::data::{self, Column, Columns};
+use crate::error::{io, Result, TrainError};
+use crate::init::{load_for_task, TaskHead};
+use crate::loss;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::{Schedule, ScheduleKind};
+
+/// What is being fine-tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Sequence classification (single label) or regression (`regression`), texts or pairs.
+    Classify,
+    /// Token classification from CoNLL files.
+    Ner,
+}
+
+/// The full training configuration (saved as the run's config.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Task.
+    pub task: Task,
+    /// Starting checkpoint (a model directory).
+    pub model: PathBuf,
+    /// Training data.
+    pub train: PathBuf,
+    /// Dev data; without it, `dev_fraction` of the training data is split off (seeded).
+    pub dev: Option<PathBuf>,
+    /// Fraction held out when there is no dev file.
+    pub dev_fraction: f64,
+    /// Run directory.
+    pub output: PathBuf,
+    /// Epochs.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule still spans `epochs`).
+    pub max_steps: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Token limit per example.
+    pub max_length: usize,
+    /// Warmup steps (overrides `warmup_ratio`).
+    pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of all optimizer steps.
+    pub warmup_ratio: f64,
+    /// Schedule after warmup.
+    pub schedule: ScheduleKind,
+    /// AdamW settings (weight decay included).
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm limit (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Seed of data order, dropout and new head weights.
+    pub seed: u64,
+    /// Classify: text column (name or index).
+    pub text_column: String,
+    /// Classify: second-text column for pairs.
+    pub pair_column: Option<String>,
+    /// Classify: label column.
+    pub label_column: String,
+    /// Classify: treat labels as numbers (regression, MSE loss).
+    pub regression: bool,
+    /// NER: tag column (default: the last).
+    pub tag_column: Option<usize>,
+    /// NER: label every sub-token of a word (default: only the first; the rest are -100).
+    pub label_all_tokens: bool,
+    /// Skip (and count) malformed rows instead of failing.
+    pub skip_bad_rows: bool,
+    /// Evaluate and checkpoint every N optimizer steps (default: at each epoch end).
+    pub save_every: Option<u64>,
+    /// Newest checkpoints kept (the best one is kept as well).
+    pub keep_checkpoints: usize,
+    /// Stop after this many evaluations without a better dev score.
+    pub early_stopping_patience: Option<usize>,
+    /// Log the training loss every N optimizer steps.
+    pub log_every: u64,
+    /// Dropout during training (off only for tests against eval-mode references).
+    pub dropout: bool,
+}
+
+impl TrainConfig {
+    /// Defaults of the Hugging Face Trainer where it has them (lr 5e-5, linear schedule,
+    /// no warmup, weight decay 0, clip at 1.0, 3 epochs, seed 42).
+    pub fn new(task: Task, model: PathBuf, train: PathBuf, output: PathBuf) -> Self {
+        TrainConfig {
+            task,
+            model,
+            train,
+            dev: None,
+            dev_fraction: 0.1,
+            output,
+            epochs: 3,
+            max_steps: None,
+            lr: 5e-5,
+            batch_size: 32,
+            grad_accum: 1,
+            max_length: 128,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            schedule: ScheduleKind::Linear,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            text_column: "sentence".into(),
+            pair_column: None,
+            label_column: "label".into(),
+            regression: false,
+            tag_column: None,
+            label_all_tokens: false,
+            skip_bad_rows: false,
+            save_every: None,
+            keep_checkpoints: 2,
+            early_stopping_patience: None,
+            log_every: 10,
+            dropout: true,
+        }
+    }
+}
+
+/// One encoded training example with its targets.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// Tokens.
+    pub enc: Encoded,
+    /// Classify: the class index (or `None` for regression).
+    pub class: Option<u32>,
+    /// Regression target.
+    pub value: f32,
+    /// NER: per-token class (`None` = ignored, transformers' -100).
+    pub token_labels: Vec<Option<u32>>,
+    /// NER: gold tag per word, for conlleval.
+    pub words: Vec<(String, String)>,
+}
+
+/// The prepared data of a run.
+pub struct Prepared {
+    /// Label names (empty for regression).
+    pub labels: Vec<String>,
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Dev examples.
+    pub dev: Vec<Example>,
+    /// Rows skipped as malformed (with `skip_bad_rows`).
+    pub skipped: usize,
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    /// An optimizer step.
+    Step {
+        /// Steps taken.
+        step: u64,
+        /// Total steps of the schedule.
+        total: u64,
+        /// Epoch (fractional).
+        epoch: f64,
+        /// Mean training loss of the step's micro-batches.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Gradient norm before clipping.
+        grad_norm: f64,
+        /// Training tokens per second over the step.
+        tokens_per_s: f64,
+    },
+    /// A dev evaluation.
+    Eval {
+        /// Steps taken.
+        step: u64,
+        /// Epoch (fractional).
+        epoch: f64,
+        /// Metric name → value.
+        eval: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
+    match cfg.task {
+        Task::Classify if cfg.regression => TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: vec!["LABEL_0".into()],
+            problem_type: Some("regression".into()),
+        },
+        Task::Classify => TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: labels.to_vec(),
+            problem_type: Some("single_label_classification".into()),
+        },
+        Task::Ner => TaskHead { kind: HeadKind::TokenClassification, labels: labels.to_vec(), problem_type: None },
+    }
+}
+
+/// Reads, splits, labels and tokenizes the data.
+pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    match cfg.task {
+        Task::Classify => prepare_classify(cfg, tok),
+        Task::Ner => prepare_ner(cfg, tok),
+    }
+}
+
+fn unseen(path: &Path, line: usize, label: &str) -> TrainError {
+    TrainError::Data {
+        path: path.into(),
+        line,
+        message: format!("label {label:?} does not occur in the training data"),
+    }
+}
+
+fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    let cols = Columns {
+        text: Column::parse(&cfg.text_column),
+        pair: cfg.pair_column.as_deref().map(Column::parse),
+        label: Column::parse(&cfg.label_column),
+    };
+    let (train, mut skipped) = data::read_text_examples(&cfg.train, &cols, cfg.skip_bad_rows)?;
+    let (train, dev, dev_path) = match &cfg.dev {
+        Some(d) => {
+            let (dev, s) = data::read_text_examples(d, &cols, cfg.skip_bad_rows)?;
+            skipped += s;
+            (train, dev, d.clone())
+        }
+        None => {
+            let (t, d) = data::split(&train, cfg.dev_fraction, cfg.seed);
+            (t, d, cfg.train.clone())
+        }
+    };
+    let mut labels: Vec<String> = Vec::new();
+    if !cfg.regression {
+        labels = train.iter().map(|e| e.label.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        if let Some(e) = dev.iter().find(|e| !labels.contains(&e.label)) {
+            return Err(unseen(&dev_path, e.line, &e.label));
+        }
+    }
+    let encode = |items: &[data::TextExample], path: &Path| -> Result<Vec<Example>> {
+        use rayon::prelude::*;
+        items
+            .par_iter()
+            .map(|e| {
+                let enc = tok.encode(&e.text, e.pair.as_deref(), cfg.max_length, Truncation::Truncate, e.line)?;
+                let (class, value) = if cfg.regression {
+                    let v: f32 = e.label.parse().map_err(|_| TrainError::Data {
+                        path: path.into(),
+                        line: e.line,
+                        message: format!("regression label {:?} is not a number", e.label),
+                    })?;
+                    (None, v)
+                } else {
+                    (labels.iter().position(|l| *l == e.label).map(|i| i as u32), 0.0)
+                };
+                Ok(Example { enc, class, value, token_labels: Vec::new(), words: Vec::new() })
+            })
+            .collect()
+    };
+    Ok(Prepared { train: encode(&train, &cfg.train)?, dev: encode(&dev, &dev_path)?, labels, skipped })
+}
+
+fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    let (train, mut skipped) = data::read_conll(&cfg.train, cfg.tag_column, cfg.skip_bad_rows)?;
+    let (train, dev, dev_path) = match &cfg.dev {
+        Some(d) => {
+            let (dev, s) = data::read_conll(d, cfg.tag_column, cfg.skip_bad_rows)?;
+            skipped += s;
+            (train, dev, d.clone())
+        }
+        None => {
+            let (t, d) = data::split(&train, cfg.dev_fraction, cfg.seed);
+            (t, d, cfg.train.clone())
+        }
+    };
+    let labels: Vec<String> =
+        train.iter().flat_map(|s| s.tags.iter().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for s in &dev {
+        if let Some((i, t)) = s.tags.iter().enumerate().find(|(_, t)| !labels.contains(t)) {
+            return Err(unseen(&dev_path, s.line + i, t));
+        }
+    }
+    let encode = |items: &[data::TaggedSentence]| -> Result<Vec<Example>> {
+        use rayon::prelude::*;
+        items
+            .par_iter()
+            .map(|s| {
+                let enc = tok.encode_words(&s.words, cfg.max_length, s.line)?;
+                let mut prev: Option<u32> = None;
+                let token_labels = enc
+                    .word_ids
+                    .iter()
+                    .map(|w| {
+                        let out = match *w {
+                            None => None,
+                            Some(w) if Some(w) != prev || cfg.label_all_tokens => {
+                                labels.iter().position(|l| *l == s.tags[w as usize]).map(|i| i as u32)
+                            }
+                            Some(_) => None,
+                        };
+                        prev = *w;
+                        out
+                    })
+                    .collect();
+                let words = s.words.iter().cloned().zip(s.tags.iter().cloned()).collect();
+                Ok(Example { enc, class: None, value: 0.0, token_labels, words })
+            })
+            .collect()
+    };
+    Ok(Prepared { train: encode(&train)?, dev: encode(&dev)?, labels, skipped })
+}
+
+/// Packs examples into one batch.
+fn pack(examples: &[&Example]) -> Result<Batch> {
+    Ok(Batch::from_sequences(examples.iter().map(|e| (e.enc.ids.as_slice(), e.enc.type_ids.as_slice())))?)
+}
+
+/// The task loss of one micro-batch (`None` when it has nothing to learn from, e.g. every
+/// token ignored), and its token count.
+pub fn batch_loss(model: &Model, task: Task, regression: bool, examples: &[&Example], d: Option<&Dropout>) -> Result<Option<candle_core::Tensor>> {
+    let batch = pack(examples)?;
+    let hidden = model.forward_train(&batch, d)?;
+    match task {
+        Task::Classify => {
+            let logits = model.sequence_logits_train(&hidden, &batch, d)?;
+            if regression {
+                let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
+                Ok(Some(loss::mse(&logits, &t)?))
+            } else {
+                loss::cross_entropy(&logits, &examples.iter().map(|e| e.class).collect::<Vec<_>>())
+            }
+        }
+        Task::Ner => {
+            let labels: Vec<Option<u32>> = examples.iter().flat_map(|e| e.token_labels.iter().copied()).collect();
+            // Only labelled tokens go through the classifier.
+            let rows: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize].is_some()).collect();
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let logits = model.token_logits_train(&Model::select_rows(&hidden, &rows)?, d)?;
+            let kept: Vec<Option<u32>> = rows.iter().map(|&i| labels[i as usize]).collect();
+            loss::cross_entropy(&logits, &kept)
+        }
+    }
+}
+
+/// Dev metrics: accuracy and macro-F1 (classify), Pearson / Spearman (regression), or
+/// conlleval precision / recall / F1 (NER, on each word's first sub-token).
+pub fn evaluate(model: &Model, cfg: &TrainConfig, labels: &[String], dev: &[Example]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut out = serde_json::Map::new();
+    let mut gold = Vec::new();
+    let mut pred = Vec::new();
+    let (mut gv, mut pv) = (Vec::new(), Vec::new());
+    let mut conll: Vec<String> = Vec::new();
+    let mut loss_sum = 0.0;
+    let mut loss_n = 0usize;
+    for chunk in dev.chunks(64) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        if let Some(l) = batch_loss(model, cfg.task, cfg.regression, &refs, None)? {
+            loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
+            loss_n += refs.len();
+        }
+        let batch = pack(&refs)?;
+        let hidden = model.forward(&batch)?;
+        match cfg.task {
+            Task::Classify => {
+                let logits = model.sequence_logits(&hidden, &batch)?.to_vec2::<f32>()?;
+                for (e, row) in chunk.iter().zip(logits) {
+                    if cfg.regression {
+                        gv.push(e.value as f64);
+                        pv.push(row[0] as f64);
+                    } else {
+                        gold.push(labels[e.class.expect("classify examples carry a class") as usize].clone());
+                        let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                        pred.push(labels[best].clone());
+                    }
+                }
+            }
+            Task::Ner => {
+                let logits = model.token_logits(&hidden)?.to_vec2::<f32>()?;
+                for (s, e) in chunk.iter().enumerate() {
+                    let rows = batch.range(s);
+                    let mut tags = vec!["O".to_string(); e.words.len()];
+                    let mut seen = vec![false; e.words.len()];
+                    for (t, w) in e.enc.word_ids.iter().enumerate() {
+                        if let Some(w) = *w {
+                            let w = w as usize;
+                            if !seen[w] {
+                                seen[w] = true;
+                                let row = &logits[rows.start + t];
+                                let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                                tags[w] = labels[best].clone();
+                            }
+                        }
+                    }
+                    // Words cut off by max_length are predicted O, as a truncating pipeline would.
+                    for ((word, gold), p) in e.words.iter().zip(tags) {
+                        conll.push(format!("{word} {gold} {p}"));
+                    }
+                    conll.push(String::new());
+                }
+            }
+        }
+    }
+    if loss_n > 0 {
+        out.insert("loss".into(), (loss_sum / loss_n as f64).into());
+    }
+    match cfg.task {
+        Task::Classify if cfg.regression => {
+            out.insert("pearson".into(), metrics::pearson(&gv, &pv).into());
+            out.insert("spearman".into(), metrics::spearman(&gv, &pv).into());
+        }
+        Task::Classify => {
+            let r = metrics::classification_report(&gold, &pred);
+            out.insert("accuracy".into(), r.accuracy.into());
+            out.insert("macro_f1".into(), r.macro_avg.f1.into());
+        }
+        Task::Ner => {
+            let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ')
+                .map_err(|e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)))?;
+            out.insert("precision".into(), r.overall.precision().into());
+            out.insert("recall".into(), r.overall.recall().into());
+            out.insert("f1".into(), r.overall.f1().into());
+            out.insert("accuracy".into(), r.accuracy().into());
+        }
+    }
+    Ok(out)
+}
+
+/// The metric that decides the best checkpoint and early stopping (higher is better).
+pub fn main_metric(cfg: &TrainConfig) -> &'static str {
+    match cfg.task {
+        Task::Classify if cfg.regression => "spearman",
+        Task::Classify => "accuracy",
+        Task::Ner => "f1",
+    }
+}
+
+/// Numbers derived from the config and data, printed before step 0.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Training examples.
+    pub train_examples: usize,
+    /// Dev examples.
+    pub dev_examples: usize,
+    /// Labels.
+    pub labels: Vec<String>,
+    /// Micro-batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Optimizer steps in all.
+    pub total_steps: u64,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Effective batch size (batch size × accumulation).
+    pub effective_batch: usize,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// Training tokens per epoch (no padding: what is computed).
+    pub tokens_per_epoch: usize,
+    /// Malformed rows skipped.
+    pub skipped_rows: usize,
+    /// Step resumed from (0 for a fresh run).
+    pub resumed_at: u64,
+}
+
+/// Runs (or resumes) a fine-tuning run; `on_event` sees every step and evaluation, and
+/// `on_plan` the derived numbers before step 0. Returns the path of the best checkpoint.
+pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on_event: &mut dyn FnMut(&Event)) -> Result<PathBuf> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
+        return Err(TrainError::Config("batch size, gradient accumulation and epochs must be at least 1".into()));
+    }
+    std::fs::create_dir_all(&cfg.output).map_err(io(&cfg.output))?;
+    let cfg_path = cfg.output.join("config.json");
+    let cfg_text = serde_json::to_string_pretty(cfg).expect("config serialises");
+    // Written atomically: a full disk must not leave a truncated config behind.
+    let tmp = cfg.output.join(".config.json.tmp");
+    std::fs::write(&tmp, &cfg_text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &cfg_path).map_err(io(&cfg_path))?;
+
+    // Data.
+    let tok = TextTokenizer::from_dir(&cfg.model)?;
+    let data = prepare(cfg, &tok)?;
+    let head = head_for(cfg, &data.labels);
+
+    // Model and optimizer: fresh, or from the newest checkpoint.
+    let latest = if resume { checkpoint::list(&cfg.output)?.pop() } else { None };
+    let (model, model_config) = match &latest {
+        Some((_, dir)) => load_for_task(dir, &head, cfg.seed)?,
+        None => load_for_task(&cfg.model, &head, cfg.seed)?,
+    };
+    let mut opt = AdamW::new(&model.params, cfg.adamw);
+    let mut state = TrainerState {
+        format_version: FORMAT_VERSION,
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        seed: cfg.seed,
+        best: None,
+        evals_without_improvement: 0,
+    };
+    if let Some((_, dir)) = &latest {
+        let (saved, tensors) = checkpoint::read_state(dir)?;
+        if saved.seed != cfg.seed {
+            return Err(TrainError::Checkpoint { path: dir.clone(), message: format!("was trained with seed {}, not {}", saved.seed, cfg.seed) });
+        }
+        opt.load_state(&tensors, saved.step, &dir.join("optimizer.safetensors"))?;
+        state = saved;
+    }
+
+    // The schedule.
+    let batches_per_epoch = data.train.len().div_ceil(cfg.batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum) as u64;
+    let total = steps_per_epoch * cfg.epochs as u64;
+    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total as f64).ceil() as u64);
+    let schedule = Schedule { kind: cfg.schedule, base_lr: cfg.lr, warmup, total };
+    let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
+    on_plan(&Plan {
+        train_examples: data.train.len(),
+        dev_examples: data.dev.len(),
+        labels: data.labels.clone(),
+        batches_per_epoch,
+        steps_per_epoch,
+        total_steps: total,
+        warmup_steps: warmup,
+        effective_batch: cfg.batch_size * cfg.grad_accum,
+        parameters: model.num_parameters(),
+        tokens_per_epoch: data.train.iter().map(|e| e.enc.len()).sum(),
+        skipped_rows: data.skipped,
+        resumed_at: state.step,
+    });
+
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.output.join("metrics.jsonl"))
+        .map_err(io(&cfg.output.join("metrics.jsonl")))?;
+    let mut emit = |e: &Event, log: &mut std::fs::File| -> Result<()> {
+        use std::io::Write;
+        writeln!(log, "{}", serde_json::to_string(e).expect("events serialise")).map_err(io(&cfg.output.join("metrics.jsonl")))?;
+        on_event(e);
+        Ok(())
+    };
+    let mut best_dir = latest.as_ref().map(|(_, d)| d.clone());
+    let (mut loss_acc, mut loss_count, mut tokens, mut t0) = (0.0f64, 0usize, 0usize, Instant::now());
+
+    'epochs: for epoch in state.epoch..cfg.epochs {
+        // The epoch's data order.
+        let mut order: Vec<usize> = (0..data.train.len()).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(cfg.seed, epoch as u64)));
+        let batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
+        let first = if epoch == state.epoch { state.batch_in_epoch } else { 0 };
+        for group_start in (first..batches.len()).step_by(cfg.grad_accum) {
+            if state.step >= last_step {
+                break 'epochs;
+            }
+            let group = &batches[group_start..(group_start + cfg.grad_accum).min(batches.len())];
+            // Forward and backward over the step's micro-batches, dropout seeded by position.
+            let lr = schedule.lr(state.step);
+            for (k, idx) in group.iter().enumerate() {
+                let examples: Vec<&Example> = idx.iter().map(|&i| &data.train[i]).collect();
+                let micro = (epoch * batches.len() + group_start + k) as u64;
+                let dropout = cfg.dropout.then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
+                if let Some(loss) = batch_loss(&model, cfg.task, cfg.regression, &examples, dropout.as_ref())? {
+                    loss_acc += loss.to_scalar::<f32>()? as f64;
+                    loss_count += 1;
+                    let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+                    opt.accumulate(&grads, 1.0)?;
+                }
+                tokens += examples.iter().map(|e| e.enc.len()).sum::<usize>();
+            }
+            let grad_norm = opt.clip(cfg.max_grad_norm);
+            opt.step(lr)?;
+            state.step += 1;
+            state.batch_in_epoch = group_start + group.len();
+            state.epoch = epoch;
+            if state.batch_in_epoch == batches.len() {
+                state.epoch = epoch + 1;
+                state.batch_in_epoch = 0;
+            }
+            let epoch_f = epoch as f64 + (group_start + group.len()) as f64 / batches.len() as f64;
+            if state.step % cfg.log_every == 0 || state.step == last_step {
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                let ev = Event::Step {
+                    step: state.step,
+                    total,
+                    epoch: epoch_f,
+                    loss: loss_acc / loss_count.max(1) as f64,
+                    lr,
+                    grad_norm,
+                    tokens_per_s: tokens as f64 / secs,
+                };
+                emit(&ev, &mut log)?;
+                (loss_acc, loss_count, tokens, t0) = (0.0, 0, 0, Instant::now());
+            }
+            // Evaluate, checkpoint, and maybe stop.
+            let boundary = match cfg.save_every {
+                Some(n) => state.step % n == 0,
+                None => state.batch_in_epoch == 0,
+            };
+            if boundary || state.step == last_step {
+                let eval = evaluate(&model, cfg, &data.labels, &data.dev)?;
+                let score = eval.get(main_metric(cfg)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+                emit(&Event::Eval { step: state.step, epoch: epoch_f, eval }, &mut log)?;
+                let improved = state.best.is_none_or(|(b, _)| score > b);
+                if improved {
+                    state.best = Some((score, state.step));
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+                let dir = checkpoint::save(&cfg.output, &model, &model_config, &cfg.model, &opt, &state)?;
+                if improved {
+                    best_dir = Some(dir);
+                }
+                checkpoint::rotate(&cfg.output, cfg.keep_checkpoints, state.best.map(|b| b.1))?;
+                if cfg.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                    break 'epochs;
+                }
+            }
+        }
+    }
+    best_dir.ok_or_else(|| TrainError::Config("no step was run (the run had already finished?)".into()))
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Make fixtures/train/: one training recipe run in PyTorch + transformers on the tiny
+checkpoints of fixtures/tiny (made by make_reference.py), for berth's training parity tests.
+
+    python3 scripts/make_train_reference.py
+
+For each checkpoint: a batch of texts with labels, the loss transformers' head computes
+(dropout off: model.eval()), the gradient of every parameter at step 1, then three steps of
+torch.optim.AdamW (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on all but biases
+and LayerNorm weights, as the Trainer groups them) under get_linear_schedule_with_warmup
+(1 warmup step of 4) with clip_grad_norm_(1.0): the loss of each step and the weights after
+the last. The batch is padded (attention mask), which leaves the real tokens' math unchanged.
+"""
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "fixtures" / "tiny"
+OUT = ROOT / "fixtures" / "train"
+TEXTS = [
+    "hello world",
+    "the quick brown fox jumps over the lazy dog.",
+    "numbers 12345 and accents: café naïve! who is there?",
+    "who is there? the dog is there.",
+]
+CASES = [("bert-seqcls", "seq"), ("roberta-seqcls", "seq"), ("distilbert-seqcls", "seq"),
+         ("bert-tokcls", "tok"), ("distilbert-tokcls", "tok")]
+
+
+def decay_groups(model):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith(".bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+         else decay).append(p)
+    return [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run(name, kind):
+    torch.manual_seed(0)
+    d = TINY / name
+    tok = AutoTokenizer.from_pretrained(d)
+    cls = AutoModelForSequenceClassification if kind == "seq" else AutoModelForTokenClassification
+    model = cls.from_pretrained(d).eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    n_labels = model.config.num_labels
+    if kind == "seq":
+        labels = torch.tensor([i % n_labels for i in range(len(TEXTS))])
+        label_list = labels.tolist()
+    else:
+        labels = torch.full(enc["input_ids"].shape, -100)
+        special = [tok.get_special_tokens_mask(ids, already_has_special_tokens=True) for ids in enc["input_ids"].tolist()]
+        for s in range(len(TEXTS)):
+            for t in range(enc["input_ids"].shape[1]):
+                if enc["attention_mask"][s, t] and not special[s][t] and (s + t) % 3 != 2:
+                    labels[s, t] = (s * 5 + t * 3) % n_labels
+        # Per text, the real tokens' labels (-100 = ignored), unpadded.
+        label_list = [labels[s][enc["attention_mask"][s].bool()].tolist() for s in range(len(TEXTS))]
+    opt = torch.optim.AdamW(decay_groups(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 1, 4)
+    tensors, losses, norms = {}, [], []
+    for step in range(3):
+        opt.zero_grad()
+        out = model(**enc, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        if step == 1:  # the first step runs at lr 0 (warmup): step 2 is the first real update's gradient
+            for n, p in model.named_parameters():
+                assert p.grad is not None, f"{name}: {n} has no gradient"
+                tensors["grad." + n] = p.grad.detach().clone().contiguous()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
+        opt.step()
+        sched.step()
+    for n, p in model.named_parameters():
+        tensors["final." + n] = p.detach().clone().contiguous()
+    save_file(tensors, str(OUT / f"{name}.safetensors"))
+    return {"texts": TEXTS, "labels": label_list, "input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])],
+            "losses": losses, "grad_norms": norms, "lr": 1e-3, "weight_decay": 0.01, "warmup": 1, "total": 4, "max_grad_norm": 1.0}
+
+
+if __name__ == "__main__":
+    print("torch", torch.__version__, "transformers", transformers.__version__)
+    OUT.mkdir(parents=True, exist_ok=True)
+    ref = {name: run(name, kind) for name, kind in CASES}
+    (OUT / "recipe.json").write_text(json.dumps(ref, indent=1, ensure_ascii=False))
+    for k, v in ref.items():
+        print(k, v["losses"])
