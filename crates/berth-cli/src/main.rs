@@ -16,6 +16,7 @@ mod bench;
 mod embed;
 mod eval;
 mod fill_mask;
+mod finetune;
 mod input;
 mod inspect;
 mod resolve;
@@ -55,6 +56,8 @@ enum Command {
     Rerank(tasks::RerankArgs),
     /// Cosine similarity of sentence embeddings, every text against every other.
     Similarity(tasks::SimilarityArgs),
+    /// Fine-tune a checkpoint (classification, NER): checkpoints, metrics.jsonl, curve.png.
+    Finetune(finetune::FinetuneArgs),
     /// Score predictions against gold: accuracy/F1, conlleval, SQuAD EM/F1, MRR/nDCG, correlation.
     Eval(eval::EvalArgs),
     /// Architecture, sizes, parameter count, tokenizer and heads of a model.
@@ -80,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rerank(a) => tasks::rerank(a),
         Command::Similarity(a) => tasks::similarity(a),
         Command::Eval(a) => eval::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
     }

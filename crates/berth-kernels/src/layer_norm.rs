@@ -63,13 +63,15 @@ fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
 fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len();
     let mut dx = vec![T::zero(); x.len()];
-    // Per-row dx in parallel; dgamma / dbeta summed per chunk of rows, then reduced.
-    let (dg, db) = dx
-        .par_chunks_mut(d)
-        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-        .fold(
-            || (vec![T::zero(); d], vec![T::zero(); d]),
-            |(mut dg, mut db), (dxr, (xr, dyr))| {
+    // Per-row dx in parallel; dgamma / dbeta summed per fixed block of rows, and the block
+    // sums added in order: the same bits on every run, whatever the thread scheduling.
+    const ROWS: usize = 64;
+    let partials: Vec<(Vec<T>, Vec<T>)> = dx
+        .par_chunks_mut(d * ROWS)
+        .zip(x.par_chunks(d * ROWS).zip(dy.par_chunks(d * ROWS)))
+        .map(|(dxb, (xb, dyb))| {
+            let (mut dg, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+            for (dxr, (xr, dyr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(dyb.chunks(d))) {
                 let (mean, rstd) = row_stats(xr, eps);
                 let n = T::from_f64(d as f64);
                 let (mut m1, mut m2) = (T::zero(), T::zero());
@@ -87,17 +89,15 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, 
                     let xhat = (xr[i] - mean) * rstd;
                     dxr[i] = rstd * (dyr[i] * g[i] - m1 - xhat * m2);
                 }
-                (dg, db)
-            },
-        )
-        .reduce(
-            || (vec![T::zero(); d], vec![T::zero(); d]),
-            |(mut a, mut b), (c, e)| {
-                a.iter_mut().zip(c).for_each(|(p, q)| *p = *p + q);
-                b.iter_mut().zip(e).for_each(|(p, q)| *p = *p + q);
-                (a, b)
-            },
-        );
+            }
+            (dg, db)
+        })
+        .collect();
+    let (mut dg, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+    for (a, b) in partials {
+        dg.iter_mut().zip(a).for_each(|(p, q)| *p = *p + q);
+        db.iter_mut().zip(b).for_each(|(p, q)| *p = *p + q);
+    }
     (dx, dg, db)
 }
 

@@ -11,6 +11,7 @@ mod error;
 pub mod init;
 pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 

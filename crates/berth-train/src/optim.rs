@@ -6,7 +6,12 @@ use berth_model::Param;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
+use rayon::prelude::*;
+
 use crate::error::{Result, TrainError};
+
+/// Elements per parallel chunk of the element-wise loops.
+const CHUNK: usize = 1 << 16;
 
 /// AdamW hyper-parameters (torch's defaults; the Trainer's weight decay default is 0).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -40,6 +45,9 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// The values, kept here so a step updates them in place and copies them into the
+    /// variable once (only the optimizer writes the variables).
+    value: Vec<f32>,
     grad: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -67,11 +75,13 @@ impl AdamW {
                 Some(&i) => slots[i].decay &= decays(&p.name),
                 None => {
                     let n = p.var.as_tensor().elem_count();
+                    let value = p.var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
                     index.insert(id, slots.len());
                     slots.push(Slot {
                         name: p.name.clone(),
                         var: p.var.clone(),
                         decay: decays(&p.name),
+                        value,
                         grad: vec![0.0; n],
                         m: vec![0.0; n],
                         v: vec![0.0; n],
@@ -87,8 +97,16 @@ impl AdamW {
     pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
         for s in &mut self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                s.grad.iter_mut().zip(&g).for_each(|(a, &b)| *a += scale * b);
+                let g = g.contiguous()?;
+                let (storage, layout) = g.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return Err(TrainError::Config("training runs on the CPU".into()));
+                };
+                let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+                let src = &cpu.as_slice::<f32>()?[start..end];
+                s.grad.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(a, b)| {
+                    a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
+                });
                 s.touched = true;
             }
         }
@@ -109,13 +127,22 @@ impl AdamW {
     /// `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`). Returns the norm before
     /// clipping.
     pub fn clip(&mut self, max_norm: Option<f64>) -> f64 {
-        let total: f64 = self.slots.iter().map(|s| s.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).sum();
+        // Fixed chunks summed in order: the same result on every run.
+        let total: f64 = self
+            .slots
+            .iter()
+            .map(|s| {
+                let parts: Vec<f64> =
+                    s.grad.par_chunks(CHUNK).map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).collect();
+                parts.into_iter().sum::<f64>()
+            })
+            .sum();
         let norm = total.sqrt();
         if let Some(max) = max_norm {
             let coef = (max / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
                 for s in &mut self.slots {
-                    s.grad.iter_mut().for_each(|g| *g *= coef);
+                    s.grad.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
                 }
             }
         }
@@ -132,20 +159,25 @@ impl AdamW {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let step_size = (lr / bc1) as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let bc2_sqrt = bc2_sqrt as f32;
         for s in &mut self.slots {
-            let t = s.var.as_tensor();
-            let mut p = t.flatten_all()?.to_vec1::<f32>()?;
             let decay = if s.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
-            for i in 0..p.len() {
-                let g = s.grad[i];
-                p[i] *= decay;
-                s.m[i] += (1.0 - b1) * (g - s.m[i]);
-                s.v[i] = b2 * s.v[i] + (1.0 - b2) * g * g;
-                let denom = s.v[i].sqrt() / bc2_sqrt as f32 + eps;
-                p[i] -= step_size * s.m[i] / denom;
-            }
-            s.var.set(&Tensor::from_vec(p, t.shape(), &Device::Cpu)?)?;
-            s.grad.iter_mut().for_each(|g| *g = 0.0);
+            s.value
+                .par_chunks_mut(CHUNK)
+                .zip(s.grad.par_chunks_mut(CHUNK))
+                .zip(s.m.par_chunks_mut(CHUNK).zip(s.v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    for i in 0..p.len() {
+                        let gi = g[i];
+                        p[i] *= decay;
+                        m[i] += (1.0 - b1) * (gi - m[i]);
+                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] -= step_size * m[i] / denom;
+                        g[i] = 0.0;
+                    }
+                });
+            s.var.set(&Tensor::from_slice(&s.value, s.var.as_tensor().shape(), &Device::Cpu)?)?;
             s.touched = false;
         }
         Ok(())
@@ -154,7 +186,7 @@ impl AdamW {
     /// Clears the accumulated gradients without stepping.
     pub fn zero_grad(&mut self) {
         for s in &mut self.slots {
-            s.grad.iter_mut().for_each(|g| *g = 0.0);
+            s.grad.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
             s.touched = false;
         }
     }

@@ -580,16 +580,23 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
                 let examples: Vec<&Example> = idx.iter().map(|&i| &data.train[i]).collect();
                 let micro = (epoch * batches.len() + group_start + k) as u64;
                 let dropout = cfg.dropout.then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
+                let tp = Instant::now();
                 if let Some(loss) = batch_loss(&model, cfg.task, cfg.regression, &examples, dropout.as_ref())? {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
+                    let tf = tp.elapsed();
                     let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+                    let tb = tp.elapsed();
                     opt.accumulate(&grads, 1.0)?;
+                    if std::env::var_os("BERTH_PROFILE").is_some() { eprintln!("fwd {:?} bwd {:?} acc {:?}", tf, tb - tf, tp.elapsed() - tb); }
                 }
                 tokens += examples.iter().map(|e| e.enc.len()).sum::<usize>();
             }
+            let tp = Instant::now();
             let grad_norm = opt.clip(cfg.max_grad_norm);
+            let tc = tp.elapsed();
             opt.step(lr)?;
+            if std::env::var_os("BERTH_PROFILE").is_some() { eprintln!("clip {:?} step {:?}", tc, tp.elapsed() - tc); }
             state.step += 1;
             state.batch_in_epoch = group_start + group.len();
             state.epoch = epoch;
