@@ -77,6 +77,11 @@ def run(name, kind):
         sched.step()
     for n, p in model.named_parameters():
         tensors["final." + n] = p.detach().clone().contiguous()
+    # The trained model's predictions, each text run alone: berth must load the
+    # PyTorch-trained weights and reproduce them.
+    with torch.no_grad():
+        for s, text in enumerate(TEXTS):
+            tensors[f"logits.{s}"] = model(**tok(text, return_tensors="pt")).logits[0].contiguous()
     save_file(tensors, str(OUT / f"{name}.safetensors"))
     return {"texts": TEXTS, "labels": label_list, "input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])],
             "losses": losses, "grad_norms": norms, "lr": 1e-3, "weight_decay": 0.01, "warmup": 1, "total": 4, "max_grad_norm": 1.0}

@@ -120,9 +120,17 @@ fn print_plan(p: &Plan) {
         "train {} examples, dev {}{}; {} labels{}",
         p.train_examples,
         p.dev_examples,
-        if p.skipped_rows > 0 { format!(" ({} malformed rows skipped)", p.skipped_rows) } else { String::new() },
+        if p.skipped_rows > 0 {
+            format!(" ({} malformed rows skipped)", p.skipped_rows)
+        } else {
+            String::new()
+        },
         p.labels.len(),
-        if p.labels.len() <= 12 && !p.labels.is_empty() { format!(" ({})", p.labels.join(", ")) } else { String::new() }
+        if p.labels.len() <= 12 && !p.labels.is_empty() {
+            format!(" ({})", p.labels.join(", "))
+        } else {
+            String::new()
+        }
     );
     eprintln!(
         "{} parameters; {} tokens per epoch; {} batches/epoch, {} steps/epoch, {} steps ({} warmup), effective batch {}",
@@ -174,9 +182,11 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.log_every = a.log_every.max(1);
     cfg.dropout = !a.no_dropout;
 
-    let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}").expect("valid progress template; this is a bug"),
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
+            .expect("valid progress template; this is a bug"),
     );
     let (mut losses, mut evals): (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
     let metric = trainer::main_metric(&cfg);
@@ -189,15 +199,34 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
             bar.set_position(p.resumed_at);
         },
         &mut |e| match e {
-            Event::Step { step, loss, lr, tokens_per_s, .. } => {
+            Event::Step {
+                step,
+                loss,
+                lr,
+                tokens_per_s,
+                ..
+            } => {
                 bar.set_position(*step);
-                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+                ));
                 losses.push((*step as f64, *loss));
             }
             Event::Eval { step, epoch, eval } => {
-                let shown: Vec<String> = eval.iter().map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
-                bar.println(format!("step {step} (epoch {epoch:.2}) dev: {}", shown.join(", ")));
-                evals.push((*step as f64, eval.get(metric).and_then(|v| v.as_f64()).unwrap_or(f64::NAN)));
+                let shown: Vec<String> = eval
+                    .iter()
+                    .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect();
+                bar.println(format!(
+                    "step {step} (epoch {epoch:.2}) dev: {}",
+                    shown.join(", ")
+                ));
+                evals.push((
+                    *step as f64,
+                    eval.get(metric)
+                        .and_then(|v| v.as_f64())
+                        .unwrap_or(f64::NAN),
+                ));
             }
         },
     )
@@ -207,7 +236,10 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let png = a.output.join("curve.png");
     berth_train::plot::write_curves(&png, &[(&losses, [31, 119, 180]), (&evals, [255, 127, 14])])?;
     eprintln!("best checkpoint (dev {metric}): {}", best.display());
-    eprintln!("curve: {} (blue: training loss, orange: dev {metric})", png.display());
+    eprintln!(
+        "curve: {} (blue: training loss, orange: dev {metric})",
+        png.display()
+    );
     println!("{}", best.display());
     Ok(())
 }

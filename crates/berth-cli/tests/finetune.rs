@@ -8,15 +8,23 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const WORDS: [&str; 12] = ["the", "quick", "brown", "fox", "lazy", "dog", "hello", "world", "who", "is", "there", "not"];
+const WORDS: [&str; 12] = [
+    "the", "quick", "brown", "fox", "lazy", "dog", "hello", "world", "who", "is", "there", "not",
+];
 
 /// A small labelled TSV: the label depends on which words a sentence holds, so it is learnable.
 fn write_data(dir: &Path, n: usize, seed: usize) -> PathBuf {
     let mut lines = vec!["sentence\tlabel".to_string()];
     for i in 0..n {
         let k = (i * 7 + seed) % 5 + 2;
-        let words: Vec<&str> = (0..k).map(|j| WORDS[(i * 3 + j * 5 + seed) % WORDS.len()]).collect();
-        let label = if words.contains(&"dog") || words.contains(&"fox") { "animal" } else { "other" };
+        let words: Vec<&str> = (0..k)
+            .map(|j| WORDS[(i * 3 + j * 5 + seed) % WORDS.len()])
+            .collect();
+        let label = if words.contains(&"dog") || words.contains(&"fox") {
+            "animal"
+        } else {
+            "other"
+        };
         lines.push(format!("{}\t{label}", words.join(" ")));
     }
     let p = dir.join(format!("data-{n}-{seed}.tsv"));
@@ -26,14 +34,23 @@ fn write_data(dir: &Path, n: usize, seed: usize) -> PathBuf {
 
 fn finetune(out: &Path, train: &Path, dev: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
-    c.args(["--threads", "2", "finetune", "--task", "classify", "--model", &tiny("bert-base"), "--train"])
-        .arg(train)
-        .arg("--dev")
-        .arg(dev)
-        .arg("--output")
-        .arg(out)
-        .args(["--batch-size", "4", "--lr", "1e-3", "--warmup", "0.1"])
-        .args(extra);
+    c.args([
+        "--threads",
+        "2",
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        &tiny("bert-base"),
+        "--train",
+    ])
+    .arg(train)
+    .arg("--dev")
+    .arg(dev)
+    .arg("--output")
+    .arg(out)
+    .args(["--batch-size", "4", "--lr", "1e-3", "--warmup", "0.1"])
+    .args(extra);
     if !extra.contains(&"--epochs") {
         c.args(["--epochs", "3"]);
     }
@@ -47,14 +64,24 @@ fn curve(run: &Path) -> Vec<(Value, Value, Value, Value)> {
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].clone(), v["loss"].clone(), v["grad_norm"].clone(), v["eval"].clone())
+            (
+                v["step"].clone(),
+                v["loss"].clone(),
+                v["grad_norm"].clone(),
+                v["eval"].clone(),
+            )
         })
         .collect()
 }
 
 fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
-    let t = candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = t.into_iter().map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+    let t =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -65,7 +92,9 @@ fn last_checkpoint(run: &Path) -> PathBuf {
         .filter_map(|e| {
             let e = e.unwrap();
             let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix("step-").and_then(|s| s.parse().ok()).map(|s| (s, e.path()))
+            n.strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+                .map(|s| (s, e.path()))
         })
         .collect();
     all.sort();
@@ -77,23 +106,52 @@ fn the_same_seed_gives_the_same_run_and_the_model_learns() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, dev) = (write_data(tmp.path(), 48, 0), write_data(tmp.path(), 16, 1));
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    ok(&finetune(&a, &train, &dev, &["--log-every", "1", "--epochs", "8"]).output().unwrap());
-    ok(&finetune(&b, &train, &dev, &["--log-every", "1", "--epochs", "8"]).output().unwrap());
+    ok(
+        &finetune(&a, &train, &dev, &["--log-every", "1", "--epochs", "8"])
+            .output()
+            .unwrap(),
+    );
+    ok(
+        &finetune(&b, &train, &dev, &["--log-every", "1", "--epochs", "8"])
+            .output()
+            .unwrap(),
+    );
     let (ca, cb) = (curve(&a), curve(&b));
     assert!(ca.len() > 30, "{} log lines", ca.len());
     assert_eq!(ca, cb, "two runs with the same seed differ");
     assert_eq!(weights(&last_checkpoint(&a)), weights(&last_checkpoint(&b)));
     // Another seed is another run.
     let c = tmp.path().join("c");
-    ok(&finetune(&c, &train, &dev, &["--log-every", "1", "--epochs", "8", "--seed", "7"]).output().unwrap());
+    ok(&finetune(
+        &c,
+        &train,
+        &dev,
+        &["--log-every", "1", "--epochs", "8", "--seed", "7"],
+    )
+    .output()
+    .unwrap());
     assert_ne!(curve(&c), ca);
     // It learns: the mean loss of the last epoch is well below the first's.
     let losses: Vec<f64> = ca.iter().filter_map(|c| c.1.as_f64()).collect();
-    let (first, last) = (losses[..12].iter().sum::<f64>() / 12.0, losses[losses.len() - 12..].iter().sum::<f64>() / 12.0);
+    let (first, last) = (
+        losses[..12].iter().sum::<f64>() / 12.0,
+        losses[losses.len() - 12..].iter().sum::<f64>() / 12.0,
+    );
     assert!(last < 0.7 * first, "loss went from {first} to {last}");
-    let best_dev = ca.iter().filter_map(|c| c.3["accuracy"].as_f64()).fold(0.0, f64::max);
-    assert!(best_dev >= 0.75, "dev accuracy never passed {best_dev} (chance is 0.5)");
-    assert!(a.join("curve.png").is_file() && std::fs::read(a.join("curve.png")).unwrap().starts_with(b"\x89PNG"));
+    let best_dev = ca
+        .iter()
+        .filter_map(|c| c.3["accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        best_dev >= 0.75,
+        "dev accuracy never passed {best_dev} (chance is 0.5)"
+    );
+    assert!(
+        a.join("curve.png").is_file()
+            && std::fs::read(a.join("curve.png"))
+                .unwrap()
+                .starts_with(b"\x89PNG")
+    );
 }
 
 #[test]
@@ -101,9 +159,14 @@ fn a_killed_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, dev) = (write_data(tmp.path(), 80, 2), write_data(tmp.path(), 8, 3));
     let full = tmp.path().join("full");
-    ok(&finetune(&full, &train, &dev, &["--save-every", "2"]).output().unwrap());
+    ok(&finetune(&full, &train, &dev, &["--save-every", "2"])
+        .output()
+        .unwrap());
     let killed = tmp.path().join("killed");
-    let mut child = finetune(&killed, &train, &dev, &["--save-every", "2"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = finetune(&killed, &train, &dev, &["--save-every", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // SIGKILL once a few checkpoints exist, wherever the run then is.
     let start = std::time::Instant::now();
     while !killed.join("checkpoints/step-6").is_dir() {
@@ -113,13 +176,19 @@ fn a_killed_run_resumes_to_the_same_weights() {
     let still_running = child.try_wait().unwrap().is_none();
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
-    let resumed = finetune(&killed, &train, &dev, &["--save-every", "2", "--resume"]).output().unwrap();
+    let resumed = finetune(&killed, &train, &dev, &["--save-every", "2", "--resume"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&resumed.stderr).into_owned();
     ok(&resumed);
     if still_running {
         assert!(err.contains("resuming at step"), "{err}");
     }
-    assert_eq!(weights(&last_checkpoint(&killed)), weights(&last_checkpoint(&full)), "resumed run ends elsewhere");
+    assert_eq!(
+        weights(&last_checkpoint(&killed)),
+        weights(&last_checkpoint(&full)),
+        "resumed run ends elsewhere"
+    );
 }
 
 #[test]
@@ -127,28 +196,55 @@ fn checkpoints_use_the_hugging_face_layout_and_load_back() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, dev) = (write_data(tmp.path(), 24, 4), write_data(tmp.path(), 8, 5));
     let run = tmp.path().join("run");
-    let out = finetune(&run, &train, &dev, &["--epochs", "1"]).output().unwrap();
+    let out = finetune(&run, &train, &dev, &["--epochs", "1"])
+        .output()
+        .unwrap();
     let best = PathBuf::from(ok(&out).trim());
     // Same parameter names and shapes as transformers' BertForSequenceClassification.
-    let reference = candle_core::safetensors::load(root().join("fixtures/tiny/bert-seqcls/model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let ours = candle_core::safetensors::load(best.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let shape = |m: &std::collections::HashMap<String, candle_core::Tensor>, k: &str| m[k].dims().to_vec();
-    let mut names: Vec<&String> = reference.keys().filter(|k| !k.starts_with("classifier.")).collect();
+    let reference = candle_core::safetensors::load(
+        root().join("fixtures/tiny/bert-seqcls/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let ours =
+        candle_core::safetensors::load(best.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let shape =
+        |m: &std::collections::HashMap<String, candle_core::Tensor>, k: &str| m[k].dims().to_vec();
+    let mut names: Vec<&String> = reference
+        .keys()
+        .filter(|k| !k.starts_with("classifier."))
+        .collect();
     names.sort();
     for k in names {
         assert_eq!(shape(&ours, k), shape(&reference, k), "{k}");
     }
     assert_eq!(shape(&ours, "classifier.weight"), vec![2, 32]);
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
-    assert_eq!(cfg["id2label"], serde_json::json!({"0": "animal", "1": "other"}));
-    for f in ["tokenizer.json", "vocab.txt", "trainer_state.json", "optimizer.safetensors"] {
+    assert_eq!(
+        cfg["id2label"],
+        serde_json::json!({"0": "animal", "1": "other"})
+    );
+    for f in [
+        "tokenizer.json",
+        "vocab.txt",
+        "trainer_state.json",
+        "optimizer.safetensors",
+    ] {
         assert!(best.join(f).is_file(), "{f} missing");
     }
     // berth classify reads it back.
-    let got = json_lines(&ok(&berth(&["classify", "--model", &best.to_string_lossy(), "the lazy dog"])));
+    let got = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        &best.to_string_lossy(),
+        "the lazy dog",
+    ])));
     assert!(["animal", "other"].contains(&got[0]["labels"][0]["label"].as_str().unwrap()));
-    let run_cfg: Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let run_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(run_cfg["batch_size"], 4);
 }
 
@@ -159,23 +255,49 @@ fn bad_training_input_fails_with_one_line() {
     let run = tmp.path().join("run");
     let empty = tmp.path().join("empty.tsv");
     std::fs::write(&empty, "").unwrap();
-    fails_with(&finetune(&run, &empty, &dev, &[]).output().unwrap(), &["empty.tsv", "empty file"]);
+    fails_with(
+        &finetune(&run, &empty, &dev, &[]).output().unwrap(),
+        &["empty.tsv", "empty file"],
+    );
     let no_label = tmp.path().join("nolabel.tsv");
     std::fs::write(&no_label, "sentence\ttarget\nthe dog\t1\n").unwrap();
-    fails_with(&finetune(&run, &no_label, &dev, &[]).output().unwrap(), &["nolabel.tsv:1", "no column \"label\""]);
+    fails_with(
+        &finetune(&run, &no_label, &dev, &[]).output().unwrap(),
+        &["nolabel.tsv:1", "no column \"label\""],
+    );
     let train = write_data(tmp.path(), 16, 7);
     let odd_dev = tmp.path().join("odd.tsv");
-    std::fs::write(&odd_dev, "sentence\tlabel\nthe dog\tanimal\nhello\tunknown\n").unwrap();
-    fails_with(&finetune(&run, &train, &odd_dev, &[]).output().unwrap(), &["odd.tsv:3", "\"unknown\"", "training data"]);
+    std::fs::write(
+        &odd_dev,
+        "sentence\tlabel\nthe dog\tanimal\nhello\tunknown\n",
+    )
+    .unwrap();
+    fails_with(
+        &finetune(&run, &train, &odd_dev, &[]).output().unwrap(),
+        &["odd.tsv:3", "\"unknown\"", "training data"],
+    );
     let conll = tmp.path().join("broken.conll");
     std::fs::write(&conll, "EU B-ORG\nrejects O\n\nPeter B-PER I-PER\n").unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
-    c.args(["finetune", "--task", "ner", "--model", &tiny("bert-base"), "--output"]).arg(&run).arg("--train").arg(&conll);
+    c.args([
+        "finetune",
+        "--task",
+        "ner",
+        "--model",
+        &tiny("bert-base"),
+        "--output",
+    ])
+    .arg(&run)
+    .arg("--train")
+    .arg(&conll);
     fails_with(&c.output().unwrap(), &["broken.conll:4", "3 columns"]);
     // An output path that is a file.
     let file = tmp.path().join("afile");
     std::fs::write(&file, "x").unwrap();
-    fails_with(&finetune(&file, &train, &dev, &[]).output().unwrap(), &["afile"]);
+    fails_with(
+        &finetune(&file, &train, &dev, &[]).output().unwrap(),
+        &["afile"],
+    );
 }
 
 #[test]
@@ -183,20 +305,45 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, dev) = (write_data(tmp.path(), 16, 8), write_data(tmp.path(), 8, 9));
     let run = tmp.path().join("run");
-    ok(&finetune(&run, &train, &dev, &["--epochs", "1"]).output().unwrap());
+    ok(&finetune(&run, &train, &dev, &["--epochs", "1"])
+        .output()
+        .unwrap());
     let before = last_checkpoint(&run);
     let saved = weights(&before);
     // Resume for more epochs with files capped at 64 KiB: the next model.safetensors write
     // fails (EFBIG, SIGXFSZ ignored) like a full disk would.
     let cmd = finetune(&run, &train, &dev, &["--epochs", "2", "--resume"]);
-    let args: Vec<String> = cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())).collect();
-    let script = format!("trap '' XFSZ; ulimit -f 64; exec '{}' {}", env!("CARGO_BIN_EXE_berth"), args.join(" "));
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec '{}' {}",
+        env!("CARGO_BIN_EXE_berth"),
+        args.join(" ")
+    );
     let out = Command::new("bash").args(["-c", &script]).output().unwrap();
     fails_with(&out, &["model.safetensors"]);
-    assert_eq!(last_checkpoint(&run), before, "a partial checkpoint was left as the newest");
+    assert_eq!(
+        last_checkpoint(&run),
+        before,
+        "a partial checkpoint was left as the newest"
+    );
     assert_eq!(weights(&before), saved);
-    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(leftovers.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "{leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".tmp")),
+        "{leftovers:?}"
+    );
     // And it still resumes once writes work again.
-    ok(&finetune(&run, &train, &dev, &["--epochs", "2", "--resume"]).output().unwrap());
+    ok(
+        &finetune(&run, &train, &dev, &["--epochs", "2", "--resume"])
+            .output()
+            .unwrap(),
+    );
 }

@@ -65,12 +65,21 @@ pub fn varlen_attention_dropout(
 }
 
 /// Applies the dropout mask of one (sequence, head) to `p [L, L]` in place.
-fn drop_probabilities<T: Float>(p: &mut [T], dropout: Option<(f32, u64)>, start: usize, head: usize) {
+fn drop_probabilities<T: Float>(
+    p: &mut [T],
+    dropout: Option<(f32, u64)>,
+    start: usize,
+    head: usize,
+) {
     if let Some((rate, seed)) = dropout {
         let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
         let scale = T::from_f64(1.0 / (1.0 - rate as f64));
         for (i, v) in p.iter_mut().enumerate() {
-            *v = if crate::dropout::keep(key, i as u64, rate) { *v * scale } else { T::zero() };
+            *v = if crate::dropout::keep(key, i as u64, rate) {
+                *v * scale
+            } else {
+                T::zero()
+            };
         }
     }
 }
@@ -196,7 +205,13 @@ unsafe fn probabilities<T: Float>(
     p.chunks_mut(l).for_each(softmax_row);
 }
 
-fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64, dropout: Option<(f32, u64)>) -> Vec<T> {
+fn forward<T: Float>(
+    qkv: &[T],
+    cu: &[usize],
+    nh: usize,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Vec<T> {
     let n = *cu.last().unwrap_or(&0);
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
@@ -233,7 +248,14 @@ fn forward<T: Float>(qkv: &[T], cu: &[usize], nh: usize, scale: f64, dropout: Op
     out
 }
 
-fn backward<T: Float>(qkv: &[T], dout: &[T], cu: &[usize], nh: usize, scale: f64, dropout: Option<(f32, u64)>) -> Vec<T> {
+fn backward<T: Float>(
+    qkv: &[T],
+    dout: &[T],
+    cu: &[usize],
+    nh: usize,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Vec<T> {
     let n = *cu.last().unwrap_or(&0);
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
@@ -340,7 +362,13 @@ impl CustomOp1 for VarlenAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(op: &VarlenAttention, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-            let out = forward(slice::<T>(s, l)?, &op.cu_seqlens, op.num_heads, op.scale, op.dropout);
+            let out = forward(
+                slice::<T>(s, l)?,
+                &op.cu_seqlens,
+                op.num_heads,
+                op.scale,
+                op.dropout,
+            );
             Ok(T::to_cpu_storage_owned(out))
         }
         let (n, w3) = l.shape().dims2()?;
@@ -411,9 +439,11 @@ mod tests {
     #[test]
     fn dropout_gradients_use_the_forward_mask() -> Result<()> {
         let cu = [0, 3, 7];
-        gradcheck("varlen attention with dropout", &[(randn(&[7, 12], 36)? * 2.0)?], |v| {
-            varlen_attention_dropout(&v[0], &cu, 2, 0.7, 0.3, 5)
-        })
+        gradcheck(
+            "varlen attention with dropout",
+            &[(randn(&[7, 12], 36)? * 2.0)?],
+            |v| varlen_attention_dropout(&v[0], &cu, 2, 0.7, 0.3, 5),
+        )
     }
 
     #[test]
@@ -422,9 +452,19 @@ mod tests {
         let cu = [0, 4, 9];
         let qkv = randn(&[9, 12], 37)?;
         let plain = varlen_attention(&qkv, &cu, 2, 0.5)?;
-        assert_close("rate 0", &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.0, 1)?, &plain, 0.0)?;
+        assert_close(
+            "rate 0",
+            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.0, 1)?,
+            &plain,
+            0.0,
+        )?;
         let a = varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?;
-        assert_close("same seed", &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?, &a, 0.0)?;
+        assert_close(
+            "same seed",
+            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?,
+            &a,
+            0.0,
+        )?;
         let diff = (a - plain)?.abs()?.sum_all()?.to_scalar::<f64>()?;
         assert!(diff > 0.1, "dropout changed nothing");
         Ok(())

@@ -22,7 +22,8 @@ pub fn substream(seed: u64, n: u64) -> u64 {
 /// a uniform draw from the top 24 bits of the mixed counter, kept when `>= p`.
 #[inline]
 pub(crate) fn keep(key: u64, i: u64, p: f32) -> bool {
-    let u = (mix(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32 * (1.0 / 16_777_216.0);
+    let u = (mix(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32
+        * (1.0 / 16_777_216.0);
     u >= p
 }
 
@@ -45,7 +46,16 @@ struct Dropout {
 
 fn apply<T: Float>(xs: &[T], p: f32, seed: u64) -> Vec<T> {
     let scale = T::from_f64(1.0 / (1.0 - p as f64));
-    xs.iter().enumerate().map(|(i, &x)| if keep(seed, i as u64, p) { x * scale } else { T::zero() }).collect()
+    xs.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if keep(seed, i as u64, p) {
+                x * scale
+            } else {
+                T::zero()
+            }
+        })
+        .collect()
 }
 
 impl CustomOp1 for Dropout {
@@ -55,9 +65,16 @@ impl CustomOp1 for Dropout {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(op: &Dropout, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-            Ok(T::to_cpu_storage_owned(apply(slice::<T>(s, l)?, op.p, op.seed)))
+            Ok(T::to_cpu_storage_owned(apply(
+                slice::<T>(s, l)?,
+                op.p,
+                op.seed,
+            )))
         }
-        Ok((dispatch!(s.dtype(), self.name(), run(self, s, l))?, l.shape().clone()))
+        Ok((
+            dispatch!(s.dtype(), self.name(), run(self, s, l))?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -90,6 +107,8 @@ mod tests {
 
     #[test]
     fn gradient_uses_the_forward_mask() -> Result<()> {
-        gradcheck("dropout", &[randn(&[6, 7], 3)?], |t| dropout(&t[0], 0.3, 11))
+        gradcheck("dropout", &[randn(&[6, 7], 3)?], |t| {
+            dropout(&t[0], 0.3, 11)
+        })
     }
 }

@@ -17,7 +17,10 @@ pub struct Dropout {
 impl Dropout {
     /// Dropout for one forward pass seeded by `seed` (e.g. derived from run seed and step).
     pub fn new(seed: u64) -> Self {
-        Dropout { seed, calls: Cell::new(0) }
+        Dropout {
+            seed,
+            calls: Cell::new(0),
+        }
     }
 
     /// `x` with elements dropped at rate `p` (identity when `p` is 0).

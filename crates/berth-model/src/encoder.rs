@@ -148,7 +148,12 @@ impl Layer {
     /// [`Self::forward`] with dropout when `d` is given (training): on the attention
     /// probabilities, and on the attention output (not in DistilBERT) and feed-forward
     /// output before their residual adds, as transformers places it.
-    pub fn forward_train(&self, x: &Tensor, cu_seqlens: &[usize], d: Option<&crate::Dropout>) -> Result<Tensor> {
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        cu_seqlens: &[usize],
+        d: Option<&crate::Dropout>,
+    ) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, 3H]
         let hd = x.dim(1)? / self.num_heads;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -168,7 +173,11 @@ impl Layer {
             _ => berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, scale)?,
         };
         let attn = self.attn_out.forward(&ctx)?;
-        let attn = if self.attention_output_dropout { drop(attn, self.dropout.hidden)? } else { attn };
+        let attn = if self.attention_output_dropout {
+            drop(attn, self.dropout.hidden)?
+        } else {
+            attn
+        };
         let x = self.attn_ln.forward(&(attn + x)?)?;
         let f = berth_kernels::activation(&self.inter.forward(&x)?, self.activation)?; // [N, F]
         let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;

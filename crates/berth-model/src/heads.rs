@@ -146,7 +146,11 @@ impl Head {
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         // transformers' default is two labels when config.json names none.
-        let classes = if cfg.id2label.is_empty() { 2 } else { cfg.id2label.len() };
+        let classes = if cfg.id2label.is_empty() {
+            2
+        } else {
+            cfg.id2label.len()
+        };
         Ok(match kind {
             HeadKind::MaskedLm => Head::MaskedLm(MaskedLmHead::load(w, cfg, word_embeddings)?),
             HeadKind::SequenceClassification => Head::SequenceClassification(match cfg.arch {

@@ -132,7 +132,9 @@ impl Model {
         if batch.num_tokens() == 0 {
             return Err(ModelError::Input("empty batch".into()));
         }
-        let mut x = self.embeddings.forward_train(batch, d, self.config.dropout.hidden)?;
+        let mut x = self
+            .embeddings
+            .forward_train(batch, d, self.config.dropout.hidden)?;
         for layer in &self.layers {
             x = layer.forward_train(&x, &batch.cu_seqlens, d)?;
         }
@@ -209,7 +211,12 @@ impl Model {
     }
 
     /// [`Self::sequence_logits`] with the head's training dropout when `d` is given.
-    pub fn sequence_logits_train(&self, hidden: &Tensor, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
+    pub fn sequence_logits_train(
+        &self,
+        hidden: &Tensor,
+        batch: &Batch,
+        d: Option<&Dropout>,
+    ) -> Result<Tensor> {
         let p = self.config.dropout.sequence_classifier;
         let drop = |t: Tensor| match d {
             Some(d) => d.apply(&t, p),
@@ -223,7 +230,9 @@ impl Model {
                 classifier.forward(&drop(self.pooler_output(hidden, batch)?)?)
             }
             SequenceClassificationHead::Roberta { dense, out_proj } => {
-                let x = dense.forward(&drop(Self::first_tokens(hidden, batch)?)?)?.tanh()?;
+                let x = dense
+                    .forward(&drop(Self::first_tokens(hidden, batch)?)?)?
+                    .tanh()?;
                 out_proj.forward(&drop(x)?)
             }
             SequenceClassificationHead::DistilBert {
@@ -259,7 +268,11 @@ impl Model {
     }
 
     /// [`Self::qa_logits`] with the head's training dropout (DistilBERT only) when `d` is given.
-    pub fn qa_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<(Tensor, Tensor)> {
+    pub fn qa_logits_train(
+        &self,
+        hidden: &Tensor,
+        d: Option<&Dropout>,
+    ) -> Result<(Tensor, Tensor)> {
         match &self.head {
             Some(Head::QuestionAnswering(l)) => {
                 let hidden = match d {

@@ -147,16 +147,30 @@ impl TextTokenizer {
         if words.is_empty() {
             return Err(TextError::EmptyText { index });
         }
-        let fail = |e: tokenizers::Error| TextError::Tokenize { index, message: e.to_string() };
-        let input = tokenizers::InputSequence::from(words.iter().map(String::as_str).collect::<Vec<_>>());
-        let enc = self.inner.encode_char_offsets(input.clone(), true).map_err(fail)?;
+        let fail = |e: tokenizers::Error| TextError::Tokenize {
+            index,
+            message: e.to_string(),
+        };
+        let input =
+            tokenizers::InputSequence::from(words.iter().map(String::as_str).collect::<Vec<_>>());
+        let enc = self
+            .inner
+            .encode_char_offsets(input.clone(), true)
+            .map_err(fail)?;
         let full_len = enc.len();
         if full_len <= max_len {
             return Ok(Encoded::from_encoding(&enc, full_len));
         }
         let mut t = self.inner.clone();
-        t.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() })).map_err(fail)?;
-        Ok(Encoded::from_encoding(&t.encode_char_offsets(input, true).map_err(fail)?, full_len))
+        t.with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
+        .map_err(fail)?;
+        Ok(Encoded::from_encoding(
+            &t.encode_char_offsets(input, true).map_err(fail)?,
+            full_len,
+        ))
     }
 
     /// Encodes `text` (and `pair`, for sentence pairs) with special tokens, limited to

@@ -24,8 +24,14 @@ use crate::optim::AdamW;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Tokenizer files copied next to a saved model when the source has them.
-const TOKENIZER_FILES: [&str; 6] =
-    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt"];
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+];
 
 /// Where training stands, saved with each checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,19 +59,34 @@ pub fn model_tensors(model: &Model) -> Result<HashMap<String, Tensor>> {
         out.insert(p.name.clone(), p.view(p.var.as_tensor())?.contiguous()?);
     }
     if out.is_empty() {
-        return Err(TrainError::Config("the model was not loaded trainable: nothing to save".into()));
+        return Err(TrainError::Config(
+            "the model was not loaded trainable: nothing to save".into(),
+        ));
     }
     Ok(out)
 }
 
 /// Writes `model` in the Hugging Face layout into `dir` (which must exist): weights,
 /// `config` as config.json, and the tokenizer files of `tokenizer_dir`.
-pub fn write_model(dir: &Path, model: &Model, config: &serde_json::Value, tokenizer_dir: &Path) -> Result<()> {
+pub fn write_model(
+    dir: &Path,
+    model: &Model,
+    config: &serde_json::Value,
+    tokenizer_dir: &Path,
+) -> Result<()> {
     let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&model_tensors(model)?, &weights)
-        .map_err(|e| TrainError::Checkpoint { path: weights.clone(), message: e.to_string() })?;
+    candle_core::safetensors::save(&model_tensors(model)?, &weights).map_err(|e| {
+        TrainError::Checkpoint {
+            path: weights.clone(),
+            message: e.to_string(),
+        }
+    })?;
     let cfg = dir.join("config.json");
-    std::fs::write(&cfg, serde_json::to_string_pretty(config).expect("JSON values serialise")).map_err(io(&cfg))?;
+    std::fs::write(
+        &cfg,
+        serde_json::to_string_pretty(config).expect("JSON values serialise"),
+    )
+    .map_err(io(&cfg))?;
     for f in TOKENIZER_FILES {
         let src = tokenizer_dir.join(f);
         if src.is_file() {
@@ -76,7 +97,14 @@ pub fn write_model(dir: &Path, model: &Model, config: &serde_json::Value, tokeni
 }
 
 /// Writes a checkpoint atomically to `checkpoints/step-N` under `run`.
-pub fn save(run: &Path, model: &Model, config: &serde_json::Value, tokenizer_dir: &Path, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+pub fn save(
+    run: &Path,
+    model: &Model,
+    config: &serde_json::Value,
+    tokenizer_dir: &Path,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf> {
     let root = run.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let name = format!("step-{}", state.step);
@@ -89,10 +117,18 @@ pub fn save(run: &Path, model: &Model, config: &serde_json::Value, tokenizer_dir
     let written = (|| -> Result<()> {
         write_model(&tmp, model, config, tokenizer_dir)?;
         let opt_path = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(&opt.state_tensors()?, &opt_path)
-            .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), message: e.to_string() })?;
+        candle_core::safetensors::save(&opt.state_tensors()?, &opt_path).map_err(|e| {
+            TrainError::Checkpoint {
+                path: opt_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
         let st = tmp.join("trainer_state.json");
-        std::fs::write(&st, serde_json::to_string_pretty(state).expect("state serialises")).map_err(io(&st))?;
+        std::fs::write(
+            &st,
+            serde_json::to_string_pretty(state).expect("state serialises"),
+        )
+        .map_err(io(&st))?;
         Ok(())
     })();
     if let Err(e) = written {
@@ -140,16 +176,25 @@ pub fn rotate(run: &Path, keep: usize, best_step: Option<u64>) -> Result<()> {
 pub fn read_state(ckpt: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let st = ckpt.join("trainer_state.json");
     let text = std::fs::read_to_string(&st).map_err(io(&st))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: st.clone(), message: e.to_string() })?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: st.clone(),
+        message: e.to_string(),
+    })?;
     if state.format_version != FORMAT_VERSION {
         return Err(TrainError::Checkpoint {
             path: st,
-            message: format!("format version {} (this berth reads {FORMAT_VERSION})", state.format_version),
+            message: format!(
+                "format version {} (this berth reads {FORMAT_VERSION})",
+                state.format_version
+            ),
         });
     }
     let opt = ckpt.join("optimizer.safetensors");
-    let tensors = candle_core::safetensors::load(&opt, &candle_core::Device::Cpu)
-        .map_err(|e| TrainError::Checkpoint { path: opt.clone(), message: e.to_string() })?;
+    let tensors = candle_core::safetensors::load(&opt, &candle_core::Device::Cpu).map_err(|e| {
+        TrainError::Checkpoint {
+            path: opt.clone(),
+            message: e.to_string(),
+        }
+    })?;
     Ok((state, tensors))
 }

@@ -20,7 +20,9 @@ pub enum Column {
 impl Column {
     /// `"3"` is an index, anything else a name.
     pub fn parse(s: &str) -> Self {
-        s.parse().map(Column::Index).unwrap_or_else(|_| Column::Name(s.to_string()))
+        s.parse()
+            .map(Column::Index)
+            .unwrap_or_else(|_| Column::Name(s.to_string()))
     }
 }
 
@@ -60,13 +62,20 @@ pub struct Columns {
 }
 
 fn data_err(path: &Path, line: usize, message: impl Into<String>) -> TrainError {
-    TrainError::Data { path: path.into(), line, message: message.into() }
+    TrainError::Data {
+        path: path.into(),
+        line,
+        message: message.into(),
+    }
 }
 
 fn read_utf8(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
     String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         data_err(path, line, "invalid UTF-8")
     })
 }
@@ -116,9 +125,17 @@ fn csv_records(text: &str, path: &Path) -> Result<Vec<(usize, Vec<String>)>> {
 /// Reads labelled texts from CSV (`.csv`), JSON Lines (`.jsonl` / `.json`) or TSV (anything
 /// else; fields split on tabs, no quoting). CSV and TSV need a header row. Returns the
 /// examples and how many bad rows were skipped.
-pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> Result<(Vec<TextExample>, usize)> {
+pub fn read_text_examples(
+    path: &Path,
+    cols: &Columns,
+    skip_bad_rows: bool,
+) -> Result<(Vec<TextExample>, usize)> {
     let text = read_utf8(path)?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let mut examples = Vec::new();
     let mut skipped = 0;
     let bad = |line: usize, msg: String, skipped: &mut usize| -> Result<()> {
@@ -130,7 +147,11 @@ pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> R
         }
     };
     if ext == "jsonl" || ext == "json" {
-        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, l) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let line = i + 1;
             let v: serde_json::Value = match serde_json::from_str(l) {
                 Ok(v) => v,
@@ -151,11 +172,31 @@ pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> R
                     _ => None,
                 }
             };
-            match (field(&cols.text), cols.pair.as_ref().map(field), field(&cols.label)) {
+            match (
+                field(&cols.text),
+                cols.pair.as_ref().map(field),
+                field(&cols.label),
+            ) {
                 (Some(text), pair, Some(label)) if pair.as_ref().is_none_or(|p| p.is_some()) => {
-                    examples.push(TextExample { text, pair: pair.flatten(), label, line })
+                    examples.push(TextExample {
+                        text,
+                        pair: pair.flatten(),
+                        label,
+                        line,
+                    })
                 }
-                _ => bad(line, format!("needs string fields {:?}, {:?}{}", cols.text, cols.label, cols.pair.as_ref().map_or(String::new(), |p| format!(" and {p:?}"))), &mut skipped)?,
+                _ => bad(
+                    line,
+                    format!(
+                        "needs string fields {:?}, {:?}{}",
+                        cols.text,
+                        cols.label,
+                        cols.pair
+                            .as_ref()
+                            .map_or(String::new(), |p| format!(" and {p:?}"))
+                    ),
+                    &mut skipped,
+                )?,
             }
         }
     } else {
@@ -164,19 +205,44 @@ pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> R
         } else {
             text.lines()
                 .enumerate()
-                .map(|(i, l)| (i + 1, l.strip_suffix('\r').unwrap_or(l).split('\t').map(str::to_string).collect()))
+                .map(|(i, l)| {
+                    (
+                        i + 1,
+                        l.strip_suffix('\r')
+                            .unwrap_or(l)
+                            .split('\t')
+                            .map(str::to_string)
+                            .collect(),
+                    )
+                })
                 .collect()
         };
-        let mut records = records.into_iter().filter(|(_, r)| !(r.len() == 1 && r[0].trim().is_empty()));
+        let mut records = records
+            .into_iter()
+            .filter(|(_, r)| !(r.len() == 1 && r[0].trim().is_empty()));
         let Some((_, header)) = records.next() else {
             return Err(data_err(path, 0, "empty file: no header and no examples"));
         };
         let find = |c: &Column| -> Result<usize> {
             match c {
                 Column::Index(i) if *i < header.len() => Ok(*i),
-                Column::Index(i) => Err(data_err(path, 1, format!("column {i} is out of range: the header has {} columns", header.len()))),
+                Column::Index(i) => Err(data_err(
+                    path,
+                    1,
+                    format!(
+                        "column {i} is out of range: the header has {} columns",
+                        header.len()
+                    ),
+                )),
                 Column::Name(n) => header.iter().position(|h| h.trim() == n).ok_or_else(|| {
-                    data_err(path, 1, format!("no column {n:?} in the header (columns: {})", header.join(", ")))
+                    data_err(
+                        path,
+                        1,
+                        format!(
+                            "no column {n:?} in the header (columns: {})",
+                            header.join(", ")
+                        ),
+                    )
                 }),
             }
         };
@@ -184,10 +250,19 @@ pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> R
         let pi = cols.pair.as_ref().map(find).transpose()?;
         for (line, r) in records {
             if r.len() != header.len() {
-                bad(line, format!("{} fields where the header has {}", r.len(), header.len()), &mut skipped)?;
+                bad(
+                    line,
+                    format!("{} fields where the header has {}", r.len(), header.len()),
+                    &mut skipped,
+                )?;
                 continue;
             }
-            examples.push(TextExample { text: r[ti].clone(), pair: pi.map(|p| r[p].clone()), label: r[li].trim().to_string(), line });
+            examples.push(TextExample {
+                text: r[ti].clone(),
+                pair: pi.map(|p| r[p].clone()),
+                label: r[li].trim().to_string(),
+                line,
+            });
         }
     }
     if examples.is_empty() {
@@ -199,21 +274,40 @@ pub fn read_text_examples(path: &Path, cols: &Columns, skip_bad_rows: bool) -> R
 /// Reads a CoNLL column file: one token per line (`WORD ... TAG`, spaces or tabs), a blank
 /// line between sentences, `-DOCSTART-` lines skipped. The tag is column `tag_column`
 /// (default: the last). Every token line must have as many columns as the first.
-pub fn read_conll(path: &Path, tag_column: Option<usize>, skip_bad_rows: bool) -> Result<(Vec<TaggedSentence>, usize)> {
+pub fn read_conll(
+    path: &Path,
+    tag_column: Option<usize>,
+    skip_bad_rows: bool,
+) -> Result<(Vec<TaggedSentence>, usize)> {
     let text = read_utf8(path)?;
     let mut out = Vec::new();
     let mut skipped = 0;
     let mut width: Option<usize> = None;
-    let mut cur = TaggedSentence { words: Vec::new(), tags: Vec::new(), line: 1 };
+    let mut cur = TaggedSentence {
+        words: Vec::new(),
+        tags: Vec::new(),
+        line: 1,
+    };
     let mut broken = false;
     for (i, l) in text.lines().enumerate() {
         let line = i + 1;
         let fields: Vec<&str> = l.split_whitespace().collect();
         if fields.is_empty() || fields[0] == "-DOCSTART-" {
             if !cur.words.is_empty() && !broken {
-                out.push(std::mem::replace(&mut cur, TaggedSentence { words: Vec::new(), tags: Vec::new(), line: line + 1 }));
+                out.push(std::mem::replace(
+                    &mut cur,
+                    TaggedSentence {
+                        words: Vec::new(),
+                        tags: Vec::new(),
+                        line: line + 1,
+                    },
+                ));
             } else {
-                cur = TaggedSentence { words: Vec::new(), tags: Vec::new(), line: line + 1 };
+                cur = TaggedSentence {
+                    words: Vec::new(),
+                    tags: Vec::new(),
+                    line: line + 1,
+                };
             }
             broken = false;
             continue;
@@ -221,7 +315,10 @@ pub fn read_conll(path: &Path, tag_column: Option<usize>, skip_bad_rows: bool) -
         let w = *width.get_or_insert(fields.len());
         let tc = tag_column.unwrap_or(w - 1);
         let problem = if fields.len() != w {
-            Some(format!("{} columns where the file's first token line has {w}", fields.len()))
+            Some(format!(
+                "{} columns where the file's first token line has {w}",
+                fields.len()
+            ))
         } else if w < 2 {
             Some("a token line needs a word and a tag".to_string())
         } else if tc >= w {
@@ -257,12 +354,16 @@ pub fn read_conll(path: &Path, tag_column: Option<usize>, skip_bad_rows: bool) -
 pub fn split<T: Clone>(items: &[T], dev_fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let mut idx: Vec<usize> = (0..items.len()).collect();
     idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    let n_dev = ((items.len() as f64 * dev_fraction).round() as usize).clamp(1, items.len().saturating_sub(1).max(1));
+    let n_dev = ((items.len() as f64 * dev_fraction).round() as usize)
+        .clamp(1, items.len().saturating_sub(1).max(1));
     let mut dev_idx = idx[..n_dev].to_vec();
     let mut train_idx = idx[n_dev..].to_vec();
     dev_idx.sort_unstable();
     train_idx.sort_unstable();
-    (train_idx.iter().map(|&i| items[i].clone()).collect(), dev_idx.iter().map(|&i| items[i].clone()).collect())
+    (
+        train_idx.iter().map(|&i| items[i].clone()).collect(),
+        dev_idx.iter().map(|&i| items[i].clone()).collect(),
+    )
 }
 
 #[cfg(test)]
@@ -277,20 +378,39 @@ mod tests {
     }
 
     fn cols() -> Columns {
-        Columns { text: Column::Name("sentence".into()), pair: None, label: Column::Name("label".into()) }
+        Columns {
+            text: Column::Name("sentence".into()),
+            pair: None,
+            label: Column::Name("label".into()),
+        }
     }
 
     #[test]
     fn reads_tsv_csv_and_jsonl() {
         let d = tempfile::tempdir().unwrap();
-        let tsv = write(d.path(), "a.tsv", "sentence\tlabel\ngood \"film\"\t1\nbad\t0\n");
+        let tsv = write(
+            d.path(),
+            "a.tsv",
+            "sentence\tlabel\ngood \"film\"\t1\nbad\t0\n",
+        );
         let (ex, _) = read_text_examples(&tsv, &cols(), false).unwrap();
-        assert_eq!((ex[0].text.as_str(), ex[0].label.as_str(), ex[1].line), ("good \"film\"", "1", 3));
-        let csv = write(d.path(), "a.csv", "label,sentence\r\npos,\"a, b \"\"c\"\"\nd\"\nneg,plain\n");
+        assert_eq!(
+            (ex[0].text.as_str(), ex[0].label.as_str(), ex[1].line),
+            ("good \"film\"", "1", 3)
+        );
+        let csv = write(
+            d.path(),
+            "a.csv",
+            "label,sentence\r\npos,\"a, b \"\"c\"\"\nd\"\nneg,plain\n",
+        );
         let (ex, _) = read_text_examples(&csv, &cols(), false).unwrap();
         assert_eq!(ex[0].text, "a, b \"c\"\nd");
         assert_eq!((ex[1].label.as_str(), ex[1].line), ("neg", 4));
-        let jl = write(d.path(), "a.jsonl", "{\"sentence\": \"x\", \"label\": 2}\n\n{\"sentence\": \"y\", \"label\": \"b\"}\n");
+        let jl = write(
+            d.path(),
+            "a.jsonl",
+            "{\"sentence\": \"x\", \"label\": 2}\n\n{\"sentence\": \"y\", \"label\": \"b\"}\n",
+        );
         let (ex, _) = read_text_examples(&jl, &cols(), false).unwrap();
         assert_eq!((ex[0].label.as_str(), ex[1].line), ("2", 3));
     }
@@ -298,31 +418,66 @@ mod tests {
     #[test]
     fn bad_rows_are_errors_or_counted() {
         let d = tempfile::tempdir().unwrap();
-        let tsv = write(d.path(), "b.tsv", "sentence\tlabel\nok\t1\nbroken row\nfine\t0\n");
-        let e = read_text_examples(&tsv, &cols(), false).unwrap_err().to_string();
+        let tsv = write(
+            d.path(),
+            "b.tsv",
+            "sentence\tlabel\nok\t1\nbroken row\nfine\t0\n",
+        );
+        let e = read_text_examples(&tsv, &cols(), false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("b.tsv:3") && e.contains("1 fields"), "{e}");
         let (ex, skipped) = read_text_examples(&tsv, &cols(), true).unwrap();
         assert_eq!((ex.len(), skipped), (2, 1));
         let nolabel = write(d.path(), "c.tsv", "sentence\ttarget\nok\t1\n");
-        let e = read_text_examples(&nolabel, &cols(), false).unwrap_err().to_string();
-        assert!(e.contains("no column \"label\"") && e.contains("sentence, target"), "{e}");
+        let e = read_text_examples(&nolabel, &cols(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no column \"label\"") && e.contains("sentence, target"),
+            "{e}"
+        );
         let empty = write(d.path(), "e.tsv", "");
-        assert!(read_text_examples(&empty, &cols(), false).unwrap_err().to_string().contains("empty file"));
+        assert!(read_text_examples(&empty, &cols(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("empty file"));
         let header_only = write(d.path(), "h.tsv", "sentence\tlabel\n");
-        assert!(read_text_examples(&header_only, &cols(), false).unwrap_err().to_string().contains("no examples"));
+        assert!(read_text_examples(&header_only, &cols(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("no examples"));
         let latin1 = d.path().join("l.tsv");
         std::fs::write(&latin1, b"sentence\tlabel\ncaf\xe9\t1\n").unwrap();
-        assert!(read_text_examples(&latin1, &cols(), false).unwrap_err().to_string().contains("l.tsv:2: invalid UTF-8"));
+        assert!(read_text_examples(&latin1, &cols(), false)
+            .unwrap_err()
+            .to_string()
+            .contains("l.tsv:2: invalid UTF-8"));
     }
 
     #[test]
     fn reads_conll_and_reports_broken_lines() {
         let d = tempfile::tempdir().unwrap();
-        let ok = write(d.path(), "a.conll", "-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n");
+        let ok = write(
+            d.path(),
+            "a.conll",
+            "-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n",
+        );
         let (s, _) = read_conll(&ok, None, false).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].words.clone(), s[0].tags.clone(), s[1].line), (vec!["EU".to_string(), "rejects".into()], vec!["B-ORG".to_string(), "O".into()], 6));
-        let broken = write(d.path(), "b.conll", "EU NNP B-NP B-ORG\nrejects O\n\nPeter NNP B-NP B-PER\n");
+        assert_eq!(
+            (s[0].words.clone(), s[0].tags.clone(), s[1].line),
+            (
+                vec!["EU".to_string(), "rejects".into()],
+                vec!["B-ORG".to_string(), "O".into()],
+                6
+            )
+        );
+        let broken = write(
+            d.path(),
+            "b.conll",
+            "EU NNP B-NP B-ORG\nrejects O\n\nPeter NNP B-NP B-PER\n",
+        );
         let e = read_conll(&broken, None, false).unwrap_err().to_string();
         assert!(e.contains("b.conll:2") && e.contains("2 columns"), "{e}");
         let (s, skipped) = read_conll(&broken, None, true).unwrap();

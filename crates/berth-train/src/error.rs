@@ -52,5 +52,8 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 
 /// Wraps an I/O error with its path.
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.into(), source }
+    move |source| TrainError::Io {
+        path: path.into(),
+        source,
+    }
 }

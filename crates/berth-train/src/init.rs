@@ -38,11 +38,24 @@ fn class_name(arch: Arch, kind: HeadKind) -> String {
 
 /// Head weight names and shapes for `kind` (`h` hidden, `c` outputs).
 fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, Vec<usize>)> {
-    let lin = |name: &str, o: usize, i: usize| vec![(format!("{name}.weight"), vec![o, i]), (format!("{name}.bias"), vec![o])];
+    let lin = |name: &str, o: usize, i: usize| {
+        vec![
+            (format!("{name}.weight"), vec![o, i]),
+            (format!("{name}.bias"), vec![o]),
+        ]
+    };
     match (kind, arch) {
-        (HeadKind::SequenceClassification, Arch::Bert) => [lin("bert.pooler.dense", h, h), lin("classifier", c, h)].concat(),
-        (HeadKind::SequenceClassification, Arch::Roberta) => [lin("classifier.dense", h, h), lin("classifier.out_proj", c, h)].concat(),
-        (HeadKind::SequenceClassification, Arch::DistilBert) => [lin("pre_classifier", h, h), lin("classifier", c, h)].concat(),
+        (HeadKind::SequenceClassification, Arch::Bert) => {
+            [lin("bert.pooler.dense", h, h), lin("classifier", c, h)].concat()
+        }
+        (HeadKind::SequenceClassification, Arch::Roberta) => [
+            lin("classifier.dense", h, h),
+            lin("classifier.out_proj", c, h),
+        ]
+        .concat(),
+        (HeadKind::SequenceClassification, Arch::DistilBert) => {
+            [lin("pre_classifier", h, h), lin("classifier", c, h)].concat()
+        }
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
         (HeadKind::MaskedLm, _) => Vec::new(),
@@ -55,14 +68,25 @@ pub fn task_config(dir: &Path, head: &TaskHead) -> Result<serde_json::Value> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
     let arch = EncoderConfig::from_json(&text, &path)?.arch;
     v["architectures"] = serde_json::json!([class_name(arch, head.kind)]);
     if head.kind != HeadKind::QuestionAnswering {
-        let id2label: serde_json::Map<String, serde_json::Value> =
-            head.labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect();
-        let label2id: serde_json::Map<String, serde_json::Value> =
-            head.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
+        let id2label: serde_json::Map<String, serde_json::Value> = head
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.clone().into()))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = head
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i.into()))
+            .collect();
         v["id2label"] = id2label.into();
         v["label2id"] = label2id.into();
     }
@@ -86,18 +110,44 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
     for (k, t) in raw {
         // Parts the task's model does not have: the pooler outside sequence classification
         // (transformers builds those models without it), another task's head.
-        let other_head = ["classifier.", "pre_classifier.", "qa_outputs.", "cls.", "lm_head.", "vocab_"]
-            .iter()
-            .any(|h| k.starts_with(h))
-            && !head_shapes(config.arch, head.kind, config.hidden_size, 1).iter().any(|(n, _)| k.split('.').next() == n.split('.').next());
+        let other_head = [
+            "classifier.",
+            "pre_classifier.",
+            "qa_outputs.",
+            "cls.",
+            "lm_head.",
+            "vocab_",
+        ]
+        .iter()
+        .any(|h| k.starts_with(h))
+            && !head_shapes(config.arch, head.kind, config.hidden_size, 1)
+                .iter()
+                .any(|(n, _)| k.split('.').next() == n.split('.').next());
         if other_head || (head.kind != HeadKind::SequenceClassification && k.contains("pooler.")) {
             continue;
         }
-        let head_key = ["classifier.", "pre_classifier.", "qa_outputs.", "cls.", "lm_head.", "vocab_"].iter().any(|h| k.starts_with(h));
-        let key = if has_prefix || head_key { k } else { format!("{prefix}{k}") };
+        let head_key = [
+            "classifier.",
+            "pre_classifier.",
+            "qa_outputs.",
+            "cls.",
+            "lm_head.",
+            "vocab_",
+        ]
+        .iter()
+        .any(|h| k.starts_with(h));
+        let key = if has_prefix || head_key {
+            k
+        } else {
+            format!("{prefix}{k}")
+        };
         tensors.insert(key, t);
     }
-    let c = if head.kind == HeadKind::QuestionAnswering { 2 } else { head.labels.len() };
+    let c = if head.kind == HeadKind::QuestionAnswering {
+        2
+    } else {
+        head.labels.len()
+    };
     let init_range = config_json["initializer_range"].as_f64().unwrap_or(0.02);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (name, shape) in head_shapes(config.arch, head.kind, config.hidden_size, c) {
@@ -131,7 +181,11 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
     let w = Weights::from_tensors(tensors, source, true)?;
     let (model, report) = Model::from_weights(config, w, dir)?;
     if let Some((kind, key)) = report.missing_head {
-        return Err(TrainError::Config(format!("{}: the {} head is incomplete (missing {key})", dir.display(), kind.name())));
+        return Err(TrainError::Config(format!(
+            "{}: the {} head is incomplete (missing {key})",
+            dir.display(),
+            kind.name()
+        )));
     }
     Ok((model, config_json))
 }

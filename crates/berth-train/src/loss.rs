@@ -9,16 +9,27 @@ use crate::error::Result;
 /// with mean reduction); rows whose label is `None` (transformers' -100) are left out.
 /// `None` when every row is ignored.
 pub fn cross_entropy(logits: &Tensor, labels: &[Option<u32>]) -> Result<Option<Tensor>> {
-    let keep: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize].is_some()).collect();
+    let keep: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize].is_some())
+        .collect();
     if keep.is_empty() {
         return Ok(None);
     }
-    let logits = if keep.len() == labels.len() { logits.clone() } else { logits.index_select(&Tensor::new(keep.as_slice(), &Device::Cpu)?, 0)? };
+    let logits = if keep.len() == labels.len() {
+        logits.clone()
+    } else {
+        logits.index_select(&Tensor::new(keep.as_slice(), &Device::Cpu)?, 0)?
+    };
     let targets: Vec<u32> = labels.iter().flatten().copied().collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
     // log-sum-exp with the row max taken out (detached: its gradient cancels exactly).
     let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
     let picked = logits.gather(&targets, D::Minus1)?;
     Ok(Some((lse - picked)?.mean_all()?))
 }
@@ -56,9 +67,17 @@ mod tests {
         let l = t(&[2.0, 0.5, -1.0, 0.0, 1.0, 3.0], 2, 3);
         let lse = |r: [f32; 3]| r.iter().map(|x| x.exp()).sum::<f32>().ln();
         let want = ((lse([2.0, 0.5, -1.0]) - 2.0) + (lse([0.0, 1.0, 3.0]) - 1.0)) / 2.0;
-        let got = cross_entropy(&l, &[Some(0), Some(1)]).unwrap().unwrap().to_scalar::<f32>().unwrap();
+        let got = cross_entropy(&l, &[Some(0), Some(1)])
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
-        let one = cross_entropy(&l, &[None, Some(1)]).unwrap().unwrap().to_scalar::<f32>().unwrap();
+        let one = cross_entropy(&l, &[None, Some(1)])
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((one - (lse([0.0, 1.0, 3.0]) - 1.0)).abs() < 1e-6);
         assert!(cross_entropy(&l, &[None, None]).unwrap().is_none());
     }

@@ -28,7 +28,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -75,7 +80,12 @@ impl AdamW {
                 Some(&i) => slots[i].decay &= decays(&p.name),
                 None => {
                     let n = p.var.as_tensor().elem_count();
-                    let value = p.var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default();
+                    let value = p
+                        .var
+                        .as_tensor()
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .unwrap_or_default();
                     index.insert(id, slots.len());
                     slots.push(Slot {
                         name: p.name.clone(),
@@ -90,7 +100,11 @@ impl AdamW {
                 }
             }
         }
-        AdamW { cfg, slots, step: 0 }
+        AdamW {
+            cfg,
+            slots,
+            step: 0,
+        }
     }
 
     /// Adds `scale ×` the gradients of `grads` to the accumulator.
@@ -104,9 +118,12 @@ impl AdamW {
                 };
                 let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
                 let src = &cpu.as_slice::<f32>()?[start..end];
-                s.grad.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(a, b)| {
-                    a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
-                });
+                s.grad
+                    .par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(a, b)| {
+                        a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
+                    });
                 s.touched = true;
             }
         }
@@ -115,12 +132,19 @@ impl AdamW {
 
     /// Names of variables that received no gradient since the last step.
     pub fn untouched(&self) -> Vec<&str> {
-        self.slots.iter().filter(|s| !s.touched).map(|s| s.name.as_str()).collect()
+        self.slots
+            .iter()
+            .filter(|s| !s.touched)
+            .map(|s| s.name.as_str())
+            .collect()
     }
 
     /// The accumulated gradient of the variable whose first parameter is `name`.
     pub fn grad(&self, name: &str) -> Option<&[f32]> {
-        self.slots.iter().find(|s| s.name == name).map(|s| s.grad.as_slice())
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.grad.as_slice())
     }
 
     /// Global L2 norm of the accumulated gradients; when above `max_norm`, scales them by
@@ -132,8 +156,11 @@ impl AdamW {
             .slots
             .iter()
             .map(|s| {
-                let parts: Vec<f64> =
-                    s.grad.par_chunks(CHUNK).map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).collect();
+                let parts: Vec<f64> = s
+                    .grad
+                    .par_chunks(CHUNK)
+                    .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+                    .collect();
                 parts.into_iter().sum::<f64>()
             })
             .sum();
@@ -142,7 +169,9 @@ impl AdamW {
             let coef = (max / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
                 for s in &mut self.slots {
-                    s.grad.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+                    s.grad
+                        .par_chunks_mut(CHUNK)
+                        .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
                 }
             }
         }
@@ -161,7 +190,11 @@ impl AdamW {
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         let bc2_sqrt = bc2_sqrt as f32;
         for s in &mut self.slots {
-            let decay = if s.decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+            let decay = if s.decay {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
             s.value
                 .par_chunks_mut(CHUNK)
                 .zip(s.grad.par_chunks_mut(CHUNK))
@@ -177,7 +210,11 @@ impl AdamW {
                         g[i] = 0.0;
                     }
                 });
-            s.var.set(&Tensor::from_slice(&s.value, s.var.as_tensor().shape(), &Device::Cpu)?)?;
+            s.var.set(&Tensor::from_slice(
+                &s.value,
+                s.var.as_tensor().shape(),
+                &Device::Cpu,
+            )?)?;
             s.touched = false;
         }
         Ok(())
@@ -196,14 +233,25 @@ impl AdamW {
         let mut out = HashMap::new();
         for s in &self.slots {
             let shape = s.var.as_tensor().shape().clone();
-            out.insert(format!("exp_avg.{}", s.name), Tensor::from_vec(s.m.clone(), &shape, &Device::Cpu)?);
-            out.insert(format!("exp_avg_sq.{}", s.name), Tensor::from_vec(s.v.clone(), &shape, &Device::Cpu)?);
+            out.insert(
+                format!("exp_avg.{}", s.name),
+                Tensor::from_vec(s.m.clone(), &shape, &Device::Cpu)?,
+            );
+            out.insert(
+                format!("exp_avg_sq.{}", s.name),
+                Tensor::from_vec(s.v.clone(), &shape, &Device::Cpu)?,
+            );
         }
         Ok(out)
     }
 
     /// Restores moment estimates saved by [`Self::state_tensors`] and the step count.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64, source: &std::path::Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        step: u64,
+        source: &std::path::Path,
+    ) -> Result<()> {
         for s in &mut self.slots {
             for (key, dst) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
                 let name = format!("{key}.{}", s.name);
@@ -213,7 +261,10 @@ impl AdamW {
                 })?;
                 let v = t.flatten_all()?.to_vec1::<f32>()?;
                 if v.len() != dst.len() {
-                    return Err(TrainError::Checkpoint { path: source.into(), message: format!("{name} has {} values, the model {}", v.len(), dst.len()) });
+                    return Err(TrainError::Checkpoint {
+                        path: source.into(),
+                        message: format!("{name} has {} values, the model {}", v.len(), dst.len()),
+                    });
                 }
                 *dst = v;
             }
@@ -232,7 +283,9 @@ mod tests {
         assert!(decays("bert.encoder.layer.0.attention.self.query.weight"));
         assert!(!decays("bert.encoder.layer.0.attention.self.query.bias"));
         assert!(!decays("bert.embeddings.LayerNorm.weight"));
-        assert!(!decays("distilbert.transformer.layer.0.sa_layer_norm.weight"));
+        assert!(!decays(
+            "distilbert.transformer.layer.0.sa_layer_norm.weight"
+        ));
         assert!(decays("classifier.weight"));
     }
 }

@@ -14,7 +14,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Canvas { px: vec![[255, 255, 255]; W * H] }
+        Canvas {
+            px: vec![[255, 255, 255]; W * H],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -52,7 +54,12 @@ impl Canvas {
 /// the numbers are in metrics.jsonl). Light grid lines mark tenths of each axis.
 pub fn write_curves(path: &Path, series: &[(&[(f64, f64)], [u8; 3])]) -> Result<()> {
     let mut c = Canvas::new();
-    let (x0, y0, x1, y1) = (MARGIN as i64, (H - MARGIN) as i64, (W - MARGIN / 2) as i64, (MARGIN / 2) as i64);
+    let (x0, y0, x1, y1) = (
+        MARGIN as i64,
+        (H - MARGIN) as i64,
+        (W - MARGIN / 2) as i64,
+        (MARGIN / 2) as i64,
+    );
     for i in 0..=10 {
         let gx = x0 + (x1 - x0) * i / 10;
         let gy = y0 + (y1 - y0) * i / 10;
@@ -61,7 +68,10 @@ pub fn write_curves(path: &Path, series: &[(&[(f64, f64)], [u8; 3])]) -> Result<
     }
     c.line((x0, y0), (x1, y0), [0, 0, 0]);
     c.line((x0, y0), (x0, y1), [0, 0, 0]);
-    let xmax = series.iter().flat_map(|(p, _)| p.iter().map(|q| q.0)).fold(1e-12, f64::max);
+    let xmax = series
+        .iter()
+        .flat_map(|(p, _)| p.iter().map(|q| q.0))
+        .fold(1e-12, f64::max);
     for (points, colour) in series {
         let finite: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.1.is_finite()).collect();
         if finite.is_empty() {
@@ -71,7 +81,10 @@ pub fn write_curves(path: &Path, series: &[(&[(f64, f64)], [u8; 3])]) -> Result<
         let hi = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let span = if hi > lo { hi - lo } else { 1.0 };
         let at = |(x, y): (f64, f64)| {
-            (x0 + ((x / xmax) * (x1 - x0) as f64) as i64, y0 + (((y - lo) / span) * (y1 - y0) as f64) as i64)
+            (
+                x0 + ((x / xmax) * (x1 - x0) as f64) as i64,
+                y0 + (((y - lo) / span) * (y1 - y0) as f64) as i64,
+            )
         };
         for w in finite.windows(2) {
             c.line(at(w[0]), at(w[1]), *colour);
@@ -96,7 +109,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

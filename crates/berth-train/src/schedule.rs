@@ -56,9 +56,16 @@ mod tests {
 
     #[test]
     fn linear_warmup_then_decay() {
-        let s = Schedule { kind: ScheduleKind::Linear, base_lr: 1.0, warmup: 2, total: 10 };
+        let s = Schedule {
+            kind: ScheduleKind::Linear,
+            base_lr: 1.0,
+            warmup: 2,
+            total: 10,
+        };
         let got: Vec<f64> = (0..11).map(|k| s.lr(k)).collect();
-        let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0];
+        let want = [
+            0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0,
+        ];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-12, "{got:?}");
         }
@@ -66,9 +73,19 @@ mod tests {
 
     #[test]
     fn cosine_and_constant() {
-        let c = Schedule { kind: ScheduleKind::Cosine, base_lr: 2.0, warmup: 0, total: 4 };
+        let c = Schedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 2.0,
+            warmup: 0,
+            total: 4,
+        };
         assert!((c.lr(2) - 1.0).abs() < 1e-12 && c.lr(0) == 2.0 && c.lr(4).abs() < 1e-12);
-        let k = Schedule { kind: ScheduleKind::Constant, base_lr: 3.0, warmup: 3, total: 9 };
+        let k = Schedule {
+            kind: ScheduleKind::Constant,
+            base_lr: 3.0,
+            warmup: 3,
+            total: 9,
+        };
         assert_eq!((k.lr(0), k.lr(3), k.lr(8)), (0.0, 3.0, 3.0));
     }
 }

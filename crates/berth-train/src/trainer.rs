@@ -210,7 +210,11 @@ fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
             labels: labels.to_vec(),
             problem_type: Some("single_label_classification".into()),
         },
-        Task::Ner => TaskHead { kind: HeadKind::TokenClassification, labels: labels.to_vec(), problem_type: None },
+        Task::Ner => TaskHead {
+            kind: HeadKind::TokenClassification,
+            labels: labels.to_vec(),
+            problem_type: None,
+        },
     }
 }
 
@@ -250,7 +254,12 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
     };
     let mut labels: Vec<String> = Vec::new();
     if !cfg.regression {
-        labels = train.iter().map(|e| e.label.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        labels = train
+            .iter()
+            .map(|e| e.label.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if let Some(e) = dev.iter().find(|e| !labels.contains(&e.label)) {
             return Err(unseen(&dev_path, e.line, &e.label));
         }
@@ -260,7 +269,13 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
         items
             .par_iter()
             .map(|e| {
-                let enc = tok.encode(&e.text, e.pair.as_deref(), cfg.max_length, Truncation::Truncate, e.line)?;
+                let enc = tok.encode(
+                    &e.text,
+                    e.pair.as_deref(),
+                    cfg.max_length,
+                    Truncation::Truncate,
+                    e.line,
+                )?;
                 let (class, value) = if cfg.regression {
                     let v: f32 = e.label.parse().map_err(|_| TrainError::Data {
                         path: path.into(),
@@ -269,13 +284,27 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
                     })?;
                     (None, v)
                 } else {
-                    (labels.iter().position(|l| *l == e.label).map(|i| i as u32), 0.0)
+                    (
+                        labels.iter().position(|l| *l == e.label).map(|i| i as u32),
+                        0.0,
+                    )
                 };
-                Ok(Example { enc, class, value, token_labels: Vec::new(), words: Vec::new() })
+                Ok(Example {
+                    enc,
+                    class,
+                    value,
+                    token_labels: Vec::new(),
+                    words: Vec::new(),
+                })
             })
             .collect()
     };
-    Ok(Prepared { train: encode(&train, &cfg.train)?, dev: encode(&dev, &dev_path)?, labels, skipped })
+    Ok(Prepared {
+        train: encode(&train, &cfg.train)?,
+        dev: encode(&dev, &dev_path)?,
+        labels,
+        skipped,
+    })
 }
 
 fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
@@ -291,8 +320,12 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
             (t, d, cfg.train.clone())
         }
     };
-    let labels: Vec<String> =
-        train.iter().flat_map(|s| s.tags.iter().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let labels: Vec<String> = train
+        .iter()
+        .flat_map(|s| s.tags.iter().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     for s in &dev {
         if let Some((i, t)) = s.tags.iter().enumerate().find(|(_, t)| !labels.contains(t)) {
             return Err(unseen(&dev_path, s.line + i, t));
@@ -311,31 +344,56 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                     .map(|w| {
                         let out = match *w {
                             None => None,
-                            Some(w) if Some(w) != prev || cfg.label_all_tokens => {
-                                labels.iter().position(|l| *l == s.tags[w as usize]).map(|i| i as u32)
-                            }
+                            Some(w) if Some(w) != prev || cfg.label_all_tokens => labels
+                                .iter()
+                                .position(|l| *l == s.tags[w as usize])
+                                .map(|i| i as u32),
                             Some(_) => None,
                         };
                         prev = *w;
                         out
                     })
                     .collect();
-                let words = s.words.iter().cloned().zip(s.tags.iter().cloned()).collect();
-                Ok(Example { enc, class: None, value: 0.0, token_labels, words })
+                let words = s
+                    .words
+                    .iter()
+                    .cloned()
+                    .zip(s.tags.iter().cloned())
+                    .collect();
+                Ok(Example {
+                    enc,
+                    class: None,
+                    value: 0.0,
+                    token_labels,
+                    words,
+                })
             })
             .collect()
     };
-    Ok(Prepared { train: encode(&train)?, dev: encode(&dev)?, labels, skipped })
+    Ok(Prepared {
+        train: encode(&train)?,
+        dev: encode(&dev)?,
+        labels,
+        skipped,
+    })
 }
 
 /// Packs examples into one batch.
 fn pack(examples: &[&Example]) -> Result<Batch> {
-    Ok(Batch::from_sequences(examples.iter().map(|e| (e.enc.ids.as_slice(), e.enc.type_ids.as_slice())))?)
+    Ok(Batch::from_sequences(examples.iter().map(|e| {
+        (e.enc.ids.as_slice(), e.enc.type_ids.as_slice())
+    }))?)
 }
 
 /// The task loss of one micro-batch (`None` when it has nothing to learn from, e.g. every
 /// token ignored), and its token count.
-pub fn batch_loss(model: &Model, task: Task, regression: bool, examples: &[&Example], d: Option<&Dropout>) -> Result<Option<candle_core::Tensor>> {
+pub fn batch_loss(
+    model: &Model,
+    task: Task,
+    regression: bool,
+    examples: &[&Example],
+    d: Option<&Dropout>,
+) -> Result<Option<candle_core::Tensor>> {
     let batch = pack(examples)?;
     let hidden = model.forward_train(&batch, d)?;
     match task {
@@ -345,13 +403,21 @@ pub fn batch_loss(model: &Model, task: Task, regression: bool, examples: &[&Exam
                 let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
                 Ok(Some(loss::mse(&logits, &t)?))
             } else {
-                loss::cross_entropy(&logits, &examples.iter().map(|e| e.class).collect::<Vec<_>>())
+                loss::cross_entropy(
+                    &logits,
+                    &examples.iter().map(|e| e.class).collect::<Vec<_>>(),
+                )
             }
         }
         Task::Ner => {
-            let labels: Vec<Option<u32>> = examples.iter().flat_map(|e| e.token_labels.iter().copied()).collect();
+            let labels: Vec<Option<u32>> = examples
+                .iter()
+                .flat_map(|e| e.token_labels.iter().copied())
+                .collect();
             // Only labelled tokens go through the classifier.
-            let rows: Vec<u32> = (0..labels.len() as u32).filter(|&i| labels[i as usize].is_some()).collect();
+            let rows: Vec<u32> = (0..labels.len() as u32)
+                .filter(|&i| labels[i as usize].is_some())
+                .collect();
             if rows.is_empty() {
                 return Ok(None);
             }
@@ -364,7 +430,12 @@ pub fn batch_loss(model: &Model, task: Task, regression: bool, examples: &[&Exam
 
 /// Dev metrics: accuracy and macro-F1 (classify), Pearson / Spearman (regression), or
 /// conlleval precision / recall / F1 (NER, on each word's first sub-token).
-pub fn evaluate(model: &Model, cfg: &TrainConfig, labels: &[String], dev: &[Example]) -> Result<serde_json::Map<String, serde_json::Value>> {
+pub fn evaluate(
+    model: &Model,
+    cfg: &TrainConfig,
+    labels: &[String],
+    dev: &[Example],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut out = serde_json::Map::new();
     let mut gold = Vec::new();
     let mut pred = Vec::new();
@@ -388,8 +459,12 @@ pub fn evaluate(model: &Model, cfg: &TrainConfig, labels: &[String], dev: &[Exam
                         gv.push(e.value as f64);
                         pv.push(row[0] as f64);
                     } else {
-                        gold.push(labels[e.class.expect("classify examples carry a class") as usize].clone());
-                        let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                        gold.push(
+                            labels[e.class.expect("classify examples carry a class") as usize]
+                                .clone(),
+                        );
+                        let best =
+                            (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
                         pred.push(labels[best].clone());
                     }
                 }
@@ -406,7 +481,9 @@ pub fn evaluate(model: &Model, cfg: &TrainConfig, labels: &[String], dev: &[Exam
                             if !seen[w] {
                                 seen[w] = true;
                                 let row = &logits[rows.start + t];
-                                let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                                let best =
+                                    (0..row.len())
+                                        .fold(0, |b, i| if row[i] > row[b] { i } else { b });
                                 tags[w] = labels[best].clone();
                             }
                         }
@@ -434,8 +511,9 @@ pub fn evaluate(model: &Model, cfg: &TrainConfig, labels: &[String], dev: &[Exam
             out.insert("macro_f1".into(), r.macro_avg.f1.into());
         }
         Task::Ner => {
-            let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ')
-                .map_err(|e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)))?;
+            let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ').map_err(
+                |e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)),
+            )?;
             out.insert("precision".into(), r.overall.precision().into());
             out.insert("recall".into(), r.overall.recall().into());
             out.insert("f1".into(), r.overall.f1().into());
@@ -485,9 +563,16 @@ pub struct Plan {
 
 /// Runs (or resumes) a fine-tuning run; `on_event` sees every step and evaluation, and
 /// `on_plan` the derived numbers before step 0. Returns the path of the best checkpoint.
-pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on_event: &mut dyn FnMut(&Event)) -> Result<PathBuf> {
+pub fn train(
+    cfg: &TrainConfig,
+    resume: bool,
+    on_plan: &mut dyn FnMut(&Plan),
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<PathBuf> {
     if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
-        return Err(TrainError::Config("batch size, gradient accumulation and epochs must be at least 1".into()));
+        return Err(TrainError::Config(
+            "batch size, gradient accumulation and epochs must be at least 1".into(),
+        ));
     }
     std::fs::create_dir_all(&cfg.output).map_err(io(&cfg.output))?;
     let cfg_path = cfg.output.join("config.json");
@@ -503,7 +588,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
     let head = head_for(cfg, &data.labels);
 
     // Model and optimizer: fresh, or from the newest checkpoint.
-    let latest = if resume { checkpoint::list(&cfg.output)?.pop() } else { None };
+    let latest = if resume {
+        checkpoint::list(&cfg.output)?.pop()
+    } else {
+        None
+    };
     let (model, model_config) = match &latest {
         Some((_, dir)) => load_for_task(dir, &head, cfg.seed)?,
         None => load_for_task(&cfg.model, &head, cfg.seed)?,
@@ -521,7 +610,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
     if let Some((_, dir)) = &latest {
         let (saved, tensors) = checkpoint::read_state(dir)?;
         if saved.seed != cfg.seed {
-            return Err(TrainError::Checkpoint { path: dir.clone(), message: format!("was trained with seed {}, not {}", saved.seed, cfg.seed) });
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                message: format!("was trained with seed {}, not {}", saved.seed, cfg.seed),
+            });
         }
         opt.load_state(&tensors, saved.step, &dir.join("optimizer.safetensors"))?;
         state = saved;
@@ -531,8 +623,15 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
     let batches_per_epoch = data.train.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum) as u64;
     let total = steps_per_epoch * cfg.epochs as u64;
-    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total as f64).ceil() as u64);
-    let schedule = Schedule { kind: cfg.schedule, base_lr: cfg.lr, warmup, total };
+    let warmup = cfg
+        .warmup_steps
+        .unwrap_or((cfg.warmup_ratio * total as f64).ceil() as u64);
+    let schedule = Schedule {
+        kind: cfg.schedule,
+        base_lr: cfg.lr,
+        warmup,
+        total,
+    };
     let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
     on_plan(&Plan {
         train_examples: data.train.len(),
@@ -556,19 +655,31 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
         .map_err(io(&cfg.output.join("metrics.jsonl")))?;
     let mut emit = |e: &Event, log: &mut std::fs::File| -> Result<()> {
         use std::io::Write;
-        writeln!(log, "{}", serde_json::to_string(e).expect("events serialise")).map_err(io(&cfg.output.join("metrics.jsonl")))?;
+        writeln!(
+            log,
+            "{}",
+            serde_json::to_string(e).expect("events serialise")
+        )
+        .map_err(io(&cfg.output.join("metrics.jsonl")))?;
         on_event(e);
         Ok(())
     };
     let mut best_dir = latest.as_ref().map(|(_, d)| d.clone());
-    let (mut loss_acc, mut loss_count, mut tokens, mut t0) = (0.0f64, 0usize, 0usize, Instant::now());
+    let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
+        (0.0f64, 0usize, 0usize, Instant::now());
 
     'epochs: for epoch in state.epoch..cfg.epochs {
         // The epoch's data order.
         let mut order: Vec<usize> = (0..data.train.len()).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(cfg.seed, epoch as u64)));
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+            berth_kernels::seed_stream(cfg.seed, epoch as u64),
+        ));
         let batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
-        let first = if epoch == state.epoch { state.batch_in_epoch } else { 0 };
+        let first = if epoch == state.epoch {
+            state.batch_in_epoch
+        } else {
+            0
+        };
         for group_start in (first..batches.len()).step_by(cfg.grad_accum) {
             if state.step >= last_step {
                 break 'epochs;
@@ -579,24 +690,25 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
             for (k, idx) in group.iter().enumerate() {
                 let examples: Vec<&Example> = idx.iter().map(|&i| &data.train[i]).collect();
                 let micro = (epoch * batches.len() + group_start + k) as u64;
-                let dropout = cfg.dropout.then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
-                let tp = Instant::now();
-                if let Some(loss) = batch_loss(&model, cfg.task, cfg.regression, &examples, dropout.as_ref())? {
+                let dropout = cfg
+                    .dropout
+                    .then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
+                if let Some(loss) = batch_loss(
+                    &model,
+                    cfg.task,
+                    cfg.regression,
+                    &examples,
+                    dropout.as_ref(),
+                )? {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
-                    let tf = tp.elapsed();
                     let grads = (loss / cfg.grad_accum as f64)?.backward()?;
-                    let tb = tp.elapsed();
                     opt.accumulate(&grads, 1.0)?;
-                    if std::env::var_os("BERTH_PROFILE").is_some() { eprintln!("fwd {:?} bwd {:?} acc {:?}", tf, tb - tf, tp.elapsed() - tb); }
                 }
                 tokens += examples.iter().map(|e| e.enc.len()).sum::<usize>();
             }
-            let tp = Instant::now();
             let grad_norm = opt.clip(cfg.max_grad_norm);
-            let tc = tp.elapsed();
             opt.step(lr)?;
-            if std::env::var_os("BERTH_PROFILE").is_some() { eprintln!("clip {:?} step {:?}", tc, tp.elapsed() - tc); }
             state.step += 1;
             state.batch_in_epoch = group_start + group.len();
             state.epoch = epoch;
@@ -626,8 +738,18 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
             };
             if boundary || state.step == last_step {
                 let eval = evaluate(&model, cfg, &data.labels, &data.dev)?;
-                let score = eval.get(main_metric(cfg)).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-                emit(&Event::Eval { step: state.step, epoch: epoch_f, eval }, &mut log)?;
+                let score = eval
+                    .get(main_metric(cfg))
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN);
+                emit(
+                    &Event::Eval {
+                        step: state.step,
+                        epoch: epoch_f,
+                        eval,
+                    },
+                    &mut log,
+                )?;
                 let improved = state.best.is_none_or(|(b, _)| score > b);
                 if improved {
                     state.best = Some((score, state.step));
@@ -635,16 +757,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, on_plan: &mut dyn FnMut(&Plan), on
                 } else {
                     state.evals_without_improvement += 1;
                 }
-                let dir = checkpoint::save(&cfg.output, &model, &model_config, &cfg.model, &opt, &state)?;
+                let dir =
+                    checkpoint::save(&cfg.output, &model, &model_config, &cfg.model, &opt, &state)?;
                 if improved {
                     best_dir = Some(dir);
                 }
                 checkpoint::rotate(&cfg.output, cfg.keep_checkpoints, state.best.map(|b| b.1))?;
-                if cfg.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                if cfg
+                    .early_stopping_patience
+                    .is_some_and(|p| state.evals_without_improvement >= p)
+                {
                     break 'epochs;
                 }
             }
         }
     }
-    best_dir.ok_or_else(|| TrainError::Config("no step was run (the run had already finished?)".into()))
+    best_dir
+        .ok_or_else(|| TrainError::Config("no step was run (the run had already finished?)".into()))
 }

@@ -18,14 +18,29 @@ fn root() -> PathBuf {
 }
 
 fn check(name: &str, task: Task) {
-    let recipe: Value = serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/train/recipe.json")).unwrap()).unwrap();
+    let recipe: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/train/recipe.json")).unwrap(),
+    )
+    .unwrap();
     let r = &recipe[name];
-    let reference = candle_core::safetensors::load(root().join(format!("fixtures/train/{name}.safetensors")), &Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(
+        root().join(format!("fixtures/train/{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let dir = root().join("fixtures/tiny").join(name);
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json")).unwrap();
-    let kind = if task == Task::Classify { HeadKind::SequenceClassification } else { HeadKind::TokenClassification };
-    let head = TaskHead { kind, labels: cfg.id2label.clone(), problem_type: None };
+    let kind = if task == Task::Classify {
+        HeadKind::SequenceClassification
+    } else {
+        HeadKind::TokenClassification
+    };
+    let head = TaskHead {
+        kind,
+        labels: cfg.id2label.clone(),
+        problem_type: None,
+    };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
     let examples: Vec<Example> = r["texts"]
         .as_array()
@@ -33,47 +48,116 @@ fn check(name: &str, task: Task) {
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let enc = tok.encode(t.as_str().unwrap(), None, 64, Truncation::Error, i).unwrap();
-            let want: Vec<u32> = r["input_ids"][i].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let enc = tok
+                .encode(t.as_str().unwrap(), None, 64, Truncation::Error, i)
+                .unwrap();
+            let want: Vec<u32> = r["input_ids"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(enc.ids, want, "{name}: tokenization of text {i}");
             let labels = &r["labels"][i];
             let (class, token_labels) = match task {
                 Task::Classify => (Some(labels.as_u64().unwrap() as u32), Vec::new()),
-                Task::Ner => (None, labels.as_array().unwrap().iter().map(|l| l.as_i64().filter(|&v| v >= 0).map(|v| v as u32)).collect()),
+                Task::Ner => (
+                    None,
+                    labels
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|l| l.as_i64().filter(|&v| v >= 0).map(|v| v as u32))
+                        .collect(),
+                ),
             };
-            Example { enc, class, value: 0.0, token_labels, words: Vec::new() }
+            Example {
+                enc,
+                class,
+                value: 0.0,
+                token_labels,
+                words: Vec::new(),
+            }
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
-    let adamw = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
+    let adamw = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
     let mut opt = AdamW::new(&model.params, adamw);
-    let schedule = Schedule { kind: ScheduleKind::Linear, base_lr: 1e-3, warmup: 1, total: 4 };
+    let schedule = Schedule {
+        kind: ScheduleKind::Linear,
+        base_lr: 1e-3,
+        warmup: 1,
+        total: 4,
+    };
     for step in 0..3u64 {
-        let loss = batch_loss(&model, task, false, &refs, None).unwrap().unwrap();
+        let loss = batch_loss(&model, task, false, &refs, None)
+            .unwrap()
+            .unwrap();
         let l = loss.to_scalar::<f32>().unwrap() as f64;
         let want = r["losses"][step as usize].as_f64().unwrap();
         println!("{name} step {step}: loss {l:.7} vs PyTorch {want:.7}");
-        assert!((l - want).abs() <= 1e-5, "{name} step {step}: loss {l} vs {want}");
+        assert!(
+            (l - want).abs() <= 1e-5,
+            "{name} step {step}: loss {l} vs {want}"
+        );
         opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
-        assert!(opt.untouched().is_empty(), "{name}: no gradient for {:?}", opt.untouched());
+        assert!(
+            opt.untouched().is_empty(),
+            "{name}: no gradient for {:?}",
+            opt.untouched()
+        );
         if step == 1 {
             let mut worst = 0f64;
             for p in &model.params {
-                let want = reference.get(&format!("grad.{}", p.name)).unwrap_or_else(|| panic!("{name}: PyTorch has no {}", p.name));
-                let slot = model.params.iter().find(|q| q.var.as_tensor().id() == p.var.as_tensor().id()).unwrap();
-                let full = candle_core::Tensor::from_vec(opt.grad(&slot.name).unwrap().to_vec(), p.var.as_tensor().shape(), &Device::Cpu).unwrap();
-                let got = p.view(&full).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = reference
+                    .get(&format!("grad.{}", p.name))
+                    .unwrap_or_else(|| panic!("{name}: PyTorch has no {}", p.name));
+                let slot = model
+                    .params
+                    .iter()
+                    .find(|q| q.var.as_tensor().id() == p.var.as_tensor().id())
+                    .unwrap();
+                let full = candle_core::Tensor::from_vec(
+                    opt.grad(&slot.name).unwrap().to_vec(),
+                    p.var.as_tensor().shape(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let got = p
+                    .view(&full)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-                assert!(diff <= 1e-3, "{name}: gradient of {} off by {diff} (relative to its max)", p.name);
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                    / scale;
+                assert!(
+                    diff <= 1e-3,
+                    "{name}: gradient of {} off by {diff} (relative to its max)",
+                    p.name
+                );
                 worst = worst.max(diff as f64);
             }
-            println!("{name}: {} parameter gradients, worst relative difference {worst:.2e}", model.params.len());
+            println!(
+                "{name}: {} parameter gradients, worst relative difference {worst:.2e}",
+                model.params.len()
+            );
         }
         let norm = opt.clip(Some(1.0));
         let want_norm = r["grad_norms"][step as usize].as_f64().unwrap();
-        assert!((norm - want_norm).abs() <= 1e-4 * want_norm.max(1.0), "{name} step {step}: grad norm {norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() <= 1e-4 * want_norm.max(1.0),
+            "{name} step {step}: grad norm {norm} vs {want_norm}"
+        );
         opt.step(schedule.lr(step)).unwrap();
     }
     // The key bias has an exactly-zero true gradient (softmax ignores a shift shared by a
@@ -82,18 +166,49 @@ fn check(name: &str, task: Task) {
     let lr_sum: f64 = (0..3).map(|k| schedule.lr(k)).sum();
     let mut worst = 0f32;
     for p in &model.params {
-        let got = p.view(p.var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = reference[&format!("final.{}", p.name)].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let g = reference[&format!("grad.{}", p.name)].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let got = p
+            .view(p.var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = reference[&format!("final.{}", p.name)]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let g = reference[&format!("grad.{}", p.name)]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if g < 1e-6 {
-            assert!(p.name.contains("key") || p.name.contains("k_lin"), "{name}: unexpected zero gradient for {}", p.name);
-            assert!((diff as f64) <= 2.0 * lr_sum, "{name}: {} moved {diff}, beyond Adam's bound", p.name);
+            assert!(
+                p.name.contains("key") || p.name.contains("k_lin"),
+                "{name}: unexpected zero gradient for {}",
+                p.name
+            );
+            assert!(
+                (diff as f64) <= 2.0 * lr_sum,
+                "{name}: {} moved {diff}, beyond Adam's bound",
+                p.name
+            );
             continue;
         }
         // 5e-5 is 5% of one full-rate step: Adam divides by sqrt(v), so elements with tiny
         // gradients carry their rounding differences into the update.
-        assert!(diff <= 5e-5, "{name}: {} after 3 AdamW steps off by {diff}", p.name);
+        assert!(
+            diff <= 5e-5,
+            "{name}: {} after 3 AdamW steps off by {diff}",
+            p.name
+        );
         worst = worst.max(diff);
     }
     println!("{name}: weights after 3 steps, worst abs difference {worst:.2e}");
@@ -122,4 +237,69 @@ fn bert_token_classification_trains_like_pytorch() {
 #[test]
 fn distilbert_token_classification_trains_like_pytorch() {
     check("distilbert-tokcls", Task::Ner);
+}
+
+/// The weights PyTorch trained (three AdamW steps) saved as a checkpoint load in berth and
+/// predict what PyTorch predicts.
+#[test]
+fn pytorch_trained_weights_load_and_predict_the_same() {
+    for (name, task) in [
+        ("bert-seqcls", Task::Classify),
+        ("roberta-seqcls", Task::Classify),
+        ("distilbert-tokcls", Task::Ner),
+    ] {
+        let reference = candle_core::safetensors::load(
+            root().join(format!("fixtures/train/{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(root().join("fixtures/tiny").join(name)).unwrap() {
+            let e = e.unwrap();
+            let f = e.file_name().to_string_lossy().into_owned();
+            if !f.ends_with(".safetensors") {
+                std::fs::copy(e.path(), tmp.path().join(&f)).unwrap();
+            }
+        }
+        let trained: std::collections::HashMap<String, candle_core::Tensor> = reference
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix("final.").map(|n| (n.to_string(), t.clone())))
+            .collect();
+        candle_core::safetensors::save(&trained, tmp.path().join("model.safetensors")).unwrap();
+        let (p, _) =
+            berth_tasks::Pipeline::load(tmp.path(), berth_tasks::EncodeOptions::default(), None)
+                .unwrap();
+        let recipe: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("fixtures/train/recipe.json")).unwrap(),
+        )
+        .unwrap();
+        let texts: Vec<String> = recipe[name]["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        let mut worst = 0f32;
+        for (s, text) in texts.iter().enumerate() {
+            let encs = p.encode(std::slice::from_ref(text), 0).unwrap();
+            let (batch, hidden) = p.run(&encs).unwrap();
+            let got = match task {
+                Task::Classify => p.model.sequence_logits(&hidden, &batch).unwrap(),
+                Task::Ner => p.model.token_logits(&hidden).unwrap(),
+            };
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = reference[&format!("logits.{s}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            worst = got
+                .iter()
+                .zip(&want)
+                .fold(worst, |m, (a, b)| m.max((a - b).abs()));
+        }
+        println!("{name}: PyTorch-trained model, max abs logit difference {worst:.2e}");
+        assert!(worst <= 1e-4, "{name}: {worst}");
+    }
 }
