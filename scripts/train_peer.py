@@ -71,7 +71,13 @@ def main():
         collator = DataCollatorWithPadding(tok)
 
         def metrics(p):
-            return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+            pred, gold = p.predictions.argmax(-1), p.label_ids
+            f1s = []
+            for c in sorted(set(pred.tolist()) | set(gold.tolist())):
+                tp = float(((pred == c) & (gold == c)).sum())
+                prec = tp / max(1, (pred == c).sum()); rec = tp / max(1, (gold == c).sum())
+                f1s.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+            return {"accuracy": float((pred == gold).mean()), "macro_f1": float(np.mean(f1s))}
     else:
         ts, ds = read_conll(a.train, a.limit), read_conll(a.dev, 0)
         labels = sorted({t for _, tags in ts for t in tags})
