@@ -9,7 +9,8 @@ For each checkpoint: a batch of texts with labels, the loss transformers' head c
 torch.optim.AdamW (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on all but biases
 and LayerNorm weights, as the Trainer groups them) under get_linear_schedule_with_warmup
 (1 warmup step of 4) with clip_grad_norm_(1.0): the loss of each step and the weights after
-the last. The batch is padded (attention mask), which leaves the real tokens' math unchanged.
+the last. Classification batches are padded (attention mask), which leaves the real tokens'
+math unchanged; QA pairs run one at a time (see run()).
 """
 import json
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tiny"
@@ -29,7 +31,8 @@ TEXTS = [
     "who is there? the dog is there.",
 ]
 CASES = [("bert-seqcls", "seq"), ("roberta-seqcls", "seq"), ("distilbert-seqcls", "seq"),
-         ("bert-tokcls", "tok"), ("distilbert-tokcls", "tok")]
+         ("bert-tokcls", "tok"), ("distilbert-tokcls", "tok"), ("bert-qa", "qa"), ("distilbert-qa", "qa")]
+QUESTIONS = ["who is there?", "what jumps?", "hello?", "where is the dog?"]
 
 
 def decay_groups(model):
@@ -44,11 +47,24 @@ def run(name, kind):
     torch.manual_seed(0)
     d = TINY / name
     tok = AutoTokenizer.from_pretrained(d)
-    cls = AutoModelForSequenceClassification if kind == "seq" else AutoModelForTokenClassification
+    cls = {"seq": AutoModelForSequenceClassification, "tok": AutoModelForTokenClassification,
+           "qa": AutoModelForQuestionAnswering}[kind]
     model = cls.from_pretrained(d).eval()
-    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    if kind == "qa":
+        enc = tok(QUESTIONS, TEXTS, padding=True, return_tensors="pt")
+    else:
+        enc = tok(TEXTS, padding=True, return_tensors="pt")
     n_labels = model.config.num_labels
-    if kind == "seq":
+    extra = {}
+    if kind == "qa":
+        # Start / end token positions inside each context; the last pair points at [CLS].
+        lens = enc["attention_mask"].sum(1).tolist()
+        starts = [lens[0] - 4, lens[1] - 6, lens[2] - 3, 0]
+        ends = [lens[0] - 2, lens[1] - 5, lens[2] - 2, 0]
+        extra = {"start_positions": torch.tensor(starts), "end_positions": torch.tensor(ends)}
+        labels = None
+        label_list = [[s_, e_] for s_, e_ in zip(starts, ends)]
+    elif kind == "seq":
         labels = torch.tensor([i % n_labels for i in range(len(TEXTS))])
         label_list = labels.tolist()
     else:
@@ -65,9 +81,17 @@ def run(name, kind):
     tensors, losses, norms = {}, [], []
     for step in range(3):
         opt.zero_grad()
-        out = model(**enc, labels=labels)
-        out.loss.backward()
-        losses.append(out.loss.item())
+        if kind == "qa":
+            # Each pair alone, losses averaged: a padded batch would put the pad positions'
+            # logits into the start / end softmax (transformers does not mask them), which a
+            # packed batch has no counterpart for.
+            loss = sum(model(**tok(QUESTIONS[i], TEXTS[i], return_tensors="pt"),
+                             start_positions=extra["start_positions"][i:i + 1],
+                             end_positions=extra["end_positions"][i:i + 1]).loss for i in range(len(TEXTS))) / len(TEXTS)
+        else:
+            loss = model(**enc, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
         if step == 1:  # the first step runs at lr 0 (warmup): step 2 is the first real update's gradient
             for n, p in model.named_parameters():
                 assert p.grad is not None, f"{name}: {n} has no gradient"
@@ -81,9 +105,13 @@ def run(name, kind):
     # PyTorch-trained weights and reproduce them.
     with torch.no_grad():
         for s, text in enumerate(TEXTS):
-            tensors[f"logits.{s}"] = model(**tok(text, return_tensors="pt")).logits[0].contiguous()
+            if kind == "qa":
+                o = model(**tok(QUESTIONS[s], text, return_tensors="pt"))
+                tensors[f"logits.{s}"] = torch.stack([o.start_logits[0], o.end_logits[0]], 1).contiguous()
+            else:
+                tensors[f"logits.{s}"] = model(**tok(text, return_tensors="pt")).logits[0].contiguous()
     save_file(tensors, str(OUT / f"{name}.safetensors"))
-    return {"texts": TEXTS, "labels": label_list, "input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])],
+    return {"texts": TEXTS, "questions": QUESTIONS if kind == "qa" else None, "labels": label_list, "input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])],
             "losses": losses, "grad_norms": norms, "lr": 1e-3, "weight_decay": 0.01, "warmup": 1, "total": 4, "max_grad_norm": 1.0}
 
 

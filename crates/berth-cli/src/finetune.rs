@@ -14,6 +14,8 @@ enum TaskArg {
     Classify,
     /// Token classification from CoNLL files.
     Ner,
+    /// Extractive question answering from SQuAD JSON.
+    Qa,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -32,7 +34,7 @@ pub struct FinetuneArgs {
     /// Starting checkpoint (directory, cached name; default all-MiniLM-L6-v2).
     #[arg(long)]
     model: Option<String>,
-    /// Training data: CSV / TSV with a header, JSON Lines (classify), CoNLL (ner).
+    /// Training data: CSV / TSV with a header, JSON Lines (classify), CoNLL (ner), SQuAD JSON (qa).
     #[arg(long)]
     train: PathBuf,
     /// Dev data; without it a seeded --dev-fraction of the training data is held out.
@@ -61,9 +63,12 @@ pub struct FinetuneArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Token limit per example.
+    /// Token limit per example (default 128; qa: 384, the window size).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// qa: tokens shared by consecutive windows of a long context.
     #[arg(long, default_value_t = 128)]
-    max_length: usize,
+    doc_stride: usize,
     /// Warmup: a fraction of all steps (< 1) or a step count (>= 1).
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
@@ -146,6 +151,7 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let task = match a.task {
         TaskArg::Classify => Task::Classify,
         TaskArg::Ner => Task::Ner,
+        TaskArg::Qa => Task::Qa,
     };
     let mut cfg = TrainConfig::new(task, model, a.train, a.output.clone());
     cfg.dev = a.dev;
@@ -155,7 +161,10 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.lr = a.lr;
     cfg.batch_size = a.batch_size;
     cfg.grad_accum = a.grad_accum;
-    cfg.max_length = a.max_length;
+    cfg.max_length = a
+        .max_length
+        .unwrap_or(if task == Task::Qa { 384 } else { 128 });
+    cfg.doc_stride = a.doc_stride;
     if a.warmup >= 1.0 {
         cfg.warmup_steps = Some(a.warmup as u64);
     } else {

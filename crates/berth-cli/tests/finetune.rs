@@ -49,10 +49,13 @@ fn finetune(out: &Path, train: &Path, dev: &Path, extra: &[&str]) -> Command {
     .arg(dev)
     .arg("--output")
     .arg(out)
-    .args(["--batch-size", "4", "--lr", "1e-3", "--warmup", "0.1"])
+    .args(["--batch-size", "4", "--warmup", "0.1"])
     .args(extra);
     if !extra.contains(&"--epochs") {
         c.args(["--epochs", "3"]);
+    }
+    if !extra.contains(&"--lr") {
+        c.args(["--lr", "1e-3"]);
     }
     c
 }
@@ -346,4 +349,148 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
             .output()
             .unwrap(),
     );
+}
+
+/// A small SQuAD file: each context holds its answer at the stated character offset.
+fn write_squad(dir: &Path, name: &str, n: usize, break_one: bool) -> PathBuf {
+    let subjects = ["the dog", "the fox", "berth", "the world", "café naïve"];
+    let mut qas_paras = Vec::new();
+    for i in 0..n {
+        let subject = subjects[i % subjects.len()];
+        let filler = WORDS[(i * 5) % WORDS.len()];
+        let context = format!(
+            "hello {filler} world, this is a tiny corpus. {subject} is there, and {filler} is not."
+        );
+        let start = context[..context.find(subject).unwrap()].chars().count();
+        let start = if break_one && i == 1 {
+            start + 1
+        } else {
+            start
+        };
+        qas_paras.push(serde_json::json!({
+            "context": context,
+            "qas": [{"id": format!("q{i}"), "question": "who is there?", "answers": [{"text": subject, "answer_start": start}]}]
+        }));
+    }
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        serde_json::json!({"version": "1.1", "data": [{"title": "t", "paragraphs": qas_paras}]})
+            .to_string(),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn question_answering_fine_tunes_and_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (
+        write_squad(tmp.path(), "train.json", 40, false),
+        write_squad(tmp.path(), "dev.json", 10, false),
+    );
+    let run = tmp.path().join("qa");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    c.args([
+        "finetune",
+        "--task",
+        "qa",
+        "--model",
+        &tiny("bert-base"),
+        "--max-length",
+        "24",
+        "--doc-stride",
+        "6",
+    ])
+    .args([
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--epochs",
+        "6",
+        "--train",
+    ])
+    .arg(&train)
+    .arg("--dev")
+    .arg(&dev)
+    .arg("--output")
+    .arg(&run);
+    let best = PathBuf::from(ok(&c.output().unwrap()).trim());
+    let evals: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    assert_eq!(evals.len(), 6);
+    let f1: Vec<f64> = evals
+        .iter()
+        .map(|e| e["eval"]["f1"].as_f64().unwrap())
+        .collect();
+    assert!(
+        f1.iter().cloned().fold(0.0, f64::max) > f1[0] + 10.0 || f1[0] > 80.0,
+        "dev F1 did not improve: {f1:?}"
+    );
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForQuestionAnswering");
+    let got = json_lines(&ok(&berth(&[
+        "qa",
+        "--model",
+        &best.to_string_lossy(),
+        "--question",
+        "who is there?",
+        "--context",
+        "hello world. the fox is there.",
+    ])));
+    assert!(got[0]["answers"][0]["answer"].is_string());
+    // A SQuAD answer not at its stated offset names the question.
+    let broken = write_squad(tmp.path(), "broken.json", 4, true);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    c.args([
+        "finetune",
+        "--task",
+        "qa",
+        "--model",
+        &tiny("bert-base"),
+        "--train",
+    ])
+    .arg(&broken)
+    .arg("--output")
+    .arg(tmp.path().join("x"));
+    fails_with(
+        &c.output().unwrap(),
+        &["broken.json", "question q1", "not at character"],
+    );
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_dev_stops_improving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (
+        write_data(tmp.path(), 48, 10),
+        write_data(tmp.path(), 8, 11),
+    );
+    let run = tmp.path().join("run");
+    // Learning rate 0: the dev score never improves after the first evaluation.
+    ok(&finetune(
+        &run,
+        &train,
+        &dev,
+        &[
+            "--lr",
+            "0",
+            "--save-every",
+            "2",
+            "--early-stopping",
+            "2",
+            "--log-every",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap());
+    let steps: Vec<u64> = curve(&run).iter().filter_map(|c| c.0.as_u64()).collect();
+    assert_eq!(steps.iter().max(), Some(&6), "stopped at {steps:?}");
 }

@@ -18,13 +18,18 @@ pub fn substream(seed: u64, n: u64) -> u64 {
     mix(seed ^ mix(n.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 
-/// Whether element `i` of stream `key` is kept when dropping with probability `p`:
-/// a uniform draw from the top 24 bits of the mixed counter, kept when `>= p`.
+/// The keep threshold of rate `p` on 16-bit draws.
 #[inline]
-pub(crate) fn keep(key: u64, i: u64, p: f32) -> bool {
-    let u = (mix(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 40) as f32
-        * (1.0 / 16_777_216.0);
-    u >= p
+pub(crate) fn threshold(p: f32) -> u32 {
+    (p as f64 * 65536.0).round() as u32
+}
+
+/// Whether element `i` of stream `key` is kept at `threshold` (from [`threshold`]): one 64-bit
+/// mix gives four 16-bit uniform draws, element `i` uses draw `i % 4` of mix `i / 4`.
+#[inline]
+pub(crate) fn keep(key: u64, i: u64, threshold: u32) -> bool {
+    let h = mix(key.wrapping_add((i >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    ((h >> ((i & 3) * 16)) & 0xffff) as u32 >= threshold
 }
 
 /// Inverted dropout: each element zeroed with probability `p`, survivors scaled by
@@ -45,17 +50,23 @@ struct Dropout {
 }
 
 fn apply<T: Float>(xs: &[T], p: f32, seed: u64) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14; // a multiple of 4: chunks never split a mix's draws
     let scale = T::from_f64(1.0 / (1.0 - p as f64));
-    xs.iter()
+    let t = threshold(p);
+    let mut out = vec![T::zero(); xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
         .enumerate()
-        .map(|(i, &x)| {
-            if keep(seed, i as u64, p) {
-                x * scale
-            } else {
-                T::zero()
+        .for_each(|(c, (o, x))| {
+            let base = (c * CHUNK) as u64;
+            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                if keep(seed, base + j as u64, t) {
+                    *o = x * scale;
+                }
             }
-        })
-        .collect()
+        });
+    out
 }
 
 impl CustomOp1 for Dropout {

@@ -86,11 +86,9 @@ impl Embeddings {
         if let Some(tt) = &self.token_type_embeddings {
             let types = ids_tensor(&b.token_type_ids, tt.dim(0)?, "token type id")?;
             x = (x + tt.index_select(&types, 0)?)?;
-        } else if b.token_type_ids.iter().any(|&t| t != 0) {
-            return Err(ModelError::Input(
-                "this architecture has no token types".into(),
-            ));
         }
+        // Without a token-type table (DistilBERT) segment ids are ignored, as transformers'
+        // tokenizers for those models never pass them.
         let x = self.layer_norm.forward(&x)?;
         match d {
             Some(d) => d.apply(&x, p),

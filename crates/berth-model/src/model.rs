@@ -27,7 +27,8 @@ pub struct LoadReport {
     pub missing_head: Option<(HeadKind, String)>,
 }
 
-/// Encoder + pooler + head.
+/// Encoder + pooler + head. Cloning is cheap: tensors (and trainable variables) are shared.
+#[derive(Clone)]
 pub struct Model {
     /// The normalised config.
     pub config: EncoderConfig,

@@ -59,6 +59,7 @@ pub struct Encoded {
 }
 
 /// A loaded tokenizer.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     kind: TokenizerKind,

@@ -349,6 +349,86 @@ pub fn read_conll(
     Ok((out, skipped))
 }
 
+/// One SQuAD question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SquadQuestion {
+    /// Question id.
+    pub id: String,
+    /// The question.
+    pub question: String,
+    /// Its paragraph.
+    pub context: String,
+    /// Gold answers: text and character start in the context (empty: unanswerable).
+    pub answers: Vec<(String, usize)>,
+}
+
+/// Reads SQuAD JSON (v1.1 or v2.0: `data` → `paragraphs` → `qas`). Answer starts count
+/// characters (code points), as SQuAD does; an answer whose text is not at its start in the
+/// context is an error naming the question (or skipped with `skip_bad_rows`).
+pub fn read_squad(path: &Path, skip_bad_rows: bool) -> Result<(Vec<SquadQuestion>, usize)> {
+    let text = read_utf8(path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| data_err(path, e.line(), format!("invalid JSON: {e}")))?;
+    let articles = v["data"]
+        .as_array()
+        .ok_or_else(|| data_err(path, 0, "no \"data\" list (SQuAD format)"))?;
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for para in articles
+        .iter()
+        .flat_map(|a| a["paragraphs"].as_array().into_iter().flatten())
+    {
+        let Some(context) = para["context"].as_str() else {
+            return Err(data_err(path, 0, "a paragraph without \"context\""));
+        };
+        let chars: Vec<char> = context.chars().collect();
+        for qa in para["qas"].as_array().into_iter().flatten() {
+            let id = match &qa["id"] {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let question = qa["question"].as_str().unwrap_or_default().to_string();
+            let mut answers = Vec::new();
+            let mut problem = question
+                .trim()
+                .is_empty()
+                .then(|| "empty question".to_string());
+            for a in qa["answers"].as_array().into_iter().flatten() {
+                let (Some(t), Some(st)) = (a["text"].as_str(), a["answer_start"].as_u64()) else {
+                    problem = Some("an answer without \"text\" and \"answer_start\"".into());
+                    break;
+                };
+                let st = st as usize;
+                let found: String = chars.iter().skip(st).take(t.chars().count()).collect();
+                if found != t {
+                    problem = Some(format!(
+                        "answer {t:?} is not at character {st} of the context"
+                    ));
+                    break;
+                }
+                answers.push((t.to_string(), st));
+            }
+            match problem {
+                Some(msg) if skip_bad_rows => {
+                    let _ = msg;
+                    skipped += 1;
+                }
+                Some(msg) => return Err(data_err(path, 0, format!("question {id}: {msg}"))),
+                None => out.push(SquadQuestion {
+                    id,
+                    question,
+                    context: context.to_string(),
+                    answers,
+                }),
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(data_err(path, 0, "no questions"));
+    }
+    Ok((out, skipped))
+}
+
 /// A seeded split: `dev_fraction` of the items (at least one) for dev, the rest for training,
 /// both in their original order.
 pub fn split<T: Clone>(items: &[T], dev_fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {

@@ -20,6 +20,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[Option<u32>]) -> Result<Option<T
     } else {
         logits.index_select(&Tensor::new(keep.as_slice(), &Device::Cpu)?, 0)?
     };
+    let logits = logits.contiguous()?;
     let targets: Vec<u32> = labels.iter().flatten().copied().collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
     // log-sum-exp with the row max taken out (detached: its gradient cancels exactly).

@@ -33,6 +33,8 @@ pub enum Task {
     Classify,
     /// Token classification from CoNLL files.
     Ner,
+    /// Extractive question answering from SQuAD JSON (contexts in `doc_stride` windows).
+    Qa,
 }
 
 /// The full training configuration (saved as the run's config.json).
@@ -86,6 +88,8 @@ pub struct TrainConfig {
     pub tag_column: Option<usize>,
     /// NER: label every sub-token of a word (default: only the first; the rest are -100).
     pub label_all_tokens: bool,
+    /// QA: tokens shared by consecutive windows of a long context.
+    pub doc_stride: usize,
     /// Skip (and count) malformed rows instead of failing.
     pub skip_bad_rows: bool,
     /// Evaluate and checkpoint every N optimizer steps (default: at each epoch end).
@@ -129,6 +133,7 @@ impl TrainConfig {
             regression: false,
             tag_column: None,
             label_all_tokens: false,
+            doc_stride: 128,
             skip_bad_rows: false,
             save_every: None,
             keep_checkpoints: 2,
@@ -152,6 +157,8 @@ pub struct Example {
     pub token_labels: Vec<Option<u32>>,
     /// NER: gold tag per word, for conlleval.
     pub words: Vec<(String, String)>,
+    /// QA: answer start and end token (0, 0 = [CLS]: no answer in this window).
+    pub span: Option<(u32, u32)>,
 }
 
 /// The prepared data of a run.
@@ -164,6 +171,8 @@ pub struct Prepared {
     pub dev: Vec<Example>,
     /// Rows skipped as malformed (with `skip_bad_rows`).
     pub skipped: usize,
+    /// QA: the dev questions, answered by the QA pipeline for EM / F1.
+    pub qa_dev: Vec<data::SquadQuestion>,
 }
 
 /// What the loop reports as it goes.
@@ -215,6 +224,11 @@ fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
             labels: labels.to_vec(),
             problem_type: None,
         },
+        Task::Qa => TaskHead {
+            kind: HeadKind::QuestionAnswering,
+            labels: Vec::new(),
+            problem_type: None,
+        },
     }
 }
 
@@ -223,6 +237,7 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
     match cfg.task {
         Task::Classify => prepare_classify(cfg, tok),
         Task::Ner => prepare_ner(cfg, tok),
+        Task::Qa => prepare_qa(cfg, tok),
     }
 }
 
@@ -295,6 +310,7 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
                     value,
                     token_labels: Vec::new(),
                     words: Vec::new(),
+                    span: None,
                 })
             })
             .collect()
@@ -304,6 +320,7 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
         dev: encode(&dev, &dev_path)?,
         labels,
         skipped,
+        qa_dev: Vec::new(),
     })
 }
 
@@ -366,6 +383,7 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                     value: 0.0,
                     token_labels,
                     words,
+                    span: None,
                 })
             })
             .collect()
@@ -375,6 +393,81 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         dev: encode(&dev)?,
         labels,
         skipped,
+        qa_dev: Vec::new(),
+    })
+}
+
+/// Answer token span of one window, as transformers' run_qa labels it: the tokens covering the
+/// first answer's characters when the window holds all of it, else [CLS] (0, 0).
+fn answer_span(w: &Encoded, answer: Option<&(String, usize)>) -> (u32, u32) {
+    let Some((text, start)) = answer else {
+        return (0, 0);
+    };
+    let (start, end) = (*start, *start + text.chars().count());
+    let ctx: Vec<usize> = (0..w.len())
+        .filter(|&t| w.sequence_ids[t] == Some(1))
+        .collect();
+    let (Some(&first), Some(&last)) = (ctx.first(), ctx.last()) else {
+        return (0, 0);
+    };
+    if !(w.offsets[first].0 <= start && w.offsets[last].1 >= end) {
+        return (0, 0);
+    }
+    let mut s = first;
+    while s <= last && w.offsets[s].0 <= start {
+        s += 1;
+    }
+    let mut e = last;
+    while e >= first && w.offsets[e].1 >= end {
+        e -= 1;
+    }
+    ((s - 1) as u32, (e + 1) as u32)
+}
+
+fn prepare_qa(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    let (train, mut skipped) = data::read_squad(&cfg.train, cfg.skip_bad_rows)?;
+    let (train, dev) = match &cfg.dev {
+        Some(d) => {
+            let (dev, s) = data::read_squad(d, cfg.skip_bad_rows)?;
+            skipped += s;
+            (train, dev)
+        }
+        None => data::split(&train, cfg.dev_fraction, cfg.seed),
+    };
+    use rayon::prelude::*;
+    let windows: Vec<Vec<Example>> = train
+        .par_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let ws = tok.encode_windows(
+                &q.question,
+                Some(&q.context),
+                cfg.max_length,
+                cfg.doc_stride,
+                i,
+            )?;
+            Ok(ws
+                .into_iter()
+                .map(|enc| {
+                    let span = Some(answer_span(&enc, q.answers.first()));
+                    Example {
+                        enc,
+                        class: None,
+                        value: 0.0,
+                        token_labels: Vec::new(),
+                        words: Vec::new(),
+                        span,
+                    }
+                })
+                .collect())
+        })
+        .collect::<Result<_>>()?;
+    Ok(Prepared {
+        train: windows.into_iter().flatten().collect(),
+        dev: Vec::new(),
+        labels: Vec::new(),
+        skipped,
+        qa_dev: dev,
     })
 }
 
@@ -425,6 +518,26 @@ pub fn batch_loss(
             let kept: Vec<Option<u32>> = rows.iter().map(|&i| labels[i as usize]).collect();
             loss::cross_entropy(&logits, &kept)
         }
+        Task::Qa => {
+            // (start loss + end loss) / 2, each a softmax over its window's tokens.
+            let (start, end) = model.qa_logits_train(&hidden, d)?;
+            let mut total: Option<candle_core::Tensor> = None;
+            for (k, e) in examples.iter().enumerate() {
+                let r = batch.range(k);
+                let (s, t) = e.span.expect("QA examples carry a span");
+                let one =
+                    |logits: &candle_core::Tensor, target: u32| -> Result<candle_core::Tensor> {
+                        let row = logits.narrow(0, r.start, r.len())?.unsqueeze(0)?;
+                        Ok(loss::cross_entropy(&row, &[Some(target)])?.expect("one labelled row"))
+                    };
+                let l = ((one(&start, s)? + one(&end, t)?)? * 0.5)?;
+                total = Some(match total {
+                    None => l,
+                    Some(acc) => (acc + l)?,
+                });
+            }
+            Ok(total.map(|t| t / examples.len() as f64).transpose()?)
+        }
     }
 }
 
@@ -432,11 +545,52 @@ pub fn batch_loss(
 /// conlleval precision / recall / F1 (NER, on each word's first sub-token).
 pub fn evaluate(
     model: &Model,
+    tok: &TextTokenizer,
     cfg: &TrainConfig,
-    labels: &[String],
-    dev: &[Example],
+    data: &Prepared,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let (labels, dev) = (&data.labels, &data.dev);
     let mut out = serde_json::Map::new();
+    if cfg.task == Task::Qa {
+        // The QA pipeline answers each dev question (windows, spans up to 30 tokens, as
+        // transformers' run_qa post-processing); EM / F1 as the SQuAD script scores them.
+        let p = berth_tasks::Pipeline {
+            model: model.clone(),
+            tokenizer: tok.clone(),
+            max_length: cfg.max_length,
+            truncation: Truncation::Truncate,
+        };
+        let opts = berth_tasks::QaOptions {
+            max_seq_len: Some(cfg.max_length),
+            doc_stride: Some(cfg.doc_stride),
+            max_answer_len: 30,
+            ..berth_tasks::QaOptions::default()
+        };
+        let (mut em, mut f1) = (0.0, 0.0);
+        for chunk in data.qa_dev.chunks(256) {
+            let inputs: Vec<berth_tasks::QaInput> = chunk
+                .iter()
+                .map(|q| berth_tasks::QaInput {
+                    question: q.question.clone(),
+                    context: q.context.clone(),
+                })
+                .collect();
+            for (q, a) in chunk
+                .iter()
+                .zip(berth_tasks::answer(&p, &inputs, &opts, 0)?)
+            {
+                let golds: Vec<String> = q.answers.iter().map(|(t, _)| t.clone()).collect();
+                let (e, f) =
+                    metrics::squad::score(&golds, a.first().map_or("", |a| a.answer.as_str()));
+                em += e;
+                f1 += f;
+            }
+        }
+        let n = data.qa_dev.len().max(1) as f64;
+        out.insert("exact_match".into(), (100.0 * em / n).into());
+        out.insert("f1".into(), (100.0 * f1 / n).into());
+        return Ok(out);
+    }
     let mut gold = Vec::new();
     let mut pred = Vec::new();
     let (mut gv, mut pv) = (Vec::new(), Vec::new());
@@ -452,6 +606,7 @@ pub fn evaluate(
         let batch = pack(&refs)?;
         let hidden = model.forward(&batch)?;
         match cfg.task {
+            Task::Qa => unreachable!("QA is evaluated above"),
             Task::Classify => {
                 let logits = model.sequence_logits(&hidden, &batch)?.to_vec2::<f32>()?;
                 for (e, row) in chunk.iter().zip(logits) {
@@ -510,6 +665,7 @@ pub fn evaluate(
             out.insert("accuracy".into(), r.accuracy.into());
             out.insert("macro_f1".into(), r.macro_avg.f1.into());
         }
+        Task::Qa => unreachable!("handled above"),
         Task::Ner => {
             let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ').map_err(
                 |e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)),
@@ -528,7 +684,7 @@ pub fn main_metric(cfg: &TrainConfig) -> &'static str {
     match cfg.task {
         Task::Classify if cfg.regression => "spearman",
         Task::Classify => "accuracy",
-        Task::Ner => "f1",
+        Task::Ner | Task::Qa => "f1",
     }
 }
 
@@ -635,7 +791,7 @@ pub fn train(
     let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
     on_plan(&Plan {
         train_examples: data.train.len(),
-        dev_examples: data.dev.len(),
+        dev_examples: data.dev.len() + data.qa_dev.len(),
         labels: data.labels.clone(),
         batches_per_epoch,
         steps_per_epoch,
@@ -737,7 +893,7 @@ pub fn train(
                 None => state.batch_in_epoch == 0,
             };
             if boundary || state.step == last_step {
-                let eval = evaluate(&model, cfg, &data.labels, &data.dev)?;
+                let eval = evaluate(&model, &tok, cfg, &data)?;
                 let score = eval
                     .get(main_metric(cfg))
                     .and_then(|v| v.as_f64())

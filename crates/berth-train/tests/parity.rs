@@ -31,10 +31,10 @@ fn check(name: &str, task: Task) {
     let dir = root().join("fixtures/tiny").join(name);
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json")).unwrap();
-    let kind = if task == Task::Classify {
-        HeadKind::SequenceClassification
-    } else {
-        HeadKind::TokenClassification
+    let kind = match task {
+        Task::Classify => HeadKind::SequenceClassification,
+        Task::Ner => HeadKind::TokenClassification,
+        Task::Qa => HeadKind::QuestionAnswering,
     };
     let head = TaskHead {
         kind,
@@ -48,9 +48,12 @@ fn check(name: &str, task: Task) {
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let enc = tok
-                .encode(t.as_str().unwrap(), None, 64, Truncation::Error, i)
-                .unwrap();
+            // QA cases pair a question with each text.
+            let (first, pair) = match r["questions"][i].as_str() {
+                Some(q) => (q, Some(t.as_str().unwrap())),
+                None => (t.as_str().unwrap(), None),
+            };
+            let enc = tok.encode(first, pair, 64, Truncation::Error, i).unwrap();
             let want: Vec<u32> = r["input_ids"][i]
                 .as_array()
                 .unwrap()
@@ -59,8 +62,8 @@ fn check(name: &str, task: Task) {
                 .collect();
             assert_eq!(enc.ids, want, "{name}: tokenization of text {i}");
             let labels = &r["labels"][i];
-            let (class, token_labels) = match task {
-                Task::Classify => (Some(labels.as_u64().unwrap() as u32), Vec::new()),
+            let (class, token_labels, span) = match task {
+                Task::Classify => (Some(labels.as_u64().unwrap() as u32), Vec::new(), None),
                 Task::Ner => (
                     None,
                     labels
@@ -69,6 +72,15 @@ fn check(name: &str, task: Task) {
                         .iter()
                         .map(|l| l.as_i64().filter(|&v| v >= 0).map(|v| v as u32))
                         .collect(),
+                    None,
+                ),
+                Task::Qa => (
+                    None,
+                    Vec::new(),
+                    Some((
+                        labels[0].as_u64().unwrap() as u32,
+                        labels[1].as_u64().unwrap() as u32,
+                    )),
                 ),
             };
             Example {
@@ -77,6 +89,7 @@ fn check(name: &str, task: Task) {
                 value: 0.0,
                 token_labels,
                 words: Vec::new(),
+                span,
             }
         })
         .collect();
@@ -160,7 +173,7 @@ fn check(name: &str, task: Task) {
         );
         opt.step(schedule.lr(step)).unwrap();
     }
-    // The key bias has an exactly-zero true gradient (softmax ignores a shift shared by a
+    // The key bias (and, for QA, see below) has an exactly-zero true gradient (softmax ignores a shift shared by a
     // row's scores): both sides hold rounding noise there, which Adam normalises to steps of
     // ±lr in arbitrary directions. Those parameters are held to Adam's step bound instead.
     let lr_sum: f64 = (0..3).map(|k| schedule.lr(k)).sum();
@@ -190,8 +203,14 @@ fn check(name: &str, task: Task) {
             .to_scalar::<f32>()
             .unwrap();
         if g < 1e-6 {
+            // Key biases always; in QA also qa_outputs.bias and the last LayerNorm bias, since the start / end
+            // softmax runs over tokens and ignores a shift shared by all of them.
+            let last_ln_bias = task == Task::Qa
+                && p.name.ends_with("bias")
+                && (p.name.starts_with("qa_outputs")
+                    || (p.name.contains("layer.1.") && p.name.contains("output")));
             assert!(
-                p.name.contains("key") || p.name.contains("k_lin"),
+                p.name.contains("key") || p.name.contains("k_lin") || last_ln_bias,
                 "{name}: unexpected zero gradient for {}",
                 p.name
             );
@@ -247,6 +266,7 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
         ("bert-seqcls", Task::Classify),
         ("roberta-seqcls", Task::Classify),
         ("distilbert-tokcls", Task::Ner),
+        ("bert-qa", Task::Qa),
     ] {
         let reference = candle_core::safetensors::load(
             root().join(format!("fixtures/train/{name}.safetensors")),
@@ -281,11 +301,21 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
             .collect();
         let mut worst = 0f32;
         for (s, text) in texts.iter().enumerate() {
-            let encs = p.encode(std::slice::from_ref(text), 0).unwrap();
+            let encs = match recipe[name]["questions"][s].as_str() {
+                Some(q) => vec![p
+                    .tokenizer
+                    .encode(q, Some(text), 64, Truncation::Error, s)
+                    .unwrap()],
+                None => p.encode(std::slice::from_ref(text), 0).unwrap(),
+            };
             let (batch, hidden) = p.run(&encs).unwrap();
             let got = match task {
                 Task::Classify => p.model.sequence_logits(&hidden, &batch).unwrap(),
                 Task::Ner => p.model.token_logits(&hidden).unwrap(),
+                Task::Qa => {
+                    let (a, b) = p.model.qa_logits(&hidden).unwrap();
+                    candle_core::Tensor::stack(&[a, b], 1).unwrap()
+                }
             };
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = reference[&format!("logits.{s}")]
@@ -302,4 +332,14 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
         println!("{name}: PyTorch-trained model, max abs logit difference {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: {worst}");
     }
+}
+
+#[test]
+fn bert_question_answering_trains_like_pytorch() {
+    check("bert-qa", Task::Qa);
+}
+
+#[test]
+fn distilbert_question_answering_trains_like_pytorch() {
+    check("distilbert-qa", Task::Qa);
 }
