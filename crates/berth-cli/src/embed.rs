@@ -107,9 +107,25 @@ pub fn warn_truncated(encs: &[berth_text::Encoded], first: usize, max: usize) {
     }
 }
 
-pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
-    let dir = resolve::model_dir(a.model.as_deref())?;
+/// A sentence-embedding pipeline for `--model`: its sentence-transformers config (if any)
+/// and the model loaded with that config's `max_seq_length` as the default limit.
+pub fn load_sentence_pipeline(
+    model: Option<&str>,
+    text: &input::TextArgs,
+) -> anyhow::Result<(Option<SentenceConfig>, Pipeline)> {
+    let dir = resolve::model_dir(model)?;
     let st = SentenceConfig::from_dir(&dir)?;
+    let (p, report) = Pipeline::load(
+        &dir,
+        text.encode_options(),
+        st.and_then(|c| c.max_seq_length),
+    )?;
+    report_load(&report);
+    Ok((st, p))
+}
+
+pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
+    let (st, p) = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let pooling = match a.pooling {
         Some(PoolingArg::Mean) => Pooling::Mean,
         Some(PoolingArg::Cls) => Pooling::Cls,
@@ -118,12 +134,6 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         None => st.map_or(Pooling::Cls, |c| c.pooling),
     };
     let norm = a.normalize || (a.pooling.is_none() && st.is_some_and(|c| c.normalize));
-    let (p, report) = Pipeline::load(
-        &dir,
-        a.text.encode_options(),
-        st.and_then(|c| c.max_seq_length),
-    )?;
-    report_load(&report);
     let (texts, from_file) = a.text.texts(&a.texts)?;
     let source = a
         .text

@@ -4,7 +4,7 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use berth_tasks::{
     Aggregation, ClassFunction, ClassifyOptions, EmbedOptions, NerOptions, Pipeline, Pooling,
-    QaInput, QaOptions, SentenceConfig,
+    QaInput, QaOptions,
 };
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -401,14 +401,7 @@ struct SimilarityLine<'a> {
 }
 
 pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
-    let dir = resolve::model_dir(a.model.as_deref())?;
-    let st = SentenceConfig::from_dir(&dir)?;
-    let (p, report) = Pipeline::load(
-        &dir,
-        a.text.encode_options(),
-        st.and_then(|c| c.max_seq_length),
-    )?;
-    report_load(&report);
+    let (st, p) = crate::embed::load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (texts, _) = a.text.texts(&a.texts)?;
     let opts = EmbedOptions {
         pooling: st.map_or(Pooling::Cls, |c| c.pooling),

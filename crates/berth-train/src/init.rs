@@ -62,6 +62,20 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
     }
 }
 
+/// Whether a checkpoint key belongs to a task head (never prefixed with the base model's name).
+fn is_head_key(k: &str) -> bool {
+    [
+        "classifier.",
+        "pre_classifier.",
+        "qa_outputs.",
+        "cls.",
+        "lm_head.",
+        "vocab_",
+    ]
+    .iter()
+    .any(|h| k.starts_with(h))
+}
+
 /// The config.json for the fine-tuned model: the checkpoint's, with the head's class,
 /// labels and problem type.
 pub fn task_config(dir: &Path, head: &TaskHead) -> Result<serde_json::Value> {
@@ -110,32 +124,14 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
     for (k, t) in raw {
         // Parts the task's model does not have: the pooler outside sequence classification
         // (transformers builds those models without it), another task's head.
-        let other_head = [
-            "classifier.",
-            "pre_classifier.",
-            "qa_outputs.",
-            "cls.",
-            "lm_head.",
-            "vocab_",
-        ]
-        .iter()
-        .any(|h| k.starts_with(h))
+        let other_head = is_head_key(&k)
             && !head_shapes(config.arch, head.kind, config.hidden_size, 1)
                 .iter()
                 .any(|(n, _)| k.split('.').next() == n.split('.').next());
         if other_head || (head.kind != HeadKind::SequenceClassification && k.contains("pooler.")) {
             continue;
         }
-        let head_key = [
-            "classifier.",
-            "pre_classifier.",
-            "qa_outputs.",
-            "cls.",
-            "lm_head.",
-            "vocab_",
-        ]
-        .iter()
-        .any(|h| k.starts_with(h));
+        let head_key = is_head_key(&k);
         let key = if has_prefix || head_key {
             k
         } else {
