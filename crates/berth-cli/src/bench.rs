@@ -75,10 +75,10 @@ fn rate(seconds: f64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resu
 fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
     let f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    Ok(std::io::BufReader::new(f)
+    std::io::BufReader::new(f)
         .lines()
         .collect::<Result<_, _>>()
-        .with_context(|| path.display().to_string())?)
+        .with_context(|| path.display().to_string())
 }
 
 fn jsonl_texts(path: &Path) -> anyhow::Result<Vec<String>> {

@@ -19,6 +19,31 @@ fn stdout() -> std::io::BufWriter<std::io::StdoutLock<'static>> {
     std::io::BufWriter::new(std::io::stdout().lock())
 }
 
+/// Runs `task` over `items` in chunks of [`CHUNK`] (its second argument: the chunk's first
+/// index), warns about truncated inputs unless the task windows them, and prints one JSON line
+/// per item, serialised by `line(index, result)`.
+fn run_chunked<I, R>(
+    items: &[I],
+    max_length: usize,
+    windowed: bool,
+    task: impl Fn(&[I], usize) -> anyhow::Result<(Vec<R>, Vec<berth_text::Encoded>)>,
+    line: impl Fn(usize, &R) -> serde_json::Result<String>,
+) -> anyhow::Result<()> {
+    let mut out = stdout();
+    for (c, chunk) in items.chunks(CHUNK).enumerate() {
+        let first = c * CHUNK;
+        let (results, encs) = task(chunk, first)?;
+        if !windowed {
+            warn_truncated(&encs, first, max_length);
+        }
+        for (i, r) in results.iter().enumerate() {
+            writeln!(out, "{}", line(first + i, r)?)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn load(model: &str, text: &input::TextArgs) -> anyhow::Result<Pipeline> {
     let dir = resolve::model_dir(Some(model))?;
     let (p, report) = Pipeline::load(&dir, text.encode_options(), None)?;
@@ -109,26 +134,13 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
         windows: a.windows.windows(),
         batch_tokens: a.text.batch_tokens,
     };
-    let mut out = stdout();
-    for (c, chunk) in inputs.chunks(CHUNK).enumerate() {
-        let first = c * CHUNK;
-        let (labels, encs) = berth_tasks::classify(&p, chunk, &opts, first)?;
-        if opts.windows.is_none() {
-            warn_truncated(&encs, first, p.max_length);
-        }
-        for (i, l) in labels.iter().enumerate() {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string(&LabelsLine {
-                    index: first + i,
-                    labels: l
-                })?
-            )?;
-        }
-    }
-    out.flush()?;
-    Ok(())
+    run_chunked(
+        &inputs,
+        p.max_length,
+        opts.windows.is_some(),
+        |chunk, first| Ok(berth_tasks::classify(&p, chunk, &opts, first)?),
+        |index, labels| serde_json::to_string(&LabelsLine { index, labels }),
+    )
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -194,26 +206,13 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
         bioes: a.bioes,
         batch_tokens: a.text.batch_tokens,
     };
-    let mut out = stdout();
-    for (c, chunk) in texts.chunks(CHUNK).enumerate() {
-        let first = c * CHUNK;
-        let (entities, encs) = berth_tasks::token_classify(&p, chunk, &opts, first)?;
-        if opts.stride.is_none() {
-            warn_truncated(&encs, first, p.max_length);
-        }
-        for (i, e) in entities.iter().enumerate() {
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string(&EntitiesLine {
-                    index: first + i,
-                    entities: e
-                })?
-            )?;
-        }
-    }
-    out.flush()?;
-    Ok(())
+    run_chunked(
+        &texts,
+        p.max_length,
+        opts.stride.is_some(),
+        |chunk, first| Ok(berth_tasks::token_classify(&p, chunk, &opts, first)?),
+        |index, entities| serde_json::to_string(&EntitiesLine { index, entities }),
+    )
 }
 
 /// Arguments of `berth qa`.

@@ -489,9 +489,22 @@ pub fn batch_loss(
 ) -> Result<Option<candle_core::Tensor>> {
     let batch = pack(examples)?;
     let hidden = model.forward_train(&batch, d)?;
+    loss_from_hidden(model, task, regression, examples, &batch, &hidden, d)
+}
+
+/// The task loss of packed `examples` from their last hidden state (the head runs here).
+fn loss_from_hidden(
+    model: &Model,
+    task: Task,
+    regression: bool,
+    examples: &[&Example],
+    batch: &Batch,
+    hidden: &candle_core::Tensor,
+    d: Option<&Dropout>,
+) -> Result<Option<candle_core::Tensor>> {
     match task {
         Task::Classify => {
-            let logits = model.sequence_logits_train(&hidden, &batch, d)?;
+            let logits = model.sequence_logits_train(hidden, batch, d)?;
             if regression {
                 let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
                 Ok(Some(loss::mse(&logits, &t)?))
@@ -514,13 +527,13 @@ pub fn batch_loss(
             if rows.is_empty() {
                 return Ok(None);
             }
-            let logits = model.token_logits_train(&Model::select_rows(&hidden, &rows)?, d)?;
+            let logits = model.token_logits_train(&Model::select_rows(hidden, &rows)?, d)?;
             let kept: Vec<Option<u32>> = rows.iter().map(|&i| labels[i as usize]).collect();
             loss::cross_entropy(&logits, &kept)
         }
         Task::Qa => {
             // (start loss + end loss) / 2, each a softmax over its window's tokens.
-            let (start, end) = model.qa_logits_train(&hidden, d)?;
+            let (start, end) = model.qa_logits_train(hidden, d)?;
             let mut total: Option<candle_core::Tensor> = None;
             for (k, e) in examples.iter().enumerate() {
                 let r = batch.range(k);
@@ -599,12 +612,21 @@ pub fn evaluate(
     let mut loss_n = 0usize;
     for chunk in dev.chunks(64) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        if let Some(l) = batch_loss(model, cfg.task, cfg.regression, &refs, None)? {
+        // One forward per chunk serves both the dev loss and the predictions.
+        let batch = pack(&refs)?;
+        let hidden = model.forward(&batch)?;
+        if let Some(l) = loss_from_hidden(
+            model,
+            cfg.task,
+            cfg.regression,
+            &refs,
+            &batch,
+            &hidden,
+            None,
+        )? {
             loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
             loss_n += refs.len();
         }
-        let batch = pack(&refs)?;
-        let hidden = model.forward(&batch)?;
         match cfg.task {
             Task::Qa => unreachable!("QA is evaluated above"),
             Task::Classify => {
@@ -873,7 +895,7 @@ pub fn train(
                 state.batch_in_epoch = 0;
             }
             let epoch_f = epoch as f64 + (group_start + group.len()) as f64 / batches.len() as f64;
-            if state.step % cfg.log_every == 0 || state.step == last_step {
+            if state.step.is_multiple_of(cfg.log_every) || state.step == last_step {
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
                 let ev = Event::Step {
                     step: state.step,
@@ -889,7 +911,7 @@ pub fn train(
             }
             // Evaluate, checkpoint, and maybe stop.
             let boundary = match cfg.save_every {
-                Some(n) => state.step % n == 0,
+                Some(n) => state.step.is_multiple_of(n),
                 None => state.batch_in_epoch == 0,
             };
             if boundary || state.step == last_step {
