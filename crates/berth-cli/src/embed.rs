@@ -115,12 +115,13 @@ pub fn load_sentence_pipeline(
 ) -> anyhow::Result<(Option<SentenceConfig>, Pipeline)> {
     let dir = resolve::model_dir(model)?;
     let st = SentenceConfig::from_dir(&dir)?;
-    let (p, report) = Pipeline::load(
+    let (mut p, report) = Pipeline::load(
         &dir,
         text.encode_options(),
         st.and_then(|c| c.max_seq_length),
     )?;
     report_load(&report);
+    p.model.set_precision(text.dtype.precision())?;
     Ok((st, p))
 }
 

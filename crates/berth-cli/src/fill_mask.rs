@@ -38,8 +38,9 @@ pub struct FillMaskArgs {
 pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(a.model.as_deref())?;
     let st_max = SentenceConfig::from_dir(&dir)?.and_then(|c| c.max_seq_length);
-    let (p, report) = Pipeline::load(&dir, a.text.encode_options(), st_max)?;
+    let (mut p, report) = Pipeline::load(&dir, a.text.encode_options(), st_max)?;
     report_load(&report);
+    p.model.set_precision(a.text.dtype.precision())?;
     let (texts, _) = a.text.texts(&a.texts)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (c, chunk) in texts.chunks(256).enumerate() {

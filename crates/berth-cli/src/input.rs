@@ -22,6 +22,27 @@ pub struct TextArgs {
     /// more activation memory (~6 KB per token per 384 hidden).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
+    /// Number format of the encoder's matrix products: f32, or bf16 (Intel AMX; outputs
+    /// within ~1e-3 cosine of f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+/// `--dtype` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    /// The model precision.
+    pub fn precision(self) -> berth_model::Precision {
+        match self {
+            DtypeArg::F32 => berth_model::Precision::F32,
+            DtypeArg::Bf16 => berth_model::Precision::Bf16,
+        }
+    }
 }
 
 /// Long-document flags shared by classify and embed.

@@ -46,8 +46,9 @@ fn run_chunked<I, R>(
 
 fn load(model: &str, text: &input::TextArgs) -> anyhow::Result<Pipeline> {
     let dir = resolve::model_dir(Some(model))?;
-    let (p, report) = Pipeline::load(&dir, text.encode_options(), None)?;
+    let (mut p, report) = Pipeline::load(&dir, text.encode_options(), None)?;
     report_load(&report);
+    p.model.set_precision(text.dtype.precision())?;
     Ok(p)
 }
 

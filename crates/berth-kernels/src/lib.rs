@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod activation;
+pub mod amx;
 mod attention;
 mod cpu;
 mod dropout;

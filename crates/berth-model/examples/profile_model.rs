@@ -1,12 +1,15 @@
 //! Runs a model's forward pass on S x L synthetic tokens in a loop, for `perf`.
-//!     cargo run --release -p berth-model --example profile_model -- DIR S L ITERS
+//!     cargo run --release -p berth-model --example profile_model -- DIR S L ITERS [f32|bf16]
 use std::time::Instant;
 
 use berth_model::{Batch, Model};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (model, _) = Model::load(args[1].as_ref(), false).expect("model loads");
+    let (mut model, _) = Model::load(args[1].as_ref(), false).expect("model loads");
+    if let Some(p) = args.get(5) {
+        model.set_precision(p.parse().unwrap()).unwrap();
+    }
     let (s, l, iters): (usize, usize, usize) = (
         args[2].parse().unwrap(),
         args[3].parse().unwrap(),

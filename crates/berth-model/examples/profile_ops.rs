@@ -72,5 +72,35 @@ fn main() -> candle_core::Result<()> {
     time("layer norm", 0.0, || {
         layer_norm(&x, &g, &g, 1e-12).unwrap();
     });
+    if berth_kernels::amx::available() {
+        use berth_kernels::amx::{linear_bf16, PackedBf16};
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let is = inter.flatten_all()?.to_vec1::<f32>()?;
+        let pack = |w: &Tensor, o, i| {
+            PackedBf16::pack(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &vec![0.0; o], o, i)
+        };
+        let (pq, pi, po) = (pack(&wqkv, 3 * h, h), pack(&wi, f, h), pack(&wo, h, f));
+        time("bf16 AMX qkv", 2.0 * (n * h * 3 * h) as f64, || {
+            linear_bf16(&xs, n, &pq);
+        });
+        time("bf16 AMX ffn up", 2.0 * (n * h * f) as f64, || {
+            linear_bf16(&xs, n, &pi);
+        });
+        time("bf16 AMX ffn down", 2.0 * (n * h * f) as f64, || {
+            linear_bf16(&is, n, &po);
+        });
+        time("bf16 pack rows 4096x384", 0.0, || {
+            berth_kernels::amx::pack_rows(&xs, n, h, h);
+        });
+        time("alloc 4096x1536 f32", 0.0, || {
+            std::hint::black_box(vec![0f32; n * f]);
+        });
+        time("bf16 AMX ffn up, 16 rows", 2.0 * (16 * h * f) as f64, || {
+            linear_bf16(&xs[..16 * h], 16, &pi);
+        });
+        time("f32 linear ffn up, 16 rows", 2.0 * (16 * h * f) as f64, || {
+            berth_kernels::linear(&x.narrow(0, 0, 16).unwrap(), &wi, &bi).unwrap();
+        });
+    }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::dropout::Dropout;
 use crate::encoder::{Embeddings, Layer};
 use crate::error::{ModelError, Result};
 use crate::heads::{Head, HeadKind, SequenceClassificationHead};
-use crate::modules::Linear;
+use crate::modules::{Linear, Precision};
 use crate::names;
 use crate::weights::{Param, Weights};
 
@@ -118,6 +118,22 @@ impl Model {
             head,
         };
         Ok((model, report))
+    }
+
+    /// Sets the number format of the encoder layers' matrix products (inference only: the
+    /// bf16 copies of the weights do not follow training updates).
+    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        for layer in &mut self.layers {
+            for lin in [
+                &mut layer.qkv,
+                &mut layer.attn_out,
+                &mut layer.inter,
+                &mut layer.out,
+            ] {
+                lin.set_precision(p)?;
+            }
+        }
+        Ok(())
     }
 
     /// Last hidden state `[N, H]` of a packed batch.

@@ -1,0 +1,428 @@
+//! bf16 matrix products on Intel AMX tiles (inference): `y = x W^T + b` with `x` rounded to
+//! bf16 per call, `W` packed to bf16 once, f32 accumulation and f32 output.
+//!
+//! A tile holds 16 rows of 64 bytes. `TDPBF16PS c, a, b` adds to the 16 × 16 f32 tile `c` the
+//! product of `a` (16 rows × 32 bf16 of `x`) and `b` (32 × 16 bf16 of `W^T`, stored as 16 rows
+//! of 16 pairs: row `r` holds `(W[o][2r], W[o][2r+1])` for the tile's 16 outputs `o`). The
+//! kernel keeps a 32 × 32 block of `y` in four tiles, so each pair of loaded `x` tiles and
+//! `W` tiles feeds four products.
+//!
+//! Tiles need the kernel's permission (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); [`available`]
+//! asks for it once and says whether the CPU and the OS allow AMX. Stable Rust has no AMX
+//! intrinsics, so the instructions are written as inline assembly; the compiler never uses
+//! tile registers itself, so their contents survive between `asm!` blocks.
+use std::sync::OnceLock;
+
+use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{with_slice, SendPtr};
+
+/// Rows and columns of the output block one kernel call computes.
+const BLOCK: usize = 32;
+/// bf16 values of `x` in one tile row (the inner-product depth of one tile product).
+const DEPTH: usize = 32;
+/// u16 values in one packed `W` tile (16 rows × 32 bf16).
+const TILE: usize = 16 * DEPTH;
+
+/// Whether this CPU and OS run AMX bf16 tiles (checked, and permission asked, once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid_count, _xgetbv};
+    // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; AVX512-BF16 for the conversions
+    // is CPUID.(7,1):EAX bit 5.
+    #[allow(unused_unsafe)]
+    let (leaf7, leaf7_1) = unsafe { (__cpuid_count(7, 0), __cpuid_count(7, 1)) };
+    #[allow(unused_unsafe)]
+    let osxsave = unsafe { __cpuid_count(1, 0) }.ecx & (1 << 27) != 0;
+    if leaf7.edx & (1 << 22) == 0
+        || leaf7.edx & (1 << 24) == 0
+        || leaf7_1.eax & (1 << 5) == 0
+        || !osxsave
+        || !std::arch::is_x86_feature_detected!("avx512f")
+        || !std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        return false;
+    }
+    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA) must be enabled by the OS.
+    if unsafe { _xgetbv(0) } & (0b11 << 17) != 0b11 << 17 {
+        return false;
+    }
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain syscall that changes only this process's permitted xsave features.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Rounds an f32 to bf16, to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of a bf16.
+#[inline(always)]
+pub fn from_bf16(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
+/// A weight matrix `W [O, I]` and bias `[O]` packed for [`linear_bf16`]: `W` in bf16 tiles,
+/// zero-padded to whole tiles; the bias in f32.
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    outputs: usize,
+    inputs: usize,
+    /// `inputs` rounded up to [`DEPTH`].
+    depth: usize,
+    /// Tiles ordered `[O / 16][I / 32]`, each 16 rows of 16 `(k, k+1)` pairs.
+    tiles: Vec<u16>,
+    /// `[O rounded up to BLOCK]`.
+    bias: Vec<f32>,
+}
+
+impl PackedBf16 {
+    /// Packs `w [O, I]` (row-major) and `b [O]`.
+    pub fn pack(w: &[f32], b: &[f32], outputs: usize, inputs: usize) -> Self {
+        assert_eq!(w.len(), outputs * inputs, "PackedBf16::pack: weight size");
+        assert_eq!(b.len(), outputs, "PackedBf16::pack: bias size");
+        let depth = inputs.div_ceil(DEPTH) * DEPTH;
+        let out_pad = outputs.div_ceil(BLOCK) * BLOCK;
+        let (ob, kb) = (out_pad / 16, depth / DEPTH);
+        let mut tiles = vec![0u16; ob * kb * TILE];
+        for o in 0..outputs {
+            let (t, col) = (o / 16, o % 16);
+            for k in 0..inputs {
+                let (blk, within) = (k / DEPTH, k % DEPTH);
+                let (row, half) = (within / 2, within % 2);
+                tiles[(t * kb + blk) * TILE + row * DEPTH + col * 2 + half] =
+                    to_bf16(w[o * inputs + k]);
+            }
+        }
+        let mut bias = vec![0f32; out_pad];
+        bias[..outputs].copy_from_slice(b);
+        PackedBf16 {
+            outputs,
+            inputs,
+            depth,
+            tiles,
+            bias,
+        }
+    }
+
+    /// Packs the tensors `w [O, I]` and `b [O]` (f32 or f64).
+    pub fn from_tensors(w: &Tensor, b: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        if b.dims() != [o] {
+            bail!("PackedBf16: weight {:?} and bias {:?} do not fit", w.dims(), b.dims());
+        }
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Self::pack(&flat(w)?, &flat(b)?, o, i))
+    }
+
+    /// `O`.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// `I`.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+}
+
+/// `x [N, I]` rounded to bf16 into rows of `depth` (zero-padded), `N` rounded up to [`BLOCK`].
+pub fn pack_rows(x: &[f32], n: usize, inputs: usize, depth: usize) -> Vec<u16> {
+    let rows = n.div_ceil(BLOCK) * BLOCK;
+    let mut a = vec![0u16; rows * depth];
+    a.par_chunks_mut(depth * BLOCK)
+        .zip(x.par_chunks(inputs * BLOCK))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.chunks_mut(depth).zip(src.chunks(inputs)) {
+                convert_row(s, &mut d[..inputs]);
+            }
+        });
+    a
+}
+
+fn convert_row(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { convert_row_avx512(src, dst) };
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(*s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
+    // A plain loop the compiler vectorises with the features enabled here.
+    for (d, s) in dst.iter_mut().zip(src) {
+        let bits = s.to_bits();
+        let rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        *d = if s.is_nan() {
+            ((bits >> 16) | 0x40) as u16
+        } else {
+            rounded as u16
+        };
+    }
+}
+
+/// `y [N, O] = x [N, I] W^T + b` with `x` and `W` in bf16 and f32 accumulation.
+/// Panics when AMX is not [`available`] (callers check first).
+pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16) -> Vec<f32> {
+    assert!(available(), "linear_bf16 needs AMX");
+    assert_eq!(x.len(), n * w.inputs, "linear_bf16: input size");
+    let a = pack_rows(x, n, w.inputs, w.depth);
+    let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
+    // SAFETY: `matmul_packed` writes every element of `y [N, O]` before it is read.
+    unsafe { y.set_len(n * w.outputs) };
+    matmul_packed(&a, n, w, &mut y);
+    y
+}
+
+/// [`linear_bf16`] on a tensor `x [N, I]` (f32), giving `[N, O]` f32.
+pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
+    let (n, i) = x.dims2()?;
+    if i != w.inputs || x.dtype() != DType::F32 {
+        bail!(
+            "bf16 linear: input {:?} {:?} does not fit weight [{}, {}]",
+            x.dims(),
+            x.dtype(),
+            w.outputs,
+            w.inputs
+        );
+    }
+    if !available() {
+        bail!("bf16 linear: this CPU or OS has no AMX bf16 tiles");
+    }
+    let y = with_slice::<f32, _>(x, |xs| linear_bf16(xs, n, w))?;
+    Tensor::from_vec(y, (n, w.outputs), x.device())
+}
+
+/// The tile products for packed rows `a` (from [`pack_rows`]) into `y [N, O]`.
+fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, y: &mut [f32]) {
+    let row_blocks = n.div_ceil(BLOCK);
+    let col_blocks = w.bias.len() / BLOCK;
+    // Split columns as well when there are too few row blocks to keep every thread busy.
+    let threads = rayon::current_num_threads();
+    let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
+    let per_chunk = col_blocks.div_ceil(col_chunks);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..row_blocks * col_chunks).into_par_iter().for_each(|task| {
+        let (rb, cc) = (task / col_chunks, task % col_chunks);
+        let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
+        // SAFETY: AMX is available (checked by the caller); each task writes its own rows ×
+        // columns of `y`, and every pointer stays inside the padded buffers.
+        unsafe { block_row(a, n, w, rb, cols, out) };
+    });
+}
+
+/// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+macro_rules! tile_load {
+    ($t:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tileloadd tmm", $t, ", [{p} + {s} * 1]"),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack, readonly),
+        )
+    };
+}
+
+macro_rules! tile_store {
+    ($t:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tilestored [{p} + {s} * 1], tmm", $t),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack),
+        )
+    };
+}
+
+/// Output row block `rb` (32 rows) × column blocks `cols` (32 columns each).
+///
+/// # Safety
+/// AMX must be available; `a` holds `rows_padded × depth` values; `y` holds `n × O`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_row(
+    a: &[u16],
+    n: usize,
+    w: &PackedBf16,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    y: SendPtr<f32>,
+) {
+    let kb = w.depth / DEPTH;
+    let a_stride = w.depth * 2;
+    let a0 = a.as_ptr().add(rb * BLOCK * w.depth);
+    let a1 = a0.add(16 * w.depth);
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    let o = w.outputs;
+    let mut edge = [0f32; BLOCK * BLOCK];
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    for cb in cols {
+        let c0 = cb * BLOCK;
+        // Start from the bias: a stride-0 load repeats one row of 16 values.
+        let bias = w.bias.as_ptr().add(c0);
+        tile_load!("0", bias, 0usize);
+        tile_load!("1", bias.add(16), 0usize);
+        tile_load!("2", bias, 0usize);
+        tile_load!("3", bias.add(16), 0usize);
+        let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
+        let b1 = b0.add(kb * TILE);
+        for k in 0..kb {
+            tile_load!("4", a0.add(k * DEPTH), a_stride);
+            tile_load!("5", a1.add(k * DEPTH), a_stride);
+            tile_load!("6", b0.add(k * TILE), 64usize);
+            tile_load!("7", b1.add(k * TILE), 64usize);
+            std::arch::asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        let full = rows == BLOCK && c0 + BLOCK <= o;
+        let (dst, stride) = if full {
+            (y.get().add(rb * BLOCK * o + c0), o * 4)
+        } else {
+            (edge.as_mut_ptr(), BLOCK * 4)
+        };
+        let s = stride / 4;
+        tile_store!("0", dst, stride);
+        tile_store!("1", dst.add(16), stride);
+        tile_store!("2", dst.add(16 * s), stride);
+        tile_store!("3", dst.add(16 * s + 16), stride);
+        if !full {
+            let width = (o - c0).min(BLOCK);
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(
+                    edge.as_ptr().add(r * BLOCK),
+                    y.get().add((rb * BLOCK + r) * o + c0),
+                    width,
+                );
+            }
+        }
+    }
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row(
+    _: &[u16],
+    _: usize,
+    _: &PackedBf16,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AMX is x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// The product of the bf16-rounded inputs in f64: the AMX result must match it to f32
+    /// accumulation error.
+    fn check(n: usize, o: usize, i: usize) {
+        if !available() {
+            eprintln!("AMX not available: skipping");
+            return;
+        }
+        let mut s = 7u64;
+        let x: Vec<f32> = (0..n * i).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..o * i).map(|_| lcg(&mut s)).collect();
+        let b: Vec<f32> = (0..o).map(|_| lcg(&mut s)).collect();
+        let packed = PackedBf16::pack(&w, &b, o, i);
+        let y = linear_bf16(&x, n, &packed);
+        let mut worst = 0f64;
+        for r in 0..n {
+            for c in 0..o {
+                let mut acc = b[c] as f64;
+                for k in 0..i {
+                    acc += from_bf16(to_bf16(x[r * i + k])) as f64
+                        * from_bf16(to_bf16(w[c * i + k])) as f64;
+                }
+                worst = worst.max((acc - y[r * o + c] as f64).abs());
+            }
+        }
+        println!("AMX bf16 linear {n}x{i} -> {o}: max abs diff {worst:.2e}");
+        assert!(worst < 1e-4 * (i as f64).sqrt(), "max abs diff {worst}");
+    }
+
+    #[test]
+    fn amx_matches_bf16_reference_whole_tiles() {
+        check(64, 96, 64);
+    }
+
+    #[test]
+    fn amx_matches_bf16_reference_ragged() {
+        check(37, 50, 45);
+        check(1, 7, 3);
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3F80);
+        // 1 + 2^-8 is halfway between two bf16 values: rounds to the even one (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+        // 1 + 3 * 2^-8 is halfway: rounds up to the even 1 + 2^-6.
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+}
