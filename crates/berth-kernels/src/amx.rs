@@ -140,7 +140,11 @@ impl PackedBf16 {
     pub fn from_tensors(w: &Tensor, b: &Tensor) -> Result<Self> {
         let (o, i) = w.dims2()?;
         if b.dims() != [o] {
-            bail!("PackedBf16: weight {:?} and bias {:?} do not fit", w.dims(), b.dims());
+            bail!(
+                "PackedBf16: weight {:?} and bias {:?} do not fit",
+                w.dims(),
+                b.dims()
+            );
         }
         let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         Ok(Self::pack(&flat(w)?, &flat(b)?, o, i))
@@ -238,13 +242,15 @@ fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, y: &mut [f32]) {
     let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
     let per_chunk = col_blocks.div_ceil(col_chunks);
     let out = SendPtr(y.as_mut_ptr());
-    (0..row_blocks * col_chunks).into_par_iter().for_each(|task| {
-        let (rb, cc) = (task / col_chunks, task % col_chunks);
-        let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
-        // SAFETY: AMX is available (checked by the caller); each task writes its own rows ×
-        // columns of `y`, and every pointer stays inside the padded buffers.
-        unsafe { block_row(a, n, w, rb, cols, out) };
-    });
+    (0..row_blocks * col_chunks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, cc) = (task / col_chunks, task % col_chunks);
+            let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
+            // SAFETY: AMX is available (checked by the caller); each task writes its own rows ×
+            // columns of `y`, and every pointer stays inside the padded buffers.
+            unsafe { block_row(a, n, w, rb, cols, out) };
+        });
 }
 
 /// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
@@ -373,7 +379,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 

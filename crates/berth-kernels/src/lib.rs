@@ -17,6 +17,7 @@ mod cpu;
 mod dropout;
 mod layer_norm;
 mod linear;
+pub mod sgemm;
 mod softmax;
 #[cfg(test)]
 mod testing;
@@ -25,7 +26,7 @@ pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use dropout::{dropout, substream as seed_stream};
 pub use layer_norm::{layer_norm, reference_layer_norm};
-pub use linear::linear;
+pub use linear::{linear, linear_prepacked};
 pub use softmax::{reference_softmax, softmax_last_dim};
 
 /// The element types the kernels run on.

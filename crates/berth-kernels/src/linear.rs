@@ -13,7 +13,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::cpu::{dispatch, same_dtype, slice, with_slice};
-use crate::Float;
+use crate::{sgemm, Float};
 
 /// Rows at or below which the dot-product kernel is used.
 const SMALL_N: usize = 32;
@@ -121,9 +121,64 @@ pub(crate) fn dot_generic<T: Float>(a: &[T], b: &[T]) -> T {
     s
 }
 
+/// `slice` as `&[f32]` when `T` is f32.
+fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
+    (T::DTYPE == candle_core::DType::F32)
+        // SAFETY: T is f32.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
+}
+
+/// Moves an f32 vector into `Vec<T>` when `T` is f32.
+fn from_f32<T: Float>(v: Vec<f32>) -> Vec<T> {
+    assert_eq!(T::DTYPE, candle_core::DType::F32);
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: T is f32, so layout and allocation match.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
+
+/// An uninitialised f32 buffer the caller fully overwrites.
+fn output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: every caller writes all `len` elements before reading (sgemm with Init::Zero
+    // or Init::Bias writes every element of its C).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `y [N, O] = x [N, I] w^T + b` with weights already packed (inference: packed once).
+pub fn linear_packed_f32(x: &[f32], n: usize, w: &sgemm::PackedB, b: &[f32]) -> Vec<f32> {
+    let (o, i) = (w.n(), w.k());
+    let mut y = output(n * o);
+    sgemm::sgemm(n, x, i, 1, w, &mut y, o, sgemm::Init::Bias(b));
+    y
+}
+
+/// [`linear`] with a weight packed once by [`sgemm::PackedB::pack_transposed`] (inference:
+/// no gradient), `x [N, I]` f32.
+pub fn linear_prepacked(x: &Tensor, w: &sgemm::PackedB, b: &[f32]) -> Result<Tensor> {
+    let (n, i) = x.dims2()?;
+    if i != w.k() || b.len() != w.n() || x.dtype() != candle_core::DType::F32 {
+        bail!(
+            "linear: input {:?} {:?} does not fit packed weight [{}, {}]",
+            x.dims(),
+            x.dtype(),
+            w.n(),
+            w.k()
+        );
+    }
+    let y = with_slice::<f32, _>(x, |xs| linear_packed_f32(xs, n, w, b))?;
+    Tensor::from_vec(y, (n, w.n()), x.device())
+}
+
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let (o, i) = (b.len(), w.len() / b.len().max(1));
     let n = if i == 0 { 0 } else { x.len() / i };
+    if let (Some(xf), Some(wf), Some(bf)) = (as_f32(x), as_f32(w), as_f32(b)) {
+        if sgemm::available() && n > 0 && i > 0 {
+            let packed = sgemm::PackedB::pack_transposed(wf, o, i);
+            return from_f32(linear_packed_f32(xf, n, &packed, bf));
+        }
+    }
     let mut y: Vec<T> = Vec::with_capacity(n * o);
     for _ in 0..n {
         y.extend_from_slice(b);
@@ -185,6 +240,19 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, 
     for r in 0..n {
         for c in 0..o {
             db[c] = db[c] + dy[r * o + c];
+        }
+    }
+    if let (Some(xf), Some(wf), Some(dyf)) = (as_f32(x), as_f32(w), as_f32(dy)) {
+        if sgemm::available() && n > 0 && i > 0 {
+            // dx [N, I] = dy [N, O] @ w [O, I]
+            let mut dxf = output(n * i);
+            let wp = sgemm::PackedB::pack(wf, i, 1, o, i);
+            sgemm::sgemm(n, dyf, o, 1, &wp, &mut dxf, i, sgemm::Init::Zero);
+            // dw [O, I] = dy^T [O, N] @ x [N, I]
+            let mut dwf = output(o * i);
+            let xp = sgemm::PackedB::pack(xf, i, 1, n, i);
+            sgemm::sgemm(o, dyf, 1, o, &xp, &mut dwf, i, sgemm::Init::Zero);
+            return (from_f32(dxf), from_f32(dwf), db);
         }
     }
     if n > 0 && i > 0 {
@@ -326,6 +394,40 @@ mod tests {
                 &exact,
                 1e-5,
             )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_backward_matches_f64() -> Result<()> {
+        for n in [3, 100] {
+            let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            let vals = [
+                randn(&[n, 70], 51)?,
+                randn(&[50, 70], 52)?,
+                randn(&[50], 53)?,
+            ];
+            let g = randn(&[n, 50], 54)?;
+            let grads = |ts: &[Tensor], g: &Tensor| -> Result<Vec<Tensor>> {
+                let vars: Vec<candle_core::Var> = ts
+                    .iter()
+                    .map(candle_core::Var::from_tensor)
+                    .collect::<Result<_>>()?;
+                let y = linear(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                )?;
+                let gs = (y * g)?.sum_all()?.backward()?;
+                vars.iter()
+                    .map(|v| gs.get(v).unwrap().to_dtype(candle_core::DType::F64))
+                    .collect()
+            };
+            let exact = grads(&vals, &g)?;
+            let single = grads(&vals.iter().map(f).collect::<Result<Vec<_>>>()?, &f(&g)?)?;
+            for ((name, e), s) in ["dx", "dw", "db"].iter().zip(&exact).zip(&single) {
+                assert_close(&format!("f32 linear n={n} {name}"), s, e, 1e-4)?;
+            }
         }
         Ok(())
     }

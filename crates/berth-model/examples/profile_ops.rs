@@ -72,12 +72,51 @@ fn main() -> candle_core::Result<()> {
     time("layer norm", 0.0, || {
         layer_norm(&x, &g, &g, 1e-12).unwrap();
     });
+    {
+        use berth_kernels::sgemm::{sgemm, Init, PackedB};
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let is = inter.flatten_all()?.to_vec1::<f32>()?;
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (pq, pi, po) = (
+            PackedB::pack_transposed(&v(&wqkv), 3 * h, h),
+            PackedB::pack_transposed(&v(&wi), f, h),
+            PackedB::pack_transposed(&v(&wo), h, f),
+        );
+        let bias = vec![0.1f32; f];
+        let mut out = vec![0f32; n * f];
+        time("sgemm qkv", 2.0 * (n * h * 3 * h) as f64, || {
+            sgemm(
+                n,
+                &xs,
+                h,
+                1,
+                &pq,
+                &mut out,
+                3 * h,
+                Init::Bias(&bias[..3 * h]),
+            );
+        });
+        time("sgemm ffn up", 2.0 * (n * h * f) as f64, || {
+            sgemm(n, &xs, h, 1, &pi, &mut out, f, Init::Bias(&bias));
+        });
+        time("sgemm ffn down", 2.0 * (n * h * f) as f64, || {
+            sgemm(n, &is, f, 1, &po, &mut out, h, Init::Bias(&bias[..h]));
+        });
+        time("sgemm ffn up 16 rows", 2.0 * (16 * h * f) as f64, || {
+            sgemm(16, &xs, h, 1, &pi, &mut out, f, Init::Bias(&bias));
+        });
+    }
     if berth_kernels::amx::available() {
         use berth_kernels::amx::{linear_bf16, PackedBf16};
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let is = inter.flatten_all()?.to_vec1::<f32>()?;
         let pack = |w: &Tensor, o, i| {
-            PackedBf16::pack(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &vec![0.0; o], o, i)
+            PackedBf16::pack(
+                &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                &vec![0.0; o],
+                o,
+                i,
+            )
         };
         let (pq, pi, po) = (pack(&wqkv, 3 * h, h), pack(&wi, f, h), pack(&wo, h, f));
         time("bf16 AMX qkv", 2.0 * (n * h * 3 * h) as f64, || {
@@ -95,12 +134,20 @@ fn main() -> candle_core::Result<()> {
         time("alloc 4096x1536 f32", 0.0, || {
             std::hint::black_box(vec![0f32; n * f]);
         });
-        time("bf16 AMX ffn up, 16 rows", 2.0 * (16 * h * f) as f64, || {
-            linear_bf16(&xs[..16 * h], 16, &pi);
-        });
-        time("f32 linear ffn up, 16 rows", 2.0 * (16 * h * f) as f64, || {
-            berth_kernels::linear(&x.narrow(0, 0, 16).unwrap(), &wi, &bi).unwrap();
-        });
+        time(
+            "bf16 AMX ffn up, 16 rows",
+            2.0 * (16 * h * f) as f64,
+            || {
+                linear_bf16(&xs[..16 * h], 16, &pi);
+            },
+        );
+        time(
+            "f32 linear ffn up, 16 rows",
+            2.0 * (16 * h * f) as f64,
+            || {
+                berth_kernels::linear(&x.narrow(0, 0, 16).unwrap(), &wi, &bi).unwrap();
+            },
+        );
     }
     Ok(())
 }

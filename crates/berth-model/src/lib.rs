@@ -25,5 +25,5 @@ pub use encoder::{Embeddings, Layer};
 pub use error::{ModelError, Result};
 pub use heads::{Head, HeadKind, MaskedLmHead, SequenceClassificationHead};
 pub use model::{LoadReport, Model};
-pub use modules::{LayerNorm, Linear, Precision};
+pub use modules::{LayerNorm, Linear, Packed, Precision};
 pub use weights::{Param, Weights};

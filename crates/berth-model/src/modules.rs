@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use berth_kernels::amx::PackedBf16;
+use berth_kernels::sgemm::PackedB;
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -41,9 +42,18 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[O]`.
     pub bias: Tensor,
-    /// The weight packed for bf16 products, when inference runs in bf16. Training never
-    /// sets it: the packed copy does not follow updates to `weight`.
-    pub packed: Option<Arc<PackedBf16>>,
+    /// The weight packed once for inference ([`Self::set_precision`]). Training never sets
+    /// it: the packed copy does not follow updates to `weight`.
+    pub packed: Option<Arc<Packed>>,
+}
+
+/// A linear layer's weight prepared for inference products.
+#[derive(Debug)]
+pub enum Packed {
+    /// f32 panels for the AVX-512 kernel, and the bias.
+    F32(PackedB, Vec<f32>),
+    /// bf16 AMX tiles (the bias inside).
+    Bf16(PackedBf16),
 }
 
 impl Linear {
@@ -71,10 +81,18 @@ impl Linear {
         })
     }
 
-    /// Sets the number format of [`Self::forward`] (packing the weight for bf16).
+    /// Sets the number format of [`Self::forward`] and packs the weight for it (inference).
     pub fn set_precision(&mut self, p: Precision) -> Result<()> {
         self.packed = match p {
-            Precision::F32 => None,
+            Precision::F32 if !berth_kernels::sgemm::available() => None,
+            Precision::F32 => {
+                let (o, i) = self.weight.dims2()?;
+                let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                Some(Arc::new(Packed::F32(
+                    PackedB::pack_transposed(&flat(&self.weight)?, o, i),
+                    flat(&self.bias)?,
+                )))
+            }
             Precision::Bf16 => {
                 if !berth_kernels::amx::available() {
                     return Err(ModelError::Input(
@@ -83,10 +101,10 @@ impl Linear {
                             .into(),
                     ));
                 }
-                Some(Arc::new(PackedBf16::from_tensors(
+                Some(Arc::new(Packed::Bf16(PackedBf16::from_tensors(
                     &self.weight,
                     &self.bias,
-                )?))
+                )?)))
             }
         };
         Ok(())
@@ -94,8 +112,13 @@ impl Linear {
 
     /// `x [N, I]` → `[N, O]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.packed {
-            Some(p) if x.dtype() == DType::F32 => Ok(berth_kernels::amx::linear_packed(x, p)?),
+        match self.packed.as_deref() {
+            Some(Packed::Bf16(p)) if x.dtype() == DType::F32 => {
+                Ok(berth_kernels::amx::linear_packed(x, p)?)
+            }
+            Some(Packed::F32(w, b)) if x.dtype() == DType::F32 => {
+                Ok(berth_kernels::linear_prepacked(x, w, b)?)
+            }
             _ => Ok(berth_kernels::linear(x, &self.weight, &self.bias)?),
         }
     }

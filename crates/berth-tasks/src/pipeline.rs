@@ -47,7 +47,9 @@ impl Pipeline {
         opts: EncodeOptions,
         default_max: Option<usize>,
     ) -> Result<(Self, LoadReport)> {
-        let (model, report) = Model::load(dir, false)?;
+        let (mut model, report) = Model::load(dir, false)?;
+        // Inference only: pack the weights once for the f32 kernels.
+        model.set_precision(berth_model::Precision::F32)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let limit = model.config.max_sequence_length();
         if tokenizer.vocab_size() > model.config.vocab_size {

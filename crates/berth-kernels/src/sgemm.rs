@@ -1,0 +1,477 @@
+//! f32 matrix product `C = init + A B` for AVX-512, with `B` packed in panels of [`NR`]
+//! columns (weights are packed once at load; other operands per call).
+//!
+//! The micro-kernel keeps an `MR × NR` block of `C` in 24 zmm registers: each step of the
+//! inner dimension loads three vectors of the `B` panel and broadcasts `MR` values of `A`
+//! (read in place through its strides, no packing), for 24 FMAs. Threads split the
+//! columns: each owns a contiguous range of panels, which stays in its core's L2 cache while
+//! the rows of `A` stream past — for the encoder's shapes (`K ≤ 3072`, a few thousand
+//! columns) no blocking of the inner dimension is needed.
+//!
+//! Shapes: `C [M, N]`, `A [M, K]`, `B [K, N]`.
+use rayon::prelude::*;
+
+use crate::cpu::SendPtr;
+
+/// Columns of `C` per panel: three vectors of 16.
+pub const NR: usize = 48;
+/// Rows of `C` per micro-kernel call.
+pub const MR: usize = 8;
+/// Inner-dimension block: a `KC × NR` slice of a `B` panel (24 KB) stays in L1 while
+/// [`MC`] rows of `A` pass it.
+const KC: usize = 128;
+/// Rows of `A` per block: the `MC × KC` block of `A` and the `MC ×` (thread's columns)
+/// block of `C` stay in L2 while the inner dimension is walked, so `C` is re-read from L2
+/// rather than memory.
+const MC: usize = 128;
+
+/// Whether the AVX-512 kernel runs here.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `B [K, N]` in panels of [`NR`] columns, each `K × NR` row-major; columns past `N` are 0.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Aligned,
+}
+
+/// f32 storage aligned to cache lines, so no vector load of a panel row splits a line.
+#[derive(Debug, Clone)]
+struct Aligned(Vec<Line>);
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+impl Aligned {
+    fn zeros(len: usize) -> Self {
+        Aligned(vec![Line([0.0; 16]); len.div_ceil(16)])
+    }
+
+    fn as_ptr(&self) -> *const f32 {
+        self.0.as_ptr() as *const f32
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `Line` is 16 f32s with no padding.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.0.len() * 16) }
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut f32, self.0.len() * 16)
+        }
+    }
+}
+
+impl PackedB {
+    /// Packs `B` read as `b[p * rs + j * cs]` for `p < k`, `j < n`.
+    pub fn pack(b: &[f32], rs: usize, cs: usize, k: usize, n: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = Aligned::zeros(panels * k * NR);
+        if k > 0 && n > 0 {
+            assert!(
+                (k - 1) * rs + (n - 1) * cs < b.len(),
+                "PackedB::pack: view out of bounds"
+            );
+        }
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(panel, dst)| {
+                let cols = panel * NR..((panel + 1) * NR).min(n);
+                if cs == 1 {
+                    for (p, row) in dst.chunks_mut(NR).enumerate() {
+                        let src = &b[p * rs + cols.start..p * rs + cols.end];
+                        row[..src.len()].copy_from_slice(src);
+                    }
+                } else {
+                    // Column-strided source (a transposed weight): walk each column once.
+                    for (jj, j) in cols.enumerate() {
+                        for p in 0..k {
+                            dst[p * NR + jj] = b[p * rs + j * cs];
+                        }
+                    }
+                }
+            });
+        PackedB { k, n, data }
+    }
+
+    /// Packs a weight `W [N, K]` (row-major, as checkpoints store linears) as `B = W^T`.
+    pub fn pack_transposed(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack(w, 1, k, k, n)
+    }
+
+    /// `K`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `N`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// What `C` starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum Init<'a> {
+    /// Zero.
+    Zero,
+    /// Each row starts as this `[N]` bias.
+    Bias(&'a [f32]),
+    /// `C`'s current values.
+    Accumulate,
+}
+
+/// `C [M, N] (row stride ldc) = init + A B`, `A` read as `a[i * a_rs + p * a_cs]`.
+///
+/// # Panics
+/// When AVX-512 is not [`available`], or the views do not fit their buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+) {
+    let (n, k) = (b.n, b.k);
+    assert!(available(), "sgemm needs AVX-512");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "sgemm: C too small"
+    );
+    if k > 0 {
+        assert!(
+            (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+            "sgemm: A view out of bounds"
+        );
+    }
+    if let Init::Bias(bias) = init {
+        assert_eq!(bias.len(), n, "sgemm: bias length");
+    }
+    let panels = n.div_ceil(NR);
+    let row_split = m >= 2 * MC;
+    let threads = if row_split {
+        rayon::current_num_threads()
+    } else {
+        rayon::current_num_threads().min(panels).max(1)
+    };
+    // Too little work to split: one thread avoids the hand-off.
+    let threads = if 2 * m * n * k < 1 << 20 { 1 } else { threads };
+    let cp = SendPtr(c.as_mut_ptr());
+    let ap = a.as_ptr() as usize;
+    let run = |t: usize| {
+        let (range, rows_t) = if row_split {
+            let blocks = m.div_ceil(MC);
+            (
+                0..panels,
+                (blocks * t / threads) * MC..((blocks * (t + 1) / threads) * MC).min(m),
+            )
+        } else {
+            (panels * t / threads..panels * (t + 1) / threads, 0..m)
+        };
+        thread_local! {
+            static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PACKED_A.with_borrow_mut(|packed_a| {
+            packed_a.resize(MC.div_ceil(MR) * MR * KC, 0.0);
+            for i0 in rows_t.clone().step_by(MC) {
+                let block_rows = (m - i0).min(MC);
+                for p0 in (0..k.max(1)).step_by(KC) {
+                    let depth = (k - p0).min(KC);
+                    let init = if p0 == 0 { init } else { Init::Accumulate };
+                    // SAFETY: the block lies inside A (checked above).
+                    unsafe {
+                        pack_a(
+                            (ap as *const f32).add(i0 * a_rs + p0 * a_cs),
+                            a_rs,
+                            a_cs,
+                            block_rows,
+                            depth,
+                            packed_a,
+                        )
+                    };
+                    for j in range.clone() {
+                        let cols = (n - j * NR).min(NR);
+                        for i in (0..block_rows).step_by(MR) {
+                            let rows = (block_rows - i).min(MR);
+                            // SAFETY: row block i0 + i.., panel j and depth p0.. lie inside the
+                            // packed A, B and C (checked above); threads write disjoint column
+                            // ranges of C.
+                            unsafe {
+                                micro(
+                                    rows,
+                                    cols,
+                                    depth,
+                                    packed_a.as_ptr().add(i * KC),
+                                    b.data.as_ptr().add(j * k * NR + p0 * NR),
+                                    cp.get().add((i0 + i) * ldc + j * NR),
+                                    ldc,
+                                    match init {
+                                        Init::Bias(bias) => {
+                                            Init::Bias(&bias[j * NR..j * NR + cols])
+                                        }
+                                        other => other,
+                                    },
+                                )
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    };
+    if threads == 1 {
+        run(0);
+    } else {
+        (0..threads).into_par_iter().for_each(run);
+    }
+}
+
+/// Copies `rows × depth` of `A` into `dst` as micro-panels of [`MR`] rows, each `[depth][MR]`
+/// (rows past `rows` are zero), so the kernel broadcasts from consecutive addresses.
+///
+/// # Safety
+/// `a` must cover the view.
+unsafe fn pack_a(
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    rows: usize,
+    depth: usize,
+    dst: &mut [f32],
+) {
+    for (pi, panel) in dst.chunks_mut(MR * KC).take(rows.div_ceil(MR)).enumerate() {
+        let r0 = pi * MR;
+        let live = (rows - r0).min(MR);
+        if live < MR {
+            panel[..depth * MR].fill(0.0);
+        } else if a_cs == 1 {
+            // Full panel of row-major A: read eight rows in step, write contiguously.
+            let rows: [&[f32]; MR] =
+                std::array::from_fn(|r| std::slice::from_raw_parts(a.add((r0 + r) * a_rs), depth));
+            for (p, out) in panel.chunks_exact_mut(MR).take(depth).enumerate() {
+                for r in 0..MR {
+                    out[r] = rows[r][p];
+                }
+            }
+            continue;
+        }
+        for r in 0..live {
+            let src = a.add((r0 + r) * a_rs);
+            for p in 0..depth {
+                panel[p * MR + r] = *src.add(p * a_cs);
+            }
+        }
+    }
+}
+
+/// Dispatches the row count to a const-generic kernel.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    rows: usize,
+    cols: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match rows {
+                $($r => kernel::<$r>(cols, k, a, b, c, ldc, init),)*
+                _ => unreachable!(),
+            }
+        };
+    }
+    go!(1 2 3 4 5 6 7 8)
+}
+
+/// One `R × NR` block of `C` (only its first `cols` columns are written).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const R: usize>(
+    cols: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
+    use std::arch::x86_64::*;
+    let masks: [__mmask16; 3] = std::array::from_fn(|v| mask(cols.saturating_sub(v * 16).min(16)));
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    match init {
+        Init::Zero => {}
+        Init::Bias(bias) => {
+            let row: [__m512; 3] = std::array::from_fn(|v| {
+                _mm512_maskz_loadu_ps(masks[v], bias.as_ptr().add((v * 16).min(cols)))
+            });
+            acc = [row; R];
+        }
+        Init::Accumulate => {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                    if masks[v] != 0 {
+                        *acc_rv = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + v * 16));
+                    }
+                }
+            }
+        }
+    }
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..k {
+        let b0 = _mm512_loadu_ps(bp);
+        let b1 = _mm512_loadu_ps(bp.add(16));
+        let b2 = _mm512_loadu_ps(bp.add(32));
+        for r in 0..R {
+            let x = _mm512_set1_ps(*ap.add(r));
+            acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
+        }
+        bp = bp.add(NR);
+        ap = ap.add(MR);
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (v, acc_rv) in acc_r.iter().enumerate() {
+            if masks[v] != 0 {
+                _mm512_mask_storeu_ps(c.add(r * ldc + v * 16), masks[v], *acc_rv);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const R: usize>(
+    _: usize,
+    _: usize,
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: Init,
+) {
+    unreachable!("sgemm is AVX-512 only")
+}
+
+/// The low `n` bits set.
+fn mask(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    fn check(m: usize, n: usize, k: usize, transposed_a: bool) {
+        if !available() {
+            eprintln!("no AVX-512: skipping");
+            return;
+        }
+        let mut s = 11u64;
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect(); // [N, K]
+        let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+        // A as [M, K] row-major, or stored transposed ([K, M]) and read through strides.
+        let (a_buf, a_rs, a_cs) = if transposed_a {
+            let mut t = vec![0f32; m * k];
+            for i in 0..m {
+                for p in 0..k {
+                    t[p * m + i] = a[i * k + p];
+                }
+            }
+            (t, 1, m)
+        } else {
+            (a.clone(), k, 1)
+        };
+        let packed = PackedB::pack_transposed(&w, n, k);
+        let reference = |i: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                .sum()
+        };
+        for (name, init) in [
+            ("zero", Init::Zero),
+            ("bias", Init::Bias(&bias)),
+            ("accumulate", Init::Accumulate),
+        ] {
+            let mut c = c0.clone();
+            sgemm(m, &a_buf, a_rs, a_cs, &packed, &mut c, n, init);
+            let mut worst = 0f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let start = match init {
+                        Init::Zero => 0.0,
+                        Init::Bias(b) => b[j] as f64,
+                        Init::Accumulate => c0[i * n + j] as f64,
+                    };
+                    worst = worst.max((start + reference(i, j) - c[i * n + j] as f64).abs());
+                }
+            }
+            assert!(
+                worst < 1e-5 * (k as f64).sqrt(),
+                "{m}x{n}x{k} {name}: {worst}"
+            );
+        }
+    }
+
+    #[test]
+    fn sgemm_matches_f64_reference() {
+        check(37, 101, 67, false);
+        check(8, 48, 16, false);
+        check(1, 5, 3, false);
+        check(130, 200, 300, true);
+    }
+
+    #[test]
+    fn pack_row_major_b() {
+        // B given directly as [K, N] row-major.
+        let (k, n) = (5, 50);
+        let b: Vec<f32> = (0..k * n).map(|v| v as f32).collect();
+        let p = PackedB::pack(&b, n, 1, k, n);
+        assert_eq!(p.data[NR * k + 1], b[48 + 1]); // panel 1, row 0, column 49 = b[0][49]
+        assert_eq!(p.data[NR * k + 2], 0.0); // column 50 is padding
+        assert_eq!(p.data[3 * NR + 7], b[3 * n + 7]);
+    }
+}
