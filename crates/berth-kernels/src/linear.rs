@@ -146,16 +146,27 @@ fn output(len: usize) -> Vec<f32> {
 }
 
 /// `y [N, O] = x [N, I] w^T + b` with weights already packed (inference: packed once).
-pub fn linear_packed_f32(x: &[f32], n: usize, w: &sgemm::PackedB, b: &[f32]) -> Vec<f32> {
+pub fn linear_packed_f32(
+    x: &[f32],
+    n: usize,
+    w: &sgemm::PackedB,
+    b: &[f32],
+    post: Option<crate::Activation>,
+) -> Vec<f32> {
     let (o, i) = (w.n(), w.k());
     let mut y = output(n * o);
-    sgemm::sgemm(n, x, i, 1, w, &mut y, o, sgemm::Init::Bias(b));
+    sgemm::sgemm_then(n, x, i, 1, w, &mut y, o, sgemm::Init::Bias(b), post);
     y
 }
 
 /// [`linear`] with a weight packed once by [`sgemm::PackedB::pack_transposed`] (inference:
-/// no gradient), `x [N, I]` f32.
-pub fn linear_prepacked(x: &Tensor, w: &sgemm::PackedB, b: &[f32]) -> Result<Tensor> {
+/// no gradient), `x [N, I]` f32, and `post` (an activation) fused onto the output.
+pub fn linear_prepacked(
+    x: &Tensor,
+    w: &sgemm::PackedB,
+    b: &[f32],
+    post: Option<crate::Activation>,
+) -> Result<Tensor> {
     let (n, i) = x.dims2()?;
     if i != w.k() || b.len() != w.n() || x.dtype() != candle_core::DType::F32 {
         bail!(
@@ -166,7 +177,7 @@ pub fn linear_prepacked(x: &Tensor, w: &sgemm::PackedB, b: &[f32]) -> Result<Ten
             w.k()
         );
     }
-    let y = with_slice::<f32, _>(x, |xs| linear_packed_f32(xs, n, w, b))?;
+    let y = with_slice::<f32, _>(x, |xs| linear_packed_f32(xs, n, w, b, post))?;
     Tensor::from_vec(y, (n, w.n()), x.device())
 }
 
@@ -176,7 +187,7 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     if let (Some(xf), Some(wf), Some(bf)) = (as_f32(x), as_f32(w), as_f32(b)) {
         if sgemm::available() && n > 0 && i > 0 {
             let packed = sgemm::PackedB::pack_transposed(wf, o, i);
-            return from_f32(linear_packed_f32(xf, n, &packed, bf));
+            return from_f32(linear_packed_f32(xf, n, &packed, bf, None));
         }
     }
     let mut y: Vec<T> = Vec::with_capacity(n * o);

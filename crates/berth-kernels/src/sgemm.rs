@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::SendPtr;
+use crate::{Activation, Float};
 
 /// Columns of `C` per panel: three vectors of 16.
 pub const NR: usize = 48;
@@ -154,6 +155,23 @@ pub fn sgemm(
     ldc: usize,
     init: Init,
 ) {
+    sgemm_then(m, a, a_rs, a_cs, b, c, ldc, init, None)
+}
+
+/// [`sgemm`], then `post` applied to each block of `C` while it is still in L1 (a fused
+/// bias + GELU for the feed-forward up-projection at inference).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_then(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+    post: Option<Activation>,
+) {
     let (n, k) = (b.n, b.k);
     assert!(available(), "sgemm needs AVX-512");
     if m == 0 || n == 0 {
@@ -236,7 +254,16 @@ pub fn sgemm(
                                         }
                                         other => other,
                                     },
-                                )
+                                );
+                                if let Some(act) = post.filter(|_| p0 + depth >= k) {
+                                    for r in 0..rows {
+                                        let row = cp.get().add((i0 + i + r) * ldc + j * NR);
+                                        f32::activate(
+                                            act,
+                                            std::slice::from_raw_parts_mut(row, cols),
+                                        );
+                                    }
+                                }
                             }
                         }
                     }
@@ -462,6 +489,24 @@ mod tests {
         check(8, 48, 16, false);
         check(1, 5, 3, false);
         check(130, 200, 300, true);
+    }
+
+    #[test]
+    fn fused_activation_matches_separate_pass() {
+        if !available() {
+            return;
+        }
+        let (m, n, k) = (300, 100, 400); // several row blocks, depth blocks and a ragged panel
+        let mut s = 5u64;
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let b = PackedB::pack_transposed(&w, n, k);
+        let (mut plain, mut fused) = (vec![0f32; m * n], vec![0f32; m * n]);
+        sgemm(m, &a, k, 1, &b, &mut plain, n, Init::Bias(&bias));
+        sgemm_then(m, &a, k, 1, &b, &mut fused, n, Init::Bias(&bias), Some(Activation::Gelu));
+        f32::activate(Activation::Gelu, &mut plain);
+        assert_eq!(plain, fused);
     }
 
     #[test]

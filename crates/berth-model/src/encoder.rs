@@ -177,7 +177,7 @@ impl Layer {
             attn
         };
         let x = self.attn_ln.forward(&(attn + x)?)?;
-        let f = berth_kernels::activation(&self.inter.forward(&x)?, self.activation)?; // [N, F]
+        let f = self.inter.forward_then(&x, Some(self.activation))?; // [N, F]
         let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
         self.out_ln.forward(&(f + x)?)
     }

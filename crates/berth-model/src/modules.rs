@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use berth_kernels::amx::PackedBf16;
 use berth_kernels::sgemm::PackedB;
+use berth_kernels::Activation;
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
@@ -112,12 +113,29 @@ impl Linear {
 
     /// `x [N, I]` → `[N, O]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, None)
+    }
+
+    /// `act(x W^T + b)`: fused into the product's output when the weight is packed for
+    /// f32 inference, else a separate pass.
+    pub fn forward_then(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        if let (Some(Packed::F32(w, b)), DType::F32) = (self.packed.as_deref(), x.dtype()) {
+            return Ok(berth_kernels::linear_prepacked(x, w, b, act)?);
+        }
+        let y = self.forward_unfused(x)?;
+        match act {
+            Some(a) => Ok(berth_kernels::activation(&y, a)?),
+            None => Ok(y),
+        }
+    }
+
+    fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
         match self.packed.as_deref() {
             Some(Packed::Bf16(p)) if x.dtype() == DType::F32 => {
                 Ok(berth_kernels::amx::linear_packed(x, p)?)
             }
             Some(Packed::F32(w, b)) if x.dtype() == DType::F32 => {
-                Ok(berth_kernels::linear_prepacked(x, w, b)?)
+                Ok(berth_kernels::linear_prepacked(x, w, b, None)?)
             }
             _ => Ok(berth_kernels::linear(x, &self.weight, &self.bias)?),
         }
