@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Peer baselines for `berth bench`: PyTorch eager and ONNX Runtime fp32 on the workloads
-berth writes to --spec (JSON: "a", "b" = lists of equal-length id lists, "c" = texts,
-"max_length", "seconds", "threads"). Prints one JSON line: {"torch": {...}, "ort": {...}}
-with sequences/s per workload; a peer that is not installed is left out.
+"""Peer baselines for `berth bench`: PyTorch eager (f32 and bf16 autocast) and ONNX Runtime
+fp32 on the workloads berth writes to --spec (JSON: "a", "b", "d" = lists of equal-length id
+lists, "c" = texts, "d_model" = the bert-base-shaped checkpoint for "d", "max_length",
+"seconds", "threads"). Prints one JSON line: {"torch": {...}, "torch_bf16": {...},
+"ort": {...}} with sequences/s per workload; a peer that is not installed is left out.
 
     pip install torch transformers onnxruntime onnx
 """
@@ -45,23 +46,30 @@ def main():
         v = (hidden * m).sum(1) / m.sum(1)
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
-    def torch_ids(batch):
-        ids = torch.tensor(batch)
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    base = AutoModel.from_pretrained(spec["d_model"]).eval()
 
-    def torch_texts():
+    def autocast(bf16):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def torch_ids(m, batch, bf16=False):
+        ids = torch.tensor(batch)
+        with torch.inference_mode(), autocast(bf16):
+            m(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def torch_texts(bf16=False):
         for i in range(0, len(spec["c"]), 32):
             enc = tok(spec["c"][i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            with torch.inference_mode():
-                h = model(**enc).last_hidden_state.numpy()
+            with torch.inference_mode(), autocast(bf16):
+                h = model(**enc).last_hidden_state.float().numpy()
             pooled(h, enc["attention_mask"].numpy())
 
     n_c = len(spec["c"])
-    out["torch"] = {"a": 32 * rate(seconds, lambda: torch_ids(spec["a"])),
-                    "b": rate(seconds, lambda: torch_ids(spec["b"])),
-                    "c": n_c * rate(0, torch_texts)}
-    print(f"peers: PyTorch {out['torch']}", file=sys.stderr)
+    for name, bf16 in [("torch", False), ("torch_bf16", True)]:
+        out[name] = {"a": 32 * rate(seconds, lambda: torch_ids(model, spec["a"], bf16)),
+                     "b": rate(seconds, lambda: torch_ids(model, spec["b"], bf16)),
+                     "c": n_c * rate(0, lambda: torch_texts(bf16)),
+                     "d": 8 * rate(seconds, lambda: torch_ids(base, spec["d"], bf16))}
+        print(f"peers: PyTorch {'bf16 autocast' if bf16 else 'f32'} {out[name]}", file=sys.stderr)
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -69,24 +77,28 @@ def main():
         print(json.dumps(out))
         return
     out["versions"]["onnxruntime"] = ort.__version__
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        ids = torch.tensor(spec["a"][:2])
-        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), path,
-                          input_names=["input_ids", "attention_mask", "token_type_ids"],
-                          output_names=["last_hidden_state"],
-                          dynamic_axes={k: {0: "batch", 1: "seq"} for k in
-                                        ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
-                          opset_version=17, dynamo=False)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
-    def ort_ids(batch):
+    def session(m):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            ids = torch.tensor(spec["a"][:2])
+            torch.onnx.export(m, (ids, torch.ones_like(ids), torch.zeros_like(ids)), path,
+                              input_names=["input_ids", "attention_mask", "token_type_ids"],
+                              output_names=["last_hidden_state"],
+                              dynamic_axes={k: {0: "batch", 1: "seq"} for k in
+                                            ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
+                              opset_version=17, dynamo=False)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    sess, base_sess = session(model), session(base)
+
+    def ort_ids(batch, s=None):
         a = np.array(batch, dtype=np.int64)
-        sess.run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
+        (s or sess).run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
 
     def ort_texts():
         for i in range(0, len(spec["c"]), 32):
@@ -96,7 +108,8 @@ def main():
 
     out["ort"] = {"a": 32 * rate(seconds, lambda: ort_ids(spec["a"])),
                   "b": rate(seconds, lambda: ort_ids(spec["b"])),
-                  "c": n_c * rate(0, ort_texts)}
+                  "c": n_c * rate(0, ort_texts),
+                  "d": 8 * rate(seconds, lambda: ort_ids(spec["d"], base_sess))}
     print(f"peers: ONNX Runtime {out['ort']}", file=sys.stderr)
     print(json.dumps(out))
 

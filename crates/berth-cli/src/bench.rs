@@ -7,13 +7,18 @@
 //!      the shared datasets) embedded end to end (tokenize, encode, pool, normalise) in
 //!      batches of 32 in file order. berth packs each batch; the peers pad it to its
 //!      longest member, as they must.
-//! Peers run in scripts/bench_peers.py with the same thread count; missing peers are "n/a".
+//!   d. a bert-base-shaped checkpoint (12 layers, 768 hidden, random weights, written to a
+//!      temporary folder and loaded by every engine) at 8 sequences x 128 tokens.
+//! berth runs in f32 and, where the CPU has AMX, in bf16; the accuracy of bf16 is the cosine
+//! of its (c) embeddings to berth f32's. Peers run in scripts/bench_peers.py with the same
+//! thread count (PyTorch eager f32 and bf16 autocast, ONNX Runtime f32); missing peers are
+//! "n/a".
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use berth_model::Batch;
+use berth_model::{Batch, Model, Precision};
 use berth_tasks::{normalize, pool, EncodeOptions, Pipeline, Pooling, SentenceConfig};
 use clap::Args;
 
@@ -120,18 +125,121 @@ fn mixed_texts(data: &Path, n: usize) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-fn embed_all(p: &Pipeline, texts: &[String], pooling: Pooling) -> anyhow::Result<usize> {
+/// Embeds `texts` in batches of 32 (tokenising each batch, as a server would).
+fn embed_all(p: &Pipeline, texts: &[String], pooling: Pooling) -> anyhow::Result<Vec<Vec<f32>>> {
     let h = p.model.config.hidden_size;
-    let mut n = 0;
+    let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {
         let encs = p.encode(chunk, 0)?;
         let (batch, hidden) = p.run(&encs)?;
         for mut v in pool(&hidden.flatten_all()?.to_vec1::<f32>()?, h, &batch, pooling) {
             normalize(&mut v);
-            n += 1;
+            out.push(v);
         }
     }
-    Ok(n)
+    Ok(out)
+}
+
+/// Mean and minimum cosine between matching (normalised) vectors.
+fn cosine_stats(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
+    let cos: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (*p as f64) * (*q as f64))
+                .sum()
+        })
+        .collect();
+    let mean = cos.iter().sum::<f64>() / cos.len().max(1) as f64;
+    (mean, cos.iter().copied().fold(f64::INFINITY, f64::min))
+}
+
+/// Writes a bert-base-shaped BertModel with random weights (std 0.02, seeded) and the
+/// tokenizer files of `tokenizer_dir` into `dir`, for workload (d).
+fn bert_base_checkpoint(dir: &Path, tokenizer_dir: &Path) -> anyhow::Result<()> {
+    let (h, f, layers, vocab, positions) = (768usize, 3072usize, 12usize, 30522usize, 512usize);
+    std::fs::create_dir_all(dir)?;
+    let config = serde_json::json!({
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": h,
+        "num_hidden_layers": layers, "num_attention_heads": 12, "intermediate_size": f,
+        "hidden_act": "gelu", "max_position_embeddings": positions, "type_vocab_size": 2,
+        "vocab_size": vocab, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "initializer_range": 0.02});
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |shape: &[usize]| -> anyhow::Result<candle_core::Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Uniform with std 0.02.
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02 * 12f32.sqrt()
+            })
+            .collect();
+        Ok(candle_core::Tensor::from_vec(
+            v,
+            shape,
+            &candle_core::Device::Cpu,
+        )?)
+    };
+    let ones =
+        |n: usize| candle_core::Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let zeros = |n: usize| {
+        candle_core::Tensor::zeros(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+    };
+    let mut t = std::collections::HashMap::new();
+    t.insert(
+        "embeddings.word_embeddings.weight".to_string(),
+        random(&[vocab, h])?,
+    );
+    t.insert(
+        "embeddings.position_embeddings.weight".into(),
+        random(&[positions, h])?,
+    );
+    t.insert(
+        "embeddings.token_type_embeddings.weight".into(),
+        random(&[2, h])?,
+    );
+    t.insert("embeddings.LayerNorm.weight".into(), ones(h)?);
+    t.insert("embeddings.LayerNorm.bias".into(), zeros(h)?);
+    for i in 0..layers {
+        let p = format!("encoder.layer.{i}");
+        for (name, o, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), random(&[o, inp])?);
+            t.insert(format!("{p}.{name}.bias"), random(&[o])?);
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.insert(format!("{p}.{ln}.weight"), ones(h)?);
+            t.insert(format!("{p}.{ln}.bias"), zeros(h)?);
+        }
+    }
+    t.insert("pooler.dense.weight".into(), random(&[h, h])?);
+    t.insert("pooler.dense.bias".into(), random(&[h])?);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    for name in [
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = tokenizer_dir.join(name);
+        if src.exists() {
+            std::fs::copy(&src, dir.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 fn peers(a: &BenchArgs, dir: &Path, spec: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
@@ -187,6 +295,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or(0);
     let wa = synthetic(32, 128, vocab, cls, sep);
     let wb = synthetic(1, 16, vocab, cls, sep);
+    let wd = synthetic(8, 128, 30522, cls, sep);
     let texts = mixed_texts(&data, a.sentences)
         .with_context(|| format!("workload (c) needs {} (pass --data DIR)", data.display()))?;
     let encs = p.encode(&texts, 0)?;
@@ -195,25 +304,48 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .chunks(32)
         .map(|c| c.len() * c.iter().map(|e| e.ids.len()).max().unwrap_or(0))
         .sum();
+    let base_dir =
+        std::env::temp_dir().join(format!("berth-bench-bert-base-{}", std::process::id()));
+    bert_base_checkpoint(&base_dir, &dir).with_context(|| {
+        format!(
+            "cannot write the workload (d) checkpoint to {}",
+            base_dir.display()
+        )
+    })?;
+    let (mut base, _) = Model::load(&base_dir, false)?;
 
     eprintln!("berth: {} ({} threads); (c) {} texts, {real} real tokens, {padded} when padded per batch of 32 ({:.0} % real)",
         dir.display(), threads, texts.len(), 100.0 * real as f64 / padded as f64);
-    let forward = |seqs: &Vec<Vec<u32>>| {
-        let batch = Batch::from_sequences(seqs.iter().map(|s| (s.as_slice(), &[][..])))?;
-        p.model.forward(&batch)?;
-        Ok(())
-    };
     let pooling = st.map_or(Pooling::Cls, |c| c.pooling);
-    let measure = || -> anyhow::Result<[f64; 3]> {
+    let modes: Vec<Precision> = if berth_kernels::amx::available() {
+        vec![Precision::F32, Precision::Bf16]
+    } else {
+        eprintln!("no AMX on this CPU: berth bf16 is skipped");
+        vec![Precision::F32]
+    };
+    let max_length = p.max_length;
+    let mut p = p;
+    let mut measure = |mode: Precision| -> anyhow::Result<[f64; 4]> {
+        p.model.set_precision(mode)?;
+        base.set_precision(mode)?;
+        let forward = |m: &Model, seqs: &Vec<Vec<u32>>| {
+            let batch = Batch::from_sequences(seqs.iter().map(|s| (s.as_slice(), &[][..])))?;
+            m.forward(&batch)?;
+            Ok(())
+        };
         Ok([
-            rate(a.seconds, || forward(&wa))? * 32.0,
-            rate(a.seconds, || forward(&wb))?,
+            rate(a.seconds, || forward(&p.model, &wa))? * 32.0,
+            rate(a.seconds, || forward(&p.model, &wb))?,
             rate(0.0, || embed_all(&p, &texts, pooling).map(|_| ()))? * texts.len() as f64,
+            rate(a.seconds, || forward(&base, &wd))? * 8.0,
         ])
     };
-    let before = measure()?;
-    let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "max_length": p.max_length,
-        "seconds": a.seconds, "threads": threads});
+    let before: Vec<[f64; 4]> = modes
+        .iter()
+        .map(|&m| measure(m))
+        .collect::<anyhow::Result<_>>()?;
+    let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "d": wd, "d_model": base_dir,
+        "max_length": max_length, "seconds": a.seconds, "threads": threads});
     let peer = if a.no_peers {
         serde_json::json!({})
     } else {
@@ -221,35 +353,61 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     // Shared machines drift: berth is measured before and after the peers and the mean is
     // reported, so a slow or fast phase does not favour either side.
-    let ours = if a.no_peers {
+    let ours: Vec<[f64; 4]> = if a.no_peers {
         before
     } else {
-        let after = measure()?;
+        let after: Vec<[f64; 4]> = modes
+            .iter()
+            .map(|&m| measure(m))
+            .collect::<anyhow::Result<_>>()?;
         eprintln!("berth before peers {before:.1?}, after {after:.1?} seq/s");
-        [0, 1, 2].map(|i| (before[i] + after[i]) / 2.0)
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| [0, 1, 2, 3].map(|i| (b[i] + a[i]) / 2.0))
+            .collect()
     };
+    let _ = std::fs::remove_dir_all(&base_dir);
 
-    println!("| workload | berth seq/s | PyTorch seq/s | ORT fp32 seq/s | berth / PyTorch | berth / ORT |");
-    println!("|---|---|---|---|---|---|");
     let names = [
-        "(a) 32 x 128",
-        "(b) 1 x 16",
-        &format!("(c) {} mixed texts, batches of 32", texts.len()),
+        "(a) MiniLM 32 x 128",
+        "(b) MiniLM 1 x 16",
+        &format!("(c) MiniLM, {} mixed texts, batches of 32", texts.len()),
+        "(d) bert-base 8 x 128",
     ];
-    for (i, key) in ["a", "b", "c"].iter().enumerate() {
+    let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => format!("{:.2}x", x / y),
+        _ => "n/a".into(),
+    };
+    println!("sequences/s (higher is better); ratios are berth / peer in the same run");
+    println!("| workload | berth f32 | berth bf16 | PyTorch f32 | PyTorch bf16 | ORT f32 | f32 / PyTorch | f32 / ORT | bf16 / PyTorch bf16 | bf16 / ORT f32 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (i, key) in ["a", "b", "c", "d"].iter().enumerate() {
         let get = |peer_name: &str| peer[peer_name][key].as_f64();
-        let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
-        let ratio =
-            |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.2}x", ours[i] / v));
+        let f32_ = Some(ours[0][i]);
+        let bf16 = ours.get(1).map(|o| o[i]);
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             names[i],
-            ours[i],
+            cell(f32_),
+            cell(bf16),
             cell(get("torch")),
+            cell(get("torch_bf16")),
             cell(get("ort")),
-            ratio(get("torch")),
-            ratio(get("ort"))
+            ratio(f32_, get("torch")),
+            ratio(f32_, get("ort")),
+            ratio(bf16, get("torch_bf16")),
+            ratio(bf16, get("ort")),
         );
+    }
+    // Accuracy of reduced precision: cosine of (c) embeddings to berth f32.
+    p.model.set_precision(Precision::F32)?;
+    let reference = embed_all(&p, &texts, pooling)?;
+    for &mode in &modes[1..] {
+        p.model.set_precision(mode)?;
+        let (mean, min) = cosine_stats(&reference, &embed_all(&p, &texts, pooling)?);
+        println!("berth {mode:?} vs f32 on (c): mean cosine {mean:.6}, lowest {min:.6}");
     }
     if let Some(v) = peer.get("versions") {
         println!("peers: {v}");

@@ -504,7 +504,17 @@ mod tests {
         let b = PackedB::pack_transposed(&w, n, k);
         let (mut plain, mut fused) = (vec![0f32; m * n], vec![0f32; m * n]);
         sgemm(m, &a, k, 1, &b, &mut plain, n, Init::Bias(&bias));
-        sgemm_then(m, &a, k, 1, &b, &mut fused, n, Init::Bias(&bias), Some(Activation::Gelu));
+        sgemm_then(
+            m,
+            &a,
+            k,
+            1,
+            &b,
+            &mut fused,
+            n,
+            Init::Bias(&bias),
+            Some(Activation::Gelu),
+        );
         f32::activate(Activation::Gelu, &mut plain);
         assert_eq!(plain, fused);
     }
