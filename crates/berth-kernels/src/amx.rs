@@ -237,20 +237,33 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
 fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, y: &mut [f32]) {
     let row_blocks = n.div_ceil(BLOCK);
     let col_blocks = w.bias.len() / BLOCK;
-    // Split columns as well when there are too few row blocks to keep every thread busy.
     let threads = rayon::current_num_threads();
+    let out = SendPtr(y.as_mut_ptr());
+    if row_blocks >= 2 * threads {
+        // Each thread takes a contiguous range of row blocks and walks the columns in chunks
+        // whose packed weights (~768 KB) stay in its L2 while its rows pass them.
+        let chunk = ((768 << 10) / (BLOCK * w.depth * 2)).max(1);
+        (0..threads).into_par_iter().for_each(|t| {
+            let rows = row_blocks * t / threads..row_blocks * (t + 1) / threads;
+            for c0 in (0..col_blocks).step_by(chunk) {
+                for rb in rows.clone() {
+                    // SAFETY: AMX is available (checked by the caller); threads write
+                    // disjoint rows of `y`; every pointer stays inside the padded buffers.
+                    unsafe { block_row(a, n, w, rb, c0..(c0 + chunk).min(col_blocks), out) };
+                }
+            }
+        });
+        return;
+    }
+    // Few rows (short batches): split the columns as well.
     let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
     let per_chunk = col_blocks.div_ceil(col_chunks);
-    let out = SendPtr(y.as_mut_ptr());
-    (0..row_blocks * col_chunks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (rb, cc) = (task / col_chunks, task % col_chunks);
-            let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
-            // SAFETY: AMX is available (checked by the caller); each task writes its own rows ×
-            // columns of `y`, and every pointer stays inside the padded buffers.
-            unsafe { block_row(a, n, w, rb, cols, out) };
-        });
+    (0..row_blocks * col_chunks).into_par_iter().for_each(|task| {
+        let (rb, cc) = (task / col_chunks, task % col_chunks);
+        let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
+        // SAFETY: as above; each task writes its own rows × columns of `y`.
+        unsafe { block_row(a, n, w, rb, cols, out) };
+    });
 }
 
 /// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.

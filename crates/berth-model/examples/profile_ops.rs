@@ -1,5 +1,8 @@
 //! Times the pieces of one encoder layer at MiniLM shape (4096 tokens, 384 hidden, 12 heads).
 //!     cargo run --release -p berth-model --example profile_ops
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use berth_kernels::{activation, layer_norm, varlen_attention, Activation};
