@@ -59,6 +59,55 @@ fn minilm_embeddings_match_sentence_transformers() {
 }
 
 #[test]
+fn bf16_embeddings_stay_close_to_sentence_transformers() {
+    // bf16 needs AMX tiles; elsewhere the flag must fail with a clear message instead.
+    let dir = minilm_dir();
+    let fixture = root().join("fixtures/minilm");
+    let sentences: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap())
+            .unwrap();
+    let texts: Vec<&str> = sentences["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let mut args = vec!["embed", "--dtype", "bf16", "--model", dir.to_str().unwrap()];
+    args.extend(&texts);
+    let run = berth(&args);
+    if !berth_kernels::amx::available() {
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && err.contains("AMX"), "{err}");
+        println!("no AMX here: bf16 refused with: {err}");
+        return;
+    }
+    let out = json_lines(&ok(&run));
+    let reference = candle_core::safetensors::load(
+        fixture.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want = reference["embeddings"].to_vec2::<f32>().unwrap();
+    let mut lowest = 1f64;
+    for (line, w) in out.iter().zip(&want) {
+        let got = floats(&line["embedding"]);
+        // Both are unit vectors (MiniLM normalises): the cosine is the dot product.
+        let cos: f64 = got
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum();
+        lowest = lowest.min(cos);
+    }
+    println!(
+        "MiniLM bf16, {} sentences: lowest cosine to sentence-transformers f32 {lowest:.6}",
+        out.len()
+    );
+    assert_eq!(out.len(), texts.len());
+    assert!(lowest >= 0.999, "lowest cosine {lowest}");
+}
+
+#[test]
 fn embed_arguments_and_the_default_model_agree() {
     let dir = minilm_dir();
     let a = json_lines(&ok(&berth(&[

@@ -258,12 +258,14 @@ fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, y: &mut [f32]) {
     // Few rows (short batches): split the columns as well.
     let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
     let per_chunk = col_blocks.div_ceil(col_chunks);
-    (0..row_blocks * col_chunks).into_par_iter().for_each(|task| {
-        let (rb, cc) = (task / col_chunks, task % col_chunks);
-        let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
-        // SAFETY: as above; each task writes its own rows × columns of `y`.
-        unsafe { block_row(a, n, w, rb, cols, out) };
-    });
+    (0..row_blocks * col_chunks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, cc) = (task / col_chunks, task % col_chunks);
+            let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
+            // SAFETY: as above; each task writes its own rows × columns of `y`.
+            unsafe { block_row(a, n, w, rb, cols, out) };
+        });
 }
 
 /// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
