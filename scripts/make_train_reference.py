@@ -11,6 +11,15 @@ and LayerNorm weights, as the Trainer groups them) under get_linear_schedule_wit
 (1 warmup step of 4) with clip_grad_norm_(1.0): the loss of each step and the weights after
 the last. Classification batches are padded (attention mask), which leaves the real tokens'
 math unchanged; QA pairs run one at a time (see run()).
+
+Three more recipes use other losses on the same machinery:
+- bert-multilabel: bert-seqcls with problem_type multi_label_classification (BCE over labels);
+- bert-rerank: a one-logit cross-encoder (BertForSequenceClassification, num_labels=1, head
+  initialised here and saved to fixtures/train/bert-rerank/) on (query, passage) pairs with
+  sentence-transformers' CrossEncoder loss, BCE with logits against the relevance;
+- bert-embed: a sentence-transformers bi-encoder (tiny bert-base + mean pooling) with
+  MultipleNegativesRankingLoss over (anchor, positive, hard negative) triples. The pooler
+  receives no gradient there (mean pooling never uses it), so AdamW leaves it unchanged.
 """
 import json
 from pathlib import Path
@@ -33,6 +42,9 @@ TEXTS = [
 CASES = [("bert-seqcls", "seq"), ("roberta-seqcls", "seq"), ("distilbert-seqcls", "seq"),
          ("bert-tokcls", "tok"), ("distilbert-tokcls", "tok"), ("bert-qa", "qa"), ("distilbert-qa", "qa")]
 QUESTIONS = ["who is there?", "what jumps?", "hello?", "where is the dog?"]
+NEGATIVES = ["a lazy afternoon.", "café au lait", "fox news at 12345", "nobody is there."]
+RELEVANCE = [1.0, 0.0, 1.0, 0.25]
+MULTI = [[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]]
 
 
 def decay_groups(model):
@@ -41,6 +53,90 @@ def decay_groups(model):
         (no_decay if name.endswith(".bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
          else decay).append(p)
     return [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_steps(model, params, loss_fn):
+    """Three AdamW steps: losses, gradient norms, step-1 gradients (params with a gradient)."""
+    opt = torch.optim.AdamW(decay_groups_of(params), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 1, 4)
+    tensors, losses, norms = {}, [], []
+    for step in range(3):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        losses.append(loss.item())
+        if step == 1:
+            for n, p in params:
+                if p.grad is not None:
+                    tensors["grad." + n] = p.grad.detach().clone().contiguous()
+        norms.append(torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0).item())
+        opt.step()
+        sched.step()
+    for n, p in params:
+        tensors["final." + n] = p.detach().clone().contiguous()
+    return tensors, losses, norms
+
+
+def decay_groups_of(params):
+    decay = [p for n, p in params if not (n.endswith(".bias") or "layernorm" in n.lower())]
+    no_decay = [p for n, p in params if n.endswith(".bias") or "layernorm" in n.lower()]
+    return [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ids_of(enc):
+    return [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+
+
+def run_multilabel():
+    torch.manual_seed(0)
+    d = TINY / "bert-seqcls"
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        d, problem_type="multi_label_classification").eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    labels = torch.tensor(MULTI, dtype=torch.float32)
+    tensors, losses, norms = train_steps(model, list(model.named_parameters()),
+                                         lambda: model(**enc, labels=labels).loss)
+    save_file(tensors, str(OUT / "bert-multilabel.safetensors"))
+    return {"texts": TEXTS, "labels": MULTI, "input_ids": ids_of(enc), "losses": losses, "grad_norms": norms}
+
+
+def run_rerank():
+    torch.manual_seed(0)
+    base = TINY / "bert-base"
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).eval()
+    ckpt = OUT / "bert-rerank"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    enc = tok(QUESTIONS, TEXTS, padding=True, return_tensors="pt")
+    target = torch.tensor(RELEVANCE)
+
+    def loss():  # sentence-transformers' CrossEncoder BinaryCrossEntropyLoss
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(**enc).logits.view(-1), target)
+    tensors, losses, norms = train_steps(model, list(model.named_parameters()), loss)
+    save_file(tensors, str(OUT / "bert-rerank.safetensors"))
+    return {"texts": TEXTS, "questions": QUESTIONS, "labels": RELEVANCE, "input_ids": ids_of(enc),
+            "losses": losses, "grad_norms": norms}
+
+
+def run_embed():
+    import sentence_transformers
+    from sentence_transformers import SentenceTransformer, losses as st_losses, models
+    torch.manual_seed(0)
+    transformer = models.Transformer(str(TINY / "bert-base"), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    st = SentenceTransformer(modules=[transformer, pooling], device="cpu").eval()
+    mnrl = st_losses.MultipleNegativesRankingLoss(st)  # scale 20, cosine similarity
+    feats = [st.tokenize(t) for t in (TEXTS, QUESTIONS, NEGATIVES)]
+    # The Transformer module holds the Hugging Face model as `model` (sentence-transformers 5;
+    # `auto_model` before): strip that prefix to get the checkpoint names.
+    params = [(n.removeprefix("0.model.").removeprefix("0.auto_model."), p) for n, p in st.named_parameters()]
+    tensors, losses, norms = train_steps(st, params, lambda: mnrl(feats, None))
+    save_file(tensors, str(OUT / "bert-embed.safetensors"))
+    return {"texts": TEXTS, "questions": QUESTIONS, "negatives": NEGATIVES, "scale": mnrl.scale,
+            "sentence_transformers": sentence_transformers.__version__,
+            "input_ids": [ids_of(f) for f in feats], "losses": losses, "grad_norms": norms}
 
 
 def run(name, kind):
@@ -119,6 +215,9 @@ if __name__ == "__main__":
     print("torch", torch.__version__, "transformers", transformers.__version__)
     OUT.mkdir(parents=True, exist_ok=True)
     ref = {name: run(name, kind) for name, kind in CASES}
+    ref["bert-multilabel"] = run_multilabel()
+    ref["bert-rerank"] = run_rerank()
+    ref["bert-embed"] = run_embed()
     (OUT / "recipe.json").write_text(json.dumps(ref, indent=1, ensure_ascii=False))
     for k, v in ref.items():
         print(k, v["losses"])

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{io, Result, TrainError};
 use crate::optim::AdamW;
+use berth_tasks::Pooling;
 
 /// Version of the checkpoint layout berth writes (and the only one it resumes).
 pub const FORMAT_VERSION: u32 = 1;
@@ -73,7 +74,11 @@ pub fn write_model(
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
+    sentence: Option<(&Path, Pooling)>,
 ) -> Result<()> {
+    if let Some((base, pooling)) = sentence {
+        write_sentence_files(dir, base, pooling, model.config.hidden_size)?;
+    }
     let weights = dir.join("model.safetensors");
     candle_core::safetensors::save(&model_tensors(model)?, &weights).map_err(|e| {
         TrainError::Checkpoint {
@@ -96,12 +101,85 @@ pub fn write_model(
     Ok(())
 }
 
+/// sentence-transformers' module files for a trained bi-encoder: copied from `base` when it
+/// is a sentence-transformers model (modules.json and the module folders it names), else a
+/// Transformer + Pooling pipeline with the pooling the run trained with.
+fn write_sentence_files(dir: &Path, base: &Path, pooling: Pooling, hidden: usize) -> Result<()> {
+    let copy = |name: &str| -> Result<()> {
+        let src = base.join(name);
+        if src.is_file() {
+            let dst = dir.join(name);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            std::fs::copy(&src, &dst).map_err(io(&src))?;
+        }
+        Ok(())
+    };
+    let modules = base.join("modules.json");
+    if modules.is_file() {
+        copy("modules.json")?;
+        copy("sentence_bert_config.json")?;
+        copy("config_sentence_transformers.json")?;
+        let text = std::fs::read_to_string(&modules).map_err(io(&modules))?;
+        let list: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                path: modules.clone(),
+                message: e.to_string(),
+            })?;
+        for m in list.as_array().into_iter().flatten() {
+            let sub = m["path"].as_str().unwrap_or("");
+            if sub.is_empty() {
+                continue;
+            }
+            std::fs::create_dir_all(dir.join(sub)).map_err(io(&dir.join(sub)))?;
+            if let Ok(entries) = std::fs::read_dir(base.join(sub)) {
+                for e in entries.flatten() {
+                    if e.path().is_file() {
+                        copy(&format!("{sub}/{}", e.file_name().to_string_lossy()))?;
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let write = |name: &str, v: serde_json::Value| -> Result<()> {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&v).expect("JSON serialises"),
+        )
+        .map_err(io(&p))
+    };
+    write(
+        "modules.json",
+        serde_json::json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+        ]),
+    )?;
+    write(
+        "1_Pooling/config.json",
+        serde_json::json!({
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": pooling == Pooling::Cls,
+            "pooling_mode_mean_tokens": pooling == Pooling::Mean,
+            "pooling_mode_max_tokens": pooling == Pooling::Max,
+            "pooling_mode_mean_sqrt_len_tokens": false
+        }),
+    )
+}
+
 /// Writes a checkpoint atomically to `checkpoints/step-N` under `run`.
 pub fn save(
     run: &Path,
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
+    sentence: Option<(&Path, Pooling)>,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -115,7 +193,7 @@ pub fn save(
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
     let written = (|| -> Result<()> {
-        write_model(&tmp, model, config, tokenizer_dir)?;
+        write_model(&tmp, model, config, tokenizer_dir, sentence)?;
         let opt_path = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(&opt.state_tensors()?, &opt_path).map_err(|e| {
             TrainError::Checkpoint {

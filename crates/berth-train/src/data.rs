@@ -33,8 +33,11 @@ pub struct TextExample {
     pub text: String,
     /// The second text of a pair.
     pub pair: Option<String>,
-    /// The label as written (a class name, or a number for regression).
+    /// The label as written (a class name, or a number for regression; "" without a label
+    /// column).
     pub label: String,
+    /// A third text (a hard negative), if read.
+    pub extra: Option<String>,
     /// 1-based line in its file.
     pub line: usize,
 }
@@ -57,8 +60,10 @@ pub struct Columns {
     pub text: Column,
     /// The second text of a pair, if any.
     pub pair: Option<Column>,
-    /// The label.
-    pub label: Column,
+    /// The label (`None`: unlabelled, e.g. anchor / positive pairs).
+    pub label: Option<Column>,
+    /// A third text (a hard negative), if any.
+    pub extra: Option<Column>,
 }
 
 fn data_err(path: &Path, line: usize, message: impl Into<String>) -> TrainError {
@@ -172,28 +177,39 @@ pub fn read_text_examples(
                     _ => None,
                 }
             };
+            let optional = |c: &Option<Column>| c.as_ref().map(field);
             match (
                 field(&cols.text),
-                cols.pair.as_ref().map(field),
-                field(&cols.label),
+                optional(&cols.pair),
+                optional(&cols.label),
+                optional(&cols.extra),
             ) {
-                (Some(text), pair, Some(label)) if pair.as_ref().is_none_or(|p| p.is_some()) => {
+                (Some(text), pair, label, extra)
+                    if [&pair, &label, &extra]
+                        .iter()
+                        .all(|f| f.as_ref().is_none_or(|v| v.is_some())) =>
+                {
                     examples.push(TextExample {
                         text,
                         pair: pair.flatten(),
-                        label,
+                        label: label.flatten().unwrap_or_default(),
+                        extra: extra.flatten(),
                         line,
                     })
                 }
                 _ => bad(
                     line,
                     format!(
-                        "needs string fields {:?}, {:?}{}",
-                        cols.text,
-                        cols.label,
-                        cols.pair
-                            .as_ref()
-                            .map_or(String::new(), |p| format!(" and {p:?}"))
+                        "needs string fields {:?}",
+                        [
+                            Some(&cols.text),
+                            cols.pair.as_ref(),
+                            cols.label.as_ref(),
+                            cols.extra.as_ref()
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
                     ),
                     &mut skipped,
                 )?,
@@ -246,8 +262,10 @@ pub fn read_text_examples(
                 }),
             }
         };
-        let (ti, li) = (find(&cols.text)?, find(&cols.label)?);
+        let ti = find(&cols.text)?;
+        let li = cols.label.as_ref().map(find).transpose()?;
         let pi = cols.pair.as_ref().map(find).transpose()?;
+        let xi = cols.extra.as_ref().map(find).transpose()?;
         for (line, r) in records {
             if r.len() != header.len() {
                 bad(
@@ -260,7 +278,8 @@ pub fn read_text_examples(
             examples.push(TextExample {
                 text: r[ti].clone(),
                 pair: pi.map(|p| r[p].clone()),
-                label: r[li].trim().to_string(),
+                label: li.map(|l| r[l].trim().to_string()).unwrap_or_default(),
+                extra: xi.map(|x| r[x].clone()),
                 line,
             });
         }
@@ -461,7 +480,8 @@ mod tests {
         Columns {
             text: Column::Name("sentence".into()),
             pair: None,
-            label: Column::Name("label".into()),
+            label: Some(Column::Name("label".into())),
+            extra: None,
         }
     }
 

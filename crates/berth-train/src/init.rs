@@ -185,3 +185,36 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
     }
     Ok((model, config_json))
 }
+
+/// Loads `dir`'s encoder alone, trainable, for sentence-embedding training: heads are
+/// dropped and a `bert.` / `roberta.` / `distilbert.` prefix is removed, so the saved model
+/// is the bare `*Model` sentence-transformers loads. A BERT pooler is kept unchanged (it
+/// receives no gradient, as in sentence-transformers, where mean pooling never uses it).
+pub fn load_encoder(dir: &Path) -> Result<(Model, serde_json::Value)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let mut config_json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let arch = EncoderConfig::from_json(&text, &path)?.arch;
+    let base = class_name(arch, HeadKind::MaskedLm).replace("ForMaskedLM", "Model");
+    config_json["architectures"] = serde_json::json!([base]);
+    if let Some(o) = config_json.as_object_mut() {
+        for k in ["id2label", "label2id", "problem_type"] {
+            o.remove(k);
+        }
+    }
+    let config = EncoderConfig::from_json(&config_json.to_string(), &path)?;
+    let (raw, source) = Weights::read_dir(dir)?;
+    let prefix = format!("{}.", arch.base_prefix());
+    let tensors: HashMap<String, Tensor> = raw
+        .into_iter()
+        .filter(|(k, _)| !is_head_key(k))
+        .map(|(k, t)| (k.strip_prefix(&prefix).map(str::to_string).unwrap_or(k), t))
+        .collect();
+    let w = Weights::from_tensors(tensors, source, true)?;
+    let (model, _) = Model::from_weights(config, w, dir)?;
+    Ok((model, config_json))
+}

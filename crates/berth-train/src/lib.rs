@@ -12,6 +12,7 @@ pub mod init;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod retrieval;
 pub mod schedule;
 pub mod trainer;
 

@@ -190,6 +190,11 @@ impl AdamW {
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         let bc2_sqrt = bc2_sqrt as f32;
         for s in &mut self.slots {
+            // As torch.optim.AdamW skips a parameter whose .grad is None: one no loss reached
+            // (a BERT pooler under mean pooling) is neither moved nor decayed.
+            if !s.touched {
+                continue;
+            }
             let decay = if s.decay {
                 (1.0 - lr * c.weight_decay) as f32
             } else {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use berth_model::{Batch, Dropout, HeadKind, Model};
-use berth_tasks::metrics;
+use berth_tasks::{metrics, Pooling};
 use berth_text::{Encoded, TextTokenizer, Truncation};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -35,6 +35,11 @@ pub enum Task {
     Ner,
     /// Extractive question answering from SQuAD JSON (contexts in `doc_stride` windows).
     Qa,
+    /// Sentence embeddings: a bi-encoder trained on (anchor, positive[, negative]) rows with
+    /// in-batch negatives (multiple-negatives ranking loss).
+    Embed,
+    /// Cross-encoder reranking: (query, passage, relevance) rows, one logit, BCE loss.
+    Rerank,
 }
 
 /// The full training configuration (saved as the run's config.json).
@@ -102,6 +107,28 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Dropout during training (off only for tests against eval-mode references).
     pub dropout: bool,
+    /// Embed: column of a hard negative per row.
+    #[serde(default)]
+    pub negative_column: Option<String>,
+    /// Classify: several labels per row (split on `label_separator`), one sigmoid each,
+    /// BCE loss (transformers' `multi_label_classification`).
+    #[serde(default)]
+    pub multi_label: bool,
+    /// Classify with `multi_label`: what separates the labels of a row.
+    #[serde(default = "default_separator")]
+    pub label_separator: String,
+    /// Embed: cosine similarities are multiplied by this before the softmax
+    /// (sentence-transformers' default 20).
+    #[serde(default = "default_scale")]
+    pub similarity_scale: f64,
+}
+
+fn default_separator() -> String {
+    ",".into()
+}
+
+fn default_scale() -> f64 {
+    20.0
 }
 
 impl TrainConfig {
@@ -140,6 +167,10 @@ impl TrainConfig {
             early_stopping_patience: None,
             log_every: 10,
             dropout: true,
+            negative_column: None,
+            multi_label: false,
+            label_separator: default_separator(),
+            similarity_scale: default_scale(),
         }
     }
 }
@@ -159,6 +190,23 @@ pub struct Example {
     pub words: Vec<(String, String)>,
     /// QA: answer start and end token (0, 0 = [CLS]: no answer in this window).
     pub span: Option<(u32, u32)>,
+    /// Embed: the positive text.
+    pub pair_enc: Option<Encoded>,
+    /// Embed: the hard negative, if any.
+    pub neg_enc: Option<Encoded>,
+    /// Multi-label classify: one 0 / 1 target per label.
+    pub targets: Vec<f32>,
+    /// Rerank: the query this row belongs to (dev rankings group by it).
+    pub group: usize,
+}
+
+impl Example {
+    /// Tokens this example feeds the encoder.
+    pub fn tokens(&self) -> usize {
+        self.enc.len()
+            + self.pair_enc.as_ref().map_or(0, |e| e.len())
+            + self.neg_enc.as_ref().map_or(0, |e| e.len())
+    }
 }
 
 /// The prepared data of a run.
@@ -209,6 +257,22 @@ pub enum Event {
 
 fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
     match cfg.task {
+        // Embed trains the bare encoder; this head is never built (see `init::load_encoder`).
+        Task::Embed => TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: Vec::new(),
+            problem_type: None,
+        },
+        Task::Rerank => TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: vec!["LABEL_0".into()],
+            problem_type: None,
+        },
+        Task::Classify if cfg.multi_label => TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: labels.to_vec(),
+            problem_type: Some("multi_label_classification".into()),
+        },
         Task::Classify if cfg.regression => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: vec!["LABEL_0".into()],
@@ -238,6 +302,8 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         Task::Classify => prepare_classify(cfg, tok),
         Task::Ner => prepare_ner(cfg, tok),
         Task::Qa => prepare_qa(cfg, tok),
+        Task::Embed => crate::retrieval::prepare_embed(cfg, tok),
+        Task::Rerank => crate::retrieval::prepare_rerank(cfg, tok),
     }
 }
 
@@ -253,7 +319,8 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
     let cols = Columns {
         text: Column::parse(&cfg.text_column),
         pair: cfg.pair_column.as_deref().map(Column::parse),
-        label: Column::parse(&cfg.label_column),
+        label: Some(Column::parse(&cfg.label_column)),
+        extra: None,
     };
     let (train, mut skipped) = data::read_text_examples(&cfg.train, &cols, cfg.skip_bad_rows)?;
     let (train, dev, dev_path) = match &cfg.dev {
@@ -267,16 +334,31 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
             (t, d, cfg.train.clone())
         }
     };
+    // A row's label names: one, or several split on the separator (multi-label; none is
+    // allowed: every target 0).
+    let split = |label: &str| -> Vec<String> {
+        if cfg.multi_label {
+            label
+                .split(cfg.label_separator.as_str())
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect()
+        } else {
+            vec![label.to_string()]
+        }
+    };
     let mut labels: Vec<String> = Vec::new();
     if !cfg.regression {
         labels = train
             .iter()
-            .map(|e| e.label.clone())
+            .flat_map(|e| split(&e.label))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        if let Some(e) = dev.iter().find(|e| !labels.contains(&e.label)) {
-            return Err(unseen(&dev_path, e.line, &e.label));
+        for e in &dev {
+            if let Some(l) = split(&e.label).iter().find(|l| !labels.contains(l)) {
+                return Err(unseen(&dev_path, e.line, l));
+            }
         }
     }
     let encode = |items: &[data::TextExample], path: &Path| -> Result<Vec<Example>> {
@@ -291,7 +373,16 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
                     Truncation::Truncate,
                     e.line,
                 )?;
-                let (class, value) = if cfg.regression {
+                let mut targets = Vec::new();
+                if cfg.multi_label {
+                    targets = vec![0f32; labels.len()];
+                    for l in split(&e.label) {
+                        targets[labels.iter().position(|x| *x == l).expect("seen above")] = 1.0;
+                    }
+                }
+                let (class, value) = if cfg.multi_label {
+                    (None, 0.0)
+                } else if cfg.regression {
                     let v: f32 = e.label.parse().map_err(|_| TrainError::Data {
                         path: path.into(),
                         line: e.line,
@@ -311,6 +402,10 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
                     token_labels: Vec::new(),
                     words: Vec::new(),
                     span: None,
+                    pair_enc: None,
+                    neg_enc: None,
+                    targets,
+                    group: 0,
                 })
             })
             .collect()
@@ -384,6 +479,10 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                     token_labels,
                     words,
                     span: None,
+                    pair_enc: None,
+                    neg_enc: None,
+                    targets: Vec::new(),
+                    group: 0,
                 })
             })
             .collect()
@@ -457,6 +556,10 @@ fn prepare_qa(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                         token_labels: Vec::new(),
                         words: Vec::new(),
                         span,
+                        pair_enc: None,
+                        neg_enc: None,
+                        targets: Vec::new(),
+                        group: 0,
                     }
                 })
                 .collect())
@@ -478,6 +581,39 @@ fn pack(examples: &[&Example]) -> Result<Batch> {
     }))?)
 }
 
+/// What a batch's loss depends on besides its examples.
+#[derive(Debug, Clone, Copy)]
+pub struct LossSpec {
+    /// Task.
+    pub task: Task,
+    /// Classify: regression (MSE).
+    pub regression: bool,
+    /// Classify: multi-label (BCE over labels).
+    pub multi_label: bool,
+    /// Embed: how token states become a sentence vector.
+    pub pooling: Pooling,
+    /// Embed: similarity scale.
+    pub scale: f64,
+}
+
+impl LossSpec {
+    /// The loss of `cfg`'s run (embed pools as the base model's sentence-transformers
+    /// config says, else by mean).
+    pub fn of(cfg: &TrainConfig) -> Result<Self> {
+        Ok(LossSpec {
+            task: cfg.task,
+            regression: cfg.regression,
+            multi_label: cfg.multi_label,
+            pooling: if cfg.task == Task::Embed {
+                crate::retrieval::training_pooling(&cfg.model)?
+            } else {
+                Pooling::Mean
+            },
+            scale: cfg.similarity_scale,
+        })
+    }
+}
+
 /// The task loss of one micro-batch (`None` when it has nothing to learn from, e.g. every
 /// token ignored), and its token count.
 pub fn batch_loss(
@@ -487,25 +623,56 @@ pub fn batch_loss(
     examples: &[&Example],
     d: Option<&Dropout>,
 ) -> Result<Option<candle_core::Tensor>> {
+    let spec = LossSpec {
+        task,
+        regression,
+        multi_label: false,
+        pooling: Pooling::Mean,
+        scale: default_scale(),
+    };
+    batch_loss_with(model, &spec, examples, d)
+}
+
+/// [`batch_loss`] for any [`LossSpec`].
+pub fn batch_loss_with(
+    model: &Model,
+    spec: &LossSpec,
+    examples: &[&Example],
+    d: Option<&Dropout>,
+) -> Result<Option<candle_core::Tensor>> {
+    if spec.task == Task::Embed {
+        return crate::retrieval::mnrl_loss(model, examples, spec.pooling, spec.scale, d);
+    }
     let batch = pack(examples)?;
     let hidden = model.forward_train(&batch, d)?;
-    loss_from_hidden(model, task, regression, examples, &batch, &hidden, d)
+    loss_from_hidden(model, spec, examples, &batch, &hidden, d)
 }
 
 /// The task loss of packed `examples` from their last hidden state (the head runs here).
 fn loss_from_hidden(
     model: &Model,
-    task: Task,
-    regression: bool,
+    spec: &LossSpec,
     examples: &[&Example],
     batch: &Batch,
     hidden: &candle_core::Tensor,
     d: Option<&Dropout>,
 ) -> Result<Option<candle_core::Tensor>> {
-    match task {
+    match spec.task {
+        Task::Embed => unreachable!("embeddings are pooled in retrieval::mnrl_loss"),
+        Task::Rerank => crate::retrieval::rerank_loss(model, examples, batch, hidden, d),
+        Task::Classify if spec.multi_label => {
+            let logits = model.sequence_logits_train(hidden, batch, d)?;
+            let t = loss::targets(
+                &examples
+                    .iter()
+                    .map(|e| e.targets.clone())
+                    .collect::<Vec<_>>(),
+            )?;
+            Ok(Some(loss::bce_with_logits(&logits, &t)?))
+        }
         Task::Classify => {
             let logits = model.sequence_logits_train(hidden, batch, d)?;
-            if regression {
+            if spec.regression {
                 let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
                 Ok(Some(loss::mse(&logits, &t)?))
             } else {
@@ -563,6 +730,20 @@ pub fn evaluate(
     data: &Prepared,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let (labels, dev) = (&data.labels, &data.dev);
+    let spec = LossSpec::of(cfg)?;
+    match cfg.task {
+        Task::Embed => {
+            return crate::retrieval::evaluate_embed(
+                model,
+                dev,
+                spec.pooling,
+                spec.scale,
+                cfg.batch_size,
+            )
+        }
+        Task::Rerank => return crate::retrieval::evaluate_rerank(model, dev),
+        _ => {}
+    }
     let mut out = serde_json::Map::new();
     if cfg.task == Task::Qa {
         // The QA pipeline answers each dev question (windows, spans up to 30 tokens, as
@@ -608,6 +789,7 @@ pub fn evaluate(
     let mut pred = Vec::new();
     let (mut gv, mut pv) = (Vec::new(), Vec::new());
     let mut conll: Vec<String> = Vec::new();
+    let mut multi: Vec<(Vec<f32>, Vec<bool>)> = Vec::new();
     let mut loss_sum = 0.0;
     let mut loss_n = 0usize;
     for chunk in dev.chunks(64) {
@@ -615,24 +797,19 @@ pub fn evaluate(
         // One forward per chunk serves both the dev loss and the predictions.
         let batch = pack(&refs)?;
         let hidden = model.forward(&batch)?;
-        if let Some(l) = loss_from_hidden(
-            model,
-            cfg.task,
-            cfg.regression,
-            &refs,
-            &batch,
-            &hidden,
-            None,
-        )? {
+        if let Some(l) = loss_from_hidden(model, &spec, &refs, &batch, &hidden, None)? {
             loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
             loss_n += refs.len();
         }
         match cfg.task {
-            Task::Qa => unreachable!("QA is evaluated above"),
+            Task::Qa | Task::Embed | Task::Rerank => unreachable!("evaluated above"),
             Task::Classify => {
                 let logits = model.sequence_logits(&hidden, &batch)?.to_vec2::<f32>()?;
                 for (e, row) in chunk.iter().zip(logits) {
-                    if cfg.regression {
+                    if cfg.multi_label {
+                        // A label is predicted when its sigmoid passes 0.5 (logit > 0).
+                        multi.push((e.targets.clone(), row.iter().map(|&v| v > 0.0).collect()));
+                    } else if cfg.regression {
                         gv.push(e.value as f64);
                         pv.push(row[0] as f64);
                     } else {
@@ -678,6 +855,7 @@ pub fn evaluate(
         out.insert("loss".into(), (loss_sum / loss_n as f64).into());
     }
     match cfg.task {
+        Task::Classify if cfg.multi_label => multi_label_metrics(&multi, labels.len(), &mut out),
         Task::Classify if cfg.regression => {
             out.insert("pearson".into(), metrics::pearson(&gv, &pv).into());
             out.insert("spearman".into(), metrics::spearman(&gv, &pv).into());
@@ -687,7 +865,7 @@ pub fn evaluate(
             out.insert("accuracy".into(), r.accuracy.into());
             out.insert("macro_f1".into(), r.macro_avg.f1.into());
         }
-        Task::Qa => unreachable!("handled above"),
+        Task::Qa | Task::Embed | Task::Rerank => unreachable!("handled above"),
         Task::Ner => {
             let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ').map_err(
                 |e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)),
@@ -701,9 +879,57 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// Multi-label scores from (gold targets, predicted flags) per row: subset accuracy (every
+/// label right), micro-F1 over all (row, label) decisions, macro-F1 (mean of per-label F1,
+/// 0 for a label never predicted nor gold, as scikit-learn's zero_division=0).
+fn multi_label_metrics(
+    rows: &[(Vec<f32>, Vec<bool>)],
+    labels: usize,
+    out: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let (mut tp, mut fp, mut fn_) = (
+        vec![0usize; labels],
+        vec![0usize; labels],
+        vec![0usize; labels],
+    );
+    let mut exact = 0usize;
+    for (gold, pred) in rows {
+        let mut all = true;
+        for l in 0..labels {
+            let g = gold[l] > 0.5;
+            match (g, pred[l]) {
+                (true, true) => tp[l] += 1,
+                (false, true) => fp[l] += 1,
+                (true, false) => fn_[l] += 1,
+                (false, false) => {}
+            }
+            all &= g == pred[l];
+        }
+        exact += all as usize;
+    }
+    let f1 = |tp: usize, fp: usize, fn_: usize| {
+        if tp == 0 {
+            0.0
+        } else {
+            2.0 * tp as f64 / (2 * tp + fp + fn_) as f64
+        }
+    };
+    let sum = |v: &[usize]| v.iter().sum::<usize>();
+    let macro_f1 =
+        (0..labels).map(|l| f1(tp[l], fp[l], fn_[l])).sum::<f64>() / labels.max(1) as f64;
+    out.insert(
+        "subset_accuracy".into(),
+        (exact as f64 / rows.len().max(1) as f64).into(),
+    );
+    out.insert("micro_f1".into(), f1(sum(&tp), sum(&fp), sum(&fn_)).into());
+    out.insert("macro_f1".into(), macro_f1.into());
+}
+
 /// The metric that decides the best checkpoint and early stopping (higher is better).
 pub fn main_metric(cfg: &TrainConfig) -> &'static str {
     match cfg.task {
+        Task::Embed | Task::Rerank => "mrr@10",
+        Task::Classify if cfg.multi_label => "micro_f1",
         Task::Classify if cfg.regression => "spearman",
         Task::Classify => "accuracy",
         Task::Ner | Task::Qa => "f1",
@@ -771,10 +997,15 @@ pub fn train(
     } else {
         None
     };
-    let (model, model_config) = match &latest {
-        Some((_, dir)) => load_for_task(dir, &head, cfg.seed)?,
-        None => load_for_task(&cfg.model, &head, cfg.seed)?,
+    let from = latest
+        .as_ref()
+        .map_or(cfg.model.as_path(), |(_, d)| d.as_path());
+    let (model, model_config) = if cfg.task == Task::Embed {
+        crate::init::load_encoder(from)?
+    } else {
+        load_for_task(from, &head, cfg.seed)?
     };
+    let spec = LossSpec::of(cfg)?;
     let mut opt = AdamW::new(&model.params, cfg.adamw);
     let mut state = TrainerState {
         format_version: FORMAT_VERSION,
@@ -821,7 +1052,7 @@ pub fn train(
         warmup_steps: warmup,
         effective_batch: cfg.batch_size * cfg.grad_accum,
         parameters: model.num_parameters(),
-        tokens_per_epoch: data.train.iter().map(|e| e.enc.len()).sum(),
+        tokens_per_epoch: data.train.iter().map(Example::tokens).sum(),
         skipped_rows: data.skipped,
         resumed_at: state.step,
     });
@@ -871,19 +1102,13 @@ pub fn train(
                 let dropout = cfg
                     .dropout
                     .then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
-                if let Some(loss) = batch_loss(
-                    &model,
-                    cfg.task,
-                    cfg.regression,
-                    &examples,
-                    dropout.as_ref(),
-                )? {
+                if let Some(loss) = batch_loss_with(&model, &spec, &examples, dropout.as_ref())? {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
                     let grads = (loss / cfg.grad_accum as f64)?.backward()?;
                     opt.accumulate(&grads, 1.0)?;
                 }
-                tokens += examples.iter().map(|e| e.enc.len()).sum::<usize>();
+                tokens += examples.iter().map(|e| e.tokens()).sum::<usize>();
             }
             let grad_norm = opt.clip(cfg.max_grad_norm);
             opt.step(lr)?;
@@ -935,8 +1160,17 @@ pub fn train(
                 } else {
                     state.evals_without_improvement += 1;
                 }
-                let dir =
-                    checkpoint::save(&cfg.output, &model, &model_config, &cfg.model, &opt, &state)?;
+                let sentence =
+                    (cfg.task == Task::Embed).then_some((cfg.model.as_path(), spec.pooling));
+                let dir = checkpoint::save(
+                    &cfg.output,
+                    &model,
+                    &model_config,
+                    &cfg.model,
+                    sentence,
+                    &opt,
+                    &state,
+                )?;
                 if improved {
                     best_dir = Some(dir);
                 }
