@@ -1,4 +1,6 @@
-//! `berth eval`: scores a predictions file against a gold file, for each task's format.
+//! `berth eval`: scores a predictions file against a gold file, for each task's format; or,
+//! with `--model DIR --data FILE`, runs a trained model on labelled data and reports the
+//! task's metrics (the same evaluation `berth finetune` runs on its dev set).
 use std::collections::HashMap;
 
 use anyhow::{bail, Context};
@@ -22,6 +24,9 @@ enum Task {
     Rerank,
     /// Scores, one per line: Pearson and Spearman.
     Similarity,
+    /// With --model: a bi-encoder on (anchor, positive[, negative]) rows: MRR@10, nDCG@10,
+    /// accuracy@1 of each anchor retrieving its positive among all the file's candidates.
+    Embed,
 }
 
 /// Arguments of `berth eval`.
@@ -30,9 +35,39 @@ pub struct EvalArgs {
     /// The task format.
     #[arg(long, value_enum)]
     task: Task,
-    /// Gold file.
+    /// Gold file (with --predictions).
+    #[arg(long, required_unless_present = "model")]
+    gold: Option<String>,
+    /// A trained model to run on --data (instead of --gold / --predictions).
+    #[arg(long, requires = "data", conflicts_with_all = ["gold", "predictions"])]
+    model: Option<String>,
+    /// Labelled data for --model, in `berth finetune`'s formats: CSV / TSV / JSON Lines
+    /// (classify, embed, rerank), CoNLL (ner), SQuAD JSON (qa).
     #[arg(long)]
-    gold: String,
+    data: Option<std::path::PathBuf>,
+    /// --model: first text column (default: sentence / anchor / query by task).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// --model: second text column (classify pairs; embed positive; rerank passage).
+    #[arg(long)]
+    pair_column: Option<String>,
+    /// --model embed: hard-negative column.
+    #[arg(long)]
+    negative_column: Option<String>,
+    /// --model classify: several labels per row, split on --label-separator.
+    #[arg(long)]
+    multi_label: bool,
+    #[arg(long, default_value = ",")]
+    label_separator: String,
+    /// --model classify: numeric labels (Pearson / Spearman).
+    #[arg(long)]
+    regression: bool,
+    /// --model ner: 0-based tag column (default: the last).
+    #[arg(long)]
+    tag_column: Option<usize>,
+    /// --model: token limit per example (default 128; qa: 384).
+    #[arg(long)]
+    max_length: Option<usize>,
     /// Predictions file. For `ner` it may be left out when the gold file is conlleval input
     /// (gold tag second to last, predicted tag last).
     #[arg(long)]
@@ -52,18 +87,59 @@ pub struct EvalArgs {
     json: bool,
 }
 
+/// `--model DIR --data FILE`: the fine-tuning evaluation on a file.
+fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
+    use berth_train::trainer::{self, Task as T, TrainConfig};
+    let dir = crate::resolve::model_dir(Some(model))?;
+    let data = a.data.clone().context("--data FILE is needed with --model")?;
+    let task = match a.task {
+        Task::Classify => T::Classify,
+        Task::Ner => T::Ner,
+        Task::Qa => T::Qa,
+        Task::Rerank => T::Rerank,
+        Task::Embed => T::Embed,
+        Task::Similarity => bail!("--task similarity scores prediction files: use --gold and --predictions"),
+    };
+    let mut cfg = TrainConfig::new(task, dir, data.clone(), std::env::temp_dir());
+    cfg.max_length = a.max_length.unwrap_or(if task == T::Qa { 384 } else { 128 });
+    cfg.text_column = a.text_column.clone().unwrap_or_else(|| {
+        match task {
+            T::Embed => "anchor",
+            T::Rerank => "query",
+            _ => "sentence",
+        }
+        .into()
+    });
+    cfg.pair_column = a.pair_column.clone();
+    cfg.label_column = a.label_column.clone();
+    cfg.negative_column = a.negative_column.clone();
+    cfg.multi_label = a.multi_label;
+    cfg.label_separator = a.label_separator.clone();
+    cfg.regression = a.regression;
+    cfg.tag_column = a.tag_column;
+    let report = trainer::evaluate_model(&cfg, &data)
+        .with_context(|| format!("evaluating {} on {}", cfg.model.display(), data.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if let Some(m) = &a.model {
+        return run_model(&a, m);
+    }
+    let gold = a.gold.clone().context("--gold FILE is needed (or --model with --data)")?;
     let preds = || {
         a.predictions
             .as_deref()
             .context("--predictions FILE is needed for this task")
     };
     let report = match a.task {
-        Task::Classify => classify(&a, preds()?)?,
-        Task::Ner => return ner(&a),
-        Task::Qa => qa(&a.gold, preds()?)?,
-        Task::Rerank => rerank(&a.gold, preds()?, a.k)?,
-        Task::Similarity => similarity(&a.gold, preds()?)?,
+        Task::Classify => classify(&a, &gold, preds()?)?,
+        Task::Ner => return ner(&a, &gold),
+        Task::Qa => qa(&gold, preds()?)?,
+        Task::Rerank => rerank(&gold, preds()?, a.k)?,
+        Task::Similarity => similarity(&gold, preds()?)?,
+        Task::Embed => bail!("--task embed needs --model and --data"),
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -120,10 +196,10 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
-fn classify(a: &EvalArgs, pred_path: &str) -> anyhow::Result<Value> {
-    let gold = gold_labels(&a.gold, &a.label_column)?;
+fn classify(a: &EvalArgs, gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
+    let gold = gold_labels(gold_path, &a.label_column)?;
     let lines = read_lines(pred_path)?;
-    same_length(&a.gold, gold.len(), pred_path, lines.len())?;
+    same_length(gold_path, gold.len(), pred_path, lines.len())?;
     let mut pred = Vec::with_capacity(lines.len());
     let mut positive_scores = Vec::new();
     for (i, l) in lines.iter().enumerate() {
@@ -178,21 +254,21 @@ fn conll(path: &str) -> anyhow::Result<Vec<Option<(String, String)>>> {
         .collect())
 }
 
-fn ner(a: &EvalArgs) -> anyhow::Result<()> {
+fn ner(a: &EvalArgs, gold_path: &str) -> anyhow::Result<()> {
     let r = match &a.predictions {
         None => {
-            let lines = read_lines(&a.gold)?;
+            let lines = read_lines(gold_path)?;
             let delimiter = if lines.iter().any(|l| l.contains('\t')) {
                 '\t'
             } else {
                 ' '
             };
             conlleval::evaluate(lines.iter().map(String::as_str), delimiter)
-                .map_err(|e| anyhow::anyhow!("{}:{}: {}", a.gold, e.line, e.message))?
+                .map_err(|e| anyhow::anyhow!("{}:{}: {}", gold_path, e.line, e.message))?
         }
         Some(pred_path) => {
-            let (gold, pred) = (conll(&a.gold)?, conll(pred_path)?);
-            same_length(&a.gold, gold.len(), pred_path, pred.len())?;
+            let (gold, pred) = (conll(gold_path)?, conll(pred_path)?);
+            same_length(gold_path, gold.len(), pred_path, pred.len())?;
             let mut lines = Vec::with_capacity(gold.len());
             for (i, (g, p)) in gold.iter().zip(&pred).enumerate() {
                 lines.push(match (g, p) {
@@ -203,17 +279,17 @@ fn ner(a: &EvalArgs) -> anyhow::Result<()> {
                     (Some((tok, _)), Some((ptok, _))) => bail!(
                         "{pred_path}:{}: token {ptok:?} where {} has {tok:?}",
                         i + 1,
-                        a.gold
+                        gold_path
                     ),
                     _ => bail!(
                         "{pred_path}:{}: sentence breaks differ from {}",
                         i + 1,
-                        a.gold
+                        gold_path
                     ),
                 });
             }
             conlleval::evaluate(lines.iter().map(String::as_str), ' ')
-                .map_err(|e| anyhow::anyhow!("{}:{}: {}", a.gold, e.line, e.message))?
+                .map_err(|e| anyhow::anyhow!("{}:{}: {}", gold_path, e.line, e.message))?
         }
     };
     if a.json {

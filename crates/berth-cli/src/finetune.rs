@@ -1,4 +1,5 @@
-//! `berth finetune`: fine-tune a checkpoint for classification or NER.
+//! `berth finetune`: fine-tune a checkpoint for classification, NER, QA, sentence
+//! embeddings or reranking.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -16,6 +17,10 @@ enum TaskArg {
     Ner,
     /// Extractive question answering from SQuAD JSON.
     Qa,
+    /// Sentence embeddings: (anchor, positive[, negative]) rows, in-batch negatives (MNRL).
+    Embed,
+    /// Cross-encoder reranker: (query, passage, relevance) rows, BCE on one logit.
+    Rerank,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,18 +87,31 @@ pub struct FinetuneArgs {
     max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// classify: text column (header name or 0-based index).
-    #[arg(long, default_value = "sentence")]
-    text_column: String,
-    /// classify: second text of a pair.
+    /// First text column (header name or 0-based index); default: sentence (classify),
+    /// anchor (embed), query (rerank).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Second text column: classify pairs; default positive (embed), passage (rerank).
     #[arg(long)]
     pair_column: Option<String>,
-    /// classify: label column.
+    /// classify / rerank: label column (rerank: relevance in [0, 1]).
     #[arg(long, default_value = "label")]
     label_column: String,
+    /// embed: a hard-negative column (scored against every anchor of the batch).
+    #[arg(long)]
+    negative_column: Option<String>,
+    /// embed: cosine similarities are multiplied by this before the softmax.
+    #[arg(long, default_value_t = 20.0)]
+    similarity_scale: f64,
     /// classify: numeric labels, MSE loss.
     #[arg(long)]
     regression: bool,
+    /// classify: several labels per row (split on --label-separator), BCE loss.
+    #[arg(long)]
+    multi_label: bool,
+    /// classify --multi-label: what separates a row's labels.
+    #[arg(long, default_value = ",")]
+    label_separator: String,
     /// ner: 0-based tag column (default: the last).
     #[arg(long)]
     tag_column: Option<usize>,
@@ -152,7 +170,12 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         TaskArg::Classify => Task::Classify,
         TaskArg::Ner => Task::Ner,
         TaskArg::Qa => Task::Qa,
+        TaskArg::Embed => Task::Embed,
+        TaskArg::Rerank => Task::Rerank,
     };
+    if a.multi_label && (task != Task::Classify || a.regression) {
+        anyhow::bail!("--multi-label applies to --task classify without --regression");
+    }
     let mut cfg = TrainConfig::new(task, model, a.train, a.output.clone());
     cfg.dev = a.dev;
     cfg.dev_fraction = a.dev_fraction;
@@ -178,10 +201,21 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.adamw.weight_decay = a.weight_decay;
     cfg.max_grad_norm = (a.max_grad_norm > 0.0).then_some(a.max_grad_norm);
     cfg.seed = a.seed;
-    cfg.text_column = a.text_column;
+    cfg.text_column = a.text_column.unwrap_or_else(|| {
+        match task {
+            Task::Embed => "anchor",
+            Task::Rerank => "query",
+            _ => "sentence",
+        }
+        .into()
+    });
     cfg.pair_column = a.pair_column;
     cfg.label_column = a.label_column;
+    cfg.negative_column = a.negative_column;
+    cfg.similarity_scale = a.similarity_scale;
     cfg.regression = a.regression;
+    cfg.multi_label = a.multi_label;
+    cfg.label_separator = a.label_separator;
     cfg.tag_column = a.tag_column;
     cfg.label_all_tokens = a.label_all_tokens;
     cfg.skip_bad_rows = a.skip_bad_rows;

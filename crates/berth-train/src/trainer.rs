@@ -121,6 +121,10 @@ pub struct TrainConfig {
     /// (sentence-transformers' default 20).
     #[serde(default = "default_scale")]
     pub similarity_scale: f64,
+    /// Classify / NER: the label set and order (a trained model's `id2label`, for
+    /// evaluation) instead of the one read off the training data.
+    #[serde(skip)]
+    pub fixed_labels: Option<Vec<String>>,
 }
 
 fn default_separator() -> String {
@@ -171,6 +175,7 @@ impl TrainConfig {
             multi_label: false,
             label_separator: default_separator(),
             similarity_scale: default_scale(),
+            fixed_labels: None,
         }
     }
 }
@@ -349,12 +354,15 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
     };
     let mut labels: Vec<String> = Vec::new();
     if !cfg.regression {
-        labels = train
-            .iter()
-            .flat_map(|e| split(&e.label))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        labels = match &cfg.fixed_labels {
+            Some(l) => l.clone(),
+            None => train
+                .iter()
+                .flat_map(|e| split(&e.label))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
         for e in &dev {
             if let Some(l) = split(&e.label).iter().find(|l| !labels.contains(l)) {
                 return Err(unseen(&dev_path, e.line, l));
@@ -432,12 +440,15 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
             (t, d, cfg.train.clone())
         }
     };
-    let labels: Vec<String> = train
-        .iter()
-        .flat_map(|s| s.tags.iter().cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let labels: Vec<String> = match &cfg.fixed_labels {
+        Some(l) => l.clone(),
+        None => train
+            .iter()
+            .flat_map(|s| s.tags.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
     for s in &dev {
         if let Some((i, t)) = s.tags.iter().enumerate().find(|(_, t)| !labels.contains(t)) {
             return Err(unseen(&dev_path, s.line + i, t));
@@ -877,6 +888,43 @@ pub fn evaluate(
         }
     }
     Ok(out)
+}
+
+/// Scores the trained model at `cfg.model` on `data` with the task's dev metrics (the
+/// same code that evaluates during fine-tuning): `cfg.task` and the column settings say how
+/// to read the file; classify / NER labels are the model's own `id2label`.
+pub fn evaluate_model(cfg: &TrainConfig, data: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let tok = TextTokenizer::from_dir(&cfg.model)?;
+    let (mut model, report) = Model::load(&cfg.model, false)?;
+    let needed = match cfg.task {
+        Task::Classify | Task::Rerank => Some(HeadKind::SequenceClassification),
+        Task::Ner => Some(HeadKind::TokenClassification),
+        Task::Qa => Some(HeadKind::QuestionAnswering),
+        Task::Embed => None,
+    };
+    if let Some(kind) = needed {
+        if !model.has_head(kind) {
+            return Err(TrainError::Config(format!(
+                "{}: {} (the model has no {} head{})",
+                cfg.model.display(),
+                model.missing_head(kind),
+                kind.name(),
+                report
+                    .missing_head
+                    .map_or(String::new(), |(_, key)| format!("; missing {key}"))
+            )));
+        }
+    }
+    model.set_precision(berth_model::Precision::F32)?;
+    let mut cfg = cfg.clone();
+    cfg.train = data.into();
+    cfg.dev = Some(data.into());
+    if matches!(cfg.task, Task::Classify | Task::Ner) && !cfg.regression {
+        cfg.fixed_labels = Some(model.config.id2label.clone());
+    }
+    let mut prepared = prepare(&cfg, &tok)?;
+    prepared.train.clear();
+    evaluate(&model, &tok, &cfg, &prepared)
 }
 
 /// Multi-label scores from (gold targets, predicted flags) per row: subset accuracy (every
