@@ -91,17 +91,24 @@ pub struct EvalArgs {
 fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
     use berth_train::trainer::{self, Task as T, TrainConfig};
     let dir = crate::resolve::model_dir(Some(model))?;
-    let data = a.data.clone().context("--data FILE is needed with --model")?;
+    let data = a
+        .data
+        .clone()
+        .context("--data FILE is needed with --model")?;
     let task = match a.task {
         Task::Classify => T::Classify,
         Task::Ner => T::Ner,
         Task::Qa => T::Qa,
         Task::Rerank => T::Rerank,
         Task::Embed => T::Embed,
-        Task::Similarity => bail!("--task similarity scores prediction files: use --gold and --predictions"),
+        Task::Similarity => {
+            bail!("--task similarity scores prediction files: use --gold and --predictions")
+        }
     };
     let mut cfg = TrainConfig::new(task, dir, data.clone(), std::env::temp_dir());
-    cfg.max_length = a.max_length.unwrap_or(if task == T::Qa { 384 } else { 128 });
+    cfg.max_length = a
+        .max_length
+        .unwrap_or(if task == T::Qa { 384 } else { 128 });
     cfg.text_column = a.text_column.clone().unwrap_or_else(|| {
         match task {
             T::Embed => "anchor",
@@ -127,7 +134,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if let Some(m) = &a.model {
         return run_model(&a, m);
     }
-    let gold = a.gold.clone().context("--gold FILE is needed (or --model with --data)")?;
+    let gold = a
+        .gold
+        .clone()
+        .context("--gold FILE is needed (or --model with --data)")?;
     let preds = || {
         a.predictions
             .as_deref()

@@ -7,6 +7,7 @@
 //!     berth eval --task ner --gold G --predictions P
 //!     berth inspect
 //!     berth bench                               # berth vs PyTorch / ONNX Runtime
+//!     berth tokenizer train --kind wordpiece --vocab-size 30522 --output DIR corpus/
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,7 @@ mod input;
 mod inspect;
 mod resolve;
 mod tasks;
+mod tokenizer;
 
 // Large activations stay in the heap instead of a fresh mmap per tensor (see DESIGN.md §2).
 #[global_allocator]
@@ -64,6 +66,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
     Bench(bench::BenchArgs),
+    /// Vocabularies: `berth tokenizer train --kind wordpiece|bpe|unigram ...`.
+    Tokenizer(tokenizer::TokenizerArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -86,6 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Finetune(a) => finetune::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tokenizer(a) => tokenizer::run(a),
     }
 }
 

@@ -494,3 +494,256 @@ fn early_stopping_ends_the_run_when_dev_stops_improving() {
     let steps: Vec<u64> = curve(&run).iter().filter_map(|c| c.0.as_u64()).collect();
     assert_eq!(steps.iter().max(), Some(&6), "stopped at {steps:?}");
 }
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Runs `berth finetune` on the tiny BERT with `args` (task, data, ...) into `out`.
+fn finetune_task(out: &Path, args: &[&str]) -> String {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    c.args([
+        "--threads",
+        "2",
+        "finetune",
+        "--model",
+        &tiny("bert-base"),
+        "--max-length",
+        "64",
+    ])
+    .arg("--output")
+    .arg(out)
+    .args(args);
+    ok(&c.output().unwrap())
+}
+
+/// The dev metrics a run logged for checkpoint `ckpt` (`.../step-N`).
+fn eval_of(run: &Path, ckpt: &Path) -> Value {
+    let step: u64 = ckpt.file_name().unwrap().to_str().unwrap()["step-".len()..]
+        .parse()
+        .unwrap();
+    curve(run)
+        .into_iter()
+        .find(|c| !c.3.is_null() && c.0.as_u64() == Some(step))
+        .unwrap()
+        .3
+}
+
+/// `berth eval --model CKPT --data FILE` must report what the run's own evaluation logged
+/// for that checkpoint (same code, same numbers).
+fn eval_matches_run(task: &str, ckpt: &Path, data: &Path, extra: &[&str], logged: &Value) {
+    let mut args = vec!["eval", "--task", task, "--model", ckpt.to_str().unwrap()];
+    args.extend(["--data", data.to_str().unwrap(), "--max-length", "64"]);
+    args.extend(extra);
+    let report: Value = serde_json::from_str(&ok(&berth(&args))).unwrap();
+    for (k, v) in logged.as_object().unwrap() {
+        let (a, b) = (report[k].as_f64().unwrap(), v.as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "{task} {k}: eval {a} vs run {b}"
+        );
+    }
+}
+
+#[test]
+fn sentence_embedding_training_learns_and_saves_a_sentence_transformers_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Anchor: some words; positive: the same words reversed; negative: other words.
+    let rows = |n: usize, seed: usize| -> String {
+        (0..n)
+            .map(|i| {
+                let w = |j: usize| WORDS[(i * 5 + j * 7 + seed) % WORDS.len()];
+                let a: Vec<&str> = (0..4).map(w).collect();
+                let p: Vec<&str> = a.iter().rev().copied().collect();
+                let neg: Vec<&str> = (4..8).map(w).collect();
+                serde_json::json!({"anchor": a.join(" "), "positive": p.join(" "), "negative": neg.join(" ")})
+                    .to_string()
+                    + "\n"
+            })
+            .collect()
+    };
+    let (train, dev) = (tmp.path().join("train.jsonl"), tmp.path().join("dev.jsonl"));
+    std::fs::write(&train, rows(64, 0)).unwrap();
+    std::fs::write(&dev, rows(12, 3)).unwrap();
+    let run = tmp.path().join("run");
+    let best = finetune_task(
+        &run,
+        &[
+            "--task",
+            "embed",
+            "--train",
+            train.to_str().unwrap(),
+            "--dev",
+            dev.to_str().unwrap(),
+            "--negative-column",
+            "negative",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "4",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "1",
+        ],
+    );
+    let ckpt = PathBuf::from(best.trim());
+    let losses: Vec<f64> = curve(&run).iter().filter_map(|c| c.1.as_f64()).collect();
+    let k = 8; // one epoch of steps
+    let (first, last) = (
+        losses[..k].iter().sum::<f64>() / k as f64,
+        losses[losses.len() - k..].iter().sum::<f64>() / k as f64,
+    );
+    assert!(last < 0.7 * first, "MNRL loss went from {first} to {last}");
+    // A bare encoder with sentence-transformers' module files (mean pooling).
+    let config = read_json(&ckpt.join("config.json"));
+    assert_eq!(config["architectures"][0], "BertModel");
+    assert!(ckpt.join("modules.json").is_file() && ckpt.join("1_Pooling/config.json").is_file());
+    let pooling = read_json(&ckpt.join("1_Pooling/config.json"));
+    assert_eq!(pooling["pooling_mode_mean_tokens"], true);
+    let out = json_lines(&ok(&berth(&[
+        "embed",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "hello world",
+    ])));
+    assert_eq!(floats(&out[0]["embedding"]).len(), 32);
+    eval_matches_run(
+        "embed",
+        &ckpt,
+        &dev,
+        &["--negative-column", "negative"],
+        &eval_of(&run, &ckpt),
+    );
+}
+
+#[test]
+fn reranker_and_multi_label_training_save_heads_the_pipelines_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Rerank: a passage is relevant when it shares the query's first word.
+    let rows = |n: usize, seed: usize| -> String {
+        (0..n)
+            .map(|i| {
+                let w = |j: usize| WORDS[(i * 5 + j * 3 + seed) % WORDS.len()];
+                let q = format!("{} {}", w(0), w(1));
+                let (pos, neg) = (
+                    format!("{} {} {}", w(2), w(0), w(3)),
+                    format!("{} {}", w(4), w(5)),
+                );
+                [(pos, 1), (neg, 0)]
+                    .iter()
+                    .map(|(p, l)| {
+                        serde_json::json!({"query": q, "passage": p, "label": l}).to_string() + "\n"
+                    })
+                    .collect::<String>()
+            })
+            .collect()
+    };
+    let (train, dev) = (tmp.path().join("rr.jsonl"), tmp.path().join("rr-dev.jsonl"));
+    std::fs::write(&train, rows(32, 0)).unwrap();
+    std::fs::write(&dev, rows(8, 1)).unwrap();
+    let run = tmp.path().join("rerank");
+    let best = finetune_task(
+        &run,
+        &[
+            "--task",
+            "rerank",
+            "--train",
+            train.to_str().unwrap(),
+            "--dev",
+            dev.to_str().unwrap(),
+            "--batch-size",
+            "8",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+        ],
+    );
+    let ckpt = PathBuf::from(best.trim());
+    let config = read_json(&ckpt.join("config.json"));
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["id2label"].as_object().unwrap().len(), 1);
+    let ranked = json_lines(&ok(&berth(&[
+        "rerank",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--query",
+        "the fox",
+        "a fox",
+        "hello world",
+    ])));
+    assert_eq!(ranked.len(), 2);
+    eval_matches_run("rerank", &ckpt, &dev, &[], &eval_of(&run, &ckpt));
+
+    // Multi-label: "animal" when a dog or fox is named, "greeting" for hello; both or none.
+    let mut lines = vec!["sentence\tlabel".to_string()];
+    for i in 0..40 {
+        let words: Vec<&str> = (0..4)
+            .map(|j| WORDS[(i * 5 + j * 7) % WORDS.len()])
+            .collect();
+        let mut labels = Vec::new();
+        if words.contains(&"dog") || words.contains(&"fox") {
+            labels.push("animal");
+        }
+        if words.contains(&"hello") {
+            labels.push("greeting");
+        }
+        lines.push(format!("{}\t{}", words.join(" "), labels.join("|")));
+    }
+    let data = tmp.path().join("ml.tsv");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let run = tmp.path().join("multi");
+    let best = finetune_task(
+        &run,
+        &[
+            "--task",
+            "classify",
+            "--multi-label",
+            "--label-separator",
+            "|",
+            "--train",
+            data.to_str().unwrap(),
+            "--dev",
+            data.to_str().unwrap(),
+            "--batch-size",
+            "8",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+        ],
+    );
+    let ckpt = PathBuf::from(best.trim());
+    let config = read_json(&ckpt.join("config.json"));
+    assert_eq!(config["problem_type"], "multi_label_classification");
+    assert_eq!(config["id2label"]["0"], "animal");
+    assert_eq!(config["id2label"]["1"], "greeting");
+    // The classify pipeline reads the problem type: independent sigmoids, not a softmax.
+    let out = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--top-k",
+        "0",
+        "hello dog",
+    ])));
+    let scores: Vec<f64> = out[0]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 2);
+    assert!(
+        (scores.iter().sum::<f64>() - 1.0).abs() > 1e-6,
+        "scores {scores:?} look like a softmax"
+    );
+    eval_matches_run(
+        "classify",
+        &ckpt,
+        &data,
+        &["--multi-label", "--label-separator", "|"],
+        &eval_of(&run, &ckpt),
+    );
+}

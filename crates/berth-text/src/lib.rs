@@ -7,6 +7,7 @@
 
 mod build;
 mod error;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

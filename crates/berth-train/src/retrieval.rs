@@ -218,6 +218,9 @@ pub(crate) fn mnrl_loss(
     loss::cross_entropy(&scores, &labels)
 }
 
+/// Rows per batch of the dev MNRL loss.
+pub const DEV_LOSS_BATCH: usize = 32;
+
 /// Unit-length embeddings of `encs` (inference, in packed chunks).
 fn embed(model: &Model, encs: &[&berth_text::Encoded], pooling: Pooling) -> Result<Vec<Vec<f32>>> {
     let h = model.config.hidden_size;
@@ -239,20 +242,20 @@ fn embed(model: &Model, encs: &[&berth_text::Encoded], pooling: Pooling) -> Resu
 
 /// Dev metrics of a bi-encoder: every dev anchor retrieves among all distinct dev positives
 /// and negatives by cosine; its own positive is the relevant one. MRR@10, nDCG@10,
-/// accuracy@1, and the mean MNRL loss over dev batches of `batch_size`.
+/// accuracy@1, and the mean MNRL loss over dev batches of [`DEV_LOSS_BATCH`] rows (fixed, so
+/// the number does not depend on the training batch size).
 pub(crate) fn evaluate_embed(
     model: &Model,
     dev: &[Example],
     pooling: Pooling,
     scale: f64,
-    batch_size: usize,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut out = serde_json::Map::new();
     if dev.is_empty() {
         return Ok(out);
     }
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-    for chunk in dev.chunks(batch_size.max(2)) {
+    for chunk in dev.chunks(DEV_LOSS_BATCH) {
         let refs: Vec<&Example> = chunk.iter().collect();
         if let Some(l) = mnrl_loss(model, &refs, pooling, scale, None)? {
             loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;

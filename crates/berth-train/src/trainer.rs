@@ -744,13 +744,7 @@ pub fn evaluate(
     let spec = LossSpec::of(cfg)?;
     match cfg.task {
         Task::Embed => {
-            return crate::retrieval::evaluate_embed(
-                model,
-                dev,
-                spec.pooling,
-                spec.scale,
-                cfg.batch_size,
-            )
+            return crate::retrieval::evaluate_embed(model, dev, spec.pooling, spec.scale)
         }
         Task::Rerank => return crate::retrieval::evaluate_rerank(model, dev),
         _ => {}
@@ -890,10 +884,27 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// Refuses a token limit beyond the model's position table.
+fn check_max_length(cfg: &TrainConfig, model: &Model) -> Result<()> {
+    let limit = model.config.max_sequence_length();
+    if cfg.max_length > limit {
+        return Err(TrainError::Config(format!(
+            "--max-length {} exceeds the {} positions of {} (pass --max-length {limit} or less)",
+            cfg.max_length,
+            limit,
+            cfg.model.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Scores the trained model at `cfg.model` on `data` with the task's dev metrics (the
 /// same code that evaluates during fine-tuning): `cfg.task` and the column settings say how
 /// to read the file; classify / NER labels are the model's own `id2label`.
-pub fn evaluate_model(cfg: &TrainConfig, data: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+pub fn evaluate_model(
+    cfg: &TrainConfig,
+    data: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let tok = TextTokenizer::from_dir(&cfg.model)?;
     let (mut model, report) = Model::load(&cfg.model, false)?;
     let needed = match cfg.task {
@@ -916,6 +927,7 @@ pub fn evaluate_model(cfg: &TrainConfig, data: &Path) -> Result<serde_json::Map<
         }
     }
     model.set_precision(berth_model::Precision::F32)?;
+    check_max_length(cfg, &model)?;
     let mut cfg = cfg.clone();
     cfg.train = data.into();
     cfg.dev = Some(data.into());
@@ -1054,6 +1066,7 @@ pub fn train(
         load_for_task(from, &head, cfg.seed)?
     };
     let spec = LossSpec::of(cfg)?;
+    check_max_length(cfg, &model)?;
     let mut opt = AdamW::new(&model.params, cfg.adamw);
     let mut state = TrainerState {
         format_version: FORMAT_VERSION,
@@ -1188,6 +1201,7 @@ pub fn train(
                 None => state.batch_in_epoch == 0,
             };
             if boundary || state.step == last_step {
+                let paused = Instant::now();
                 let eval = evaluate(&model, &tok, cfg, &data)?;
                 let score = eval
                     .get(main_metric(cfg))
@@ -1223,6 +1237,8 @@ pub fn train(
                     best_dir = Some(dir);
                 }
                 checkpoint::rotate(&cfg.output, cfg.keep_checkpoints, state.best.map(|b| b.1))?;
+                // Evaluation and checkpointing are not training time: tokens/s leaves them out.
+                t0 += paused.elapsed();
                 if cfg
                     .early_stopping_patience
                     .is_some_and(|p| state.evals_without_improvement >= p)
