@@ -27,6 +27,9 @@ enum Task {
     /// With --model: a bi-encoder on (anchor, positive[, negative]) rows: MRR@10, nDCG@10,
     /// accuracy@1 of each anchor retrieving its positive among all the file's candidates.
     Embed,
+    /// With --model: a masked-LM on a text corpus (fixed seeded masking): loss, perplexity,
+    /// masked accuracy.
+    Pretrain,
 }
 
 /// Arguments of `berth eval`.
@@ -68,6 +71,15 @@ pub struct EvalArgs {
     /// --model: token limit per example (default 128; qa: 384).
     #[arg(long)]
     max_length: Option<usize>,
+    /// --model pretrain: fraction of tokens masked.
+    #[arg(long, default_value_t = 0.15)]
+    mask_rate: f64,
+    /// --model pretrain: mask whole words.
+    #[arg(long)]
+    whole_word: bool,
+    /// --model pretrain: seed of the (fixed) masking.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
     /// Predictions file. For `ner` it may be left out when the gold file is conlleval input
     /// (gold tag second to last, predicted tag last).
     #[arg(long)]
@@ -101,6 +113,7 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
         Task::Qa => T::Qa,
         Task::Rerank => T::Rerank,
         Task::Embed => T::Embed,
+        Task::Pretrain => T::Pretrain,
         Task::Similarity => {
             bail!("--task similarity scores prediction files: use --gold and --predictions")
         }
@@ -124,6 +137,9 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
     cfg.label_separator = a.label_separator.clone();
     cfg.regression = a.regression;
     cfg.tag_column = a.tag_column;
+    cfg.mask_rate = a.mask_rate;
+    cfg.whole_word = a.whole_word;
+    cfg.seed = a.seed;
     let report = trainer::evaluate_model(&cfg, &data)
         .with_context(|| format!("evaluating {} on {}", cfg.model.display(), data.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -149,7 +165,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         Task::Qa => qa(&gold, preds()?)?,
         Task::Rerank => rerank(&gold, preds()?, a.k)?,
         Task::Similarity => similarity(&gold, preds()?)?,
-        Task::Embed => bail!("--task embed needs --model and --data"),
+        Task::Embed | Task::Pretrain => bail!("this task needs --model and --data"),
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -224,7 +224,12 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.early_stopping_patience = a.early_stopping;
     cfg.log_every = a.log_every.max(1);
     cfg.dropout = !a.no_dropout;
+    execute(&cfg, a.resume)
+}
 
+/// Runs (or resumes) a training run with a progress bar, then writes curve.png; prints the
+/// best checkpoint's path on stdout.
+pub fn execute(cfg: &TrainConfig, resume: bool) -> anyhow::Result<()> {
     let bar =
         indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -232,10 +237,10 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
             .expect("valid progress template; this is a bug"),
     );
     let (mut losses, mut evals): (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
-    let metric = trainer::main_metric(&cfg);
+    let metric = trainer::main_metric(cfg);
     let best = trainer::train(
-        &cfg,
-        a.resume,
+        cfg,
+        resume,
         &mut |p| {
             print_plan(p);
             bar.set_length(p.total_steps);
@@ -276,7 +281,7 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     .context("finetune")?;
     bar.finish_and_clear();
     // Blue: training loss; orange: the dev metric (each on its own scale).
-    let png = a.output.join("curve.png");
+    let png = cfg.output.join("curve.png");
     berth_train::plot::write_curves(&png, &[(&losses, [31, 119, 180]), (&evals, [255, 127, 14])])?;
     eprintln!("best checkpoint (dev {metric}): {}", best.display());
     eprintln!(

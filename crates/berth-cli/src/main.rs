@@ -20,6 +20,7 @@ mod fill_mask;
 mod finetune;
 mod input;
 mod inspect;
+mod pretrain;
 mod resolve;
 mod tasks;
 mod tokenizer;
@@ -66,6 +67,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
     Bench(bench::BenchArgs),
+    /// Masked-LM pretraining, from scratch or continued from a checkpoint.
+    Pretrain(pretrain::PretrainArgs),
     /// Vocabularies: `berth tokenizer train --kind wordpiece|bpe|unigram ...`.
     Tokenizer(tokenizer::TokenizerArgs),
 }
@@ -91,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
     }
 }
 

@@ -26,4 +26,5 @@ pub use error::{ModelError, Result};
 pub use heads::{Head, HeadKind, MaskedLmHead, SequenceClassificationHead};
 pub use model::{LoadReport, Model};
 pub use modules::{LayerNorm, Linear, Packed, Precision};
+pub use names::mlm_head as mlm_head_keys;
 pub use weights::{Param, Weights};

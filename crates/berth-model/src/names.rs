@@ -68,7 +68,7 @@ pub(crate) fn layer(arch: Arch, p: &str, i: usize) -> LayerKeys {
 }
 
 /// Keys of the masked-LM head: (transform dense, transform LayerNorm, decoder, decoder bias).
-pub(crate) fn mlm_head(arch: Arch) -> [&'static str; 4] {
+pub fn mlm_head(arch: Arch) -> [&'static str; 4] {
     match arch {
         Arch::Bert => [
             "cls.predictions.transform.dense",

@@ -58,32 +58,59 @@ impl SentenceConfig {
         };
         for m in list {
             let ty = m["type"].as_str().unwrap_or_default();
-            if ty.ends_with("models.Pooling") {
-                let path = dir
-                    .join(m["path"].as_str().unwrap_or("1_Pooling"))
-                    .join("config.json");
-                let p = read_json(&path)?;
-                let on = |k: &str| p[k].as_bool().unwrap_or(false);
-                cfg.pooling = if on("pooling_mode_mean_tokens") {
-                    Pooling::Mean
-                } else if on("pooling_mode_max_tokens") {
-                    Pooling::Max
-                } else if on("pooling_mode_cls_token") {
-                    Pooling::Cls
-                } else {
+            // sentence-transformers < 5 names `sentence_transformers.models.Pooling`; 5.x
+            // `sentence_transformers.sentence_transformer.modules.pooling.Pooling`.
+            let class = ty.rsplit('.').next().unwrap_or_default();
+            match class {
+                "Transformer" => {}
+                "Pooling" => {
+                    let path = dir
+                        .join(m["path"].as_str().unwrap_or("1_Pooling"))
+                        .join("config.json");
+                    let p = read_json(&path)?;
+                    let on = |k: &str| p[k].as_bool().unwrap_or(false);
+                    let mode = p["pooling_mode"].as_str();
+                    cfg.pooling = if mode == Some("mean") || on("pooling_mode_mean_tokens") {
+                        Pooling::Mean
+                    } else if mode == Some("max") || on("pooling_mode_max_tokens") {
+                        Pooling::Max
+                    } else if mode == Some("cls") || on("pooling_mode_cls_token") {
+                        Pooling::Cls
+                    } else {
+                        return Err(TaskError::Config {
+                            path,
+                            message: format!(
+                                "pooling {} is not one berth supports (mean, max, cls)",
+                                mode.unwrap_or("of this config")
+                            ),
+                        });
+                    };
+                }
+                "Normalize" => cfg.normalize = true,
+                // A Dense or other module would change every vector: refuse rather than
+                // silently leave it out.
+                _ => {
                     return Err(TaskError::Config {
-                        path,
-                        message: "no pooling mode berth supports (mean, max, cls)".into(),
-                    });
-                };
-            } else if ty.ends_with("models.Normalize") {
-                cfg.normalize = true;
+                        path: modules_path.clone(),
+                        message: format!(
+                            "module {ty:?} is not supported (berth runs Transformer, Pooling, Normalize)"
+                        ),
+                    })
+                }
             }
         }
         let sb = dir.join("sentence_bert_config.json");
         if sb.is_file() {
             cfg.max_seq_length = read_json(&sb)?["max_seq_length"]
                 .as_u64()
+                .map(|v| v as usize);
+        }
+        // sentence-transformers 5 keeps the limit in the tokenizer's config instead.
+        let tc = dir.join("tokenizer_config.json");
+        if cfg.max_seq_length.is_none() && tc.is_file() {
+            cfg.max_seq_length = read_json(&tc)?["model_max_length"]
+                .as_u64()
+                .filter(|&v| v < 1 << 20)
                 .map(|v| v as usize);
         }
         Ok(Some(cfg))

@@ -74,10 +74,10 @@ pub fn write_model(
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
-    sentence: Option<(&Path, Pooling)>,
+    sentence: Option<(&Path, Pooling, usize)>,
 ) -> Result<()> {
-    if let Some((base, pooling)) = sentence {
-        write_sentence_files(dir, base, pooling, model.config.hidden_size)?;
+    if let Some((base, pooling, max_length)) = sentence {
+        write_sentence_files(dir, base, pooling, model.config.hidden_size, max_length)?;
     }
     let weights = dir.join("model.safetensors");
     candle_core::safetensors::save(&model_tensors(model)?, &weights).map_err(|e| {
@@ -104,7 +104,13 @@ pub fn write_model(
 /// sentence-transformers' module files for a trained bi-encoder: copied from `base` when it
 /// is a sentence-transformers model (modules.json and the module folders it names), else a
 /// Transformer + Pooling pipeline with the pooling the run trained with.
-fn write_sentence_files(dir: &Path, base: &Path, pooling: Pooling, hidden: usize) -> Result<()> {
+fn write_sentence_files(
+    dir: &Path,
+    base: &Path,
+    pooling: Pooling,
+    hidden: usize,
+    max_length: usize,
+) -> Result<()> {
     let copy = |name: &str| -> Result<()> {
         let src = base.join(name);
         if src.is_file() {
@@ -116,10 +122,28 @@ fn write_sentence_files(dir: &Path, base: &Path, pooling: Pooling, hidden: usize
         }
         Ok(())
     };
+    let write = |name: &str, v: serde_json::Value| -> Result<()> {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&v).expect("JSON serialises"),
+        )
+        .map_err(io(&p))
+    };
+    // The limit the model was trained with, as sentence-transformers saves `max_seq_length`.
+    let sb = base.join("sentence_bert_config.json");
+    let mut sentence_config: serde_json::Value = std::fs::read_to_string(&sb)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({"do_lower_case": false}));
+    sentence_config["max_seq_length"] = max_length.into();
+    write("sentence_bert_config.json", sentence_config)?;
     let modules = base.join("modules.json");
     if modules.is_file() {
         copy("modules.json")?;
-        copy("sentence_bert_config.json")?;
         copy("config_sentence_transformers.json")?;
         let text = std::fs::read_to_string(&modules).map_err(io(&modules))?;
         let list: serde_json::Value =
@@ -179,7 +203,7 @@ pub fn save(
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
-    sentence: Option<(&Path, Pooling)>,
+    sentence: Option<(&Path, Pooling, usize)>,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {

@@ -58,7 +58,20 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
         }
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
-        (HeadKind::MaskedLm, _) => Vec::new(),
+        // Transform dense + LayerNorm and the decoder bias; the decoder is the word embedding
+        // matrix (tied, as every BERT-family checkpoint here is).
+        (HeadKind::MaskedLm, _) => {
+            let [dense, ln, _, bias] = berth_model::mlm_head_keys(arch);
+            [
+                lin(dense, h, h),
+                vec![
+                    (format!("{ln}.weight"), vec![h]),
+                    (format!("{ln}.bias"), vec![h]),
+                    (bias.to_string(), vec![c]),
+                ],
+            ]
+            .concat()
+        }
     }
 }
 
@@ -139,10 +152,10 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
         };
         tensors.insert(key, t);
     }
-    let c = if head.kind == HeadKind::QuestionAnswering {
-        2
-    } else {
-        head.labels.len()
+    let c = match head.kind {
+        HeadKind::QuestionAnswering => 2,
+        HeadKind::MaskedLm => config.vocab_size,
+        _ => head.labels.len(),
     };
     let init_range = config_json["initializer_range"].as_f64().unwrap_or(0.02);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -159,8 +172,11 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
             Some(_) => {}
             None => {
                 let n: usize = shape.iter().product();
+                let layer_norm = name.contains("LayerNorm") || name.contains("layer_norm");
                 let data: Vec<f32> = if name.ends_with(".bias") {
                     vec![0.0; n]
+                } else if layer_norm {
+                    vec![1.0; n]
                 } else {
                     // Box-Muller from the seeded generator.
                     (0..n)
@@ -217,4 +233,99 @@ pub fn load_encoder(dir: &Path) -> Result<(Model, serde_json::Value)> {
     let w = Weights::from_tensors(tensors, source, true)?;
     let (model, _) = Model::from_weights(config, w, dir)?;
     Ok((model, config_json))
+}
+
+/// Writes a randomly initialised base encoder (`BertModel` / `RobertaModel`, as transformers
+/// initialises one: weights normal with `initializer_range`, biases zero, LayerNorm one and
+/// zero, the padding row of the word embeddings zero) with `config` and the tokenizer files
+/// of `tokenizer_dir` into `dir`, to pretrain from scratch.
+pub fn write_random_encoder(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer_dir: &Path,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_path = dir.join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(config).expect("JSON serialises"),
+    )
+    .map_err(io(&cfg_path))?;
+    let cfg = EncoderConfig::from_file(&cfg_path)?;
+    let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let init_range = config["initializer_range"].as_f64().unwrap_or(0.02);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * init_range)
+                    as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    };
+    let fill = |n: usize, value: f32| Tensor::from_vec(vec![value; n], n, &Device::Cpu);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut words = normal(&[v, h])?;
+    if let Some(pad) = config["pad_token_id"]
+        .as_u64()
+        .filter(|&p| (p as usize) < v)
+    {
+        let mut rows = words.to_vec2::<f32>()?;
+        rows[pad as usize].fill(0.0);
+        words = Tensor::new(rows, &Device::Cpu)?;
+    }
+    t.insert("embeddings.word_embeddings.weight".into(), words);
+    t.insert(
+        "embeddings.position_embeddings.weight".into(),
+        normal(&[cfg.max_position_embeddings, h])?,
+    );
+    if cfg.type_vocab_size > 0 {
+        t.insert(
+            "embeddings.token_type_embeddings.weight".into(),
+            normal(&[cfg.type_vocab_size, h])?,
+        );
+    }
+    t.insert("embeddings.LayerNorm.weight".into(), fill(h, 1.0)?);
+    t.insert("embeddings.LayerNorm.bias".into(), fill(h, 0.0)?);
+    for i in 0..cfg.num_layers {
+        let p = format!("encoder.layer.{i}");
+        for (name, o, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), normal(&[o, inp])?);
+            t.insert(format!("{p}.{name}.bias"), fill(o, 0.0)?);
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.insert(format!("{p}.{ln}.weight"), fill(h, 1.0)?);
+            t.insert(format!("{p}.{ln}.bias"), fill(h, 0.0)?);
+        }
+    }
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&t, &weights).map_err(|e| TrainError::Checkpoint {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        let src = tokenizer_dir.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(name)).map_err(io(&src))?;
+        }
+    }
+    Ok(())
 }

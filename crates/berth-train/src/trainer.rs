@@ -40,6 +40,8 @@ pub enum Task {
     Embed,
     /// Cross-encoder reranking: (query, passage, relevance) rows, one logit, BCE loss.
     Rerank,
+    /// Masked-language-model pretraining on a text corpus (from scratch or continued).
+    Pretrain,
 }
 
 /// The full training configuration (saved as the run's config.json).
@@ -125,6 +127,20 @@ pub struct TrainConfig {
     /// evaluation) instead of the one read off the training data.
     #[serde(skip)]
     pub fixed_labels: Option<Vec<String>>,
+    /// Pretrain: fraction of tokens chosen for prediction.
+    #[serde(default = "default_mask_rate")]
+    pub mask_rate: f64,
+    /// Pretrain: choose whole words.
+    #[serde(default)]
+    pub whole_word: bool,
+    /// Append each epoch's training sequences, in the order they are trained on, to this
+    /// JSON Lines file (`{"epoch", "ids"}`), for a peer to train on the same data order.
+    #[serde(default)]
+    pub dump_order: Option<PathBuf>,
+}
+
+fn default_mask_rate() -> f64 {
+    0.15
 }
 
 fn default_separator() -> String {
@@ -176,6 +192,9 @@ impl TrainConfig {
             label_separator: default_separator(),
             similarity_scale: default_scale(),
             fixed_labels: None,
+            mask_rate: default_mask_rate(),
+            whole_word: false,
+            dump_order: None,
         }
     }
 }
@@ -262,6 +281,11 @@ pub enum Event {
 
 fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
     match cfg.task {
+        Task::Pretrain => TaskHead {
+            kind: HeadKind::MaskedLm,
+            labels: Vec::new(),
+            problem_type: None,
+        },
         // Embed trains the bare encoder; this head is never built (see `init::load_encoder`).
         Task::Embed => TaskHead {
             kind: HeadKind::SequenceClassification,
@@ -309,6 +333,7 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         Task::Qa => prepare_qa(cfg, tok),
         Task::Embed => crate::retrieval::prepare_embed(cfg, tok),
         Task::Rerank => crate::retrieval::prepare_rerank(cfg, tok),
+        Task::Pretrain => crate::pretrain::prepare_pretrain(cfg, tok),
     }
 }
 
@@ -605,6 +630,8 @@ pub struct LossSpec {
     pub pooling: Pooling,
     /// Embed: similarity scale.
     pub scale: f64,
+    /// Pretrain: how tokens are masked.
+    pub masking: Option<crate::mlm::MaskingConfig>,
 }
 
 impl LossSpec {
@@ -621,6 +648,7 @@ impl LossSpec {
                 Pooling::Mean
             },
             scale: cfg.similarity_scale,
+            masking: None,
         })
     }
 }
@@ -640,17 +668,25 @@ pub fn batch_loss(
         multi_label: false,
         pooling: Pooling::Mean,
         scale: default_scale(),
+        masking: None,
     };
-    batch_loss_with(model, &spec, examples, d)
+    batch_loss_with(model, &spec, examples, 0, d)
 }
 
-/// [`batch_loss`] for any [`LossSpec`].
+/// [`batch_loss`] for any [`LossSpec`]; `seed` draws the batch's masking (pretraining).
 pub fn batch_loss_with(
     model: &Model,
     spec: &LossSpec,
     examples: &[&Example],
+    seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<candle_core::Tensor>> {
+    if spec.task == Task::Pretrain {
+        let masking = spec.masking.as_ref().ok_or_else(|| {
+            TrainError::Config("pretraining needs a masking configuration".into())
+        })?;
+        return crate::pretrain::mlm_loss(model, examples, masking, seed, d);
+    }
     if spec.task == Task::Embed {
         return crate::retrieval::mnrl_loss(model, examples, spec.pooling, spec.scale, d);
     }
@@ -669,7 +705,7 @@ fn loss_from_hidden(
     d: Option<&Dropout>,
 ) -> Result<Option<candle_core::Tensor>> {
     match spec.task {
-        Task::Embed => unreachable!("embeddings are pooled in retrieval::mnrl_loss"),
+        Task::Embed | Task::Pretrain => unreachable!("handled in batch_loss_with"),
         Task::Rerank => crate::retrieval::rerank_loss(model, examples, batch, hidden, d),
         Task::Classify if spec.multi_label => {
             let logits = model.sequence_logits_train(hidden, batch, d)?;
@@ -747,6 +783,10 @@ pub fn evaluate(
             return crate::retrieval::evaluate_embed(model, dev, spec.pooling, spec.scale)
         }
         Task::Rerank => return crate::retrieval::evaluate_rerank(model, dev),
+        Task::Pretrain => {
+            let masking = crate::pretrain::masking(cfg, tok, model)?;
+            return crate::pretrain::evaluate_mlm(model, dev, &masking, cfg.seed);
+        }
         _ => {}
     }
     let mut out = serde_json::Map::new();
@@ -807,7 +847,9 @@ pub fn evaluate(
             loss_n += refs.len();
         }
         match cfg.task {
-            Task::Qa | Task::Embed | Task::Rerank => unreachable!("evaluated above"),
+            Task::Qa | Task::Embed | Task::Rerank | Task::Pretrain => {
+                unreachable!("evaluated above")
+            }
             Task::Classify => {
                 let logits = model.sequence_logits(&hidden, &batch)?.to_vec2::<f32>()?;
                 for (e, row) in chunk.iter().zip(logits) {
@@ -870,7 +912,7 @@ pub fn evaluate(
             out.insert("accuracy".into(), r.accuracy.into());
             out.insert("macro_f1".into(), r.macro_avg.f1.into());
         }
-        Task::Qa | Task::Embed | Task::Rerank => unreachable!("handled above"),
+        Task::Qa | Task::Embed | Task::Rerank | Task::Pretrain => unreachable!("handled above"),
         Task::Ner => {
             let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ').map_err(
                 |e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)),
@@ -911,6 +953,7 @@ pub fn evaluate_model(
         Task::Classify | Task::Rerank => Some(HeadKind::SequenceClassification),
         Task::Ner => Some(HeadKind::TokenClassification),
         Task::Qa => Some(HeadKind::QuestionAnswering),
+        Task::Pretrain => Some(HeadKind::MaskedLm),
         Task::Embed => None,
     };
     if let Some(kind) = needed {
@@ -989,6 +1032,7 @@ fn multi_label_metrics(
 pub fn main_metric(cfg: &TrainConfig) -> &'static str {
     match cfg.task {
         Task::Embed | Task::Rerank => "mrr@10",
+        Task::Pretrain => "masked_accuracy",
         Task::Classify if cfg.multi_label => "micro_f1",
         Task::Classify if cfg.regression => "spearman",
         Task::Classify => "accuracy",
@@ -1065,7 +1109,10 @@ pub fn train(
     } else {
         load_for_task(from, &head, cfg.seed)?
     };
-    let spec = LossSpec::of(cfg)?;
+    let mut spec = LossSpec::of(cfg)?;
+    if cfg.task == Task::Pretrain {
+        spec.masking = Some(crate::pretrain::masking(cfg, &tok, &model)?);
+    }
     check_max_length(cfg, &model)?;
     let mut opt = AdamW::new(&model.params, cfg.adamw);
     let mut state = TrainerState {
@@ -1144,6 +1191,24 @@ pub fn train(
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
             berth_kernels::seed_stream(cfg.seed, epoch as u64),
         ));
+        if let Some(path) = &cfg.dump_order {
+            use std::io::Write;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io(path))?;
+            let mut w = std::io::BufWriter::new(f);
+            for &i in &order {
+                writeln!(
+                    w,
+                    "{}",
+                    serde_json::json!({"epoch": epoch, "ids": data.train[i].enc.ids})
+                )
+                .map_err(io(path))?;
+            }
+            w.flush().map_err(io(path))?;
+        }
         let batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
         let first = if epoch == state.epoch {
             state.batch_in_epoch
@@ -1163,7 +1228,11 @@ pub fn train(
                 let dropout = cfg
                     .dropout
                     .then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
-                if let Some(loss) = batch_loss_with(&model, &spec, &examples, dropout.as_ref())? {
+                // Masking is drawn afresh each time a batch is seen (dynamic masking).
+                let mask_seed = berth_kernels::seed_stream(cfg.seed ^ 0x3a5c, micro);
+                if let Some(loss) =
+                    batch_loss_with(&model, &spec, &examples, mask_seed, dropout.as_ref())?
+                {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
                     let grads = (loss / cfg.grad_accum as f64)?.backward()?;
@@ -1222,8 +1291,11 @@ pub fn train(
                 } else {
                     state.evals_without_improvement += 1;
                 }
-                let sentence =
-                    (cfg.task == Task::Embed).then_some((cfg.model.as_path(), spec.pooling));
+                let sentence = (cfg.task == Task::Embed).then_some((
+                    cfg.model.as_path(),
+                    spec.pooling,
+                    cfg.max_length,
+                ));
                 let dir = checkpoint::save(
                     &cfg.output,
                     &model,

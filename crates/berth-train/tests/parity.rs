@@ -35,7 +35,7 @@ fn check(name: &str, task: Task) {
         Task::Classify => HeadKind::SequenceClassification,
         Task::Ner => HeadKind::TokenClassification,
         Task::Qa => HeadKind::QuestionAnswering,
-        _ => unreachable!("embed and rerank have their own tests"),
+        _ => unreachable!("embed, rerank and pretrain have their own tests"),
     };
     let head = TaskHead {
         kind,
@@ -75,7 +75,7 @@ fn check(name: &str, task: Task) {
                         .collect(),
                     None,
                 ),
-                Task::Embed | Task::Rerank => unreachable!(),
+                Task::Embed | Task::Rerank | Task::Pretrain => unreachable!(),
                 Task::Qa => (
                     None,
                     Vec::new(),
@@ -375,7 +375,7 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
                     let (a, b) = p.model.qa_logits(&hidden).unwrap();
                     candle_core::Tensor::stack(&[a, b], 1).unwrap()
                 }
-                Task::Embed | Task::Rerank => unreachable!(),
+                Task::Embed | Task::Rerank | Task::Pretrain => unreachable!(),
             };
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = reference[&format!("logits.{s}")]
@@ -470,6 +470,7 @@ fn spec(task: Task, multi_label: bool) -> LossSpec {
         multi_label,
         pooling: berth_tasks::Pooling::Mean,
         scale: 20.0,
+        masking: None,
     }
 }
 
@@ -501,7 +502,7 @@ fn multi_label_classification_trains_like_pytorch() {
     let refs: Vec<&Example> = examples.iter().collect();
     let spec = spec(Task::Classify, true);
     compare_steps("bert-multilabel", &model, &reference, &r, false, &[], |m| {
-        batch_loss_with(m, &spec, &refs, None).unwrap().unwrap()
+        batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap()
     });
 }
 
@@ -527,7 +528,7 @@ fn cross_encoder_reranker_trains_like_sentence_transformers() {
     let refs: Vec<&Example> = examples.iter().collect();
     let spec = spec(Task::Rerank, false);
     compare_steps("bert-rerank", &model, &reference, &r, false, &[], |m| {
-        batch_loss_with(m, &spec, &refs, None).unwrap().unwrap()
+        batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap()
     });
 }
 
@@ -561,6 +562,6 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
         &r,
         false,
         &["pooler.dense.bias", "pooler.dense.weight"],
-        |m| batch_loss_with(m, &spec, &refs, None).unwrap().unwrap(),
+        |m| batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap(),
     );
 }

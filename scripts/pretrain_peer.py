@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""berth pretrain vs transformers' BertForMaskedLM on the same recipe, one after the other on
+the same 2 threads; both models are then scored by the same code (`berth eval --task
+pretrain`, a fixed seeded masking of the held-out text), so only the training differs.
+
+    cargo build --release -p berth-cli
+    pip install torch transformers
+    python3 scripts/pretrain_peer.py [--steps 300] [--out /tmp/berth-pretrain]
+
+Corpus: ../shared/datasets/pd-books (public-domain books; train-00 for training, the first
+1 MB of valid for the held-out score). Vocabulary: a 16k lowercased WordPiece that `berth
+tokenizer train` builds on train-00. Model: BERT, 4 layers, 256 hidden, 4 heads, 1024
+feed-forward, initialised by berth (OUTPUT/init, loaded by both sides). Recipe: batch 32,
+sequences of up to 128 tokens packed from each document's paragraphs (berth's sequences, in
+berth's training order: `--dump-order`), 15 % masking 80/10/10 (berth: its own draw;
+PyTorch: DataCollatorForLanguageModeling), AdamW lr 5e-4, weight decay 0.01, 6 % warmup then
+linear decay, clip 1.0, dropout 0.1, seed 42. Throughput: real (unpadded) tokens per second
+of training time (PyTorch pads each batch to its longest sequence).
+"""
+import argparse, gzip, json, os, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "datasets" / "pd-books"
+BERTH = ROOT / "target" / "release" / "berth"
+
+
+def sh(*cmd):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="/tmp/berth-pretrain")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = out / "train.txt.gz", out / "held.txt"
+    if not train.exists():
+        train.write_bytes((DATA / "train-00.txt.gz").read_bytes())
+        with gzip.open(DATA / "valid.txt.gz", "rt", encoding="utf-8") as f:
+            held.write_text(f.read(1_000_000), encoding="utf-8")
+    vocab = out / "vocab"
+    if not (vocab / "tokenizer.json").exists():
+        sh(BERTH, "tokenizer", "train", "--kind", "wordpiece", "--lowercase", "--vocab-size", "16000",
+           "--output", vocab, train)
+    run = out / "berth"
+    sh("rm", "-rf", run)
+    order = out / "order.jsonl"
+    order.unlink(missing_ok=True)
+    recipe = ["--max-length", "128", "--batch-size", "32", "--lr", "5e-4", "--warmup", "0.06",
+              "--weight-decay", "0.01", "--seed", "42", "--max-steps", str(a.steps)]
+    best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", train, "--output", run,
+              "--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "1024",
+              "--val-fraction", "0.001", "--log-every", "10", "--dump-order", order, *recipe).strip()
+    steps = [json.loads(l) for l in open(run / "metrics.jsonl") if '"tokens_per_s"' in l]
+    berth_tps = sum(s["tokens_per_s"] for s in steps) / len(steps)
+    berth_losses = [(s["step"], s["loss"]) for s in steps]
+
+    import torch
+    import transformers
+    from transformers import BertForMaskedLM, DataCollatorForLanguageModeling, AutoTokenizer
+    torch.set_num_threads(2)
+    torch.manual_seed(42)
+    tok = AutoTokenizer.from_pretrained(vocab)
+    init = run / "init"
+    # berth's initial encoder; the MLM head is initialised by each side alike in distribution
+    # (normal 0.02, LayerNorm 1 / 0, bias 0) from its own generator.
+    model = BertForMaskedLM.from_pretrained(init)
+    seqs = [json.loads(l)["ids"] for l in open(order)]
+    n = a.steps * 32
+    seqs = seqs[:n]
+    collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    decay = [p for nm, p in model.named_parameters() if not (nm.endswith(".bias") or "LayerNorm" in nm)]
+    no_decay = [p for nm, p in model.named_parameters() if nm.endswith(".bias") or "LayerNorm" in nm]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=5e-4, betas=(0.9, 0.999), eps=1e-8)
+    warm = int(-(-0.06 * a.steps // 1))
+    sched = transformers.get_linear_schedule_with_warmup(opt, warm, a.steps)
+    model.train()
+    torch_losses, tokens = [], 0
+    t0 = time.time()
+    for step in range(a.steps):
+        batch = collator([{"input_ids": s} for s in seqs[step * 32:(step + 1) * 32]])
+        tokens += sum(len(s) for s in seqs[step * 32:(step + 1) * 32])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        torch_losses.append(loss.item())
+    runtime = time.time() - t0
+    peer = out / "torch"
+    model.save_pretrained(peer)
+    tok.save_pretrained(peer)
+
+    def held_out(model_dir):
+        return json.loads(sh(BERTH, "--threads", "2", "eval", "--task", "pretrain", "--model", model_dir,
+                             "--data", held, "--max-length", "128"))
+
+    b, p = held_out(best), held_out(peer)
+    print("| side | held-out MLM loss | perplexity | masked accuracy | tokens/s |")
+    print("|---|---|---|---|---|")
+    print(f"| berth | {b['loss']:.4f} | {b['perplexity']:.1f} | {100 * b['masked_accuracy']:.2f} | {berth_tps:.0f} |")
+    print(f"| PyTorch {torch.__version__} | {p['loss']:.4f} | {p['perplexity']:.1f} | {100 * p['masked_accuracy']:.2f} | {tokens / runtime:.0f} |")
+    print(f"loss ratio berth / PyTorch {b['loss'] / p['loss']:.4f}; speed ratio {berth_tps / (tokens / runtime):.2f}x")
+    # Training-loss curves in windows of 50 steps (each side's own masking and dropout draws).
+    w = 50
+    for i in range(0, a.steps, w):
+        bl = [l for s, l in berth_losses if i < s <= i + w]
+        tl = torch_losses[i:i + w]
+        print(f"steps {i + 1}-{i + w}: berth {sum(bl) / max(1, len(bl)):.3f}  PyTorch {sum(tl) / len(tl):.3f}")
+
+
+if __name__ == "__main__":
+    main()
