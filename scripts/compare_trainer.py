@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "datasets"
 BERTH = ROOT / "target" / "release" / "berth"
+LOG_EVERY = 10
 MODEL = Path(os.environ.get("BERTH_HOME", Path.home() / ".cache" / "berth")) / "models" / "all-MiniLM-L6-v2"
 
 
@@ -47,18 +48,20 @@ def run_berth(task, train, dev, out, epochs):
     subprocess.run(["rm", "-rf", str(run)], check=True)
     cmd = [str(BERTH), "--threads", "2", "finetune", "--task", task, "--model", str(MODEL), "--train", str(train),
            "--dev", str(dev), "--output", str(run), "--epochs", str(epochs), "--batch-size", "32", "--lr", "5e-5",
-           "--max-length", "128", "--seed", "42", "--log-every", "1000000"]
+           "--max-length", "128", "--seed", "42", "--log-every", str(LOG_EVERY)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
     steps = [l for l in lines if "loss" in l and "eval" not in l]
     evals = [l["eval"] for l in lines if "eval" in l]
-    return {"tokens_per_s": steps[-1]["tokens_per_s"], "eval": evals[-1]}
+    # Throughput over all of training (each logged window weighted by its steps).
+    tps = sum(s["tokens_per_s"] for s in steps) / len(steps)
+    return {"tokens_per_s": tps, "eval": evals[-1], "losses": [(s["step"], s["loss"]) for s in steps]}
 
 
 def run_trainer(task, train, dev, epochs):
     cmd = [sys.executable, str(ROOT / "scripts" / "train_peer.py"), "--task", task, "--model", str(MODEL), "--train",
            str(train), "--dev", str(dev), "--epochs", str(epochs), "--batch-size", "32", "--lr", "5e-5",
-           "--max-length", "128", "--seed", "42", "--threads", "2"]
+           "--max-length", "128", "--seed", "42", "--threads", "2", "--log-every", str(LOG_EVERY)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     if task == "ner":
@@ -80,6 +83,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     print("| task | metric | berth | Trainer | berth tokens/s | Trainer tokens/s | speed ratio |")
     print("|---|---|---|---|---|---|---|")
+    curves = []
     for t in a.tasks:
         if t == "sst2":
             task, train, dev, metrics = "classify", DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv", [("accuracy", "eval_accuracy")]
@@ -96,6 +100,17 @@ def main():
             speed = (f"{b['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | {b['tokens_per_s'] / p['tokens_per_s']:.2f}x"
                      if i == 0 else " | | ")
             print(f"| {t} | {bm} | {100 * bv:.2f} | {'' if pv is None else f'{100 * pv:.2f}'} | {speed} |", flush=True)
+        curves.append((t, b["losses"], p.get("losses", [])))
+    # Training-loss curves: the mean loss of each logging window, both sides (their dropout
+    # masks and data orders differ, so the curves agree in trend and level, not step by step).
+    for t, bl, pl in curves:
+        pd = dict(pl)
+        rows = [(s, l, pd.get(s)) for s, l in bl if s in pd]
+        diffs = [abs(l - q) / q for _, l, q in rows]
+        print(f"\n{t}: training loss every {LOG_EVERY} steps (berth / Trainer); "
+              f"mean relative difference {100 * sum(diffs) / max(1, len(diffs)):.1f} %")
+        for s, l, q in rows[:: max(1, len(rows) // 12)]:
+            print(f"  step {s}: {l:.4f} / {q:.4f}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--text-column", default="sentence")
     ap.add_argument("--label-column", default="label")
+    ap.add_argument("--log-every", type=int, default=50)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -100,7 +101,7 @@ def main():
         metrics = None
     args = TrainingArguments(output_dir="/tmp/berth-train-peer", per_device_train_batch_size=a.batch_size,
                              per_device_eval_batch_size=64, learning_rate=a.lr, num_train_epochs=a.epochs,
-                             seed=a.seed, save_strategy="no", eval_strategy="no", logging_steps=50, report_to=[],
+                             seed=a.seed, save_strategy="no", eval_strategy="no", logging_steps=a.log_every, report_to=[],
                              use_cpu=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, compute_metrics=metrics)
     t0 = time.time()
@@ -108,7 +109,9 @@ def main():
     runtime = time.time() - t0
     tokens = sum(len(x["input_ids"]) for x in train) * a.epochs
     result = {"train_runtime_s": runtime, "examples_per_s": len(train) * a.epochs / runtime,
-              "tokens_per_s": tokens / runtime, "train_loss": out.training_loss}
+              "tokens_per_s": tokens / runtime, "train_loss": out.training_loss,
+              # Mean training loss of each logging window, as (step, loss).
+              "losses": [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]}
     if a.task == "classify":
         result.update(trainer.evaluate(dev))
     else:

@@ -56,7 +56,7 @@ pub struct FinetuneArgs {
     resume: bool,
     #[arg(long, default_value_t = 3)]
     epochs: usize,
-    /// Stop after N optimizer steps.
+    /// Train exactly N optimizer steps (overrides --epochs; the schedule spans them).
     #[arg(long)]
     max_steps: Option<u64>,
     /// Peak learning rate.

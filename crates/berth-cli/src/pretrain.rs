@@ -60,7 +60,7 @@ pub struct PretrainArgs {
     grad_accum: usize,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
-    /// Stop after N optimizer steps.
+    /// Train exactly N optimizer steps (overrides --epochs; the schedule spans them).
     #[arg(long)]
     max_steps: Option<u64>,
     #[arg(long, default_value_t = 1e-4)]

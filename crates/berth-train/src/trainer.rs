@@ -61,7 +61,9 @@ pub struct TrainConfig {
     pub output: PathBuf,
     /// Epochs.
     pub epochs: usize,
-    /// Stop after this many optimizer steps (the schedule still spans `epochs`).
+    /// Train for exactly this many optimizer steps, as the Hugging Face Trainer's
+    /// `max_steps`: it overrides `epochs` (the data is cycled as needed) and the schedule
+    /// spans these steps.
     pub max_steps: Option<u64>,
     /// Peak learning rate.
     pub lr: f64,
@@ -1139,7 +1141,10 @@ pub fn train(
     // The schedule.
     let batches_per_epoch = data.train.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum) as u64;
-    let total = steps_per_epoch * cfg.epochs as u64;
+    let total = cfg
+        .max_steps
+        .unwrap_or(steps_per_epoch * cfg.epochs as u64);
+    let epochs = total.div_ceil(steps_per_epoch.max(1)) as usize;
     let warmup = cfg
         .warmup_steps
         .unwrap_or((cfg.warmup_ratio * total as f64).ceil() as u64);
@@ -1149,7 +1154,7 @@ pub fn train(
         warmup,
         total,
     };
-    let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
+    let last_step = total;
     on_plan(&Plan {
         train_examples: data.train.len(),
         dev_examples: data.dev.len() + data.qa_dev.len(),
@@ -1185,7 +1190,7 @@ pub fn train(
     let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
         (0.0f64, 0usize, 0usize, Instant::now());
 
-    'epochs: for epoch in state.epoch..cfg.epochs {
+    'epochs: for epoch in state.epoch..epochs {
         // The epoch's data order.
         let mut order: Vec<usize> = (0..data.train.len()).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
