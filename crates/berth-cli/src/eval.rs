@@ -119,9 +119,11 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
         }
     };
     let mut cfg = TrainConfig::new(task, dir, data.clone(), std::env::temp_dir());
-    cfg.max_length = a
-        .max_length
-        .unwrap_or(if task == T::Qa { 384 } else { 128 });
+    cfg.max_length = match a.max_length {
+        Some(m) => m,
+        // The default (128; QA 384) shrinks to fit a model with fewer positions.
+        None => crate::finetune::default_max_length(&cfg.model, task == T::Qa)?,
+    };
     cfg.text_column = a.text_column.clone().unwrap_or_else(|| {
         match task {
             T::Embed => "anchor",

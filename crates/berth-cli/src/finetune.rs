@@ -184,9 +184,11 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.lr = a.lr;
     cfg.batch_size = a.batch_size;
     cfg.grad_accum = a.grad_accum;
-    cfg.max_length = a
-        .max_length
-        .unwrap_or(if task == Task::Qa { 384 } else { 128 });
+    cfg.max_length = match a.max_length {
+        Some(m) => m,
+        // The default (128; QA 384) shrinks to fit a model with fewer positions.
+        None => crate::finetune::default_max_length(&cfg.model, task == Task::Qa)?,
+    };
     cfg.doc_stride = a.doc_stride;
     if a.warmup >= 1.0 {
         cfg.warmup_steps = Some(a.warmup as u64);
@@ -225,6 +227,12 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.log_every = a.log_every.max(1);
     cfg.dropout = !a.no_dropout;
     execute(&cfg, a.resume)
+}
+
+/// 128 tokens (QA: 384), or the model's position limit when it is smaller.
+pub fn default_max_length(model: &std::path::Path, qa: bool) -> anyhow::Result<usize> {
+    let cfg = berth_model::EncoderConfig::from_file(&model.join("config.json"))?;
+    Ok((if qa { 384 } else { 128 }).min(cfg.max_sequence_length()))
 }
 
 /// Runs (or resumes) a training run with a progress bar, then writes curve.png; prints the

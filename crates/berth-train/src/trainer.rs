@@ -1141,9 +1141,7 @@ pub fn train(
     // The schedule.
     let batches_per_epoch = data.train.len().div_ceil(cfg.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum) as u64;
-    let total = cfg
-        .max_steps
-        .unwrap_or(steps_per_epoch * cfg.epochs as u64);
+    let total = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64);
     let epochs = total.div_ceil(steps_per_epoch.max(1)) as usize;
     let warmup = cfg
         .warmup_steps
