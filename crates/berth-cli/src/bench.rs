@@ -156,89 +156,17 @@ fn cosine_stats(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64) {
     (mean, cos.iter().copied().fold(f64::INFINITY, f64::min))
 }
 
-/// Writes a bert-base-shaped BertModel with random weights (std 0.02, seeded) and the
-/// tokenizer files of `tokenizer_dir` into `dir`, for workload (d).
+/// Writes a bert-base-shaped BertModel with random weights (initialised as transformers
+/// does, seeded) and the tokenizer files of `tokenizer_dir` into `dir`, for workload (d).
 fn bert_base_checkpoint(dir: &Path, tokenizer_dir: &Path) -> anyhow::Result<()> {
-    let (h, f, layers, vocab, positions) = (768usize, 3072usize, 12usize, 30522usize, 512usize);
-    std::fs::create_dir_all(dir)?;
     let config = serde_json::json!({
-        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": h,
-        "num_hidden_layers": layers, "num_attention_heads": 12, "intermediate_size": f,
-        "hidden_act": "gelu", "max_position_embeddings": positions, "type_vocab_size": 2,
-        "vocab_size": vocab, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 768,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
+        "vocab_size": 30522, "layer_norm_eps": 1e-12, "pad_token_id": 0,
         "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
         "initializer_range": 0.02});
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut random = |shape: &[usize]| -> anyhow::Result<candle_core::Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                // Uniform with std 0.02.
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02 * 12f32.sqrt()
-            })
-            .collect();
-        Ok(candle_core::Tensor::from_vec(
-            v,
-            shape,
-            &candle_core::Device::Cpu,
-        )?)
-    };
-    let ones =
-        |n: usize| candle_core::Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu);
-    let zeros = |n: usize| {
-        candle_core::Tensor::zeros(n, candle_core::DType::F32, &candle_core::Device::Cpu)
-    };
-    let mut t = std::collections::HashMap::new();
-    t.insert(
-        "embeddings.word_embeddings.weight".to_string(),
-        random(&[vocab, h])?,
-    );
-    t.insert(
-        "embeddings.position_embeddings.weight".into(),
-        random(&[positions, h])?,
-    );
-    t.insert(
-        "embeddings.token_type_embeddings.weight".into(),
-        random(&[2, h])?,
-    );
-    t.insert("embeddings.LayerNorm.weight".into(), ones(h)?);
-    t.insert("embeddings.LayerNorm.bias".into(), zeros(h)?);
-    for i in 0..layers {
-        let p = format!("encoder.layer.{i}");
-        for (name, o, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
-            t.insert(format!("{p}.{name}.weight"), random(&[o, inp])?);
-            t.insert(format!("{p}.{name}.bias"), random(&[o])?);
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            t.insert(format!("{p}.{ln}.weight"), ones(h)?);
-            t.insert(format!("{p}.{ln}.bias"), zeros(h)?);
-        }
-    }
-    t.insert("pooler.dense.weight".into(), random(&[h, h])?);
-    t.insert("pooler.dense.bias".into(), random(&[h])?);
-    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-    for name in [
-        "tokenizer.json",
-        "vocab.txt",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        let src = tokenizer_dir.join(name);
-        if src.exists() {
-            std::fs::copy(&src, dir.join(name))?;
-        }
-    }
+    berth_train::init::write_random_encoder(dir, &config, tokenizer_dir, 0x9e37_79b9)?;
     Ok(())
 }
 

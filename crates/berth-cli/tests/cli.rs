@@ -6,19 +6,35 @@ use std::process::Command;
 mod common;
 use common::*;
 
+/// The sentences of fixtures/minilm.
+fn minilm_sentences() -> Vec<String> {
+    let path = root().join("fixtures/minilm/sentences.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// sentence-transformers' embeddings of those sentences.
+fn minilm_reference(fixture: &std::path::Path) -> Vec<Vec<f32>> {
+    let reference = candle_core::safetensors::load(
+        fixture.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    reference["embeddings"].to_vec2::<f32>().unwrap()
+}
+
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
     let dir = minilm_dir();
     let fixture = root().join("fixtures/minilm");
-    let sentences: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap())
-            .unwrap();
-    let texts: Vec<&str> = sentences["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let texts = minilm_sentences();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.txt");
     std::fs::write(&input, texts.join("\n") + "\n").unwrap();
@@ -32,12 +48,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         "--batch-tokens",
         "300",
     ])));
-    let reference = candle_core::safetensors::load(
-        fixture.join("reference.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let want = reference["embeddings"].to_vec2::<f32>().unwrap();
+    let want = minilm_reference(&fixture);
     assert_eq!(out.len(), texts.len());
     let mut worst = 0f32;
     for (i, line) in out.iter().enumerate() {
@@ -63,15 +74,8 @@ fn bf16_embeddings_stay_close_to_sentence_transformers() {
     // bf16 needs AMX tiles; elsewhere the flag must fail with a clear message instead.
     let dir = minilm_dir();
     let fixture = root().join("fixtures/minilm");
-    let sentences: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("sentences.json")).unwrap())
-            .unwrap();
-    let texts: Vec<&str> = sentences["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let texts = minilm_sentences();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut args = vec!["embed", "--dtype", "bf16", "--model", dir.to_str().unwrap()];
     args.extend(&texts);
     let run = berth(&args);
@@ -82,12 +86,7 @@ fn bf16_embeddings_stay_close_to_sentence_transformers() {
         return;
     }
     let out = json_lines(&ok(&run));
-    let reference = candle_core::safetensors::load(
-        fixture.join("reference.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let want = reference["embeddings"].to_vec2::<f32>().unwrap();
+    let want = minilm_reference(&fixture);
     let mut lowest = 1f64;
     for (line, w) in out.iter().zip(&want) {
         let got = floats(&line["embedding"]);

@@ -392,13 +392,7 @@ unsafe fn block_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
+    use crate::testing::lcg;
 
     /// The product of the bf16-rounded inputs in f64: the AMX result must match it to f32
     /// accumulation error.

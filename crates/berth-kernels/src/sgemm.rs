@@ -422,13 +422,7 @@ fn mask(n: usize) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
+    use crate::testing::lcg;
 
     fn check(m: usize, n: usize, k: usize, transposed_a: bool) {
         if !available() {

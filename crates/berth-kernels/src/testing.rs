@@ -72,3 +72,11 @@ pub fn gradcheck(
     println!("{what}: finite-difference gradcheck worst relative error {worst:.3e}");
     Ok(())
 }
+
+/// A cheap seeded generator of f32 values uniform in [-0.5, 0.5) (kernel tests).
+pub fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}

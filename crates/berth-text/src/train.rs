@@ -295,18 +295,24 @@ pub fn train_vocabulary(
     }
     let vocab = tok.get_vocab(true);
     let id = |t: &str| *vocab.get(t).expect("special tokens are in the vocabulary");
+    // A template post-processor framing texts with `start` / `end`.
+    let template = |single: &str, pair: &str, start: &str, end: &str| {
+        TemplateProcessing::builder()
+            .try_single(single)
+            .and_then(|b| b.try_pair(pair))
+            .map_err(|e| invalid(out, e))?
+            .special_tokens(vec![(start, id(start)), (end, id(end))])
+            .build()
+            .map_err(|e| invalid(out, e.to_string()))
+    };
     match opts.kind {
         VocabKind::WordPiece => {
-            let (cls, sep) = (id("[CLS]"), id("[SEP]"));
-            tok.with_post_processor(Some(
-                TemplateProcessing::builder()
-                    .try_single("[CLS] $A [SEP]")
-                    .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
-                    .map_err(|e| invalid(out, e))?
-                    .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
-                    .build()
-                    .map_err(|e| invalid(out, e.to_string()))?,
-            ));
+            tok.with_post_processor(Some(template(
+                "[CLS] $A [SEP]",
+                "[CLS] $A [SEP] $B:1 [SEP]:1",
+                "[CLS]",
+                "[SEP]",
+            )?));
             tok.with_decoder(Some(WordPieceDecoder::default()));
         }
         VocabKind::Bpe => {
@@ -318,16 +324,12 @@ pub fn train_vocabulary(
             tok.with_decoder(Some(ByteLevelDecoder::default()));
         }
         VocabKind::Unigram => {
-            let (bos, eos) = (id("<s>"), id("</s>"));
-            tok.with_post_processor(Some(
-                TemplateProcessing::builder()
-                    .try_single("<s> $A </s>")
-                    .and_then(|b| b.try_pair("<s> $A </s> </s> $B </s>"))
-                    .map_err(|e| invalid(out, e))?
-                    .special_tokens(vec![("<s>", bos), ("</s>", eos)])
-                    .build()
-                    .map_err(|e| invalid(out, e.to_string()))?,
-            ));
+            tok.with_post_processor(Some(template(
+                "<s> $A </s>",
+                "<s> $A </s> </s> $B </s>",
+                "<s>",
+                "</s>",
+            )?));
             tok.with_decoder(Some(MetaspaceDecoder::new(
                 '▁',
                 PrependScheme::Always,

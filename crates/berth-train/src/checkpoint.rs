@@ -92,10 +92,15 @@ pub fn write_model(
         serde_json::to_string_pretty(config).expect("JSON values serialise"),
     )
     .map_err(io(&cfg))?;
+    copy_tokenizer_files(tokenizer_dir, dir)
+}
+
+/// Copies the tokenizer files `src` has into `dst`.
+pub fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
-        let src = tokenizer_dir.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(f)).map_err(io(&src))?;
+        let from = src.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(f)).map_err(io(&from))?;
         }
     }
     Ok(())
@@ -167,17 +172,6 @@ fn write_sentence_files(
         }
         return Ok(());
     }
-    let write = |name: &str, v: serde_json::Value| -> Result<()> {
-        let p = dir.join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        std::fs::write(
-            &p,
-            serde_json::to_string_pretty(&v).expect("JSON serialises"),
-        )
-        .map_err(io(&p))
-    };
     write(
         "modules.json",
         serde_json::json!([

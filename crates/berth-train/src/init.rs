@@ -314,18 +314,5 @@ pub fn write_random_encoder(
         path: weights.clone(),
         message: e.to_string(),
     })?;
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.txt",
-        "vocab.json",
-        "merges.txt",
-    ] {
-        let src = tokenizer_dir.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(name)).map_err(io(&src))?;
-        }
-    }
-    Ok(())
+    crate::checkpoint::copy_tokenizer_files(tokenizer_dir, dir)
 }

@@ -39,21 +39,6 @@ fn specials(tok: &TextTokenizer) -> Result<(u32, u32, u32)> {
     Ok((first, last, mask))
 }
 
-fn example(enc: Encoded) -> Example {
-    Example {
-        enc,
-        class: None,
-        value: 0.0,
-        token_labels: Vec::new(),
-        words: Vec::new(),
-        span: None,
-        pair_enc: None,
-        neg_enc: None,
-        targets: Vec::new(),
-        group: 0,
-    }
-}
-
 /// Packs paragraphs (content ids and word ids) of one document into sequences.
 struct Packer {
     start: u32,
@@ -92,7 +77,7 @@ impl Packer {
             full_len: n,
             ids,
         };
-        self.out.push(example(enc));
+        self.out.push(Example::new(enc));
         self.next_word = 0;
     }
 

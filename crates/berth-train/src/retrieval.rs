@@ -42,21 +42,6 @@ fn read_split(
     })
 }
 
-fn example(enc: berth_text::Encoded) -> Example {
-    Example {
-        enc,
-        class: None,
-        value: 0.0,
-        token_labels: Vec::new(),
-        words: Vec::new(),
-        span: None,
-        pair_enc: None,
-        neg_enc: None,
-        targets: Vec::new(),
-        group: 0,
-    }
-}
-
 /// Embedding data: `anchor`, `positive` and optionally a hard `negative` column (names from
 /// `--text-column` / `--pair-column` / `--negative-column`).
 pub(crate) fn prepare_embed(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
@@ -75,7 +60,7 @@ pub(crate) fn prepare_embed(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Pr
             .map(|e| {
                 let one =
                     |t: &str| tok.encode(t, None, cfg.max_length, Truncation::Truncate, e.line);
-                let mut ex = example(one(&e.text)?);
+                let mut ex = Example::new(one(&e.text)?);
                 ex.pair_enc = Some(one(e.pair.as_deref().unwrap_or_default())?);
                 ex.neg_enc = e.extra.as_deref().map(one).transpose()?;
                 Ok(ex)
@@ -127,7 +112,7 @@ pub(crate) fn prepare_rerank(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<P
                         line: e.line,
                         message: format!("relevance label {:?} is not a number in [0, 1]", e.label),
                     })?;
-                let mut ex = example(tok.encode(
+                let mut ex = Example::new(tok.encode(
                     &e.text,
                     e.pair.as_deref(),
                     cfg.max_length,
@@ -348,16 +333,22 @@ pub(crate) fn evaluate_rerank(
             scores[c * 64 + k] = row[0] as f64;
         }
     }
-    let groups = dev.iter().map(|e| e.group).max().map_or(0, |g| g + 1);
+    // Rows of each query, in one pass.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, e) in dev.iter().enumerate() {
+        if groups.len() <= e.group {
+            groups.resize(e.group + 1, Vec::new());
+        }
+        groups[e.group].push(i);
+    }
     let (mut mrr, mut ndcg) = (0.0, 0.0);
-    for g in 0..groups {
-        let rows: Vec<usize> = (0..dev.len()).filter(|&i| dev[i].group == g).collect();
+    for rows in &groups {
         let s: Vec<f64> = rows.iter().map(|&i| scores[i]).collect();
         let rel: Vec<f64> = rows.iter().map(|&i| dev[i].value as f64).collect();
         mrr += metrics::reciprocal_rank(&s, &rel, 10);
         ndcg += metrics::ndcg(&s, &rel, 10);
     }
-    let q = groups.max(1) as f64;
+    let q = groups.len().max(1) as f64;
     out.insert("loss".into(), (loss_sum / loss_n.max(1) as f64).into());
     out.insert("mrr@10".into(), (mrr / q).into());
     out.insert("ndcg@10".into(), (ndcg / q).into());

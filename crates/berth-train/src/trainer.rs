@@ -227,6 +227,22 @@ pub struct Example {
 }
 
 impl Example {
+    /// An example of `enc` with no targets yet.
+    pub fn new(enc: Encoded) -> Self {
+        Example {
+            enc,
+            class: None,
+            value: 0.0,
+            token_labels: Vec::new(),
+            words: Vec::new(),
+            span: None,
+            pair_enc: None,
+            neg_enc: None,
+            targets: Vec::new(),
+            group: 0,
+        }
+    }
+
     /// Tokens this example feeds the encoder.
     pub fn tokens(&self) -> usize {
         self.enc.len()

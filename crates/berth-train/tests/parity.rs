@@ -448,21 +448,6 @@ fn encode(
         .collect()
 }
 
-fn example(enc: berth_text::Encoded) -> Example {
-    Example {
-        enc,
-        class: None,
-        value: 0.0,
-        token_labels: Vec::new(),
-        words: Vec::new(),
-        span: None,
-        pair_enc: None,
-        neg_enc: None,
-        targets: Vec::new(),
-        group: 0,
-    }
-}
-
 fn spec(task: Task, multi_label: bool) -> LossSpec {
     LossSpec {
         task,
@@ -496,7 +481,7 @@ fn multi_label_classification_trains_like_pytorch() {
                 .iter()
                 .map(|v| v.as_f64().unwrap() as f32)
                 .collect(),
-            ..example(enc)
+            ..Example::new(enc)
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
@@ -522,7 +507,7 @@ fn cross_encoder_reranker_trains_like_sentence_transformers() {
         .zip(r["labels"].as_array().unwrap())
         .map(|(enc, v)| Example {
             value: v.as_f64().unwrap() as f32,
-            ..example(enc)
+            ..Example::new(enc)
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
@@ -549,7 +534,7 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
         .map(|((a, p), n)| Example {
             pair_enc: Some(p),
             neg_enc: Some(n),
-            ..example(a)
+            ..Example::new(a)
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
