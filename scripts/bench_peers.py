@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Peer baselines for `berth bench`: PyTorch eager (f32 and bf16 autocast) and ONNX Runtime
-fp32 on the workloads berth writes to --spec (JSON: "a", "b", "d" = lists of equal-length id
+"""Peer baselines for `berth bench`: PyTorch eager (f32 and bf16 autocast), ONNX Runtime
+fp32, and ONNX Runtime dynamic int8 with per-channel weights (onnxruntime.quantization's
+quantize_dynamic, per_channel=True, QInt8 weights) on the workloads berth writes to --spec (JSON: "a", "b", "d" = lists of equal-length id
 lists, "c" = texts, "d_model" = the bert-base-shaped checkpoint for "d", "max_length",
 "seconds", "threads"). Prints one JSON line: {"torch": {...}, "torch_bf16": {...},
-"ort": {...}} with sequences/s per workload; a peer that is not installed is left out.
+"ort": {...}, "ort_int8": {...}, "ort_int8_cosine": {"mean", "min"}} with sequences/s per
+workload ("c" is timed over one pass after a warm-up on its first 256 texts) and the cosine
+of ORT int8's (c) embeddings to ORT fp32's; a peer that is not installed is left out.
 
     pip install torch transformers onnxruntime onnx
 """
@@ -17,6 +20,13 @@ def rate(seconds, fn):
         fn()
         runs += 1
     return runs / (time.perf_counter() - start)
+
+
+def once(warm, fn):
+    warm()
+    start = time.perf_counter()
+    fn()
+    return 1 / (time.perf_counter() - start)
 
 
 def main():
@@ -56,9 +66,9 @@ def main():
         with torch.inference_mode(), autocast(bf16):
             m(input_ids=ids, attention_mask=torch.ones_like(ids))
 
-    def torch_texts(bf16=False):
-        for i in range(0, len(spec["c"]), 32):
-            enc = tok(spec["c"][i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    def torch_texts(bf16=False, texts=spec["c"]):
+        for i in range(0, len(texts), 32):
+            enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             with torch.inference_mode(), autocast(bf16):
                 h = model(**enc).last_hidden_state.float().numpy()
             pooled(h, enc["attention_mask"].numpy())
@@ -67,7 +77,7 @@ def main():
     for name, bf16 in [("torch", False), ("torch_bf16", True)]:
         out[name] = {"a": 32 * rate(seconds, lambda: torch_ids(model, spec["a"], bf16)),
                      "b": rate(seconds, lambda: torch_ids(model, spec["b"], bf16)),
-                     "c": n_c * rate(0, lambda: torch_texts(bf16)),
+                     "c": n_c * once(lambda: torch_texts(bf16, spec["c"][:256]), lambda: torch_texts(bf16)),
                      "d": 8 * rate(seconds, lambda: torch_ids(base, spec["d"], bf16))}
         print(f"peers: PyTorch {'bf16 autocast' if bf16 else 'f32'} {out[name]}", file=sys.stderr)
     try:
@@ -78,7 +88,7 @@ def main():
         return
     out["versions"]["onnxruntime"] = ort.__version__
 
-    def session(m):
+    def session(m, int8=False):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             ids = torch.tensor(spec["a"][:2])
@@ -88,29 +98,40 @@ def main():
                               dynamic_axes={k: {0: "batch", 1: "seq"} for k in
                                             ["input_ids", "attention_mask", "token_type_ids", "last_hidden_state"]},
                               opset_version=17, dynamo=False)
+            if int8:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+                qpath = os.path.join(tmp, "model-int8.onnx")
+                quantize_dynamic(path, qpath, per_channel=True, weight_type=QuantType.QInt8)
+                path = qpath
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
-    sess, base_sess = session(model), session(base)
-
-    def ort_ids(batch, s=None):
+    def ort_ids(s, batch):
         a = np.array(batch, dtype=np.int64)
-        (s or sess).run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
+        s.run(None, {"input_ids": a, "attention_mask": np.ones_like(a), "token_type_ids": np.zeros_like(a)})
 
-    def ort_texts():
-        for i in range(0, len(spec["c"]), 32):
-            enc = tok(spec["c"][i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="np")
+    def ort_texts(s, texts, keep=None):
+        for i in range(0, len(texts), 32):
+            enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=max_len, return_tensors="np")
             feed = {k: enc[k].astype(np.int64) for k in ["input_ids", "attention_mask", "token_type_ids"]}
-            pooled(sess.run(None, feed)[0], enc["attention_mask"])
+            v = pooled(s.run(None, feed)[0], enc["attention_mask"])
+            if keep is not None:
+                keep.append(v)
 
-    out["ort"] = {"a": 32 * rate(seconds, lambda: ort_ids(spec["a"])),
-                  "b": rate(seconds, lambda: ort_ids(spec["b"])),
-                  "c": n_c * rate(0, ort_texts),
-                  "d": 8 * rate(seconds, lambda: ort_ids(spec["d"], base_sess))}
-    print(f"peers: ONNX Runtime {out['ort']}", file=sys.stderr)
+    embeddings = {}
+    for name, int8 in [("ort", False), ("ort_int8", True)]:
+        sess, base_sess = session(model, int8), session(base, int8)
+        keep = embeddings.setdefault(name, [])
+        out[name] = {"a": 32 * rate(seconds, lambda: ort_ids(sess, spec["a"])),
+                     "b": rate(seconds, lambda: ort_ids(sess, spec["b"])),
+                     "c": n_c * once(lambda: ort_texts(sess, spec["c"][:256]), lambda: ort_texts(sess, spec["c"], keep)),
+                     "d": 8 * rate(seconds, lambda: ort_ids(base_sess, spec["d"]))}
+        print(f"peers: ONNX Runtime {'int8 per-channel' if int8 else 'fp32'} {out[name]}", file=sys.stderr)
+    cos = (np.concatenate(embeddings["ort"]) * np.concatenate(embeddings["ort_int8"])).sum(1)
+    out["ort_int8_cosine"] = {"mean": float(cos.mean()), "min": float(cos.min())}
     print(json.dumps(out))
 
 

@@ -9,10 +9,12 @@
 //!      longest member, as they must.
 //!   d. a bert-base-shaped checkpoint (12 layers, 768 hidden, random weights, written to a
 //!      temporary folder and loaded by every engine) at 8 sequences x 128 tokens.
-//! berth runs in f32 and, where the CPU has AMX, in bf16; the accuracy of bf16 is the cosine
-//! of its (c) embeddings to berth f32's. Peers run in scripts/bench_peers.py with the same
-//! thread count (PyTorch eager f32 and bf16 autocast, ONNX Runtime f32); missing peers are
-//! "n/a".
+//! berth runs in f32 and, where the CPU has AMX, in bf16 and int8; the accuracy of each
+//! reduced precision is the cosine of its (c) embeddings to berth f32's. Peers run in
+//! scripts/bench_peers.py with the same thread count (PyTorch eager f32 and bf16 autocast,
+//! ONNX Runtime f32 and dynamic int8 with per-channel weights); missing peers are "n/a".
+//! Throughput is also given as GFLOP/s of useful work (real tokens only) and as a fraction
+//! of the measured peak of berth's own matrix product in the same precision.
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,8 +35,8 @@ pub struct BenchArgs {
     /// Datasets folder for workload (c) (default: $BERTH_DATASETS or ../shared/datasets).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Texts in workload (c).
-    #[arg(long, default_value_t = 1000)]
+    /// Texts in workload (c) (each engine embeds them once, after a short warm-up).
+    #[arg(long, default_value_t = 10_000)]
     sentences: usize,
     /// Minimum seconds per measurement: longer is steadier, slower to finish.
     #[arg(long, default_value_t = 3.0)]
@@ -63,6 +65,76 @@ fn synthetic(n: usize, len: usize, vocab: u32, cls: u32, sep: u32) -> Vec<Vec<u3
             ids
         })
         .collect()
+}
+
+/// Runs `f` once after a warm-up `w`; runs/s.
+fn once(
+    w: impl FnOnce() -> anyhow::Result<()>,
+    f: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    w()?;
+    let start = Instant::now();
+    f()?;
+    Ok(1.0 / start.elapsed().as_secs_f64())
+}
+
+/// Multiply-adds × 2 of one encoder pass over a sequence of `len` tokens: the four
+/// linears per layer and the two attention products.
+fn encoder_flops(c: &berth_model::EncoderConfig, len: usize) -> f64 {
+    let (h, i, l) = (c.hidden_size as f64, c.intermediate_size as f64, len as f64);
+    c.num_layers as f64 * (2.0 * l * h * (4.0 * h + 2.0 * i) + 4.0 * l * l * h)
+}
+
+/// GFLOP/s of berth's matrix product in `mode` on the model's largest shape
+/// (4096 tokens × hidden → intermediate), the reference for "fraction of peak".
+fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
+    use berth_kernels::amx::{self, int8::PackedI8, PackedBf16};
+    let n = 4096;
+    let x: Vec<f32> = (0..n * h)
+        .map(|k| ((k * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let w: Vec<f32> = (0..i * h)
+        .map(|k| ((k * 104729) % 1000) as f32 / 5e3 - 0.1)
+        .collect();
+    let b = vec![0f32; i];
+    let run: Box<dyn Fn()> = match mode {
+        Precision::F32 => {
+            let p = berth_kernels::sgemm::PackedB::pack_transposed(&w, i, h);
+            Box::new(move || {
+                let mut y = vec![0f32; n * i];
+                berth_kernels::sgemm::sgemm(
+                    n,
+                    &x,
+                    h,
+                    1,
+                    &p,
+                    &mut y,
+                    i,
+                    berth_kernels::sgemm::Init::Zero,
+                );
+                std::hint::black_box(y);
+            })
+        }
+        Precision::Bf16 => {
+            let p = PackedBf16::pack(&w, &b, i, h);
+            Box::new(move || {
+                std::hint::black_box(amx::linear_bf16(&x, n, &p));
+            })
+        }
+        Precision::Int8 => {
+            let p = PackedI8::quantize(&w, &b, i, h);
+            Box::new(move || {
+                std::hint::black_box(amx::int8::linear_i8(&x, n, &p, None));
+            })
+        }
+    };
+    run();
+    let start = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        run();
+    }
+    2.0 * (n * h * i * reps) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
 /// Runs `f` until `seconds` have passed (at least 3 runs, after one warm-up); runs/s.
@@ -245,12 +317,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     eprintln!("berth: {} ({} threads); (c) {} texts, {real} real tokens, {padded} when padded per batch of 32 ({:.0} % real)",
         dir.display(), threads, texts.len(), 100.0 * real as f64 / padded as f64);
     let pooling = st.map_or(Pooling::Cls, |c| c.pooling);
-    let modes: Vec<Precision> = if berth_kernels::amx::available() {
-        vec![Precision::F32, Precision::Bf16]
+    let mut modes = vec![Precision::F32];
+    if berth_kernels::amx::available() {
+        modes.push(Precision::Bf16);
     } else {
-        eprintln!("no AMX on this CPU: berth bf16 is skipped");
-        vec![Precision::F32]
-    };
+        eprintln!("no AMX bf16 on this CPU: berth bf16 is skipped");
+    }
+    if berth_kernels::amx::int8_available() {
+        modes.push(Precision::Int8);
+    } else {
+        eprintln!("no AMX int8 on this CPU: berth int8 (portable loop) is not benchmarked");
+    }
     let max_length = p.max_length;
     let mut p = p;
     let mut measure = |mode: Precision| -> anyhow::Result<[f64; 4]> {
@@ -264,7 +341,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Ok([
             rate(a.seconds, || forward(&p.model, &wa))? * 32.0,
             rate(a.seconds, || forward(&p.model, &wb))?,
-            rate(0.0, || embed_all(&p, &texts, pooling).map(|_| ()))? * texts.len() as f64,
+            once(
+                || embed_all(&p, &texts[..texts.len().min(256)], pooling).map(|_| ()),
+                || embed_all(&p, &texts, pooling).map(|_| ()),
+            )? * texts.len() as f64,
             rate(a.seconds, || forward(&base, &wd))? * 8.0,
         ])
     };
@@ -298,35 +378,92 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&base_dir);
 
     let names = [
-        "(a) MiniLM 32 x 128",
-        "(b) MiniLM 1 x 16",
-        &format!("(c) MiniLM, {} mixed texts, batches of 32", texts.len()),
-        "(d) bert-base 8 x 128",
+        "(a) MiniLM 32 x 128".to_string(),
+        "(b) MiniLM 1 x 16".to_string(),
+        format!("(c) MiniLM, {} mixed texts, batches of 32", texts.len()),
+        "(d) bert-base 8 x 128".to_string(),
     ];
     let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
     let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) => format!("{:.2}x", x / y),
         _ => "n/a".into(),
     };
-    println!("sequences/s (higher is better); ratios are berth / peer in the same run");
-    println!("| workload | berth f32 | berth bf16 | PyTorch f32 | PyTorch bf16 | ORT f32 | f32 / PyTorch | f32 / ORT | bf16 / PyTorch bf16 | bf16 / ORT f32 |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (i, key) in ["a", "b", "c", "d"].iter().enumerate() {
-        let get = |peer_name: &str| peer[peer_name][key].as_f64();
-        let f32_ = Some(ours[0][i]);
-        let bf16 = ours.get(1).map(|o| o[i]);
+    let berth_at =
+        |mode: Precision, i: usize| modes.iter().position(|&m| m == mode).map(|k| ours[k][i]);
+    const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+    let get = |peer_name: &str, i: usize| peer[peer_name][KEYS[i]].as_f64();
+    println!("sequences/s (higher is better)");
+    println!("| workload | berth f32 | berth bf16 | berth int8 | PyTorch f32 | PyTorch bf16 | ORT f32 | ORT int8 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            names[i],
-            cell(f32_),
-            cell(bf16),
-            cell(get("torch")),
-            cell(get("torch_bf16")),
-            cell(get("ort")),
-            ratio(f32_, get("torch")),
-            ratio(f32_, get("ort")),
-            ratio(bf16, get("torch_bf16")),
-            ratio(bf16, get("ort")),
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(berth_at(Precision::F32, i)),
+            cell(berth_at(Precision::Bf16, i)),
+            cell(berth_at(Precision::Int8, i)),
+            cell(get("torch", i)),
+            cell(get("torch_bf16", i)),
+            cell(get("ort", i)),
+            cell(get("ort_int8", i)),
+        );
+    }
+    println!("\nratios, berth / peer in the same run");
+    println!("| workload | f32 / PyTorch | f32 / ORT | bf16 / PyTorch bf16 | bf16 / ORT f32 | int8 / ORT int8 | int8 / ORT f32 |");
+    println!("|---|---|---|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let (f, b, q) = (
+            berth_at(Precision::F32, i),
+            berth_at(Precision::Bf16, i),
+            berth_at(Precision::Int8, i),
+        );
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            ratio(f, get("torch", i)),
+            ratio(f, get("ort", i)),
+            ratio(b, get("torch_bf16", i)),
+            ratio(b, get("ort", i)),
+            ratio(q, get("ort_int8", i)),
+            ratio(q, get("ort", i)),
+        );
+    }
+    // Useful work per sequence (real tokens only) and berth's own product peak per mode.
+    let cfg = &p.model.config;
+    let per_seq = [
+        encoder_flops(cfg, 128),
+        encoder_flops(cfg, 16),
+        encs.iter()
+            .map(|e| encoder_flops(cfg, e.ids.len()))
+            .sum::<f64>()
+            / encs.len() as f64,
+        encoder_flops(&base.config, 128),
+    ];
+    let peaks: Vec<f64> = modes
+        .iter()
+        .map(|&m| matmul_peak(m, cfg.hidden_size, cfg.intermediate_size))
+        .collect();
+    println!(
+        "\nGFLOP/s of useful work (fraction of berth's measured matmul peak in that precision)"
+    );
+    let heads: Vec<String> = modes
+        .iter()
+        .zip(&peaks)
+        .map(|(m, pk)| format!("berth {m:?} (peak {pk:.0})"))
+        .collect();
+    println!("| workload | {} | ORT f32 |", heads.join(" | "));
+    println!("|---|{}---|", "---|".repeat(modes.len()));
+    for (i, name) in names.iter().enumerate() {
+        let cells: Vec<String> = ours
+            .iter()
+            .zip(&peaks)
+            .map(|(o, pk)| {
+                let g = o[i] * per_seq[i] / 1e9;
+                format!("{g:.0} ({:.0} %)", 100.0 * g / pk)
+            })
+            .collect();
+        println!(
+            "| {name} | {} | {} |",
+            cells.join(" | "),
+            get("ort", i).map_or("n/a".into(), |v| format!("{:.0}", v * per_seq[i] / 1e9)),
         );
     }
     // Accuracy of reduced precision: cosine of (c) embeddings to berth f32.
@@ -335,7 +472,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for &mode in &modes[1..] {
         p.model.set_precision(mode)?;
         let (mean, min) = cosine_stats(&reference, &embed_all(&p, &texts, pooling)?);
-        println!("berth {mode:?} vs f32 on (c): mean cosine {mean:.6}, lowest {min:.6}");
+        println!("berth {mode:?} vs berth f32 on (c): mean cosine {mean:.6}, lowest {min:.6}");
+    }
+    if let Some(c) = peer.get("ort_int8_cosine") {
+        println!(
+            "ORT int8 vs ORT f32 on (c): mean cosine {:.6}, lowest {:.6}",
+            c["mean"].as_f64().unwrap_or(f64::NAN),
+            c["min"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     if let Some(v) = peer.get("versions") {
         println!("peers: {v}");

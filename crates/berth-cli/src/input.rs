@@ -22,8 +22,9 @@ pub struct TextArgs {
     /// more activation memory (~6 KB per token per 384 hidden).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
-    /// Number format of the encoder's matrix products: f32, or bf16 (Intel AMX; outputs
-    /// within ~1e-3 cosine of f32).
+    /// Number format of the encoder's matrix products: f32; bf16 (Intel AMX; outputs
+    /// within ~1e-5 cosine of f32); or int8 (weights per channel, activations per token;
+    /// AMX int8 tiles, a slow portable loop elsewhere; outputs within ~1e-3 cosine).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
 }
@@ -33,6 +34,7 @@ pub struct TextArgs {
 pub enum DtypeArg {
     F32,
     Bf16,
+    Int8,
 }
 
 impl DtypeArg {
@@ -41,6 +43,7 @@ impl DtypeArg {
         match self {
             DtypeArg::F32 => berth_model::Precision::F32,
             DtypeArg::Bf16 => berth_model::Precision::Bf16,
+            DtypeArg::Int8 => berth_model::Precision::Int8,
         }
     }
 }

@@ -69,23 +69,25 @@ fn minilm_embeddings_match_sentence_transformers() {
     assert!(worst <= 1e-4, "max abs diff {worst}");
 }
 
-#[test]
-fn bf16_embeddings_stay_close_to_sentence_transformers() {
-    // bf16 needs AMX tiles; elsewhere the flag must fail with a clear message instead.
+/// `berth embed --dtype DTYPE` on the MiniLM fixture sentences: the lowest cosine to
+/// sentence-transformers' f32 embeddings.
+fn reduced_precision_lowest_cosine(dtype: &str) -> Option<f64> {
     let dir = minilm_dir();
     let fixture = root().join("fixtures/minilm");
     let texts = minilm_sentences();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut args = vec!["embed", "--dtype", "bf16", "--model", dir.to_str().unwrap()];
+    let mut args = vec!["embed", "--dtype", dtype, "--model", dir.to_str().unwrap()];
     args.extend(&texts);
     let run = berth(&args);
-    if !berth_kernels::amx::available() {
+    if dtype == "bf16" && !berth_kernels::amx::available() {
+        // bf16 needs AMX tiles; elsewhere the flag must fail with a clear message instead.
         let err = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success() && err.contains("AMX"), "{err}");
         println!("no AMX here: bf16 refused with: {err}");
-        return;
+        return None;
     }
     let out = json_lines(&ok(&run));
+    assert_eq!(out.len(), texts.len());
     let want = minilm_reference(&fixture);
     let mut lowest = 1f64;
     for (line, w) in out.iter().zip(&want) {
@@ -99,11 +101,24 @@ fn bf16_embeddings_stay_close_to_sentence_transformers() {
         lowest = lowest.min(cos);
     }
     println!(
-        "MiniLM bf16, {} sentences: lowest cosine to sentence-transformers f32 {lowest:.6}",
+        "MiniLM {dtype}, {} sentences: lowest cosine to sentence-transformers f32 {lowest:.6}",
         out.len()
     );
-    assert_eq!(out.len(), texts.len());
-    assert!(lowest >= 0.999, "lowest cosine {lowest}");
+    Some(lowest)
+}
+
+#[test]
+fn bf16_embeddings_stay_close_to_sentence_transformers() {
+    if let Some(lowest) = reduced_precision_lowest_cosine("bf16") {
+        assert!(lowest >= 0.999, "lowest cosine {lowest}");
+    }
+}
+
+#[test]
+fn int8_embeddings_stay_close_to_sentence_transformers() {
+    // AMX int8 tiles where the CPU has them, else the portable loop (the same integers).
+    let lowest = reduced_precision_lowest_cosine("int8").expect("int8 runs on every CPU");
+    assert!(lowest >= 0.99, "lowest cosine {lowest}");
 }
 
 #[test]

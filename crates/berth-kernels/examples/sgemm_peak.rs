@@ -4,6 +4,9 @@ use berth_kernels::sgemm::{sgemm, Init, PackedB};
 use std::time::Instant;
 
 fn main() {
+    if std::env::args().any(|a| a == "amx") {
+        return amx_products();
+    }
     for &(m, n, k, reps) in &[
         (8usize, 48usize, 128usize, 200000usize),
         (256, 48, 128, 5000),
@@ -23,6 +26,50 @@ fn main() {
         println!(
             "{m}x{n}x{k}: {:.1} GFLOP/s",
             2.0 * (m * n * k * reps) as f64 / s / 1e9
+        );
+    }
+}
+
+/// Whole products in bf16 and int8 on AMX tiles (activation conversion included).
+#[allow(dead_code)]
+fn amx_products() {
+    use berth_kernels::amx::{int8::PackedI8, linear_bf16, PackedBf16};
+    for &(m, n, k, reps) in &[
+        (32usize, 1536usize, 384usize, 200usize),
+        (512, 1536, 384, 50),
+        (4096, 1536, 384, 20),
+        (4096, 384, 1536, 20),
+        (1024, 3072, 768, 10),
+    ] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 1000) as f32 / 5000.0 - 0.1)
+            .collect();
+        let b = vec![0.1f32; n];
+        let flops = 2.0 * (m * n * k * reps) as f64;
+        if berth_kernels::amx::available() {
+            let p = PackedBf16::pack(&w, &b, n, k);
+            linear_bf16(&x, m, &p);
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(linear_bf16(&x, m, &p));
+            }
+            println!(
+                "bf16 {m}x{n}x{k}: {:.1} GFLOP/s",
+                flops / t.elapsed().as_secs_f64() / 1e9
+            );
+        }
+        let p = PackedI8::quantize(&w, &b, n, k);
+        berth_kernels::amx::int8::linear_i8(&x, m, &p, None);
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(berth_kernels::amx::int8::linear_i8(&x, m, &p, None));
+        }
+        println!(
+            "int8 {m}x{n}x{k}: {:.1} GOP/s",
+            flops / t.elapsed().as_secs_f64() / 1e9
         );
     }
 }

@@ -25,33 +25,47 @@ const DEPTH: usize = 32;
 /// u16 values in one packed `W` tile (16 rows × 32 bf16).
 const TILE: usize = 16 * DEPTH;
 
+/// What the CPU and OS allow of AMX.
+#[derive(Debug, Clone, Copy, Default)]
+struct Support {
+    bf16: bool,
+    int8: bool,
+}
+
+fn support() -> Support {
+    static SUPPORT: OnceLock<Support> = OnceLock::new();
+    *SUPPORT.get_or_init(detect)
+}
+
 /// Whether this CPU and OS run AMX bf16 tiles (checked, and permission asked, once).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+    support().bf16
+}
+
+/// Whether this CPU and OS run AMX int8 tiles (`TDPBUSD`; see [`int8`]).
+pub fn int8_available() -> bool {
+    support().int8
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
+fn detect() -> Support {
     use std::arch::x86_64::{__cpuid_count, _xgetbv};
-    // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; AVX512-BF16 for the conversions
-    // is CPUID.(7,1):EAX bit 5.
+    // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE, bit 25 AMX-INT8; AVX512-BF16 for
+    // the conversions is CPUID.(7,1):EAX bit 5.
     #[allow(unused_unsafe)]
     let (leaf7, leaf7_1) = unsafe { (__cpuid_count(7, 0), __cpuid_count(7, 1)) };
     #[allow(unused_unsafe)]
     let osxsave = unsafe { __cpuid_count(1, 0) }.ecx & (1 << 27) != 0;
-    if leaf7.edx & (1 << 22) == 0
-        || leaf7.edx & (1 << 24) == 0
-        || leaf7_1.eax & (1 << 5) == 0
+    if leaf7.edx & (1 << 24) == 0
         || !osxsave
         || !std::arch::is_x86_feature_detected!("avx512f")
         || !std::arch::is_x86_feature_detected!("avx512bw")
     {
-        return false;
+        return Support::default();
     }
     // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA) must be enabled by the OS.
     if unsafe { _xgetbv(0) } & (0b11 << 17) != 0b11 << 17 {
-        return false;
+        return Support::default();
     }
     const SYS_ARCH_PRCTL: i64 = 158;
     const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
@@ -69,12 +83,15 @@ fn detect() -> bool {
             options(nostack),
         );
     }
-    ret == 0
+    Support {
+        bf16: ret == 0 && leaf7.edx & (1 << 22) != 0 && leaf7_1.eax & (1 << 5) != 0,
+        int8: ret == 0 && leaf7.edx & (1 << 25) != 0,
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+fn detect() -> Support {
+    Support::default()
 }
 
 /// Rounds an f32 to bf16, to nearest even (NaN stays NaN).
@@ -307,6 +324,8 @@ macro_rules! tile_store {
         )
     };
 }
+
+pub mod int8;
 
 /// Output row block `rb` (32 rows) × column blocks `cols` (32 columns each).
 ///

@@ -37,8 +37,9 @@ struct LayerNorm {
     eps: f64,
 }
 
-/// Mean and 1/std of one row.
-fn row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
+/// Mean and 1/std of one row, summed in order (f64; f32 overrides it with
+/// [`row_stats_f32`] through [`Float::row_stats`]).
+pub(crate) fn row_stats_generic<T: Float>(row: &[T], eps: f64) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
     let mean = row.iter().copied().sum::<T>() / n;
     let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
@@ -51,7 +52,7 @@ fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
-            let (mean, rstd) = row_stats(xr, eps);
+            let (mean, rstd) = T::row_stats(xr, eps);
             for i in 0..d {
                 yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
             }
@@ -72,7 +73,7 @@ fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, 
         .map(|(dxb, (xb, dyb))| {
             let (mut dg, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
             for (dxr, (xr, dyr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(dyb.chunks(d))) {
-                let (mean, rstd) = row_stats(xr, eps);
+                let (mean, rstd) = T::row_stats(xr, eps);
                 let n = T::from_f64(d as f64);
                 let (mut m1, mut m2) = (T::zero(), T::zero());
                 for i in 0..d {
@@ -170,6 +171,24 @@ mod tests {
     use crate::testing::{assert_close, gradcheck, randn};
 
     #[test]
+    fn fused_add_layer_norm_matches_composed_reference() -> Result<()> {
+        for d in [384, 37] {
+            let f = |t: Tensor| t.to_dtype(candle_core::DType::F32);
+            let x = f((randn(&[9, d], 21)? * 3.0)?)?;
+            let r = f((randn(&[9, d], 22)? + 0.5)?)?;
+            let g = f((randn(&[d], 23)? + 1.0)?)?;
+            let b = f(randn(&[d], 24)?)?;
+            let ours = add_layer_norm(&x, &r, &g, &b, 1e-12)?;
+            let theirs = reference_layer_norm(&(&x + &r)?, &g, &b, 1e-12)?;
+            assert_close("add_layer_norm", &ours, &theirs, 1e-5)?;
+            // The same bits as the differentiable op on the summed input.
+            let unfused = layer_norm(&(&x + &r)?, &g, &b, 1e-12)?;
+            assert_close("add_layer_norm vs layer_norm", &ours, &unfused, 0.0)?;
+        }
+        Ok(())
+    }
+
+    #[test]
     fn matches_composed_reference_forward_and_backward() -> Result<()> {
         let x = candle_core::Var::from_tensor(&randn(&[7, 12], 1)?)?;
         let g = candle_core::Var::from_tensor(&(randn(&[12], 2)? + 1.0)?)?;
@@ -198,4 +217,104 @@ mod tests {
             layer_norm(&v[0], &v[1], &v[2], 1e-5)
         })
     }
+}
+
+/// Inference only (no gradient flows through it): `LayerNorm(x + residual)` for f32
+/// `[N, D]` in one pass per row, with AVX-512 row sums where the CPU has them. Training
+/// uses `layer_norm(&(x + residual)?, ..)`, which is differentiable.
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if x.dims() != residual.dims() || gamma.dims() != [d] || beta.dims() != [d] {
+        candle_core::bail!(
+            "add_layer_norm: x {:?}, residual {:?}, gamma {:?}, beta {:?} do not fit",
+            x.dims(),
+            residual.dims(),
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+    let (g, b) = (flat(gamma)?, flat(beta)?);
+    let y = with_slice::<f32, _>(x, |xs| {
+        with_slice::<f32, _>(residual, |rs| {
+            let mut y = vec![0f32; xs.len()];
+            y.par_chunks_mut(d)
+                .zip(xs.par_chunks(d).zip(rs.par_chunks(d)))
+                .for_each(|(yr, (xr, rr))| add_norm_row(xr, rr, &g, &b, eps as f32, yr));
+            y
+        })
+    })??;
+    Tensor::from_vec(y, x.shape(), x.device())
+}
+
+fn add_norm_row(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { add_norm_row_avx512(x, r, g, b, eps, y) };
+    }
+    add_norm_row_generic(x, r, g, b, eps, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_norm_row_avx512(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    add_norm_row_generic(x, r, g, b, eps, y)
+}
+
+/// The add, then exactly [`layer_norm`]'s f32 arithmetic (same sums, same order), so the
+/// fused and unfused paths give the same bits.
+#[inline(always)]
+fn add_norm_row_generic(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    for ((yv, xv), rv) in y.iter_mut().zip(x).zip(r) {
+        *yv = xv + rv;
+    }
+    let (mean, rstd) = stats_lanes(y, eps);
+    for ((yv, gv), bv) in y.iter_mut().zip(g).zip(b) {
+        *yv = (*yv - mean) * rstd * gv + bv;
+    }
+}
+
+/// f32 mean and 1/std of a row with sums in 16 lanes (the loops vectorise; the order is
+/// fixed by the code, so every CPU gives the same bits).
+pub(crate) fn row_stats_f32(row: &[f32], eps: f64) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { row_stats_avx512(row, eps as f32) };
+    }
+    stats_lanes(row, eps as f32)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_stats_avx512(row: &[f32], eps: f32) -> (f32, f32) {
+    stats_lanes(row, eps)
+}
+
+#[inline(always)]
+fn stats_lanes(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = lanes_sum(row, |v| v) / n;
+    let var = lanes_sum(row, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+#[inline(always)]
+fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&t| f(t)).sum();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] += f(c[j]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

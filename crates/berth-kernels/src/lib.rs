@@ -25,7 +25,7 @@ mod testing;
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use dropout::{dropout, substream as seed_stream};
-pub use layer_norm::{layer_norm, reference_layer_norm};
+pub use layer_norm::{add_layer_norm, layer_norm, reference_layer_norm};
 pub use linear::{linear, linear_prepacked};
 pub use softmax::{reference_softmax, softmax_last_dim};
 
@@ -51,6 +51,12 @@ pub(crate) trait Float:
     /// In-place softmax of one row (f32: a vectorised exp, AVX-512 when available).
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_generic(row)
+    }
+
+    /// LayerNorm statistics of one row: mean and 1/sqrt(var + eps) (f32: sums in 16
+    /// lanes, vectorised).
+    fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
+        layer_norm::row_stats_generic(row, eps)
     }
 }
 
@@ -79,6 +85,10 @@ impl Float for f32 {
 
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_f32(row)
+    }
+
+    fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
+        layer_norm::row_stats_f32(row, eps)
     }
 }
 

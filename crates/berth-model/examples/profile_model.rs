@@ -1,5 +1,5 @@
 //! Runs a model's forward pass on S x L synthetic tokens in a loop, for `perf`.
-//!     cargo run --release -p berth-model --example profile_model -- DIR S L ITERS [f32|bf16]
+//!     cargo run --release -p berth-model --example profile_model -- DIR S L ITERS [f32|bf16|int8]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

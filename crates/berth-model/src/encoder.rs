@@ -176,9 +176,21 @@ impl Layer {
         } else {
             attn
         };
-        let x = self.attn_ln.forward(&(attn + x)?)?;
+        // Weights packed for inference (never during training): the residual add and the
+        // LayerNorm run as one fused pass without a gradient.
+        let fused = d.is_none() && self.out.packed.is_some();
+        let add_norm = |ln: &LayerNorm, y: Tensor, res: &Tensor| -> Result<Tensor> {
+            if fused && y.dtype() == candle_core::DType::F32 {
+                Ok(berth_kernels::add_layer_norm(
+                    &y, res, &ln.weight, &ln.bias, ln.eps,
+                )?)
+            } else {
+                ln.forward(&(y + res)?)
+            }
+        };
+        let x = add_norm(&self.attn_ln, attn, x)?;
         let f = self.inter.forward_then(&x, Some(self.activation))?; // [N, F]
         let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
-        self.out_ln.forward(&(f + x)?)
+        add_norm(&self.out_ln, f, &x)
     }
 }

@@ -2,6 +2,7 @@
 //! Shapes: `N` tokens, `I` input features, `O` output features.
 use std::sync::Arc;
 
+use berth_kernels::amx::int8::PackedI8;
 use berth_kernels::amx::PackedBf16;
 use berth_kernels::sgemm::PackedB;
 use berth_kernels::Activation;
@@ -20,6 +21,9 @@ pub enum Precision {
     /// Weights and activations rounded to bf16 for the linear layers, f32 accumulation
     /// (Intel AMX tiles).
     Bf16,
+    /// Weights quantized to int8 per output channel once, activations to uint8 per token
+    /// at each product, i32 accumulation (AMX int8 tiles; a portable loop elsewhere).
+    Int8,
 }
 
 impl std::str::FromStr for Precision {
@@ -29,8 +33,9 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "int8" | "i8" => Ok(Precision::Int8),
             other => Err(ModelError::Input(format!(
-                "unknown dtype {other:?} (expected f32 or bf16)"
+                "unknown dtype {other:?} (expected f32, bf16 or int8)"
             ))),
         }
     }
@@ -55,6 +60,8 @@ pub enum Packed {
     F32(PackedB, Vec<f32>),
     /// bf16 AMX tiles (the bias inside).
     Bf16(PackedBf16),
+    /// int8 per-channel quantized tiles (scales and bias inside).
+    Int8(PackedI8),
 }
 
 impl Linear {
@@ -107,6 +114,10 @@ impl Linear {
                     &self.bias,
                 )?)))
             }
+            Precision::Int8 => Some(Arc::new(Packed::Int8(PackedI8::from_tensors(
+                &self.weight,
+                &self.bias,
+            )?))),
         };
         Ok(())
     }
@@ -119,8 +130,14 @@ impl Linear {
     /// `act(x W^T + b)`: fused into the product's output when the weight is packed for
     /// f32 inference, else a separate pass.
     pub fn forward_then(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        if let (Some(Packed::F32(w, b)), DType::F32) = (self.packed.as_deref(), x.dtype()) {
-            return Ok(berth_kernels::linear_prepacked(x, w, b, act)?);
+        match (self.packed.as_deref(), x.dtype()) {
+            (Some(Packed::F32(w, b)), DType::F32) => {
+                return Ok(berth_kernels::linear_prepacked(x, w, b, act)?)
+            }
+            (Some(Packed::Int8(w)), DType::F32) => {
+                return Ok(berth_kernels::amx::int8::linear_packed(x, w, act)?)
+            }
+            _ => {}
         }
         let y = self.forward_unfused(x)?;
         match act {
@@ -136,6 +153,9 @@ impl Linear {
             }
             Some(Packed::F32(w, b)) if x.dtype() == DType::F32 => {
                 Ok(berth_kernels::linear_prepacked(x, w, b, None)?)
+            }
+            Some(Packed::Int8(w)) if x.dtype() == DType::F32 => {
+                Ok(berth_kernels::amx::int8::linear_packed(x, w, None)?)
             }
             _ => Ok(berth_kernels::linear(x, &self.weight, &self.bias)?),
         }

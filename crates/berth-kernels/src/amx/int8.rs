@@ -1,0 +1,586 @@
+//! int8 matrix products for inference: `y = act(x W^T + b)` with `W` quantized once per
+//! output channel (symmetric, int8) and `x` quantized per call and per token (row) to
+//! asymmetric uint8; integer products accumulate exactly in i32 and are scaled back to f32.
+//!
+//! With `x[r, k] ≈ sx[r] (qx[r, k] - zx[r])` and `W[c, k] ≈ sw[c] qw[c, k]`:
+//!
+//! `y[r, c] = sx[r] sw[c] (Σ_k qx[r, k] qw[c, k] - zx[r] Σ_k qw[c, k]) + b[c]`
+//!
+//! The integer sum is what Intel AMX `TDPBUSD` (unsigned × signed bytes, four per i32 lane)
+//! computes; `Σ_k qw[c, k]` is stored with the packed weight. Asymmetric activations keep
+//! the full 256 levels for one-sided inputs such as GELU outputs; per-token scales keep a
+//! single large token from flattening the others (ONNX Runtime's default dynamic
+//! quantization uses one scale per tensor).
+//!
+//! Tiles: `A` (16 rows × 64 uint8 of `x`), `B` (16 rows of 16 × 4 int8: row `r` holds
+//! `W[o][4r..4r + 4]` for the tile's 16 outputs `o`), `C` 16 × 16 i32. The kernel keeps a
+//! 32 × 32 block of `C` in four tiles as the bf16 kernel does. Without AMX int8 a portable
+//! loop computes the same integer sums from the same packed buffers (exactly the same
+//! result, much slower).
+use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
+
+use super::{int8_available, CONFIG};
+use crate::cpu::{with_slice, SendPtr};
+use crate::{Activation, Float};
+
+/// Rows and columns of the output block one kernel call computes.
+const BLOCK: usize = 32;
+/// uint8 values of `x` in one tile row (the inner-product depth of one tile product).
+const DEPTH: usize = 64;
+/// Bytes in one packed `W` tile (16 rows × 64 int8).
+const TILE: usize = 16 * DEPTH;
+
+/// A weight `W [O, I]` quantized per output channel and packed in AMX int8 tiles, with its
+/// scales, channel sums and f32 bias.
+#[derive(Debug, Clone)]
+pub struct PackedI8 {
+    outputs: usize,
+    inputs: usize,
+    /// `inputs` rounded up to [`DEPTH`].
+    depth: usize,
+    /// Tiles ordered `[O / 16][I / 64]`, zero-padded.
+    tiles: Vec<i8>,
+    /// `sw [O rounded up to BLOCK]`: `W[c, :] ≈ sw[c] qw[c, :]`.
+    scale: Vec<f32>,
+    /// `Σ_k qw[c, k]` (padded like `scale`).
+    sums: Vec<i32>,
+    /// `b` (padded like `scale`).
+    bias: Vec<f32>,
+}
+
+/// Symmetric int8 quantization of one weight row: `(scale, values in [-127, 127])`.
+fn quantize_channel(w: &[f32]) -> (f32, Vec<i8>) {
+    let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    let q = w
+        .iter()
+        .map(|v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (scale, q)
+}
+
+impl PackedI8 {
+    /// Quantizes and packs `w [O, I]` (row-major) and `b [O]`.
+    pub fn quantize(w: &[f32], b: &[f32], outputs: usize, inputs: usize) -> Self {
+        assert_eq!(w.len(), outputs * inputs, "PackedI8::quantize: weight size");
+        assert_eq!(b.len(), outputs, "PackedI8::quantize: bias size");
+        let depth = inputs.div_ceil(DEPTH) * DEPTH;
+        let out_pad = outputs.div_ceil(BLOCK) * BLOCK;
+        let kb = depth / DEPTH;
+        let mut tiles = vec![0i8; out_pad / 16 * kb * TILE];
+        let mut scale = vec![1f32; out_pad];
+        let mut sums = vec![0i32; out_pad];
+        for o in 0..outputs {
+            let (s, q) = quantize_channel(&w[o * inputs..(o + 1) * inputs]);
+            scale[o] = s;
+            sums[o] = q.iter().map(|&v| v as i32).sum();
+            let (t, col) = (o / 16, o % 16);
+            for (k, &v) in q.iter().enumerate() {
+                let (blk, within) = (k / DEPTH, k % DEPTH);
+                tiles[(t * kb + blk) * TILE + within / 4 * DEPTH + col * 4 + within % 4] = v;
+            }
+        }
+        let mut bias = vec![0f32; out_pad];
+        bias[..outputs].copy_from_slice(b);
+        PackedI8 {
+            outputs,
+            inputs,
+            depth,
+            tiles,
+            scale,
+            sums,
+            bias,
+        }
+    }
+
+    /// Quantizes the tensors `w [O, I]` and `b [O]` (f32 or f64).
+    pub fn from_tensors(w: &Tensor, b: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        if b.dims() != [o] {
+            bail!(
+                "PackedI8: weight {:?} and bias {:?} do not fit",
+                w.dims(),
+                b.dims()
+            );
+        }
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Self::quantize(&flat(w)?, &flat(b)?, o, i))
+    }
+
+    /// `O`.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// `I`.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// The quantized weight `qw[c, k]` read back from the tiles.
+    pub fn value(&self, c: usize, k: usize) -> i8 {
+        let kb = self.depth / DEPTH;
+        let (blk, within) = (k / DEPTH, k % DEPTH);
+        self.tiles[(c / 16 * kb + blk) * TILE + within / 4 * DEPTH + c % 16 * 4 + within % 4]
+    }
+
+    /// The per-channel scale `sw[c]`.
+    pub fn scale(&self, c: usize) -> f32 {
+        self.scale[c]
+    }
+}
+
+/// `x [N, I]` quantized per row to uint8, rows of `depth` (zero-padded), `N` rounded up
+/// to [`BLOCK`]: `x[r, k] ≈ scale[r] (data[r, k] - zero[r])`.
+#[derive(Debug, Clone)]
+pub struct QuantRows {
+    /// `[N rounded up to BLOCK, depth]`.
+    pub data: Vec<u8>,
+    /// `[N]`.
+    pub scale: Vec<f32>,
+    /// `[N]`, in `[0, 255]`.
+    pub zero: Vec<i32>,
+    /// Row length in `data`.
+    pub depth: usize,
+}
+
+/// Quantizes each row of `x [N, I]` over its own range (which always includes 0, so zero
+/// padding and exact zeros stay exact).
+pub fn quantize_rows(x: &[f32], n: usize, inputs: usize, depth: usize) -> QuantRows {
+    assert_eq!(x.len(), n * inputs, "quantize_rows: input size");
+    let rows = n.div_ceil(BLOCK) * BLOCK;
+    let mut data = vec![0u8; rows * depth];
+    let mut scale = vec![1f32; n];
+    let mut zero = vec![0i32; n];
+    data[..n * depth]
+        .par_chunks_mut(depth * BLOCK)
+        .zip(x.par_chunks(inputs * BLOCK))
+        .zip(scale.par_chunks_mut(BLOCK).zip(zero.par_chunks_mut(BLOCK)))
+        .for_each(|((dst, src), (sc, zp))| {
+            for (((d, s), sc), zp) in dst
+                .chunks_mut(depth)
+                .zip(src.chunks(inputs))
+                .zip(sc)
+                .zip(zp)
+            {
+                (*sc, *zp) = quantize_row(s, &mut d[..inputs]);
+            }
+        });
+    QuantRows {
+        data,
+        scale,
+        zero,
+        depth,
+    }
+}
+
+fn quantize_row(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { quantize_row_avx512(src, dst) };
+    }
+    quantize_row_generic(src, dst)
+}
+
+/// The scale and zero point of a row whose range (with 0) is `[lo, hi]`.
+#[inline(always)]
+fn row_params(lo: f32, hi: f32) -> Option<(f32, f32, f32)> {
+    if hi <= lo || !(hi - lo).is_finite() {
+        return None;
+    }
+    let scale = (hi - lo) / 255.0;
+    let inv = 1.0 / scale;
+    Some((scale, inv, (-lo * inv).round_ties_even().clamp(0.0, 255.0)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let p = src.as_ptr();
+    let mask = |i: usize| -> __mmask16 {
+        if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        }
+    };
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for i in (0..n).step_by(16) {
+        let v = _mm512_maskz_loadu_ps(mask(i), p.add(i));
+        lo = _mm512_min_ps(lo, v);
+        hi = _mm512_max_ps(hi, v);
+    }
+    let Some((scale, inv, zero)) = row_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+    else {
+        dst.fill(0);
+        return (1.0, 0);
+    };
+    let (vinv, vzero, floor) = (
+        _mm512_set1_ps(inv),
+        _mm512_set1_ps(zero),
+        _mm512_setzero_si512(),
+    );
+    for i in (0..n).step_by(16) {
+        let m = mask(i);
+        let v = _mm512_maskz_loadu_ps(m, p.add(i));
+        // Round to nearest even (the default MXCSR mode), clamp below at 0 and store with
+        // unsigned saturation at 255.
+        let q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_fmadd_ps(v, vinv, vzero)), floor);
+        _mm512_mask_cvtusepi32_storeu_epi8(dst.as_mut_ptr().add(i) as *mut i8, m, q);
+    }
+    (scale, zero as i32)
+}
+
+fn quantize_row_generic(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
+    let (lo, hi) = src
+        .iter()
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let Some((scale, inv, zero)) = row_params(lo, hi) else {
+        dst.fill(0);
+        return (1.0, 0);
+    };
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.mul_add(inv, zero).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+    (scale, zero as i32)
+}
+
+/// `act(x W^T + b)` for `x [N, I]` (row-major f32), giving `[N, O]`. Uses AMX int8 tiles
+/// when the CPU has them, else the portable loop (same result).
+pub fn linear_i8(x: &[f32], n: usize, w: &PackedI8, act: Option<Activation>) -> Vec<f32> {
+    let q = quantize_rows(x, n, w.inputs, w.depth);
+    linear_quantized(&q, n, w, act, int8_available())
+}
+
+/// The product of rows already quantized ([`quantize_rows`] with `w`'s depth); `amx`
+/// chooses the tile kernel (it must be [`int8_available`]) or the portable loop.
+pub fn linear_quantized(
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    act: Option<Activation>,
+    amx: bool,
+) -> Vec<f32> {
+    assert!(!amx || int8_available(), "AMX int8 is not available");
+    assert_eq!(q.depth, w.depth, "linear_quantized: depth");
+    assert!(q.scale.len() == n, "linear_quantized: rows");
+    let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
+    // SAFETY: every element of `y [N, O]` is written (by one block's epilogue) before use.
+    unsafe { y.set_len(n * w.outputs) };
+    let row_blocks = n.div_ceil(BLOCK);
+    let col_blocks = w.bias.len() / BLOCK;
+    let threads = rayon::current_num_threads();
+    let out = SendPtr(y.as_mut_ptr());
+    let run = |rb: usize, cols: std::ops::Range<usize>| {
+        if amx {
+            // SAFETY: AMX int8 is available (asserted); blocks write disjoint parts of `y`;
+            // pointers stay inside the padded buffers.
+            unsafe { block_row_amx(q, n, w, rb, cols, act, out) }
+        } else {
+            // SAFETY: as above, without the AMX requirement.
+            unsafe { block_row_portable(q, n, w, rb, cols, act, out) }
+        }
+    };
+    if row_blocks >= 2 * threads {
+        // Contiguous row ranges per thread; columns in chunks whose packed weights (~768 KB)
+        // stay in L2 while the thread's rows pass them.
+        let chunk = ((768 << 10) / (BLOCK * w.depth)).max(1);
+        (0..threads).into_par_iter().for_each(|t| {
+            let rows = row_blocks * t / threads..row_blocks * (t + 1) / threads;
+            for c0 in (0..col_blocks).step_by(chunk) {
+                for rb in rows.clone() {
+                    run(rb, c0..(c0 + chunk).min(col_blocks));
+                }
+            }
+        });
+    } else {
+        let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
+        let per_chunk = col_blocks.div_ceil(col_chunks);
+        (0..row_blocks * col_chunks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (rb, cc) = (task / col_chunks, task % col_chunks);
+                run(rb, cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks));
+            });
+    }
+    y
+}
+
+/// [`linear_i8`] on a tensor `x [N, I]` (f32), giving `[N, O]` f32.
+pub fn linear_packed(x: &Tensor, w: &PackedI8, act: Option<Activation>) -> Result<Tensor> {
+    let (n, i) = x.dims2()?;
+    if i != w.inputs || x.dtype() != DType::F32 {
+        bail!(
+            "int8 linear: input {:?} {:?} does not fit weight [{}, {}]",
+            x.dims(),
+            x.dtype(),
+            w.outputs,
+            w.inputs
+        );
+    }
+    let y = with_slice::<f32, _>(x, |xs| linear_i8(xs, n, w, act))?;
+    Tensor::from_vec(y, (n, w.outputs), x.device())
+}
+
+/// Scales the i32 block `acc [BLOCK, BLOCK]` (rows of row block `rb`, columns from `c0`)
+/// back to f32 into `y`, adding the bias and applying `act`.
+///
+/// # Safety
+/// `y` holds `n × O` values and no other thread writes this block.
+#[inline(always)]
+unsafe fn epilogue(
+    acc: &[i32; BLOCK * BLOCK],
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    c0: usize,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    let width = (w.outputs - c0).min(BLOCK);
+    let (sw, sums, bias) = (
+        &w.scale[c0..c0 + width],
+        &w.sums[c0..c0 + width],
+        &w.bias[c0..c0 + width],
+    );
+    for r in 0..rows {
+        let row = rb * BLOCK + r;
+        let (sx, zx) = (q.scale[row], q.zero[row]);
+        let dst = std::slice::from_raw_parts_mut(y.get().add(row * w.outputs + c0), width);
+        let a = &acc[r * BLOCK..r * BLOCK + width];
+        for c in 0..width {
+            dst[c] = (a[c] - zx * sums[c]) as f32 * (sx * sw[c]) + bias[c];
+        }
+        if let Some(act) = act {
+            f32::activate(act, dst);
+        }
+    }
+}
+
+/// Output row block `rb` × column blocks `cols` on AMX int8 tiles.
+///
+/// # Safety
+/// AMX int8 must be available; `q` and `w` have the same depth; `y` holds `n × O`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_row_amx(
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    let kb = w.depth / DEPTH;
+    let a0 = q.data.as_ptr().add(rb * BLOCK * w.depth);
+    let a1 = a0.add(16 * w.depth);
+    let mut acc = [0i32; BLOCK * BLOCK];
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    for cb in cols {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
+        let b1 = b0.add(kb * TILE);
+        for k in 0..kb {
+            tile_load!("4", a0.add(k * DEPTH), w.depth);
+            tile_load!("5", a1.add(k * DEPTH), w.depth);
+            tile_load!("6", b0.add(k * TILE), 64usize);
+            tile_load!("7", b1.add(k * TILE), 64usize);
+            std::arch::asm!(
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        let p = acc.as_mut_ptr();
+        let stride = BLOCK * 4;
+        tile_store!("0", p, stride);
+        tile_store!("1", p.add(16), stride);
+        tile_store!("2", p.add(16 * BLOCK), stride);
+        tile_store!("3", p.add(16 * BLOCK + 16), stride);
+        epilogue(&acc, q, n, w, rb, cb * BLOCK, act, y);
+    }
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_amx(
+    _: &QuantRows,
+    _: usize,
+    _: &PackedI8,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AMX is x86-64 only")
+}
+
+/// [`block_row_amx`]'s integer sums by plain loops over the same packed buffers.
+///
+/// # Safety
+/// `q` and `w` have the same depth; `y` holds `n × O`.
+unsafe fn block_row_portable(
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    let kb = w.depth / DEPTH;
+    let mut acc = [0i32; BLOCK * BLOCK];
+    for cb in cols {
+        acc.fill(0);
+        for half in 0..2 {
+            let t = 2 * cb + half;
+            for k in 0..kb {
+                let tile = &w.tiles[(t * kb + k) * TILE..(t * kb + k + 1) * TILE];
+                for r in 0..BLOCK {
+                    let a = &q.data[(rb * BLOCK + r) * w.depth + k * DEPTH..][..DEPTH];
+                    for (quad, wrow) in a.chunks(4).zip(tile.chunks(DEPTH)) {
+                        for c in 0..16 {
+                            let s: i32 = quad
+                                .iter()
+                                .zip(&wrow[c * 4..c * 4 + 4])
+                                .map(|(&x, &v)| x as i32 * v as i32)
+                                .sum();
+                            acc[r * BLOCK + half * 16 + c] += s;
+                        }
+                    }
+                }
+            }
+        }
+        epilogue(&acc, q, n, w, rb, cb * BLOCK, act, y);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::lcg;
+
+    fn data(n: usize, o: usize, i: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut s = 11u64;
+        let x = (0..n * i).map(|_| lcg(&mut s) + 0.2).collect();
+        let w = (0..o * i).map(|_| lcg(&mut s) * 0.1).collect();
+        let b = (0..o).map(|_| lcg(&mut s)).collect();
+        (x, w, b)
+    }
+
+    /// Both kernels against the f64 product of the dequantized operands, which they must
+    /// reproduce up to f32 rounding of the final scaling; and the dequantized operands
+    /// against the originals (half a quantization step).
+    fn check(n: usize, o: usize, i: usize, act: Option<Activation>) {
+        let (x, w, b) = data(n, o, i);
+        let packed = PackedI8::quantize(&w, &b, o, i);
+        let q = quantize_rows(&x, n, i, packed.depth);
+        for r in 0..n {
+            for k in 0..i {
+                let back = q.scale[r] * (q.data[r * q.depth + k] as i32 - q.zero[r]) as f32;
+                assert!((back - x[r * i + k]).abs() <= 0.5001 * q.scale[r]);
+            }
+        }
+        for c in 0..o {
+            for k in 0..i {
+                let back = packed.scale(c) * packed.value(c, k) as f32;
+                assert!((back - w[c * i + k]).abs() <= 0.5001 * packed.scale(c));
+            }
+        }
+        let mut kernels = vec![false];
+        if int8_available() {
+            kernels.push(true);
+        } else {
+            eprintln!("AMX int8 not available: portable kernel only");
+        }
+        for amx in kernels {
+            let y = linear_quantized(&q, n, &packed, act, amx);
+            let mut worst = 0f64;
+            for r in 0..n {
+                for c in 0..o {
+                    let mut acc = 0f64;
+                    for k in 0..i {
+                        let xv = q.data[r * q.depth + k] as f64 - q.zero[r] as f64;
+                        acc += xv * packed.value(c, k) as f64;
+                    }
+                    let mut v =
+                        (acc * q.scale[r] as f64 * packed.scale(c) as f64 + b[c] as f64) as f32;
+                    if let Some(a) = act {
+                        f32::activate(a, std::slice::from_mut(&mut v));
+                    }
+                    worst = worst.max((v as f64 - y[r * o + c] as f64).abs());
+                }
+            }
+            println!("int8 linear {n}x{i} -> {o} (amx {amx}): max abs diff {worst:.2e}");
+            assert!(worst < 1e-5, "amx {amx}: max abs diff {worst}");
+        }
+    }
+
+    #[test]
+    fn int8_matches_dequantized_reference_whole_tiles() {
+        check(64, 96, 128, None);
+    }
+
+    #[test]
+    fn int8_matches_dequantized_reference_ragged_and_fused() {
+        check(37, 50, 45, Some(Activation::Gelu));
+        check(1, 7, 3, None);
+        check(70, 33, 130, Some(Activation::Relu));
+    }
+
+    /// The quantized product stays close to the f32 product it replaces.
+    #[test]
+    fn int8_is_close_to_f32() {
+        let (n, o, i) = (48, 64, 384);
+        let (x, w, b) = data(n, o, i);
+        let y = linear_i8(&x, n, &PackedI8::quantize(&w, &b, o, i), None);
+        let (mut err, mut norm) = (0f64, 0f64);
+        for r in 0..n {
+            for c in 0..o {
+                let exact: f64 = b[c] as f64
+                    + (0..i)
+                        .map(|k| x[r * i + k] as f64 * w[c * i + k] as f64)
+                        .sum::<f64>();
+                err += (exact - y[r * o + c] as f64).powi(2);
+                norm += exact * exact;
+            }
+        }
+        let rel = (err / norm).sqrt();
+        println!("int8 vs f32 relative error {rel:.2e}");
+        assert!(rel < 1e-2, "relative error {rel}");
+    }
+
+    #[test]
+    fn constant_and_zero_rows_quantize_exactly() {
+        let x = [0.0f32, 0.0, 0.0, 2.0, 2.0, 2.0, -1.0, 0.5, 0.25];
+        let q = quantize_rows(&x, 3, 3, DEPTH);
+        for r in 0..3 {
+            for k in 0..3 {
+                let back = q.scale[r] * (q.data[r * DEPTH + k] as i32 - q.zero[r]) as f32;
+                assert!(
+                    (back - x[r * 3 + k]).abs() <= 0.5 * q.scale[r] + 1e-7,
+                    "{r} {k}"
+                );
+            }
+        }
+        assert_eq!(q.data[0..3], [0, 0, 0]);
+        // A row of equal positive values keeps them at the top of the range.
+        assert_eq!(q.data[DEPTH..DEPTH + 3], [255, 255, 255]);
+    }
+}
