@@ -3,7 +3,8 @@ use std::io::Write;
 
 use anyhow::Context;
 use berth_tasks::{
-    embed_texts, token_budget_batches, EmbedOptions, Pipeline, Pooling, SentenceConfig,
+    embed_encoded, encode_for_embedding, token_budget_batches, EmbedOptions, EncodedTexts,
+    Pipeline, Pooling, SentenceConfig,
 };
 use clap::{Args, ValueEnum};
 
@@ -125,6 +126,33 @@ pub fn load_sentence_pipeline(
     Ok((st, p))
 }
 
+/// Texts per chunk of a file input (bounds memory; one chunk is tokenized ahead).
+const CHUNK: usize = 2048;
+
+/// Runs `prepare` on each item on a background thread, one item ahead of `consume` on
+/// this one, so the two overlap; stops at the first error `consume` returns.
+pub fn pipelined<T: Send, U: Send>(
+    items: impl Iterator<Item = T> + Send,
+    prepare: impl Fn(T) -> U + Send,
+    mut consume: impl FnMut(U) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for item in items {
+                // A closed channel means the consumer stopped (an error): stop too.
+                if tx.send(prepare(item)).is_err() {
+                    break;
+                }
+            }
+        });
+        for prepared in rx {
+            consume(prepared)?;
+        }
+        Ok(())
+    })
+}
+
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let (st, p) = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let pooling = match a.pooling {
@@ -150,20 +178,33 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
             "--stride pools windows into one vector per text: it needs a pooling other than none"
         );
     }
-    // Chunks bound memory for large files; tokenization within a chunk runs in parallel.
-    for (c, chunk) in texts.chunks(2048).enumerate() {
-        let first = c * 2048;
+    let opts = EmbedOptions {
+        pooling,
+        normalize: norm,
+        windows: a.windows.windows(),
+        batch_tokens: a.text.batch_tokens,
+    };
+    // Chunks bound memory for large files. Each chunk is tokenized (in parallel) on a
+    // background thread while the model runs the one before it.
+    let chunks = texts.chunks(CHUNK).enumerate();
+    let tokenize = |(c, chunk): (usize, &[String])| {
+        let first = c * CHUNK;
+        let encoded = if pooling != Pooling::None {
+            encode_for_embedding(&p, chunk, &opts, first)
+        } else {
+            p.encode(chunk, first).map(|encs| EncodedTexts {
+                ranges: (0..encs.len()).map(|i| i..i + 1).collect(),
+                encs,
+            })
+        };
+        (first, encoded)
+    };
+    pipelined(chunks, tokenize, |(first, encoded)| {
+        let e = encoded.with_context(|| source.to_string())?;
         if pooling != Pooling::None {
-            let opts = EmbedOptions {
-                pooling,
-                normalize: norm,
-                windows: a.windows.windows(),
-                batch_tokens: a.text.batch_tokens,
-            };
-            let (vecs, encs) =
-                embed_texts(&p, chunk, &opts, first).with_context(|| source.to_string())?;
+            let vecs = embed_encoded(&p, &e, &opts).with_context(|| source.to_string())?;
             if opts.windows.is_none() {
-                warn_truncated(&encs, first, p.max_length);
+                warn_truncated(&e.encs, first, p.max_length);
             }
             for (i, v) in vecs.iter().enumerate() {
                 writeln!(
@@ -175,11 +216,11 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
                     })?
                 )?;
             }
-            bar.inc(chunk.len() as u64);
-            continue;
+            bar.inc(vecs.len() as u64);
+            return Ok(());
         }
-        let encs = p.encode(chunk, first).with_context(|| source.to_string())?;
-        warn_truncated(&encs, first, p.max_length);
+        let encs = &e.encs;
+        warn_truncated(encs, first, p.max_length);
         let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
         for r in token_budget_batches(&lens, a.text.batch_tokens) {
             let (batch, hidden) = p.run(&encs[r.clone()])?;
@@ -196,7 +237,8 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
             }
             bar.inc(r.len() as u64);
         }
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     out.flush()?;
     Ok(())

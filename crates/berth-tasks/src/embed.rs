@@ -191,6 +191,67 @@ pub struct EmbedOptions {
     pub batch_tokens: usize,
 }
 
+/// Texts tokenized for [`embed_encoded`]: the encodings (several per text with windows)
+/// and, per text, the range of encodings that belong to it.
+#[derive(Debug, Clone)]
+pub struct EncodedTexts {
+    /// Every encoding, in text order.
+    pub encs: Vec<berth_text::Encoded>,
+    /// Per text, its range in `encs`.
+    pub ranges: Vec<std::ops::Range<usize>>,
+}
+
+/// Tokenizes `texts` (in parallel) as [`embed_texts`] does; `first_index` numbers them in
+/// error messages.
+pub fn encode_for_embedding(
+    p: &crate::Pipeline,
+    texts: &[String],
+    opts: &EmbedOptions,
+    first_index: usize,
+) -> Result<EncodedTexts> {
+    let inputs: Vec<_> = texts.iter().map(|t| (t.clone(), None)).collect();
+    let (encs, ranges) =
+        crate::classify::encode_inputs(p, &inputs, opts.windows.map(|w| w.stride), first_index)?;
+    Ok(EncodedTexts { encs, ranges })
+}
+
+/// Runs and pools texts already tokenized by [`encode_for_embedding`]: one vector per text.
+pub fn embed_encoded(
+    p: &crate::Pipeline,
+    e: &EncodedTexts,
+    opts: &EmbedOptions,
+) -> Result<Vec<Vec<f32>>> {
+    if opts.pooling == Pooling::None {
+        return Err(TaskError::Options(
+            "embed_texts needs a pooling other than none".into(),
+        ));
+    }
+    let h = p.model.config.hidden_size;
+    let mut vecs = Vec::with_capacity(e.encs.len());
+    p.for_each_batch(&e.encs, opts.batch_tokens, |_, batch, hidden| {
+        vecs.extend(pool(
+            &hidden.flatten_all()?.to_vec1::<f32>()?,
+            h,
+            batch,
+            opts.pooling,
+        ));
+        Ok(())
+    })?;
+    let combine = opts
+        .windows
+        .map_or(crate::classify::WindowPool::First, |w| w.pool);
+    Ok(e.ranges
+        .iter()
+        .map(|r| {
+            let mut v = combine.combine(&vecs[r.clone()]);
+            if opts.normalize {
+                normalize(&mut v);
+            }
+            v
+        })
+        .collect())
+}
+
 /// One pooled vector per text. With windows, each window is pooled on its own and the
 /// window vectors combined before normalisation. Input `i` is named `first_index + i`.
 pub fn embed_texts(
@@ -204,34 +265,9 @@ pub fn embed_texts(
             "embed_texts needs a pooling other than none".into(),
         ));
     }
-    let inputs: Vec<_> = texts.iter().map(|t| (t.clone(), None)).collect();
-    let (encs, ranges) =
-        crate::classify::encode_inputs(p, &inputs, opts.windows.map(|w| w.stride), first_index)?;
-    let h = p.model.config.hidden_size;
-    let mut vecs = Vec::with_capacity(encs.len());
-    p.for_each_batch(&encs, opts.batch_tokens, |_, batch, hidden| {
-        vecs.extend(pool(
-            &hidden.flatten_all()?.to_vec1::<f32>()?,
-            h,
-            batch,
-            opts.pooling,
-        ));
-        Ok(())
-    })?;
-    let combine = opts
-        .windows
-        .map_or(crate::classify::WindowPool::First, |w| w.pool);
-    let out = ranges
-        .into_iter()
-        .map(|r| {
-            let mut v = combine.combine(&vecs[r]);
-            if opts.normalize {
-                normalize(&mut v);
-            }
-            v
-        })
-        .collect();
-    Ok((out, encs))
+    let e = encode_for_embedding(p, texts, opts, first_index)?;
+    let vecs = embed_encoded(p, &e, opts)?;
+    Ok((vecs, e.encs))
 }
 
 /// Cosine similarity of two vectors (0 when either is zero).

@@ -19,7 +19,10 @@ pub use classify::{
     classify, require_head, ClassFunction, ClassifyOptions, LabelScore, TextPair, WindowPool,
     Windows,
 };
-pub use embed::{cosine, embed_texts, normalize, pool, EmbedOptions, Pooling, SentenceConfig};
+pub use embed::{
+    cosine, embed_encoded, embed_texts, encode_for_embedding, normalize, pool, EmbedOptions,
+    EncodedTexts, Pooling, SentenceConfig,
+};
 pub use error::{Result, TaskError};
 pub use fill_mask::{fill_mask, Prediction};
 pub use ner::{token_classify, Aggregation, Entity, NerOptions};
