@@ -8,12 +8,14 @@
 //!     berth inspect
 //!     berth bench                               # berth vs PyTorch / ONNX Runtime
 //!     berth tokenizer train --kind wordpiece --vocab-size 30522 --output DIR corpus/
+//!     berth data prepare --tokenizer DIR --output DATA corpus/
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 mod bench;
+mod data;
 mod embed;
 mod eval;
 mod fill_mask;
@@ -69,6 +71,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Masked-LM pretraining, from scratch or continued from a checkpoint.
     Pretrain(pretrain::PretrainArgs),
+    /// Corpora: `berth data prepare` tokenizes them once into shards for pretraining.
+    Data(data::DataArgs),
     /// Vocabularies: `berth tokenizer train --kind wordpiece|bpe|unigram ...`.
     Tokenizer(tokenizer::TokenizerArgs),
 }
@@ -95,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 

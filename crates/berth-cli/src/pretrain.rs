@@ -24,7 +24,8 @@ pub struct PretrainArgs {
     /// Continue pretraining this checkpoint (its tokenizer; a missing MLM head is created).
     #[arg(long, conflicts_with_all = ["tokenizer", "layers", "hidden", "heads", "intermediate"])]
     from: Option<String>,
-    /// Corpus: text or gzip files, or folders (one paragraph per line, blank line between documents).
+    /// Corpus: a folder from `berth data prepare` (its held-out split is the dev set), or
+    /// text / gzip files or folders (one paragraph per line, blank line between documents).
     #[arg(long)]
     data: PathBuf,
     /// Held-out corpus; without it a seeded --val-fraction of the sequences is held out.

@@ -212,3 +212,116 @@ fn continued_pretraining_creates_a_missing_mlm_head_and_bad_input_fails() {
     ]);
     fails_with(&out, &["--mask-rate"]);
 }
+
+#[test]
+fn prepared_shards_feed_pretraining_and_mismatches_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Documents of 6 lines, plus the same corpus gzip-compressed as a weighted second input.
+    let text = std::fs::read_to_string(corpus()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let docs = lines
+        .chunks(6)
+        .map(|c| c.join("\n"))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let a = tmp.path().join("a.txt");
+    std::fs::write(&a, &docs).unwrap();
+    let b = tmp.path().join("b.txt.gz");
+    {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&b).unwrap(),
+            flate2::Compression::fast(),
+        );
+        gz.write_all(docs.as_bytes()).unwrap();
+        gz.finish().unwrap();
+    }
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let data = tmp.path().join("data");
+    let report: Value = serde_json::from_str(&ok(&berth(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--output",
+        data.to_str().unwrap(),
+        "--max-length",
+        "64",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "20000",
+        a.to_str().unwrap(),
+        "--mix",
+        &format!("{}=2", b.display()),
+    ])))
+    .unwrap();
+    let corpora = report["corpora"].as_array().unwrap();
+    let get = |i: usize, k: &str| corpora[i][k].as_u64().unwrap();
+    // The same documents; weight 2 writes each training sequence of b twice (held-out
+    // sequences once): all of a's sequences, less b's held-out ones, times two.
+    let all = get(0, "train_sequences") + get(0, "val_sequences");
+    assert_eq!(
+        get(1, "train_sequences"),
+        2 * (all - get(1, "val_sequences")),
+        "{report}"
+    );
+    assert!(report["train_shards"].as_u64().unwrap() >= 2, "{report}");
+    assert!(report["val_tokens"].as_u64().unwrap() > 0, "{report}");
+
+    let run = tmp.path().join("run");
+    pretrain(&[
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--intermediate",
+        "64",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "3",
+    ]);
+    let e = evals(&run);
+    assert!(!e.is_empty());
+    // The held-out split of the prepared folder is the dev set: all its masked tokens.
+    assert!(e[0]["masked_tokens"].as_u64().unwrap() > 100, "{:?}", e[0]);
+
+    // The same data with another tokenizer (MiniLM's), or a longer packing than the run.
+    let out = berth(&[
+        "pretrain",
+        "--from",
+        &tiny("bert-base"),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        tmp.path().join("other").to_str().unwrap(),
+        "--max-length",
+        "64",
+    ]);
+    fails_with(&out, &["manifest.json", "another tokenizer"]);
+    let out = berth(&[
+        "pretrain",
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        tmp.path().join("short").to_str().unwrap(),
+        "--max-length",
+        "32",
+    ]);
+    fails_with(&out, &["manifest.json", "--max-length 32"]);
+}

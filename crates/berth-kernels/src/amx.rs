@@ -225,9 +225,9 @@ pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16) -> Vec<f32> {
     assert_eq!(x.len(), n * w.inputs, "linear_bf16: input size");
     let a = pack_rows(x, n, w.inputs, w.depth);
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
-    // SAFETY: `matmul_packed` writes every element of `y [N, O]` before it is read.
+    matmul_packed(&a, n, w, SendPtr(y.as_mut_ptr()));
+    // SAFETY: `matmul_packed` wrote every element of `y [N, O]` (through the raw pointer).
     unsafe { y.set_len(n * w.outputs) };
-    matmul_packed(&a, n, w, &mut y);
     y
 }
 
@@ -251,11 +251,10 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
 }
 
 /// The tile products for packed rows `a` (from [`pack_rows`]) into `y [N, O]`.
-fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, y: &mut [f32]) {
+fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, out: SendPtr<f32>) {
     let row_blocks = n.div_ceil(BLOCK);
     let col_blocks = w.bias.len() / BLOCK;
     let threads = rayon::current_num_threads();
-    let out = SendPtr(y.as_mut_ptr());
     if row_blocks >= 2 * threads {
         // Each thread takes a contiguous range of row blocks and walks the columns in chunks
         // whose packed weights (~768 KB) stay in its L2 while its rows pass them.

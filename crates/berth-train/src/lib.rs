@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod corpus;
 pub mod data;
 mod error;
 pub mod init;

@@ -14,95 +14,27 @@ use berth_text::{Encoded, TextTokenizer, Truncation};
 use candle_core::Tensor;
 use rand::SeedableRng;
 
+use crate::corpus::{specials, Packer, Sequence};
 use crate::error::{Result, TrainError};
 use crate::loss;
 use crate::mlm::{mask_sequence, MaskingConfig};
 use crate::trainer::{Example, Prepared, TrainConfig};
 
-/// The tokenizer's sequence-start, sequence-end and mask ids (`[CLS]`/`[SEP]`/`[MASK]` or
-/// `<s>`/`</s>`/`<mask>`).
-fn specials(tok: &TextTokenizer) -> Result<(u32, u32, u32)> {
-    let enc = tok.encode("a", None, 16, Truncation::Truncate, 0)?;
-    let (first, last) = (enc.ids[0], *enc.ids.last().expect("non-empty"));
-    if !enc.special[0] || !enc.special[enc.ids.len() - 1] {
-        return Err(TrainError::Config(format!(
-            "{}: the tokenizer adds no start / end tokens; pretraining needs them",
-            tok.source().display()
-        )));
-    }
-    let mask = tok.mask_token().map(|(_, id)| id).ok_or_else(|| {
-        TrainError::Config(format!(
-            "{}: the tokenizer has no mask token",
-            tok.source().display()
-        ))
-    })?;
-    Ok((first, last, mask))
-}
-
-/// Packs paragraphs (content ids and word ids) of one document into sequences.
-struct Packer {
-    start: u32,
-    end: u32,
-    room: usize,
-    ids: Vec<u32>,
-    words: Vec<Option<u32>>,
-    next_word: u32,
-    out: Vec<Example>,
-}
-
-impl Packer {
-    fn flush(&mut self) {
-        if self.ids.is_empty() {
-            return;
-        }
-        let n = self.ids.len() + 2;
-        let mut ids = Vec::with_capacity(n);
-        ids.push(self.start);
-        ids.append(&mut self.ids);
-        ids.push(self.end);
-        let mut word_ids = vec![None];
-        word_ids.append(&mut self.words);
-        word_ids.push(None);
-        let mut special = vec![false; n];
-        special[0] = true;
-        special[n - 1] = true;
-        let enc = Encoded {
-            type_ids: vec![0; n],
-            tokens: Vec::new(),
-            offsets: vec![(0, 0); n],
-            sequence_ids: special.iter().map(|&s| (!s).then_some(0)).collect(),
-            special,
-            word_ids,
-            truncated: false,
-            full_len: n,
-            ids,
-        };
-        self.out.push(Example::new(enc));
-        self.next_word = 0;
-    }
-
-    fn add(&mut self, enc: &Encoded) {
-        let body: Vec<usize> = (0..enc.ids.len()).filter(|&i| !enc.special[i]).collect();
-        let mut first_word: Option<u32> = None;
-        for chunk in body.chunks(self.room) {
-            if self.ids.len() + chunk.len() > self.room {
-                self.flush();
-            }
-            let base = self.next_word;
-            for &i in chunk {
-                self.ids.push(enc.ids[i]);
-                let w = enc.word_ids[i].map(|w| {
-                    let f = *first_word.get_or_insert(w);
-                    base + (w - f.min(w))
-                });
-                self.words.push(w);
-                if let Some(w) = w {
-                    self.next_word = self.next_word.max(w + 1);
-                }
-            }
-            first_word = None;
-        }
-    }
+/// A packed sequence as a training example (one segment, no offsets).
+fn example(seq: Sequence) -> Example {
+    let n = seq.ids.len();
+    let special: Vec<bool> = seq.words.iter().map(|w| w.is_none()).collect();
+    Example::new(Encoded {
+        type_ids: vec![0; n],
+        tokens: Vec::new(),
+        offsets: vec![(0, 0); n],
+        sequence_ids: special.iter().map(|&s| (!s).then_some(0)).collect(),
+        special,
+        word_ids: seq.words,
+        truncated: false,
+        full_len: n,
+        ids: seq.ids,
+    })
 }
 
 /// Reads the corpus files under `path` into packed sequences of at most `max_length` tokens.
@@ -114,15 +46,7 @@ pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Resul
         )));
     }
     let (start, end, _) = specials(tok)?;
-    let mut p = Packer {
-        start,
-        end,
-        room: max_length - 2,
-        ids: Vec::new(),
-        words: Vec::new(),
-        next_word: 0,
-        out: Vec::new(),
-    };
+    let mut p = Packer::new(start, end, max_length);
     let files = berth_text::train::corpus_files(&[path.into()])?;
     for f in &files {
         let reader = berth_text::train::open_text(f)?;
@@ -180,14 +104,42 @@ pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Resul
             message: "the corpus has no text".into(),
         });
     }
-    Ok(p.out)
+    Ok(p.out.into_iter().map(example).collect())
+}
+
+/// The training and held-out sequences of a folder written by `berth data prepare`.
+pub fn read_prepared(
+    dir: &Path,
+    tok: &TextTokenizer,
+    max_length: usize,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let c = crate::corpus::open_prepared(dir, tok, max_length)?;
+    let read = |shards: &[crate::corpus::Shard]| -> Vec<Example> {
+        shards
+            .iter()
+            .flat_map(|s| (0..s.len()).map(move |i| example(s.sequence(i))))
+            .collect()
+    };
+    Ok((read(&c.train), read(&c.val)))
 }
 
 /// Pretraining data: the corpus sequences, a seeded `dev_fraction` held out (or `cfg.dev`).
 pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
-    let all = read_corpus(&cfg.train, tok, cfg.max_length)?;
+    let read = |path: &Path| -> Result<(Vec<Example>, Vec<Example>)> {
+        if crate::corpus::is_prepared(path) {
+            read_prepared(path, tok, cfg.max_length)
+        } else {
+            Ok((read_corpus(path, tok, cfg.max_length)?, Vec::new()))
+        }
+    };
+    let (all, held_out) = read(&cfg.train)?;
     let (train, dev) = match &cfg.dev {
-        Some(d) => (all, read_corpus(d, tok, cfg.max_length)?),
+        Some(d) => {
+            let (a, b) = read(d)?;
+            (all, if b.is_empty() { a } else { b })
+        }
+        // A prepared folder brings its own held-out split.
+        None if !held_out.is_empty() => (all, held_out),
         None => crate::data::split(&all, cfg.dev_fraction, cfg.seed),
     };
     Ok(Prepared {
@@ -206,6 +158,15 @@ pub(crate) fn masking(
     model: &Model,
 ) -> Result<MaskingConfig> {
     let (_, _, mask_id) = specials(tok)?;
+    if tok.vocab_size() > model.config.vocab_size {
+        return Err(TrainError::Config(format!(
+            "the tokenizer ({}) has {} tokens but the model's embeddings only {}: \
+             they do not belong together",
+            tok.source().display(),
+            tok.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
     Ok(MaskingConfig {
         rate: cfg.mask_rate,
         whole_word: cfg.whole_word,

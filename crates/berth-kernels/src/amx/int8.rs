@@ -270,8 +270,6 @@ pub fn linear_quantized(
     assert_eq!(q.depth, w.depth, "linear_quantized: depth");
     assert!(q.scale.len() == n, "linear_quantized: rows");
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
-    // SAFETY: every element of `y [N, O]` is written (by one block's epilogue) before use.
-    unsafe { y.set_len(n * w.outputs) };
     let row_blocks = n.div_ceil(BLOCK);
     let col_blocks = w.bias.len() / BLOCK;
     let threads = rayon::current_num_threads();
@@ -308,6 +306,9 @@ pub fn linear_quantized(
                 run(rb, cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks));
             });
     }
+    // SAFETY: every element of `y [N, O]` was written (by one block's epilogue, through the
+    // raw pointer into the reserved capacity).
+    unsafe { y.set_len(n * w.outputs) };
     y
 }
 
@@ -350,17 +351,20 @@ unsafe fn epilogue(
         &w.sums[c0..c0 + width],
         &w.bias[c0..c0 + width],
     );
+    let mut buf = [0f32; BLOCK];
     for r in 0..rows {
         let row = rb * BLOCK + r;
         let (sx, zx) = (q.scale[row], q.zero[row]);
-        let dst = std::slice::from_raw_parts_mut(y.get().add(row * w.outputs + c0), width);
         let a = &acc[r * BLOCK..r * BLOCK + width];
+        let dst = &mut buf[..width];
         for c in 0..width {
             dst[c] = (a[c] - zx * sums[c]) as f32 * (sx * sw[c]) + bias[c];
         }
         if let Some(act) = act {
             f32::activate(act, dst);
         }
+        // `y` is not initialised yet: written through the raw pointer only.
+        std::ptr::copy_nonoverlapping(dst.as_ptr(), y.get().add(row * w.outputs + c0), width);
     }
 }
 
