@@ -1,37 +1,71 @@
 #!/usr/bin/env python3
 """Make fixtures/pretrain/: a tiny BERT that `berth pretrain` trained (60 steps on
 fixtures/vocab/corpus.txt with the committed WordPiece vocabulary), and the masked-LM logits
-transformers' BertForMaskedLM computes from that checkpoint, for berth's export test.
+transformers' BertForMaskedLM computes from that checkpoint, for berth's export test; and a
+tinier one trained with `--objective sop` (bert-sop), with the masked-LM and sentence-pair
+logits transformers' BertForPreTraining computes from it.
 
     cargo build --release -p berth-cli && pip install torch transformers
-    python3 scripts/make_pretrain_reference.py
+    python3 scripts/make_pretrain_reference.py [mlm] [sop]     # default: both
 """
-import json, shutil, subprocess, tempfile
+import json, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, BertForMaskedLM
+from transformers import AutoTokenizer, BertForMaskedLM, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "fixtures" / "pretrain"
+PAIRS = [("the knight rode to the castle.", "he came back at [MASK]."),
+         ("it was near the end of the year.", "the king was glad."),
+         ("Hello-girl?", "Yes, but don't you ask me to explain!")]
 TEXTS = ["the knight rode to the [MASK] of the king.", "it was near the [MASK] of the year.",
          "Hello-girl? Yes, but [MASK] you ask me to explain!"]
 
 
-def main():
+def pretrain(dst, extra):
     with tempfile.TemporaryDirectory() as tmp:
         best = subprocess.run(
             [str(ROOT / "target/release/berth"), "pretrain", "--tokenizer", str(ROOT / "fixtures/vocab/wordpiece"),
-             "--data", str(ROOT / "fixtures/vocab/corpus.txt"), "--output", f"{tmp}/run", "--layers", "2",
-             "--hidden", "64", "--heads", "2", "--intermediate", "128", "--max-length", "64", "--batch-size", "16",
-             "--max-steps", "60", "--lr", "2e-3"], check=True, capture_output=True, text=True).stdout.strip()
-        dst = OUT / "bert-mlm"
+             "--data", str(ROOT / "fixtures/vocab/corpus.txt"), "--output", f"{tmp}/run", "--max-length", "64",
+             "--batch-size", "16", "--lr", "2e-3", *extra], check=True, capture_output=True, text=True).stdout.strip()
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
         for f in Path(best).iterdir():
             if f.name not in ("optimizer.safetensors", "trainer_state.json"):
                 shutil.copy(f, dst / f.name)
+
+
+def sop_reference():
+    dst = OUT / "bert-sop"
+    pretrain(dst, ["--objective", "sop", "--layers", "1", "--hidden", "32", "--heads", "2", "--intermediate", "64",
+                   "--max-steps", "40"])
+    tok = AutoTokenizer.from_pretrained(dst)
+    model = BertForPreTraining.from_pretrained(dst).eval()
+    ref = {"transformers": transformers.__version__, "cases": []}
+    with torch.no_grad():
+        for a, b in PAIRS:
+            enc = tok(a, b, return_tensors="pt")
+            out = model(**enc)
+            ids = enc["input_ids"][0].tolist()
+            ref["cases"].append({"a": a, "b": b, "ids": ids, "type_ids": enc["token_type_ids"][0].tolist(),
+                                 "row": 1, "mlm_logits": out.prediction_logits[0][1].tolist(),
+                                 "pair_logits": out.seq_relationship_logits[0].tolist()})
+    (OUT / "reference-sop.json").write_text(json.dumps(ref))
+
+
+def main():
+    which = sys.argv[1:] or ["mlm", "sop"]
+    if "sop" in which:
+        sop_reference()
+    if "mlm" in which:
+        mlm_reference()
+
+
+def mlm_reference():
+    dst = OUT / "bert-mlm"
+    pretrain(dst, ["--layers", "2", "--hidden", "64", "--heads", "2", "--intermediate", "128", "--max-steps", "60"])
     tok = AutoTokenizer.from_pretrained(dst)
     model = BertForMaskedLM.from_pretrained(dst).eval()
     ref = {"transformers": transformers.__version__, "texts": TEXTS, "cases": []}

@@ -5,11 +5,14 @@ pretrain`, a fixed seeded masking of the held-out text), so only the training di
 
     cargo build --release -p berth-cli
     pip install torch transformers
-    python3 scripts/pretrain_peer.py [--steps 300] [--out /tmp/berth-pretrain]
+    scripts/fetch-sotu                # for --corpus sotu (the default)
+    python3 scripts/pretrain_peer.py [--corpus sotu|books] [--steps 300] [--out DIR]
 
-Corpus: ../shared/datasets/pd-books (public-domain books; train-00 for training, the first
-1 MB of valid for the held-out score). Vocabulary: a 16k lowercased WordPiece that `berth
-tokenizer train` builds on train-00. Model: BERT, 4 layers, 256 hidden, 4 heads, 1024
+Corpus: the State of the Union addresses 1790-2021 (scripts/fetch-sotu; every 10th address
+held out for the score, the rest tokenized by `berth data prepare` into shards that berth
+pretrains from) or ../shared/datasets/pd-books (public-domain books; train-00 for training,
+the first 1 MB of valid for the held-out score). Vocabulary: a 16k lowercased WordPiece that
+`berth tokenizer train` builds on the training text. Model: BERT, 4 layers, 256 hidden, 4 heads, 1024
 feed-forward, initialised by berth (OUTPUT/init, loaded by both sides). Recipe: batch 32,
 sequences of up to 128 tokens packed from each document's paragraphs (berth's sequences, in
 berth's training order: `--dump-order`), 15 % masking 80/10/10 (berth: its own draw;
@@ -32,19 +35,41 @@ def sh(*cmd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default="/tmp/berth-pretrain")
+    ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = Path(a.out)
+    out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}")
     out.mkdir(parents=True, exist_ok=True)
-    train, held = out / "train.txt.gz", out / "held.txt"
-    if not train.exists():
-        train.write_bytes((DATA / "train-00.txt.gz").read_bytes())
-        with gzip.open(DATA / "valid.txt.gz", "rt", encoding="utf-8") as f:
-            held.write_text(f.read(1_000_000), encoding="utf-8")
+    held = out / "held.txt"
+    if a.corpus == "books":
+        train = out / "train.txt.gz"
+        if not train.exists():
+            train.write_bytes((DATA / "train-00.txt.gz").read_bytes())
+            with gzip.open(DATA / "valid.txt.gz", "rt", encoding="utf-8") as f:
+                held.write_text(f.read(1_000_000), encoding="utf-8")
+    else:
+        cache = Path(os.environ.get("BERTH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "berth")
+        sotu = sorted((cache / "data" / "sotu").glob("*.txt"))
+        if not sotu:
+            sys.exit("run scripts/fetch-sotu first")
+        train = out / "train"
+        if not train.exists():
+            train.mkdir()
+            for i, f in enumerate(sotu):
+                if i % 10 != 9:
+                    (train / f.name).write_bytes(f.read_bytes())
+            held.write_text("\n\n".join(f.read_text(encoding="utf-8").strip() for i, f in enumerate(sotu) if i % 10 == 9) + "\n",
+                            encoding="utf-8")
     vocab = out / "vocab"
     if not (vocab / "tokenizer.json").exists():
         sh(BERTH, "tokenizer", "train", "--kind", "wordpiece", "--lowercase", "--vocab-size", "16000",
            "--output", vocab, train)
+    if a.corpus == "sotu":
+        prepared = out / "prepared"
+        if not (prepared / "manifest.json").exists():
+            sh(BERTH, "data", "prepare", "--tokenizer", vocab, "--output", prepared, "--max-length", "128",
+               "--val-fraction", "0.02", "--seed", "42", train)
+        train = prepared
     run = out / "berth"
     sh("rm", "-rf", run)
     order = out / "order.jsonl"
@@ -54,6 +79,7 @@ def main():
     best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", train, "--output", run,
               "--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "1024",
               "--val-fraction", "0.001", "--log-every", "10", "--dump-order", order, *recipe).strip()
+    # (A prepared folder brings its own held-out split; --val-fraction applies to text.)
     steps = [json.loads(l) for l in open(run / "metrics.jsonl") if '"tokens_per_s"' in l]
     berth_tps = sum(s["tokens_per_s"] for s in steps) / len(steps)
     berth_losses = [(s["step"], s["loss"]) for s in steps]

@@ -9,6 +9,17 @@ use clap::{Args, ValueEnum};
 
 use crate::resolve;
 
+/// `--objective` values.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ObjectiveArg {
+    /// Masked-LM only (RoBERTa's recipe).
+    Mlm,
+    /// Masked-LM + next-sentence prediction (BERT's recipe; BERT only).
+    Nsp,
+    /// Masked-LM + sentence-order prediction (ALBERT's; BERT only).
+    Sop,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ArchArg {
     Bert,
@@ -52,6 +63,11 @@ pub struct PretrainArgs {
     /// Mask whole words (word ids from the tokenizer).
     #[arg(long)]
     whole_word: bool,
+    /// Training objective: masked-LM alone, or with a sentence-pair task on the pooled
+    /// first token (each sequence cut into segments A and B at a random word boundary;
+    /// checkpoints are then `BertForPreTraining`).
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::Mlm)]
+    objective: ObjectiveArg,
     /// Tokens per sequence, special tokens included.
     #[arg(long, default_value_t = 128)]
     max_length: usize,
@@ -150,6 +166,11 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
     cfg.seed = a.seed;
     cfg.mask_rate = a.mask_rate;
     cfg.whole_word = a.whole_word;
+    cfg.sentence_objective = match a.objective {
+        ObjectiveArg::Mlm => None,
+        ObjectiveArg::Nsp => Some(berth_train::pretrain::SentenceObjective::Nsp),
+        ObjectiveArg::Sop => Some(berth_train::pretrain::SentenceObjective::Sop),
+    };
     cfg.dump_order = a.dump_order;
     cfg.save_every = a.save_every;
     cfg.log_every = a.log_every.max(1);

@@ -325,3 +325,113 @@ fn prepared_shards_feed_pretraining_and_mismatches_are_refused() {
     ]);
     fails_with(&out, &["manifest.json", "--max-length 32"]);
 }
+
+#[test]
+fn next_sentence_objective_trains_a_bert_for_pretraining() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    // Documents of two kinds, alternating: six lines of the book, or six lines of number
+    // words. A random second segment often comes from the other kind, which a small model
+    // learns to see.
+    let text = std::fs::read_to_string(corpus()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let numbers = [
+        "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ];
+    let mut state = 7u64;
+    let mut docs = Vec::new();
+    for (i, chunk) in lines.chunks(6).enumerate() {
+        docs.push(chunk.join("\n"));
+        let counting: Vec<String> = (0..6)
+            .map(|_| {
+                (0..12)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(i as u64 | 1);
+                        numbers[(state >> 33) as usize % numbers.len()]
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        docs.push(counting.join("\n"));
+    }
+    let mixed = tmp.path().join("mixed.txt");
+    std::fs::write(&mixed, docs.join("\n\n")).unwrap();
+    let run = tmp.path().join("nsp");
+    let best = pretrain(&[
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--data",
+        mixed.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+        "--objective",
+        "nsp",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "12",
+        "--lr",
+        "2e-3",
+        "--save-every",
+        "80",
+        "--val-fraction",
+        "0.2",
+    ]);
+    let e = evals(&run);
+    let (first, last) = (&e[0], e.last().unwrap());
+    println!(
+        "NSP: held-out pair accuracy {} -> {}, pair loss {} -> {}, MLM loss {} -> {}",
+        first["pair_accuracy"],
+        last["pair_accuracy"],
+        first["pair_loss"],
+        last["pair_loss"],
+        first["loss"],
+        last["loss"]
+    );
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    assert!(f(last, "loss") < f(first, "loss"), "{first} -> {last}");
+    // Half the random second segments are of the other kind: up to 75 % is learnable.
+    assert!(f(last, "pair_accuracy") > 0.58, "{last}");
+    let ckpt = PathBuf::from(best.trim());
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForPreTraining");
+    let weights =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for key in [
+        "cls.seq_relationship.weight",
+        "bert.pooler.dense.weight",
+        "cls.predictions.bias",
+    ] {
+        assert!(weights.contains_key(key), "{key} missing");
+    }
+    // RoBERTa has no sentence-pair head.
+    let out = berth(&[
+        "pretrain",
+        "--tokenizer",
+        root().join("fixtures/vocab/bpe").to_str().unwrap(),
+        "--arch",
+        "roberta",
+        "--objective",
+        "sop",
+        "--data",
+        corpus().to_str().unwrap(),
+        "--output",
+        tmp.path().join("roberta-sop").to_str().unwrap(),
+    ]);
+    fails_with(&out, &["BertForPreTraining"]);
+}

@@ -60,3 +60,61 @@ fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
     println!("berth-pretrained BERT: max abs MLM logit difference to transformers {worst:.2e}");
     assert!(worst <= 1e-4, "{worst}");
 }
+
+/// `berth pretrain --objective sop` writes a `BertForPreTraining`; transformers computes the
+/// same masked-LM and sentence-pair logits from it (fixtures/pretrain/bert-sop).
+#[test]
+fn sentence_order_checkpoints_give_transformers_the_same_pair_logits() {
+    let dir = root().join("fixtures/pretrain");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference-sop.json")).unwrap())
+            .unwrap();
+    let ckpt = dir.join("bert-sop");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForPreTraining");
+    let (model, report) = Model::load(&ckpt, false).unwrap();
+    assert!(report.unused.is_empty(), "unused {:?}", report.unused);
+    let tok = berth_text::TextTokenizer::from_dir(&ckpt).unwrap();
+    let ints = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (mut worst_mlm, mut worst_pair) = (0f32, 0f32);
+    for case in reference["cases"].as_array().unwrap() {
+        let enc = tok
+            .encode(
+                case["a"].as_str().unwrap(),
+                Some(case["b"].as_str().unwrap()),
+                64,
+                berth_text::Truncation::Error,
+                0,
+            )
+            .unwrap();
+        assert_eq!(enc.ids, ints(&case["ids"]));
+        assert_eq!(enc.type_ids, ints(&case["type_ids"]));
+        let batch = Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap();
+        let hidden = model.forward(&batch).unwrap();
+        let mlm = model.mlm_logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
+        let row = case["row"].as_u64().unwrap() as usize;
+        for (a, b) in mlm[row].iter().zip(case["mlm_logits"].as_array().unwrap()) {
+            worst_mlm = worst_mlm.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+        let pair = model
+            .sentence_pair_logits(&hidden, &batch)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (a, b) in pair[0].iter().zip(case["pair_logits"].as_array().unwrap()) {
+            worst_pair = worst_pair.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    println!("BertForPreTraining: max abs difference to transformers: MLM {worst_mlm:.2e}, pair {worst_pair:.2e}");
+    assert!(
+        worst_mlm <= 1e-4 && worst_pair <= 1e-4,
+        "{worst_mlm} {worst_pair}"
+    );
+}

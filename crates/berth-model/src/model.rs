@@ -42,6 +42,9 @@ pub struct Model {
     pub pooler: Option<Linear>,
     /// The head named by `architectures`, when the checkpoint has its weights.
     pub head: Option<Head>,
+    /// BERT's sentence-pair head on the pooler (`cls.seq_relationship`, `[2, H]`), when the
+    /// checkpoint has it (`BertForPreTraining`).
+    pub seq_relationship: Option<Linear>,
     /// Trainable parameters by Hugging Face name (empty unless loaded trainable).
     pub params: Vec<Param>,
 }
@@ -107,6 +110,17 @@ impl Model {
                 Err(e) => return Err(e),
             },
         };
+        let seq_relationship =
+            if config.arch == Arch::Bert && w.contains("cls.seq_relationship.weight") {
+                Some(Linear::load(
+                    &w,
+                    "cls.seq_relationship",
+                    config.hidden_size,
+                    2,
+                )?)
+            } else {
+                None
+            };
         report.unused = w.unused();
         let model = Model {
             params: w.params(),
@@ -116,6 +130,7 @@ impl Model {
             layers,
             pooler,
             head,
+            seq_relationship,
         };
         Ok((model, report))
     }
@@ -211,6 +226,16 @@ impl Model {
         Ok(pooler
             .forward(&Self::first_tokens(hidden, batch)?)?
             .tanh()?)
+    }
+
+    /// BERT's sentence-pair logits `[S, 2]` (`BertForPreTraining`'s `seq_relationship`
+    /// on the pooled first token; class 0: B continues A / in order).
+    pub fn sentence_pair_logits(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let head = self
+            .seq_relationship
+            .as_ref()
+            .ok_or_else(|| self.missing("sentence-pair (cls.seq_relationship)"))?;
+        head.forward(&self.pooler_output(hidden, batch)?)
     }
 
     /// Masked-LM logits `[R, V]` for `hidden [R, H]` (select the rows first: the vocabulary

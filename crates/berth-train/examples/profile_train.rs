@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: HeadKind::SequenceClassification,
         labels: vec!["a".into(), "b".into()],
         problem_type: None,
+        sentence_order: false,
     };
     let (model, _) = load_for_task(std::path::Path::new(&dir), &head, 0)?;
     let mut opt = AdamW::new(&model.params, AdamWConfig::default());

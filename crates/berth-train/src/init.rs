@@ -19,9 +19,16 @@ pub struct TaskHead {
     pub labels: Vec<String>,
     /// transformers' `problem_type` for sequence classification.
     pub problem_type: Option<String>,
+    /// Masked-LM (BERT): also the sentence-pair head on the pooler (`BertForPreTraining`:
+    /// `bert.pooler.dense`, `cls.seq_relationship`).
+    pub sentence_order: bool,
 }
 
-fn class_name(arch: Arch, kind: HeadKind) -> String {
+fn class_name(arch: Arch, head: &TaskHead) -> String {
+    if head.sentence_order && head.kind == HeadKind::MaskedLm && arch == Arch::Bert {
+        return "BertForPreTraining".into();
+    }
+    let kind = head.kind;
     let prefix = match arch {
         Arch::Bert => "Bert",
         Arch::Roberta => "Roberta",
@@ -100,7 +107,13 @@ pub fn task_config(dir: &Path, head: &TaskHead) -> Result<serde_json::Value> {
             message: e.to_string(),
         })?;
     let arch = EncoderConfig::from_json(&text, &path)?.arch;
-    v["architectures"] = serde_json::json!([class_name(arch, head.kind)]);
+    if head.sentence_order && (head.kind != HeadKind::MaskedLm || arch != Arch::Bert) {
+        return Err(TrainError::Config(format!(
+            "{}: next-sentence / sentence-order objectives are BERT's (BertForPreTraining); this is a {arch:?} model",
+            dir.display()
+        )));
+    }
+    v["architectures"] = serde_json::json!([class_name(arch, head)]);
     if head.kind != HeadKind::QuestionAnswering {
         let id2label: serde_json::Map<String, serde_json::Value> = head
             .labels
@@ -141,7 +154,8 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
             && !head_shapes(config.arch, head.kind, config.hidden_size, 1)
                 .iter()
                 .any(|(n, _)| k.split('.').next() == n.split('.').next());
-        if other_head || (head.kind != HeadKind::SequenceClassification && k.contains("pooler.")) {
+        let keeps_pooler = head.kind == HeadKind::SequenceClassification || head.sentence_order;
+        if other_head || (!keeps_pooler && k.contains("pooler.")) {
             continue;
         }
         let head_key = is_head_key(&k);
@@ -159,7 +173,17 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
     };
     let init_range = config_json["initializer_range"].as_f64().unwrap_or(0.02);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for (name, shape) in head_shapes(config.arch, head.kind, config.hidden_size, c) {
+    let mut shapes = head_shapes(config.arch, head.kind, config.hidden_size, c);
+    if head.sentence_order {
+        let h = config.hidden_size;
+        shapes.extend([
+            ("bert.pooler.dense.weight".to_string(), vec![h, h]),
+            ("bert.pooler.dense.bias".to_string(), vec![h]),
+            ("cls.seq_relationship.weight".to_string(), vec![2, h]),
+            ("cls.seq_relationship.bias".to_string(), vec![2]),
+        ]);
+    }
+    for (name, shape) in shapes {
         match tensors.get(&name) {
             Some(t) if t.dims() != shape.as_slice() => {
                 return Err(TrainError::Config(format!(
@@ -215,7 +239,13 @@ pub fn load_encoder(dir: &Path) -> Result<(Model, serde_json::Value)> {
             message: e.to_string(),
         })?;
     let arch = EncoderConfig::from_json(&text, &path)?.arch;
-    let base = class_name(arch, HeadKind::MaskedLm).replace("ForMaskedLM", "Model");
+    let mlm = TaskHead {
+        kind: HeadKind::MaskedLm,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let base = class_name(arch, &mlm).replace("ForMaskedLM", "Model");
     config_json["architectures"] = serde_json::json!([base]);
     if let Some(o) = config_json.as_object_mut() {
         for k in ["id2label", "label2id", "problem_type"] {

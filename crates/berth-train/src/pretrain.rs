@@ -37,6 +37,115 @@ fn example(seq: Sequence) -> Example {
     })
 }
 
+/// A sentence-pair objective beside masked-LM (BERT only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SentenceObjective {
+    /// BERT's next-sentence prediction: half the pairs get a second segment from another
+    /// sequence (label 1), half keep the one that follows (label 0).
+    Nsp,
+    /// ALBERT's sentence order: half the pairs are swapped (label 1), half in order (0).
+    Sop,
+}
+
+/// Turns packed sequences into segment pairs `[CLS] A [SEP] B [SEP]` (token types 0 for
+/// `[CLS] A [SEP]`, 1 for `B [SEP]`) with the objective's label as `class`, as BERT's
+/// `create_pretraining_data` does: each sequence is cut at a random word boundary into A and
+/// B; SOP swaps half of them, NSP replaces half the B segments by a piece of the same length
+/// from another sequence. Seeded; sequences with fewer than two content tokens are dropped.
+pub fn sentence_pairs(
+    examples: &[Example],
+    objective: SentenceObjective,
+    max_length: usize,
+    seed: u64,
+) -> Vec<Example> {
+    use rand::Rng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let content = |e: &Example| -> (Vec<u32>, Vec<Option<u32>>) {
+        let n = e.enc.ids.len();
+        (
+            e.enc.ids[1..n - 1].to_vec(),
+            e.enc.word_ids[1..n - 1].to_vec(),
+        )
+    };
+    let mut out = Vec::with_capacity(examples.len());
+    for (k, e) in examples.iter().enumerate() {
+        let n = e.enc.ids.len();
+        if n < 4 {
+            continue;
+        }
+        let (start, end) = (e.enc.ids[0], e.enc.ids[n - 1]);
+        let (ids, words) = content(e);
+        // One [SEP] more than the packed sequence: drop the last content token if needed.
+        let keep = ids.len().min(max_length.saturating_sub(3));
+        let (ids, words) = (&ids[..keep], &words[..keep]);
+        if ids.len() < 2 {
+            continue;
+        }
+        // A random cut, moved forward to the next word start when there is one.
+        let mut cut = rng.random_range(1..ids.len());
+        while cut < ids.len() - 1 && words[cut].is_some() && words[cut] == words[cut - 1] {
+            cut += 1;
+        }
+        let (mut a, mut b) = (
+            (ids[..cut].to_vec(), words[..cut].to_vec()),
+            (ids[cut..].to_vec(), words[cut..].to_vec()),
+        );
+        let flip = rng.random_bool(0.5);
+        let label = match objective {
+            SentenceObjective::Sop => {
+                if flip {
+                    std::mem::swap(&mut a, &mut b);
+                }
+                flip as u32
+            }
+            SentenceObjective::Nsp if flip && examples.len() > 1 => {
+                // B from another sequence: a piece of the same length where it has one.
+                let mut other = rng.random_range(0..examples.len() - 1);
+                if other >= k {
+                    other += 1;
+                }
+                let (oi, ow) = content(&examples[other]);
+                let len = b.0.len().min(oi.len()).max(1);
+                let at = rng.random_range(0..=oi.len().saturating_sub(len));
+                b = (oi[at..at + len].to_vec(), ow[at..at + len].to_vec());
+                1
+            }
+            SentenceObjective::Nsp => 0,
+        };
+        // Words renumbered so A's and B's never share an id.
+        let shift = a.1.iter().flatten().max().map_or(0, |m| m + 1);
+        let first_b = b.1.iter().flatten().min().copied().unwrap_or(0);
+        let mut seq_ids = vec![start];
+        seq_ids.extend(&a.0);
+        seq_ids.push(end);
+        seq_ids.extend(&b.0);
+        seq_ids.push(end);
+        let mut seq_words = vec![None];
+        seq_words.extend(&a.1);
+        seq_words.push(None);
+        seq_words.extend(b.1.iter().map(|w| w.map(|w| w - first_b.min(w) + shift)));
+        seq_words.push(None);
+        let len = seq_ids.len();
+        let mut ex = example(Sequence {
+            ids: seq_ids,
+            words: seq_words,
+        });
+        ex.enc.type_ids = (0..len).map(|i| (i > a.0.len() + 1) as u32).collect();
+        ex.enc.sequence_ids = (0..len)
+            .map(|i| match i {
+                0 => None,
+                i if i == a.0.len() + 1 || i == len - 1 => None,
+                i if i <= a.0.len() => Some(0),
+                _ => Some(1),
+            })
+            .collect();
+        ex.class = Some(label);
+        out.push(ex);
+    }
+    out
+}
+
 /// Reads the corpus files under `path` into packed sequences of at most `max_length` tokens.
 pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Result<Vec<Example>> {
     use std::io::BufRead;
@@ -142,6 +251,13 @@ pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result
         None if !held_out.is_empty() => (all, held_out),
         None => crate::data::split(&all, cfg.dev_fraction, cfg.seed),
     };
+    let (train, dev) = match cfg.sentence_objective {
+        Some(o) => (
+            sentence_pairs(&train, o, cfg.max_length, cfg.seed),
+            sentence_pairs(&dev, o, cfg.max_length, cfg.seed ^ 0x5e9),
+        ),
+        None => (train, dev),
+    };
     Ok(Prepared {
         train,
         dev,
@@ -175,16 +291,23 @@ pub(crate) fn masking(
     })
 }
 
+/// One pretraining batch's outputs: masked-LM logits at the chosen positions `[R, V]` with
+/// their labels (`None` when nothing was chosen), and the sentence-pair logits `[S, 2]` with
+/// their labels when the examples carry them ([`sentence_pairs`]).
+struct Outputs {
+    mlm: Option<(Tensor, Vec<u32>)>,
+    pairs: Option<(Tensor, Vec<u32>)>,
+}
+
 /// Masks `examples` (example `k` from a generator seeded by `(seed, k)`), runs them packed,
-/// and returns the MLM logits at the chosen positions `[R, V]` with their labels; `None`
-/// when nothing was chosen.
-fn masked_logits(
+/// and returns the heads' outputs.
+fn pretrain_outputs(
     model: &Model,
     examples: &[&Example],
     masking: &MaskingConfig,
     seed: u64,
     d: Option<&Dropout>,
-) -> Result<Option<(Tensor, Vec<u32>)>> {
+) -> Result<Outputs> {
     let mut seqs = Vec::with_capacity(examples.len());
     let (mut rows, mut labels) = (Vec::new(), Vec::new());
     let mut offset = 0u32;
@@ -202,8 +325,12 @@ fn masked_logits(
         offset += m.ids.len() as u32;
         seqs.push(m.ids);
     }
-    if rows.is_empty() {
-        return Ok(None);
+    let pair_labels: Option<Vec<u32>> = examples.iter().map(|e| e.class).collect();
+    if rows.is_empty() && pair_labels.is_none() {
+        return Ok(Outputs {
+            mlm: None,
+            pairs: None,
+        });
     }
     let batch = Batch::from_sequences(
         seqs.iter()
@@ -212,11 +339,30 @@ fn masked_logits(
     )?;
     let hidden = model.forward_train(&batch, d)?;
     // The vocabulary projection runs on the chosen positions only.
-    let logits = model.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
-    Ok(Some((logits, labels)))
+    let mlm = if rows.is_empty() {
+        None
+    } else {
+        Some((
+            model.mlm_logits(&Model::select_rows(&hidden, &rows)?)?,
+            labels,
+        ))
+    };
+    let pairs = match pair_labels {
+        Some(l) => Some((model.sentence_pair_logits(&hidden, &batch)?, l)),
+        None => None,
+    };
+    Ok(Outputs { mlm, pairs })
 }
 
-/// Mean cross-entropy at the chosen positions of one batch.
+fn mean_cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Option<Tensor>> {
+    loss::cross_entropy(
+        logits,
+        &labels.iter().copied().map(Some).collect::<Vec<_>>(),
+    )
+}
+
+/// Mean cross-entropy at the chosen positions of one batch, plus the sentence-pair
+/// cross-entropy when the examples carry pair labels (`BertForPreTraining`'s total loss).
 pub(crate) fn mlm_loss(
     model: &Model,
     examples: &[&Example],
@@ -224,12 +370,19 @@ pub(crate) fn mlm_loss(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    match masked_logits(model, examples, masking, seed, d)? {
-        None => Ok(None),
-        Some((logits, labels)) => {
-            loss::cross_entropy(&logits, &labels.into_iter().map(Some).collect::<Vec<_>>())
-        }
-    }
+    let out = pretrain_outputs(model, examples, masking, seed, d)?;
+    let mlm = match &out.mlm {
+        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
+        None => None,
+    };
+    let pairs = match &out.pairs {
+        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
+        None => None,
+    };
+    Ok(match (mlm, pairs) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, b) => a.or(b),
+    })
 }
 
 /// Held-out masked-LM metrics with a fixed masking (the same positions at every
@@ -242,21 +395,25 @@ pub(crate) fn evaluate_mlm(
     seed: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let (mut loss_sum, mut correct, mut count) = (0f64, 0usize, 0usize);
+    let (mut pair_loss, mut pair_correct, mut pairs) = (0f64, 0usize, 0usize);
     for (c, chunk) in dev.chunks(64).enumerate() {
         let refs: Vec<&Example> = chunk.iter().collect();
         let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
-        let Some((logits, labels)) = masked_logits(model, &refs, masking, chunk_seed, None)? else {
-            continue;
-        };
-        let l = loss::cross_entropy(
-            &logits,
-            &labels.iter().copied().map(Some).collect::<Vec<_>>(),
-        )?
-        .expect("labels present");
-        loss_sum += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
-        let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-        correct += best.iter().zip(&labels).filter(|(a, b)| a == b).count();
-        count += labels.len();
+        let out = pretrain_outputs(model, &refs, masking, chunk_seed, None)?;
+        if let Some((logits, labels)) = out.mlm {
+            let l = mean_cross_entropy(&logits, &labels)?.expect("labels present");
+            loss_sum += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
+            let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            correct += best.iter().zip(&labels).filter(|(a, b)| a == b).count();
+            count += labels.len();
+        }
+        if let Some((logits, labels)) = out.pairs {
+            let l = mean_cross_entropy(&logits, &labels)?.expect("labels present");
+            pair_loss += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
+            let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            pair_correct += best.iter().zip(&labels).filter(|(a, b)| a == b).count();
+            pairs += labels.len();
+        }
     }
     let mut out = serde_json::Map::new();
     let mean = loss_sum / count.max(1) as f64;
@@ -267,5 +424,95 @@ pub(crate) fn evaluate_mlm(
         (correct as f64 / count.max(1) as f64).into(),
     );
     out.insert("masked_tokens".into(), count.into());
+    if pairs > 0 {
+        // Next-sentence / sentence-order prediction on the held-out pairs.
+        out.insert("pair_loss".into(), (pair_loss / pairs as f64).into());
+        out.insert(
+            "pair_accuracy".into(),
+            (pair_correct as f64 / pairs as f64).into(),
+        );
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sequences() -> Vec<Example> {
+        (0..400u32)
+            .map(|k| {
+                let len = 3 + (k % 20) as usize;
+                let mut ids = vec![1];
+                ids.extend((0..len as u32).map(|i| 100 + k * 50 + i));
+                ids.push(2);
+                let mut words = vec![None];
+                // Two tokens per word.
+                words.extend((0..len as u32).map(|i| Some(i / 2)));
+                words.push(None);
+                example(Sequence { ids, words })
+            })
+            .collect()
+    }
+
+    fn content(e: &Example) -> Vec<u32> {
+        e.enc.ids[1..e.enc.ids.len() - 1].to_vec()
+    }
+
+    fn check(objective: SentenceObjective) {
+        let seqs = sequences();
+        let max_length = 16;
+        let pairs = sentence_pairs(&seqs, objective, max_length, 3);
+        assert_eq!(pairs.len(), seqs.len());
+        let mut ones = 0;
+        for (p, s) in pairs.iter().zip(&seqs) {
+            let ids = &p.enc.ids;
+            let n = ids.len();
+            assert!(n <= max_length, "{n}");
+            let seps: Vec<usize> = (0..n).filter(|&i| ids[i] == 2).collect();
+            assert_eq!(seps.len(), 2);
+            assert_eq!((ids[0], seps[1]), (1, n - 1));
+            let (a, b) = (&ids[1..seps[0]], &ids[seps[0] + 1..n - 1]);
+            assert!(!a.is_empty() && !b.is_empty());
+            // Token types: 0 through the first [SEP], then 1.
+            let types: Vec<u32> = (0..n).map(|i| (i > seps[0]) as u32).collect();
+            assert_eq!(p.enc.type_ids, types);
+            assert!(p.enc.special[0] && p.enc.special[seps[0]] && p.enc.special[n - 1]);
+            let original = content(s);
+            let label = p.class.expect("labelled");
+            ones += label;
+            let joined = |x: &[u32], y: &[u32]| [x, y].concat();
+            match (objective, label) {
+                (SentenceObjective::Sop, 0) | (SentenceObjective::Nsp, 0) => {
+                    assert!(original.starts_with(&joined(a, b)))
+                }
+                (SentenceObjective::Sop, _) => assert!(original.starts_with(&joined(b, a))),
+                (SentenceObjective::Nsp, _) => {
+                    assert!(original.starts_with(a));
+                    // B comes from another sequence (ids are unique per sequence).
+                    assert!(b.iter().all(|t| !original.contains(t)));
+                }
+            }
+            // The cut falls between words (two tokens per word) unless a word is cut by the
+            // length limit; word ids of A and B never coincide.
+            let wa: Vec<_> = p.enc.word_ids[1..seps[0]].iter().flatten().collect();
+            let wb: Vec<_> = p.enc.word_ids[seps[0] + 1..n - 1]
+                .iter()
+                .flatten()
+                .collect();
+            assert!(wb.iter().all(|w| !wa.contains(w)));
+        }
+        let share = ones as f64 / pairs.len() as f64;
+        assert!((share - 0.5).abs() < 0.08, "{objective:?}: {share}");
+    }
+
+    #[test]
+    fn sentence_order_pairs_are_swapped_halves() {
+        check(SentenceObjective::Sop);
+    }
+
+    #[test]
+    fn next_sentence_pairs_take_half_their_second_segments_elsewhere() {
+        check(SentenceObjective::Nsp);
+    }
 }

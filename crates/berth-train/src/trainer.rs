@@ -139,6 +139,10 @@ pub struct TrainConfig {
     /// JSON Lines file (`{"epoch", "ids"}`), for a peer to train on the same data order.
     #[serde(default)]
     pub dump_order: Option<PathBuf>,
+    /// Pretrain (BERT): a sentence-pair objective beside masked-LM, on the pooled first
+    /// token (BERT's next-sentence prediction or ALBERT's sentence order).
+    #[serde(default)]
+    pub sentence_objective: Option<crate::pretrain::SentenceObjective>,
 }
 
 fn default_mask_rate() -> f64 {
@@ -197,6 +201,7 @@ impl TrainConfig {
             mask_rate: default_mask_rate(),
             whole_word: false,
             dump_order: None,
+            sentence_objective: None,
         }
     }
 }
@@ -303,42 +308,50 @@ fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
             kind: HeadKind::MaskedLm,
             labels: Vec::new(),
             problem_type: None,
+            sentence_order: cfg.sentence_objective.is_some(),
         },
         // Embed trains the bare encoder; this head is never built (see `init::load_encoder`).
         Task::Embed => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: Vec::new(),
             problem_type: None,
+            sentence_order: false,
         },
         Task::Rerank => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: vec!["LABEL_0".into()],
             problem_type: None,
+            sentence_order: false,
         },
         Task::Classify if cfg.multi_label => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: labels.to_vec(),
             problem_type: Some("multi_label_classification".into()),
+            sentence_order: false,
         },
         Task::Classify if cfg.regression => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: vec!["LABEL_0".into()],
             problem_type: Some("regression".into()),
+            sentence_order: false,
         },
         Task::Classify => TaskHead {
             kind: HeadKind::SequenceClassification,
             labels: labels.to_vec(),
             problem_type: Some("single_label_classification".into()),
+            sentence_order: false,
         },
         Task::Ner => TaskHead {
             kind: HeadKind::TokenClassification,
             labels: labels.to_vec(),
             problem_type: None,
+            sentence_order: false,
         },
         Task::Qa => TaskHead {
             kind: HeadKind::QuestionAnswering,
             labels: Vec::new(),
             problem_type: None,
+            sentence_order: false,
         },
     }
 }

@@ -41,6 +41,7 @@ fn check(name: &str, task: Task) {
         kind,
         labels: cfg.id2label.clone(),
         problem_type: None,
+        sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
     let examples: Vec<Example> = r["texts"]
@@ -469,6 +470,7 @@ fn multi_label_classification_trains_like_pytorch() {
         kind: HeadKind::SequenceClassification,
         labels: cfg.id2label.clone(),
         problem_type: Some("multi_label_classification".into()),
+        sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
     let examples: Vec<Example> = encode(&tok, &r["texts"], None, &r["input_ids"])
@@ -500,6 +502,7 @@ fn cross_encoder_reranker_trains_like_sentence_transformers() {
         kind: HeadKind::SequenceClassification,
         labels: vec!["LABEL_0".into()],
         problem_type: None,
+        sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
     let examples: Vec<Example> = encode(&tok, &r["texts"], Some(&r["questions"]), &r["input_ids"])

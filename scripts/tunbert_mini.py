@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""The TunBERT result in miniature, end to end from the berth CLI (no Python in the path;
+this script only runs the commands and prints the table):
+
+  1. `berth tokenizer train`: an 8k lowercased WordPiece on the State of the Union addresses
+     (scripts/fetch-sotu);
+  2. `berth data prepare`: the addresses into shards (sequences of up to 128 tokens);
+  3. `berth pretrain`: a small BERT (4 layers, 128 hidden, 2 heads, 512 feed-forward) with
+     masked-LM from scratch; berth writes the random initialisation to OUTPUT/init;
+  4. `berth finetune --task classify` on SST-2 (../shared/datasets/sst2, a seeded subset of
+     train; dev accuracy) twice with the same recipe: from the pretrained checkpoint and from
+     the same architecture's random initialisation (OUTPUT/init).
+
+    cargo build --release -p berth-cli && scripts/fetch-sotu
+    python3 scripts/tunbert_mini.py [--steps 2000] [--train-examples 20000] [--out DIR]
+"""
+import argparse, json, os, random, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BERTH = ROOT / "target" / "release" / "berth"
+SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+
+
+def sh(*cmd):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
+
+
+def finetune(model, train, dev, run, epochs):
+    sh("rm", "-rf", run)
+    sh(BERTH, "--threads", "2", "finetune", "--task", "classify", "--model", model, "--train", train,
+       "--dev", dev, "--output", run, "--epochs", epochs, "--batch-size", "32", "--lr", "1e-4",
+       "--warmup", "0.06", "--max-length", "64", "--seed", "42")
+    evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
+    return max(e["accuracy"] for e in evals), evals[-1]["accuracy"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--train-examples", type=int, default=20000)
+    ap.add_argument("--epochs", default="2")
+    ap.add_argument("--out", default="/tmp/berth-tunbert-mini")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.environ.get("BERTH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "berth")
+    sotu = cache / "data" / "sotu"
+    if not sotu.is_dir():
+        sys.exit("run scripts/fetch-sotu first")
+    vocab, data, run = out / "vocab", out / "data", out / "pretrain"
+    if not (vocab / "tokenizer.json").exists():
+        sh(BERTH, "tokenizer", "train", "--kind", "wordpiece", "--lowercase", "--vocab-size", "8000",
+           "--output", vocab, sotu)
+    if not (data / "manifest.json").exists():
+        sh(BERTH, "data", "prepare", "--tokenizer", vocab, "--output", data, "--max-length", "128",
+           "--val-fraction", "0.03", "--dedup", sotu)
+    if not (run / "best").exists():
+        sh("rm", "-rf", run)
+        best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", data, "--output", run,
+                  "--layers", "4", "--hidden", "128", "--heads", "2", "--intermediate", "512",
+                  "--max-length", "128", "--batch-size", "32", "--lr", "1e-3", "--warmup", "0.06",
+                  "--weight-decay", "0.01", "--max-steps", str(a.steps), "--save-every", "500",
+                  "--seed", "42").strip()
+        (run / "best").write_text(best)
+    best = (run / "best").read_text().strip()
+    evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
+    # A seeded subset of SST-2 train (the whole dev set is scored).
+    rows = open(SST2 / "train.tsv", encoding="utf-8").read().splitlines()
+    header, rows = rows[0], rows[1:]
+    random.Random(42).shuffle(rows)
+    train = out / "sst2-train.tsv"
+    train.write_text(header + "\n" + "\n".join(rows[:a.train_examples]) + "\n", encoding="utf-8")
+    dev = SST2 / "dev.tsv"
+    pre = finetune(best, train, dev, out / "ft-pretrained", a.epochs)
+    scratch = finetune(run / "init", train, dev, out / "ft-random", a.epochs)
+    print(f"pretraining: {a.steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
+          f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %")
+    print(f"SST-2 dev accuracy ({a.train_examples} training examples, {a.epochs} epochs; best / last epoch):")
+    print(f"| start | best | last |\n|---|---|---|")
+    print(f"| pretrained on SOTU by berth | {100 * pre[0]:.2f} | {100 * pre[1]:.2f} |")
+    print(f"| random initialisation (same architecture) | {100 * scratch[0]:.2f} | {100 * scratch[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
