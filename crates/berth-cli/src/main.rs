@@ -103,7 +103,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (libmimalloc-sys 0.1.49).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Keep freed memory instead of returning it to the OS after 10 ms: a forward or training
+    // step frees and re-allocates the same large activation buffers every time, and fresh
+    // pages from the OS must be zeroed by the kernel first (measured: pretraining ~10 % faster).
+    // SAFETY: sets a process-wide allocator option; no allocation is in flight.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -155,16 +155,8 @@ impl PackedBf16 {
 
     /// Packs the tensors `w [O, I]` and `b [O]` (f32 or f64).
     pub fn from_tensors(w: &Tensor, b: &Tensor) -> Result<Self> {
-        let (o, i) = w.dims2()?;
-        if b.dims() != [o] {
-            bail!(
-                "PackedBf16: weight {:?} and bias {:?} do not fit",
-                w.dims(),
-                b.dims()
-            );
-        }
-        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        Ok(Self::pack(&flat(w)?, &flat(b)?, o, i))
+        let (w, b, o, i) = weight_and_bias(w, b, "PackedBf16")?;
+        Ok(Self::pack(&w, &b, o, i))
     }
 
     /// `O`.
@@ -252,36 +244,70 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
 
 /// The tile products for packed rows `a` (from [`pack_rows`]) into `y [N, O]`.
 fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, out: SendPtr<f32>) {
-    let row_blocks = n.div_ceil(BLOCK);
-    let col_blocks = w.bias.len() / BLOCK;
+    for_each_block(
+        n.div_ceil(BLOCK),
+        w.bias.len() / BLOCK,
+        BLOCK * w.depth * 2,
+        |rb, cols| {
+            // SAFETY: AMX is available (checked by the caller); blocks write disjoint parts of
+            // `y`; every pointer stays inside the padded buffers.
+            unsafe { block_row(a, n, w, rb, cols, out) }
+        },
+    );
+}
+
+/// Runs `run(row_block, column_blocks)` over every block of an output of `row_blocks` ×
+/// `col_blocks` blocks, in parallel, each block once. With enough rows each thread takes a
+/// contiguous range of row blocks and walks the columns in chunks whose packed weights
+/// (`panel_bytes` per column block, ~768 KB a chunk) stay in its L2 while its rows pass
+/// them; with few rows (short batches) the columns are split as well.
+pub(crate) fn for_each_block(
+    row_blocks: usize,
+    col_blocks: usize,
+    panel_bytes: usize,
+    run: impl Fn(usize, std::ops::Range<usize>) + Sync,
+) {
     let threads = rayon::current_num_threads();
     if row_blocks >= 2 * threads {
-        // Each thread takes a contiguous range of row blocks and walks the columns in chunks
-        // whose packed weights (~768 KB) stay in its L2 while its rows pass them.
-        let chunk = ((768 << 10) / (BLOCK * w.depth * 2)).max(1);
+        let chunk = ((768 << 10) / panel_bytes.max(1)).max(1);
         (0..threads).into_par_iter().for_each(|t| {
             let rows = row_blocks * t / threads..row_blocks * (t + 1) / threads;
             for c0 in (0..col_blocks).step_by(chunk) {
                 for rb in rows.clone() {
-                    // SAFETY: AMX is available (checked by the caller); threads write
-                    // disjoint rows of `y`; every pointer stays inside the padded buffers.
-                    unsafe { block_row(a, n, w, rb, c0..(c0 + chunk).min(col_blocks), out) };
+                    run(rb, c0..(c0 + chunk).min(col_blocks));
                 }
             }
         });
         return;
     }
-    // Few rows (short batches): split the columns as well.
-    let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
+    let col_chunks = (2 * threads)
+        .div_ceil(row_blocks)
+        .clamp(1, col_blocks.max(1));
     let per_chunk = col_blocks.div_ceil(col_chunks);
     (0..row_blocks * col_chunks)
         .into_par_iter()
         .for_each(|task| {
             let (rb, cc) = (task / col_chunks, task % col_chunks);
-            let cols = cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks);
-            // SAFETY: as above; each task writes its own rows × columns of `y`.
-            unsafe { block_row(a, n, w, rb, cols, out) };
+            run(rb, cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks));
         });
+}
+
+/// `w [O, I]` and `b [O]` (f32 or f64) as f32 vectors with `(O, I)`, checked to fit.
+pub(crate) fn weight_and_bias(
+    w: &Tensor,
+    b: &Tensor,
+    who: &str,
+) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+    let (o, i) = w.dims2()?;
+    if b.dims() != [o] {
+        bail!(
+            "{who}: weight {:?} and bias {:?} do not fit",
+            w.dims(),
+            b.dims()
+        );
+    }
+    let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok((flat(w)?, flat(b)?, o, i))
 }
 
 /// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.

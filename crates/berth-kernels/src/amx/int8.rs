@@ -97,16 +97,8 @@ impl PackedI8 {
 
     /// Quantizes the tensors `w [O, I]` and `b [O]` (f32 or f64).
     pub fn from_tensors(w: &Tensor, b: &Tensor) -> Result<Self> {
-        let (o, i) = w.dims2()?;
-        if b.dims() != [o] {
-            bail!(
-                "PackedI8: weight {:?} and bias {:?} do not fit",
-                w.dims(),
-                b.dims()
-            );
-        }
-        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        Ok(Self::quantize(&flat(w)?, &flat(b)?, o, i))
+        let (w, b, o, i) = super::weight_and_bias(w, b, "PackedI8")?;
+        Ok(Self::quantize(&w, &b, o, i))
     }
 
     /// `O`.
@@ -270,42 +262,22 @@ pub fn linear_quantized(
     assert_eq!(q.depth, w.depth, "linear_quantized: depth");
     assert!(q.scale.len() == n, "linear_quantized: rows");
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
-    let row_blocks = n.div_ceil(BLOCK);
-    let col_blocks = w.bias.len() / BLOCK;
-    let threads = rayon::current_num_threads();
     let out = SendPtr(y.as_mut_ptr());
-    let run = |rb: usize, cols: std::ops::Range<usize>| {
-        if amx {
-            // SAFETY: AMX int8 is available (asserted); blocks write disjoint parts of `y`;
-            // pointers stay inside the padded buffers.
-            unsafe { block_row_amx(q, n, w, rb, cols, act, out) }
-        } else {
-            // SAFETY: as above, without the AMX requirement.
-            unsafe { block_row_portable(q, n, w, rb, cols, act, out) }
-        }
-    };
-    if row_blocks >= 2 * threads {
-        // Contiguous row ranges per thread; columns in chunks whose packed weights (~768 KB)
-        // stay in L2 while the thread's rows pass them.
-        let chunk = ((768 << 10) / (BLOCK * w.depth)).max(1);
-        (0..threads).into_par_iter().for_each(|t| {
-            let rows = row_blocks * t / threads..row_blocks * (t + 1) / threads;
-            for c0 in (0..col_blocks).step_by(chunk) {
-                for rb in rows.clone() {
-                    run(rb, c0..(c0 + chunk).min(col_blocks));
-                }
+    super::for_each_block(
+        n.div_ceil(BLOCK),
+        w.bias.len() / BLOCK,
+        BLOCK * w.depth,
+        |rb, cols| {
+            if amx {
+                // SAFETY: AMX int8 is available (asserted); blocks write disjoint parts of `y`;
+                // pointers stay inside the padded buffers.
+                unsafe { block_row_amx(q, n, w, rb, cols, act, out) }
+            } else {
+                // SAFETY: as above, without the AMX requirement.
+                unsafe { block_row_portable(q, n, w, rb, cols, act, out) }
             }
-        });
-    } else {
-        let col_chunks = (2 * threads).div_ceil(row_blocks).clamp(1, col_blocks);
-        let per_chunk = col_blocks.div_ceil(col_chunks);
-        (0..row_blocks * col_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (rb, cc) = (task / col_chunks, task % col_chunks);
-                run(rb, cc * per_chunk..((cc + 1) * per_chunk).min(col_blocks));
-            });
-    }
+        },
+    );
     // SAFETY: every element of `y [N, O]` was written (by one block's epilogue, through the
     // raw pointer into the reserved capacity).
     unsafe { y.set_len(n * w.outputs) };
