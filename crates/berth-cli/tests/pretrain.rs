@@ -23,6 +23,22 @@ fn evals(run: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// A tiny BERT: 2 layers, 64 hidden, sequences of 64 tokens, batches of 16.
+const TINY: [&str; 12] = [
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--heads",
+    "2",
+    "--intermediate",
+    "128",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "16",
+];
+
 fn pretrain(args: &[&str]) -> String {
     let mut all = vec!["--threads", "2", "pretrain"];
     all.extend(args);
@@ -53,37 +69,33 @@ fn a_tiny_bert_and_roberta_learn_from_scratch_and_export_masked_lm_checkpoints()
     ] {
         let vocab = root().join("fixtures/vocab").join(kind);
         let run = tmp.path().join(format!("run-{arch}"));
-        let best = pretrain(&[
-            "--tokenizer",
-            vocab.to_str().unwrap(),
-            "--data",
-            corpus().to_str().unwrap(),
-            "--output",
-            run.to_str().unwrap(),
-            "--arch",
-            arch,
-            "--layers",
-            "2",
-            "--hidden",
-            "64",
-            "--heads",
-            "2",
-            "--intermediate",
-            "128",
-            "--max-length",
-            "64",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "10",
-            "--lr",
-            "2e-3",
-            "--save-every",
-            "50",
-            "--val-fraction",
-            "0.1",
-            "--whole-word",
-        ]);
+        let best = pretrain(
+            &[
+                &[
+                    "--tokenizer",
+                    vocab.to_str().unwrap(),
+                    "--data",
+                    corpus().to_str().unwrap(),
+                    "--output",
+                    run.to_str().unwrap(),
+                    "--arch",
+                    arch,
+                ][..],
+                &TINY,
+                &[
+                    "--epochs",
+                    "10",
+                    "--lr",
+                    "2e-3",
+                    "--save-every",
+                    "50",
+                    "--val-fraction",
+                    "0.1",
+                    "--whole-word",
+                ],
+            ]
+            .concat(),
+        );
         let e = evals(&run);
         assert!(e.len() >= 5, "{arch}: {} evaluations", e.len());
         let (first, last) = (&e[0], e.last().unwrap());
@@ -360,36 +372,32 @@ fn next_sentence_objective_trains_a_bert_for_pretraining() {
     let mixed = tmp.path().join("mixed.txt");
     std::fs::write(&mixed, docs.join("\n\n")).unwrap();
     let run = tmp.path().join("nsp");
-    let best = pretrain(&[
-        "--tokenizer",
-        vocab.to_str().unwrap(),
-        "--data",
-        mixed.to_str().unwrap(),
-        "--output",
-        run.to_str().unwrap(),
-        "--objective",
-        "nsp",
-        "--layers",
-        "2",
-        "--hidden",
-        "64",
-        "--heads",
-        "2",
-        "--intermediate",
-        "128",
-        "--max-length",
-        "64",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "12",
-        "--lr",
-        "2e-3",
-        "--save-every",
-        "80",
-        "--val-fraction",
-        "0.2",
-    ]);
+    let best = pretrain(
+        &[
+            &[
+                "--tokenizer",
+                vocab.to_str().unwrap(),
+                "--data",
+                mixed.to_str().unwrap(),
+                "--output",
+                run.to_str().unwrap(),
+                "--objective",
+                "nsp",
+            ][..],
+            &TINY,
+            &[
+                "--epochs",
+                "12",
+                "--lr",
+                "2e-3",
+                "--save-every",
+                "80",
+                "--val-fraction",
+                "0.2",
+            ],
+        ]
+        .concat(),
+    );
     let e = evals(&run);
     let (first, last) = (&e[0], e.last().unwrap());
     println!(
