@@ -617,16 +617,8 @@ fn prepare_qa(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                 .map(|enc| {
                     let span = Some(answer_span(&enc, q.answers.first()));
                     Example {
-                        enc,
-                        class: None,
-                        value: 0.0,
-                        token_labels: Vec::new(),
-                        words: Vec::new(),
                         span,
-                        pair_enc: None,
-                        neg_enc: None,
-                        targets: Vec::new(),
-                        group: 0,
+                        ..Example::new(enc)
                     }
                 })
                 .collect())
