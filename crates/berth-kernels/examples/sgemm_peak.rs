@@ -1,9 +1,12 @@
 //! Micro-benchmark of the f32 micro-kernel with everything in L1, and of whole products.
-//!     cargo run --release -p berth-kernels --example sgemm_peak
+//!     cargo run --release -p berth-kernels --example sgemm_peak [small | amx]
 use berth_kernels::sgemm::{sgemm, Init, PackedB};
 use std::time::Instant;
 
 fn main() {
+    if std::env::args().any(|a| a == "small") {
+        return small();
+    }
     if std::env::args().any(|a| a == "amx") {
         return amx_products();
     }
@@ -71,5 +74,35 @@ fn amx_products() {
             "int8 {m}x{n}x{k}: {:.1} GOP/s",
             flops / t.elapsed().as_secs_f64() / 1e9
         );
+    }
+}
+
+/// Batch-1 shapes: `M` (default 16) rows through MiniLM's 24 weight matrices (42 MB, beyond
+/// L2), as in a batch-1 forward.
+fn small() {
+    let shapes = [(1152usize, 384usize), (384, 384), (1536, 384), (384, 1536)];
+    let weights: Vec<PackedB> = (0..24)
+        .map(|i| {
+            let (n, k) = shapes[i % 4];
+            PackedB::pack_transposed(&vec![0.25f32; n * k], n, k)
+        })
+        .collect();
+    let m: usize = std::env::var("M").map(|v| v.parse().unwrap()).unwrap_or(16);
+    let a = vec![0.5f32; m * 1536];
+    let mut c = vec![0f32; m * 1536];
+    for round in 0..3 {
+        {
+            let (mut flops, t) = (0usize, Instant::now());
+            while t.elapsed().as_secs_f64() < 1.0 {
+                for b in &weights {
+                    sgemm(m, &a, b.k(), 1, b, &mut c, b.n(), Init::Zero);
+                    flops += 2 * m * b.k() * b.n();
+                }
+            }
+            println!(
+                "{m} rows, round {round}: {:.1} GFLOP/s",
+                flops as f64 / t.elapsed().as_secs_f64() / 1e9
+            );
+        }
     }
 }
