@@ -217,9 +217,32 @@ fn forward<T: Float>(
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
     let hd = h / nh.max(1);
+    let src = SendPtr(qkv.as_ptr() as *mut T);
+    if T::attends_tiled(hd) {
+        // Every element of `out` is written by exactly one task (rows x head columns).
+        let mut out = Vec::<T>::with_capacity(n * h);
+        let dst = SendPtr(out.as_mut_ptr());
+        tasks(cu, nh).into_par_iter().for_each_init(
+            crate::attention_tiled::Scratch::default,
+            |sc, (start, len, head)| {
+                let task = crate::attention_tiled::Task {
+                    start,
+                    len,
+                    head,
+                    hidden: h,
+                    head_dim: hd,
+                };
+                // SAFETY: the tiled kernel runs here (checked above); the task's rows lie
+                // inside `qkv` and `out` (cu_seqlens checked against N by the caller).
+                unsafe { T::attend_tiled(src.get(), dst.get(), task, scale, dropout, sc) };
+            },
+        );
+        // SAFETY: the tasks cover every (row, head) of `out` once; empty sequences own no rows.
+        unsafe { out.set_len(n * h) };
+        return out;
+    }
     let mut out = vec![T::zero(); n * h];
     let dst = SendPtr(out.as_mut_ptr());
-    let src = SendPtr(qkv.as_ptr() as *mut T);
     tasks(cu, nh)
         .into_par_iter()
         .for_each_init(Vec::new, |p, (start, l, head)| {
@@ -427,6 +450,42 @@ mod tests {
         let exact = reference_attention(&qkv, &cu, 3, 0.3)?;
         let ours = varlen_attention(&qkv.to_dtype(candle_core::DType::F32)?, &cu, 3, 0.3)?;
         assert_close("f32 attention vs f64 reference", &ours, &exact, 1e-5)
+    }
+
+    #[test]
+    fn tiled_f32_matches_f64_reference() -> Result<()> {
+        // Head dims 32 and 64 take the tiled kernel on AVX-512; lengths around the 8-row
+        // blocks and the 16 / 48-key tiles, up to a long sequence.
+        for (hd, seed) in [(32, 40), (64, 41)] {
+            println!("head dim {hd}: tiled kernel {}", f32::attends_tiled(hd));
+            let lens = [1usize, 7, 8, 9, 16, 17, 48, 50, 63, 130, 300];
+            let mut cu = vec![0];
+            for l in lens {
+                cu.push(cu.last().unwrap() + l);
+            }
+            let n = *cu.last().unwrap();
+            let qkv = (randn(&[n, 3 * 2 * hd], seed)? * 3.0)?;
+            let exact = reference_attention(&qkv, &cu, 2, 0.2)?;
+            let ours = varlen_attention(&qkv.to_dtype(candle_core::DType::F32)?, &cu, 2, 0.2)?;
+            assert_close("tiled f32 attention vs f64 reference", &ours, &exact, 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tiled_dropout_uses_the_general_mask() -> Result<()> {
+        // f64 runs the general path: the same seed must drop the same probabilities.
+        let cu = [0, 5, 40, 57];
+        let qkv = randn(&[57, 3 * 2 * 32], 42)?;
+        let general = varlen_attention_dropout(&qkv, &cu, 2, 0.3, 0.25, 9)?;
+        let f32 = qkv.to_dtype(candle_core::DType::F32)?;
+        let tiled = varlen_attention_dropout(&f32, &cu, 2, 0.3, 0.25, 9)?;
+        assert_close(
+            "tiled vs general attention with dropout",
+            &tiled,
+            &general,
+            2e-6,
+        )
     }
 
     #[test]

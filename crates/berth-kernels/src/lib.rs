@@ -13,6 +13,7 @@
 mod activation;
 pub mod amx;
 mod attention;
+mod attention_tiled;
 mod cpu;
 mod dropout;
 mod layer_norm;
@@ -58,6 +59,26 @@ pub(crate) trait Float:
     fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
         layer_norm::row_stats_generic(row, eps)
     }
+
+    /// Whether [`Float::attend_tiled`] runs here for head dimension `hd`.
+    fn attends_tiled(_hd: usize) -> bool {
+        false
+    }
+
+    /// One (sequence, head) of attention by the tiled kernel (f32 with AVX-512 only).
+    ///
+    /// # Safety
+    /// [`Float::attends_tiled`] must hold, and the buffers must cover the task's rows.
+    unsafe fn attend_tiled(
+        _qkv: *const Self,
+        _out: *mut Self,
+        _task: attention_tiled::Task,
+        _scale: f64,
+        _dropout: Option<(f32, u64)>,
+        _scratch: &mut attention_tiled::Scratch,
+    ) {
+        unreachable!("no tiled attention for this type")
+    }
 }
 
 impl Float for f32 {
@@ -89,6 +110,21 @@ impl Float for f32 {
 
     fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
         layer_norm::row_stats_f32(row, eps)
+    }
+
+    fn attends_tiled(hd: usize) -> bool {
+        attention_tiled::supported(hd)
+    }
+
+    unsafe fn attend_tiled(
+        qkv: *const Self,
+        out: *mut Self,
+        task: attention_tiled::Task,
+        scale: f64,
+        dropout: Option<(f32, u64)>,
+        scratch: &mut attention_tiled::Scratch,
+    ) {
+        attention_tiled::attend(qkv, out, task, scale as f32, dropout, scratch)
     }
 }
 

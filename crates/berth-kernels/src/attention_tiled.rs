@@ -1,0 +1,350 @@
+//! f32 self-attention of one (sequence, head) in blocks of query rows, for AVX-512.
+//!
+//! The general path ([`super::attention`]) builds the whole `[L, L]` probability matrix of a
+//! (sequence, head) with library matmuls, then a separate softmax pass, then `P V`. Here the
+//! work is tiled by [`MR`] query rows: for each block, the scores `[MR, L]` are produced by a
+//! register-blocked kernel (`MR` rows × 48 keys in 24 accumulators) into a scratch row block
+//! that stays in L1, the softmax runs on it in place (FMA-based exp, the `1/sum` folded into
+//! the output), and `P V` accumulates `MR` rows × 32 head dimensions in registers while `V`
+//! is read in place from the packed `qkv`. The only copy is `Kᵀ` of the (sequence, head),
+//! `hd × L` floats, so that each step of the score kernel loads contiguous keys. Memory per
+//! worker is `hd·L + MR·L` floats whatever the length: short sequences waste nothing on
+//! padding, long ones never materialise `L × L`.
+//!
+//! Dropout on the probabilities uses the same mask function (sequence start, head, row ·
+//! L + column) as the general path, so the backward (which recomputes the probabilities the
+//! general way) sees the same mask.
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Query rows per block.
+const MR: usize = 8;
+
+/// Scratch memory of one worker, reused across tasks.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    kt: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// Whether [`attend`] runs here for head dimension `hd`.
+pub(crate) fn supported(hd: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        hd > 0
+            && hd.is_multiple_of(16)
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = hd;
+        false
+    }
+}
+
+/// One (sequence, head) task of the packed layout: `qkv [N, 3H]` (`w3 = 3H` columns),
+/// output `[N, H]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Task {
+    pub start: usize,
+    pub len: usize,
+    pub head: usize,
+    pub hidden: usize,
+    pub head_dim: usize,
+}
+
+/// Writes the attention output of `task` into its rows × head columns of `out`.
+///
+/// # Safety
+/// [`supported`] must hold for `task.head_dim`; `qkv` must hold rows
+/// `start..start + len` of width `3 * hidden`, and `out` the same rows of width `hidden`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn attend(
+    qkv: *const f32,
+    out: *mut f32,
+    t: Task,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+    sc: &mut Scratch,
+) {
+    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
+    let w3 = 3 * h;
+    let lp = l.div_ceil(16) * 16;
+    // Kᵀ [hd, lp], padded keys zero (their scores are never read).
+    sc.kt.resize(hd * lp, 0.0);
+    let k = qkv.add(t.start * w3 + h + t.head * hd);
+    for j0 in (0..l).step_by(16) {
+        let keys = (l - j0).min(16);
+        for d0 in (0..hd).step_by(16) {
+            // 16 keys x 16 dims in, 16 dims x 16 keys out (keys past l stay zero).
+            let mut r: [__m512; 16] = std::array::from_fn(|j| {
+                if j < keys {
+                    _mm512_loadu_ps(k.add((j0 + j) * w3 + d0))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            transpose16(&mut r);
+            for (d, row) in r.iter().enumerate() {
+                _mm512_storeu_ps(sc.kt.as_mut_ptr().add((d0 + d) * lp + j0), *row);
+            }
+        }
+    }
+    sc.scores.resize(MR * lp, 0.0);
+    let drop = dropout.map(|(rate, seed)| Drop {
+        key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
+        threshold: crate::dropout::threshold(rate),
+        scale: (1.0 / (1.0 - rate as f64)) as f32,
+    });
+    let q = qkv.add(t.start * w3 + t.head * hd);
+    let v = qkv.add(t.start * w3 + 2 * h + t.head * hd);
+    let o = out.add(t.start * h + t.head * hd);
+    let geo = Geometry {
+        l,
+        lp,
+        hd,
+        w3,
+        h,
+        scale,
+    };
+    for i0 in (0..l).step_by(MR) {
+        let rows = (l - i0).min(MR);
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => block::<$r>(
+                        &geo,
+                        i0,
+                        q.add(i0 * w3),
+                        v,
+                        o.add(i0 * h),
+                        &sc.kt,
+                        &mut sc.scores,
+                        drop.as_ref(),
+                    ),)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn attend(
+    _: *const f32,
+    _: *mut f32,
+    _: Task,
+    _: f32,
+    _: Option<(f32, u64)>,
+    _: &mut Scratch,
+) {
+    unreachable!("tiled attention is AVX-512 only")
+}
+
+/// Transposes a 16 × 16 block held as 16 rows: 32-bit, 64-bit, 128-bit and 256-bit
+/// interleaves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in (0..16).step_by(2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    let pd = _mm512_castps_pd;
+    for i in (0..16).step_by(4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
+    }
+    for h in [0, 8] {
+        for i in 0..4 {
+            t[h + i] = _mm512_shuffle_f32x4::<0x88>(r[h + i], r[h + i + 4]);
+            t[h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[h + i], r[h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+    }
+}
+
+/// Sizes shared by every block of a task.
+struct Geometry {
+    l: usize,
+    lp: usize,
+    hd: usize,
+    w3: usize,
+    h: usize,
+    scale: f32,
+}
+
+/// The dropout mask of one task.
+struct Drop {
+    key: u64,
+    threshold: u32,
+    scale: f32,
+}
+
+/// Rows `i0..i0 + R` of one task: scores, softmax, `P V`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const R: usize>(
+    g: &Geometry,
+    i0: usize,
+    q: *const f32,
+    v: *const f32,
+    o: *mut f32,
+    kt: &[f32],
+    s: &mut [f32],
+    drop: Option<&Drop>,
+) {
+    // Scores [R, lp]: 48 keys at a time, then a 16- or 32-key tail.
+    let mut c0 = 0;
+    while c0 + 48 <= g.lp {
+        scores::<R, 3>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0));
+        c0 += 48;
+    }
+    match (g.lp - c0) / 16 {
+        2 => scores::<R, 2>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0)),
+        1 => scores::<R, 1>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0)),
+        _ => {}
+    }
+    // Softmax of each row over its l keys, left unnormalised; 1/sum goes into the output.
+    let mut inv = [0f32; R];
+    for (r, inv_r) in inv.iter_mut().enumerate() {
+        let row = &mut s[r * g.lp..r * g.lp + g.l];
+        *inv_r = 1.0 / exp_shifted(row);
+        if let Some(d) = drop {
+            let base = ((i0 + r) * g.l) as u64;
+            for (j, p) in row.iter_mut().enumerate() {
+                if !crate::dropout::keep(d.key, base + j as u64, d.threshold) {
+                    *p = 0.0;
+                }
+            }
+            *inv_r *= d.scale;
+        }
+    }
+    // Output [R, hd] = P V, 32 head dimensions at a time.
+    let mut d0 = 0;
+    while d0 + 32 <= g.hd {
+        values::<R, 2>(g, s, v.add(d0), o.add(d0), &inv);
+        d0 += 32;
+    }
+    if d0 < g.hd {
+        values::<R, 1>(g, s, v.add(d0), o.add(d0), &inv);
+    }
+}
+
+/// `s[r, 16·V keys] = scale · q_r · Kᵀ` for `R` query rows (`kt` and `s` at the first key).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn scores<const R: usize, const V: usize>(
+    g: &Geometry,
+    q: *const f32,
+    kt: *const f32,
+    s: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for d in 0..g.hd {
+        let b: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(kt.add(d * g.lp + 16 * x)));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(*q.add(r * g.w3 + d));
+            for x in 0..V {
+                acc_r[x] = _mm512_fmadd_ps(a, b[x], acc_r[x]);
+            }
+        }
+    }
+    let scale = _mm512_set1_ps(g.scale);
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (x, acc_rx) in acc_r.iter().enumerate() {
+            _mm512_storeu_ps(s.add(r * g.lp + 16 * x), _mm512_mul_ps(*acc_rx, scale));
+        }
+    }
+}
+
+/// `o[r, 16·V dims] = inv[r] · Σ_j s[r, j] v_j` for `R` rows (`v` and `o` at the first dim).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn values<const R: usize, const V: usize>(
+    g: &Geometry,
+    s: &[f32],
+    v: *const f32,
+    o: *mut f32,
+    inv: &[f32; R],
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let p = s.as_ptr();
+    for j in 0..g.l {
+        let row = v.add(j * g.w3);
+        let b: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(row.add(16 * x)));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(*p.add(r * g.lp + j));
+            for x in 0..V {
+                acc_r[x] = _mm512_fmadd_ps(a, b[x], acc_r[x]);
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        let f = _mm512_set1_ps(inv[r]);
+        for (x, acc_rx) in acc_r.iter().enumerate() {
+            _mm512_storeu_ps(o.add(r * g.h + 16 * x), _mm512_mul_ps(*acc_rx, f));
+        }
+    }
+}
+
+/// Replaces `row` by `exp(row - max(row))` and returns the sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_shifted(row: &mut [f32]) -> f32 {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as u16;
+    let full = n - n % 16;
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+    }
+    if tail != 0 {
+        m = _mm512_max_ps(
+            m,
+            _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, p.add(full)),
+        );
+    }
+    let m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    let mut sum = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), m));
+        _mm512_storeu_ps(p.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if tail != 0 {
+        let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), m));
+        _mm512_mask_storeu_ps(p.add(full), tail, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+/// e^x on 16 lanes: `x = n ln2 + r`, `|r| ≤ ln2/2`, a degree-6 Taylor polynomial in `r`
+/// (relative error ~2e-7, as [`crate::softmax`]'s scalar form), times 2^n by `scalef`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
