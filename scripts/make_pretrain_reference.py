@@ -3,10 +3,13 @@
 fixtures/vocab/corpus.txt with the committed WordPiece vocabulary), and the masked-LM logits
 transformers' BertForMaskedLM computes from that checkpoint, for berth's export test; and a
 tinier one trained with `--objective sop` (bert-sop), with the masked-LM and sentence-pair
-logits transformers' BertForPreTraining computes from it.
+logits transformers' BertForPreTraining computes from it. `parity`: three AdamW steps of
+BertForPreTraining (masked LM + sentence order, dropout off) from bert-sop on fixed masked
+pairs — losses, gradient norms, every parameter's gradient at step 2 and the weights after
+step 3 (fixtures/pretrain/parity.json + parity.safetensors), for berth's gradient parity test.
 
     cargo build --release -p berth-cli && pip install torch transformers
-    python3 scripts/make_pretrain_reference.py [mlm] [sop]     # default: both
+    python3 scripts/make_pretrain_reference.py [mlm] [sop] [parity]    # default: all
 """
 import json, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -55,10 +58,49 @@ def sop_reference():
     (OUT / "reference-sop.json").write_text(json.dumps(ref))
 
 
+def parity_reference():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_train_reference import train_steps
+    from safetensors.torch import save_file
+    src = OUT / "bert-sop"
+    tok = AutoTokenizer.from_pretrained(src)
+    model = BertForPreTraining.from_pretrained(src).eval()
+    g = torch.Generator().manual_seed(7)
+    special = set(tok.all_special_ids)
+    cases = []
+    # In order (label 0) and swapped (label 1), as the sentence-order objective builds them.
+    for label, pairs in ((0, PAIRS), (1, [(b, a) for a, b in PAIRS])):
+        for a, b in pairs:
+            enc = tok(a, b)
+            ids, masked, labels = enc["input_ids"], list(enc["input_ids"]), [-100] * len(enc["input_ids"])
+            for j, t in enumerate(ids):
+                if t in special or torch.rand(1, generator=g).item() >= 0.3:
+                    continue
+                labels[j] = t
+                r = torch.rand(1, generator=g).item()  # 80 / 10 / 10
+                masked[j] = tok.mask_token_id if r < 0.8 else (
+                    int(torch.randint(5, len(tok), (1,), generator=g)) if r < 0.9 else t)
+            cases.append({"ids": masked, "type_ids": enc["token_type_ids"], "labels": labels, "pair_label": label})
+    width = max(len(c["ids"]) for c in cases)
+    pad = lambda key, v: torch.tensor([c[key] + [v] * (width - len(c[key])) for c in cases])
+    batch = {"input_ids": pad("ids", tok.pad_token_id), "token_type_ids": pad("type_ids", 0),
+             "attention_mask": torch.tensor([[1] * len(c["ids"]) + [0] * (width - len(c["ids"])) for c in cases]),
+             "labels": pad("labels", -100), "next_sentence_label": torch.tensor([c["pair_label"] for c in cases])}
+    params = list(model.named_parameters())
+    tensors, losses, norms = train_steps(model, params, lambda: model(**batch).loss)
+    save_file(tensors, str(OUT / "parity.safetensors"))
+    (OUT / "parity.json").write_text(json.dumps(
+        {"transformers": transformers.__version__, "torch": torch.__version__, "cases": cases,
+         "losses": losses, "grad_norms": norms}, indent=1))
+    print("parity losses", losses)
+
+
 def main():
-    which = sys.argv[1:] or ["mlm", "sop"]
+    which = sys.argv[1:] or ["mlm", "sop", "parity"]
     if "sop" in which:
         sop_reference()
+    if "parity" in which:  # after sop: it starts from bert-sop
+        parity_reference()
     if "mlm" in which:
         mlm_reference()
 

@@ -299,6 +299,23 @@ struct Outputs {
     pairs: Option<(Tensor, Vec<u32>)>,
 }
 
+/// One sequence after masking: the ids the encoder sees, the token types, the positions
+/// whose original tokens are predicted (ascending) with those originals, and the
+/// sentence-pair label when the objective has one.
+#[derive(Debug, Clone)]
+pub struct MaskedInput {
+    /// Input ids after masking.
+    pub ids: Vec<u32>,
+    /// Token type ids (segment A / B).
+    pub type_ids: Vec<u32>,
+    /// Positions predicted by the masked-LM head.
+    pub positions: Vec<u32>,
+    /// The original id at each position.
+    pub labels: Vec<u32>,
+    /// Sentence-pair (NSP / SOP) label.
+    pub pair_label: Option<u32>,
+}
+
 /// Masks `examples` (example `k` from a generator seeded by `(seed, k)`), runs them packed,
 /// and returns the heads' outputs.
 fn pretrain_outputs(
@@ -308,24 +325,46 @@ fn pretrain_outputs(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Outputs> {
-    let mut seqs = Vec::with_capacity(examples.len());
+    let inputs: Vec<MaskedInput> = examples
+        .iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, k as u64));
+            let m = mask_sequence(
+                &e.enc.ids,
+                &e.enc.special,
+                &e.enc.word_ids,
+                masking,
+                &mut rng,
+            );
+            MaskedInput {
+                ids: m.ids,
+                type_ids: e.enc.type_ids.clone(),
+                positions: m.positions,
+                labels: m.labels,
+                pair_label: e.class,
+            }
+        })
+        .collect();
+    outputs_of_masked(model, &inputs, d)
+}
+
+/// The heads' outputs for already-masked sequences, run packed. Pair logits come when every
+/// sequence carries a pair label.
+fn outputs_of_masked(
+    model: &Model,
+    inputs: &[MaskedInput],
+    d: Option<&Dropout>,
+) -> Result<Outputs> {
     let (mut rows, mut labels) = (Vec::new(), Vec::new());
     let mut offset = 0u32;
-    for (k, e) in examples.iter().enumerate() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, k as u64));
-        let m = mask_sequence(
-            &e.enc.ids,
-            &e.enc.special,
-            &e.enc.word_ids,
-            masking,
-            &mut rng,
-        );
+    for m in inputs {
         rows.extend(m.positions.iter().map(|p| p + offset));
-        labels.extend(m.labels);
+        labels.extend(&m.labels);
         offset += m.ids.len() as u32;
-        seqs.push(m.ids);
     }
-    let pair_labels: Option<Vec<u32>> = examples.iter().map(|e| e.class).collect();
+    let pair_labels: Option<Vec<u32>> = inputs.iter().map(|m| m.pair_label).collect();
     if rows.is_empty() && pair_labels.is_none() {
         return Ok(Outputs {
             mlm: None,
@@ -333,9 +372,9 @@ fn pretrain_outputs(
         });
     }
     let batch = Batch::from_sequences(
-        seqs.iter()
-            .zip(examples)
-            .map(|(ids, e)| (ids.as_slice(), e.enc.type_ids.as_slice())),
+        inputs
+            .iter()
+            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
     )?;
     let hidden = model.forward_train(&batch, d)?;
     // The vocabulary projection runs on the chosen positions only.
@@ -370,7 +409,23 @@ pub(crate) fn mlm_loss(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    let out = pretrain_outputs(model, examples, masking, seed, d)?;
+    total_loss(pretrain_outputs(model, examples, masking, seed, d)?)
+}
+
+/// [`BertForPreTraining`]'s loss of already-masked sequences: mean cross-entropy over all
+/// predicted positions, plus the mean sentence-pair cross-entropy when the inputs carry pair
+/// labels (`None` when there is nothing to predict).
+///
+/// [`BertForPreTraining`]: https://huggingface.co/docs/transformers/model_doc/bert
+pub fn masked_lm_loss(
+    model: &Model,
+    inputs: &[MaskedInput],
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    total_loss(outputs_of_masked(model, inputs, d)?)
+}
+
+fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
     let mlm = match &out.mlm {
         Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
         None => None,

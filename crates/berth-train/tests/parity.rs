@@ -8,6 +8,7 @@ use berth_model::HeadKind;
 use berth_text::{TextTokenizer, Truncation};
 use berth_train::init::{load_for_task, TaskHead};
 use berth_train::optim::{AdamW, AdamWConfig};
+use berth_train::pretrain::{masked_lm_loss, MaskedInput};
 use berth_train::schedule::{Schedule, ScheduleKind};
 use berth_train::trainer::{batch_loss, batch_loss_with, Example, LossSpec, Task};
 use candle_core::Device;
@@ -551,5 +552,58 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
         false,
         &["pooler.dense.bias", "pooler.dense.weight"],
         |m| batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap(),
+    );
+}
+
+#[test]
+fn masked_lm_with_sentence_order_trains_like_bert_for_pretraining() {
+    // fixtures/pretrain/parity.*: BertForPreTraining from bert-sop on six masked pairs (three
+    // in order, three swapped), made by scripts/make_pretrain_reference.py parity.
+    let dir = root().join("fixtures/pretrain");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join("parity.safetensors"), &Device::Cpu).unwrap();
+    let head = TaskHead {
+        kind: HeadKind::MaskedLm,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: true,
+    };
+    let (model, _) = load_for_task(&dir.join("bert-sop"), &head, 0).unwrap();
+    let ints = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let inputs: Vec<MaskedInput> = r["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let labels = ints(&c["labels"]);
+            let chosen: Vec<u32> = (0..labels.len() as u32)
+                .filter(|&j| labels[j as usize] >= 0)
+                .collect();
+            MaskedInput {
+                ids: ints(&c["ids"]).iter().map(|&x| x as u32).collect(),
+                type_ids: ints(&c["type_ids"]).iter().map(|&x| x as u32).collect(),
+                labels: chosen.iter().map(|&j| labels[j as usize] as u32).collect(),
+                positions: chosen,
+                pair_label: Some(c["pair_label"].as_u64().unwrap() as u32),
+            }
+        })
+        .collect();
+    assert!(inputs.iter().any(|m| !m.positions.is_empty()));
+    compare_steps(
+        "bert-pretraining",
+        &model,
+        &reference,
+        &r,
+        false,
+        &[],
+        |m| masked_lm_loss(m, &inputs, None).unwrap().unwrap(),
     );
 }
