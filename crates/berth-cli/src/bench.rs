@@ -120,7 +120,7 @@ fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
         Precision::Bf16 => {
             let p = PackedBf16::pack(&w, &b, i, h);
             Box::new(move || {
-                std::hint::black_box(amx::linear_bf16(&x, n, &p));
+                std::hint::black_box(amx::linear_bf16(&x, n, &p, None));
             })
         }
         Precision::Int8 => {

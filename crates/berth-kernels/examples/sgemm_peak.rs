@@ -54,10 +54,10 @@ fn amx_products() {
         let flops = 2.0 * (m * n * k * reps) as f64;
         if berth_kernels::amx::available() {
             let p = PackedBf16::pack(&w, &b, n, k);
-            linear_bf16(&x, m, &p);
+            linear_bf16(&x, m, &p, None);
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(linear_bf16(&x, m, &p));
+                std::hint::black_box(linear_bf16(&x, m, &p, None));
             }
             println!(
                 "bf16 {m}x{n}x{k}: {:.1} GFLOP/s",

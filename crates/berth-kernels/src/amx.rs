@@ -17,6 +17,7 @@ use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{with_slice, SendPtr};
+use crate::{Activation, Float};
 
 /// Rows and columns of the output block one kernel call computes.
 const BLOCK: usize = 32;
@@ -210,21 +211,22 @@ unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// `y [N, O] = x [N, I] W^T + b` with `x` and `W` in bf16 and f32 accumulation.
+/// `y [N, O] = act(x [N, I] W^T + b)` with `x` and `W` in bf16 and f32 accumulation; the
+/// activation runs on each 32 × 32 output block while it is in L1.
 /// Panics when AMX is not [`available`] (callers check first).
-pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16) -> Vec<f32> {
+pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16, act: Option<Activation>) -> Vec<f32> {
     assert!(available(), "linear_bf16 needs AMX");
     assert_eq!(x.len(), n * w.inputs, "linear_bf16: input size");
     let a = pack_rows(x, n, w.inputs, w.depth);
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
-    matmul_packed(&a, n, w, SendPtr(y.as_mut_ptr()));
+    matmul_packed(&a, n, w, act, SendPtr(y.as_mut_ptr()));
     // SAFETY: `matmul_packed` wrote every element of `y [N, O]` (through the raw pointer).
     unsafe { y.set_len(n * w.outputs) };
     y
 }
 
 /// [`linear_bf16`] on a tensor `x [N, I]` (f32), giving `[N, O]` f32.
-pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
+pub fn linear_packed(x: &Tensor, w: &PackedBf16, act: Option<Activation>) -> Result<Tensor> {
     let (n, i) = x.dims2()?;
     if i != w.inputs || x.dtype() != DType::F32 {
         bail!(
@@ -238,12 +240,12 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16) -> Result<Tensor> {
     if !available() {
         bail!("bf16 linear: this CPU or OS has no AMX bf16 tiles");
     }
-    let y = with_slice::<f32, _>(x, |xs| linear_bf16(xs, n, w))?;
+    let y = with_slice::<f32, _>(x, |xs| linear_bf16(xs, n, w, act))?;
     Tensor::from_vec(y, (n, w.outputs), x.device())
 }
 
 /// The tile products for packed rows `a` (from [`pack_rows`]) into `y [N, O]`.
-fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, out: SendPtr<f32>) {
+fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, act: Option<Activation>, out: SendPtr<f32>) {
     for_each_block(
         n.div_ceil(BLOCK),
         w.bias.len() / BLOCK,
@@ -251,7 +253,7 @@ fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, out: SendPtr<f32>) {
         |rb, cols| {
             // SAFETY: AMX is available (checked by the caller); blocks write disjoint parts of
             // `y`; every pointer stays inside the padded buffers.
-            unsafe { block_row(a, n, w, rb, cols, out) }
+            unsafe { block_row(a, n, w, rb, cols, act, out) }
         },
     );
 }
@@ -363,6 +365,7 @@ unsafe fn block_row(
     w: &PackedBf16,
     rb: usize,
     cols: std::ops::Range<usize>,
+    act: Option<Activation>,
     y: SendPtr<f32>,
 ) {
     let kb = w.depth / DEPTH;
@@ -407,14 +410,20 @@ unsafe fn block_row(
         tile_store!("1", dst.add(16), stride);
         tile_store!("2", dst.add(16 * s), stride);
         tile_store!("3", dst.add(16 * s + 16), stride);
+        let width = (o - c0).min(BLOCK);
         if !full {
-            let width = (o - c0).min(BLOCK);
             for r in 0..rows {
                 std::ptr::copy_nonoverlapping(
                     edge.as_ptr().add(r * BLOCK),
                     y.get().add((rb * BLOCK + r) * o + c0),
                     width,
                 );
+            }
+        }
+        if let Some(act) = act {
+            for r in 0..rows {
+                let row = y.get().add((rb * BLOCK + r) * o + c0);
+                f32::activate(act, std::slice::from_raw_parts_mut(row, width));
             }
         }
     }
@@ -428,6 +437,7 @@ unsafe fn block_row(
     _: &PackedBf16,
     _: usize,
     _: std::ops::Range<usize>,
+    _: Option<Activation>,
     _: SendPtr<f32>,
 ) {
     unreachable!("AMX is x86-64 only")
@@ -450,7 +460,7 @@ mod tests {
         let w: Vec<f32> = (0..o * i).map(|_| lcg(&mut s)).collect();
         let b: Vec<f32> = (0..o).map(|_| lcg(&mut s)).collect();
         let packed = PackedBf16::pack(&w, &b, o, i);
-        let y = linear_bf16(&x, n, &packed);
+        let y = linear_bf16(&x, n, &packed, None);
         let mut worst = 0f64;
         for r in 0..n {
             for c in 0..o {
@@ -475,6 +485,30 @@ mod tests {
     fn amx_matches_bf16_reference_ragged() {
         check(37, 50, 45);
         check(1, 7, 3);
+    }
+
+    #[test]
+    fn fused_activation_matches_separate_pass() {
+        if !available() {
+            eprintln!("AMX not available: skipping");
+            return;
+        }
+        let (n, o, i) = (45, 70, 50);
+        let mut s = 9u64;
+        let x: Vec<f32> = (0..n * i).map(|_| 4.0 * lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..o * i).map(|_| lcg(&mut s)).collect();
+        let b: Vec<f32> = (0..o).map(|_| lcg(&mut s)).collect();
+        let dev = candle_core::Device::Cpu;
+        let packed = PackedBf16::from_tensors(
+            &Tensor::from_vec(w, (o, i), &dev).unwrap(),
+            &Tensor::from_vec(b, o, &dev).unwrap(),
+        )
+        .unwrap();
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            let mut separate = linear_bf16(&x, n, &packed, None);
+            f32::activate(act, &mut separate);
+            assert_eq!(linear_bf16(&x, n, &packed, Some(act)), separate, "{act:?}");
+        }
     }
 
     #[test]

@@ -123,13 +123,13 @@ fn main() -> candle_core::Result<()> {
         };
         let (pq, pi, po) = (pack(&wqkv, 3 * h, h), pack(&wi, f, h), pack(&wo, h, f));
         time("bf16 AMX qkv", 2.0 * (n * h * 3 * h) as f64, || {
-            linear_bf16(&xs, n, &pq);
+            linear_bf16(&xs, n, &pq, None);
         });
         time("bf16 AMX ffn up", 2.0 * (n * h * f) as f64, || {
-            linear_bf16(&xs, n, &pi);
+            linear_bf16(&xs, n, &pi, None);
         });
         time("bf16 AMX ffn down", 2.0 * (n * h * f) as f64, || {
-            linear_bf16(&is, n, &po);
+            linear_bf16(&is, n, &po, None);
         });
         time("bf16 pack rows 4096x384", 0.0, || {
             berth_kernels::amx::pack_rows(&xs, n, h, h);
@@ -141,7 +141,7 @@ fn main() -> candle_core::Result<()> {
             "bf16 AMX ffn up, 16 rows",
             2.0 * (16 * h * f) as f64,
             || {
-                linear_bf16(&xs[..16 * h], 16, &pi);
+                linear_bf16(&xs[..16 * h], 16, &pi, None);
             },
         );
         time(

@@ -137,6 +137,9 @@ impl Linear {
             (Some(Packed::Int8(w)), DType::F32) => {
                 return Ok(berth_kernels::amx::int8::linear_packed(x, w, act)?)
             }
+            (Some(Packed::Bf16(w)), DType::F32) => {
+                return Ok(berth_kernels::amx::linear_packed(x, w, act)?)
+            }
             _ => {}
         }
         let y = self.forward_unfused(x)?;
@@ -149,7 +152,7 @@ impl Linear {
     fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
         match self.packed.as_deref() {
             Some(Packed::Bf16(p)) if x.dtype() == DType::F32 => {
-                Ok(berth_kernels::amx::linear_packed(x, p)?)
+                Ok(berth_kernels::amx::linear_packed(x, p, None)?)
             }
             Some(Packed::F32(w, b)) if x.dtype() == DType::F32 => {
                 Ok(berth_kernels::linear_prepacked(x, w, b, None)?)
