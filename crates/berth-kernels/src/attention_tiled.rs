@@ -93,7 +93,7 @@ pub(crate) unsafe fn attend(
         }
     }
     sc.scores.resize(MR * lp, 0.0);
-    let drop = dropout.map(|(rate, seed)| Drop {
+    let mask = dropout.map(|(rate, seed)| Mask {
         key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
         threshold: crate::dropout::threshold(rate),
         scale: (1.0 / (1.0 - rate as f64)) as f32,
@@ -122,7 +122,7 @@ pub(crate) unsafe fn attend(
                         o.add(i0 * h),
                         &sc.kt,
                         &mut sc.scores,
-                        drop.as_ref(),
+                        mask.as_ref(),
                     ),)*
                     _ => unreachable!(),
                 }
@@ -184,7 +184,7 @@ struct Geometry {
 }
 
 /// The dropout mask of one task.
-struct Drop {
+struct Mask {
     key: u64,
     threshold: u32,
     scale: f32,
@@ -202,7 +202,7 @@ unsafe fn block<const R: usize>(
     o: *mut f32,
     kt: &[f32],
     s: &mut [f32],
-    drop: Option<&Drop>,
+    mask: Option<&Mask>,
 ) {
     // Scores [R, lp]: 48 keys at a time, then a 16- or 32-key tail.
     let mut c0 = 0;
@@ -220,7 +220,7 @@ unsafe fn block<const R: usize>(
     for (r, inv_r) in inv.iter_mut().enumerate() {
         let row = &mut s[r * g.lp..r * g.lp + g.l];
         *inv_r = 1.0 / exp_shifted(row);
-        if let Some(d) = drop {
+        if let Some(d) = mask {
             let base = ((i0 + r) * g.l) as u64;
             for (j, p) in row.iter_mut().enumerate() {
                 if !crate::dropout::keep(d.key, base + j as u64, d.threshold) {

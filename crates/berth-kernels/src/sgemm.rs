@@ -303,7 +303,8 @@ pub fn sgemm_then(
 }
 
 /// Copies `rows × depth` of `A` into `dst` as micro-panels of [`MR`] rows, each `[depth][MR]`
-/// (rows past `rows` are zero), so the kernel broadcasts from consecutive addresses.
+/// (rows past `rows` are zero), so the kernel broadcasts from consecutive addresses. Only `A`
+/// that is not row-major comes here (a transposed operand); row-major `A` is read in place.
 ///
 /// # Safety
 /// `a` must cover the view.
@@ -320,16 +321,6 @@ unsafe fn pack_a(
         let live = (rows - r0).min(MR);
         if live < MR {
             panel[..depth * MR].fill(0.0);
-        } else if a_cs == 1 {
-            // Full panel of row-major A: read eight rows in step, write contiguously.
-            let rows: [&[f32]; MR] =
-                std::array::from_fn(|r| std::slice::from_raw_parts(a.add((r0 + r) * a_rs), depth));
-            for (p, out) in panel.chunks_exact_mut(MR).take(depth).enumerate() {
-                for r in 0..MR {
-                    out[r] = rows[r][p];
-                }
-            }
-            continue;
         }
         for r in 0..live {
             let src = a.add((r0 + r) * a_rs);
