@@ -4,6 +4,7 @@
     pip install torch==2.15.0 transformers==4.57.1 sentence-transformers==5.7.0 tokenizers==0.22.2
     python3 scripts/make_reference.py            # tiny checkpoints (no network needed)
     python3 scripts/make_reference.py --minilm   # + all-MiniLM-L6-v2 vectors (needs scripts/fetch-assets)
+    python3 scripts/make_reference.py --only electra   # (re)make one architecture's checkpoints
 
 Everything berth's tests compare against comes from here; nothing is computed by berth.
 Random weights use a fixed seed and initializer_range 0.1 so that logits are spread enough
@@ -16,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
-from transformers import (BertConfig, BertTokenizerFast, DistilBertConfig, RobertaConfig,
+from transformers import (BertConfig, BertTokenizerFast, DistilBertConfig, ElectraConfig, RobertaConfig,
                           RobertaTokenizerFast, AutoModel, pipeline)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,12 @@ HEADS = {
                    "seqcls": "DistilBertForSequenceClassification",
                    "tokcls": "DistilBertForTokenClassification",
                    "qa": "DistilBertForQuestionAnswering"},
+    # ELECTRA with embedding_size == hidden_size (no embeddings_project); "rtd" is the
+    # discriminator (ElectraForPreTraining), "mlm" the generator (ElectraForMaskedLM).
+    "electra": {"base": "ElectraModel", "mlm": "ElectraForMaskedLM",
+                "seqcls": "ElectraForSequenceClassification",
+                "tokcls": "ElectraForTokenClassification", "qa": "ElectraForQuestionAnswering",
+                "rtd": "ElectraForPreTraining"},
 }
 LABELS = {"seqcls": ["negative", "neutral", "positive"], "tokcls": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}
 
@@ -83,13 +90,17 @@ def config_for(arch, vocab, head):
                              intermediate_size=64, max_position_embeddings=66, type_vocab_size=1,
                              pad_token_id=1, bos_token_id=0, eos_token_id=2,
                              hidden_act="gelu_new", layer_norm_eps=1e-5, **common)
+    if arch == "electra":
+        return ElectraConfig(embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                             type_vocab_size=2, hidden_act="gelu_new", **common)
     return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                             max_position_embeddings=64, activation="gelu", **common)
 
 
 def encode_all(tok, arch):
     encs = [tok(t) for t in TEXTS]
-    if arch == "bert":
+    if arch in ("bert", "electra"):
         encs.append(tok(*PAIR))
     ids, types, cu = [], [], [0]
     for e in encs:
@@ -107,14 +118,14 @@ def run_reference(model, arch, head, ids, types, cu):
     for s in range(len(cu) - 1):
         a, b = cu[s], cu[s + 1]
         kw = {"input_ids": torch.tensor([ids[a:b]])}
-        if arch == "bert":
+        if arch in ("bert", "electra"):
             kw["token_type_ids"] = torch.tensor([types[a:b]])
         with torch.no_grad():
             o = model(**kw, output_hidden_states=True)
         items = {"last_hidden_state": o.hidden_states[-1][0] if head != "base" else o.last_hidden_state[0]}
         if head == "base" and getattr(o, "pooler_output", None) is not None:
             items["pooler_output"] = o.pooler_output[0]
-        if head in ("mlm", "tokcls"):
+        if head in ("mlm", "tokcls", "rtd"):
             items["logits"] = o.logits[0]
         if head == "seqcls":
             items["logits"] = o.logits[0]
@@ -151,17 +162,20 @@ def grads_reference(model, ids, types, cu, path):
     save_file(tensors, str(path))
 
 
-def tiny(tmp: Path):
+def tiny(tmp: Path, only=None):
     torch.manual_seed(0)
     bert_tok, distil_tok, rob_tok = make_tokenizers(tmp)
-    toks = {"bert": bert_tok, "distilbert": distil_tok, "roberta": rob_tok}
-    tokenization = {}
-    fill_mask = {}
-    param_counts = {}
+    toks = {"bert": bert_tok, "distilbert": distil_tok, "roberta": rob_tok, "electra": bert_tok}
+    old = lambda name: json.loads((TINY / name).read_text()) if only else {}
+    tokenization = old("tokenization.json")
+    fill_mask = old("fill_mask.json")
+    param_counts = old("param_counts.json")
     for arch, heads in HEADS.items():
+        if only and arch not in only:
+            continue
         tok = toks[arch]
         ids, types, cu = encode_all(tok, arch)
-        tokenization[arch] = {"texts": TEXTS, "pair": PAIR if arch == "bert" else None,
+        tokenization[arch] = {"texts": TEXTS, "pair": PAIR if arch in ("bert", "electra") else None,
                               "input_ids": ids, "token_type_ids": types, "cu_seqlens": cu}
         for head, cls in heads.items():
             d = TINY / f"{arch}-{head}"
@@ -236,11 +250,12 @@ def minilm(model_dir: Path):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", action="store_true")
+    ap.add_argument("--only", nargs="*", choices=sorted(HEADS), help="remake only these architectures")
     ap.add_argument("--minilm-dir", default=os.path.expanduser("~/.cache/berth/models/all-MiniLM-L6-v2"))
     args = ap.parse_args()
     print("torch", torch.__version__, "transformers", transformers.__version__)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        tiny(Path(tmp))
+        tiny(Path(tmp), args.only)
     if args.minilm:
         minilm(Path(args.minilm_dir))

@@ -2,23 +2,27 @@
 """The TunBERT result in miniature, end to end from the berth CLI (no Python in the path;
 this script only runs the commands and prints the table):
 
-  1. `berth tokenizer train`: an 8k lowercased WordPiece on the State of the Union addresses
-     (scripts/fetch-sotu);
-  2. `berth data prepare`: the addresses into shards (sequences of up to 128 tokens);
-  3. `berth pretrain`: a small BERT (4 layers, 128 hidden, 2 heads, 512 feed-forward) with
-     masked-LM from scratch; berth writes the random initialisation to OUTPUT/init;
+  1. `berth tokenizer train`: an 8k lowercased WordPiece on the pretraining corpus: the State
+     of the Union addresses (scripts/fetch-sotu) or the public-domain books of
+     ../shared/datasets/pd-books (`--corpus books`, the first `--books` training files);
+  2. `berth data prepare`: the corpus into shards (sequences of up to 128 tokens);
+  3. `berth pretrain`: a small BERT (by default 4 layers, 128 hidden, 2 heads, 512
+     feed-forward) with masked-LM from scratch; berth writes the random initialisation to
+     OUTPUT/init;
   4. `berth finetune --task classify` on SST-2 (../shared/datasets/sst2, a seeded subset of
      train; dev accuracy) twice with the same recipe: from the pretrained checkpoint and from
      the same architecture's random initialisation (OUTPUT/init).
 
     cargo build --release -p berth-cli && scripts/fetch-sotu
-    python3 scripts/tunbert_mini.py [--steps 2000] [--train-examples 20000] [--out DIR]
+    python3 scripts/tunbert_mini.py [--corpus sotu|books] [--steps 2000] [--train-examples 20000]
+        [--layers 4 --hidden 128 --heads 2 --intermediate 512] [--out DIR] [--berth BINARY]
 """
 import argparse, json, os, random, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BERTH = ROOT / "target" / "release" / "berth"
+BOOKS = ROOT.parent / "shared" / "datasets" / "pd-books"
 SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 
 
@@ -36,30 +40,45 @@ def finetune(model, train, dev, run, epochs):
 
 
 def main():
+    global BERTH
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--train-examples", type=int, default=20000)
     ap.add_argument("--epochs", default="2")
     ap.add_argument("--out", default="/tmp/berth-tunbert-mini")
+    ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
+    ap.add_argument("--books", type=int, default=4, help="pd-books training files used (--corpus books)")
+    ap.add_argument("--layers", default="4")
+    ap.add_argument("--hidden", default="128")
+    ap.add_argument("--heads", default="2")
+    ap.add_argument("--intermediate", default="512")
+    ap.add_argument("--lr", default="1e-3", help="pretraining learning rate")
+    ap.add_argument("--berth", default=str(BERTH), help="the berth binary (a copy keeps a long run "
+                    "independent of rebuilds)")
     a = ap.parse_args()
+    BERTH = Path(a.berth)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("BERTH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "berth")
-    sotu = cache / "data" / "sotu"
-    if not sotu.is_dir():
-        sys.exit("run scripts/fetch-sotu first")
+    if a.corpus == "sotu":
+        corpus = [cache / "data" / "sotu"]
+        if not corpus[0].is_dir():
+            sys.exit("run scripts/fetch-sotu first")
+    else:
+        corpus = [BOOKS / f"train-{i:02}.txt.gz" for i in range(a.books)]
     vocab, data, run = out / "vocab", out / "data", out / "pretrain"
     if not (vocab / "tokenizer.json").exists():
         sh(BERTH, "tokenizer", "train", "--kind", "wordpiece", "--lowercase", "--vocab-size", "8000",
-           "--output", vocab, sotu)
+           "--output", vocab, *corpus)
     if not (data / "manifest.json").exists():
         sh(BERTH, "data", "prepare", "--tokenizer", vocab, "--output", data, "--max-length", "128",
-           "--val-fraction", "0.03", "--dedup", sotu)
+           "--val-fraction", "0.03", "--dedup", *corpus)
     if not (run / "best").exists():
         sh("rm", "-rf", run)
         best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", data, "--output", run,
-                  "--layers", "4", "--hidden", "128", "--heads", "2", "--intermediate", "512",
-                  "--max-length", "128", "--batch-size", "32", "--lr", "1e-3", "--warmup", "0.06",
+                  "--layers", a.layers, "--hidden", a.hidden, "--heads", a.heads,
+                  "--intermediate", a.intermediate,
+                  "--max-length", "128", "--batch-size", "32", "--lr", a.lr, "--warmup", "0.06",
                   "--weight-decay", "0.01", "--max-steps", str(a.steps), "--save-every", "500",
                   "--seed", "42").strip()
         (run / "best").write_text(best)
@@ -78,7 +97,7 @@ def main():
           f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %")
     print(f"SST-2 dev accuracy ({a.train_examples} training examples, {a.epochs} epochs; best / last epoch):")
     print(f"| start | best | last |\n|---|---|---|")
-    print(f"| pretrained on SOTU by berth | {100 * pre[0]:.2f} | {100 * pre[1]:.2f} |")
+    print(f"| pretrained on {a.corpus} by berth | {100 * pre[0]:.2f} | {100 * pre[1]:.2f} |")
     print(f"| random initialisation (same architecture) | {100 * scratch[0]:.2f} | {100 * scratch[1]:.2f} |")
 
 

@@ -207,7 +207,7 @@ fn pooling_none_gives_the_last_hidden_state() {
 fn fill_mask_matches_the_transformers_pipeline() {
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tiny("fill_mask.json")).unwrap()).unwrap();
-    for arch in ["bert", "roberta", "distilbert"] {
+    for arch in ["bert", "roberta", "distilbert", "electra"] {
         let r = &reference[arch];
         let texts: Vec<&str> = r["texts"]
             .as_array()

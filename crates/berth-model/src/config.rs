@@ -17,6 +17,11 @@ pub enum Arch {
     Roberta,
     /// `distilbert`: its own weight names, no token types, no pooler.
     DistilBert,
+    /// `electra`: BERT's encoder under `electra.`, no pooler, ELECTRA's heads (replaced-token
+    /// detection, the generator's masked-LM, a GELU classification head). Only checkpoints
+    /// whose `embedding_size` equals `hidden_size` (no `embeddings_project`), as ELECTRA
+    /// base and large and berth's own `--objective rtd` runs.
+    Electra,
 }
 
 impl Arch {
@@ -26,6 +31,7 @@ impl Arch {
             Arch::Bert => "bert",
             Arch::Roberta => "roberta",
             Arch::DistilBert => "distilbert",
+            Arch::Electra => "electra",
         }
     }
 }
@@ -61,6 +67,9 @@ pub struct BertConfig {
     pub attention_probs_dropout_prob: Option<f64>,
     #[serde(default)]
     pub classifier_dropout: Option<f64>,
+    /// ELECTRA: the embedding width (transformers' default 128 when absent).
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
 }
 
 /// config.json of DistilBERT.
@@ -215,6 +224,7 @@ impl EncoderConfig {
             "bert" => Arch::Bert,
             "roberta" | "xlm-roberta" | "camembert" => Arch::Roberta,
             "distilbert" => Arch::DistilBert,
+            "electra" => Arch::Electra,
             other => {
                 return Err(ModelError::UnknownModelType {
                     path: path.into(),
@@ -285,6 +295,16 @@ impl EncoderConfig {
                 return Err(bad(format!(
                     "position_embedding_type {p:?} is not supported (only \"absolute\")"
                 )));
+            }
+            if arch == Arch::Electra {
+                let e = c.embedding_size.unwrap_or(128);
+                if e != c.hidden_size {
+                    return Err(bad(format!(
+                        "ELECTRA embedding_size {e} differs from hidden_size {}: checkpoints with an \
+                         embeddings_project layer (ELECTRA-small) are not supported",
+                        c.hidden_size
+                    )));
+                }
             }
             cfg.vocab_size = c.vocab_size;
             cfg.hidden_size = c.hidden_size;

@@ -21,12 +21,16 @@ pub enum HeadKind {
     TokenClassification,
     /// `*ForQuestionAnswering`.
     QuestionAnswering,
+    /// `ElectraForPreTraining`: the discriminator's replaced-token-detection logit per token.
+    ReplacedTokenDetection,
 }
 
 impl HeadKind {
     /// The head named by a transformers class name; `None` for a bare encoder (`*Model`).
     pub fn from_class_name(class: &str) -> Option<Self> {
-        if class.ends_with("ForMaskedLM") || class.ends_with("ForPreTraining") {
+        if class == "ElectraForPreTraining" {
+            Some(Self::ReplacedTokenDetection)
+        } else if class.ends_with("ForMaskedLM") || class.ends_with("ForPreTraining") {
             Some(Self::MaskedLm)
         } else if class.ends_with("ForSequenceClassification") {
             Some(Self::SequenceClassification)
@@ -46,6 +50,7 @@ impl HeadKind {
             Self::SequenceClassification => "sequence-classification",
             Self::TokenClassification => "token-classification",
             Self::QuestionAnswering => "question-answering",
+            Self::ReplacedTokenDetection => "replaced-token-detection",
         }
     }
 }
@@ -80,7 +85,8 @@ impl MaskedLmHead {
         };
         Ok(MaskedLmHead {
             dense: Linear::load(w, dense, h, h)?,
-            activation: if cfg.arch == Arch::Roberta {
+            // RoBERTa's head and ELECTRA's generator always use erf GELU.
+            activation: if matches!(cfg.arch, Arch::Roberta | Arch::Electra) {
                 Activation::Gelu
             } else {
                 cfg.activation
@@ -114,6 +120,13 @@ pub enum SequenceClassificationHead {
         /// `[C, H]`.
         out_proj: Linear,
     },
+    /// ELECTRA: first token → `classifier.dense` → GELU → `classifier.out_proj`.
+    Electra {
+        /// `[H, H]`.
+        dense: Linear,
+        /// `[C, H]`.
+        out_proj: Linear,
+    },
     /// DistilBERT: first token → `pre_classifier` → ReLU → `classifier`.
     DistilBert {
         /// `[H, H]`.
@@ -134,6 +147,16 @@ pub enum Head {
     TokenClassification(Linear),
     /// Start / end logits `[2, H]`.
     QuestionAnswering(Linear),
+    /// ELECTRA's discriminator: `dense` → the config's activation → `dense_prediction`
+    /// (one logit per token: replaced or original).
+    ReplacedTokenDetection {
+        /// `[H, H]`.
+        dense: Linear,
+        /// The config's `hidden_act`.
+        activation: Activation,
+        /// `[1, H]`.
+        prediction: Linear,
+    },
 }
 
 impl Head {
@@ -161,6 +184,10 @@ impl Head {
                     dense: Linear::load(w, "classifier.dense", h, h)?,
                     out_proj: Linear::load(w, "classifier.out_proj", h, classes)?,
                 },
+                Arch::Electra => SequenceClassificationHead::Electra {
+                    dense: Linear::load(w, "classifier.dense", h, h)?,
+                    out_proj: Linear::load(w, "classifier.out_proj", h, classes)?,
+                },
                 Arch::DistilBert => SequenceClassificationHead::DistilBert {
                     pre_classifier: Linear::load(w, "pre_classifier", h, h)?,
                     classifier: Linear::load(w, "classifier", h, classes)?,
@@ -172,6 +199,11 @@ impl Head {
             HeadKind::QuestionAnswering => {
                 Head::QuestionAnswering(Linear::load(w, "qa_outputs", h, 2)?)
             }
+            HeadKind::ReplacedTokenDetection => Head::ReplacedTokenDetection {
+                dense: Linear::load(w, "discriminator_predictions.dense", h, h)?,
+                activation: cfg.activation,
+                prediction: Linear::load(w, "discriminator_predictions.dense_prediction", h, 1)?,
+            },
         })
     }
 
@@ -182,6 +214,7 @@ impl Head {
             Head::SequenceClassification(_) => HeadKind::SequenceClassification,
             Head::TokenClassification(_) => HeadKind::TokenClassification,
             Head::QuestionAnswering(_) => HeadKind::QuestionAnswering,
+            Head::ReplacedTokenDetection { .. } => HeadKind::ReplacedTokenDetection,
         }
     }
 }

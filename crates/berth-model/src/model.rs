@@ -204,6 +204,10 @@ impl Model {
                     Some(Head::QuestionAnswering(_)),
                     HeadKind::QuestionAnswering
                 )
+                | (
+                    Some(Head::ReplacedTokenDetection { .. }),
+                    HeadKind::ReplacedTokenDetection
+                )
         )
     }
 
@@ -277,6 +281,13 @@ impl Model {
                     .tanh()?;
                 out_proj.forward(&drop(x)?)
             }
+            SequenceClassificationHead::Electra { dense, out_proj } => {
+                let x = berth_kernels::activation(
+                    &dense.forward(&drop(Self::first_tokens(hidden, batch)?)?)?,
+                    berth_kernels::Activation::Gelu,
+                )?;
+                out_proj.forward(&drop(x)?)
+            }
             SequenceClassificationHead::DistilBert {
                 pre_classifier,
                 classifier,
@@ -331,6 +342,21 @@ impl Model {
         }
     }
 
+    /// ELECTRA discriminator logits `[N]` for `hidden [N, H]` (positive: replaced).
+    pub fn replaced_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(Head::ReplacedTokenDetection {
+                dense,
+                activation,
+                prediction,
+            }) => {
+                let x = berth_kernels::activation(&dense.forward(hidden)?, *activation)?;
+                Ok(prediction.forward(&x)?.squeeze(1)?)
+            }
+            _ => Err(self.missing(HeadKind::ReplacedTokenDetection.name())),
+        }
+    }
+
     /// Number of distinct parameters (the tied decoder counted once).
     pub fn num_parameters(&self) -> usize {
         let lin = |l: &Linear| l.weight.elem_count() + l.bias.elem_count();
@@ -364,10 +390,13 @@ impl Model {
             Some(Head::SequenceClassification(SequenceClassificationHead::Pooled {
                 classifier,
             })) => lin(classifier),
-            Some(Head::SequenceClassification(SequenceClassificationHead::Roberta {
-                dense,
-                out_proj,
-            })) => lin(dense) + lin(out_proj),
+            Some(Head::SequenceClassification(
+                SequenceClassificationHead::Roberta { dense, out_proj }
+                | SequenceClassificationHead::Electra { dense, out_proj },
+            )) => lin(dense) + lin(out_proj),
+            Some(Head::ReplacedTokenDetection {
+                dense, prediction, ..
+            }) => lin(dense) + lin(prediction),
             Some(Head::SequenceClassification(SequenceClassificationHead::DistilBert {
                 pre_classifier,
                 classifier,

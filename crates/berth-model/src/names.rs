@@ -38,7 +38,7 @@ pub(crate) fn pooler(p: &str) -> String {
 
 pub(crate) fn layer(arch: Arch, p: &str, i: usize) -> LayerKeys {
     match arch {
-        Arch::Bert | Arch::Roberta => {
+        Arch::Bert | Arch::Roberta | Arch::Electra => {
             let l = format!("{p}encoder.layer.{i}");
             LayerKeys {
                 query: format!("{l}.attention.self.query"),
@@ -81,6 +81,12 @@ pub fn mlm_head(arch: Arch) -> [&'static str; 4] {
             "lm_head.layer_norm",
             "lm_head.decoder.weight",
             "lm_head.bias",
+        ],
+        Arch::Electra => [
+            "generator_predictions.dense",
+            "generator_predictions.LayerNorm",
+            "generator_lm_head.weight",
+            "generator_lm_head.bias",
         ],
         Arch::DistilBert => [
             "vocab_transform",

@@ -114,6 +114,14 @@ fn compare_dir(dir: &str, reference: &str) {
             1e-4,
         );
     }
+    if dir.ends_with("-rtd") {
+        check(
+            &format!("{dir} replaced-token logits"),
+            &model.replaced_token_logits(&hidden).unwrap(),
+            &r["logits"],
+            1e-4,
+        );
+    }
     if dir.ends_with("-qa") {
         let (s, e) = model.qa_logits(&hidden).unwrap();
         check(&format!("{dir} start logits"), &s, &r["start_logits"], 1e-4);
@@ -123,12 +131,14 @@ fn compare_dir(dir: &str, reference: &str) {
 
 #[test]
 fn every_architecture_and_head_matches_transformers() {
-    for arch in ["bert", "roberta", "distilbert"] {
+    for arch in ["bert", "roberta", "distilbert", "electra"] {
         for head in ["base", "mlm", "seqcls", "tokcls", "qa"] {
             let dir = format!("{arch}-{head}");
             compare_dir(&dir, &dir);
         }
     }
+    // ELECTRA's discriminator (ElectraForPreTraining).
+    compare_dir("electra-rtd", "electra-rtd");
 }
 
 #[test]

@@ -28,17 +28,22 @@ fn class_name(arch: Arch, head: &TaskHead) -> String {
     if head.sentence_order && head.kind == HeadKind::MaskedLm && arch == Arch::Bert {
         return "BertForPreTraining".into();
     }
+    if head.kind == HeadKind::ReplacedTokenDetection {
+        return "ElectraForPreTraining".into();
+    }
     let kind = head.kind;
     let prefix = match arch {
         Arch::Bert => "Bert",
         Arch::Roberta => "Roberta",
         Arch::DistilBert => "DistilBert",
+        Arch::Electra => "Electra",
     };
     let suffix = match kind {
         HeadKind::MaskedLm => "ForMaskedLM",
         HeadKind::SequenceClassification => "ForSequenceClassification",
         HeadKind::TokenClassification => "ForTokenClassification",
         HeadKind::QuestionAnswering => "ForQuestionAnswering",
+        HeadKind::ReplacedTokenDetection => unreachable!("returned above"),
     };
     format!("{prefix}{suffix}")
 }
@@ -55,7 +60,7 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
         (HeadKind::SequenceClassification, Arch::Bert) => {
             [lin("bert.pooler.dense", h, h), lin("classifier", c, h)].concat()
         }
-        (HeadKind::SequenceClassification, Arch::Roberta) => [
+        (HeadKind::SequenceClassification, Arch::Roberta | Arch::Electra) => [
             lin("classifier.dense", h, h),
             lin("classifier.out_proj", c, h),
         ]
@@ -65,6 +70,11 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
         }
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
+        (HeadKind::ReplacedTokenDetection, _) => [
+            lin("discriminator_predictions.dense", h, h),
+            lin("discriminator_predictions.dense_prediction", 1, h),
+        ]
+        .concat(),
         // Transform dense + LayerNorm and the decoder bias; the decoder is the word embedding
         // matrix (tied, as every BERT-family checkpoint here is).
         (HeadKind::MaskedLm, _) => {
@@ -91,6 +101,8 @@ fn is_head_key(k: &str) -> bool {
         "cls.",
         "lm_head.",
         "vocab_",
+        "discriminator_predictions.",
+        "generator_",
     ]
     .iter()
     .any(|h| k.starts_with(h))
