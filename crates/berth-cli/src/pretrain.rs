@@ -1,5 +1,6 @@
 //! `berth pretrain`: masked-language-model pretraining from scratch (a new BERT or RoBERTa
-//! of the given size on a trained vocabulary) or continued from a checkpoint.
+//! of the given size on a trained vocabulary) or continued from a checkpoint, or ELECTRA's
+//! replaced-token detection (`--objective rtd`).
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -18,6 +19,11 @@ enum ObjectiveArg {
     Nsp,
     /// Masked-LM + sentence-order prediction (ALBERT's; BERT only).
     Sop,
+    /// Replaced-token detection (ELECTRA): a small generator (masked-LM, sharing the
+    /// model's embeddings) fills the masked positions with sampled tokens and the model
+    /// learns to tell replaced tokens from originals at every position. Checkpoints are
+    /// `ElectraForPreTraining`, with the generator (`ElectraForMaskedLM`) in `generator/`.
+    Rtd,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,7 +39,7 @@ pub struct PretrainArgs {
     #[arg(long, required_unless_present = "from")]
     tokenizer: Option<PathBuf>,
     /// Continue pretraining this checkpoint (its tokenizer; a missing MLM head is created).
-    #[arg(long, conflicts_with_all = ["tokenizer", "layers", "hidden", "heads", "intermediate"])]
+    #[arg(long, conflicts_with_all = ["tokenizer", "layers", "hidden", "heads", "intermediate", "generator_layers", "generator_intermediate"])]
     from: Option<String>,
     /// Corpus: a folder from `berth data prepare` (its held-out split is the dev set), or
     /// text / gzip files or folders (one paragraph per line, blank line between documents).
@@ -68,6 +74,16 @@ pub struct PretrainArgs {
     /// checkpoints are then `BertForPreTraining`).
     #[arg(long, value_enum, default_value_t = ObjectiveArg::Mlm)]
     objective: ObjectiveArg,
+    /// RTD: generator layers (default a third of the model's, at least 1). The generator
+    /// has the model's width (the embeddings are shared) and is smaller by depth.
+    #[arg(long)]
+    generator_layers: Option<usize>,
+    /// RTD: generator feed-forward width (default half the model's).
+    #[arg(long)]
+    generator_intermediate: Option<usize>,
+    /// RTD: weight of the discriminator's loss (ELECTRA's lambda).
+    #[arg(long, default_value_t = berth_train::rtd::DEFAULT_WEIGHT)]
+    rtd_weight: f64,
     /// Tokens per sequence, special tokens included.
     #[arg(long, default_value_t = 128)]
     max_length: usize,
@@ -108,24 +124,52 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&a.mask_rate) || a.mask_rate == 0.0 {
         anyhow::bail!("--mask-rate {} must be in (0, 1)", a.mask_rate);
     }
+    let rtd = a.objective == ObjectiveArg::Rtd;
+    if rtd && a.arch == ArchArg::Roberta {
+        anyhow::bail!(
+            "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
+        );
+    }
     let model = match (&a.from, &a.tokenizer) {
-        (Some(from), _) => resolve::model_dir(Some(from))?,
+        (Some(from), _) => {
+            let dir = resolve::model_dir(Some(from))?;
+            if rtd {
+                let generator = dir.join(berth_train::rtd::GENERATOR_DIR);
+                let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json"))?;
+                if cfg.arch != berth_model::Arch::Electra
+                    || !generator.join("config.json").is_file()
+                {
+                    anyhow::bail!(
+                        "{}: --objective rtd continues an ELECTRA run's checkpoint (model_type electra with a {}/ folder);                          start a new one from scratch with --tokenizer",
+                        dir.display(),
+                        berth_train::rtd::GENERATOR_DIR
+                    );
+                }
+            }
+            dir
+        }
         (None, Some(tok_dir)) => {
             let tok = berth_text::TextTokenizer::from_dir(tok_dir)?;
             let (layers, hidden) = (a.layers.unwrap_or(4), a.hidden.unwrap_or(256));
             let heads = a.heads.unwrap_or((hidden / 64).max(1));
+            let intermediate = a.intermediate.unwrap_or(4 * hidden);
             let roberta = a.arch == ArchArg::Roberta;
             let pad = tok
                 .token_to_id(if roberta { "<pad>" } else { "[PAD]" })
                 .unwrap_or(0);
-            let config = serde_json::json!({
-                "architectures": [if roberta { "RobertaModel" } else { "BertModel" }],
-                "model_type": if roberta { "roberta" } else { "bert" },
+            let (class, model_type) = match (rtd, roberta) {
+                (true, _) => ("ElectraModel", "electra"),
+                (false, true) => ("RobertaModel", "roberta"),
+                (false, false) => ("BertModel", "bert"),
+            };
+            let mut config = serde_json::json!({
+                "architectures": [class],
+                "model_type": model_type,
                 "vocab_size": tok.vocab_size(),
                 "hidden_size": hidden,
                 "num_hidden_layers": layers,
                 "num_attention_heads": heads,
-                "intermediate_size": a.intermediate.unwrap_or(4 * hidden),
+                "intermediate_size": intermediate,
                 "hidden_act": "gelu",
                 "hidden_dropout_prob": 0.1,
                 "attention_probs_dropout_prob": 0.1,
@@ -138,8 +182,24 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                 "tie_word_embeddings": true,
             });
             let init = a.output.join("init");
+            if rtd {
+                // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
+                config["embedding_size"] = hidden.into();
+            }
             berth_train::init::write_random_encoder(&init, &config, tok_dir, a.seed)
                 .with_context(|| format!("writing the initial model to {}", init.display()))?;
+            if rtd {
+                let mut generator = config.clone();
+                generator["num_hidden_layers"] =
+                    a.generator_layers.unwrap_or((layers / 3).max(1)).into();
+                generator["intermediate_size"] = a
+                    .generator_intermediate
+                    .unwrap_or((intermediate / 2).max(1))
+                    .into();
+                let dir = init.join(berth_train::rtd::GENERATOR_DIR);
+                berth_train::init::write_random_encoder(&dir, &generator, tok_dir, a.seed ^ 0x6e)
+                    .with_context(|| format!("writing the initial generator to {}", dir.display()))?;
+            }
             init
         }
         (None, None) => {
@@ -167,10 +227,11 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
     cfg.mask_rate = a.mask_rate;
     cfg.whole_word = a.whole_word;
     cfg.sentence_objective = match a.objective {
-        ObjectiveArg::Mlm => None,
+        ObjectiveArg::Mlm | ObjectiveArg::Rtd => None,
         ObjectiveArg::Nsp => Some(berth_train::pretrain::SentenceObjective::Nsp),
         ObjectiveArg::Sop => Some(berth_train::pretrain::SentenceObjective::Sop),
     };
+    cfg.rtd_weight = rtd.then_some(a.rtd_weight);
     cfg.dump_order = a.dump_order;
     cfg.save_every = a.save_every;
     cfg.log_every = a.log_every.max(1);

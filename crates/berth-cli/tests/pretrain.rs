@@ -443,3 +443,212 @@ fn next_sentence_objective_trains_a_bert_for_pretraining() {
     ]);
     fails_with(&out, &["BertForPreTraining"]);
 }
+
+#[test]
+fn replaced_token_detection_learns_and_exports_an_electra() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let run = tmp.path().join("run-rtd");
+    let best = pretrain(
+        &[
+            &[
+                "--tokenizer",
+                vocab.to_str().unwrap(),
+                "--data",
+                corpus().to_str().unwrap(),
+                "--output",
+                run.to_str().unwrap(),
+                "--objective",
+                "rtd",
+                "--generator-layers",
+                "1",
+                "--mask-rate",
+                "0.3",
+            ][..],
+            &TINY,
+            &[
+                "--epochs",
+                "10",
+                "--lr",
+                "2e-3",
+                "--save-every",
+                "50",
+                "--val-fraction",
+                "0.1",
+            ],
+        ]
+        .concat(),
+    );
+    let e = evals(&run);
+    assert!(e.len() >= 5, "{} evaluations", e.len());
+    let (first, last) = (&e[0], e.last().unwrap());
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    // The loss of the best input-blind guess (the replaced share everywhere): that share's
+    // binary entropy.
+    let blind = |v: &Value| {
+        let p = f(v, "replaced_fraction");
+        -(p * p.ln() + (1.0 - p) * (1.0 - p).ln())
+    };
+    println!(
+        "rtd: discriminator loss {:.3} -> {:.3} (input-blind {:.3}), accuracy {:.3} -> {:.3} (replaced {:.3} -> {:.3}), \
+         recall on replaced {:.3} -> {:.3}; generator masked accuracy {:.3} -> {:.3}",
+        f(first, "rtd_loss"),
+        f(last, "rtd_loss"),
+        blind(last),
+        f(first, "rtd_accuracy"),
+        f(last, "rtd_accuracy"),
+        f(first, "replaced_fraction"),
+        f(last, "replaced_fraction"),
+        f(first, "replaced_recall"),
+        f(last, "replaced_recall"),
+        f(first, "masked_accuracy"),
+        f(last, "masked_accuracy"),
+    );
+    // The generator learns its masked-LM task...
+    assert!(
+        f(last, "loss") < f(first, "loss") - 0.1
+            && f(last, "masked_accuracy") > f(first, "masked_accuracy"),
+        "{first} -> {last}"
+    );
+    // ...and the discriminator reads its input: its held-out loss is below the input-blind
+    // guess's. On a corpus this small the margin is small: the generator's samples are
+    // plausible tokens after a few steps.
+    assert!(
+        f(last, "rtd_loss") < blind(last) - 0.005,
+        "discriminator loss {} vs input-blind {}",
+        f(last, "rtd_loss"),
+        blind(last)
+    );
+    let ckpt = PathBuf::from(best.trim());
+    let config = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&ckpt)["architectures"][0], "ElectraForPreTraining");
+    assert_eq!(config(&ckpt)["embedding_size"], 64);
+    let generator = ckpt.join("generator");
+    assert_eq!(config(&generator)["architectures"][0], "ElectraForMaskedLM");
+    assert_eq!(config(&generator)["num_hidden_layers"], 1);
+    let inspect = ok(&berth(&["inspect", "--model", ckpt.to_str().unwrap()]));
+    assert!(inspect.contains("replaced-token-detection"), "{inspect}");
+    // The generator fills masks; `berth eval` scores the pair on any corpus.
+    let out = json_lines(&ok(&berth(&[
+        "fill-mask",
+        "--model",
+        generator.to_str().unwrap(),
+        "--top-k",
+        "3",
+        "the knight rode to the [MASK] of the king.",
+    ])));
+    assert_eq!(out[0]["predictions"].as_array().unwrap().len(), 3);
+    let report: Value = serde_json::from_str(&ok(&berth(&[
+        "eval",
+        "--task",
+        "pretrain",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--data",
+        corpus().to_str().unwrap(),
+        "--max-length",
+        "64",
+    ])))
+    .unwrap();
+    assert!(report["rtd_accuracy"].as_f64().unwrap() > 0.5, "{report}");
+    // An RTD run is an ELECTRA: RoBERTa and continuing a BERT checkpoint are refused.
+    fails_with(
+        &berth(&[
+            "pretrain",
+            "--tokenizer",
+            vocab.to_str().unwrap(),
+            "--data",
+            corpus().to_str().unwrap(),
+            "--output",
+            tmp.path().join("x").to_str().unwrap(),
+            "--objective",
+            "rtd",
+            "--arch",
+            "roberta",
+        ]),
+        &["drop --arch roberta"],
+    );
+    fails_with(
+        &berth(&[
+            "pretrain",
+            "--from",
+            root().join("fixtures/pretrain/bert-mlm").to_str().unwrap(),
+            "--data",
+            corpus().to_str().unwrap(),
+            "--output",
+            tmp.path().join("y").to_str().unwrap(),
+            "--objective",
+            "rtd",
+        ]),
+        &["bert-mlm", "ELECTRA"],
+    );
+}
+
+/// Every tensor of a checkpoint's `model.safetensors`, by name.
+fn tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let t =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn replaced_token_detection_resumes_to_the_same_generator_and_discriminator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let run = tmp.path().join("run");
+    let data = corpus();
+    let args = |resume: bool| {
+        let mut a = vec![
+            "--tokenizer",
+            vocab.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            run.to_str().unwrap(),
+            "--objective",
+            "rtd",
+            "--max-steps",
+            "12",
+            "--save-every",
+            "6",
+        ];
+        a.extend(TINY);
+        if resume {
+            a.push("--resume");
+        }
+        a
+    };
+    pretrain(&args(false));
+    let last = run.join("checkpoints/step-12");
+    let (disc, generator) = (tensors(&last), tensors(&last.join("generator")));
+    // As if killed after step 6's checkpoint: only it remains, and the run resumes from it.
+    std::fs::remove_dir_all(&last).unwrap();
+    pretrain(&args(true));
+    assert_eq!(
+        tensors(&last),
+        disc,
+        "the resumed discriminator ends elsewhere"
+    );
+    assert_eq!(
+        tensors(&last.join("generator")),
+        generator,
+        "the resumed generator ends elsewhere"
+    );
+    // The generator's copy of the shared embeddings is the discriminator's.
+    let embeddings = |t: &[(String, Vec<f32>)]| -> Vec<Vec<f32>> {
+        t.iter()
+            .filter(|(k, _)| k.contains("embeddings."))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert_eq!(embeddings(&disc), embeddings(&generator));
+    assert_eq!(embeddings(&disc).len(), 5);
+}

@@ -118,3 +118,77 @@ fn sentence_order_checkpoints_give_transformers_the_same_pair_logits() {
         "{worst_mlm} {worst_pair}"
     );
 }
+
+/// `berth pretrain --objective rtd` writes an `ElectraForPreTraining` with its generator
+/// (`ElectraForMaskedLM`) in `generator/`; transformers loads both with no missing or unused
+/// weights and computes the same discriminator and masked-LM logits
+/// (fixtures/pretrain/electra-berth, reference-rtd.json).
+#[test]
+fn electra_checkpoints_give_transformers_the_same_discriminator_and_generator_logits() {
+    let dir = root().join("fixtures/pretrain");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference-rtd.json")).unwrap())
+            .unwrap();
+    let ckpt = dir.join("electra-berth");
+    let (disc, report) = Model::load(&ckpt, false).unwrap();
+    assert!(report.unused.is_empty(), "unused {:?}", report.unused);
+    let (generator, report) = Model::load(&ckpt.join("generator"), false).unwrap();
+    assert!(report.unused.is_empty(), "unused {:?}", report.unused);
+    let tok = berth_text::TextTokenizer::from_dir(&ckpt).unwrap();
+    let (mut worst_rtd, mut worst_mlm) = (0f32, 0f32);
+    for (t, case) in reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["cases"].as_array().unwrap())
+    {
+        let enc = tok
+            .encode(
+                t.as_str().unwrap(),
+                None,
+                64,
+                berth_text::Truncation::Error,
+                0,
+            )
+            .unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(enc.ids, want);
+        let batch = Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap();
+        let rtd = disc
+            .replaced_token_logits(&disc.forward(&batch).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in rtd.iter().zip(case["rtd_logits"].as_array().unwrap()) {
+            worst_rtd = worst_rtd.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+        let mlm = generator
+            .mlm_logits(&generator.forward(&batch).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, want) in case["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["mlm_logits"].as_array().unwrap())
+        {
+            for (a, b) in mlm[r.as_u64().unwrap() as usize]
+                .iter()
+                .zip(want.as_array().unwrap())
+            {
+                worst_mlm = worst_mlm.max((a - b.as_f64().unwrap() as f32).abs());
+            }
+        }
+    }
+    println!("berth-pretrained ELECTRA: max abs difference to transformers: discriminator {worst_rtd:.2e}, generator MLM {worst_mlm:.2e}");
+    assert!(
+        worst_rtd <= 1e-4 && worst_mlm <= 1e-4,
+        "{worst_rtd} {worst_mlm}"
+    );
+}

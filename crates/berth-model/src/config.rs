@@ -379,6 +379,17 @@ mod tests {
         assert!(e.contains("mish"), "{e}");
         let e = parse(r#"{"model_type":"bert"}"#).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
+        // ELECTRA-small's embeddings_project (embedding_size 128, hidden 256) is refused;
+        // equal widths load, and a missing embedding_size means transformers' 128.
+        let small = r#"{"model_type":"electra","vocab_size":10,"hidden_size":256,"num_attention_heads":4,"embedding_size":128}"#;
+        let e = parse(small).unwrap_err().to_string();
+        assert!(e.contains("embeddings_project") && e.contains("128"), "{e}");
+        let c = parse(r#"{"model_type":"electra","vocab_size":10,"hidden_size":256,"num_attention_heads":4,"embedding_size":256}"#).unwrap();
+        assert_eq!((c.arch, c.position_offset), (Arch::Electra, 0));
+        assert!(parse(
+            r#"{"model_type":"electra","vocab_size":10,"hidden_size":256,"num_attention_heads":4}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -191,13 +191,15 @@ fn write_sentence_files(
     )
 }
 
-/// Writes a checkpoint atomically to `checkpoints/step-N` under `run`.
+/// Writes a checkpoint atomically to `checkpoints/step-N` under `run`, with `companion`
+/// (a second trained network: ELECTRA's generator) in the subfolder it names.
 pub fn save(
     run: &Path,
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
     sentence: Option<(&Path, Pooling, usize)>,
+    companion: Option<(&str, &Model, &serde_json::Value)>,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -212,6 +214,12 @@ pub fn save(
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
     let written = (|| -> Result<()> {
         write_model(&tmp, model, config, tokenizer_dir, sentence)?;
+        // A second network trained with the model (ELECTRA's generator) in a subfolder.
+        if let Some((name, m, c)) = companion {
+            let sub = tmp.join(name);
+            std::fs::create_dir(&sub).map_err(io(&sub))?;
+            write_model(&sub, m, c, tokenizer_dir, None)?;
+        }
         let opt_path = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(&opt.state_tensors()?, &opt_path).map_err(|e| {
             TrainError::Checkpoint {

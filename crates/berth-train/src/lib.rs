@@ -16,6 +16,7 @@ pub mod optim;
 pub mod plot;
 pub mod pretrain;
 pub mod retrieval;
+pub mod rtd;
 pub mod schedule;
 pub mod trainer;
 

@@ -325,7 +325,16 @@ fn pretrain_outputs(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Outputs> {
-    let inputs: Vec<MaskedInput> = examples
+    outputs_of_masked(model, &mask_examples(examples, masking, seed), d)
+}
+
+/// Masks `examples`, example `k` from a generator seeded by `(seed, k)`.
+pub(crate) fn mask_examples(
+    examples: &[&Example],
+    masking: &MaskingConfig,
+    seed: u64,
+) -> Vec<MaskedInput> {
+    examples
         .iter()
         .enumerate()
         .map(|(k, e)| {
@@ -346,8 +355,7 @@ fn pretrain_outputs(
                 pair_label: e.class,
             }
         })
-        .collect();
-    outputs_of_masked(model, &inputs, d)
+        .collect()
 }
 
 /// The heads' outputs for already-masked sequences, run packed. Pair logits come when every

@@ -143,6 +143,11 @@ pub struct TrainConfig {
     /// token (BERT's next-sentence prediction or ALBERT's sentence order).
     #[serde(default)]
     pub sentence_objective: Option<crate::pretrain::SentenceObjective>,
+    /// Pretrain: replaced-token detection (ELECTRA) instead of masked-LM, with this weight on
+    /// the discriminator's loss; the model is the discriminator (`ElectraForPreTraining`)
+    /// and `model/generator` the generator ([`crate::rtd`]).
+    #[serde(default)]
+    pub rtd_weight: Option<f64>,
 }
 
 fn default_mask_rate() -> f64 {
@@ -202,6 +207,7 @@ impl TrainConfig {
             whole_word: false,
             dump_order: None,
             sentence_objective: None,
+            rtd_weight: None,
         }
     }
 }
@@ -305,7 +311,11 @@ pub enum Event {
 fn head_for(cfg: &TrainConfig, labels: &[String]) -> TaskHead {
     match cfg.task {
         Task::Pretrain => TaskHead {
-            kind: HeadKind::MaskedLm,
+            kind: if cfg.rtd_weight.is_some() {
+                HeadKind::ReplacedTokenDetection
+            } else {
+                HeadKind::MaskedLm
+            },
             labels: Vec::new(),
             problem_type: None,
             sentence_order: cfg.sentence_objective.is_some(),
@@ -972,7 +982,9 @@ pub fn evaluate_model(
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let tok = TextTokenizer::from_dir(&cfg.model)?;
     let (mut model, report) = Model::load(&cfg.model, false)?;
+    let rtd = cfg.task == Task::Pretrain && model.has_head(HeadKind::ReplacedTokenDetection);
     let needed = match cfg.task {
+        Task::Pretrain if rtd => Some(HeadKind::ReplacedTokenDetection),
         Task::Classify | Task::Rerank => Some(HeadKind::SequenceClassification),
         Task::Ner => Some(HeadKind::TokenClassification),
         Task::Qa => Some(HeadKind::QuestionAnswering),
@@ -1002,6 +1014,13 @@ pub fn evaluate_model(
     }
     let mut prepared = prepare(&cfg, &tok)?;
     prepared.train.clear();
+    if rtd {
+        // An ELECTRA discriminator is scored with the generator saved beside it.
+        let (mut generator, _) = Model::load(&cfg.model.join(crate::rtd::GENERATOR_DIR), false)?;
+        generator.set_precision(berth_model::Precision::F32)?;
+        let masking = crate::pretrain::masking(&cfg, &tok, &model)?;
+        return crate::rtd::evaluate(&generator, &model, &prepared.dev, &masking, cfg.seed);
+    }
     evaluate(&model, &tok, &cfg, &prepared)
 }
 
@@ -1137,7 +1156,27 @@ pub fn train(
         spec.masking = Some(crate::pretrain::masking(cfg, &tok, &model)?);
     }
     check_max_length(cfg, &model)?;
-    let mut opt = AdamW::new(&model.params, cfg.adamw);
+    // Replaced-token detection: the generator beside the model, sharing its embeddings, one
+    // optimizer over both.
+    let generator = match cfg.rtd_weight {
+        Some(_) if cfg.task == Task::Pretrain => {
+            let head = TaskHead {
+                kind: HeadKind::MaskedLm,
+                labels: Vec::new(),
+                problem_type: None,
+                sentence_order: false,
+            };
+            let (mut g, g_config) =
+                load_for_task(&from.join(crate::rtd::GENERATOR_DIR), &head, cfg.seed)?;
+            crate::rtd::share_embeddings(&mut g, &model)?;
+            Some((g, g_config))
+        }
+        _ => None,
+    };
+    let mut opt = match &generator {
+        Some((g, _)) => AdamW::new(&crate::rtd::joint_params(g, &model), cfg.adamw),
+        None => AdamW::new(&model.params, cfg.adamw),
+    };
     let mut state = TrainerState {
         format_version: FORMAT_VERSION,
         step: 0,
@@ -1254,9 +1293,19 @@ pub fn train(
                     .then(|| Dropout::new(berth_kernels::seed_stream(cfg.seed ^ 0xd0d0, micro)));
                 // Masking is drawn afresh each time a batch is seen (dynamic masking).
                 let mask_seed = berth_kernels::seed_stream(cfg.seed ^ 0x3a5c, micro);
-                if let Some(loss) =
-                    batch_loss_with(&model, &spec, &examples, mask_seed, dropout.as_ref())?
-                {
+                let loss = match (&generator, cfg.rtd_weight, &spec.masking) {
+                    (Some((g, _)), Some(weight), Some(masking)) => crate::rtd::batch_loss(
+                        g,
+                        &model,
+                        &examples,
+                        masking,
+                        weight,
+                        mask_seed,
+                        dropout.as_ref(),
+                    )?,
+                    _ => batch_loss_with(&model, &spec, &examples, mask_seed, dropout.as_ref())?,
+                };
+                if let Some(loss) = loss {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
                     let grads = (loss / cfg.grad_accum as f64)?.backward()?;
@@ -1295,7 +1344,12 @@ pub fn train(
             };
             if boundary || state.step == last_step {
                 let paused = Instant::now();
-                let eval = evaluate(&model, &tok, cfg, &data)?;
+                let eval = match (&generator, &spec.masking) {
+                    (Some((g, _)), Some(masking)) => {
+                        crate::rtd::evaluate(g, &model, &data.dev, masking, cfg.seed)?
+                    }
+                    _ => evaluate(&model, &tok, cfg, &data)?,
+                };
                 let score = eval
                     .get(main_metric(cfg))
                     .and_then(|v| v.as_f64())
@@ -1326,6 +1380,9 @@ pub fn train(
                     &model_config,
                     &cfg.model,
                     sentence,
+                    generator
+                        .as_ref()
+                        .map(|(g, c)| (crate::rtd::GENERATOR_DIR, g, c)),
                     &opt,
                     &state,
                 )?;

@@ -120,12 +120,27 @@ fn compare_steps(
     untouched: &[&str],
     loss_of: impl Fn(&berth_model::Model) -> candle_core::Tensor,
 ) {
+    compare_param_steps(name, &model.params, reference, r, qa, untouched, || {
+        loss_of(model)
+    })
+}
+
+/// [`compare_steps`] over any parameter list (several networks trained together).
+fn compare_param_steps(
+    name: &str,
+    params: &[berth_model::Param],
+    reference: &std::collections::HashMap<String, candle_core::Tensor>,
+    r: &Value,
+    qa: bool,
+    untouched: &[&str],
+    loss_of: impl Fn() -> candle_core::Tensor,
+) {
     let task = if qa { Task::Qa } else { Task::Classify };
     let adamw = AdamWConfig {
         weight_decay: 0.01,
         ..AdamWConfig::default()
     };
-    let mut opt = AdamW::new(&model.params, adamw);
+    let mut opt = AdamW::new(params, adamw);
     let schedule = Schedule {
         kind: ScheduleKind::Linear,
         base_lr: 1e-3,
@@ -133,7 +148,7 @@ fn compare_steps(
         total: 4,
     };
     for step in 0..3u64 {
-        let loss = loss_of(model);
+        let loss = loss_of();
         let l = loss.to_scalar::<f32>().unwrap() as f64;
         let want = r["losses"][step as usize].as_f64().unwrap();
         println!("{name} step {step}: loss {l:.7} vs PyTorch {want:.7}");
@@ -151,16 +166,14 @@ fn compare_steps(
         );
         if step == 1 {
             let mut worst = 0f64;
-            for p in model
-                .params
+            for p in params
                 .iter()
                 .filter(|p| !untouched.contains(&p.name.as_str()))
             {
                 let want = reference
                     .get(&format!("grad.{}", p.name))
                     .unwrap_or_else(|| panic!("{name}: PyTorch has no {}", p.name));
-                let slot = model
-                    .params
+                let slot = params
                     .iter()
                     .find(|q| q.var.as_tensor().id() == p.var.as_tensor().id())
                     .unwrap();
@@ -193,7 +206,7 @@ fn compare_steps(
             }
             println!(
                 "{name}: {} parameter gradients, worst relative difference {worst:.2e}",
-                model.params.len()
+                params.len()
             );
         }
         let norm = opt.clip(Some(1.0));
@@ -209,7 +222,7 @@ fn compare_steps(
     // ±lr in arbitrary directions. Those parameters are held to Adam's step bound instead.
     let lr_sum: f64 = (0..3).map(|k| schedule.lr(k)).sum();
     let mut worst = 0f32;
-    for p in &model.params {
+    for p in params {
         let got = p
             .view(p.var.as_tensor())
             .unwrap()
@@ -606,4 +619,97 @@ fn masked_lm_with_sentence_order_trains_like_bert_for_pretraining() {
         &[],
         |m| masked_lm_loss(m, &inputs, None).unwrap().unwrap(),
     );
+}
+
+#[test]
+fn replaced_token_detection_trains_like_electra() {
+    // fixtures/pretrain/rtd.*: a one-layer ElectraForMaskedLM generator sharing the
+    // embeddings of a two-layer ElectraForPreTraining discriminator; loss = generator MLM +
+    // 50 x discriminator BCE on fixed masked pairs with fixed replacements (made by
+    // scripts/make_pretrain_reference.py rtd).
+    let dir = root().join("fixtures/pretrain");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rtd.json")).unwrap()).unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join("rtd.safetensors"), &Device::Cpu).unwrap();
+    let head = |kind| TaskHead {
+        kind,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let disc_dir = dir.join("electra-rtd");
+    let (disc, _) = load_for_task(&disc_dir, &head(HeadKind::ReplacedTokenDetection), 0).unwrap();
+    let (mut generator, _) =
+        load_for_task(&disc_dir.join("generator"), &head(HeadKind::MaskedLm), 0).unwrap();
+    berth_train::rtd::share_embeddings(&mut generator, &disc).unwrap();
+    let ints = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as u32)
+            .collect()
+    };
+    let cases = r["cases"].as_array().unwrap();
+    let inputs: Vec<MaskedInput> = cases
+        .iter()
+        .map(|c| {
+            let labels: Vec<i64> = c["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            let chosen: Vec<u32> = (0..labels.len() as u32)
+                .filter(|&j| labels[j as usize] >= 0)
+                .collect();
+            MaskedInput {
+                ids: ints(&c["ids"]),
+                type_ids: ints(&c["type_ids"]),
+                labels: chosen.iter().map(|&j| labels[j as usize] as u32).collect(),
+                positions: chosen,
+                pair_label: None,
+            }
+        })
+        .collect();
+    // The generator's samples: the fixture's replacements, masked row by masked row.
+    let samples: Vec<u32> = cases
+        .iter()
+        .zip(&inputs)
+        .flat_map(|(c, m)| {
+            let replaced = ints(&c["replaced"]);
+            m.positions
+                .iter()
+                .map(|&p| replaced[p as usize])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let weight = r["weight"].as_f64().unwrap();
+    let params = berth_train::rtd::joint_params(&generator, &disc);
+    compare_param_steps("electra-rtd", &params, &reference, &r, false, &[], || {
+        let out = berth_train::rtd::rtd_outputs(
+            &generator,
+            &disc,
+            &inputs,
+            &mut |row, _| samples[row],
+            None,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        // The targets berth derives (replaced = differs from the original) are PyTorch's.
+        let flags: Vec<f32> = r["replaced_flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|f| {
+                f.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
+        assert_eq!(out.replaced, flags);
+        berth_train::rtd::rtd_loss(&out, weight).unwrap()
+    });
 }

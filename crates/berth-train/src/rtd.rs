@@ -1,0 +1,297 @@
+//! Replaced-token detection (ELECTRA): a small masked-LM generator fills the masked
+//! positions with tokens sampled from its own predictions, and the discriminator (the model
+//! being pretrained) learns to tell, at every token, whether it is the original or a
+//! replacement. The loss is the generator's masked-LM cross-entropy plus `weight` (ELECTRA's
+//! λ = 50) times the discriminator's mean binary cross-entropy over all tokens, trained
+//! jointly; the sampling is not differentiated through.
+//!
+//! The generator shares the discriminator's embeddings (word, position, token type and their
+//! LayerNorm, as ELECTRA does), so both have the same width; it is made smaller by depth and
+//! feed-forward width. Checkpoints: the discriminator is `ElectraForPreTraining` (which
+//! `transformers` loads unchanged), the generator `ElectraForMaskedLM` in `generator/`.
+use berth_model::{Batch, Dropout, Model};
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Result, TrainError};
+use crate::loss;
+use crate::mlm::MaskingConfig;
+use crate::pretrain::{mask_examples, MaskedInput};
+use crate::trainer::Example;
+
+/// The generator's folder inside a run's initialisation and each checkpoint.
+pub const GENERATOR_DIR: &str = "generator";
+
+/// ELECTRA's weight of the discriminator loss.
+pub const DEFAULT_WEIGHT: f64 = 50.0;
+
+/// Makes `generator` use `discriminator`'s embeddings (and its tied decoder their word
+/// matrix): the same variables, so both losses update one set. The generator's own
+/// embedding variables are dropped from its parameter list.
+pub fn share_embeddings(generator: &mut Model, discriminator: &Model) -> Result<()> {
+    let g = &generator.config;
+    let d = &discriminator.config;
+    if (
+        g.hidden_size,
+        g.vocab_size,
+        g.max_position_embeddings,
+        g.type_vocab_size,
+    ) != (
+        d.hidden_size,
+        d.vocab_size,
+        d.max_position_embeddings,
+        d.type_vocab_size,
+    ) {
+        return Err(TrainError::Config(format!(
+            "{}: the generator's embeddings (hidden {}, vocabulary {}) cannot be shared with the \
+             discriminator's (hidden {}, vocabulary {})",
+            generator.dir.display(),
+            g.hidden_size,
+            g.vocab_size,
+            d.hidden_size,
+            d.vocab_size
+        )));
+    }
+    generator.embeddings = discriminator.embeddings.clone();
+    if let Some(berth_model::Head::MaskedLm(h)) = &mut generator.head {
+        h.decoder = discriminator.embeddings.word_embeddings.clone();
+    }
+    for p in &mut generator.params {
+        if let Some(shared) = discriminator.params.iter().find(|q| q.name == p.name) {
+            if p.name.contains("embeddings.") {
+                p.var = shared.var.clone();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The parameters one optimizer steps for a run: the discriminator's, then the generator's
+/// under `generator/` names (the shared embeddings once, under the discriminator's name).
+pub fn joint_params(generator: &Model, discriminator: &Model) -> Vec<berth_model::Param> {
+    let mut params = discriminator.params.clone();
+    params.extend(generator.params.iter().map(|p| berth_model::Param {
+        name: format!("{GENERATOR_DIR}/{}", p.name),
+        ..p.clone()
+    }));
+    params
+}
+
+/// One batch's outputs: the generator's logits at the masked positions `[R, V]` with the
+/// original tokens, and the discriminator's logits `[N]` with their targets (1: replaced).
+pub struct RtdOutputs {
+    /// Generator logits at the masked positions.
+    pub generator_logits: Tensor,
+    /// Original token at each masked position.
+    pub labels: Vec<u32>,
+    /// Discriminator logit per token of the packed batch.
+    pub discriminator_logits: Tensor,
+    /// 1.0 where the discriminator's input differs from the original token.
+    pub replaced: Vec<f32>,
+}
+
+/// Runs generator and discriminator on masked inputs; `sample(row, logits)` draws the
+/// replacement of masked row `row` from the generator's logits there.
+pub fn rtd_outputs(
+    generator: &Model,
+    discriminator: &Model,
+    inputs: &[MaskedInput],
+    sample: &mut dyn FnMut(usize, &[f32]) -> u32,
+    d_generator: Option<&Dropout>,
+    d_discriminator: Option<&Dropout>,
+) -> Result<Option<RtdOutputs>> {
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    let mut offset = 0u32;
+    for m in inputs {
+        rows.extend(m.positions.iter().map(|p| p + offset));
+        labels.extend(&m.labels);
+        offset += m.ids.len() as u32;
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let batch = Batch::from_sequences(
+        inputs
+            .iter()
+            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
+    )?;
+    let hidden = generator.forward_train(&batch, d_generator)?;
+    let generator_logits = generator.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
+    // The discriminator sees the originals with each masked position replaced by a sample.
+    let values = generator_logits.to_vec2::<f32>()?;
+    let mut replaced = Vec::with_capacity(offset as usize);
+    let mut disc_ids: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
+    let mut row = 0;
+    for m in inputs {
+        let mut ids = m.ids.clone();
+        let mut flags = vec![0f32; ids.len()];
+        for (&p, &original) in m.positions.iter().zip(&m.labels) {
+            let token = sample(row, &values[row]);
+            ids[p as usize] = token;
+            flags[p as usize] = (token != original) as u32 as f32;
+            row += 1;
+        }
+        replaced.extend(flags);
+        disc_ids.push(ids);
+    }
+    let batch = Batch::from_sequences(
+        disc_ids
+            .iter()
+            .zip(inputs)
+            .map(|(ids, m)| (ids.as_slice(), m.type_ids.as_slice())),
+    )?;
+    let hidden = discriminator.forward_train(&batch, d_discriminator)?;
+    Ok(Some(RtdOutputs {
+        generator_logits,
+        labels,
+        discriminator_logits: discriminator.replaced_token_logits(&hidden)?,
+        replaced,
+    }))
+}
+
+/// `generator MLM loss + weight × discriminator BCE` (ELECTRA's objective).
+pub fn rtd_loss(out: &RtdOutputs, weight: f64) -> Result<Tensor> {
+    let (generator, discriminator) = losses(out)?;
+    Ok((generator + (discriminator * weight)?)?)
+}
+
+/// The generator's mean cross-entropy and the discriminator's mean binary cross-entropy.
+fn losses(out: &RtdOutputs) -> Result<(Tensor, Tensor)> {
+    let generator = loss::cross_entropy(
+        &out.generator_logits,
+        &out.labels.iter().copied().map(Some).collect::<Vec<_>>(),
+    )?
+    .expect("masked rows present");
+    let targets = Tensor::new(out.replaced.as_slice(), &candle_core::Device::Cpu)?;
+    let discriminator = loss::bce_with_logits(&out.discriminator_logits, &targets)?;
+    Ok((generator, discriminator))
+}
+
+/// Draws from `softmax(logits)` with a generator seeded by `(seed, row)`.
+fn sample_softmax(seed: u64, row: usize, logits: &[f32]) -> u32 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, row as u64));
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits.iter().map(|&x| ((x - max) as f64).exp()).collect();
+    let mut u = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    (logits.len() - 1) as u32
+}
+
+/// Masks `examples` (seeded by `seed`), samples replacements (seeded too), and returns the
+/// batch's outputs.
+fn outputs(
+    generator: &Model,
+    discriminator: &Model,
+    examples: &[&Example],
+    masking: &MaskingConfig,
+    seed: u64,
+    d: Option<&Dropout>,
+) -> Result<Option<RtdOutputs>> {
+    let inputs = mask_examples(examples, masking, seed);
+    let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
+    // The two networks draw dropout from different streams.
+    let d_gen = d.map(|_| Dropout::new(berth_kernels::seed_stream(seed, 0x9e4)));
+    rtd_outputs(
+        generator,
+        discriminator,
+        &inputs,
+        &mut |row, logits| sample_softmax(sample_seed, row, logits),
+        d_gen.as_ref(),
+        d,
+    )
+}
+
+/// The training loss of one batch (`None` when nothing was masked).
+pub(crate) fn batch_loss(
+    generator: &Model,
+    discriminator: &Model,
+    examples: &[&Example],
+    masking: &MaskingConfig,
+    weight: f64,
+    seed: u64,
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    outputs(generator, discriminator, examples, masking, seed, d)?
+        .map(|o| rtd_loss(&o, weight))
+        .transpose()
+}
+
+/// Held-out metrics with a fixed masking and fixed samples: the generator's masked-LM loss,
+/// perplexity and masked accuracy (the names masked-LM pretraining logs), and the
+/// discriminator's loss, accuracy over all tokens, the share of replaced tokens (what
+/// predicting "original" everywhere would miss) and precision / recall on replaced tokens.
+pub(crate) fn evaluate(
+    generator: &Model,
+    discriminator: &Model,
+    dev: &[Example],
+    masking: &MaskingConfig,
+    seed: u64,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let (mut gen_loss, mut correct, mut masked) = (0f64, 0usize, 0usize);
+    let (mut disc_loss, mut right, mut tokens) = (0f64, 0usize, 0usize);
+    let (mut replaced, mut flagged, mut caught) = (0usize, 0usize, 0usize);
+    for (c, chunk) in dev.chunks(64).enumerate() {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
+        let Some(out) = outputs(generator, discriminator, &refs, masking, chunk_seed, None)? else {
+            continue;
+        };
+        let (g, d) = losses(&out)?;
+        gen_loss += g.to_scalar::<f32>()? as f64 * out.labels.len() as f64;
+        disc_loss += d.to_scalar::<f32>()? as f64 * out.replaced.len() as f64;
+        let best = out
+            .generator_logits
+            .argmax(candle_core::D::Minus1)?
+            .to_vec1::<u32>()?;
+        correct += best.iter().zip(&out.labels).filter(|(a, b)| a == b).count();
+        masked += out.labels.len();
+        let logits = out.discriminator_logits.to_vec1::<f32>()?;
+        for (&x, &t) in logits.iter().zip(&out.replaced) {
+            let (says, is) = (x > 0.0, t > 0.5);
+            right += (says == is) as usize;
+            replaced += is as usize;
+            flagged += says as usize;
+            caught += (says && is) as usize;
+        }
+        tokens += logits.len();
+    }
+    let mean = gen_loss / masked.max(1) as f64;
+    let ratio = |a: usize, b: usize| a as f64 / b.max(1) as f64;
+    let mut out = serde_json::Map::new();
+    out.insert("loss".into(), mean.into());
+    out.insert("perplexity".into(), mean.exp().into());
+    out.insert("masked_accuracy".into(), ratio(correct, masked).into());
+    out.insert("masked_tokens".into(), masked.into());
+    out.insert("rtd_loss".into(), (disc_loss / tokens.max(1) as f64).into());
+    out.insert("rtd_accuracy".into(), ratio(right, tokens).into());
+    out.insert("replaced_fraction".into(), ratio(replaced, tokens).into());
+    out.insert("replaced_precision".into(), ratio(caught, flagged).into());
+    out.insert("replaced_recall".into(), ratio(caught, replaced).into());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY, (6.0f32).ln()];
+        let mut counts = [0usize; 4];
+        for row in 0..20_000 {
+            counts[sample_softmax(7, row, &logits) as usize] += 1;
+        }
+        let share: Vec<f64> = counts.iter().map(|&c| c as f64 / 20_000.0).collect();
+        assert_eq!(counts[2], 0);
+        for (got, want) in share.iter().zip([0.1, 0.3, 0.0, 0.6]) {
+            assert!((got - want).abs() < 0.015, "{share:?}");
+        }
+        // Seeded: the same row draws the same token.
+        assert_eq!(sample_softmax(7, 3, &logits), sample_softmax(7, 3, &logits));
+    }
+}
