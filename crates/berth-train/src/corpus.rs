@@ -756,6 +756,50 @@ impl Shard {
     }
 }
 
+/// Shards addressed as one list of sequences, decoded on demand: a run over a prepared
+/// corpus keeps only the memory maps (the pages a batch touches are read in by the OS and
+/// can be dropped again), never the decoded corpus.
+pub struct Shards {
+    shards: Vec<Shard>,
+    /// Index of each shard's first sequence, and the total at the end.
+    starts: Vec<usize>,
+}
+
+impl Shards {
+    /// The sequences of `shards`, in order.
+    pub fn new(shards: Vec<Shard>) -> Self {
+        let mut starts = vec![0];
+        for s in &shards {
+            starts.push(starts.last().expect("non-empty") + s.len());
+        }
+        Shards { shards, starts }
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        *self.starts.last().expect("non-empty")
+    }
+
+    /// Whether there is no sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sequence `i` of the concatenation.
+    pub fn sequence(&self, i: usize) -> Sequence {
+        let s = self.starts.partition_point(|&start| start <= i) - 1;
+        self.shards[s].sequence(i - self.starts[s])
+    }
+
+    /// Tokens over all sequences (special tokens included).
+    pub fn tokens(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.offset(s.len()) - s.offset(0))
+            .sum()
+    }
+}
+
 /// A prepared folder: its manifest and shards, opened and checked.
 pub struct PreparedCorpus {
     /// `manifest.json`.

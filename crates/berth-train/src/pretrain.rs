@@ -18,10 +18,10 @@ use crate::corpus::{specials, Packer, Sequence};
 use crate::error::{Result, TrainError};
 use crate::loss;
 use crate::mlm::{mask_sequence, MaskingConfig};
-use crate::trainer::{Example, Prepared, TrainConfig};
+use crate::trainer::{Example, Prepared, TrainConfig, TrainSet};
 
 /// A packed sequence as a training example (one segment, no offsets).
-fn example(seq: Sequence) -> Example {
+pub(crate) fn example(seq: Sequence) -> Example {
     let n = seq.ids.len();
     let special: Vec<bool> = seq.words.iter().map(|w| w.is_none()).collect();
     Example::new(Encoded {
@@ -216,7 +216,9 @@ pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Resul
     Ok(p.out.into_iter().map(example).collect())
 }
 
-/// The training and held-out sequences of a folder written by `berth data prepare`.
+/// The training and held-out sequences of a folder written by `berth data prepare`, all
+/// decoded into memory (training runs read the training shards on demand instead, see
+/// [`crate::trainer::TrainSet`]).
 pub fn read_prepared(
     dir: &Path,
     tok: &TextTokenizer,
@@ -241,6 +243,33 @@ pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result
             Ok((read_corpus(path, tok, cfg.max_length)?, Vec::new()))
         }
     };
+    // A prepared corpus trains straight from its memory-mapped shards (masked-LM and RTD;
+    // the sentence-pair objectives build their pairs in memory).
+    if crate::corpus::is_prepared(&cfg.train) && cfg.sentence_objective.is_none() {
+        let c = crate::corpus::open_prepared(&cfg.train, tok, cfg.max_length)?;
+        let dev = match &cfg.dev {
+            Some(d) => {
+                let (a, b) = read(d)?;
+                if b.is_empty() {
+                    a
+                } else {
+                    b
+                }
+            }
+            None => c
+                .val
+                .iter()
+                .flat_map(|s| (0..s.len()).map(move |i| example(s.sequence(i))))
+                .collect(),
+        };
+        return Ok(Prepared {
+            train: TrainSet::Shards(crate::corpus::Shards::new(c.train)),
+            dev,
+            labels: Vec::new(),
+            skipped: 0,
+            qa_dev: Vec::new(),
+        });
+    }
     let (all, held_out) = read(&cfg.train)?;
     let (train, dev) = match &cfg.dev {
         Some(d) => {
@@ -259,7 +288,7 @@ pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result
         None => (train, dev),
     };
     Ok(Prepared {
-        train,
+        train: train.into(),
         dev,
         labels: Vec::new(),
         skipped: 0,

@@ -68,7 +68,7 @@ pub(crate) fn prepare_embed(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Pr
             .collect()
     };
     Ok(Prepared {
-        train: encode(&train)?,
+        train: encode(&train)?.into(),
         dev: encode(&dev)?,
         labels: Vec::new(),
         skipped,
@@ -126,7 +126,7 @@ pub(crate) fn prepare_rerank(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<P
             .collect()
     };
     Ok(Prepared {
-        train: encode(&train, &cfg.train)?,
+        train: encode(&train, &cfg.train)?.into(),
         dev: encode(&dev, &dev_path)?,
         labels: Vec::new(),
         skipped,

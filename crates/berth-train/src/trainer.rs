@@ -262,12 +262,67 @@ impl Example {
     }
 }
 
+/// Training examples: in memory, or read on demand from the memory-mapped shards of a
+/// corpus prepared by `berth data prepare` (pretraining), so that the corpus size is not
+/// bounded by memory.
+pub enum TrainSet {
+    /// Decoded examples.
+    Memory(Vec<Example>),
+    /// Packed pretraining sequences, decoded when a batch needs them.
+    Shards(crate::corpus::Shards),
+}
+
+impl TrainSet {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        match self {
+            TrainSet::Memory(v) => v.len(),
+            TrainSet::Shards(s) => s.len(),
+        }
+    }
+
+    /// Whether there is no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Example `i`.
+    pub fn get(&self, i: usize) -> std::borrow::Cow<'_, Example> {
+        match self {
+            TrainSet::Memory(v) => std::borrow::Cow::Borrowed(&v[i]),
+            TrainSet::Shards(s) => std::borrow::Cow::Owned(crate::pretrain::example(s.sequence(i))),
+        }
+    }
+
+    /// Tokens over all examples.
+    pub fn tokens(&self) -> usize {
+        match self {
+            TrainSet::Memory(v) => v.iter().map(Example::tokens).sum(),
+            TrainSet::Shards(s) => s.tokens(),
+        }
+    }
+
+    /// The examples when they are in memory (empty for shards).
+    pub fn in_memory(&self) -> &[Example] {
+        match self {
+            TrainSet::Memory(v) => v,
+            TrainSet::Shards(_) => &[],
+        }
+    }
+}
+
+impl From<Vec<Example>> for TrainSet {
+    fn from(v: Vec<Example>) -> Self {
+        TrainSet::Memory(v)
+    }
+}
+
 /// The prepared data of a run.
 pub struct Prepared {
     /// Label names (empty for regression).
     pub labels: Vec<String>,
     /// Training examples.
-    pub train: Vec<Example>,
+    pub train: TrainSet,
     /// Dev examples.
     pub dev: Vec<Example>,
     /// Rows skipped as malformed (with `skip_bad_rows`).
@@ -485,7 +540,7 @@ fn prepare_classify(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> 
             .collect()
     };
     Ok(Prepared {
-        train: encode(&train, &cfg.train)?,
+        train: encode(&train, &cfg.train)?.into(),
         dev: encode(&dev, &dev_path)?,
         labels,
         skipped,
@@ -565,7 +620,7 @@ fn prepare_ner(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
             .collect()
     };
     Ok(Prepared {
-        train: encode(&train)?,
+        train: encode(&train)?.into(),
         dev: encode(&dev)?,
         labels,
         skipped,
@@ -635,7 +690,7 @@ fn prepare_qa(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         })
         .collect::<Result<_>>()?;
     Ok(Prepared {
-        train: windows.into_iter().flatten().collect(),
+        train: windows.into_iter().flatten().collect::<Vec<_>>().into(),
         dev: Vec::new(),
         labels: Vec::new(),
         skipped,
@@ -1013,7 +1068,7 @@ pub fn evaluate_model(
         cfg.fixed_labels = Some(model.config.id2label.clone());
     }
     let mut prepared = prepare(&cfg, &tok)?;
-    prepared.train.clear();
+    prepared.train = TrainSet::Memory(Vec::new());
     if rtd {
         // An ELECTRA discriminator is scored with the generator saved beside it.
         let (mut generator, _) = Model::load(&cfg.model.join(crate::rtd::GENERATOR_DIR), false)?;
@@ -1223,7 +1278,7 @@ pub fn train(
         warmup_steps: warmup,
         effective_batch: cfg.batch_size * cfg.grad_accum,
         parameters: model.num_parameters(),
-        tokens_per_epoch: data.train.iter().map(Example::tokens).sum(),
+        tokens_per_epoch: data.train.tokens(),
         skipped_rows: data.skipped,
         resumed_at: state.step,
     });
@@ -1266,7 +1321,7 @@ pub fn train(
                 writeln!(
                     w,
                     "{}",
-                    serde_json::json!({"epoch": epoch, "ids": data.train[i].enc.ids})
+                    serde_json::json!({"epoch": epoch, "ids": data.train.get(i).enc.ids})
                 )
                 .map_err(io(path))?;
             }
@@ -1286,7 +1341,9 @@ pub fn train(
             // Forward and backward over the step's micro-batches, dropout seeded by position.
             let lr = schedule.lr(state.step);
             for (k, idx) in group.iter().enumerate() {
-                let examples: Vec<&Example> = idx.iter().map(|&i| &data.train[i]).collect();
+                let owned: Vec<std::borrow::Cow<Example>> =
+                    idx.iter().map(|&i| data.train.get(i)).collect();
+                let examples: Vec<&Example> = owned.iter().map(|e| e.as_ref()).collect();
                 let micro = (epoch * batches.len() + group_start + k) as u64;
                 let dropout = cfg
                     .dropout

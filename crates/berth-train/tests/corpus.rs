@@ -77,6 +77,31 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
             train.len(),
             m.train.len()
         );
+        // A pretraining run reads the same sequences, in the same order, on demand from the
+        // memory-mapped shards (nothing decoded up front).
+        let mut cfg = berth_train::trainer::TrainConfig::new(
+            berth_train::trainer::Task::Pretrain,
+            fixtures().join(kind),
+            out.clone(),
+            tmp.path().join("run"),
+        );
+        cfg.max_length = 64;
+        let run = berth_train::trainer::prepare(&cfg, &tok).unwrap();
+        let berth_train::trainer::TrainSet::Shards(shards) = &run.train else {
+            panic!("{kind}: a prepared corpus should train from its shards");
+        };
+        assert_eq!(shards.len(), train.len());
+        for (i, e) in train.iter().enumerate() {
+            let got = run.train.get(i);
+            assert_eq!(
+                (&got.enc.ids, &got.enc.word_ids),
+                (&e.enc.ids, &e.enc.word_ids)
+            );
+        }
+        assert_eq!(
+            run.train.tokens(),
+            train.iter().map(|e| e.enc.ids.len()).sum::<usize>()
+        );
     }
 }
 
