@@ -77,18 +77,6 @@ fn curve(run: &Path) -> Vec<(Value, Value, Value, Value)> {
         .collect()
 }
 
-fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
-    let t =
-        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = t
-        .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 fn last_checkpoint(run: &Path) -> PathBuf {
     let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()

@@ -586,19 +586,6 @@ fn replaced_token_detection_learns_and_exports_an_electra() {
     );
 }
 
-/// Every tensor of a checkpoint's `model.safetensors`, by name.
-fn tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let t =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = t
-        .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn replaced_token_detection_resumes_to_the_same_generator_and_discriminator() {
     let tmp = tempfile::tempdir().unwrap();
@@ -628,17 +615,17 @@ fn replaced_token_detection_resumes_to_the_same_generator_and_discriminator() {
     };
     pretrain(&args(false));
     let last = run.join("checkpoints/step-12");
-    let (disc, generator) = (tensors(&last), tensors(&last.join("generator")));
+    let (disc, generator) = (weights(&last), weights(&last.join("generator")));
     // As if killed after step 6's checkpoint: only it remains, and the run resumes from it.
     std::fs::remove_dir_all(&last).unwrap();
     pretrain(&args(true));
     assert_eq!(
-        tensors(&last),
+        weights(&last),
         disc,
         "the resumed discriminator ends elsewhere"
     );
     assert_eq!(
-        tensors(&last.join("generator")),
+        weights(&last.join("generator")),
         generator,
         "the resumed generator ends elsewhere"
     );

@@ -477,6 +477,43 @@ fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
     })
 }
 
+/// Running held-out classification totals: summed cross-entropy, top-1 hits, rows.
+#[derive(Default)]
+pub(crate) struct Tally {
+    loss: f64,
+    correct: usize,
+    count: usize,
+}
+
+impl Tally {
+    /// Adds the rows of `logits [R, C]` with their `labels`.
+    pub(crate) fn add(&mut self, logits: &Tensor, labels: &[u32]) -> Result<()> {
+        let l = mean_cross_entropy(logits, labels)?.expect("labels present");
+        self.loss += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
+        let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        self.correct += best.iter().zip(labels).filter(|(a, b)| a == b).count();
+        self.count += labels.len();
+        Ok(())
+    }
+
+    fn mean_loss(&self) -> f64 {
+        self.loss / self.count.max(1) as f64
+    }
+
+    fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count.max(1) as f64
+    }
+
+    /// The masked-LM metrics: `loss` (mean cross-entropy per masked token), `perplexity` (its
+    /// exponential), `masked_accuracy` (top-1 equals the original) and `masked_tokens`.
+    pub(crate) fn insert_mlm(&self, out: &mut serde_json::Map<String, serde_json::Value>) {
+        out.insert("loss".into(), self.mean_loss().into());
+        out.insert("perplexity".into(), self.mean_loss().exp().into());
+        out.insert("masked_accuracy".into(), self.accuracy().into());
+        out.insert("masked_tokens".into(), self.count.into());
+    }
+}
+
 /// Held-out masked-LM metrics with a fixed masking (the same positions at every
 /// evaluation): loss (mean cross-entropy per masked token), perplexity (its exponential) and
 /// masked accuracy (top-1 prediction equals the original token).
@@ -486,43 +523,24 @@ pub(crate) fn evaluate_mlm(
     masking: &MaskingConfig,
     seed: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let (mut loss_sum, mut correct, mut count) = (0f64, 0usize, 0usize);
-    let (mut pair_loss, mut pair_correct, mut pairs) = (0f64, 0usize, 0usize);
+    let (mut mlm, mut pairs) = (Tally::default(), Tally::default());
     for (c, chunk) in dev.chunks(64).enumerate() {
         let refs: Vec<&Example> = chunk.iter().collect();
         let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
         let out = pretrain_outputs(model, &refs, masking, chunk_seed, None)?;
         if let Some((logits, labels)) = out.mlm {
-            let l = mean_cross_entropy(&logits, &labels)?.expect("labels present");
-            loss_sum += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
-            let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-            correct += best.iter().zip(&labels).filter(|(a, b)| a == b).count();
-            count += labels.len();
+            mlm.add(&logits, &labels)?;
         }
         if let Some((logits, labels)) = out.pairs {
-            let l = mean_cross_entropy(&logits, &labels)?.expect("labels present");
-            pair_loss += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
-            let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-            pair_correct += best.iter().zip(&labels).filter(|(a, b)| a == b).count();
-            pairs += labels.len();
+            pairs.add(&logits, &labels)?;
         }
     }
     let mut out = serde_json::Map::new();
-    let mean = loss_sum / count.max(1) as f64;
-    out.insert("loss".into(), mean.into());
-    out.insert("perplexity".into(), mean.exp().into());
-    out.insert(
-        "masked_accuracy".into(),
-        (correct as f64 / count.max(1) as f64).into(),
-    );
-    out.insert("masked_tokens".into(), count.into());
-    if pairs > 0 {
+    mlm.insert_mlm(&mut out);
+    if pairs.count > 0 {
         // Next-sentence / sentence-order prediction on the held-out pairs.
-        out.insert("pair_loss".into(), (pair_loss / pairs as f64).into());
-        out.insert(
-            "pair_accuracy".into(),
-            (pair_correct as f64 / pairs as f64).into(),
-        );
+        out.insert("pair_loss".into(), pairs.mean_loss().into());
+        out.insert("pair_accuracy".into(), pairs.accuracy().into());
     }
     Ok(out)
 }

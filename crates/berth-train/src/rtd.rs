@@ -149,14 +149,10 @@ pub fn rtd_outputs(
     }))
 }
 
-/// `generator MLM loss + weight × discriminator BCE` (ELECTRA's objective).
+/// `generator MLM loss + weight × discriminator BCE` (ELECTRA's objective): the
+/// generator's mean cross-entropy at the masked positions and the discriminator's mean binary
+/// cross-entropy over all tokens.
 pub fn rtd_loss(out: &RtdOutputs, weight: f64) -> Result<Tensor> {
-    let (generator, discriminator) = losses(out)?;
-    Ok((generator + (discriminator * weight)?)?)
-}
-
-/// The generator's mean cross-entropy and the discriminator's mean binary cross-entropy.
-fn losses(out: &RtdOutputs) -> Result<(Tensor, Tensor)> {
     let generator = loss::cross_entropy(
         &out.generator_logits,
         &out.labels.iter().copied().map(Some).collect::<Vec<_>>(),
@@ -164,7 +160,7 @@ fn losses(out: &RtdOutputs) -> Result<(Tensor, Tensor)> {
     .expect("masked rows present");
     let targets = Tensor::new(out.replaced.as_slice(), &candle_core::Device::Cpu)?;
     let discriminator = loss::bce_with_logits(&out.discriminator_logits, &targets)?;
-    Ok((generator, discriminator))
+    Ok((generator + (discriminator * weight)?)?)
 }
 
 /// Draws from `softmax(logits)` with a generator seeded by `(seed, row)`.
@@ -232,7 +228,7 @@ pub(crate) fn evaluate(
     masking: &MaskingConfig,
     seed: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let (mut gen_loss, mut correct, mut masked) = (0f64, 0usize, 0usize);
+    let mut generated = crate::pretrain::Tally::default();
     let (mut disc_loss, mut right, mut tokens) = (0f64, 0usize, 0usize);
     let (mut replaced, mut flagged, mut caught) = (0usize, 0usize, 0usize);
     for (c, chunk) in dev.chunks(64).enumerate() {
@@ -241,15 +237,10 @@ pub(crate) fn evaluate(
         let Some(out) = outputs(generator, discriminator, &refs, masking, chunk_seed, None)? else {
             continue;
         };
-        let (g, d) = losses(&out)?;
-        gen_loss += g.to_scalar::<f32>()? as f64 * out.labels.len() as f64;
+        generated.add(&out.generator_logits, &out.labels)?;
+        let targets = Tensor::new(out.replaced.as_slice(), &candle_core::Device::Cpu)?;
+        let d = loss::bce_with_logits(&out.discriminator_logits, &targets)?;
         disc_loss += d.to_scalar::<f32>()? as f64 * out.replaced.len() as f64;
-        let best = out
-            .generator_logits
-            .argmax(candle_core::D::Minus1)?
-            .to_vec1::<u32>()?;
-        correct += best.iter().zip(&out.labels).filter(|(a, b)| a == b).count();
-        masked += out.labels.len();
         let logits = out.discriminator_logits.to_vec1::<f32>()?;
         for (&x, &t) in logits.iter().zip(&out.replaced) {
             let (says, is) = (x > 0.0, t > 0.5);
@@ -260,13 +251,9 @@ pub(crate) fn evaluate(
         }
         tokens += logits.len();
     }
-    let mean = gen_loss / masked.max(1) as f64;
     let ratio = |a: usize, b: usize| a as f64 / b.max(1) as f64;
     let mut out = serde_json::Map::new();
-    out.insert("loss".into(), mean.into());
-    out.insert("perplexity".into(), mean.exp().into());
-    out.insert("masked_accuracy".into(), ratio(correct, masked).into());
-    out.insert("masked_tokens".into(), masked.into());
+    generated.insert_mlm(&mut out);
     out.insert("rtd_loss".into(), (disc_loss / tokens.max(1) as f64).into());
     out.insert("rtd_accuracy".into(), ratio(right, tokens).into());
     out.insert("replaced_fraction".into(), ratio(replaced, tokens).into());

@@ -102,3 +102,16 @@ pub fn broken_copy(from: &str, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
     edit(tmp.path());
     tmp
 }
+
+/// Every tensor of a checkpoint's `model.safetensors`, sorted by name.
+pub fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
+    let t =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
