@@ -209,10 +209,12 @@ pub fn sgemm_then(
     let in_place = a_cs == 1;
     let run = |t: usize| {
         let (range, rows_t) = if row_split {
-            let blocks = m.div_ceil(MC);
+            // Equal shares in whole micro-panels: with few MC blocks (M = 384: three) whole
+            // blocks would leave one thread twice the other's work.
+            let units = m.div_ceil(MR);
             (
                 0..panels,
-                (blocks * t / threads) * MC..((blocks * (t + 1) / threads) * MC).min(m),
+                (units * t / threads) * MR..((units * (t + 1) / threads) * MR).min(m),
             )
         } else {
             (panels * t / threads..panels * (t + 1) / threads, 0..m)
@@ -225,7 +227,7 @@ pub fn sgemm_then(
                 packed_a.resize(MC.div_ceil(MR) * MR * KC, 0.0);
             }
             for i0 in rows_t.clone().step_by(MC) {
-                let block_rows = (m - i0).min(MC);
+                let block_rows = (rows_t.end - i0).min(MC);
                 for p0 in (0..k.max(1)).step_by(KC) {
                     let depth = (k - p0).min(KC);
                     let init = if p0 == 0 { init } else { Init::Accumulate };
@@ -321,6 +323,22 @@ unsafe fn pack_a(
         let live = (rows - r0).min(MR);
         if live < MR {
             panel[..depth * MR].fill(0.0);
+        }
+        if a_rs == 1 {
+            // A stored transposed (the weight gradient's `dyᵀ`): each step's MR values are
+            // adjacent in memory, one short copy per step.
+            let dst = panel.as_mut_ptr();
+            if live == MR {
+                // A constant count: the compiler emits one vector move, not a memcpy call.
+                for p in 0..depth {
+                    std::ptr::copy_nonoverlapping(a.add(r0 + p * a_cs), dst.add(p * MR), MR);
+                }
+            } else {
+                for p in 0..depth {
+                    std::ptr::copy_nonoverlapping(a.add(r0 + p * a_cs), dst.add(p * MR), live);
+                }
+            }
+            continue;
         }
         for r in 0..live {
             let src = a.add((r0 + r) * a_rs);
@@ -512,6 +530,9 @@ mod tests {
         check(8, 48, 16, false);
         check(1, 5, 3, false);
         check(130, 200, 300, true);
+        // Rows split across threads in micro-panels (ragged last share), both layouts.
+        check(389, 60, 140, false);
+        check(389, 60, 140, true);
     }
 
     #[test]
