@@ -205,6 +205,23 @@ def tiny(tmp: Path, only=None):
     (TINY / "fill_mask.json").write_text(json.dumps(fill_mask, indent=1, ensure_ascii=False))
 
 
+WORDS = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."],
+         ["Peter", "Blackburn"], ["café", "naïve", "12345", "über-cool", "!"]]
+
+
+def split_words():
+    """Pre-split words (CoNLL sentences) as transformers encodes them for token
+    classification: `is_split_into_words=True`, and for byte-level BPE `add_prefix_space=True`
+    (which transformers requires there), with each token's word index."""
+    from transformers import AutoTokenizer
+    out = {}
+    for name, kw in (("bert-tokcls", {}), ("roberta-tokcls", {"add_prefix_space": True})):
+        tok = AutoTokenizer.from_pretrained(TINY / name, **kw)
+        out[name] = [{"words": w, "input_ids": (e := tok(w, is_split_into_words=True))["input_ids"],
+                      "word_ids": e.word_ids()} for w in WORDS]
+    (TINY / "split_words.json").write_text(json.dumps(out, indent=1, ensure_ascii=False))
+
+
 MINILM_SENTENCES = [
     "Hello!",
     "A",
@@ -250,11 +267,15 @@ def minilm(model_dir: Path):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm", action="store_true")
+    ap.add_argument("--words", action="store_true", help="only the pre-split-words encodings")
     ap.add_argument("--only", nargs="*", choices=sorted(HEADS), help="remake only these architectures")
     ap.add_argument("--minilm-dir", default=os.path.expanduser("~/.cache/berth/models/all-MiniLM-L6-v2"))
     args = ap.parse_args()
     print("torch", torch.__version__, "transformers", transformers.__version__)
     import tempfile
+    if args.words:
+        split_words()
+        sys.exit()
     with tempfile.TemporaryDirectory() as tmp:
         tiny(Path(tmp), args.only)
     if args.minilm:

@@ -66,6 +66,10 @@ pub struct TextTokenizer {
     kind: TokenizerKind,
     source: PathBuf,
     clean_up_spaces: bool,
+    /// For pre-split words, when they need other settings than running text: a byte-level
+    /// BPE that does not add a prefix space (RoBERTa) would encode every word but the
+    /// first without its leading `Ġ`; transformers requires `add_prefix_space=True` there.
+    words: Option<std::sync::Arc<tokenizers::Tokenizer>>,
 }
 
 impl TextTokenizer {
@@ -103,11 +107,20 @@ impl TextTokenizer {
         let clean_up_spaces = build::read_config(dir)?
             .clean_up_tokenization_spaces
             .unwrap_or(false);
+        let words = match inner.get_pre_tokenizer() {
+            Some(tokenizers::PreTokenizerWrapper::ByteLevel(b)) if !b.add_prefix_space => {
+                let mut t = inner.clone();
+                t.with_pre_tokenizer(Some(b.add_prefix_space(true)));
+                Some(std::sync::Arc::new(t))
+            }
+            _ => None,
+        };
         Ok(TextTokenizer {
             inner,
             kind,
             source,
             clean_up_spaces,
+            words,
         })
     }
 
@@ -155,15 +168,15 @@ impl TextTokenizer {
         };
         let input =
             tokenizers::InputSequence::from(words.iter().map(String::as_str).collect::<Vec<_>>());
-        let enc = self
-            .inner
+        let inner = self.words.as_deref().unwrap_or(&self.inner);
+        let enc = inner
             .encode_char_offsets(input.clone(), true)
             .map_err(fail)?;
         let full_len = enc.len();
         if full_len <= max_len {
             return Ok(Encoded::from_encoding(&enc, full_len));
         }
-        let mut t = self.inner.clone();
+        let mut t = inner.clone();
         t.with_truncation(Some(tokenizers::TruncationParams {
             max_length: max_len,
             ..Default::default()

@@ -116,3 +116,38 @@ fn empty_text_and_missing_tokenizer_are_errors() {
         "{e}"
     );
 }
+
+/// Pre-split words (CoNLL sentences) encode as transformers encodes them for token
+/// classification (`is_split_into_words=True`; byte-level BPE with `add_prefix_space=True`,
+/// so every word starts with `Ġ` as in running text), with the same word index per token.
+#[test]
+fn pre_split_words_match_transformers() {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny("split_words.json")).unwrap()).unwrap();
+    for dir in ["bert-tokcls", "roberta-tokcls"] {
+        let tok = TextTokenizer::from_dir(&tiny(dir)).unwrap();
+        for (i, case) in r[dir].as_array().unwrap().iter().enumerate() {
+            let words: Vec<String> = case["words"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w.as_str().unwrap().to_string())
+                .collect();
+            let e = tok.encode_words(&words, 512, i).unwrap();
+            let ids: Vec<u32> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let word_ids: Vec<Option<u32>> = case["word_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().map(|w| w as u32))
+                .collect();
+            assert_eq!(e.ids, ids, "{dir} case {i}");
+            assert_eq!(e.word_ids, word_ids, "{dir} case {i}");
+        }
+    }
+}
