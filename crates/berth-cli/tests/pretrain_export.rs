@@ -6,6 +6,21 @@ use berth_model::{Batch, Model};
 mod common;
 use common::*;
 
+/// `text` encoded by berth (which must give transformers' `ids`) as a one-sequence batch.
+fn packed(tok: &berth_text::TextTokenizer, text: &str, ids: &serde_json::Value) -> Batch {
+    let enc = tok
+        .encode(text, None, 64, berth_text::Truncation::Error, 0)
+        .unwrap();
+    let want: Vec<u32> = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(enc.ids, want);
+    Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap()
+}
+
 #[test]
 fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
     let dir = root().join("fixtures/pretrain");
@@ -26,23 +41,7 @@ fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
         .iter()
         .zip(reference["cases"].as_array().unwrap())
     {
-        let enc = tok
-            .encode(
-                t.as_str().unwrap(),
-                None,
-                64,
-                berth_text::Truncation::Error,
-                0,
-            )
-            .unwrap();
-        let want_ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(enc.ids, want_ids);
-        let batch = Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap();
+        let batch = packed(&tok, t.as_str().unwrap(), &case["ids"]);
         let hidden = model.forward(&batch).unwrap();
         let logits = model.mlm_logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
         for (r, want) in case["rows"]
@@ -142,23 +141,7 @@ fn electra_checkpoints_give_transformers_the_same_discriminator_and_generator_lo
         .iter()
         .zip(reference["cases"].as_array().unwrap())
     {
-        let enc = tok
-            .encode(
-                t.as_str().unwrap(),
-                None,
-                64,
-                berth_text::Truncation::Error,
-                0,
-            )
-            .unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(enc.ids, want);
-        let batch = Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap();
+        let batch = packed(&tok, t.as_str().unwrap(), &case["ids"]);
         let rtd = disc
             .replaced_token_logits(&disc.forward(&batch).unwrap())
             .unwrap()

@@ -387,13 +387,8 @@ pub(crate) fn mask_examples(
         .collect()
 }
 
-/// The heads' outputs for already-masked sequences, run packed. Pair logits come when every
-/// sequence carries a pair label.
-fn outputs_of_masked(
-    model: &Model,
-    inputs: &[MaskedInput],
-    d: Option<&Dropout>,
-) -> Result<Outputs> {
+/// The masked positions of `inputs` as rows of their packed batch, with the original tokens.
+pub(crate) fn masked_rows(inputs: &[MaskedInput]) -> (Vec<u32>, Vec<u32>) {
     let (mut rows, mut labels) = (Vec::new(), Vec::new());
     let mut offset = 0u32;
     for m in inputs {
@@ -401,6 +396,17 @@ fn outputs_of_masked(
         labels.extend(&m.labels);
         offset += m.ids.len() as u32;
     }
+    (rows, labels)
+}
+
+/// The heads' outputs for already-masked sequences, run packed. Pair logits come when every
+/// sequence carries a pair label.
+fn outputs_of_masked(
+    model: &Model,
+    inputs: &[MaskedInput],
+    d: Option<&Dropout>,
+) -> Result<Outputs> {
+    let (rows, labels) = masked_rows(inputs);
     let pair_labels: Option<Vec<u32>> = inputs.iter().map(|m| m.pair_label).collect();
     if rows.is_empty() && pair_labels.is_none() {
         return Ok(Outputs {

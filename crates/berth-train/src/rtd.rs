@@ -56,11 +56,13 @@ pub fn share_embeddings(generator: &mut Model, discriminator: &Model) -> Result<
     if let Some(berth_model::Head::MaskedLm(h)) = &mut generator.head {
         h.decoder = discriminator.embeddings.word_embeddings.clone();
     }
-    for p in &mut generator.params {
+    for p in generator
+        .params
+        .iter_mut()
+        .filter(|p| p.name.contains("embeddings."))
+    {
         if let Some(shared) = discriminator.params.iter().find(|q| q.name == p.name) {
-            if p.name.contains("embeddings.") {
-                p.var = shared.var.clone();
-            }
+            p.var = shared.var.clone();
         }
     }
     Ok(())
@@ -100,13 +102,7 @@ pub fn rtd_outputs(
     d_generator: Option<&Dropout>,
     d_discriminator: Option<&Dropout>,
 ) -> Result<Option<RtdOutputs>> {
-    let (mut rows, mut labels) = (Vec::new(), Vec::new());
-    let mut offset = 0u32;
-    for m in inputs {
-        rows.extend(m.positions.iter().map(|p| p + offset));
-        labels.extend(&m.labels);
-        offset += m.ids.len() as u32;
-    }
+    let (rows, labels) = crate::pretrain::masked_rows(inputs);
     if rows.is_empty() {
         return Ok(None);
     }
@@ -119,7 +115,7 @@ pub fn rtd_outputs(
     let generator_logits = generator.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
     // The discriminator sees the originals with each masked position replaced by a sample.
     let values = generator_logits.to_vec2::<f32>()?;
-    let mut replaced = Vec::with_capacity(offset as usize);
+    let mut replaced = Vec::with_capacity(inputs.iter().map(|m| m.ids.len()).sum());
     let mut disc_ids: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
     let mut row = 0;
     for m in inputs {

@@ -301,14 +301,6 @@ impl TrainSet {
             TrainSet::Shards(s) => s.tokens(),
         }
     }
-
-    /// The examples when they are in memory (empty for shards).
-    pub fn in_memory(&self) -> &[Example] {
-        match self {
-            TrainSet::Memory(v) => v,
-            TrainSet::Shards(_) => &[],
-        }
-    }
 }
 
 impl From<Vec<Example>> for TrainSet {
