@@ -1,5 +1,6 @@
 //! Micro-benchmark of the f32 micro-kernel with everything in L1, and of whole products.
 //!     cargo run --release -p berth-kernels --example sgemm_peak [small | amx]
+//!     SHAPE=m,n,k SECS=3 cargo run --release -p berth-kernels --example sgemm_peak
 use berth_kernels::sgemm::{sgemm, Init, PackedB};
 use std::time::Instant;
 
@@ -9,6 +10,9 @@ fn main() {
     }
     if std::env::args().any(|a| a == "amx") {
         return amx_products();
+    }
+    if let Ok(shape) = std::env::var("SHAPE") {
+        return one(&shape);
     }
     for &(m, n, k, reps) in &[
         (8usize, 48usize, 128usize, 200000usize),
@@ -105,4 +109,24 @@ fn small() {
             );
         }
     }
+}
+
+/// One product shape (`SHAPE=m,n,k`) repeated for `SECS` seconds (default 3).
+fn one(shape: &str) {
+    let d: Vec<usize> = shape.split(',').map(|v| v.parse().unwrap()).collect();
+    let (m, n, k) = (d[0], d[1], d[2]);
+    let secs: f64 = std::env::var("SECS").map_or(3.0, |v| v.parse().unwrap());
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+    let b = PackedB::pack_transposed(&w, n, k);
+    let mut c = vec![0f32; m * n];
+    let (mut flops, t) = (0usize, Instant::now());
+    while t.elapsed().as_secs_f64() < secs {
+        sgemm(m, &a, k, 1, &b, &mut c, n, Init::Zero);
+        flops += 2 * m * n * k;
+    }
+    println!(
+        "{m}x{n}x{k}: {:.1} GFLOP/s",
+        flops as f64 / t.elapsed().as_secs_f64() / 1e9
+    );
 }
