@@ -75,13 +75,7 @@ fn drop_probabilities<T: Float>(
         let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
         let scale = T::from_f64(1.0 / (1.0 - rate as f64));
         let t = crate::dropout::threshold(rate);
-        for (i, v) in p.iter_mut().enumerate() {
-            *v = if crate::dropout::keep(key, i as u64, t) {
-                *v * scale
-            } else {
-                T::zero()
-            };
-        }
+        T::mask_in_place(p, key, 0, t, scale);
     }
 }
 

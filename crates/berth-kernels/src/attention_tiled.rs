@@ -222,11 +222,7 @@ unsafe fn block<const R: usize>(
         *inv_r = 1.0 / exp_shifted(row);
         if let Some(d) = mask {
             let base = ((i0 + r) * g.l) as u64;
-            for (j, p) in row.iter_mut().enumerate() {
-                if !crate::dropout::keep(d.key, base + j as u64, d.threshold) {
-                    *p = 0.0;
-                }
-            }
+            crate::dropout::mask_in_place_f32(row, d.key, base, d.threshold, 1.0);
             *inv_r *= d.scale;
         }
     }

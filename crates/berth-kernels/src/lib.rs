@@ -60,6 +60,12 @@ pub(crate) trait Float:
         layer_norm::row_stats_generic(row, eps)
     }
 
+    /// Dropout's mask for elements `base..` of stream `key` applied in place: dropped
+    /// elements zeroed, kept ones times `scale` (f32: AVX-512 when available).
+    fn mask_in_place(xs: &mut [Self], key: u64, base: u64, threshold: u32, scale: Self) {
+        dropout::mask_in_place(xs, key, base, threshold, scale)
+    }
+
     /// Whether [`Float::attend_tiled`] runs here for head dimension `hd`.
     fn attends_tiled(_hd: usize) -> bool {
         false
@@ -110,6 +116,10 @@ impl Float for f32 {
 
     fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
         layer_norm::row_stats_f32(row, eps)
+    }
+
+    fn mask_in_place(xs: &mut [Self], key: u64, base: u64, threshold: u32, scale: Self) {
+        dropout::mask_in_place_f32(xs, key, base, threshold, scale)
     }
 
     fn attends_tiled(hd: usize) -> bool {
