@@ -43,6 +43,13 @@ pub(crate) trait Float:
         xs.iter_mut().for_each(|v| *v = act.value_and_slope(*v).0);
     }
 
+    /// `dys *= act'(xs)` element-wise (f32: vectorised GELU slope, AVX-512 when available).
+    fn activate_backward(act: Activation, xs: &[Self], dys: &mut [Self]) {
+        dys.iter_mut()
+            .zip(xs)
+            .for_each(|(g, &x)| *g = *g * act.value_and_slope(x).1);
+    }
+
     /// Dot product of equal-length slices. f32 uses AVX-512 when the CPU has it (the crate
     /// is built for baseline x86-64, so plain loops get SSE2 at best).
     fn dot(a: &[Self], b: &[Self]) -> Self {
@@ -99,6 +106,15 @@ impl Float for f32 {
             return unsafe { activation::activate_f32_avx512(act, xs) };
         }
         activation::activate_f32(act, xs)
+    }
+
+    fn activate_backward(act: Activation, xs: &[Self], dys: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { activation::backward_f32_avx512(act, xs, dys) };
+        }
+        activation::backward_f32(act, xs, dys)
     }
 
     fn dot(a: &[Self], b: &[Self]) -> Self {
