@@ -26,10 +26,10 @@ pub(crate) fn threshold(p: f32) -> u32 {
 
 /// Whether element `i` of stream `key` is kept at `threshold` (from [`threshold`]): one 64-bit
 /// mix gives four 16-bit uniform draws, element `i` uses draw `i % 4` of mix `i / 4`.
-/// The definition [`for_each_draw`] computes in groups (tests compare the two).
+/// The definition [`word`] computes in groups (tests compare the two).
 #[cfg(test)]
 pub(crate) fn keep(key: u64, i: u64, threshold: u32) -> bool {
-    let h = mix(key.wrapping_add((i >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let h = mix(key.wrapping_add((i >> 2).wrapping_mul(GOLDEN)));
     ((h >> ((i & 3) * 16)) & 0xffff) as u32 >= threshold
 }
 
@@ -85,15 +85,15 @@ fn avx512() -> bool {
     }
 }
 
-/// Calls `f(j, bits, count)` over the elements `base + j`, `j < len`, of stream `key`: bit
-/// `b < count` of `bits` says whether element `base + j + b` is kept. One mix per four
-/// elements, where [`keep`] recomputes each mix four times (the mask was ~10 % of a MiniLM
-/// training step).
+/// Calls `f(j, bits, count)` over the elements `base + j`, `j < len`: bit `b < count` of
+/// `bits` says whether element `base + j + b` is kept, `bits` coming from `word(group)` (the
+/// 32 decisions from element `4 * group`). One mix per four elements, where [`keep`]
+/// recomputes each mix four times (the mask was ~10 % of a MiniLM training step).
+#[inline(always)]
 fn for_each_word(
-    key: u64,
     base: u64,
     len: usize,
-    threshold: u32,
+    mut word: impl FnMut(u64) -> u32,
     mut f: impl FnMut(usize, u32, usize),
 ) {
     let mut j = 0;
@@ -101,7 +101,7 @@ fn for_each_word(
         let i = base + j as u64;
         let off = (i & 3) as usize;
         let count = (32 - off).min(len - j);
-        f(j, word(key, i >> 2, threshold) >> off, count);
+        f(j, word(i >> 2) >> off, count);
         j += count;
     }
 }
@@ -109,15 +109,21 @@ fn for_each_word(
 /// Zeroes the dropped elements (`base + j` for `xs[j]`) of stream `key` and multiplies the
 /// kept ones by `scale`.
 pub(crate) fn mask_in_place<T: Float>(xs: &mut [T], key: u64, base: u64, threshold: u32, scale: T) {
-    for_each_word(key, base, xs.len(), threshold, |j, bits, count| {
-        for (b, x) in xs[j..j + count].iter_mut().enumerate() {
-            *x = if (bits >> b) & 1 == 1 {
-                *x * scale
-            } else {
-                T::zero()
-            };
-        }
-    });
+    let len = xs.len();
+    for_each_word(
+        base,
+        len,
+        |g| word(key, g, threshold),
+        |j, bits, count| {
+            for (b, x) in xs[j..j + count].iter_mut().enumerate() {
+                *x = if (bits >> b) & 1 == 1 {
+                    *x * scale
+                } else {
+                    T::zero()
+                };
+            }
+        },
+    );
 }
 
 /// [`mask_in_place`] for f32, 32 elements per mask word with AVX-512 when the CPU has it.
@@ -135,29 +141,24 @@ pub(crate) fn mask_in_place_f32(xs: &mut [f32], key: u64, base: u64, threshold: 
 unsafe fn mask_in_place_avx512(xs: &mut [f32], key: u64, base: u64, threshold: u32, scale: f32) {
     use std::arch::x86_64::*;
     let s = _mm512_set1_ps(scale);
-    let mut j = 0;
-    while j < xs.len() {
-        let i = base + j as u64;
-        let off = (i & 3) as usize;
-        let count = (32 - off).min(xs.len() - j);
+    let p = xs.as_mut_ptr();
+    let words = |g| word_avx512(key, g, threshold);
+    for_each_word(base, xs.len(), words, |j, bits, count| {
         let live = if count == 32 {
             u32::MAX
         } else {
             (1u32 << count) - 1
         };
-        let bits = word_avx512(key, i >> 2, threshold) >> off;
-        let p = xs.as_mut_ptr().add(j);
         for half in 0..2 {
             let m = (live >> (16 * half)) as u16;
             if m != 0 {
-                let at = p.add(16 * half);
+                let at = p.add(j + 16 * half);
                 let x = _mm512_maskz_loadu_ps(m, at);
                 let kept = (bits >> (16 * half)) as u16;
                 _mm512_mask_storeu_ps(at, m, _mm512_maskz_mul_ps(kept, x, s));
             }
         }
-        j += count;
-    }
+    });
 }
 
 /// Inverted dropout: each element zeroed with probability `p`, survivors scaled by

@@ -328,8 +328,7 @@ fn depth_block(k: usize) -> usize {
 }
 
 /// Copies `rows × depth` of `A` into `dst` as micro-panels of [`MR`] rows, each `[depth][MR]`
-/// at a stride of `kc * MR`
-/// (rows past `rows` are zero), so the kernel broadcasts from consecutive addresses. Only `A`
+/// and `kc * MR` floats apart (rows past `rows` are zero), so the kernel broadcasts from consecutive addresses. Only `A`
 /// that is not row-major comes here (a transposed operand); row-major `A` is read in place.
 ///
 /// # Safety
