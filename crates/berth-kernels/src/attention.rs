@@ -200,7 +200,7 @@ unsafe fn probabilities<T: Float>(
     p.chunks_mut(l).for_each(softmax_row);
 }
 
-fn forward<T: Float>(
+pub(crate) fn forward<T: Float>(
     qkv: &[T],
     cu: &[usize],
     nh: usize,
@@ -266,7 +266,7 @@ fn forward<T: Float>(
     out
 }
 
-fn backward<T: Float>(
+pub(crate) fn backward<T: Float>(
     qkv: &[T],
     dout: &[T],
     cu: &[usize],

@@ -179,15 +179,20 @@ struct Dropout {
 }
 
 fn apply<T: Float>(xs: &[T], p: f32, seed: u64) -> Vec<T> {
+    let mut out = xs.to_vec();
+    apply_in_place(&mut out, p, seed);
+    out
+}
+
+/// [`dropout`]'s mask (rate `p` < 1, stream `seed`) applied to `xs` in place, in parallel.
+pub(crate) fn apply_in_place<T: Float>(xs: &mut [T], p: f32, seed: u64) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14; // a multiple of 4: chunks never split a mix's draws
     let scale = T::from_f64(1.0 / (1.0 - p as f64));
     let t = threshold(p);
-    let mut out = xs.to_vec();
-    out.par_chunks_mut(CHUNK)
+    xs.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, o)| T::mask_in_place(o, seed, (c * CHUNK) as u64, t, scale));
-    out
 }
 
 impl CustomOp1 for Dropout {

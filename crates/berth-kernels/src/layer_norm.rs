@@ -46,7 +46,7 @@ pub(crate) fn row_stats_generic<T: Float>(row: &[T], eps: f64) -> (T, T) {
     (mean, T::one() / (var + T::from_f64(eps)).sqrt())
 }
 
-fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = g.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(d)
@@ -61,7 +61,7 @@ fn forward<T: Float>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
 }
 
 /// Returns (dx, dgamma, dbeta).
-fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub(crate) fn backward<T: Float>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len();
     let mut dx = vec![T::zero(); x.len()];
     // Per-row dx in parallel; dgamma / dbeta summed per fixed block of rows, and the block

@@ -181,7 +181,7 @@ pub fn linear_prepacked(
     Tensor::from_vec(y, (n, w.n()), x.device())
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let (o, i) = (b.len(), w.len() / b.len().max(1));
     let n = if i == 0 { 0 } else { x.len() / i };
     if let (Some(xf), Some(wf), Some(bf)) = (as_f32(x), as_f32(w), as_f32(b)) {
@@ -242,7 +242,7 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
 }
 
 /// Returns (dx, dw, db) for upstream `dy [N, O]`.
-fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub(crate) fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
     let i = w.len() / o;
     let n = dy.len() / o;
     let mut db = vec![T::zero(); o];

@@ -138,6 +138,59 @@ impl Layer {
         })
     }
 
+    /// Whether [`Self::forward_fused`] can run this layer (unpacked f32 / f64 weights).
+    pub fn fusable(&self) -> bool {
+        [&self.qkv, &self.attn_out, &self.inter, &self.out]
+            .iter()
+            .all(|l| l.packed.is_none())
+            && matches!(
+                self.qkv.weight.dtype(),
+                candle_core::DType::F32 | candle_core::DType::F64
+            )
+    }
+
+    /// [`Self::forward_train`] as one fused op: the same result, with the weights'
+    /// gradients left in `sink` by the backward. Dropout seeds are drawn in the same order.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        cu_seqlens: &[usize],
+        d: Option<&crate::Dropout>,
+        sink: &berth_kernels::GradSink,
+    ) -> Result<Tensor> {
+        let drop = match d {
+            None => berth_kernels::LayerDropout::default(),
+            Some(d) => {
+                let site = |p: f64| (p > 0.0).then(|| (p as f32, d.next_seed()));
+                berth_kernels::LayerDropout {
+                    attention: site(self.dropout.attention),
+                    attn_out: if self.attention_output_dropout {
+                        site(self.dropout.hidden)
+                    } else {
+                        None
+                    },
+                    ffn_out: site(self.dropout.hidden),
+                }
+            }
+        };
+        let pair = |l: &Linear| (l.weight.clone(), l.bias.clone());
+        let w = berth_kernels::LayerWeights {
+            qkv: pair(&self.qkv),
+            attn_out: pair(&self.attn_out),
+            attn_ln: (self.attn_ln.weight.clone(), self.attn_ln.bias.clone()),
+            attn_ln_eps: self.attn_ln.eps,
+            inter: pair(&self.inter),
+            out: pair(&self.out),
+            out_ln: (self.out_ln.weight.clone(), self.out_ln.bias.clone()),
+            out_ln_eps: self.out_ln.eps,
+            num_heads: self.num_heads,
+            activation: self.activation,
+        };
+        Ok(berth_kernels::encoder_layer_train(
+            x, &w, cu_seqlens, drop, sink,
+        )?)
+    }
+
     /// `x [N, H]` → `[N, H]`; tokens attend only within their sequence of `cu_seqlens`.
     pub fn forward(&self, x: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
         self.forward_train(x, cu_seqlens, None)

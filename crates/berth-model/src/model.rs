@@ -47,6 +47,9 @@ pub struct Model {
     pub seq_relationship: Option<Linear>,
     /// Trainable parameters by Hugging Face name (empty unless loaded trainable).
     pub params: Vec<Param>,
+    /// Where the training path's fused encoder layers leave their weights' gradients
+    /// until [`Self::collect_grads`] (shared by clones).
+    grad_sink: berth_kernels::GradSink,
 }
 
 /// The base-model key prefix: from the class in `architectures` (a bare `*Model` has none,
@@ -131,6 +134,7 @@ impl Model {
             pooler,
             head,
             seq_relationship,
+            grad_sink: Default::default(),
         };
         Ok((model, report))
     }
@@ -168,9 +172,28 @@ impl Model {
             .embeddings
             .forward_train(batch, d, self.config.dropout.hidden)?;
         for layer in &self.layers {
-            x = layer.forward_train(&x, &batch.cu_seqlens, d)?;
+            // Under autograd each layer is one fused op (no per-op gradient bookkeeping);
+            // its weights' gradients wait in the sink for `collect_grads`.
+            x = if x.track_op() && layer.fusable() {
+                layer.forward_fused(&x, &batch.cu_seqlens, d, &self.grad_sink)?
+            } else {
+                layer.forward_train(&x, &batch.cu_seqlens, d)?
+            };
         }
         Ok(x)
+    }
+
+    /// Moves the encoder weights' gradients left by the fused layers of a `backward()`
+    /// into `grads`. Call after every backward through [`Self::forward_train`].
+    pub fn collect_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        Ok(self.grad_sink.drain_into(grads)?)
+    }
+
+    /// `loss.backward()` with this model's encoder gradients collected.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        self.collect_grads(&mut grads)?;
+        Ok(grads)
     }
 
     /// Rows `rows` of `hidden` (e.g. masked positions, or first tokens).

@@ -3,6 +3,11 @@
 //! goes; not a benchmark against peers.
 //!
 //!     cargo run --release -p berth-train --example profile_train [MODEL_DIR] [SEQS] [LEN]
+// As the CLI: large activations stay in the heap (run with MIMALLOC_PURGE_DELAY=-1 to
+// match its purge setting).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use berth_model::{Batch, Dropout, HeadKind};
@@ -50,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let l = loss::cross_entropy(&logits, &labels)?.expect("labels");
             let _ = l.to_scalar::<f32>()?;
             let tf = t.elapsed();
-            let grads = l.backward()?;
+            let grads = model.backward(&l)?;
             let tb = t.elapsed();
             opt.accumulate(&grads, 1.0)?;
             opt.clip(Some(1.0));

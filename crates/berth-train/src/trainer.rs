@@ -1357,7 +1357,10 @@ pub fn train(
                 if let Some(loss) = loss {
                     loss_acc += loss.to_scalar::<f32>()? as f64;
                     loss_count += 1;
-                    let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+                    let mut grads = model.backward(&(loss / cfg.grad_accum as f64)?)?;
+                    if let Some((g, _)) = &generator {
+                        g.collect_grads(&mut grads)?;
+                    }
                     opt.accumulate(&grads, 1.0)?;
                 }
                 tokens += examples.iter().map(|e| e.tokens()).sum::<usize>();

@@ -120,14 +120,23 @@ fn compare_steps(
     untouched: &[&str],
     loss_of: impl Fn(&berth_model::Model) -> candle_core::Tensor,
 ) {
-    compare_param_steps(name, &model.params, reference, r, qa, untouched, || {
-        loss_of(model)
-    })
+    compare_param_steps(
+        name,
+        &[model],
+        &model.params,
+        reference,
+        r,
+        qa,
+        untouched,
+        || loss_of(model),
+    )
 }
 
 /// [`compare_steps`] over any parameter list (several networks trained together).
+#[allow(clippy::too_many_arguments)]
 fn compare_param_steps(
     name: &str,
+    models: &[&berth_model::Model],
     params: &[berth_model::Param],
     reference: &std::collections::HashMap<String, candle_core::Tensor>,
     r: &Value,
@@ -156,7 +165,11 @@ fn compare_param_steps(
             (l - want).abs() <= 1e-5,
             "{name} step {step}: loss {l} vs {want}"
         );
-        opt.accumulate(&loss.backward().unwrap(), 1.0).unwrap();
+        let mut grads = loss.backward().unwrap();
+        for m in models {
+            m.collect_grads(&mut grads).unwrap();
+        }
+        opt.accumulate(&grads, 1.0).unwrap();
         let mut none = opt.untouched();
         none.sort();
         assert_eq!(
@@ -686,30 +699,39 @@ fn replaced_token_detection_trains_like_electra() {
         .collect();
     let weight = r["weight"].as_f64().unwrap();
     let params = berth_train::rtd::joint_params(&generator, &disc);
-    compare_param_steps("electra-rtd", &params, &reference, &r, false, &[], || {
-        let out = berth_train::rtd::rtd_outputs(
-            &generator,
-            &disc,
-            &inputs,
-            &mut |row, _| samples[row],
-            None,
-            None,
-        )
-        .unwrap()
-        .unwrap();
-        // The targets berth derives (replaced = differs from the original) are PyTorch's.
-        let flags: Vec<f32> = r["replaced_flags"]
-            .as_array()
+    compare_param_steps(
+        "electra-rtd",
+        &[&generator, &disc],
+        &params,
+        &reference,
+        &r,
+        false,
+        &[],
+        || {
+            let out = berth_train::rtd::rtd_outputs(
+                &generator,
+                &disc,
+                &inputs,
+                &mut |row, _| samples[row],
+                None,
+                None,
+            )
             .unwrap()
-            .iter()
-            .flat_map(|f| {
-                f.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-            })
-            .collect();
-        assert_eq!(out.replaced, flags);
-        berth_train::rtd::rtd_loss(&out, weight).unwrap()
-    });
+            .unwrap();
+            // The targets berth derives (replaced = differs from the original) are PyTorch's.
+            let flags: Vec<f32> = r["replaced_flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|f| {
+                    f.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                })
+                .collect();
+            assert_eq!(out.replaced, flags);
+            berth_train::rtd::rtd_loss(&out, weight).unwrap()
+        },
+    );
 }
