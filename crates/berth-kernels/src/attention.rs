@@ -278,10 +278,44 @@ pub(crate) fn backward<T: Float>(
     let w3 = if n == 0 { 0 } else { qkv.len() / n };
     let h = w3 / 3;
     let hd = h / nh.max(1);
-    let mut dqkv = vec![T::zero(); qkv.len()];
-    let dst = SendPtr(dqkv.as_mut_ptr());
     let src = SendPtr(qkv.as_ptr() as *mut T);
     let gsrc = SendPtr(dout.as_ptr() as *mut T);
+    if T::attends_tiled(hd) {
+        // Every element of `dqkv` is written by exactly one task (rows x head columns of
+        // each of dQ, dK, dV).
+        let mut dqkv = Vec::<T>::with_capacity(qkv.len());
+        let dst = SendPtr(dqkv.as_mut_ptr());
+        tasks(cu, nh).into_par_iter().for_each_init(
+            crate::attention_tiled::BackScratch::default,
+            |sc, (start, len, head)| {
+                let task = crate::attention_tiled::Task {
+                    start,
+                    len,
+                    head,
+                    hidden: h,
+                    head_dim: hd,
+                };
+                // SAFETY: the tiled kernel runs here (checked above); the task's rows lie
+                // inside `qkv`, `dout` and `dqkv` (cu_seqlens checked against N).
+                unsafe {
+                    T::attend_tiled_backward(
+                        src.get(),
+                        gsrc.get(),
+                        dst.get(),
+                        task,
+                        scale,
+                        dropout,
+                        sc,
+                    )
+                };
+            },
+        );
+        // SAFETY: the tasks cover every (row, head) of dQ, dK and dV once.
+        unsafe { dqkv.set_len(qkv.len()) };
+        return dqkv;
+    }
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let dst = SendPtr(dqkv.as_mut_ptr());
     let scale = T::from_f64(scale);
     tasks(cu, nh).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
@@ -462,6 +496,42 @@ mod tests {
             let exact = reference_attention(&qkv, &cu, 2, 0.2)?;
             let ours = varlen_attention(&qkv.to_dtype(candle_core::DType::F32)?, &cu, 2, 0.2)?;
             assert_close("tiled f32 attention vs f64 reference", &ours, &exact, 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tiled_f32_backward_matches_f64() -> Result<()> {
+        // dQKV of the tiled backward (f32, AVX-512) against the general path in f64, with
+        // and without dropout (the same mask), head dims 32 and 64, lengths around every
+        // 8-row block and 16-key tile.
+        for (hd, seed) in [(32, 50), (64, 51)] {
+            println!("head dim {hd}: tiled kernel {}", f32::attends_tiled(hd));
+            let lens = [1usize, 7, 8, 9, 16, 17, 48, 50, 63, 130];
+            let mut cu = vec![0];
+            for l in lens {
+                cu.push(cu.last().unwrap() + l);
+            }
+            let n = *cu.last().unwrap();
+            let qkv = (randn(&[n, 3 * 2 * hd], seed)? * 2.0)?;
+            let w = randn(&[n, 2 * hd], seed + 10)?;
+            for dropout in [0.0, 0.2] {
+                let grad = |x: &Tensor| -> Result<Tensor> {
+                    let v = candle_core::Var::from_tensor(x)?;
+                    let y = varlen_attention_dropout(&v, &cu, 2, 0.2, dropout, 3)?;
+                    let g = (y * w.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
+                    Ok(g.get(&v).unwrap().clone())
+                };
+                let exact = grad(&qkv)?;
+                let ours = grad(&qkv.to_dtype(candle_core::DType::F32)?)?;
+                let size = exact.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert_close(
+                    &format!("tiled f32 backward hd {hd} dropout {dropout} (max |g| {size:.2})"),
+                    &ours,
+                    &exact,
+                    2e-5 * size.max(1.0),
+                )?;
+            }
         }
         Ok(())
     }

@@ -73,25 +73,8 @@ pub(crate) unsafe fn attend(
     let w3 = 3 * h;
     let lp = l.div_ceil(16) * 16;
     // Kᵀ [hd, lp], padded keys zero (their scores are never read).
-    sc.kt.resize(hd * lp, 0.0);
     let k = qkv.add(t.start * w3 + h + t.head * hd);
-    for j0 in (0..l).step_by(16) {
-        let keys = (l - j0).min(16);
-        for d0 in (0..hd).step_by(16) {
-            // 16 keys x 16 dims in, 16 dims x 16 keys out (keys past l stay zero).
-            let mut r: [__m512; 16] = std::array::from_fn(|j| {
-                if j < keys {
-                    _mm512_loadu_ps(k.add((j0 + j) * w3 + d0))
-                } else {
-                    _mm512_setzero_ps()
-                }
-            });
-            transpose16(&mut r);
-            for (d, row) in r.iter().enumerate() {
-                _mm512_storeu_ps(sc.kt.as_mut_ptr().add((d0 + d) * lp + j0), *row);
-            }
-        }
-    }
+    transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     sc.scores.resize(MR * lp, 0.0);
     let mask = dropout.map(|(rate, seed)| Mask {
         key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
@@ -130,6 +113,220 @@ pub(crate) unsafe fn attend(
         }
         go!(1 2 3 4 5 6 7 8)
     }
+}
+
+/// `dst [hd, lp]` = the transpose of `l` rows (stride `stride`) of `hd` columns at `src`;
+/// columns past `l` zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_head(
+    src: *const f32,
+    stride: usize,
+    l: usize,
+    hd: usize,
+    lp: usize,
+    dst: &mut Vec<f32>,
+) {
+    dst.resize(hd * lp, 0.0);
+    for j0 in (0..l).step_by(16) {
+        let keys = (l - j0).min(16);
+        for d0 in (0..hd).step_by(16) {
+            // 16 rows x 16 dims in, 16 dims x 16 rows out (rows past l stay zero).
+            let mut r: [__m512; 16] = std::array::from_fn(|j| {
+                if j < keys {
+                    _mm512_loadu_ps(src.add((j0 + j) * stride + d0))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            transpose16(&mut r);
+            for (d, row) in r.iter().enumerate() {
+                _mm512_storeu_ps(dst.as_mut_ptr().add((d0 + d) * lp + j0), *row);
+            }
+        }
+    }
+}
+
+/// Scratch memory of one backward worker, reused across tasks.
+#[derive(Default)]
+pub(crate) struct BackScratch {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    p: Vec<f32>,
+    ds: Vec<f32>,
+}
+
+/// Writes the gradient of `task`'s attention output (`dout`, rows × head columns of
+/// `[N, H]`) with respect to its Q, K and V into the same rows × head columns of `dqkv`
+/// (`[N, 3H]`), every element of them. The probabilities are recomputed by the forward's
+/// score kernel and kept for the task (`[L, L]`, with `dS` beside them); the four products
+/// (`dP = dO Vᵀ`, `dQ = dS K`, `dV = P'ᵀ dO`, `dK = dSᵀ Q`) run on the register-blocked
+/// kernels of the forward, the transposed ones reading `P'` and `dS` by columns.
+///
+/// # Safety
+/// As [`attend`], with `dout` and `dqkv` covering the task's rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn attend_backward(
+    qkv: *const f32,
+    dout: *const f32,
+    dqkv: *mut f32,
+    t: Task,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+    sc: &mut BackScratch,
+) {
+    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
+    let w3 = 3 * h;
+    let lp = l.div_ceil(16) * 16;
+    let base = t.start * w3 + t.head * hd;
+    let (q, k, v) = (qkv.add(base), qkv.add(base + h), qkv.add(base + 2 * h));
+    let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
+    let dout = dout.add(t.start * h + t.head * hd);
+    transpose_head(k, w3, l, hd, lp, &mut sc.kt);
+    transpose_head(v, w3, l, hd, lp, &mut sc.vt);
+    sc.p.resize(l * lp, 0.0);
+    sc.ds.resize(l * lp, 0.0);
+    let mask = dropout.map(|(rate, seed)| Mask {
+        key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
+        threshold: crate::dropout::threshold(rate),
+        scale: (1.0 / (1.0 - rate as f64)) as f32,
+    });
+    let geo = Geometry {
+        l,
+        lp,
+        hd,
+        w3,
+        h,
+        scale,
+    };
+    let ptrs = BackPointers { q, k, dout, dq };
+    for i0 in (0..l).step_by(MR) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match (l - i0).min(MR) {
+                    $($r => back_rows::<$r>(&geo, i0, &ptrs, sc, mask.as_ref()),)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8)
+    }
+    // dV = P'ᵀ dO and dK = scale · dSᵀ Q, by key rows.
+    for j0 in (0..l).step_by(MR) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match (l - j0).min(MR) {
+                    $($r => {
+                        let pt = Weights { p: sc.p.as_ptr().add(j0), rs: 1, cs: lp };
+                        value_rows::<$r>(hd, l, pt, dout, h, dv.add(j0 * w3), w3, &[1.0; $r]);
+                        let dst = Weights { p: sc.ds.as_ptr().add(j0), rs: 1, cs: lp };
+                        value_rows::<$r>(hd, l, dst, q, w3, dk.add(j0 * w3), w3, &[scale; $r]);
+                    })*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8)
+    }
+}
+
+/// Where [`back_rows`] reads and writes.
+struct BackPointers {
+    q: *const f32,
+    k: *const f32,
+    dout: *const f32,
+    dq: *mut f32,
+}
+
+/// Query rows `i0..i0 + R` of a backward task: `P` (normalised; `P'` after dropout) into
+/// `sc.p`, `dS` into `sc.ds`, and their `dQ` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn back_rows<const R: usize>(
+    g: &Geometry,
+    i0: usize,
+    b: &BackPointers,
+    sc: &mut BackScratch,
+    mask: Option<&Mask>,
+) {
+    let p = sc.p.as_mut_ptr().add(i0 * g.lp);
+    let ds = sc.ds.as_mut_ptr().add(i0 * g.lp);
+    score_rows::<R>(g.hd, g.lp, b.q.add(i0 * g.w3), g.w3, &sc.kt, p, g.scale);
+    // dP = dO Vᵀ, into the dS rows.
+    score_rows::<R>(g.hd, g.lp, b.dout.add(i0 * g.h), g.h, &sc.vt, ds, 1.0);
+    for r in 0..R {
+        let prow = std::slice::from_raw_parts_mut(p.add(r * g.lp), g.l);
+        let drow = std::slice::from_raw_parts_mut(ds.add(r * g.lp), g.l);
+        let inv = 1.0 / exp_shifted(prow);
+        prow.iter_mut().for_each(|x| *x *= inv);
+        let base = ((i0 + r) * g.l) as u64;
+        if let Some(d) = mask {
+            // dP of the dropped probabilities back to dP of P.
+            crate::dropout::mask_in_place_f32(drow, d.key, base, d.threshold, d.scale);
+        }
+        softmax_grad_row(prow, drow);
+        if let Some(d) = mask {
+            // dV needs the probabilities the forward used: P' = drop(P).
+            crate::dropout::mask_in_place_f32(prow, d.key, base, d.threshold, d.scale);
+        }
+    }
+    let dsw = Weights {
+        p: ds,
+        rs: g.lp,
+        cs: 1,
+    };
+    value_rows::<R>(
+        g.hd,
+        g.l,
+        dsw,
+        b.k,
+        g.w3,
+        b.dq.add(i0 * g.w3),
+        g.w3,
+        &[g.scale; R],
+    );
+}
+
+/// `d ← p ∘ (d − Σ p ∘ d)`: the softmax backward of one row (`p` the probabilities).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn softmax_grad_row(p: &[f32], d: &mut [f32]) {
+    let n = p.len();
+    let (pp, dp) = (p.as_ptr(), d.as_mut_ptr());
+    let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as u16;
+    let full = n - n % 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(pp.add(i)), _mm512_loadu_ps(dp.add(i)), acc);
+    }
+    if tail != 0 {
+        let a = _mm512_maskz_loadu_ps(tail, pp.add(full));
+        acc = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(tail, dp.add(full)), acc);
+    }
+    let dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    for i in (0..full).step_by(16) {
+        let x = _mm512_sub_ps(_mm512_loadu_ps(dp.add(i)), dot);
+        _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(_mm512_loadu_ps(pp.add(i)), x));
+    }
+    if tail != 0 {
+        let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, dp.add(full)), dot);
+        let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, pp.add(full)), x);
+        _mm512_mask_storeu_ps(dp.add(full), tail, y);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn attend_backward(
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: Task,
+    _: f32,
+    _: Option<(f32, u64)>,
+    _: &mut BackScratch,
+) {
+    unreachable!("tiled attention is AVX-512 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -204,17 +401,7 @@ unsafe fn block<const R: usize>(
     s: &mut [f32],
     mask: Option<&Mask>,
 ) {
-    // Scores [R, lp]: 48 keys at a time, then a 16- or 32-key tail.
-    let mut c0 = 0;
-    while c0 + 48 <= g.lp {
-        scores::<R, 3>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0));
-        c0 += 48;
-    }
-    match (g.lp - c0) / 16 {
-        2 => scores::<R, 2>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0)),
-        1 => scores::<R, 1>(g, q, kt.as_ptr().add(c0), s.as_mut_ptr().add(c0)),
-        _ => {}
-    }
+    score_rows::<R>(g.hd, g.lp, q, g.w3, kt, s.as_mut_ptr(), g.scale);
     // Softmax of each row over its l keys, left unnormalised; 1/sum goes into the output.
     let mut inv = [0f32; R];
     for (r, inv_r) in inv.iter_mut().enumerate() {
@@ -226,61 +413,100 @@ unsafe fn block<const R: usize>(
             *inv_r *= d.scale;
         }
     }
-    // Output [R, hd] = P V, 32 head dimensions at a time.
-    let mut d0 = 0;
-    while d0 + 32 <= g.hd {
-        values::<R, 2>(g, s, v.add(d0), o.add(d0), &inv);
-        d0 += 32;
-    }
-    if d0 < g.hd {
-        values::<R, 1>(g, s, v.add(d0), o.add(d0), &inv);
-    }
+    // Output [R, hd] = P V.
+    let p = Weights {
+        p: s.as_ptr(),
+        rs: g.lp,
+        cs: 1,
+    };
+    value_rows::<R>(g.hd, g.l, p, v, g.w3, o, g.h, &inv);
 }
 
-/// `s[r, 16·V keys] = scale · q_r · Kᵀ` for `R` query rows (`kt` and `s` at the first key).
+/// `s[r, 16·V keys] = scale · q_r · Kᵀ` for `R` rows of `q` (row stride `qs`), `kt`
+/// `[hd, lp]` and `s` (row stride `lp`) at the first key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn scores<const R: usize, const V: usize>(
-    g: &Geometry,
+    hd: usize,
+    lp: usize,
     q: *const f32,
+    qs: usize,
     kt: *const f32,
     s: *mut f32,
+    scale: f32,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for d in 0..g.hd {
-        let b: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(kt.add(d * g.lp + 16 * x)));
+    for d in 0..hd {
+        let b: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(kt.add(d * lp + 16 * x)));
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(*q.add(r * g.w3 + d));
+            let a = _mm512_set1_ps(*q.add(r * qs + d));
             for x in 0..V {
                 acc_r[x] = _mm512_fmadd_ps(a, b[x], acc_r[x]);
             }
         }
     }
-    let scale = _mm512_set1_ps(g.scale);
+    let scale = _mm512_set1_ps(scale);
     for (r, acc_r) in acc.iter().enumerate() {
         for (x, acc_rx) in acc_r.iter().enumerate() {
-            _mm512_storeu_ps(s.add(r * g.lp + 16 * x), _mm512_mul_ps(*acc_rx, scale));
+            _mm512_storeu_ps(s.add(r * lp + 16 * x), _mm512_mul_ps(*acc_rx, scale));
         }
     }
 }
 
-/// `o[r, 16·V dims] = inv[r] · Σ_j s[r, j] v_j` for `R` rows (`v` and `o` at the first dim).
+/// [`scores`] for rows `R` of `q` over all `lp` keys: 48 at a time, then a 16- or
+/// 32-key tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn score_rows<const R: usize>(
+    hd: usize,
+    lp: usize,
+    q: *const f32,
+    qs: usize,
+    kt: &[f32],
+    s: *mut f32,
+    scale: f32,
+) {
+    let mut c0 = 0;
+    while c0 + 48 <= lp {
+        scores::<R, 3>(hd, lp, q, qs, kt.as_ptr().add(c0), s.add(c0), scale);
+        c0 += 48;
+    }
+    match (lp - c0) / 16 {
+        2 => scores::<R, 2>(hd, lp, q, qs, kt.as_ptr().add(c0), s.add(c0), scale),
+        1 => scores::<R, 1>(hd, lp, q, qs, kt.as_ptr().add(c0), s.add(c0), scale),
+        _ => {}
+    }
+}
+
+/// The operand `s` of [`values`]: element (r, j) at `p[r * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Weights {
+    p: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+/// `o[r, 16·V dims] = inv[r] · Σ_{j < n} s[r, j] v_j` for `R` rows; `v` (row stride `vs`)
+/// and `o` (row stride `os`) at the first dim.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn values<const R: usize, const V: usize>(
-    g: &Geometry,
-    s: &[f32],
+    n: usize,
+    s: Weights,
     v: *const f32,
+    vs: usize,
     o: *mut f32,
+    os: usize,
     inv: &[f32; R],
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let p = s.as_ptr();
-    for j in 0..g.l {
-        let row = v.add(j * g.w3);
+    for j in 0..n {
+        let row = v.add(j * vs);
         let b: [__m512; V] = std::array::from_fn(|x| _mm512_loadu_ps(row.add(16 * x)));
+        let pj = s.p.add(j * s.cs);
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(*p.add(r * g.lp + j));
+            let a = _mm512_set1_ps(*pj.add(r * s.rs));
             for x in 0..V {
                 acc_r[x] = _mm512_fmadd_ps(a, b[x], acc_r[x]);
             }
@@ -289,8 +515,32 @@ unsafe fn values<const R: usize, const V: usize>(
     for (r, acc_r) in acc.iter().enumerate() {
         let f = _mm512_set1_ps(inv[r]);
         for (x, acc_rx) in acc_r.iter().enumerate() {
-            _mm512_storeu_ps(o.add(r * g.h + 16 * x), _mm512_mul_ps(*acc_rx, f));
+            _mm512_storeu_ps(o.add(r * os + 16 * x), _mm512_mul_ps(*acc_rx, f));
         }
+    }
+}
+
+/// [`values`] over all `hd` dims, 32 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_rows<const R: usize>(
+    hd: usize,
+    n: usize,
+    s: Weights,
+    v: *const f32,
+    vs: usize,
+    o: *mut f32,
+    os: usize,
+    inv: &[f32; R],
+) {
+    let mut d0 = 0;
+    while d0 + 32 <= hd {
+        values::<R, 2>(n, s, v.add(d0), vs, o.add(d0), os, inv);
+        d0 += 32;
+    }
+    if d0 < hd {
+        values::<R, 1>(n, s, v.add(d0), vs, o.add(d0), os, inv);
     }
 }
 

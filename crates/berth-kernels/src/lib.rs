@@ -94,6 +94,22 @@ pub(crate) trait Float:
     ) {
         unreachable!("no tiled attention for this type")
     }
+
+    /// The backward of one (sequence, head) by the tiled kernels (f32 with AVX-512 only).
+    ///
+    /// # Safety
+    /// As [`Float::attend_tiled`], with `dout` and `dqkv` covering the task's rows.
+    unsafe fn attend_tiled_backward(
+        _qkv: *const Self,
+        _dout: *const Self,
+        _dqkv: *mut Self,
+        _task: attention_tiled::Task,
+        _scale: f64,
+        _dropout: Option<(f32, u64)>,
+        _scratch: &mut attention_tiled::BackScratch,
+    ) {
+        unreachable!("no tiled attention for this type")
+    }
 }
 
 impl Float for f32 {
@@ -153,6 +169,18 @@ impl Float for f32 {
         scratch: &mut attention_tiled::Scratch,
     ) {
         attention_tiled::attend(qkv, out, task, scale as f32, dropout, scratch)
+    }
+
+    unsafe fn attend_tiled_backward(
+        qkv: *const Self,
+        dout: *const Self,
+        dqkv: *mut Self,
+        task: attention_tiled::Task,
+        scale: f64,
+        dropout: Option<(f32, u64)>,
+        scratch: &mut attention_tiled::BackScratch,
+    ) {
+        attention_tiled::attend_backward(qkv, dout, dqkv, task, scale as f32, dropout, scratch)
     }
 }
 

@@ -241,16 +241,35 @@ pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
+/// Column sums of `dy [N, O]` (the bias gradient): blocks of rows summed in parallel,
+/// then the block sums added in order, so every run gives the same bits.
+fn column_sums<T: Float>(dy: &[T], o: usize) -> Vec<T> {
+    const ROWS: usize = 64;
+    let mut db = vec![T::zero(); o];
+    if o == 0 {
+        return db;
+    }
+    let partials: Vec<Vec<T>> = dy
+        .par_chunks(o * ROWS)
+        .map(|block| {
+            let mut acc = vec![T::zero(); o];
+            for row in block.chunks(o) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a = *a + v);
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        db.iter_mut().zip(p).for_each(|(a, v)| *a = *a + v);
+    }
+    db
+}
+
 /// Returns (dx, dw, db) for upstream `dy [N, O]`.
 pub(crate) fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
     let i = w.len() / o;
     let n = dy.len() / o;
-    let mut db = vec![T::zero(); o];
-    for r in 0..n {
-        for c in 0..o {
-            db[c] = db[c] + dy[r * o + c];
-        }
-    }
+    let db = column_sums(dy, o);
     if let (Some(xf), Some(wf), Some(dyf)) = (as_f32(x), as_f32(w), as_f32(dy)) {
         if sgemm::available() && n > 0 && i > 0 {
             // dx [N, I] = dy [N, O] @ w [O, I]
