@@ -407,6 +407,153 @@ pub(crate) fn backward<T: Float>(
     dqkv
 }
 
+/// The sequence (start, length) holding each of `rows`, grouped: one entry per sequence
+/// with its rows (in the order given).
+fn rows_by_sequence(cu: &[usize], rows: &[usize]) -> Vec<(usize, usize, Vec<usize>)> {
+    let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for (k, &i) in rows.iter().enumerate() {
+        // The last sequence starting at or before row i (empty sequences skipped).
+        let s = cu.partition_point(|&c| c <= i) - 1;
+        let (start, len) = (cu[s], cu[s + 1] - cu[s]);
+        match groups.iter_mut().find(|g| g.0 == start) {
+            Some(g) => g.2.push(k),
+            None => groups.push((start, len, vec![k])),
+        }
+    }
+    groups
+}
+
+/// One query row's probabilities over its sequence's keys for one head, `p [L]`, and the
+/// dropout multipliers `m [L]` (0 or 1/(1-rate); all 1 without dropout) — the same mask as
+/// the whole-sequence paths.
+#[allow(clippy::too_many_arguments)]
+fn row_probabilities<T: Float>(
+    qkv: &[T],
+    w3: usize,
+    hd: usize,
+    (start, len, head): (usize, usize, usize),
+    i: usize,
+    scale: T,
+    dropout: Option<(f32, u64)>,
+    p: &mut Vec<T>,
+    m: &mut Vec<T>,
+) {
+    let h = w3 / 3;
+    let q = &qkv[i * w3 + head * hd..][..hd];
+    p.clear();
+    p.extend((start..start + len).map(|j| scale * T::dot(q, &qkv[j * w3 + h + head * hd..][..hd])));
+    softmax_row(p);
+    m.clear();
+    m.resize(len, T::one());
+    if let Some((rate, seed)) = dropout {
+        let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
+        let t = crate::dropout::threshold(rate);
+        let s = T::from_f64(1.0 / (1.0 - rate as f64));
+        T::mask_in_place(m, key, ((i - start) * len) as u64, t, s);
+    }
+}
+
+/// Attention output for query `rows` only: `[rows.len(), H]`, row `k` the output of token
+/// `rows[k]` (keys and values: its whole sequence). For a loss that reads few positions
+/// (first tokens, masked tokens) in the last layer.
+pub(crate) fn forward_rows<T: Float>(
+    qkv: &[T],
+    cu: &[usize],
+    rows: &[usize],
+    nh: usize,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Vec<T> {
+    let n = *cu.last().unwrap_or(&0);
+    let w3 = if n == 0 { 0 } else { qkv.len() / n };
+    let h = w3 / 3;
+    let hd = h / nh.max(1);
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); rows.len() * h];
+    out.par_chunks_mut(h).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(p, pd), (k, o)| {
+            let i = rows[k];
+            let s = cu.partition_point(|&c| c <= i) - 1;
+            let g = (cu[s], cu[s + 1] - cu[s]);
+            for head in 0..nh {
+                row_probabilities(qkv, w3, hd, (g.0, g.1, head), i, scale, dropout, p, pd);
+                let o = &mut o[head * hd..(head + 1) * hd];
+                for (j, (&pj, &mj)) in p.iter().zip(pd.iter()).enumerate() {
+                    let v = &qkv[(g.0 + j) * w3 + 2 * h + head * hd..][..hd];
+                    let pj = pj * mj;
+                    o.iter_mut().zip(v).for_each(|(o, &v)| *o = *o + pj * v);
+                }
+            }
+        },
+    );
+    out
+}
+
+/// The backward of [`forward_rows`]: `dqkv [N, 3H]` from `dout [rows.len(), H]` (dQ zero
+/// outside `rows`; dK, dV over the rows' sequences).
+pub(crate) fn backward_rows<T: Float>(
+    qkv: &[T],
+    dout: &[T],
+    cu: &[usize],
+    rows: &[usize],
+    nh: usize,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Vec<T> {
+    let n = *cu.last().unwrap_or(&0);
+    let w3 = if n == 0 { 0 } else { qkv.len() / n };
+    let h = w3 / 3;
+    let hd = h / nh.max(1);
+    let scale = T::from_f64(scale);
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let dst = SendPtr(dqkv.as_mut_ptr());
+    let groups = rows_by_sequence(cu, rows);
+    let tasks: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|g| (0..nh).map(move |head| (g, head)))
+        .collect();
+    tasks.into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(p, pd, ds), (g, head)| {
+            let (start, len, ref ks) = groups[g];
+            for &k in ks {
+                let i = rows[k];
+                row_probabilities(qkv, w3, hd, (start, len, head), i, scale, dropout, p, pd);
+                let dor = &dout[k * h + head * hd..][..hd];
+                let qi = &qkv[i * w3 + head * hd..][..hd];
+                // dP of the dropped probabilities, masked back to dP of P.
+                ds.clear();
+                ds.extend((0..len).map(|j| {
+                    let v = &qkv[(start + j) * w3 + 2 * h + head * hd..][..hd];
+                    T::dot(dor, v) * pd[j]
+                }));
+                let dot = p.iter().zip(ds.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                ds.iter_mut()
+                    .zip(p.iter())
+                    .for_each(|(d, &pj)| *d = pj * (*d - dot));
+                // SAFETY: this task alone writes the head columns of its sequence's rows
+                // (dQ of its selected rows, dK and dV of all its rows); the dQ, dK and dV
+                // column ranges of a row are disjoint.
+                unsafe {
+                    let base = dst.get();
+                    let dq = std::slice::from_raw_parts_mut(base.add(i * w3 + head * hd), hd);
+                    for j in 0..len {
+                        let r = (start + j) * w3 + head * hd;
+                        let kj = &qkv[r + h..][..hd];
+                        let (sj, pj) = (ds[j] * scale, p[j] * pd[j]);
+                        dq.iter_mut().zip(kj).for_each(|(a, &b)| *a = *a + sj * b);
+                        let dk = std::slice::from_raw_parts_mut(base.add(r + h), hd);
+                        dk.iter_mut().zip(qi).for_each(|(a, &b)| *a = *a + sj * b);
+                        let dv = std::slice::from_raw_parts_mut(base.add(r + 2 * h), hd);
+                        dv.iter_mut().zip(dor).for_each(|(a, &b)| *a = *a + pj * b);
+                    }
+                }
+            }
+        },
+    );
+    dqkv
+}
+
 impl CustomOp1 for VarlenAttention {
     fn name(&self) -> &'static str {
         "berth-varlen-attention"

@@ -137,6 +137,19 @@ pub fn encoder_layer_train(
     drop: LayerDropout,
     sink: &GradSink,
 ) -> Result<Tensor> {
+    encoder_layer_check(x, w, cu_seqlens)?;
+    x.contiguous()?.apply_op1(EncoderLayer {
+        w: w.clone(),
+        cu: cu_seqlens.to_vec(),
+        rows: None,
+        drop,
+        sink: sink.clone(),
+        saved: Mutex::new(None),
+    })
+}
+
+/// The shapes, dtypes and `cu_seqlens` a layer needs.
+fn encoder_layer_check(x: &Tensor, w: &LayerWeights, cu_seqlens: &[usize]) -> Result<()> {
     let (n, h) = x.dims2()?;
     let f = w.inter.0.dim(0)?;
     let expect: [&[usize]; 12] = [
@@ -175,9 +188,32 @@ pub fn encoder_layer_train(
     {
         bail!("encoder layer: cu_seqlens {cu_seqlens:?} must rise from 0 to the token count {n}");
     }
+    Ok(())
+}
+
+/// [`encoder_layer_train`] for a loss that reads only output `rows` (the first tokens
+/// for classification, the masked tokens for masked-LM): `[rows.len(), H]`, row `k` the
+/// layer's output at token `rows[k]`. Keys and values are computed for every token; the
+/// queries, attention output, feed-forward block and LayerNorms only for `rows`. Dropout
+/// masks are those of the full layer at the same positions, so the result equals rows
+/// of [`encoder_layer_train`]'s output.
+pub fn encoder_layer_train_rows(
+    x: &Tensor,
+    w: &LayerWeights,
+    cu_seqlens: &[usize],
+    drop: LayerDropout,
+    sink: &GradSink,
+    rows: &[usize],
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+        bail!("encoder layer: output row {bad} is outside the {n} tokens");
+    }
+    encoder_layer_check(x, w, cu_seqlens)?;
     x.contiguous()?.apply_op1(EncoderLayer {
         w: w.clone(),
         cu: cu_seqlens.to_vec(),
+        rows: Some(rows.to_vec()),
         drop,
         sink: sink.clone(),
         saved: Mutex::new(None),
@@ -187,6 +223,8 @@ pub fn encoder_layer_train(
 struct EncoderLayer {
     w: LayerWeights,
     cu: Vec<usize>,
+    /// Output rows only (see [`encoder_layer_train_rows`]); `None`: every token.
+    rows: Option<Vec<usize>>,
     drop: LayerDropout,
     sink: GradSink,
     /// The forward's activations for the backward: a `Saved<T>`.
@@ -239,6 +277,55 @@ fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b));
 }
 
+/// Dropout of rows `rows` of a `[N, h]` tensor applied to their copies `xs [rows, h]` (the
+/// same mask as [`drop_in_place`] on the whole tensor); all of `xs` when `rows` is `None`.
+fn drop_rows<T: Float>(xs: &mut [T], d: Option<(f32, u64)>, rows: Option<&[usize]>, h: usize) {
+    let Some(rows) = rows else {
+        return drop_in_place(xs, d);
+    };
+    match d {
+        Some((p, _)) if p >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
+        Some((p, seed)) if p > 0.0 => {
+            let scale = T::from_f64(1.0 / (1.0 - p as f64));
+            let t = dropout::threshold(p);
+            xs.par_chunks_mut(h)
+                .zip(rows.par_iter())
+                .for_each(|(x, &r)| T::mask_in_place(x, seed, (r * h) as u64, t, scale));
+        }
+        _ => {}
+    }
+}
+
+/// `a[k] += x[rows[k]]` for rows of width `h` (`a += x` when `rows` is `None`).
+fn add_rows<T: Float>(a: &mut [T], x: &[T], rows: Option<&[usize]>, h: usize) {
+    match rows {
+        None => add_assign(a, x),
+        Some(rows) => a
+            .par_chunks_mut(h)
+            .zip(rows.par_iter())
+            .for_each(|(a, &r)| {
+                a.iter_mut()
+                    .zip(&x[r * h..(r + 1) * h])
+                    .for_each(|(a, &b)| *a = *a + b)
+            }),
+    }
+}
+
+/// `x[rows[k]] += a[k]` for rows of width `h` (`x += a` when `rows` is `None`).
+fn scatter_add<T: Float>(x: &mut [T], a: &[T], rows: Option<&[usize]>, h: usize) {
+    match rows {
+        None => add_assign(x, a),
+        Some(rows) => {
+            for (k, &r) in rows.iter().enumerate() {
+                x[r * h..(r + 1) * h]
+                    .iter_mut()
+                    .zip(&a[k * h..(k + 1) * h])
+                    .for_each(|(x, &b)| *x = *x + b);
+            }
+        }
+    }
+}
+
 /// `act(x)` into a new buffer, copied and activated chunk by chunk (the second pass hits L1).
 fn activated<T: Float>(act: Activation, x: &[T]) -> Vec<T> {
     const CHUNK: usize = 4096;
@@ -258,22 +345,23 @@ impl EncoderLayer {
                 unreachable!("twelve weights")
             };
             let h = g1.len();
+            let rows = self.rows.as_deref();
             let qkv = linear::forward(x, wqkv, bqkv);
-            let ctx = attention::forward(
-                &qkv,
-                &self.cu,
-                self.w.num_heads,
-                self.scale(h),
-                self.drop.attention,
-            );
+            let (nh, scale) = (self.w.num_heads, self.scale(h));
+            let ctx = match rows {
+                None => attention::forward(&qkv, &self.cu, nh, scale, self.drop.attention),
+                Some(r) => {
+                    attention::forward_rows(&qkv, &self.cu, r, nh, scale, self.drop.attention)
+                }
+            };
             let mut ln1_in = linear::forward(&ctx, wo, bo);
-            drop_in_place(&mut ln1_in, self.drop.attn_out);
-            add_assign(&mut ln1_in, x);
+            drop_rows(&mut ln1_in, self.drop.attn_out, rows, h);
+            add_rows(&mut ln1_in, x, rows, h);
             let h1 = layer_norm::forward(&ln1_in, g1, b1, self.w.attn_ln_eps);
             let f_pre = linear::forward(&h1, wi, bi);
             let f_act = activated(self.w.activation, &f_pre);
             let mut ln2_in = linear::forward(&f_act, wout, bout);
-            drop_in_place(&mut ln2_in, self.drop.ffn_out);
+            drop_rows(&mut ln2_in, self.drop.ffn_out, rows, h);
             add_assign(&mut ln2_in, &h1);
             let y = layer_norm::forward(&ln2_in, g2, b2, self.w.out_ln_eps);
             let saved = Saved {
@@ -302,10 +390,11 @@ impl EncoderLayer {
                 unreachable!("twelve weights")
             };
             let (h, f) = (g1.len(), wi.len() / g1.len());
+            let rows = self.rows.as_deref();
             // y = LN2(ln2_in), ln2_in = drop(f_act Wout^T + bout) + h1
             let (d_ln2, dg2, db2) = layer_norm::backward(&s.ln2_in, g2, dy, self.w.out_ln_eps);
             let mut d_o = d_ln2.clone();
-            drop_in_place(&mut d_o, self.drop.ffn_out);
+            drop_rows(&mut d_o, self.drop.ffn_out, rows, h);
             let (mut d_f, dwout, dbout) = linear::backward(&s.f_act, wout, &d_o, h);
             drop(d_o);
             d_f.par_chunks_mut(4096)
@@ -319,20 +408,17 @@ impl EncoderLayer {
             let (d_ln1, dg1, db1) = layer_norm::backward(&s.ln1_in, g1, &d_h1, self.w.attn_ln_eps);
             drop(d_h1);
             let mut d_a = d_ln1.clone();
-            drop_in_place(&mut d_a, self.drop.attn_out);
+            drop_rows(&mut d_a, self.drop.attn_out, rows, h);
             let (d_ctx, dwo, dbo) = linear::backward(&s.ctx, wo, &d_a, h);
             drop(d_a);
-            let d_qkv = attention::backward(
-                &s.qkv,
-                &d_ctx,
-                &self.cu,
-                self.w.num_heads,
-                self.scale(h),
-                self.drop.attention,
-            );
+            let (nh, scale, d_attn) = (self.w.num_heads, self.scale(h), self.drop.attention);
+            let d_qkv = match rows {
+                None => attention::backward(&s.qkv, &d_ctx, &self.cu, nh, scale, d_attn),
+                Some(r) => attention::backward_rows(&s.qkv, &d_ctx, &self.cu, r, nh, scale, d_attn),
+            };
             drop(d_ctx);
             let (mut dx, dwqkv, dbqkv) = linear::backward(x, wqkv, &d_qkv, 3 * h);
-            add_assign(&mut dx, &d_ln1);
+            scatter_add(&mut dx, &d_ln1, rows, h);
             let grads = [
                 dwqkv, dbqkv, dwo, dbo, dg1, db1, dwi, dbi, dwout, dbout, dg2, db2,
             ];
@@ -355,9 +441,11 @@ impl CustomOp1 for EncoderLayer {
         fn run<T: Float>(op: &EncoderLayer, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
             Ok(T::to_cpu_storage_owned(op.forward(slice::<T>(s, l)?)?))
         }
+        let (n, h) = l.shape().dims2()?;
+        let rows = self.rows.as_ref().map_or(n, |r| r.len());
         Ok((
             dispatch!(s.dtype(), self.name(), run(self, s, l))?,
-            l.shape().clone(),
+            Shape::from((rows, h)),
         ))
     }
 
@@ -530,6 +618,61 @@ mod tests {
                 .to_scalar::<f64>()?;
             assert!(diff < 1e-10, "{diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn output_rows_equal_rows_of_the_full_layer() -> Result<()> {
+        // Loss on some rows only: the rows variant against the same rows of the full op,
+        // outputs and every gradient, with dropout at every site (the same masks).
+        let d = LayerDropout {
+            attention: Some((0.2, 21)),
+            attn_out: Some((0.1, 22)),
+            ffn_out: Some((0.3, 23)),
+        };
+        let cu = [0, 5, 5, 40, 41, 77];
+        let rows = [0usize, 40, 5, 41, 76, 6];
+        for (dtype, heads, tol) in [
+            (candle_core::DType::F64, 2, 1e-12),
+            (candle_core::DType::F32, 2, 2e-5),
+        ] {
+            let h = 64;
+            let w = weights(h, 2 * h + 8, heads, dtype)?;
+            let x = Var::from_tensor(&randn(&[77, h], 7)?.to_dtype(dtype)?)?;
+            let g = randn(&[rows.len(), h], 8)?.to_dtype(dtype)?;
+            let idx = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                x.device(),
+            )?;
+            let sink = GradSink::default();
+            let full = encoder_layer_train(&x, &w, &cu, d, &sink)?.index_select(&idx, 0)?;
+            let mut gf = (&full * &g)?.sum_all()?.backward()?;
+            sink.drain_into(&mut gf)?;
+            let part = encoder_layer_train_rows(&x, &w, &cu, d, &sink, &rows)?;
+            let mut gp = (&part * &g)?.sum_all()?.backward()?;
+            sink.drain_into(&mut gp)?;
+            assert_eq!(part.dims(), [rows.len(), h]);
+            let mut pairs = vec![(part, full)];
+            for t in std::iter::once(x.as_tensor()).chain(w.tensors()) {
+                pairs.push((gp.get(t).unwrap().clone(), gf.get(t).unwrap().clone()));
+            }
+            for (i, (a, b)) in pairs.into_iter().enumerate() {
+                let a = a.to_dtype(candle_core::DType::F64)?;
+                let b = b.to_dtype(candle_core::DType::F64)?;
+                let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let size = b.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(size > 0.0, "{dtype:?} tensor {i} is zero");
+                assert!(
+                    diff <= tol * size.max(1.0),
+                    "{dtype:?} tensor {i}: {diff} (size {size})"
+                );
+            }
+        }
+        let w = weights(16, 40, 2, candle_core::DType::F32)?;
+        let x = randn(&[6, 16], 3)?.to_dtype(candle_core::DType::F32)?;
+        let sink = GradSink::default();
+        let e = encoder_layer_train_rows(&x, &w, &[0, 6], d, &sink, &[6]);
+        assert!(e.unwrap_err().to_string().contains("outside"));
         Ok(())
     }
 

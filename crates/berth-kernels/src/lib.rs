@@ -27,7 +27,9 @@ mod testing;
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use dropout::{dropout, substream as seed_stream};
-pub use encoder_layer::{encoder_layer_train, GradSink, LayerDropout, LayerWeights};
+pub use encoder_layer::{
+    encoder_layer_train, encoder_layer_train_rows, GradSink, LayerDropout, LayerWeights,
+};
 pub use layer_norm::{add_layer_norm, layer_norm, reference_layer_norm};
 pub use linear::{linear, linear_prepacked};
 pub use softmax::{reference_softmax, softmax_last_dim};

@@ -158,6 +158,33 @@ impl Layer {
         d: Option<&crate::Dropout>,
         sink: &berth_kernels::GradSink,
     ) -> Result<Tensor> {
+        let (w, drop) = self.fused_parts(d);
+        Ok(berth_kernels::encoder_layer_train(
+            x, &w, cu_seqlens, drop, sink,
+        )?)
+    }
+
+    /// [`Self::forward_fused`] computing only output `rows` (`[rows.len(), H]`): for the
+    /// last layer under a loss that reads few positions.
+    pub fn forward_fused_rows(
+        &self,
+        x: &Tensor,
+        cu_seqlens: &[usize],
+        d: Option<&crate::Dropout>,
+        sink: &berth_kernels::GradSink,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let (w, drop) = self.fused_parts(d);
+        Ok(berth_kernels::encoder_layer_train_rows(
+            x, &w, cu_seqlens, drop, sink, rows,
+        )?)
+    }
+
+    /// The fused op's weights, and its dropout sites seeded in the per-op path's order.
+    fn fused_parts(
+        &self,
+        d: Option<&crate::Dropout>,
+    ) -> (berth_kernels::LayerWeights, berth_kernels::LayerDropout) {
         let drop = match d {
             None => berth_kernels::LayerDropout::default(),
             Some(d) => {
@@ -186,9 +213,7 @@ impl Layer {
             num_heads: self.num_heads,
             activation: self.activation,
         };
-        Ok(berth_kernels::encoder_layer_train(
-            x, &w, cu_seqlens, drop, sink,
-        )?)
+        (w, drop)
     }
 
     /// `x [N, H]` → `[N, H]`; tokens attend only within their sequence of `cu_seqlens`.

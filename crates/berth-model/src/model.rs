@@ -183,6 +183,49 @@ impl Model {
         Ok(x)
     }
 
+    /// Rows `rows` of [`Self::forward_train`]'s output, `[rows.len(), H]`, for a loss that
+    /// reads only those positions (first tokens, masked tokens). Under autograd the last
+    /// layer computes only those rows (keys and values still over every token): the same
+    /// values and gradients, about three quarters of the last layer's work saved.
+    pub fn forward_train_rows(
+        &self,
+        batch: &Batch,
+        d: Option<&Dropout>,
+        rows: &[u32],
+    ) -> Result<Tensor> {
+        if batch.num_tokens() == 0 {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        let Some((last, rest)) = self.layers.split_last() else {
+            return Self::select_rows(&self.forward_train(batch, d)?, rows);
+        };
+        let mut x = self
+            .embeddings
+            .forward_train(batch, d, self.config.dropout.hidden)?;
+        let fused = x.track_op();
+        for layer in rest {
+            x = if fused && layer.fusable() {
+                layer.forward_fused(&x, &batch.cu_seqlens, d, &self.grad_sink)?
+            } else {
+                layer.forward_train(&x, &batch.cu_seqlens, d)?
+            };
+        }
+        if fused && last.fusable() {
+            let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+            last.forward_fused_rows(&x, &batch.cu_seqlens, d, &self.grad_sink, &rows)
+        } else {
+            Self::select_rows(&last.forward_train(&x, &batch.cu_seqlens, d)?, rows)
+        }
+    }
+
+    /// The first token of each sequence of `batch` as row indices.
+    pub fn first_token_rows(batch: &Batch) -> Vec<u32> {
+        batch.cu_seqlens[..batch.num_sequences()]
+            .iter()
+            .map(|&i| i as u32)
+            .collect()
+    }
+
     /// Moves the encoder weights' gradients left by the fused layers of a `backward()`
     /// into `grads`. Call after every backward through [`Self::forward_train`].
     pub fn collect_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
@@ -203,11 +246,7 @@ impl Model {
 
     /// The first token of each sequence, `[S, H]`.
     pub fn first_tokens(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
-        let firsts: Vec<u32> = batch.cu_seqlens[..batch.num_sequences()]
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
-        Self::select_rows(hidden, &firsts)
+        Self::select_rows(hidden, &Self::first_token_rows(batch))
     }
 
     /// Whether the checkpoint carries the weights of `head`.
@@ -249,10 +288,13 @@ impl Model {
 
     /// The pooler output `[S, H]` (tanh of a dense layer on each first token).
     pub fn pooler_output(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        self.pool_first(&Self::first_tokens(hidden, batch)?)
+    }
+
+    /// The pooler on first-token states `[S, H]`.
+    fn pool_first(&self, first: &Tensor) -> Result<Tensor> {
         let pooler = self.pooler.as_ref().ok_or_else(|| self.missing("pooler"))?;
-        Ok(pooler
-            .forward(&Self::first_tokens(hidden, batch)?)?
-            .tanh()?)
+        Ok(pooler.forward(first)?.tanh()?)
     }
 
     /// BERT's sentence-pair logits `[S, 2]` (`BertForPreTraining`'s `seq_relationship`
@@ -286,6 +328,12 @@ impl Model {
         batch: &Batch,
         d: Option<&Dropout>,
     ) -> Result<Tensor> {
+        self.sequence_logits_first(&Self::first_tokens(hidden, batch)?, d)
+    }
+
+    /// [`Self::sequence_logits_train`] from the first tokens' states `[S, H]` (e.g. from
+    /// [`Self::forward_train_rows`] with [`Self::first_token_rows`]).
+    pub fn sequence_logits_first(&self, first: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
         let p = self.config.dropout.sequence_classifier;
         let drop = |t: Tensor| match d {
             Some(d) => d.apply(&t, p),
@@ -296,17 +344,15 @@ impl Model {
         };
         match head {
             SequenceClassificationHead::Pooled { classifier } => {
-                classifier.forward(&drop(self.pooler_output(hidden, batch)?)?)
+                classifier.forward(&drop(self.pool_first(first)?)?)
             }
             SequenceClassificationHead::Roberta { dense, out_proj } => {
-                let x = dense
-                    .forward(&drop(Self::first_tokens(hidden, batch)?)?)?
-                    .tanh()?;
+                let x = dense.forward(&drop(first.clone())?)?.tanh()?;
                 out_proj.forward(&drop(x)?)
             }
             SequenceClassificationHead::Electra { dense, out_proj } => {
                 let x = berth_kernels::activation(
-                    &dense.forward(&drop(Self::first_tokens(hidden, batch)?)?)?,
+                    &dense.forward(&drop(first.clone())?)?,
                     berth_kernels::Activation::Gelu,
                 )?;
                 out_proj.forward(&drop(x)?)
@@ -314,11 +360,7 @@ impl Model {
             SequenceClassificationHead::DistilBert {
                 pre_classifier,
                 classifier,
-            } => classifier.forward(&drop(
-                pre_classifier
-                    .forward(&Self::first_tokens(hidden, batch)?)?
-                    .relu()?,
-            )?),
+            } => classifier.forward(&drop(pre_classifier.forward(first)?.relu()?)?),
         }
     }
 

@@ -50,8 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for dropout in [false, true] {
             let d = dropout.then(|| Dropout::new(round));
             let t = Instant::now();
-            let hidden = model.forward_train(&batch, d.as_ref())?;
-            let logits = model.sequence_logits_train(&hidden, &batch, d.as_ref())?;
+            // As the trainer: the last layer computes the first tokens only.
+            let rows = berth_model::Model::first_token_rows(&batch);
+            let first = model.forward_train_rows(&batch, d.as_ref(), &rows)?;
+            let logits = model.sequence_logits_first(&first, d.as_ref())?;
             let l = loss::cross_entropy(&logits, &labels)?.expect("labels");
             let _ = l.to_scalar::<f32>()?;
             let tf = t.elapsed();

@@ -419,6 +419,15 @@ fn outputs_of_masked(
             .iter()
             .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
     )?;
+    if pair_labels.is_none() {
+        // Only the chosen positions are read: the last layer computes just those rows, and
+        // the vocabulary projection runs on them.
+        let hidden = model.forward_train_rows(&batch, d, &rows)?;
+        return Ok(Outputs {
+            mlm: Some((model.mlm_logits(&hidden)?, labels)),
+            pairs: None,
+        });
+    }
     let hidden = model.forward_train(&batch, d)?;
     // The vocabulary projection runs on the chosen positions only.
     let mlm = if rows.is_empty() {

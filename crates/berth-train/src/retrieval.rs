@@ -290,14 +290,7 @@ pub(crate) fn evaluate_embed(
 }
 
 /// Reranker loss: BCE with logits of the single logit against the relevance.
-pub(crate) fn rerank_loss(
-    model: &Model,
-    examples: &[&Example],
-    batch: &Batch,
-    hidden: &Tensor,
-    d: Option<&Dropout>,
-) -> Result<Option<Tensor>> {
-    let logits = model.sequence_logits_train(hidden, batch, d)?;
+pub(crate) fn rerank_loss(examples: &[&Example], logits: &Tensor) -> Result<Option<Tensor>> {
     if logits.dim(1)? != 1 {
         return Err(TrainError::Config(format!(
             "a reranker has one output; this head has {}",
@@ -305,7 +298,7 @@ pub(crate) fn rerank_loss(
         )));
     }
     let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
-    Ok(Some(loss::bce_with_logits(&logits, &t)?))
+    Ok(Some(loss::bce_with_logits(logits, &t)?))
 }
 
 /// Reranker dev metrics: each query's passages ranked by logit; MRR@10 (relevant: label
@@ -324,7 +317,7 @@ pub(crate) fn evaluate_rerank(
                 .map(|e| (e.enc.ids.as_slice(), e.enc.type_ids.as_slice())),
         )?;
         let hidden = model.forward(&batch)?;
-        if let Some(l) = rerank_loss(model, &refs, &batch, &hidden, None)? {
+        if let Some(l) = rerank_loss(&refs, &model.sequence_logits(&hidden, &batch)?)? {
             loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
             loss_n += refs.len();
         }

@@ -771,8 +771,47 @@ pub fn batch_loss_with(
         return crate::retrieval::mnrl_loss(model, examples, spec.pooling, spec.scale, d);
     }
     let batch = pack(examples)?;
+    if matches!(spec.task, Task::Classify | Task::Rerank) {
+        // The head reads first tokens only: the last layer computes just those rows.
+        let rows = Model::first_token_rows(&batch);
+        let first = model.forward_train_rows(&batch, d, &rows)?;
+        return first_token_loss(model, spec, examples, &first, d);
+    }
     let hidden = model.forward_train(&batch, d)?;
     loss_from_hidden(model, spec, examples, &batch, &hidden, d)
+}
+
+/// The loss of a sequence-level task (classification, reranking) from the first tokens'
+/// last hidden states `[S, H]`.
+fn first_token_loss(
+    model: &Model,
+    spec: &LossSpec,
+    examples: &[&Example],
+    first: &candle_core::Tensor,
+    d: Option<&Dropout>,
+) -> Result<Option<candle_core::Tensor>> {
+    let logits = model.sequence_logits_first(first, d)?;
+    match spec.task {
+        Task::Rerank => crate::retrieval::rerank_loss(examples, &logits),
+        Task::Classify if spec.multi_label => {
+            let t = loss::targets(
+                &examples
+                    .iter()
+                    .map(|e| e.targets.clone())
+                    .collect::<Vec<_>>(),
+            )?;
+            Ok(Some(loss::bce_with_logits(&logits, &t)?))
+        }
+        Task::Classify if spec.regression => {
+            let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
+            Ok(Some(loss::mse(&logits, &t)?))
+        }
+        Task::Classify => loss::cross_entropy(
+            &logits,
+            &examples.iter().map(|e| e.class).collect::<Vec<_>>(),
+        ),
+        _ => unreachable!("sequence-level tasks only"),
+    }
 }
 
 /// The task loss of packed `examples` from their last hidden state (the head runs here).
@@ -786,29 +825,13 @@ fn loss_from_hidden(
 ) -> Result<Option<candle_core::Tensor>> {
     match spec.task {
         Task::Embed | Task::Pretrain => unreachable!("handled in batch_loss_with"),
-        Task::Rerank => crate::retrieval::rerank_loss(model, examples, batch, hidden, d),
-        Task::Classify if spec.multi_label => {
-            let logits = model.sequence_logits_train(hidden, batch, d)?;
-            let t = loss::targets(
-                &examples
-                    .iter()
-                    .map(|e| e.targets.clone())
-                    .collect::<Vec<_>>(),
-            )?;
-            Ok(Some(loss::bce_with_logits(&logits, &t)?))
-        }
-        Task::Classify => {
-            let logits = model.sequence_logits_train(hidden, batch, d)?;
-            if spec.regression {
-                let t = loss::targets(&examples.iter().map(|e| vec![e.value]).collect::<Vec<_>>())?;
-                Ok(Some(loss::mse(&logits, &t)?))
-            } else {
-                loss::cross_entropy(
-                    &logits,
-                    &examples.iter().map(|e| e.class).collect::<Vec<_>>(),
-                )
-            }
-        }
+        Task::Rerank | Task::Classify => first_token_loss(
+            model,
+            spec,
+            examples,
+            &Model::first_tokens(hidden, batch)?,
+            d,
+        ),
         Task::Ner => {
             let labels: Vec<Option<u32>> = examples
                 .iter()
