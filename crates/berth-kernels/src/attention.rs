@@ -64,6 +64,13 @@ pub fn varlen_attention_dropout(
     })
 }
 
+/// `(3H, H, hd)` of a packed `qkv` of `len` elements over `cu` with `nh` heads.
+fn widths(len: usize, cu: &[usize], nh: usize) -> (usize, usize, usize) {
+    let n = *cu.last().unwrap_or(&0);
+    let w3 = if n == 0 { 0 } else { len / n };
+    (w3, w3 / 3, w3 / 3 / nh.max(1))
+}
+
 /// Applies the dropout mask of one (sequence, head) to `p [L, L]` in place.
 fn drop_probabilities<T: Float>(
     p: &mut [T],
@@ -207,14 +214,11 @@ pub(crate) fn forward<T: Float>(
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Vec<T> {
-    let n = *cu.last().unwrap_or(&0);
-    let w3 = if n == 0 { 0 } else { qkv.len() / n };
-    let h = w3 / 3;
-    let hd = h / nh.max(1);
+    let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let src = SendPtr(qkv.as_ptr() as *mut T);
     if T::attends_tiled(hd) {
         // Every element of `out` is written by exactly one task (rows x head columns).
-        let mut out = Vec::<T>::with_capacity(n * h);
+        let mut out = Vec::<T>::with_capacity(qkv.len() / 3);
         let dst = SendPtr(out.as_mut_ptr());
         tasks(cu, nh).into_par_iter().for_each_init(
             crate::attention_tiled::Scratch::default,
@@ -232,10 +236,10 @@ pub(crate) fn forward<T: Float>(
             },
         );
         // SAFETY: the tasks cover every (row, head) of `out` once; empty sequences own no rows.
-        unsafe { out.set_len(n * h) };
+        unsafe { out.set_len(qkv.len() / 3) };
         return out;
     }
-    let mut out = vec![T::zero(); n * h];
+    let mut out = vec![T::zero(); qkv.len() / 3];
     let dst = SendPtr(out.as_mut_ptr());
     tasks(cu, nh)
         .into_par_iter()
@@ -274,10 +278,7 @@ pub(crate) fn backward<T: Float>(
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Vec<T> {
-    let n = *cu.last().unwrap_or(&0);
-    let w3 = if n == 0 { 0 } else { qkv.len() / n };
-    let h = w3 / 3;
-    let hd = h / nh.max(1);
+    let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let src = SendPtr(qkv.as_ptr() as *mut T);
     let gsrc = SendPtr(dout.as_ptr() as *mut T);
     if T::attends_tiled(hd) {
@@ -464,10 +465,7 @@ pub(crate) fn forward_rows<T: Float>(
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Vec<T> {
-    let n = *cu.last().unwrap_or(&0);
-    let w3 = if n == 0 { 0 } else { qkv.len() / n };
-    let h = w3 / 3;
-    let hd = h / nh.max(1);
+    let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let scale = T::from_f64(scale);
     let mut out = vec![T::zero(); rows.len() * h];
     out.par_chunks_mut(h).enumerate().for_each_init(
@@ -501,10 +499,7 @@ pub(crate) fn backward_rows<T: Float>(
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Vec<T> {
-    let n = *cu.last().unwrap_or(&0);
-    let w3 = if n == 0 { 0 } else { qkv.len() / n };
-    let h = w3 / 3;
-    let hd = h / nh.max(1);
+    let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let scale = T::from_f64(scale);
     let mut dqkv = vec![T::zero(); qkv.len()];
     let dst = SendPtr(dqkv.as_mut_ptr());

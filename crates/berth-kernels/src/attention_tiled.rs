@@ -76,11 +76,7 @@ pub(crate) unsafe fn attend(
     let k = qkv.add(t.start * w3 + h + t.head * hd);
     transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     sc.scores.resize(MR * lp, 0.0);
-    let mask = dropout.map(|(rate, seed)| Mask {
-        key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
-        threshold: crate::dropout::threshold(rate),
-        scale: (1.0 / (1.0 - rate as f64)) as f32,
-    });
+    let mask = dropout.map(|d| Mask::new(d, &t));
     let q = qkv.add(t.start * w3 + t.head * hd);
     let v = qkv.add(t.start * w3 + 2 * h + t.head * hd);
     let o = out.add(t.start * h + t.head * hd);
@@ -187,11 +183,7 @@ pub(crate) unsafe fn attend_backward(
     transpose_head(v, w3, l, hd, lp, &mut sc.vt);
     sc.p.resize(l * lp, 0.0);
     sc.ds.resize(l * lp, 0.0);
-    let mask = dropout.map(|(rate, seed)| Mask {
-        key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
-        threshold: crate::dropout::threshold(rate),
-        scale: (1.0 / (1.0 - rate as f64)) as f32,
-    });
+    let mask = dropout.map(|d| Mask::new(d, &t));
     let geo = Geometry {
         l,
         lp,
@@ -385,6 +377,17 @@ struct Mask {
     key: u64,
     threshold: u32,
     scale: f32,
+}
+
+impl Mask {
+    /// The mask of `t` for (rate, seed): the general path's stream for its (start, head).
+    fn new((rate, seed): (f32, u64), t: &Task) -> Self {
+        Mask {
+            key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
+            threshold: crate::dropout::threshold(rate),
+            scale: (1.0 / (1.0 - rate as f64)) as f32,
+        }
+    }
 }
 
 /// Rows `i0..i0 + R` of one task: scores, softmax, `P V`.

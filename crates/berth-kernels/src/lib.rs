@@ -6,7 +6,8 @@
 //! silently dropped), which is why none of them is used here.
 //!
 //! Ops: [`linear`] (bias fused), [`layer_norm`], [`activation`] (GELU erf / tanh forms, ReLU), [`softmax_last_dim`],
-//! and [`varlen_attention`] over a packed batch described by `cu_seqlens`.
+//! and [`varlen_attention`] over a packed batch described by `cu_seqlens`; for training,
+//! [`encoder_layer_train`] runs a whole encoder layer from those kernels as one op.
 //! Each is generic over `f32` (inference, training) and `f64` (gradient checks).
 #![deny(missing_docs)]
 

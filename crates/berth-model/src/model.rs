@@ -2,8 +2,9 @@
 //! model directory.
 //!
 //! Shapes: `N` total tokens, `S` sequences, `H` hidden, `V` vocabulary, `C` classes.
-//! Dropout is not applied: this is the inference (and eval-mode gradient) path.
-//! TODO(#4): hidden and attention-probability dropout for training.
+//! `forward` is inference; `forward_train` adds transformers' training dropout when given a
+//! [`Dropout`], and under autograd runs each encoder layer as one fused op whose weight
+//! gradients [`Model::backward`] / [`Model::collect_grads`] gather.
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
