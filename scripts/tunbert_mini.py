@@ -88,7 +88,8 @@ def main():
                   "--seed", "42").strip()
         (run / "best").write_text(best)
     best = (run / "best").read_text().strip()
-    evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
+    lines = [json.loads(l) for l in open(run / "metrics.jsonl") if '"eval"' in l]
+    evals, steps = [l["eval"] for l in lines], lines[-1]["step"]
     # A seeded subset of the task's training set (the whole dev set is scored).
     if a.task == "sst2":
         src, dev, max_length = SST2 / "train.tsv", SST2 / "dev.tsv", "64"
@@ -105,7 +106,7 @@ def main():
     ft = lambda model, run: finetune(model, train, dev, out / run, a.epochs, a.ft_lr, max_length)
     pre = ft(best, f"ft-{a.task}-pretrained")
     scratch = ft(run / "init", f"ft-{a.task}-random")
-    print(f"pretraining: {a.steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
+    print(f"pretraining ({run}): {steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
           f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %")
     print(f"{a.task} dev accuracy ({a.train_examples} training examples, {a.epochs} epochs, lr {a.ft_lr}; "
           "best / last epoch):")
