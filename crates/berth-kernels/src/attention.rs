@@ -207,6 +207,38 @@ unsafe fn probabilities<T: Float>(
     p.chunks_mut(l).for_each(softmax_row);
 }
 
+/// Runs `f` on every (sequence, head) task of the tiled kernels, each with its worker's
+/// scratch, and returns the output buffer of `len` elements they fill.
+///
+/// # Safety
+/// The tasks together must write every element of the output once.
+unsafe fn tiled_tasks<T: Float, S: Default>(
+    len: usize,
+    cu: &[usize],
+    nh: usize,
+    h: usize,
+    hd: usize,
+    f: impl Fn(&mut S, crate::attention_tiled::Task, *mut T) + Sync + Send,
+) -> Vec<T> {
+    let mut out = Vec::<T>::with_capacity(len);
+    let dst = SendPtr(out.as_mut_ptr());
+    tasks(cu, nh)
+        .into_par_iter()
+        .for_each_init(S::default, |sc, (start, len, head)| {
+            let task = crate::attention_tiled::Task {
+                start,
+                len,
+                head,
+                hidden: h,
+                head_dim: hd,
+            };
+            f(sc, task, dst.get())
+        });
+    // SAFETY: the caller's tasks cover every element once.
+    out.set_len(len);
+    out
+}
+
 pub(crate) fn forward<T: Float>(
     qkv: &[T],
     cu: &[usize],
@@ -217,27 +249,13 @@ pub(crate) fn forward<T: Float>(
     let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let src = SendPtr(qkv.as_ptr() as *mut T);
     if T::attends_tiled(hd) {
-        // Every element of `out` is written by exactly one task (rows x head columns).
-        let mut out = Vec::<T>::with_capacity(qkv.len() / 3);
-        let dst = SendPtr(out.as_mut_ptr());
-        tasks(cu, nh).into_par_iter().for_each_init(
-            crate::attention_tiled::Scratch::default,
-            |sc, (start, len, head)| {
-                let task = crate::attention_tiled::Task {
-                    start,
-                    len,
-                    head,
-                    hidden: h,
-                    head_dim: hd,
-                };
-                // SAFETY: the tiled kernel runs here (checked above); the task's rows lie
-                // inside `qkv` and `out` (cu_seqlens checked against N by the caller).
-                unsafe { T::attend_tiled(src.get(), dst.get(), task, scale, dropout, sc) };
-            },
-        );
-        // SAFETY: the tasks cover every (row, head) of `out` once; empty sequences own no rows.
-        unsafe { out.set_len(qkv.len() / 3) };
-        return out;
+        // SAFETY: the tiled kernel runs here (checked); each task writes its rows x head
+        // columns of `out` (`[N, H]`), inside it (cu_seqlens checked against N by the caller).
+        return unsafe {
+            tiled_tasks(qkv.len() / 3, cu, nh, h, hd, |sc, task, dst| {
+                T::attend_tiled(src.get(), dst, task, scale, dropout, sc)
+            })
+        };
     }
     let mut out = vec![T::zero(); qkv.len() / 3];
     let dst = SendPtr(out.as_mut_ptr());
@@ -282,38 +300,13 @@ pub(crate) fn backward<T: Float>(
     let src = SendPtr(qkv.as_ptr() as *mut T);
     let gsrc = SendPtr(dout.as_ptr() as *mut T);
     if T::attends_tiled(hd) {
-        // Every element of `dqkv` is written by exactly one task (rows x head columns of
-        // each of dQ, dK, dV).
-        let mut dqkv = Vec::<T>::with_capacity(qkv.len());
-        let dst = SendPtr(dqkv.as_mut_ptr());
-        tasks(cu, nh).into_par_iter().for_each_init(
-            crate::attention_tiled::BackScratch::default,
-            |sc, (start, len, head)| {
-                let task = crate::attention_tiled::Task {
-                    start,
-                    len,
-                    head,
-                    hidden: h,
-                    head_dim: hd,
-                };
-                // SAFETY: the tiled kernel runs here (checked above); the task's rows lie
-                // inside `qkv`, `dout` and `dqkv` (cu_seqlens checked against N).
-                unsafe {
-                    T::attend_tiled_backward(
-                        src.get(),
-                        gsrc.get(),
-                        dst.get(),
-                        task,
-                        scale,
-                        dropout,
-                        sc,
-                    )
-                };
-            },
-        );
-        // SAFETY: the tasks cover every (row, head) of dQ, dK and dV once.
-        unsafe { dqkv.set_len(qkv.len()) };
-        return dqkv;
+        // SAFETY: the tiled kernel runs here (checked); each task writes its rows x head
+        // columns of dQ, dK and dV in `dqkv` (`[N, 3H]`), inside it and `dout`.
+        return unsafe {
+            tiled_tasks(qkv.len(), cu, nh, h, hd, |sc, task, dst| {
+                T::attend_tiled_backward(src.get(), gsrc.get(), dst, task, scale, dropout, sc)
+            })
+        };
     }
     let mut dqkv = vec![T::zero(); qkv.len()];
     let dst = SendPtr(dqkv.as_mut_ptr());
