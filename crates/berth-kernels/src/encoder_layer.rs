@@ -137,20 +137,22 @@ pub fn encoder_layer_train(
     drop: LayerDropout,
     sink: &GradSink,
 ) -> Result<Tensor> {
-    encoder_layer_check(x, w, cu_seqlens)?;
-    x.contiguous()?.apply_op1(EncoderLayer {
-        w: w.clone(),
-        cu: cu_seqlens.to_vec(),
-        rows: None,
-        drop,
-        sink: sink.clone(),
-        saved: Mutex::new(None),
-    })
+    apply(x, w, cu_seqlens, drop, sink, None)
 }
 
-/// The shapes, dtypes and `cu_seqlens` a layer needs.
-fn encoder_layer_check(x: &Tensor, w: &LayerWeights, cu_seqlens: &[usize]) -> Result<()> {
+/// Checks the layer's inputs and runs the op (every token, or output `rows` only).
+fn apply(
+    x: &Tensor,
+    w: &LayerWeights,
+    cu_seqlens: &[usize],
+    drop: LayerDropout,
+    sink: &GradSink,
+    rows: Option<&[usize]>,
+) -> Result<Tensor> {
     let (n, h) = x.dims2()?;
+    if let Some(&bad) = rows.unwrap_or(&[]).iter().find(|&&r| r >= n) {
+        bail!("encoder layer: output row {bad} is outside the {n} tokens");
+    }
     let f = w.inter.0.dim(0)?;
     let expect: [&[usize]; 12] = [
         &[3 * h, h],
@@ -188,7 +190,14 @@ fn encoder_layer_check(x: &Tensor, w: &LayerWeights, cu_seqlens: &[usize]) -> Re
     {
         bail!("encoder layer: cu_seqlens {cu_seqlens:?} must rise from 0 to the token count {n}");
     }
-    Ok(())
+    x.contiguous()?.apply_op1(EncoderLayer {
+        w: w.clone(),
+        cu: cu_seqlens.to_vec(),
+        rows: rows.map(<[usize]>::to_vec),
+        drop,
+        sink: sink.clone(),
+        saved: Mutex::new(None),
+    })
 }
 
 /// [`encoder_layer_train`] for a loss that reads only output `rows` (the first tokens
@@ -205,19 +214,7 @@ pub fn encoder_layer_train_rows(
     sink: &GradSink,
     rows: &[usize],
 ) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
-        bail!("encoder layer: output row {bad} is outside the {n} tokens");
-    }
-    encoder_layer_check(x, w, cu_seqlens)?;
-    x.contiguous()?.apply_op1(EncoderLayer {
-        w: w.clone(),
-        cu: cu_seqlens.to_vec(),
-        rows: Some(rows.to_vec()),
-        drop,
-        sink: sink.clone(),
-        saved: Mutex::new(None),
-    })
+    apply(x, w, cu_seqlens, drop, sink, Some(rows))
 }
 
 struct EncoderLayer {
@@ -260,15 +257,6 @@ fn with_weights<T: Float, R>(w: &LayerWeights, f: impl FnOnce(&[&[T]]) -> Result
     f(&slices)
 }
 
-/// Dropout in place (identity when off; all zeros at rate 1).
-fn drop_in_place<T: Float>(xs: &mut [T], d: Option<(f32, u64)>) {
-    match d {
-        Some((p, _)) if p >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
-        Some((p, seed)) if p > 0.0 => dropout::apply_in_place(xs, p, seed),
-        _ => {}
-    }
-}
-
 /// `a += b` element-wise, in parallel.
 fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
     const CHUNK: usize = 1 << 14;
@@ -277,15 +265,14 @@ fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b));
 }
 
-/// Dropout of rows `rows` of a `[N, h]` tensor applied to their copies `xs [rows, h]` (the
-/// same mask as [`drop_in_place`] on the whole tensor); all of `xs` when `rows` is `None`.
+/// Dropout in place (identity when off; all zeros at rate 1). With `rows`, `xs [rows, h]`
+/// holds copies of those rows of an `[N, h]` tensor and gets the whole tensor's mask at
+/// their positions.
 fn drop_rows<T: Float>(xs: &mut [T], d: Option<(f32, u64)>, rows: Option<&[usize]>, h: usize) {
-    let Some(rows) = rows else {
-        return drop_in_place(xs, d);
-    };
-    match d {
-        Some((p, _)) if p >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
-        Some((p, seed)) if p > 0.0 => {
+    match (d, rows) {
+        (Some((p, _)), _) if p >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
+        (Some((p, seed)), None) if p > 0.0 => dropout::apply_in_place(xs, p, seed),
+        (Some((p, seed)), Some(rows)) if p > 0.0 => {
             let scale = T::from_f64(1.0 / (1.0 - p as f64));
             let t = dropout::threshold(p);
             xs.par_chunks_mut(h)

@@ -158,30 +158,12 @@ impl Model {
 
     /// Last hidden state `[N, H]` of a packed batch.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
-        if batch.num_tokens() == 0 {
-            return Err(ModelError::Input("empty batch".into()));
-        }
-        self.forward_train(batch, None)
+        self.encode(batch, None, None)
     }
 
     /// [`Self::forward`] with transformers' training dropout when `d` is given.
     pub fn forward_train(&self, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
-        if batch.num_tokens() == 0 {
-            return Err(ModelError::Input("empty batch".into()));
-        }
-        let mut x = self
-            .embeddings
-            .forward_train(batch, d, self.config.dropout.hidden)?;
-        for layer in &self.layers {
-            // Under autograd each layer is one fused op (no per-op gradient bookkeeping);
-            // its weights' gradients wait in the sink for `collect_grads`.
-            x = if x.track_op() && layer.fusable() {
-                layer.forward_fused(&x, &batch.cu_seqlens, d, &self.grad_sink)?
-            } else {
-                layer.forward_train(&x, &batch.cu_seqlens, d)?
-            };
-        }
-        Ok(x)
+        self.encode(batch, d, None)
     }
 
     /// Rows `rows` of [`Self::forward_train`]'s output, `[rows.len(), H]`, for a loss that
@@ -194,28 +176,35 @@ impl Model {
         d: Option<&Dropout>,
         rows: &[u32],
     ) -> Result<Tensor> {
+        self.encode(batch, d, Some(rows))
+    }
+
+    /// Embeddings and encoder layers; with `rows`, only those rows of the output. Under
+    /// autograd each layer is one fused op (no per-op gradient bookkeeping; its weights'
+    /// gradients wait in the sink for `collect_grads`), the last computing only `rows`.
+    fn encode(&self, batch: &Batch, d: Option<&Dropout>, rows: Option<&[u32]>) -> Result<Tensor> {
         if batch.num_tokens() == 0 {
             return Err(ModelError::Input("empty batch".into()));
         }
-        let Some((last, rest)) = self.layers.split_last() else {
-            return Self::select_rows(&self.forward_train(batch, d)?, rows);
-        };
         let mut x = self
             .embeddings
             .forward_train(batch, d, self.config.dropout.hidden)?;
         let fused = x.track_op();
-        for layer in rest {
-            x = if fused && layer.fusable() {
-                layer.forward_fused(&x, &batch.cu_seqlens, d, &self.grad_sink)?
-            } else {
-                layer.forward_train(&x, &batch.cu_seqlens, d)?
+        let cu = &batch.cu_seqlens;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let last = i + 1 == self.layers.len();
+            x = match (fused && layer.fusable(), rows) {
+                (true, Some(rows)) if last => {
+                    let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+                    return layer.forward_fused_rows(&x, cu, d, &self.grad_sink, &rows);
+                }
+                (true, _) => layer.forward_fused(&x, cu, d, &self.grad_sink)?,
+                (false, _) => layer.forward_train(&x, cu, d)?,
             };
         }
-        if fused && last.fusable() {
-            let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
-            last.forward_fused_rows(&x, &batch.cu_seqlens, d, &self.grad_sink, &rows)
-        } else {
-            Self::select_rows(&last.forward_train(&x, &batch.cu_seqlens, d)?, rows)
+        match rows {
+            Some(rows) => Self::select_rows(&x, rows),
+            None => Ok(x),
         }
     }
 
