@@ -11,6 +11,7 @@
 //! Each also gets tokenizer_config.json (the transformers class and special tokens) and
 //! special_tokens_map.json. Input files are plain text or gzip, one or more texts per line;
 //! folders are read recursively in name order.
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -28,7 +29,10 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Model, Tokenizer};
+use tokenizers::{
+    AddedToken, Model, NormalizedString, Normalizer, OffsetReferential, OffsetType,
+    PreTokenizedString, PreTokenizer, Tokenizer,
+};
 
 use crate::error::{Result, TextError};
 
@@ -234,10 +238,21 @@ pub fn train_vocabulary(
             tok.with_normalizer(Some(BertNormalizer::new(true, true, None, opts.lowercase)))
                 .map_err(|e| tf(e, out))?;
             tok.with_pre_tokenizer(Some(BertPreTokenizer));
+            // The trainer would create the `##` pieces in hash-map order, numbering them
+            // differently on every run, and merge ties are broken by those numbers: the
+            // vocabulary itself varied (huggingface/tokenizers#1794). Handing it every `##`
+            // piece it will create, in character order, as extra special tokens fixes their
+            // ids; they are ordinary pieces again in the final tokenizer.
+            let mut fixed = special.clone();
+            fixed.extend(
+                continuation_chars(&files, &tok)?
+                    .into_iter()
+                    .map(|c| AddedToken::from(format!("##{c}"), true)),
+            );
             trainer = WordPieceTrainerBuilder::new()
                 .vocab_size(opts.vocab_size)
                 .min_frequency(opts.min_frequency)
-                .special_tokens(special.clone())
+                .special_tokens(fixed)
                 .show_progress(false)
                 .build()
                 .into();
@@ -293,6 +308,9 @@ pub fn train_vocabulary(
     if lines == 0 {
         return Err(invalid(&files[0], "the corpus is empty"));
     }
+    if opts.kind == VocabKind::WordPiece {
+        tok = canonical_wordpiece(&tok, &special, out)?;
+    }
     let vocab = tok.get_vocab(true);
     let id = |t: &str| *vocab.get(t).expect("special tokens are in the vocabulary");
     // A template post-processor framing texts with `start` / `end`.
@@ -338,6 +356,81 @@ pub fn train_vocabulary(
         }
     }
     write_files(&tok, opts, out, lines)
+}
+
+/// The characters that occur after the first character of a word once `tok` has normalised
+/// and pre-tokenised the corpus: exactly the `##c` pieces WordPiece training creates.
+fn continuation_chars(files: &[PathBuf], tok: &Tokenizer) -> Result<BTreeSet<char>> {
+    let error = Mutex::new(None);
+    let count = Mutex::new(0usize);
+    let lines = Lines {
+        files: files.to_vec().into_iter(),
+        current: None,
+        error: &error,
+        count: &count,
+    };
+    let mut chars = BTreeSet::new();
+    for line in lines {
+        let mut normalized = NormalizedString::from(line.as_str());
+        if let Some(n) = tok.get_normalizer() {
+            n.normalize(&mut normalized).map_err(|e| tf(e, &files[0]))?;
+        }
+        let mut words = PreTokenizedString::from(normalized);
+        if let Some(p) = tok.get_pre_tokenizer() {
+            p.pre_tokenize(&mut words).map_err(|e| tf(e, &files[0]))?;
+        }
+        for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            chars.extend(word.chars().skip(1));
+        }
+    }
+    match error.into_inner().expect("not poisoned") {
+        Some(e) => Err(e),
+        None => Ok(chars),
+    }
+}
+
+/// The trained WordPiece tokenizer rebuilt with only the real special tokens and a canonical
+/// id order: the special tokens keep ids `0..special.len()`, then pieces follow by length in
+/// characters, word-initial before `##` continuation, then by text (single characters first,
+/// as in BERT's vocab.txt). WordPiece encoding depends only on the set of pieces (greedy
+/// longest match), so the order changes no tokenization.
+fn canonical_wordpiece(
+    trained: &Tokenizer,
+    special: &[AddedToken],
+    out: &Path,
+) -> Result<Tokenizer> {
+    let n_special = special.len();
+    let mut pieces: Vec<(String, u32)> = trained.get_model().get_vocab().into_iter().collect();
+    pieces.sort_by_cached_key(|(t, id)| {
+        let (continuation, body) = match t.strip_prefix("##") {
+            Some(body) => (true, body),
+            None => (false, t.as_str()),
+        };
+        let rank = if (*id as usize) < n_special {
+            *id as usize
+        } else {
+            n_special
+        };
+        (rank, body.chars().count(), continuation, body.to_string())
+    });
+    let vocab: ahash::AHashMap<String, u32> = pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, (t, _))| (t, i as u32))
+        .collect();
+    let model = WordPiece::builder()
+        .vocab(vocab)
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| tf(e, out))?;
+    let mut tok = Tokenizer::new(model);
+    tok.with_normalizer(trained.get_normalizer().cloned())
+        .map_err(|e| tf(e, out))?;
+    tok.with_pre_tokenizer(trained.get_pre_tokenizer().cloned());
+    tok.add_special_tokens(special.to_vec())
+        .map_err(|e| tf(e, out))?;
+    Ok(tok)
 }
 
 fn write_files(
