@@ -17,8 +17,12 @@ this script only runs the commands and prints the table):
 
     cargo build --release -p berth-cli && scripts/fetch-sotu
     python3 scripts/tunbert_mini.py [--corpus sotu|books] [--steps 2000] [--task sst2|bbc]
-        [--train-examples 20000] [--epochs 2] [--ft-lr 1e-4]
-        [--layers 4 --hidden 128 --heads 2 --intermediate 512] [--out DIR] [--berth BINARY]
+        [--train-examples 20000[,2000,...]] [--epochs 2] [--ft-lr 1e-4[,3e-4,...]]
+        [--layers 4 --hidden 128 --heads 2 --intermediate 512] [--lr 1e-3] [--mask-rate 0.15]
+        [--no-dropout] [--position-init normal|sinusoidal] [--out DIR] [--berth BINARY]
+
+Several --train-examples and --ft-lr values (comma-separated) fine-tune every combination
+from both starts; the table reports each, and the best learning rate of each start.
 """
 import argparse, json, os, random, subprocess, sys
 from pathlib import Path
@@ -46,10 +50,10 @@ def main():
     global BERTH
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--train-examples", type=int, default=20000)
+    ap.add_argument("--train-examples", default="20000", help="comma-separated: each is a run")
     ap.add_argument("--epochs", default="2")
     ap.add_argument("--task", choices=["sst2", "bbc"], default="sst2", help="downstream task")
-    ap.add_argument("--ft-lr", default="1e-4", help="fine-tuning learning rate")
+    ap.add_argument("--ft-lr", default="1e-4", help="fine-tuning learning rates, comma-separated")
     ap.add_argument("--out", default="/tmp/berth-tunbert-mini")
     ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
     ap.add_argument("--books", type=int, default=4, help="pd-books training files used (--corpus books)")
@@ -58,6 +62,9 @@ def main():
     ap.add_argument("--heads", default="2")
     ap.add_argument("--intermediate", default="512")
     ap.add_argument("--lr", default="1e-3", help="pretraining learning rate")
+    ap.add_argument("--mask-rate", default="0.15", help="pretraining mask rate")
+    ap.add_argument("--no-dropout", action="store_true", help="pretrain without dropout")
+    ap.add_argument("--position-init", default="normal", choices=["normal", "sinusoidal"])
     ap.add_argument("--berth", default=str(BERTH), help="the berth binary (a copy keeps a long run "
                     "independent of rebuilds)")
     a = ap.parse_args()
@@ -85,9 +92,10 @@ def main():
                   "--intermediate", a.intermediate,
                   "--max-length", "128", "--batch-size", "32", "--lr", a.lr, "--warmup", "0.06",
                   "--weight-decay", "0.01", "--max-steps", str(a.steps), "--save-every", "500",
-                  "--seed", "42").strip()
+                  "--mask-rate", a.mask_rate, "--position-init", a.position_init,
+                  *(["--no-dropout"] if a.no_dropout else []), "--seed", "42").strip()
         (run / "best").write_text(best)
-    best = (run / "best").read_text().strip()
+    best_ckpt = (run / "best").read_text().strip()
     lines = [json.loads(l) for l in open(run / "metrics.jsonl") if '"eval"' in l]
     evals, steps = [l["eval"] for l in lines], lines[-1]["step"]
     # A seeded subset of the task's training set (the whole dev set is scored).
@@ -101,18 +109,27 @@ def main():
     rows = open(src, encoding="utf-8").read().splitlines()
     header, rows = rows[0], rows[1:]
     random.Random(42).shuffle(rows)
-    train = out / f"{a.task}-train.tsv"
-    train.write_text(header + "\n" + "\n".join(rows[:a.train_examples]) + "\n", encoding="utf-8")
-    ft = lambda model, run: finetune(model, train, dev, out / run, a.epochs, a.ft_lr, max_length)
-    pre = ft(best, f"ft-{a.task}-pretrained")
-    scratch = ft(run / "init", f"ft-{a.task}-random")
     print(f"pretraining ({run}): {steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
-          f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %")
-    print(f"{a.task} dev accuracy ({a.train_examples} training examples, {a.epochs} epochs, lr {a.ft_lr}; "
-          "best / last epoch):")
-    print(f"| start | best | last |\n|---|---|---|")
-    print(f"| pretrained on {a.corpus} by berth | {100 * pre[0]:.2f} | {100 * pre[1]:.2f} |")
-    print(f"| random initialisation (same architecture) | {100 * scratch[0]:.2f} | {100 * scratch[1]:.2f} |")
+          f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %",
+          flush=True)
+    print(f"{a.task} dev accuracy (best / last of {a.epochs} epochs):")
+    print("| labelled examples | lr | pretrained on " + a.corpus + " by berth | random initialisation (same architecture) |")
+    print("|---|---|---|---|")
+    for n in [int(x) for x in str(a.train_examples).split(",")]:
+        train = out / f"{a.task}-train-{n}.tsv"
+        train.write_text(header + "\n" + "\n".join(rows[:n]) + "\n", encoding="utf-8")
+        best = {"pre": (0, None), "rand": (0, None)}
+        for lr in a.ft_lr.split(","):
+            ft = lambda model, name: finetune(model, train, dev, out / f"ft-{a.task}-{n}-{lr}-{name}",
+                                              a.epochs, lr, max_length)
+            res = {"pre": ft(best_ckpt, "pretrained"), "rand": ft(run / "init", "random")}
+            for k in res:
+                if res[k][0] > best[k][0]:
+                    best[k] = (res[k][0], lr)
+            print(f"| {n} | {lr} | {100 * res['pre'][0]:.2f} / {100 * res['pre'][1]:.2f} | "
+                  f"{100 * res['rand'][0]:.2f} / {100 * res['rand'][1]:.2f} |", flush=True)
+        print(f"| {n} | best lr | {100 * best['pre'][0]:.2f} (lr {best['pre'][1]}) | "
+              f"{100 * best['rand'][0]:.2f} (lr {best['rand'][1]}) |", flush=True)
 
 
 if __name__ == "__main__":

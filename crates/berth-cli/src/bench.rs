@@ -250,7 +250,13 @@ fn bert_base_checkpoint(dir: &Path, tokenizer_dir: &Path) -> anyhow::Result<()> 
         "vocab_size": 30522, "layer_norm_eps": 1e-12, "pad_token_id": 0,
         "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
         "initializer_range": 0.02});
-    berth_train::init::write_random_encoder(dir, &config, tokenizer_dir, 0x9e37_79b9)?;
+    berth_train::init::write_random_encoder(
+        dir,
+        &config,
+        tokenizer_dir,
+        0x9e37_79b9,
+        berth_train::init::PositionInit::Normal,
+    )?;
     Ok(())
 }
 

@@ -26,6 +26,17 @@ enum ObjectiveArg {
     Rtd,
 }
 
+/// `--position-init` values.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PositionInitArg {
+    /// Normal with the initializer range (transformers' init).
+    Normal,
+    /// The original Transformer's sinusoids at the same scale: relative offsets are linear
+    /// maps of the table from the first step, so attention to neighbouring tokens is easier
+    /// to learn. Still ordinary learned position embeddings.
+    Sinusoidal,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ArchArg {
     Bert,
@@ -63,6 +74,9 @@ pub struct PretrainArgs {
     heads: Option<usize>,
     #[arg(long)]
     intermediate: Option<usize>,
+    /// How a new model's position embeddings start (from scratch only).
+    #[arg(long, value_enum, default_value_t = PositionInitArg::Normal, conflicts_with = "from")]
+    position_init: PositionInitArg,
     /// Fraction of tokens masked (80 % mask token, 10 % random, 10 % kept).
     #[arg(long, default_value_t = 0.15)]
     mask_rate: f64,
@@ -114,6 +128,11 @@ pub struct PretrainArgs {
     log_every: u64,
     #[arg(long)]
     resume: bool,
+    /// Pretrain without dropout (Cramming's and ModernBERT's choice for short, single-pass
+    /// runs: dropout only slows learning when no sequence is seen many times). The
+    /// checkpoint's config keeps its dropout rates for fine-tuning.
+    #[arg(long)]
+    no_dropout: bool,
     /// Write the training sequences in training order to FILE (JSON Lines), so a peer
     /// (scripts/pretrain_peer.py) can train on the same data order.
     #[arg(long)]
@@ -182,11 +201,15 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                 "tie_word_embeddings": true,
             });
             let init = a.output.join("init");
+            let positions = match a.position_init {
+                PositionInitArg::Normal => berth_train::init::PositionInit::Normal,
+                PositionInitArg::Sinusoidal => berth_train::init::PositionInit::Sinusoidal,
+            };
             if rtd {
                 // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
                 config["embedding_size"] = hidden.into();
             }
-            berth_train::init::write_random_encoder(&init, &config, tok_dir, a.seed)
+            berth_train::init::write_random_encoder(&init, &config, tok_dir, a.seed, positions)
                 .with_context(|| format!("writing the initial model to {}", init.display()))?;
             if rtd {
                 let mut generator = config.clone();
@@ -197,8 +220,14 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                     .unwrap_or((intermediate / 2).max(1))
                     .into();
                 let dir = init.join(berth_train::rtd::GENERATOR_DIR);
-                berth_train::init::write_random_encoder(&dir, &generator, tok_dir, a.seed ^ 0x6e)
-                    .with_context(|| format!("writing the initial generator to {}", dir.display()))?;
+                berth_train::init::write_random_encoder(
+                    &dir,
+                    &generator,
+                    tok_dir,
+                    a.seed ^ 0x6e,
+                    positions,
+                )
+                .with_context(|| format!("writing the initial generator to {}", dir.display()))?;
             }
             init
         }
@@ -224,6 +253,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
     cfg.adamw.weight_decay = a.weight_decay;
     cfg.max_grad_norm = (a.max_grad_norm > 0.0).then_some(a.max_grad_norm);
     cfg.seed = a.seed;
+    cfg.dropout = !a.no_dropout;
     cfg.mask_rate = a.mask_rate;
     cfg.whole_word = a.whole_word;
     cfg.sentence_objective = match a.objective {

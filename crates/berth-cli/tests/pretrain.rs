@@ -49,7 +49,7 @@ fn pretrain(args: &[&str]) -> String {
 fn a_tiny_bert_and_roberta_learn_from_scratch_and_export_masked_lm_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     // `berth tokenizer train` runs here; the pretraining runs use the committed vocabularies
-    // (fixtures/vocab) because the tokenizers trainers are not deterministic run to run.
+    // (fixtures/vocab, which crates/berth-text/tests/vocab.rs shows training reproduces).
     let vocab = tmp.path().join("vocab-check");
     ok(&berth(&[
         "tokenizer",
@@ -223,6 +223,97 @@ fn continued_pretraining_creates_a_missing_mlm_head_and_bad_input_fails() {
         "1.5",
     ]);
     fails_with(&out, &["--mask-rate"]);
+}
+
+/// `--no-dropout` and `--position-init sinusoidal` reach the run: from the same seed the
+/// initial weights match except the position table, which is the sinusoidal one; the run's
+/// config records dropout off and the first step's loss differs from the dropout run's
+/// (dropout changes the forward); the checkpoint keeps the dropout rates for fine-tuning.
+#[test]
+fn no_dropout_and_sinusoidal_positions_reach_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let run = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let best = pretrain(
+            &[
+                &[
+                    "--tokenizer",
+                    vocab.to_str().unwrap(),
+                    "--data",
+                    corpus().to_str().unwrap(),
+                    "--output",
+                    dir.to_str().unwrap(),
+                ][..],
+                &TINY,
+                &["--max-steps", "2", "--log-every", "1", "--lr", "1e-3"],
+                extra,
+            ]
+            .concat(),
+        );
+        let first_loss = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|v| v["eval"].is_null())
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap();
+        let init = candle_core::safetensors::load(
+            dir.join("init/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let ckpt: Value = serde_json::from_str(
+            &std::fs::read_to_string(PathBuf::from(best.trim()).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        (first_loss, init, config, ckpt)
+    };
+    let (loss_d, init_d, config_d, _) = run("dropout", &[]);
+    let (loss_n, init_n, config_n, ckpt_n) = run("no-dropout", &["--no-dropout"]);
+    let (_, init_s, _, _) = run("sinusoidal", &["--position-init", "sinusoidal"]);
+    assert_eq!(config_d["dropout"], true);
+    assert_eq!(config_n["dropout"], false);
+    assert_eq!(ckpt_n["hidden_dropout_prob"], 0.1);
+    assert!(
+        (loss_d - loss_n).abs() > 1e-4,
+        "dropout {loss_d} vs none {loss_n}"
+    );
+    let get = |t: &std::collections::HashMap<String, candle_core::Tensor>, k: &str| {
+        t[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (pos, words) = (
+        "embeddings.position_embeddings.weight",
+        "embeddings.word_embeddings.weight",
+    );
+    assert_eq!(get(&init_d, words), get(&init_s, words));
+    assert_eq!(get(&init_d, pos), get(&init_n, pos));
+    // Row 0 is (sin 0, cos 0, ...) = (0, r, 0, r, ...), row 1 starts with r sin 1 (r = 0.02 √2).
+    let p = get(&init_s, pos);
+    let r = 0.02 * std::f32::consts::SQRT_2;
+    assert!(
+        p[0].abs() < 1e-7 && (p[1] - r).abs() < 1e-6,
+        "{:?}",
+        &p[..4]
+    );
+    assert!((p[64] - r * 1f32.sin()).abs() < 1e-6, "{}", p[64]);
+    // Continued pretraining keeps the checkpoint's positions: the option is refused there.
+    let out = berth(&[
+        "pretrain",
+        "--from",
+        &tiny("bert-base"),
+        "--data",
+        corpus().to_str().unwrap(),
+        "--output",
+        tmp.path().join("from").to_str().unwrap(),
+        "--position-init",
+        "sinusoidal",
+    ]);
+    fails_with(&out, &["--position-init"]);
 }
 
 #[test]

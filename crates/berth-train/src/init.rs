@@ -277,6 +277,32 @@ pub fn load_encoder(dir: &Path) -> Result<(Model, serde_json::Value)> {
     Ok((model, config_json))
 }
 
+/// How a new encoder's (learned, absolute) position embeddings start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionInit {
+    /// Normal with `initializer_range`, as transformers initialises them.
+    Normal,
+    /// The original Transformer's sinusoids (sin at even, cos at odd dimensions, wavelengths
+    /// up to 10,000 · 2π), scaled to the root-mean-square of the normal init. Still learned
+    /// weights of the same shape: the checkpoint is an ordinary BERT.
+    Sinusoidal,
+}
+
+/// `[n, h]` sinusoidal position table with root-mean-square `rms`.
+fn sinusoidal_positions(n: usize, h: usize, rms: f64) -> Result<Tensor> {
+    let scale = rms * std::f64::consts::SQRT_2;
+    let data: Vec<f32> = (0..n)
+        .flat_map(|pos| {
+            (0..h).map(move |d| {
+                let rate = 10_000f64.powf(-((d / 2 * 2) as f64) / h as f64);
+                let angle = pos as f64 * rate;
+                (scale * if d % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (n, h), &Device::Cpu)?)
+}
+
 /// Writes a randomly initialised base encoder (`BertModel` / `RobertaModel`, as transformers
 /// initialises one: weights normal with `initializer_range`, biases zero, LayerNorm one and
 /// zero, the padding row of the word embeddings zero) with `config` and the tokenizer files
@@ -286,6 +312,7 @@ pub fn write_random_encoder(
     config: &serde_json::Value,
     tokenizer_dir: &Path,
     seed: u64,
+    positions: PositionInit,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let cfg_path = dir.join("config.json");
@@ -321,9 +348,15 @@ pub fn write_random_encoder(
         words = Tensor::new(rows, &Device::Cpu)?;
     }
     t.insert("embeddings.word_embeddings.weight".into(), words);
+    let normal_positions = normal(&[cfg.max_position_embeddings, h])?;
     t.insert(
         "embeddings.position_embeddings.weight".into(),
-        normal(&[cfg.max_position_embeddings, h])?,
+        match positions {
+            PositionInit::Normal => normal_positions,
+            PositionInit::Sinusoidal => {
+                sinusoidal_positions(cfg.max_position_embeddings, h, init_range)?
+            }
+        },
     );
     if cfg.type_vocab_size > 0 {
         t.insert(
@@ -357,4 +390,84 @@ pub fn write_random_encoder(
         message: e.to_string(),
     })?;
     crate::checkpoint::copy_tokenizer_files(tokenizer_dir, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sinusoidal table: every (sin, cos) dimension pair turns by a fixed angle from one
+    /// position to the next (so an offset is the same linear map at every position) on a
+    /// circle of fixed radius, the first pair at one radian per position and later pairs
+    /// slower; the table's root-mean-square is the initializer range, as the normal init's.
+    #[test]
+    fn sinusoidal_positions_rotate_at_fixed_rates_with_the_normal_scale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokenizer =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vocab/wordpiece");
+        let config = serde_json::json!({
+            "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 2000,
+            "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 64, "type_vocab_size": 2,
+            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        });
+        let table = |kind, dir: &str| {
+            let dir = tmp.path().join(dir);
+            write_random_encoder(&dir, &config, &tokenizer, 7, kind).unwrap();
+            let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+            let get = |k: &str| t[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = get("encoder.layer.0.attention.self.query.weight");
+            (
+                t["embeddings.position_embeddings.weight"]
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                q,
+            )
+        };
+        let ((sin, q_sin), (normal, q_normal)) = (
+            table(PositionInit::Sinusoidal, "s"),
+            table(PositionInit::Normal, "n"),
+        );
+        let rms = |t: &Vec<Vec<f32>>| {
+            let n = (t.len() * t[0].len()) as f64;
+            (t.iter().flatten().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt()
+        };
+        assert!(
+            (rms(&normal) - 0.02).abs() < 0.002,
+            "normal rms {}",
+            rms(&normal)
+        );
+        assert!(
+            (rms(&sin) - 0.02).abs() < 0.001,
+            "sinusoidal rms {}",
+            rms(&sin)
+        );
+        let radius = 0.02 * std::f64::consts::SQRT_2;
+        let mut last_step = f64::INFINITY;
+        for pair in 0..8 {
+            let angle = |p: usize| (sin[p][2 * pair] as f64).atan2(sin[p][2 * pair + 1] as f64);
+            let step = (angle(1) - angle(0)).rem_euclid(std::f64::consts::TAU);
+            for p in 0..63 {
+                let (s, c) = (sin[p][2 * pair] as f64, sin[p][2 * pair + 1] as f64);
+                assert!(
+                    ((s * s + c * c).sqrt() - radius).abs() < 1e-6,
+                    "pair {pair} pos {p}"
+                );
+                let d = (angle(p + 1) - angle(p)).rem_euclid(std::f64::consts::TAU);
+                assert!(
+                    (d - step).abs() < 1e-4,
+                    "pair {pair} pos {p}: {d} vs {step}"
+                );
+            }
+            assert!(
+                step < last_step,
+                "pair {pair} turns at {step}, not slower than {last_step}"
+            );
+            last_step = step;
+        }
+        assert!((sin[1][0] as f64 / radius - 1f64.sin()).abs() < 1e-6);
+        // Only the position table differs: the other weights are the same draw either way.
+        assert_eq!(q_sin, q_normal);
+    }
 }
