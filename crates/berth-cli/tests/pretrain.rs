@@ -211,18 +211,21 @@ fn continued_pretraining_creates_a_missing_mlm_head_and_bad_input_fails() {
     ]);
     fails_with(&out, &["bad.txt", "4", "UTF-8"]);
     assert!(!tmp.path().join("bad-run/checkpoints").exists());
-    let out = berth(&[
-        "pretrain",
-        "--from",
-        &tiny("bert-base"),
-        "--data",
-        corpus().to_str().unwrap(),
-        "--output",
-        tmp.path().join("r2").to_str().unwrap(),
-        "--mask-rate",
-        "1.5",
-    ]);
-    fails_with(&out, &["--mask-rate"]);
+    // An impossible mask rate; a position init with --from (the checkpoint has positions).
+    for (flag, value) in [("--mask-rate", "1.5"), ("--position-init", "sinusoidal")] {
+        let out = berth(&[
+            "pretrain",
+            "--from",
+            &tiny("bert-base"),
+            "--data",
+            corpus().to_str().unwrap(),
+            "--output",
+            tmp.path().join("r2").to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        fails_with(&out, &[flag]);
+    }
 }
 
 /// `--no-dropout` and `--position-init sinusoidal` reach the run: from the same seed the
@@ -301,19 +304,6 @@ fn no_dropout_and_sinusoidal_positions_reach_the_run() {
         &p[..4]
     );
     assert!((p[64] - r * 1f32.sin()).abs() < 1e-6, "{}", p[64]);
-    // Continued pretraining keeps the checkpoint's positions: the option is refused there.
-    let out = berth(&[
-        "pretrain",
-        "--from",
-        &tiny("bert-base"),
-        "--data",
-        corpus().to_str().unwrap(),
-        "--output",
-        tmp.path().join("from").to_str().unwrap(),
-        "--position-init",
-        "sinusoidal",
-    ]);
-    fails_with(&out, &["--position-init"]);
 }
 
 #[test]

@@ -141,6 +141,21 @@ struct Lines<'a> {
     count: &'a Mutex<usize>,
 }
 
+impl<'a> Lines<'a> {
+    fn new(
+        files: &[PathBuf],
+        error: &'a Mutex<Option<TextError>>,
+        count: &'a Mutex<usize>,
+    ) -> Self {
+        Lines {
+            files: files.to_vec().into_iter(),
+            current: None,
+            error,
+            count,
+        }
+    }
+}
+
 impl Iterator for Lines<'_> {
     type Item = String;
 
@@ -292,14 +307,8 @@ pub fn train_vocabulary(
                 .into();
         }
     }
-    let error = Mutex::new(None);
-    let count = Mutex::new(0usize);
-    let lines = Lines {
-        files: files.clone().into_iter(),
-        current: None,
-        error: &error,
-        count: &count,
-    };
+    let (error, count) = (Mutex::new(None), Mutex::new(0usize));
+    let lines = Lines::new(&files, &error, &count);
     tok.train(&mut trainer, lines).map_err(|e| tf(e, out))?;
     if let Some(e) = error.into_inner().expect("not poisoned") {
         return Err(e);
@@ -361,14 +370,8 @@ pub fn train_vocabulary(
 /// The characters that occur after the first character of a word once `tok` has normalised
 /// and pre-tokenised the corpus: exactly the `##c` pieces WordPiece training creates.
 fn continuation_chars(files: &[PathBuf], tok: &Tokenizer) -> Result<BTreeSet<char>> {
-    let error = Mutex::new(None);
-    let count = Mutex::new(0usize);
-    let lines = Lines {
-        files: files.to_vec().into_iter(),
-        current: None,
-        error: &error,
-        count: &count,
-    };
+    let (error, count) = (Mutex::new(None), Mutex::new(0usize));
+    let lines = Lines::new(files, &error, &count);
     let mut chars = BTreeSet::new();
     for line in lines {
         let mut normalized = NormalizedString::from(line.as_str());
