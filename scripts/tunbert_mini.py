@@ -19,10 +19,12 @@ this script only runs the commands and prints the table):
     python3 scripts/tunbert_mini.py [--corpus sotu|books] [--steps 2000] [--task sst2|bbc]
         [--train-examples 20000[,2000,...]] [--epochs 2] [--ft-lr 1e-4[,3e-4,...]]
         [--layers 4 --hidden 128 --heads 2 --intermediate 512] [--lr 1e-3] [--mask-rate 0.15]
-        [--no-dropout] [--position-init normal|sinusoidal] [--out DIR] [--berth BINARY]
+        [--no-dropout] [--position-init normal|sinusoidal] [--seeds 42[,1,...]] [--out DIR]
+        [--berth BINARY]
 
-Several --train-examples and --ft-lr values (comma-separated) fine-tune every combination
-from both starts; the table reports each, and the best learning rate of each start.
+Several --train-examples, --ft-lr and --seeds values (comma-separated) fine-tune every
+combination from both starts; the table reports each (and the mean over seeds), and the best
+learning rate of each start by that mean.
 """
 import argparse, json, os, random, subprocess, sys
 from pathlib import Path
@@ -37,11 +39,11 @@ def sh(*cmd):
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
 
 
-def finetune(model, train, dev, run, epochs, lr="1e-4", max_length="64"):
+def finetune(model, train, dev, run, epochs, lr="1e-4", max_length="64", seed=42):
     sh("rm", "-rf", run)
     sh(BERTH, "--threads", "2", "finetune", "--task", "classify", "--model", model, "--train", train,
        "--dev", dev, "--output", run, "--epochs", epochs, "--batch-size", "32", "--lr", lr,
-       "--warmup", "0.06", "--max-length", max_length, "--seed", "42")
+       "--warmup", "0.06", "--max-length", max_length, "--seed", str(seed))
     evals = [json.loads(l)["eval"] for l in open(run / "metrics.jsonl") if '"eval"' in l]
     return max(e["accuracy"] for e in evals), evals[-1]["accuracy"]
 
@@ -54,6 +56,8 @@ def main():
     ap.add_argument("--epochs", default="2")
     ap.add_argument("--task", choices=["sst2", "bbc"], default="sst2", help="downstream task")
     ap.add_argument("--ft-lr", default="1e-4", help="fine-tuning learning rates, comma-separated")
+    ap.add_argument("--seeds", default="42", help="comma-separated: each draws a labelled subset and seeds "
+                    "its fine-tuning runs")
     ap.add_argument("--out", default="/tmp/berth-tunbert-mini")
     ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
     ap.add_argument("--books", type=int, default=4, help="pd-books training files used (--corpus books)")
@@ -108,27 +112,35 @@ def main():
         max_length = "128"
     rows = open(src, encoding="utf-8").read().splitlines()
     header, rows = rows[0], rows[1:]
-    random.Random(42).shuffle(rows)
     print(f"pretraining ({run}): {steps} steps; held-out MLM loss {evals[0]['loss']:.3f} -> {evals[-1]['loss']:.3f}, "
           f"masked accuracy {100 * evals[0]['masked_accuracy']:.1f} -> {100 * evals[-1]['masked_accuracy']:.1f} %",
           flush=True)
-    print(f"{a.task} dev accuracy (best / last of {a.epochs} epochs):")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    print(f"{a.task} dev accuracy, best epoch of {a.epochs} (last epoch in brackets); one column entry per "
+          f"seed {seeds} (the seed draws the labelled subset and seeds the fine-tuning run):")
     print("| labelled examples | lr | pretrained on " + a.corpus + " by berth | random initialisation (same architecture) |")
     print("|---|---|---|---|")
+    mean = lambda xs: sum(xs) / len(xs)
     for n in [int(x) for x in str(a.train_examples).split(",")]:
-        train = out / f"{a.task}-train-{n}.tsv"
-        train.write_text(header + "\n" + "\n".join(rows[:n]) + "\n", encoding="utf-8")
         best = {"pre": (0, None), "rand": (0, None)}
         for lr in a.ft_lr.split(","):
-            ft = lambda model, name: finetune(model, train, dev, out / f"ft-{a.task}-{n}-{lr}-{name}",
-                                              a.epochs, lr, max_length)
-            res = {"pre": ft(best_ckpt, "pretrained"), "rand": ft(run / "init", "random")}
+            res = {"pre": [], "rand": []}
+            for seed in seeds:
+                shuffled = rows[:]
+                random.Random(seed).shuffle(shuffled)
+                train = out / f"{a.task}-train-{n}-s{seed}.tsv"
+                train.write_text(header + "\n" + "\n".join(shuffled[:n]) + "\n", encoding="utf-8")
+                for key, model in (("pre", best_ckpt), ("rand", run / "init")):
+                    res[key].append(finetune(model, train, dev, out / f"ft-{a.task}-{n}-{lr}-s{seed}-{key}",
+                                             a.epochs, lr, max_length, seed))
             for k in res:
-                if res[k][0] > best[k][0]:
-                    best[k] = (res[k][0], lr)
-            print(f"| {n} | {lr} | {100 * res['pre'][0]:.2f} / {100 * res['pre'][1]:.2f} | "
-                  f"{100 * res['rand'][0]:.2f} / {100 * res['rand'][1]:.2f} |", flush=True)
-        print(f"| {n} | best lr | {100 * best['pre'][0]:.2f} (lr {best['pre'][1]}) | "
+                m = mean([r[0] for r in res[k]])
+                if m > best[k][0]:
+                    best[k] = (m, lr)
+            cell = lambda rs: (", ".join(f"{100 * b:.2f} ({100 * l:.2f})" for b, l in rs)
+                               + (f"; mean {100 * mean([b for b, _ in rs]):.2f}" if len(rs) > 1 else ""))
+            print(f"| {n} | {lr} | {cell(res['pre'])} | {cell(res['rand'])} |", flush=True)
+        print(f"| {n} | best lr (mean) | {100 * best['pre'][0]:.2f} (lr {best['pre'][1]}) | "
               f"{100 * best['rand'][0]:.2f} (lr {best['rand'][1]}) |", flush=True)
 
 
