@@ -102,7 +102,7 @@ def main():
     best_ckpt = (run / "best").read_text().strip()
     lines = [json.loads(l) for l in open(run / "metrics.jsonl") if '"eval"' in l]
     evals, steps = [l["eval"] for l in lines], lines[-1]["step"]
-    # A seeded subset of the task's training set (the whole dev set is scored).
+    # The task's training set (seeded subsets of it are the labels) and dev set (scored whole).
     if a.task == "sst2":
         src, dev, max_length = SST2 / "train.tsv", SST2 / "dev.tsv", "64"
     else:
@@ -121,28 +121,30 @@ def main():
     print("| labelled examples | lr | pretrained on " + a.corpus + " by berth | random initialisation (same architecture) |")
     print("|---|---|---|---|")
     mean = lambda xs: sum(xs) / len(xs)
+    cell = lambda rs: (", ".join(f"{100 * b:.2f} ({100 * l:.2f})" for b, l in rs)
+                       + (f"; mean {100 * mean([b for b, _ in rs]):.2f}" if len(rs) > 1 else ""))
     for n in [int(x) for x in str(a.train_examples).split(",")]:
-        best = {"pre": (0, None), "rand": (0, None)}
+        # One labelled subset per seed, shared by every learning rate and both starts.
+        subsets = {}
+        for seed in seeds:
+            shuffled = rows[:]
+            random.Random(seed).shuffle(shuffled)
+            subsets[seed] = out / f"{a.task}-train-{n}-s{seed}.tsv"
+            subsets[seed].write_text(header + "\n" + "\n".join(shuffled[:n]) + "\n", encoding="utf-8")
+        top = {"pre": (0, None), "rand": (0, None)}
         for lr in a.ft_lr.split(","):
             res = {"pre": [], "rand": []}
-            for seed in seeds:
-                shuffled = rows[:]
-                random.Random(seed).shuffle(shuffled)
-                train = out / f"{a.task}-train-{n}-s{seed}.tsv"
-                train.write_text(header + "\n" + "\n".join(shuffled[:n]) + "\n", encoding="utf-8")
+            for seed, train in subsets.items():
                 for key, model in (("pre", best_ckpt), ("rand", run / "init")):
                     res[key].append(finetune(model, train, dev, out / f"ft-{a.task}-{n}-{lr}-s{seed}-{key}",
                                              a.epochs, lr, max_length, seed))
             for k in res:
                 m = mean([r[0] for r in res[k]])
-                if m > best[k][0]:
-                    best[k] = (m, lr)
-            cell = lambda rs: (", ".join(f"{100 * b:.2f} ({100 * l:.2f})" for b, l in rs)
-                               + (f"; mean {100 * mean([b for b, _ in rs]):.2f}" if len(rs) > 1 else ""))
+                if m > top[k][0]:
+                    top[k] = (m, lr)
             print(f"| {n} | {lr} | {cell(res['pre'])} | {cell(res['rand'])} |", flush=True)
-        print(f"| {n} | best lr (mean) | {100 * best['pre'][0]:.2f} (lr {best['pre'][1]}) | "
-              f"{100 * best['rand'][0]:.2f} (lr {best['rand'][1]}) |", flush=True)
-
+        print(f"| {n} | best lr (mean) | {100 * top['pre'][0]:.2f} (lr {top['pre'][1]}) | "
+              f"{100 * top['rand'][0]:.2f} (lr {top['rand'][1]}) |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -291,10 +291,12 @@ pub enum PositionInit {
 /// `[n, h]` sinusoidal position table with root-mean-square `rms`.
 fn sinusoidal_positions(n: usize, h: usize, rms: f64) -> Result<Tensor> {
     let scale = rms * std::f64::consts::SQRT_2;
+    let rates: Vec<f64> = (0..h)
+        .map(|d| 10_000f64.powf(-((d / 2 * 2) as f64) / h as f64))
+        .collect();
     let data: Vec<f32> = (0..n)
         .flat_map(|pos| {
-            (0..h).map(move |d| {
-                let rate = 10_000f64.powf(-((d / 2 * 2) as f64) / h as f64);
+            rates.iter().enumerate().map(move |(d, rate)| {
                 let angle = pos as f64 * rate;
                 (scale * if d % 2 == 0 { angle.sin() } else { angle.cos() }) as f32
             })
@@ -348,6 +350,7 @@ pub fn write_random_encoder(
         words = Tensor::new(rows, &Device::Cpu)?;
     }
     t.insert("embeddings.word_embeddings.weight".into(), words);
+    // Drawn either way, so the other weights are the same draw whatever the position init.
     let normal_positions = normal(&[cfg.max_position_embeddings, h])?;
     t.insert(
         "embeddings.position_embeddings.weight".into(),
