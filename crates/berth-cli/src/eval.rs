@@ -48,26 +48,9 @@ pub struct EvalArgs {
     /// (classify, embed, rerank), CoNLL (ner), SQuAD JSON (qa).
     #[arg(long)]
     data: Option<std::path::PathBuf>,
-    /// --model: first text column (default: sentence / anchor / query by task).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// --model: second text column (classify pairs; embed positive; rerank passage).
-    #[arg(long)]
-    pair_column: Option<String>,
-    /// --model embed: hard-negative column.
-    #[arg(long)]
-    negative_column: Option<String>,
-    /// --model classify: several labels per row, split on --label-separator.
-    #[arg(long)]
-    multi_label: bool,
-    #[arg(long, default_value = ",")]
-    label_separator: String,
-    /// --model classify: numeric labels (Pearson / Spearman).
-    #[arg(long)]
-    regression: bool,
-    /// --model ner: 0-based tag column (default: the last).
-    #[arg(long)]
-    tag_column: Option<usize>,
+    /// --model: the data's columns (as `berth finetune` takes them).
+    #[command(flatten)]
+    columns: crate::train_args::ColumnArgs,
     /// --model: token limit per example (default 128; qa: 384).
     #[arg(long)]
     max_length: Option<usize>,
@@ -84,9 +67,6 @@ pub struct EvalArgs {
     /// (gold tag second to last, predicted tag last).
     #[arg(long)]
     predictions: Option<String>,
-    /// classify: the column holding the label in a TSV gold file with a header.
-    #[arg(long, default_value = "label")]
-    label_column: String,
     /// classify: the positive label, for ROC-AUC from the predictions' scores of it (needs
     /// `berth classify --top-k 0` output).
     #[arg(long)]
@@ -101,49 +81,56 @@ pub struct EvalArgs {
 
 /// `--model DIR --data FILE`: the fine-tuning evaluation on a file.
 fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
-    use berth_train::trainer::{self, Task as T, TrainConfig};
+    use crate::train_args::{data_config, FinetuneTask, TaskExtras};
+    use berth_train::objectives::{TaskConfig, TaskKind};
     let dir = crate::resolve::model_dir(Some(model))?;
     let data = a
         .data
         .clone()
         .context("--data FILE is needed with --model")?;
-    let task = match a.task {
-        Task::Classify => T::Classify,
-        Task::Ner => T::Ner,
-        Task::Qa => T::Qa,
-        Task::Rerank => T::Rerank,
-        Task::Embed => T::Embed,
-        Task::Pretrain => T::Pretrain,
+    let finetune = match a.task {
+        Task::Classify => Some(FinetuneTask::Classify),
+        Task::Ner => Some(FinetuneTask::Ner),
+        Task::Qa => Some(FinetuneTask::Qa),
+        Task::Rerank => Some(FinetuneTask::Rerank),
+        Task::Embed => Some(FinetuneTask::Embed),
+        Task::Pretrain => None,
         Task::Similarity => {
             bail!("--task similarity scores prediction files: use --gold and --predictions")
         }
     };
-    let mut cfg = TrainConfig::new(task, dir, data.clone(), std::env::temp_dir());
-    cfg.max_length = match a.max_length {
-        Some(m) => m,
-        // The default (128; QA 384) shrinks to fit a model with fewer positions.
-        None => crate::finetune::default_max_length(&cfg.model, task == T::Qa)?,
-    };
-    cfg.text_column = a.text_column.clone().unwrap_or_else(|| {
-        match task {
-            T::Embed => "anchor",
-            T::Rerank => "query",
-            _ => "sentence",
+    let kind = match finetune {
+        Some(t) => a.columns.task(t, &TaskExtras::default())?,
+        None => {
+            // An ELECTRA discriminator is scored by replaced-token detection with its
+            // generator; any other masked-LM by masked-token prediction.
+            let config = berth_model::EncoderConfig::from_file(&dir.join("config.json"))?;
+            if config
+                .architectures
+                .iter()
+                .any(|c| c == "ElectraForPreTraining")
+            {
+                TaskKind::Rtd(berth_train::objectives::rtd::RtdConfig {
+                    mask_rate: a.mask_rate,
+                    whole_word: a.whole_word,
+                    ..Default::default()
+                })
+            } else {
+                TaskKind::Pretrain(berth_train::objectives::mlm::MlmConfig {
+                    mask_rate: a.mask_rate,
+                    whole_word: a.whole_word,
+                    sentence_objective: None,
+                })
+            }
         }
-        .into()
-    });
-    cfg.pair_column = a.pair_column.clone();
-    cfg.label_column = a.label_column.clone();
-    cfg.negative_column = a.negative_column.clone();
-    cfg.multi_label = a.multi_label;
-    cfg.label_separator = a.label_separator.clone();
-    cfg.regression = a.regression;
-    cfg.tag_column = a.tag_column;
-    cfg.mask_rate = a.mask_rate;
-    cfg.whole_word = a.whole_word;
-    cfg.seed = a.seed;
-    let report = trainer::evaluate_model(&cfg, &data)
-        .with_context(|| format!("evaluating {} on {}", cfg.model.display(), data.display()))?;
+    };
+    let qa = finetune == Some(FinetuneTask::Qa);
+    let task = TaskConfig {
+        data: data_config(data.clone(), &dir, a.max_length, qa)?,
+        kind,
+    };
+    let report = berth_train::objectives::evaluate_checkpoint(&task, &dir, &data, a.seed)
+        .with_context(|| format!("evaluating {} on {}", dir.display(), data.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -225,7 +212,7 @@ fn scalar(v: &Value) -> Option<String> {
 }
 
 fn classify(a: &EvalArgs, gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
-    let gold = gold_labels(gold_path, &a.label_column)?;
+    let gold = gold_labels(gold_path, &a.columns.label_column)?;
     let lines = read_lines(pred_path)?;
     same_length(gold_path, gold.len(), pred_path, lines.len())?;
     let mut pred = Vec::with_capacity(lines.len());

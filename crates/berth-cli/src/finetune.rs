@@ -1,17 +1,23 @@
-//! `berth finetune`: fine-tune a checkpoint for classification, NER, QA, sentence
-//! embeddings or reranking.
+//! `berth finetune`: fine-tune a checkpoint for classification (single-label, multi-label,
+//! regression), NER, extractive QA, sentence embeddings or cross-encoder reranking.
 use std::path::PathBuf;
 
 use anyhow::Context;
-use berth_train::schedule::ScheduleKind;
-use berth_train::trainer::{self, Event, Plan, Task, TrainConfig};
+use berth_train::config::RunConfig;
+use berth_train::dist::SingleProcess;
+use berth_train::objectives::TaskConfig;
+use berth_train::train_loop::{self, Event, Plan};
 use clap::{Args, ValueEnum};
 
 use crate::resolve;
+use crate::train_args::{
+    data_config, ColumnArgs, FinetuneTask, LoopArgs, LoopDefaults, TaskExtras,
+};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TaskArg {
-    /// Sequence classification (texts or pairs); regression with --regression.
+    /// Sequence classification (texts or pairs); multi-label with --multi-label,
+    /// regression with --regression.
     Classify,
     /// Token classification from CoNLL files.
     Ner,
@@ -23,11 +29,16 @@ enum TaskArg {
     Rerank,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ScheduleArg {
-    Linear,
-    Cosine,
-    Constant,
+impl From<TaskArg> for FinetuneTask {
+    fn from(t: TaskArg) -> Self {
+        match t {
+            TaskArg::Classify => FinetuneTask::Classify,
+            TaskArg::Ner => FinetuneTask::Ner,
+            TaskArg::Qa => FinetuneTask::Qa,
+            TaskArg::Embed => FinetuneTask::Embed,
+            TaskArg::Rerank => FinetuneTask::Rerank,
+        }
+    }
 }
 
 /// Arguments of `berth finetune`.
@@ -39,7 +50,8 @@ pub struct FinetuneArgs {
     /// Starting checkpoint (directory, cached name; default all-MiniLM-L6-v2).
     #[arg(long)]
     model: Option<String>,
-    /// Training data: CSV / TSV with a header, JSON Lines (classify), CoNLL (ner), SQuAD JSON (qa).
+    /// Training data: CSV / TSV with a header or JSON Lines (classify, embed, rerank),
+    /// CoNLL (ner), SQuAD JSON (qa).
     #[arg(long)]
     train: PathBuf,
     /// Dev data; without it a seeded --dev-fraction of the training data is held out.
@@ -51,91 +63,28 @@ pub struct FinetuneArgs {
     /// Run directory (config.json, metrics.jsonl, curve.png, checkpoints/).
     #[arg(long)]
     output: PathBuf,
-    /// Continue from the newest checkpoint in --output.
-    #[arg(long)]
-    resume: bool,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Train exactly N optimizer steps (overrides --epochs; the schedule spans them).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
-    lr: f64,
-    /// Examples per micro-batch.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Token limit per example (default 128; qa: 384, the window size).
+    /// Token limit per example (default 128; qa: 384, the window size); longer texts are cut.
     #[arg(long)]
     max_length: Option<usize>,
     /// qa: tokens shared by consecutive windows of a long context.
     #[arg(long, default_value_t = 128)]
     doc_stride: usize,
-    /// Warmup: a fraction of all steps (< 1) or a step count (>= 1).
-    #[arg(long, default_value_t = 0.0)]
-    warmup: f64,
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Linear)]
-    schedule: ScheduleArg,
-    /// AdamW weight decay (not on biases and LayerNorm weights).
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// First text column (header name or 0-based index); default: sentence (classify),
-    /// anchor (embed), query (rerank).
-    #[arg(long)]
-    text_column: Option<String>,
-    /// Second text column: classify pairs; default positive (embed), passage (rerank).
-    #[arg(long)]
-    pair_column: Option<String>,
-    /// classify / rerank: label column (rerank: relevance in [0, 1]).
-    #[arg(long, default_value = "label")]
-    label_column: String,
-    /// embed: a hard-negative column (scored against every anchor of the batch).
-    #[arg(long)]
-    negative_column: Option<String>,
     /// embed: cosine similarities are multiplied by this before the softmax.
     #[arg(long, default_value_t = 20.0)]
     similarity_scale: f64,
-    /// classify: numeric labels, MSE loss.
-    #[arg(long)]
-    regression: bool,
-    /// classify: several labels per row (split on --label-separator), BCE loss.
-    #[arg(long)]
-    multi_label: bool,
-    /// classify --multi-label: what separates a row's labels.
-    #[arg(long, default_value = ",")]
-    label_separator: String,
-    /// ner: 0-based tag column (default: the last).
-    #[arg(long)]
-    tag_column: Option<usize>,
     /// ner: label every sub-token of a word, not only the first.
     #[arg(long)]
     label_all_tokens: bool,
     /// Skip malformed rows (they are counted and reported) instead of stopping.
     #[arg(long)]
     skip_bad_rows: bool,
-    /// Evaluate and checkpoint every N steps (default: each epoch).
-    #[arg(long)]
-    save_every: Option<u64>,
-    /// Newest checkpoints kept besides the best.
-    #[arg(long, default_value_t = 2)]
-    keep_checkpoints: usize,
     /// Stop after N evaluations without a better dev score.
     #[arg(long)]
     early_stopping: Option<usize>,
-    /// Log the loss every N steps.
-    #[arg(long, default_value_t = 10)]
-    log_every: u64,
-    /// Train without dropout (for comparisons with eval-mode references).
-    #[arg(long)]
-    no_dropout: bool,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    #[command(flatten)]
+    train_loop: LoopArgs,
 }
 
 fn print_plan(p: &Plan) {
@@ -166,78 +115,35 @@ fn print_plan(p: &Plan) {
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let model = resolve::model_dir(a.model.as_deref())?;
-    let task = match a.task {
-        TaskArg::Classify => Task::Classify,
-        TaskArg::Ner => Task::Ner,
-        TaskArg::Qa => Task::Qa,
-        TaskArg::Embed => Task::Embed,
-        TaskArg::Rerank => Task::Rerank,
+    let task: FinetuneTask = a.task.into();
+    let extras = TaskExtras {
+        doc_stride: a.doc_stride,
+        similarity_scale: a.similarity_scale,
+        label_all_tokens: a.label_all_tokens,
     };
-    if a.multi_label && (task != Task::Classify || a.regression) {
-        anyhow::bail!("--multi-label applies to --task classify without --regression");
-    }
-    let mut cfg = TrainConfig::new(task, model, a.train, a.output.clone());
-    cfg.dev = a.dev;
-    cfg.dev_fraction = a.dev_fraction;
-    cfg.epochs = a.epochs;
-    cfg.max_steps = a.max_steps;
-    cfg.lr = a.lr;
-    cfg.batch_size = a.batch_size;
-    cfg.grad_accum = a.grad_accum;
-    cfg.max_length = match a.max_length {
-        Some(m) => m,
-        // The default (128; QA 384) shrinks to fit a model with fewer positions.
-        None => crate::finetune::default_max_length(&cfg.model, task == Task::Qa)?,
+    let kind = a.columns.task(task, &extras)?;
+    let mut data = data_config(a.train, &model, a.max_length, task == FinetuneTask::Qa)?;
+    data.dev = a.dev;
+    data.dev_fraction = a.dev_fraction;
+    data.skip_bad_rows = a.skip_bad_rows;
+    let defaults = LoopDefaults {
+        epochs: 3,
+        lr: 5e-5,
+        warmup: 0.0,
+        weight_decay: 0.0,
     };
-    cfg.doc_stride = a.doc_stride;
-    if a.warmup >= 1.0 {
-        cfg.warmup_steps = Some(a.warmup as u64);
-    } else {
-        cfg.warmup_ratio = a.warmup;
-    }
-    cfg.schedule = match a.schedule {
-        ScheduleArg::Linear => ScheduleKind::Linear,
-        ScheduleArg::Cosine => ScheduleKind::Cosine,
-        ScheduleArg::Constant => ScheduleKind::Constant,
+    let mut run = a.train_loop.config(model, a.output, defaults);
+    run.early_stopping_patience = a.early_stopping;
+    let cfg = RunConfig {
+        run,
+        task: TaskConfig { data, kind },
     };
-    cfg.adamw.weight_decay = a.weight_decay;
-    cfg.max_grad_norm = (a.max_grad_norm > 0.0).then_some(a.max_grad_norm);
-    cfg.seed = a.seed;
-    cfg.text_column = a.text_column.unwrap_or_else(|| {
-        match task {
-            Task::Embed => "anchor",
-            Task::Rerank => "query",
-            _ => "sentence",
-        }
-        .into()
-    });
-    cfg.pair_column = a.pair_column;
-    cfg.label_column = a.label_column;
-    cfg.negative_column = a.negative_column;
-    cfg.similarity_scale = a.similarity_scale;
-    cfg.regression = a.regression;
-    cfg.multi_label = a.multi_label;
-    cfg.label_separator = a.label_separator;
-    cfg.tag_column = a.tag_column;
-    cfg.label_all_tokens = a.label_all_tokens;
-    cfg.skip_bad_rows = a.skip_bad_rows;
-    cfg.save_every = a.save_every;
-    cfg.keep_checkpoints = a.keep_checkpoints;
-    cfg.early_stopping_patience = a.early_stopping;
-    cfg.log_every = a.log_every.max(1);
-    cfg.dropout = !a.no_dropout;
-    execute(&cfg, a.resume)
-}
-
-/// 128 tokens (QA: 384), or the model's position limit when it is smaller.
-pub fn default_max_length(model: &std::path::Path, qa: bool) -> anyhow::Result<usize> {
-    let cfg = berth_model::EncoderConfig::from_file(&model.join("config.json"))?;
-    Ok((if qa { 384 } else { 128 }).min(cfg.max_sequence_length()))
+    execute(&cfg, a.train_loop.resume, "finetune")
 }
 
 /// Runs (or resumes) a training run with a progress bar, then writes curve.png; prints the
 /// best checkpoint's path on stdout.
-pub fn execute(cfg: &TrainConfig, resume: bool) -> anyhow::Result<()> {
+pub fn execute(cfg: &RunConfig, resume: bool, command: &'static str) -> anyhow::Result<()> {
     let bar =
         indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -245,9 +151,12 @@ pub fn execute(cfg: &TrainConfig, resume: bool) -> anyhow::Result<()> {
             .expect("valid progress template; this is a bug"),
     );
     let (mut losses, mut evals): (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
-    let metric = trainer::main_metric(cfg);
-    let best = trainer::train(
+    let mut objective = berth_train::objectives::build(&cfg.task);
+    let metric = objective.main_metric();
+    let best = train_loop::train(
         cfg,
+        objective.as_mut(),
+        &SingleProcess,
         resume,
         &mut |p| {
             print_plan(p);
@@ -286,10 +195,10 @@ pub fn execute(cfg: &TrainConfig, resume: bool) -> anyhow::Result<()> {
             }
         },
     )
-    .context("finetune")?;
+    .context(command)?;
     bar.finish_and_clear();
     // Blue: training loss; orange: the dev metric (each on its own scale).
-    let png = cfg.output.join("curve.png");
+    let png = cfg.run.output.join("curve.png");
     berth_train::plot::write_curves(&png, &[(&losses, [31, 119, 180]), (&evals, [255, 127, 14])])?;
     eprintln!("best checkpoint (dev {metric}): {}", best.display());
     eprintln!(

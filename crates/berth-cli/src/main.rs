@@ -26,6 +26,7 @@ mod pretrain;
 mod resolve;
 mod tasks;
 mod tokenizer;
+mod train_args;
 
 // Large activations stay in the heap instead of a fresh mmap per tensor (see DESIGN.md §2).
 #[global_allocator]
@@ -61,7 +62,8 @@ enum Command {
     Rerank(tasks::RerankArgs),
     /// Cosine similarity of sentence embeddings, every text against every other.
     Similarity(tasks::SimilarityArgs),
-    /// Fine-tune a checkpoint (classification, NER): checkpoints, metrics.jsonl, curve.png.
+    /// Fine-tune a checkpoint (classification, multi-label, regression, NER, QA, sentence
+    /// embeddings, reranking): checkpoints, metrics.jsonl, curve.png.
     Finetune(finetune::FinetuneArgs),
     /// Score predictions against gold: accuracy/F1, conlleval, SQuAD EM/F1, MRR/nDCG, correlation.
     Eval(eval::EvalArgs),
@@ -69,7 +71,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
     Bench(bench::BenchArgs),
-    /// Masked-LM pretraining, from scratch or continued from a checkpoint.
+    /// Pretraining: masked-LM (with NSP / SOP) or ELECTRA replaced-token detection, from
+    /// scratch or continued from a checkpoint.
     Pretrain(pretrain::PretrainArgs),
     /// Corpora: `berth data prepare` tokenizes them once into shards for pretraining.
     Data(data::DataArgs),

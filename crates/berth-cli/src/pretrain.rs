@@ -4,11 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use berth_train::schedule::ScheduleKind;
-use berth_train::trainer::{Task, TrainConfig};
+use berth_train::config::RunConfig;
+use berth_train::objective::DataConfig;
+use berth_train::objectives::mlm::MlmConfig;
+use berth_train::objectives::rtd::{RtdConfig, GENERATOR_DIR};
+use berth_train::objectives::{TaskConfig, TaskKind};
+use berth_train::pretrain::SentenceObjective;
 use clap::{Args, ValueEnum};
 
 use crate::resolve;
+use crate::train_args::{LoopArgs, LoopDefaults};
 
 /// `--objective` values.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,47 +101,18 @@ pub struct PretrainArgs {
     #[arg(long)]
     generator_intermediate: Option<usize>,
     /// RTD: weight of the discriminator's loss (ELECTRA's lambda).
-    #[arg(long, default_value_t = berth_train::rtd::DEFAULT_WEIGHT)]
+    #[arg(long, default_value_t = berth_train::objectives::rtd::DEFAULT_WEIGHT)]
     rtd_weight: f64,
-    /// Tokens per sequence, special tokens included.
+    /// Tokens per sequence, special tokens included (longer: more context per sequence,
+    /// quadratic attention cost).
     #[arg(long, default_value_t = 128)]
     max_length: usize,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 1)]
-    epochs: usize,
-    /// Train exactly N optimizer steps (overrides --epochs; the schedule spans them).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    /// Warmup: a fraction of all steps (< 1) or a step count (>= 1).
-    #[arg(long, default_value_t = 0.06)]
-    warmup: f64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Evaluate and checkpoint every N steps (default: each epoch).
-    #[arg(long)]
-    save_every: Option<u64>,
-    #[arg(long, default_value_t = 10)]
-    log_every: u64,
-    #[arg(long)]
-    resume: bool,
-    /// Pretrain without dropout (Cramming's and ModernBERT's choice for short, single-pass
-    /// runs: dropout only slows learning when no sequence is seen many times). The
-    /// checkpoint's config keeps its dropout rates for fine-tuning.
-    #[arg(long)]
-    no_dropout: bool,
     /// Write the training sequences in training order to FILE (JSON Lines), so a peer
     /// (scripts/pretrain_peer.py) can train on the same data order.
     #[arg(long)]
     dump_order: Option<PathBuf>,
+    #[command(flatten)]
+    train_loop: LoopArgs,
 }
 
 pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
@@ -144,6 +120,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
         anyhow::bail!("--mask-rate {} must be in (0, 1)", a.mask_rate);
     }
     let rtd = a.objective == ObjectiveArg::Rtd;
+    let seed = a.train_loop.seed;
     if rtd && a.arch == ArchArg::Roberta {
         anyhow::bail!(
             "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
@@ -153,7 +130,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
         (Some(from), _) => {
             let dir = resolve::model_dir(Some(from))?;
             if rtd {
-                let generator = dir.join(berth_train::rtd::GENERATOR_DIR);
+                let generator = dir.join(GENERATOR_DIR);
                 let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json"))?;
                 if cfg.arch != berth_model::Arch::Electra
                     || !generator.join("config.json").is_file()
@@ -161,7 +138,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                     anyhow::bail!(
                         "{}: --objective rtd continues an ELECTRA run's checkpoint (model_type electra with a {}/ folder);                          start a new one from scratch with --tokenizer",
                         dir.display(),
-                        berth_train::rtd::GENERATOR_DIR
+                        GENERATOR_DIR
                     );
                 }
             }
@@ -209,7 +186,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                 // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
                 config["embedding_size"] = hidden.into();
             }
-            berth_train::init::write_random_encoder(&init, &config, tok_dir, a.seed, positions)
+            berth_train::init::write_random_encoder(&init, &config, tok_dir, seed, positions)
                 .with_context(|| format!("writing the initial model to {}", init.display()))?;
             if rtd {
                 let mut generator = config.clone();
@@ -219,12 +196,12 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                     .generator_intermediate
                     .unwrap_or((intermediate / 2).max(1))
                     .into();
-                let dir = init.join(berth_train::rtd::GENERATOR_DIR);
+                let dir = init.join(GENERATOR_DIR);
                 berth_train::init::write_random_encoder(
                     &dir,
                     &generator,
                     tok_dir,
-                    a.seed ^ 0x6e,
+                    seed ^ 0x6e,
                     positions,
                 )
                 .with_context(|| format!("writing the initial generator to {}", dir.display()))?;
@@ -235,35 +212,37 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             anyhow::bail!("--tokenizer DIR (from scratch) or --from CHECKPOINT is needed")
         }
     };
-    let mut cfg = TrainConfig::new(Task::Pretrain, model, a.data, a.output);
-    cfg.dev = a.dev;
-    cfg.dev_fraction = a.val_fraction;
-    cfg.epochs = a.epochs;
-    cfg.max_steps = a.max_steps;
-    cfg.lr = a.lr;
-    cfg.batch_size = a.batch_size;
-    cfg.grad_accum = a.grad_accum;
-    cfg.max_length = a.max_length;
-    if a.warmup >= 1.0 {
-        cfg.warmup_steps = Some(a.warmup as u64);
-    } else {
-        cfg.warmup_ratio = a.warmup;
-    }
-    cfg.schedule = ScheduleKind::Linear;
-    cfg.adamw.weight_decay = a.weight_decay;
-    cfg.max_grad_norm = (a.max_grad_norm > 0.0).then_some(a.max_grad_norm);
-    cfg.seed = a.seed;
-    cfg.dropout = !a.no_dropout;
-    cfg.mask_rate = a.mask_rate;
-    cfg.whole_word = a.whole_word;
-    cfg.sentence_objective = match a.objective {
-        ObjectiveArg::Mlm | ObjectiveArg::Rtd => None,
-        ObjectiveArg::Nsp => Some(berth_train::pretrain::SentenceObjective::Nsp),
-        ObjectiveArg::Sop => Some(berth_train::pretrain::SentenceObjective::Sop),
+    let mut data = DataConfig::new(a.data);
+    data.dev = a.dev;
+    data.dev_fraction = a.val_fraction;
+    data.max_length = a.max_length;
+    let kind = match a.objective {
+        ObjectiveArg::Rtd => TaskKind::Rtd(RtdConfig {
+            mask_rate: a.mask_rate,
+            whole_word: a.whole_word,
+            rtd_weight: a.rtd_weight,
+        }),
+        o => TaskKind::Pretrain(MlmConfig {
+            mask_rate: a.mask_rate,
+            whole_word: a.whole_word,
+            sentence_objective: match o {
+                ObjectiveArg::Nsp => Some(SentenceObjective::Nsp),
+                ObjectiveArg::Sop => Some(SentenceObjective::Sop),
+                _ => None,
+            },
+        }),
     };
-    cfg.rtd_weight = rtd.then_some(a.rtd_weight);
-    cfg.dump_order = a.dump_order;
-    cfg.save_every = a.save_every;
-    cfg.log_every = a.log_every.max(1);
-    crate::finetune::execute(&cfg, a.resume)
+    let defaults = LoopDefaults {
+        epochs: 1,
+        lr: 1e-4,
+        warmup: 0.06,
+        weight_decay: 0.01,
+    };
+    let mut run = a.train_loop.config(model, a.output, defaults);
+    run.dump_order = a.dump_order;
+    let cfg = RunConfig {
+        run,
+        task: TaskConfig { data, kind },
+    };
+    crate::finetune::execute(&cfg, a.train_loop.resume, "pretrain")
 }

@@ -236,7 +236,12 @@ fn checkpoints_use_the_hugging_face_layout_and_load_back() {
     assert!(["animal", "other"].contains(&got[0]["labels"][0]["label"].as_str().unwrap()));
     let run_cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-    assert_eq!(run_cfg["batch_size"], 4);
+    // The run's config: the loop's settings and the task's, apart.
+    assert_eq!(run_cfg["loop"]["batch_size"], 4);
+    assert_eq!(run_cfg["task"]["task"], "classify");
+    // The default 128 shrinks to the tiny model's 64 positions.
+    assert_eq!(run_cfg["task"]["data"]["max_length"], 64);
+    assert_eq!(run_cfg["task"]["label_column"], "label");
 }
 
 #[test]

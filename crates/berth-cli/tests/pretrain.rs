@@ -279,8 +279,8 @@ fn no_dropout_and_sinusoidal_positions_reach_the_run() {
     let (loss_d, init_d, config_d, _) = run("dropout", &[]);
     let (loss_n, init_n, config_n, ckpt_n) = run("no-dropout", &["--no-dropout"]);
     let (_, init_s, _, _) = run("sinusoidal", &["--position-init", "sinusoidal"]);
-    assert_eq!(config_d["dropout"], true);
-    assert_eq!(config_n["dropout"], false);
+    assert_eq!(config_d["loop"]["dropout"], true);
+    assert_eq!(config_n["loop"]["dropout"], false);
     assert_eq!(ckpt_n["hidden_dropout_prob"], 0.1);
     assert!(
         (loss_d - loss_n).abs() > 1e-4,

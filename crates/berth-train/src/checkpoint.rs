@@ -18,6 +18,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io, Result, TrainError};
+use crate::objective::{Networks, Objective};
 use crate::optim::AdamW;
 use berth_tasks::Pooling;
 
@@ -74,11 +75,7 @@ pub fn write_model(
     model: &Model,
     config: &serde_json::Value,
     tokenizer_dir: &Path,
-    sentence: Option<(&Path, Pooling, usize)>,
 ) -> Result<()> {
-    if let Some((base, pooling, max_length)) = sentence {
-        write_sentence_files(dir, base, pooling, model.config.hidden_size, max_length)?;
-    }
     let weights = dir.join("model.safetensors");
     candle_core::safetensors::save(&model_tensors(model)?, &weights).map_err(|e| {
         TrainError::Checkpoint {
@@ -109,7 +106,7 @@ pub fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
 /// sentence-transformers' module files for a trained bi-encoder: copied from `base` when it
 /// is a sentence-transformers model (modules.json and the module folders it names), else a
 /// Transformer + Pooling pipeline with the pooling the run trained with.
-fn write_sentence_files(
+pub(crate) fn write_sentence_files(
     dir: &Path,
     base: &Path,
     pooling: Pooling,
@@ -191,15 +188,14 @@ fn write_sentence_files(
     )
 }
 
-/// Writes a checkpoint atomically to `checkpoints/step-N` under `run`, with `companion`
-/// (a second trained network: ELECTRA's generator) in the subfolder it names.
+/// Writes a checkpoint atomically to `checkpoints/step-N` under `run`: the main network,
+/// each companion (ELECTRA's generator) in the subfolder it names, the objective's own
+/// files, optimizer and trainer state.
 pub fn save(
     run: &Path,
-    model: &Model,
-    config: &serde_json::Value,
+    nets: &Networks,
     tokenizer_dir: &Path,
-    sentence: Option<(&Path, Pooling, usize)>,
-    companion: Option<(&str, &Model, &serde_json::Value)>,
+    objective: &dyn Objective,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -213,12 +209,13 @@ pub fn save(
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
     let written = (|| -> Result<()> {
-        write_model(&tmp, model, config, tokenizer_dir, sentence)?;
-        // A second network trained with the model (ELECTRA's generator) in a subfolder.
-        if let Some((name, m, c)) = companion {
-            let sub = tmp.join(name);
+        write_model(&tmp, &nets.main, &nets.config, tokenizer_dir)?;
+        objective.write_extras(nets, &tmp)?;
+        // Networks trained with the model (ELECTRA's generator) in subfolders.
+        for c in &nets.companions {
+            let sub = tmp.join(c.dir);
             std::fs::create_dir(&sub).map_err(io(&sub))?;
-            write_model(&sub, m, c, tokenizer_dir, None)?;
+            write_model(&sub, &c.model, &c.config, tokenizer_dir)?;
         }
         let opt_path = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(&opt.state_tensors()?, &opt_path).map_err(|e| {

@@ -130,6 +130,18 @@ impl AdamW {
         Ok(())
     }
 
+    /// Sums the accumulated gradients over the ranks of `collective`, slot by slot in a
+    /// fixed order (with one process: nothing to do).
+    pub fn all_reduce(&mut self, collective: &dyn crate::dist::Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        for s in &mut self.slots {
+            collective.all_reduce_sum(&mut s.grad)?;
+        }
+        Ok(())
+    }
+
     /// Names of variables that received no gradient since the last step.
     pub fn untouched(&self) -> Vec<&str> {
         self.slots

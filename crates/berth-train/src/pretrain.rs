@@ -1,5 +1,5 @@
-//! Masked-language-model pretraining: corpus → sequences, masked loss, held-out metrics,
-//! and a randomly initialised encoder to start from.
+//! Pretraining data: corpus → packed sequences (in memory, or read on demand from the
+//! memory-mapped shards of a prepared corpus), and the sentence pairs of NSP / SOP.
 //!
 //! Corpus: plain or gzip text files (folders recursively), one paragraph per line, documents
 //! separated by a blank line (BERT's `create_pretraining_data` convention; a file ends a
@@ -9,32 +9,85 @@
 //! own `cu_seqlens` segment), so no token attends across documents.
 use std::path::Path;
 
-use berth_model::{Batch, Dropout, Model};
+use std::borrow::Cow;
+
 use berth_text::{Encoded, TextTokenizer, Truncation};
-use candle_core::Tensor;
 use rand::SeedableRng;
 
 use crate::corpus::{specials, Packer, Sequence};
 use crate::error::{Result, TrainError};
-use crate::loss;
-use crate::mlm::{mask_sequence, MaskingConfig};
-use crate::trainer::{Example, Prepared, TrainConfig, TrainSet};
+use crate::objective::DataConfig;
 
-/// A packed sequence as a training example (one segment, no offsets).
-pub(crate) fn example(seq: Sequence) -> Example {
-    let n = seq.ids.len();
-    let special: Vec<bool> = seq.words.iter().map(|w| w.is_none()).collect();
-    Example::new(Encoded {
-        type_ids: vec![0; n],
-        tokens: Vec::new(),
-        offsets: vec![(0, 0); n],
-        sequence_ids: special.iter().map(|&s| (!s).then_some(0)).collect(),
-        special,
-        word_ids: seq.words,
-        truncated: false,
-        full_len: n,
+/// One pretraining sequence: `[CLS] ... [SEP]` (or `[CLS] A [SEP] B [SEP]` for the
+/// sentence-pair objectives), never crossing a document boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PretrainSequence {
+    /// Token ids, special tokens included.
+    pub ids: Vec<u32>,
+    /// Token types (segment A 0, segment B 1).
+    pub type_ids: Vec<u32>,
+    /// Word of each token (`None` on special tokens, which are never masked).
+    pub words: Vec<Option<u32>>,
+    /// The NSP / SOP label of a segment pair.
+    pub pair_label: Option<u32>,
+}
+
+impl PretrainSequence {
+    /// Whether each token is special (never chosen for masking).
+    pub fn special(&self) -> Vec<bool> {
+        self.words.iter().map(|w| w.is_none()).collect()
+    }
+}
+
+/// A packed corpus sequence (one segment).
+pub(crate) fn single(seq: Sequence) -> PretrainSequence {
+    PretrainSequence {
+        type_ids: vec![0; seq.ids.len()],
         ids: seq.ids,
-    })
+        words: seq.words,
+        pair_label: None,
+    }
+}
+
+/// Training sequences: in memory, or read on demand from the memory-mapped shards of a
+/// corpus prepared by `berth data prepare`, so that the corpus size is not bounded by
+/// memory.
+pub enum Sequences {
+    /// Decoded sequences.
+    Memory(Vec<PretrainSequence>),
+    /// Packed shards, decoded when a batch needs them.
+    Shards(crate::corpus::Shards),
+}
+
+impl Sequences {
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        match self {
+            Sequences::Memory(v) => v.len(),
+            Sequences::Shards(s) => s.len(),
+        }
+    }
+
+    /// Whether there is no sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sequence `i`.
+    pub fn get(&self, i: usize) -> Cow<'_, PretrainSequence> {
+        match self {
+            Sequences::Memory(v) => Cow::Borrowed(&v[i]),
+            Sequences::Shards(s) => Cow::Owned(single(s.sequence(i))),
+        }
+    }
+
+    /// Tokens over all sequences.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Sequences::Memory(v) => v.iter().map(|s| s.ids.len()).sum(),
+            Sequences::Shards(s) => s.tokens(),
+        }
+    }
 }
 
 /// A sentence-pair objective beside masked-LM (BERT only).
@@ -54,27 +107,24 @@ pub enum SentenceObjective {
 /// B; SOP swaps half of them, NSP replaces half the B segments by a piece of the same length
 /// from another sequence. Seeded; sequences with fewer than two content tokens are dropped.
 pub fn sentence_pairs(
-    examples: &[Example],
+    examples: &[PretrainSequence],
     objective: SentenceObjective,
     max_length: usize,
     seed: u64,
-) -> Vec<Example> {
+) -> Vec<PretrainSequence> {
     use rand::Rng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let content = |e: &Example| -> (Vec<u32>, Vec<Option<u32>>) {
-        let n = e.enc.ids.len();
-        (
-            e.enc.ids[1..n - 1].to_vec(),
-            e.enc.word_ids[1..n - 1].to_vec(),
-        )
+    let content = |e: &PretrainSequence| -> (Vec<u32>, Vec<Option<u32>>) {
+        let n = e.ids.len();
+        (e.ids[1..n - 1].to_vec(), e.words[1..n - 1].to_vec())
     };
     let mut out = Vec::with_capacity(examples.len());
     for (k, e) in examples.iter().enumerate() {
-        let n = e.enc.ids.len();
+        let n = e.ids.len();
         if n < 4 {
             continue;
         }
-        let (start, end) = (e.enc.ids[0], e.enc.ids[n - 1]);
+        let (start, end) = (e.ids[0], e.ids[n - 1]);
         let (ids, words) = content(e);
         // One [SEP] more than the packed sequence: drop the last content token if needed.
         let keep = ids.len().min(max_length.saturating_sub(3));
@@ -127,27 +177,22 @@ pub fn sentence_pairs(
         seq_words.extend(b.1.iter().map(|w| w.map(|w| w - first_b.min(w) + shift)));
         seq_words.push(None);
         let len = seq_ids.len();
-        let mut ex = example(Sequence {
+        out.push(PretrainSequence {
             ids: seq_ids,
+            type_ids: (0..len).map(|i| (i > a.0.len() + 1) as u32).collect(),
             words: seq_words,
+            pair_label: Some(label),
         });
-        ex.enc.type_ids = (0..len).map(|i| (i > a.0.len() + 1) as u32).collect();
-        ex.enc.sequence_ids = (0..len)
-            .map(|i| match i {
-                0 => None,
-                i if i == a.0.len() + 1 || i == len - 1 => None,
-                i if i <= a.0.len() => Some(0),
-                _ => Some(1),
-            })
-            .collect();
-        ex.class = Some(label);
-        out.push(ex);
     }
     out
 }
 
 /// Reads the corpus files under `path` into packed sequences of at most `max_length` tokens.
-pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Result<Vec<Example>> {
+pub fn read_corpus(
+    path: &Path,
+    tok: &TextTokenizer,
+    max_length: usize,
+) -> Result<Vec<PretrainSequence>> {
     use std::io::BufRead;
     if max_length < 8 {
         return Err(TrainError::Config(format!(
@@ -213,41 +258,48 @@ pub fn read_corpus(path: &Path, tok: &TextTokenizer, max_length: usize) -> Resul
             message: "the corpus has no text".into(),
         });
     }
-    Ok(p.out.into_iter().map(example).collect())
+    Ok(p.out.into_iter().map(single).collect())
 }
 
 /// The training and held-out sequences of a folder written by `berth data prepare`, all
 /// decoded into memory (training runs read the training shards on demand instead, see
-/// [`crate::trainer::TrainSet`]).
+/// [`Sequences`]).
 pub fn read_prepared(
     dir: &Path,
     tok: &TextTokenizer,
     max_length: usize,
-) -> Result<(Vec<Example>, Vec<Example>)> {
+) -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
     let c = crate::corpus::open_prepared(dir, tok, max_length)?;
-    let read = |shards: &[crate::corpus::Shard]| -> Vec<Example> {
+    let read = |shards: &[crate::corpus::Shard]| -> Vec<PretrainSequence> {
         shards
             .iter()
-            .flat_map(|s| (0..s.len()).map(move |i| example(s.sequence(i))))
+            .flat_map(|s| (0..s.len()).map(move |i| single(s.sequence(i))))
             .collect()
     };
     Ok((read(&c.train), read(&c.val)))
 }
 
-/// Pretraining data: the corpus sequences, a seeded `dev_fraction` held out (or `cfg.dev`).
-pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
-    let read = |path: &Path| -> Result<(Vec<Example>, Vec<Example>)> {
+/// Pretraining data: the corpus's training sequences and held-out ones — a prepared
+/// folder's held-out split, `data.dev`, or a seeded `dev_fraction` — turned into segment
+/// pairs when a sentence-pair objective is on. A prepared corpus trains straight from its
+/// memory-mapped shards (the sentence-pair objectives build their pairs in memory).
+pub fn read_sequences(
+    data: &DataConfig,
+    tok: &TextTokenizer,
+    seed: u64,
+    pairs: Option<SentenceObjective>,
+) -> Result<(Sequences, Vec<PretrainSequence>)> {
+    let max_length = data.max_length;
+    let read = |path: &Path| -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
         if crate::corpus::is_prepared(path) {
-            read_prepared(path, tok, cfg.max_length)
+            read_prepared(path, tok, max_length)
         } else {
-            Ok((read_corpus(path, tok, cfg.max_length)?, Vec::new()))
+            Ok((read_corpus(path, tok, max_length)?, Vec::new()))
         }
     };
-    // A prepared corpus trains straight from its memory-mapped shards (masked-LM and RTD;
-    // the sentence-pair objectives build their pairs in memory).
-    if crate::corpus::is_prepared(&cfg.train) && cfg.sentence_objective.is_none() {
-        let c = crate::corpus::open_prepared(&cfg.train, tok, cfg.max_length)?;
-        let dev = match &cfg.dev {
+    if crate::corpus::is_prepared(&data.train) && pairs.is_none() {
+        let c = crate::corpus::open_prepared(&data.train, tok, max_length)?;
+        let dev = match &data.dev {
             Some(d) => {
                 let (a, b) = read(d)?;
                 if b.is_empty() {
@@ -259,312 +311,36 @@ pub(crate) fn prepare_pretrain(cfg: &TrainConfig, tok: &TextTokenizer) -> Result
             None => c
                 .val
                 .iter()
-                .flat_map(|s| (0..s.len()).map(move |i| example(s.sequence(i))))
+                .flat_map(|s| (0..s.len()).map(move |i| single(s.sequence(i))))
                 .collect(),
         };
-        return Ok(Prepared {
-            train: TrainSet::Shards(crate::corpus::Shards::new(c.train)),
-            dev,
-            labels: Vec::new(),
-            skipped: 0,
-            qa_dev: Vec::new(),
-        });
+        return Ok((Sequences::Shards(crate::corpus::Shards::new(c.train)), dev));
     }
-    let (all, held_out) = read(&cfg.train)?;
-    let (train, dev) = match &cfg.dev {
+    let (all, held_out) = read(&data.train)?;
+    let (train, dev) = match &data.dev {
         Some(d) => {
             let (a, b) = read(d)?;
             (all, if b.is_empty() { a } else { b })
         }
         // A prepared folder brings its own held-out split.
         None if !held_out.is_empty() => (all, held_out),
-        None => crate::data::split(&all, cfg.dev_fraction, cfg.seed),
+        None => crate::data::split(&all, data.dev_fraction, seed),
     };
-    let (train, dev) = match cfg.sentence_objective {
+    let (train, dev) = match pairs {
         Some(o) => (
-            sentence_pairs(&train, o, cfg.max_length, cfg.seed),
-            sentence_pairs(&dev, o, cfg.max_length, cfg.seed ^ 0x5e9),
+            sentence_pairs(&train, o, max_length, seed),
+            sentence_pairs(&dev, o, max_length, seed ^ 0x5e9),
         ),
         None => (train, dev),
     };
-    Ok(Prepared {
-        train: train.into(),
-        dev,
-        labels: Vec::new(),
-        skipped: 0,
-        qa_dev: Vec::new(),
-    })
-}
-
-/// The masking of a run.
-pub(crate) fn masking(
-    cfg: &TrainConfig,
-    tok: &TextTokenizer,
-    model: &Model,
-) -> Result<MaskingConfig> {
-    let (_, _, mask_id) = specials(tok)?;
-    if tok.vocab_size() > model.config.vocab_size {
-        return Err(TrainError::Config(format!(
-            "the tokenizer ({}) has {} tokens but the model's embeddings only {}: \
-             they do not belong together",
-            tok.source().display(),
-            tok.vocab_size(),
-            model.config.vocab_size
-        )));
-    }
-    Ok(MaskingConfig {
-        rate: cfg.mask_rate,
-        whole_word: cfg.whole_word,
-        mask_id,
-        vocab_size: model.config.vocab_size as u32,
-    })
-}
-
-/// One pretraining batch's outputs: masked-LM logits at the chosen positions `[R, V]` with
-/// their labels (`None` when nothing was chosen), and the sentence-pair logits `[S, 2]` with
-/// their labels when the examples carry them ([`sentence_pairs`]).
-struct Outputs {
-    mlm: Option<(Tensor, Vec<u32>)>,
-    pairs: Option<(Tensor, Vec<u32>)>,
-}
-
-/// One sequence after masking: the ids the encoder sees, the token types, the positions
-/// whose original tokens are predicted (ascending) with those originals, and the
-/// sentence-pair label when the objective has one.
-#[derive(Debug, Clone)]
-pub struct MaskedInput {
-    /// Input ids after masking.
-    pub ids: Vec<u32>,
-    /// Token type ids (segment A / B).
-    pub type_ids: Vec<u32>,
-    /// Positions predicted by the masked-LM head.
-    pub positions: Vec<u32>,
-    /// The original id at each position.
-    pub labels: Vec<u32>,
-    /// Sentence-pair (NSP / SOP) label.
-    pub pair_label: Option<u32>,
-}
-
-/// Masks `examples` (example `k` from a generator seeded by `(seed, k)`), runs them packed,
-/// and returns the heads' outputs.
-fn pretrain_outputs(
-    model: &Model,
-    examples: &[&Example],
-    masking: &MaskingConfig,
-    seed: u64,
-    d: Option<&Dropout>,
-) -> Result<Outputs> {
-    outputs_of_masked(model, &mask_examples(examples, masking, seed), d)
-}
-
-/// Masks `examples`, example `k` from a generator seeded by `(seed, k)`.
-pub(crate) fn mask_examples(
-    examples: &[&Example],
-    masking: &MaskingConfig,
-    seed: u64,
-) -> Vec<MaskedInput> {
-    examples
-        .iter()
-        .enumerate()
-        .map(|(k, e)| {
-            let mut rng =
-                rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, k as u64));
-            let m = mask_sequence(
-                &e.enc.ids,
-                &e.enc.special,
-                &e.enc.word_ids,
-                masking,
-                &mut rng,
-            );
-            MaskedInput {
-                ids: m.ids,
-                type_ids: e.enc.type_ids.clone(),
-                positions: m.positions,
-                labels: m.labels,
-                pair_label: e.class,
-            }
-        })
-        .collect()
-}
-
-/// The masked positions of `inputs` as rows of their packed batch, with the original tokens.
-pub(crate) fn masked_rows(inputs: &[MaskedInput]) -> (Vec<u32>, Vec<u32>) {
-    let (mut rows, mut labels) = (Vec::new(), Vec::new());
-    let mut offset = 0u32;
-    for m in inputs {
-        rows.extend(m.positions.iter().map(|p| p + offset));
-        labels.extend(&m.labels);
-        offset += m.ids.len() as u32;
-    }
-    (rows, labels)
-}
-
-/// The heads' outputs for already-masked sequences, run packed. Pair logits come when every
-/// sequence carries a pair label.
-fn outputs_of_masked(
-    model: &Model,
-    inputs: &[MaskedInput],
-    d: Option<&Dropout>,
-) -> Result<Outputs> {
-    let (rows, labels) = masked_rows(inputs);
-    let pair_labels: Option<Vec<u32>> = inputs.iter().map(|m| m.pair_label).collect();
-    if rows.is_empty() && pair_labels.is_none() {
-        return Ok(Outputs {
-            mlm: None,
-            pairs: None,
-        });
-    }
-    let batch = Batch::from_sequences(
-        inputs
-            .iter()
-            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
-    )?;
-    if pair_labels.is_none() {
-        // Only the chosen positions are read: the last layer computes just those rows, and
-        // the vocabulary projection runs on them.
-        let hidden = model.forward_train_rows(&batch, d, &rows)?;
-        return Ok(Outputs {
-            mlm: Some((model.mlm_logits(&hidden)?, labels)),
-            pairs: None,
-        });
-    }
-    let hidden = model.forward_train(&batch, d)?;
-    // The vocabulary projection runs on the chosen positions only.
-    let mlm = if rows.is_empty() {
-        None
-    } else {
-        Some((
-            model.mlm_logits(&Model::select_rows(&hidden, &rows)?)?,
-            labels,
-        ))
-    };
-    let pairs = match pair_labels {
-        Some(l) => Some((model.sentence_pair_logits(&hidden, &batch)?, l)),
-        None => None,
-    };
-    Ok(Outputs { mlm, pairs })
-}
-
-fn mean_cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Option<Tensor>> {
-    loss::cross_entropy(
-        logits,
-        &labels.iter().copied().map(Some).collect::<Vec<_>>(),
-    )
-}
-
-/// Mean cross-entropy at the chosen positions of one batch, plus the sentence-pair
-/// cross-entropy when the examples carry pair labels (`BertForPreTraining`'s total loss).
-pub(crate) fn mlm_loss(
-    model: &Model,
-    examples: &[&Example],
-    masking: &MaskingConfig,
-    seed: u64,
-    d: Option<&Dropout>,
-) -> Result<Option<Tensor>> {
-    total_loss(pretrain_outputs(model, examples, masking, seed, d)?)
-}
-
-/// [`BertForPreTraining`]'s loss of already-masked sequences: mean cross-entropy over all
-/// predicted positions, plus the mean sentence-pair cross-entropy when the inputs carry pair
-/// labels (`None` when there is nothing to predict).
-///
-/// [`BertForPreTraining`]: https://huggingface.co/docs/transformers/model_doc/bert
-pub fn masked_lm_loss(
-    model: &Model,
-    inputs: &[MaskedInput],
-    d: Option<&Dropout>,
-) -> Result<Option<Tensor>> {
-    total_loss(outputs_of_masked(model, inputs, d)?)
-}
-
-fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
-    let mlm = match &out.mlm {
-        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
-        None => None,
-    };
-    let pairs = match &out.pairs {
-        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
-        None => None,
-    };
-    Ok(match (mlm, pairs) {
-        (Some(a), Some(b)) => Some((a + b)?),
-        (a, b) => a.or(b),
-    })
-}
-
-/// Running held-out classification totals: summed cross-entropy, top-1 hits, rows.
-#[derive(Default)]
-pub(crate) struct Tally {
-    loss: f64,
-    correct: usize,
-    count: usize,
-}
-
-impl Tally {
-    /// Adds the rows of `logits [R, C]` with their `labels`.
-    pub(crate) fn add(&mut self, logits: &Tensor, labels: &[u32]) -> Result<()> {
-        let l = mean_cross_entropy(logits, labels)?.expect("labels present");
-        self.loss += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
-        let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-        self.correct += best.iter().zip(labels).filter(|(a, b)| a == b).count();
-        self.count += labels.len();
-        Ok(())
-    }
-
-    fn mean_loss(&self) -> f64 {
-        self.loss / self.count.max(1) as f64
-    }
-
-    fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.count.max(1) as f64
-    }
-
-    /// The masked-LM metrics: `loss` (mean cross-entropy per masked token), `perplexity` (its
-    /// exponential), `masked_accuracy` (top-1 equals the original) and `masked_tokens`.
-    pub(crate) fn insert_mlm(&self, out: &mut serde_json::Map<String, serde_json::Value>) {
-        out.insert("loss".into(), self.mean_loss().into());
-        out.insert("perplexity".into(), self.mean_loss().exp().into());
-        out.insert("masked_accuracy".into(), self.accuracy().into());
-        out.insert("masked_tokens".into(), self.count.into());
-    }
-}
-
-/// Held-out masked-LM metrics with a fixed masking (the same positions at every
-/// evaluation): loss (mean cross-entropy per masked token), perplexity (its exponential) and
-/// masked accuracy (top-1 prediction equals the original token).
-pub(crate) fn evaluate_mlm(
-    model: &Model,
-    dev: &[Example],
-    masking: &MaskingConfig,
-    seed: u64,
-) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let (mut mlm, mut pairs) = (Tally::default(), Tally::default());
-    for (c, chunk) in dev.chunks(64).enumerate() {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
-        let out = pretrain_outputs(model, &refs, masking, chunk_seed, None)?;
-        if let Some((logits, labels)) = out.mlm {
-            mlm.add(&logits, &labels)?;
-        }
-        if let Some((logits, labels)) = out.pairs {
-            pairs.add(&logits, &labels)?;
-        }
-    }
-    let mut out = serde_json::Map::new();
-    mlm.insert_mlm(&mut out);
-    if pairs.count > 0 {
-        // Next-sentence / sentence-order prediction on the held-out pairs.
-        out.insert("pair_loss".into(), pairs.mean_loss().into());
-        out.insert("pair_accuracy".into(), pairs.accuracy().into());
-    }
-    Ok(out)
+    Ok((Sequences::Memory(train), dev))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sequences() -> Vec<Example> {
+    fn sequences() -> Vec<PretrainSequence> {
         (0..400u32)
             .map(|k| {
                 let len = 3 + (k % 20) as usize;
@@ -575,13 +351,13 @@ mod tests {
                 // Two tokens per word.
                 words.extend((0..len as u32).map(|i| Some(i / 2)));
                 words.push(None);
-                example(Sequence { ids, words })
+                single(Sequence { ids, words })
             })
             .collect()
     }
 
-    fn content(e: &Example) -> Vec<u32> {
-        e.enc.ids[1..e.enc.ids.len() - 1].to_vec()
+    fn content(e: &PretrainSequence) -> Vec<u32> {
+        e.ids[1..e.ids.len() - 1].to_vec()
     }
 
     fn check(objective: SentenceObjective) {
@@ -591,7 +367,7 @@ mod tests {
         assert_eq!(pairs.len(), seqs.len());
         let mut ones = 0;
         for (p, s) in pairs.iter().zip(&seqs) {
-            let ids = &p.enc.ids;
+            let ids = &p.ids;
             let n = ids.len();
             assert!(n <= max_length, "{n}");
             let seps: Vec<usize> = (0..n).filter(|&i| ids[i] == 2).collect();
@@ -601,10 +377,11 @@ mod tests {
             assert!(!a.is_empty() && !b.is_empty());
             // Token types: 0 through the first [SEP], then 1.
             let types: Vec<u32> = (0..n).map(|i| (i > seps[0]) as u32).collect();
-            assert_eq!(p.enc.type_ids, types);
-            assert!(p.enc.special[0] && p.enc.special[seps[0]] && p.enc.special[n - 1]);
+            assert_eq!(p.type_ids, types);
+            let special = p.special();
+            assert!(special[0] && special[seps[0]] && special[n - 1]);
             let original = content(s);
-            let label = p.class.expect("labelled");
+            let label = p.pair_label.expect("labelled");
             ones += label;
             let joined = |x: &[u32], y: &[u32]| [x, y].concat();
             match (objective, label) {
@@ -620,11 +397,8 @@ mod tests {
             }
             // The cut falls between words (two tokens per word) unless a word is cut by the
             // length limit; word ids of A and B never coincide.
-            let wa: Vec<_> = p.enc.word_ids[1..seps[0]].iter().flatten().collect();
-            let wb: Vec<_> = p.enc.word_ids[seps[0] + 1..n - 1]
-                .iter()
-                .flatten()
-                .collect();
+            let wa: Vec<_> = p.words[1..seps[0]].iter().flatten().collect();
+            let wb: Vec<_> = p.words[seps[0] + 1..n - 1].iter().flatten().collect();
             assert!(wb.iter().all(|w| !wa.contains(w)));
         }
         let share = ones as f64 / pairs.len() as f64;

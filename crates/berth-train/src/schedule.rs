@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Schedule shape after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ScheduleKind {
     /// Constant after warmup (`constant_with_warmup`; `constant` when warmup is 0).
     Constant,

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use berth_text::TextTokenizer;
 use berth_train::corpus::{open_prepared, prepare, CorpusInput, PrepareOptions};
-use berth_train::pretrain::{read_corpus, read_prepared};
+use berth_train::pretrain::{
+    read_corpus, read_prepared, read_sequences, PretrainSequence, Sequences,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vocab")
@@ -44,10 +46,10 @@ fn one(path: &Path) -> Vec<CorpusInput> {
 }
 
 /// Sequences as sortable (ids, word ids) pairs.
-fn sorted(examples: &[berth_train::trainer::Example]) -> Vec<(Vec<u32>, Vec<Option<u32>>)> {
+fn sorted(examples: &[PretrainSequence]) -> Vec<(Vec<u32>, Vec<Option<u32>>)> {
     let mut v: Vec<_> = examples
         .iter()
-        .map(|e| (e.enc.ids.clone(), e.enc.word_ids.clone()))
+        .map(|e| (e.ids.clone(), e.words.clone()))
         .collect();
     v.sort();
     v
@@ -69,8 +71,8 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
         assert_eq!(train.len(), direct.len());
         assert_eq!(sorted(&train), sorted(&direct), "{kind}");
         // Shuffled: not the file order.
-        let order: Vec<_> = train.iter().map(|e| e.enc.ids.clone()).collect();
-        let file_order: Vec<_> = direct.iter().map(|e| e.enc.ids.clone()).collect();
+        let order: Vec<_> = train.iter().map(|e| e.ids.clone()).collect();
+        let file_order: Vec<_> = direct.iter().map(|e| e.ids.clone()).collect();
         assert_ne!(order, file_order);
         println!(
             "{kind}: {} sequences in {} shards",
@@ -79,28 +81,19 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
         );
         // A pretraining run reads the same sequences, in the same order, on demand from the
         // memory-mapped shards (nothing decoded up front).
-        let mut cfg = berth_train::trainer::TrainConfig::new(
-            berth_train::trainer::Task::Pretrain,
-            fixtures().join(kind),
-            out.clone(),
-            tmp.path().join("run"),
-        );
-        cfg.max_length = 64;
-        let run = berth_train::trainer::prepare(&cfg, &tok).unwrap();
-        let berth_train::trainer::TrainSet::Shards(shards) = &run.train else {
+        let mut data = berth_train::objective::DataConfig::new(out.clone());
+        data.max_length = 64;
+        let (run, _) = read_sequences(&data, &tok, 42, None).unwrap();
+        let Sequences::Shards(shards) = &run else {
             panic!("{kind}: a prepared corpus should train from its shards");
         };
         assert_eq!(shards.len(), train.len());
         for (i, e) in train.iter().enumerate() {
-            let got = run.train.get(i);
-            assert_eq!(
-                (&got.enc.ids, &got.enc.word_ids),
-                (&e.enc.ids, &e.enc.word_ids)
-            );
+            assert_eq!(run.get(i).as_ref(), e);
         }
         assert_eq!(
-            run.train.tokens(),
-            train.iter().map(|e| e.enc.ids.len()).sum::<usize>()
+            run.tokens(),
+            train.iter().map(|e| e.ids.len()).sum::<usize>()
         );
     }
 }
@@ -136,8 +129,8 @@ fn held_out_split_duplicates_and_weights() {
     assert_eq!(train.len(), m.corpora[0].train_sequences);
     assert_eq!(val.len(), m.corpora[0].val_sequences);
     // No held-out sequence is in training (split by document).
-    let train_set: std::collections::HashSet<_> = train.iter().map(|e| e.enc.ids.clone()).collect();
-    assert!(val.iter().all(|e| !train_set.contains(&e.enc.ids)));
+    let train_set: std::collections::HashSet<_> = train.iter().map(|e| e.ids.clone()).collect();
+    assert!(val.iter().all(|e| !train_set.contains(&e.ids)));
 
     // Weight 2.5: every training sequence two or three times, about 2.5 on average.
     let w = vec![CorpusInput {

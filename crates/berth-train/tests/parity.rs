@@ -7,12 +7,24 @@ use std::path::PathBuf;
 use berth_model::HeadKind;
 use berth_text::{TextTokenizer, Truncation};
 use berth_train::init::{load_for_task, TaskHead};
+use berth_train::objective::{Companion, Networks};
+use berth_train::objectives::classify::{self, ClassifyExample, Target};
+use berth_train::objectives::embed::{self, EmbedExample};
+use berth_train::objectives::mlm::{masked_lm_loss, MaskedInput};
+use berth_train::objectives::rerank::{self, RerankExample};
+use berth_train::objectives::{ner, qa, rtd};
 use berth_train::optim::{AdamW, AdamWConfig};
-use berth_train::pretrain::{masked_lm_loss, MaskedInput};
 use berth_train::schedule::{Schedule, ScheduleKind};
-use berth_train::trainer::{batch_loss, batch_loss_with, Example, LossSpec, Task};
 use candle_core::Device;
 use serde_json::Value;
+
+/// Which head a parity case trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    Classify,
+    Ner,
+    Qa,
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -36,7 +48,6 @@ fn check(name: &str, task: Task) {
         Task::Classify => HeadKind::SequenceClassification,
         Task::Ner => HeadKind::TokenClassification,
         Task::Qa => HeadKind::QuestionAnswering,
-        _ => unreachable!("embed, rerank and pretrain have their own tests"),
     };
     let head = TaskHead {
         kind,
@@ -45,7 +56,7 @@ fn check(name: &str, task: Task) {
         sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
-    let examples: Vec<Example> = r["texts"]
+    let encs: Vec<(berth_text::Encoded, &Value)> = r["texts"]
         .as_array()
         .unwrap()
         .iter()
@@ -64,47 +75,56 @@ fn check(name: &str, task: Task) {
                 .map(|x| x.as_u64().unwrap() as u32)
                 .collect();
             assert_eq!(enc.ids, want, "{name}: tokenization of text {i}");
-            let labels = &r["labels"][i];
-            let (class, token_labels, span) = match task {
-                Task::Classify => (Some(labels.as_u64().unwrap() as u32), Vec::new(), None),
-                Task::Ner => (
-                    None,
-                    labels
+            (enc, &r["labels"][i])
+        })
+        .collect();
+    match task {
+        Task::Classify => {
+            let examples: Vec<ClassifyExample> = encs
+                .into_iter()
+                .map(|(enc, l)| ClassifyExample {
+                    enc,
+                    target: Target::Class(Some(l.as_u64().unwrap() as u32)),
+                })
+                .collect();
+            let refs: Vec<&ClassifyExample> = examples.iter().collect();
+            compare_steps(name, &model, &reference, r, false, &[], |m| {
+                classify::loss(m, &refs, None).unwrap().unwrap()
+            });
+        }
+        Task::Ner => {
+            let examples: Vec<ner::NerExample> = encs
+                .into_iter()
+                .map(|(enc, l)| ner::NerExample {
+                    enc,
+                    token_labels: l
                         .as_array()
                         .unwrap()
                         .iter()
                         .map(|l| l.as_i64().filter(|&v| v >= 0).map(|v| v as u32))
                         .collect(),
-                    None,
-                ),
-                Task::Embed | Task::Rerank | Task::Pretrain => unreachable!(),
-                Task::Qa => (
-                    None,
-                    Vec::new(),
-                    Some((
-                        labels[0].as_u64().unwrap() as u32,
-                        labels[1].as_u64().unwrap() as u32,
-                    )),
-                ),
-            };
-            Example {
-                enc,
-                class,
-                value: 0.0,
-                token_labels,
-                words: Vec::new(),
-                span,
-                pair_enc: None,
-                neg_enc: None,
-                targets: Vec::new(),
-                group: 0,
-            }
-        })
-        .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    compare_steps(name, &model, &reference, r, task == Task::Qa, &[], |m| {
-        batch_loss(m, task, false, &refs, None).unwrap().unwrap()
-    });
+                    words: Vec::new(),
+                })
+                .collect();
+            let refs: Vec<&ner::NerExample> = examples.iter().collect();
+            compare_steps(name, &model, &reference, r, false, &[], |m| {
+                ner::loss(m, &refs, None).unwrap().unwrap()
+            });
+        }
+        Task::Qa => {
+            let examples: Vec<qa::QaExample> = encs
+                .into_iter()
+                .map(|(enc, l)| qa::QaExample {
+                    enc,
+                    span: (l[0].as_u64().unwrap() as u32, l[1].as_u64().unwrap() as u32),
+                })
+                .collect();
+            let refs: Vec<&qa::QaExample> = examples.iter().collect();
+            compare_steps(name, &model, &reference, r, true, &[], |m| {
+                qa::loss(m, &refs, None).unwrap().unwrap()
+            });
+        }
+    }
 }
 
 /// Three AdamW steps (warmup 1 of 4, weight decay 0.01, clip 1.0) with `loss` against the
@@ -403,7 +423,6 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
                     let (a, b) = p.model.qa_logits(&hidden).unwrap();
                     candle_core::Tensor::stack(&[a, b], 1).unwrap()
                 }
-                Task::Embed | Task::Rerank | Task::Pretrain => unreachable!(),
             };
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = reference[&format!("logits.{s}")]
@@ -476,17 +495,6 @@ fn encode(
         .collect()
 }
 
-fn spec(task: Task, multi_label: bool) -> LossSpec {
-    LossSpec {
-        task,
-        regression: false,
-        multi_label,
-        pooling: berth_tasks::Pooling::Mean,
-        scale: 20.0,
-        masking: None,
-    }
-}
-
 #[test]
 fn multi_label_classification_trains_like_pytorch() {
     let (r, reference) = recipe("bert-multilabel");
@@ -500,23 +508,23 @@ fn multi_label_classification_trains_like_pytorch() {
         sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
-    let examples: Vec<Example> = encode(&tok, &r["texts"], None, &r["input_ids"])
+    let examples: Vec<ClassifyExample> = encode(&tok, &r["texts"], None, &r["input_ids"])
         .into_iter()
         .zip(r["labels"].as_array().unwrap())
-        .map(|(enc, l)| Example {
-            targets: l
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect(),
-            ..Example::new(enc)
+        .map(|(enc, l)| ClassifyExample {
+            target: Target::Labels(
+                l.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect(),
+            ),
+            enc,
         })
         .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let spec = spec(Task::Classify, true);
+    let refs: Vec<&ClassifyExample> = examples.iter().collect();
     compare_steps("bert-multilabel", &model, &reference, &r, false, &[], |m| {
-        batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap()
+        classify::loss(m, &refs, None).unwrap().unwrap()
     });
 }
 
@@ -532,18 +540,19 @@ fn cross_encoder_reranker_trains_like_sentence_transformers() {
         sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
-    let examples: Vec<Example> = encode(&tok, &r["texts"], Some(&r["questions"]), &r["input_ids"])
-        .into_iter()
-        .zip(r["labels"].as_array().unwrap())
-        .map(|(enc, v)| Example {
-            value: v.as_f64().unwrap() as f32,
-            ..Example::new(enc)
-        })
-        .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
-    let spec = spec(Task::Rerank, false);
+    let examples: Vec<RerankExample> =
+        encode(&tok, &r["texts"], Some(&r["questions"]), &r["input_ids"])
+            .into_iter()
+            .zip(r["labels"].as_array().unwrap())
+            .map(|(enc, v)| RerankExample {
+                enc,
+                relevance: v.as_f64().unwrap() as f32,
+                group: 0,
+            })
+            .collect();
+    let refs: Vec<&RerankExample> = examples.iter().collect();
     compare_steps("bert-rerank", &model, &reference, &r, false, &[], |m| {
-        batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap()
+        rerank::loss(m, &refs, None).unwrap().unwrap()
     });
 }
 
@@ -557,19 +566,19 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
     let anchors = encode(&tok, &r["texts"], None, &ids[0]);
     let positives = encode(&tok, &r["questions"], None, &ids[1]);
     let negatives = encode(&tok, &r["negatives"], None, &ids[2]);
-    let examples: Vec<Example> = anchors
+    let examples: Vec<EmbedExample> = anchors
         .into_iter()
         .zip(positives)
         .zip(negatives)
-        .map(|((a, p), n)| Example {
-            pair_enc: Some(p),
-            neg_enc: Some(n),
-            ..Example::new(a)
+        .map(|((a, p), n)| EmbedExample {
+            anchor: a,
+            positive: p,
+            negative: Some(n),
         })
         .collect();
-    let refs: Vec<&Example> = examples.iter().collect();
+    let refs: Vec<&EmbedExample> = examples.iter().collect();
     assert_eq!(r["scale"].as_f64().unwrap(), 20.0);
-    let spec = spec(Task::Embed, false);
+    let mean = berth_tasks::Pooling::Mean;
     compare_steps(
         "bert-embed",
         &model,
@@ -577,7 +586,11 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
         &r,
         false,
         &["pooler.dense.bias", "pooler.dense.weight"],
-        |m| batch_loss_with(m, &spec, &refs, 0, None).unwrap().unwrap(),
+        |m| {
+            embed::mnrl_loss(m, &refs, mean, 20.0, None)
+                .unwrap()
+                .unwrap()
+        },
     );
 }
 
@@ -655,7 +668,7 @@ fn replaced_token_detection_trains_like_electra() {
     let (disc, _) = load_for_task(&disc_dir, &head(HeadKind::ReplacedTokenDetection), 0).unwrap();
     let (mut generator, _) =
         load_for_task(&disc_dir.join("generator"), &head(HeadKind::MaskedLm), 0).unwrap();
-    berth_train::rtd::share_embeddings(&mut generator, &disc).unwrap();
+    rtd::share_embeddings(&mut generator, &disc).unwrap();
     let ints = |v: &Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -698,7 +711,18 @@ fn replaced_token_detection_trains_like_electra() {
         })
         .collect();
     let weight = r["weight"].as_f64().unwrap();
-    let params = berth_train::rtd::joint_params(&generator, &disc);
+    // The optimizer steps both networks as a run does (the generator as a companion).
+    let params = Networks {
+        main: disc.clone(),
+        config: Value::Null,
+        companions: vec![Companion {
+            dir: rtd::GENERATOR_DIR,
+            model: generator.clone(),
+            config: Value::Null,
+        }],
+        frozen: Vec::new(),
+    }
+    .params();
     compare_param_steps(
         "electra-rtd",
         &[&generator, &disc],
@@ -708,7 +732,7 @@ fn replaced_token_detection_trains_like_electra() {
         false,
         &[],
         || {
-            let out = berth_train::rtd::rtd_outputs(
+            let out = rtd::rtd_outputs(
                 &generator,
                 &disc,
                 &inputs,
@@ -731,7 +755,7 @@ fn replaced_token_detection_trains_like_electra() {
                 })
                 .collect();
             assert_eq!(out.replaced, flags);
-            berth_train::rtd::rtd_loss(&out, weight).unwrap()
+            rtd::rtd_loss(&out, weight).unwrap()
         },
     );
 }

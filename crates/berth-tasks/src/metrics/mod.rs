@@ -113,6 +113,56 @@ pub fn classification_report(gold: &[String], pred: &[String]) -> Classification
     }
 }
 
+/// Multi-label scores ([`multi_label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MultiLabelReport {
+    /// Rows with every label right.
+    pub subset_accuracy: f64,
+    /// F1 over all (row, label) decisions.
+    pub micro_f1: f64,
+    /// Mean of the per-label F1 (0 for a label never predicted nor gold, as scikit-learn's
+    /// `zero_division=0`).
+    pub macro_f1: f64,
+}
+
+/// Multi-label scores from (gold targets, predicted flags) per row; a target above 0.5
+/// counts as gold.
+pub fn multi_label(rows: &[(Vec<f32>, Vec<bool>)], labels: usize) -> MultiLabelReport {
+    let (mut tp, mut fp, mut fn_) = (
+        vec![0usize; labels],
+        vec![0usize; labels],
+        vec![0usize; labels],
+    );
+    let mut exact = 0usize;
+    for (gold, pred) in rows {
+        let mut all = true;
+        for l in 0..labels {
+            let g = gold[l] > 0.5;
+            match (g, pred[l]) {
+                (true, true) => tp[l] += 1,
+                (false, true) => fp[l] += 1,
+                (true, false) => fn_[l] += 1,
+                (false, false) => {}
+            }
+            all &= g == pred[l];
+        }
+        exact += all as usize;
+    }
+    let f1 = |tp: usize, fp: usize, fn_: usize| {
+        if tp == 0 {
+            0.0
+        } else {
+            2.0 * tp as f64 / (2 * tp + fp + fn_) as f64
+        }
+    };
+    let sum = |v: &[usize]| v.iter().sum::<usize>();
+    MultiLabelReport {
+        subset_accuracy: exact as f64 / rows.len().max(1) as f64,
+        micro_f1: f1(sum(&tp), sum(&fp), sum(&fn_)),
+        macro_f1: (0..labels).map(|l| f1(tp[l], fp[l], fn_[l])).sum::<f64>() / labels.max(1) as f64,
+    }
+}
+
 /// Ranks of `x` from 1, ties given their average rank (scipy's `rankdata`, method `average`).
 pub fn average_ranks(x: &[f64]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..x.len()).collect();
@@ -219,6 +269,20 @@ pub fn ndcg_of_ranking(ranked: &[f64], judged: &[f64], k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_label_scores_as_scikit_learn() {
+        // sklearn: f1_score(average="micro") = 4/6, average="macro" = (1 + 0) / 2 (label 1
+        // has tp 0 → 0), accuracy_score (subset) = 0.
+        let rows = vec![
+            (vec![1.0, 0.0], vec![true, true]),
+            (vec![1.0, 1.0], vec![true, false]),
+        ];
+        let r = multi_label(&rows, 2);
+        assert!((r.micro_f1 - 4.0 / 6.0).abs() < 1e-12);
+        assert_eq!((r.macro_f1, r.subset_accuracy), (0.5, 0.0));
+        assert_eq!(multi_label(&[], 3).subset_accuracy, 0.0);
+    }
 
     #[test]
     fn ranks_average_ties() {

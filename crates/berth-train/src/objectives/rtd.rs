@@ -9,15 +9,21 @@
 //! LayerNorm, as ELECTRA does), so both have the same width; it is made smaller by depth and
 //! feed-forward width. Checkpoints: the discriminator is `ElectraForPreTraining` (which
 //! `transformers` loads unchanged), the generator `ElectraForMaskedLM` in `generator/`.
-use berth_model::{Batch, Dropout, Model};
+use std::path::Path;
+
+use berth_model::{Batch, Dropout, HeadKind, Model};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
+use super::mlm::{mask_examples, masked_rows, masking, MaskedInput, Tally};
 use crate::error::{Result, TrainError};
+use crate::init::{load_for_task, TaskHead};
 use crate::loss;
-use crate::mlm::MaskingConfig;
-use crate::pretrain::{mask_examples, MaskedInput};
-use crate::trainer::Example;
+use crate::masking::MaskingConfig;
+use crate::objective::DataConfig;
+use crate::objective::{BatchLoss, Companion, DataSummary, Env, Metrics, Networks, Objective};
+use crate::pretrain::{read_sequences, PretrainSequence, Sequences};
 
 /// The generator's folder inside a run's initialisation and each checkpoint.
 pub const GENERATOR_DIR: &str = "generator";
@@ -68,17 +74,6 @@ pub fn share_embeddings(generator: &mut Model, discriminator: &Model) -> Result<
     Ok(())
 }
 
-/// The parameters one optimizer steps for a run: the discriminator's, then the generator's
-/// under `generator/` names (the shared embeddings once, under the discriminator's name).
-pub fn joint_params(generator: &Model, discriminator: &Model) -> Vec<berth_model::Param> {
-    let mut params = discriminator.params.clone();
-    params.extend(generator.params.iter().map(|p| berth_model::Param {
-        name: format!("{GENERATOR_DIR}/{}", p.name),
-        ..p.clone()
-    }));
-    params
-}
-
 /// One batch's outputs: the generator's logits at the masked positions `[R, V]` with the
 /// original tokens, and the discriminator's logits `[N]` with their targets (1: replaced).
 pub struct RtdOutputs {
@@ -102,7 +97,7 @@ pub fn rtd_outputs(
     d_generator: Option<&Dropout>,
     d_discriminator: Option<&Dropout>,
 ) -> Result<Option<RtdOutputs>> {
-    let (rows, labels) = crate::pretrain::masked_rows(inputs);
+    let (rows, labels) = masked_rows(inputs);
     if rows.is_empty() {
         return Ok(None);
     }
@@ -179,7 +174,7 @@ fn sample_softmax(seed: u64, row: usize, logits: &[f32]) -> u32 {
 fn outputs(
     generator: &Model,
     discriminator: &Model,
-    examples: &[&Example],
+    examples: &[&PretrainSequence],
     masking: &MaskingConfig,
     seed: u64,
     d: Option<&Dropout>,
@@ -202,7 +197,7 @@ fn outputs(
 pub(crate) fn batch_loss(
     generator: &Model,
     discriminator: &Model,
-    examples: &[&Example],
+    examples: &[&PretrainSequence],
     masking: &MaskingConfig,
     weight: f64,
     seed: u64,
@@ -220,15 +215,15 @@ pub(crate) fn batch_loss(
 pub(crate) fn evaluate(
     generator: &Model,
     discriminator: &Model,
-    dev: &[Example],
+    dev: &[PretrainSequence],
     masking: &MaskingConfig,
     seed: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let mut generated = crate::pretrain::Tally::default();
+    let mut generated = Tally::default();
     let (mut disc_loss, mut right, mut tokens) = (0f64, 0usize, 0usize);
     let (mut replaced, mut flagged, mut caught) = (0usize, 0usize, 0usize);
     for (c, chunk) in dev.chunks(64).enumerate() {
-        let refs: Vec<&Example> = chunk.iter().collect();
+        let refs: Vec<&PretrainSequence> = chunk.iter().collect();
         let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
         let Some(out) = outputs(generator, discriminator, &refs, masking, chunk_seed, None)? else {
             continue;
@@ -256,6 +251,164 @@ pub(crate) fn evaluate(
     out.insert("replaced_precision".into(), ratio(caught, flagged).into());
     out.insert("replaced_recall".into(), ratio(caught, replaced).into());
     Ok(out)
+}
+
+/// Settings of a replaced-token-detection run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RtdConfig {
+    /// Fraction of tokens masked for the generator.
+    pub mask_rate: f64,
+    /// Mask whole words.
+    pub whole_word: bool,
+    /// Weight of the discriminator's loss (ELECTRA's λ).
+    pub rtd_weight: f64,
+}
+
+impl Default for RtdConfig {
+    fn default() -> Self {
+        RtdConfig {
+            mask_rate: 0.15,
+            whole_word: false,
+            rtd_weight: DEFAULT_WEIGHT,
+        }
+    }
+}
+
+/// The replaced-token-detection objective: the run's model is the discriminator
+/// (`ElectraForPreTraining`), the generator is a companion network in `generator/`.
+pub struct Rtd {
+    data: DataConfig,
+    cfg: RtdConfig,
+    masking: Option<MaskingConfig>,
+    seed: u64,
+    train: Sequences,
+    dev: Vec<PretrainSequence>,
+}
+
+impl Rtd {
+    /// An objective for `cfg` on the corpus `data`.
+    pub fn new(data: DataConfig, cfg: RtdConfig) -> Self {
+        Rtd {
+            data,
+            cfg,
+            masking: None,
+            seed: 0,
+            train: Sequences::Memory(Vec::new()),
+            dev: Vec::new(),
+        }
+    }
+
+    fn parts<'a>(&'a self, nets: &'a Networks) -> (&'a Model, &'a MaskingConfig) {
+        let generator = &nets
+            .companions
+            .first()
+            .expect("an RTD run has its generator; this is a bug")
+            .model;
+        let masking = self
+            .masking
+            .as_ref()
+            .expect("the networks are built before the loss; this is a bug");
+        (generator, masking)
+    }
+}
+
+fn masked_lm_head() -> TaskHead {
+    TaskHead {
+        kind: HeadKind::MaskedLm,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: false,
+    }
+}
+
+impl Objective for Rtd {
+    fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
+        (self.train, self.dev) = read_sequences(&self.data, env.tokenizer()?, env.seed, None)?;
+        self.seed = env.seed;
+        Ok(DataSummary {
+            labels: Vec::new(),
+            dev_examples: self.dev.len(),
+            skipped: 0,
+        })
+    }
+
+    /// The discriminator from `from`, the generator from `from/generator`, sharing the
+    /// discriminator's embeddings.
+    fn build(&mut self, from: &Path, env: &Env) -> Result<Networks> {
+        let head = TaskHead {
+            kind: HeadKind::ReplacedTokenDetection,
+            ..masked_lm_head()
+        };
+        let (model, config) = load_for_task(from, &head, env.seed)?;
+        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
+        self.masking = Some(masking(rate, whole, env.tokenizer()?, &model)?);
+        let (mut g, g_config) =
+            load_for_task(&from.join(GENERATOR_DIR), &masked_lm_head(), env.seed)?;
+        share_embeddings(&mut g, &model)?;
+        let mut nets = Networks::single(model, config);
+        nets.companions.push(Companion {
+            dir: GENERATOR_DIR,
+            model: g,
+            config: g_config,
+        });
+        Ok(nets)
+    }
+
+    /// An ELECTRA discriminator is scored with the generator saved beside it.
+    fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks> {
+        let mut nets =
+            super::common::trained_networks(dir, Some(HeadKind::ReplacedTokenDetection))?;
+        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
+        self.masking = Some(masking(rate, whole, env.tokenizer()?, &nets.main)?);
+        nets.companions.push(Companion {
+            dir: GENERATOR_DIR,
+            model: super::common::load_trained(&dir.join(GENERATOR_DIR), None)?,
+            config: serde_json::Value::Null,
+        });
+        Ok(nets)
+    }
+
+    fn max_length(&self) -> usize {
+        self.data.max_length
+    }
+
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn train_tokens(&self) -> usize {
+        self.train.tokens()
+    }
+
+    fn example_ids(&self, i: usize) -> Vec<u32> {
+        self.train.get(i).ids.clone()
+    }
+
+    fn loss(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let (generator, masking) = self.parts(nets);
+        let owned: Vec<_> = batch.iter().map(|&i| self.train.get(i)).collect();
+        let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
+        let weight = self.cfg.rtd_weight;
+        Ok(BatchLoss {
+            loss: batch_loss(generator, &nets.main, &seqs, masking, weight, seed, dropout)?,
+            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        })
+    }
+
+    fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
+        let (generator, masking) = self.parts(nets);
+        evaluate(generator, &nets.main, &self.dev, masking, self.seed)
+    }
+
+    fn main_metric(&self) -> &'static str {
+        "masked_accuracy"
+    }
 }
 
 #[cfg(test)]

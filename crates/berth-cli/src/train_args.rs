@@ -1,0 +1,215 @@
+//! Argument groups shared by the training commands (`finetune`, `pretrain`) and by
+//! `eval --model`: the training loop's flags and the data-column flags, each defined once and
+//! flattened into the subcommands, plus the one mapping from a task name and its flags to
+//! berth-train's task configuration.
+use std::path::{Path, PathBuf};
+
+use berth_train::config::LoopConfig;
+use berth_train::objective::DataConfig;
+use berth_train::objectives::TaskKind;
+use berth_train::objectives::{classify, embed, ner, qa, rerank};
+use berth_train::schedule::ScheduleKind;
+use clap::Args;
+
+/// The training loop's flags. Defaults differ by command (fine-tuning follows the Hugging
+/// Face Trainer, pretraining BERT's recipe), so they are filled in by [`LoopArgs::config`].
+#[derive(Args)]
+pub struct LoopArgs {
+    /// Epochs (finetune 3, pretrain 1).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Train exactly N optimizer steps (overrides --epochs; the schedule spans them).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Peak learning rate (finetune 5e-5, pretrain 1e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Examples per micro-batch (more: steadier gradients, more memory per step).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step (a larger effective batch at the same memory).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Warmup: a fraction of all steps (< 1) or a step count (>= 1) (finetune 0, pretrain 0.06).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Learning-rate shape after warmup.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Linear)]
+    schedule: ScheduleKind,
+    /// AdamW weight decay, not on biases and LayerNorm weights (finetune 0, pretrain 0.01).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of data order, dropout, masking and new weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Evaluate and checkpoint every N steps (default: each epoch).
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Newest checkpoints kept besides the best (more: more disk).
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
+    /// Log the loss every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train without dropout (pretraining: Cramming's and ModernBERT's choice for short
+    /// runs; fine-tuning: for comparisons with eval-mode references). Checkpoints keep
+    /// their dropout rates.
+    #[arg(long)]
+    no_dropout: bool,
+}
+
+/// Per-command defaults of the loop flags left unset.
+pub struct LoopDefaults {
+    pub epochs: usize,
+    pub lr: f64,
+    pub warmup: f64,
+    pub weight_decay: f64,
+}
+
+impl LoopArgs {
+    /// The loop configuration for starting checkpoint `model` and run directory `output`.
+    pub fn config(&self, model: PathBuf, output: PathBuf, d: LoopDefaults) -> LoopConfig {
+        let mut c = LoopConfig::new(model, output);
+        c.epochs = self.epochs.unwrap_or(d.epochs);
+        c.max_steps = self.max_steps;
+        c.lr = self.lr.unwrap_or(d.lr);
+        c.batch_size = self.batch_size;
+        c.grad_accum = self.grad_accum;
+        let warmup = self.warmup.unwrap_or(d.warmup);
+        if warmup >= 1.0 {
+            c.warmup_steps = Some(warmup as u64);
+        } else {
+            c.warmup_ratio = warmup;
+        }
+        c.schedule = self.schedule;
+        c.adamw.weight_decay = self.weight_decay.unwrap_or(d.weight_decay);
+        c.max_grad_norm = (self.max_grad_norm > 0.0).then_some(self.max_grad_norm);
+        c.seed = self.seed;
+        c.save_every = self.save_every;
+        c.keep_checkpoints = self.keep_checkpoints;
+        c.log_every = self.log_every.max(1);
+        c.dropout = !self.no_dropout;
+        c
+    }
+}
+
+/// Which columns of a CSV / TSV / JSON Lines file hold what, and how labels read.
+#[derive(Args)]
+pub struct ColumnArgs {
+    /// First text column (header name or 0-based index); default: sentence (classify),
+    /// anchor (embed), query (rerank).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Second text column: classify pairs; default positive (embed), passage (rerank).
+    #[arg(long)]
+    pair_column: Option<String>,
+    /// classify / rerank: label column (rerank: relevance in [0, 1]); eval: the gold TSV's.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// embed: a hard-negative column (scored against every anchor of the batch).
+    #[arg(long)]
+    negative_column: Option<String>,
+    /// classify: numeric labels, one output, MSE loss.
+    #[arg(long)]
+    regression: bool,
+    /// classify: several labels per row (split on --label-separator), BCE loss.
+    #[arg(long)]
+    multi_label: bool,
+    /// classify --multi-label: what separates a row's labels.
+    #[arg(long, default_value = ",")]
+    label_separator: String,
+    /// ner: 0-based tag column (default: the last).
+    #[arg(long)]
+    tag_column: Option<usize>,
+}
+
+/// The fine-tuning tasks, by the name `--task` takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FinetuneTask {
+    Classify,
+    Ner,
+    Qa,
+    Embed,
+    Rerank,
+}
+
+/// Task settings that are not column flags.
+pub struct TaskExtras {
+    pub doc_stride: usize,
+    pub similarity_scale: f64,
+    pub label_all_tokens: bool,
+}
+
+impl Default for TaskExtras {
+    fn default() -> Self {
+        TaskExtras {
+            doc_stride: qa::QaConfig::default().doc_stride,
+            similarity_scale: embed::EmbedConfig::default().similarity_scale,
+            label_all_tokens: false,
+        }
+    }
+}
+
+impl ColumnArgs {
+    /// The task configuration of `task` with these columns.
+    pub fn task(&self, task: FinetuneTask, x: &TaskExtras) -> anyhow::Result<TaskKind> {
+        if self.multi_label && (task != FinetuneTask::Classify || self.regression) {
+            anyhow::bail!("--multi-label applies to --task classify without --regression");
+        }
+        let text = |default: &str| self.text_column.clone().unwrap_or_else(|| default.into());
+        let pair = |default: &str| self.pair_column.clone().unwrap_or_else(|| default.into());
+        Ok(match task {
+            FinetuneTask::Classify => TaskKind::Classify(classify::ClassifyConfig {
+                text_column: text("sentence"),
+                pair_column: self.pair_column.clone(),
+                label_column: self.label_column.clone(),
+                regression: self.regression,
+                multi_label: self.multi_label,
+                label_separator: self.label_separator.clone(),
+            }),
+            FinetuneTask::Ner => TaskKind::Ner(ner::NerConfig {
+                tag_column: self.tag_column,
+                label_all_tokens: x.label_all_tokens,
+            }),
+            FinetuneTask::Qa => TaskKind::Qa(qa::QaConfig {
+                doc_stride: x.doc_stride,
+            }),
+            FinetuneTask::Embed => TaskKind::Embed(embed::EmbedConfig {
+                text_column: text("anchor"),
+                pair_column: pair("positive"),
+                negative_column: self.negative_column.clone(),
+                similarity_scale: x.similarity_scale,
+            }),
+            FinetuneTask::Rerank => TaskKind::Rerank(rerank::RerankConfig {
+                text_column: text("query"),
+                pair_column: pair("passage"),
+                label_column: self.label_column.clone(),
+            }),
+        })
+    }
+}
+
+/// `train` with a token limit: `max_length`, else 128 (QA: 384) or the model's position
+/// limit when it is smaller.
+pub fn data_config(
+    train: PathBuf,
+    model: &Path,
+    max_length: Option<usize>,
+    qa: bool,
+) -> anyhow::Result<DataConfig> {
+    let mut d = DataConfig::new(train);
+    d.max_length = match max_length {
+        Some(m) => m,
+        None => {
+            let cfg = berth_model::EncoderConfig::from_file(&model.join("config.json"))?;
+            (if qa { 384 } else { 128 }).min(cfg.max_sequence_length())
+        }
+    };
+    Ok(d)
+}

@@ -1,0 +1,94 @@
+//! A run's configuration, saved as its `config.json`: `{"loop": {...}, "task": {...}}`.
+//! The loop half is what every run shares (order, optimizer, schedule, checkpoints); the
+//! task half is the objective's own (data, columns, losses), one typed struct per task
+//! ([`crate::objectives::TaskConfig`]).
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamWConfig;
+use crate::schedule::ScheduleKind;
+
+/// The whole configuration of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// What the task-blind training loop needs.
+    #[serde(rename = "loop")]
+    pub run: LoopConfig,
+    /// The objective and its data.
+    pub task: crate::objectives::TaskConfig,
+}
+
+/// The training loop's settings (the Hugging Face Trainer's where it has them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoopConfig {
+    /// Starting checkpoint (a model directory; its tokenizer is the run's).
+    pub model: PathBuf,
+    /// Run directory.
+    pub output: PathBuf,
+    /// Epochs.
+    pub epochs: usize,
+    /// Train for exactly this many optimizer steps, as the Trainer's `max_steps`: it
+    /// overrides `epochs` (the data is cycled as needed) and the schedule spans these steps.
+    pub max_steps: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Examples per micro-batch (the global batch: data parallelism splits it).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Warmup steps (overrides `warmup_ratio`).
+    pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of all optimizer steps.
+    pub warmup_ratio: f64,
+    /// Schedule after warmup.
+    pub schedule: ScheduleKind,
+    /// AdamW settings (weight decay included).
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm limit (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Seed of data order, dropout, masking and new weights.
+    pub seed: u64,
+    /// Evaluate and checkpoint every N optimizer steps (default: at each epoch end).
+    pub save_every: Option<u64>,
+    /// Newest checkpoints kept (the best one is kept as well).
+    pub keep_checkpoints: usize,
+    /// Stop after this many evaluations without a better dev score.
+    pub early_stopping_patience: Option<usize>,
+    /// Log the training loss every N optimizer steps.
+    pub log_every: u64,
+    /// Dropout during training.
+    pub dropout: bool,
+    /// Append each epoch's training examples, in training order, to this JSON Lines file
+    /// (`{"epoch", "ids"}`), for a peer to train on the same data order.
+    #[serde(default)]
+    pub dump_order: Option<PathBuf>,
+}
+
+impl LoopConfig {
+    /// The Trainer's defaults (lr 5e-5, linear schedule, no warmup, weight decay 0, clip at
+    /// 1.0, 3 epochs, batch 32, seed 42).
+    pub fn new(model: PathBuf, output: PathBuf) -> Self {
+        LoopConfig {
+            model,
+            output,
+            epochs: 3,
+            max_steps: None,
+            lr: 5e-5,
+            batch_size: 32,
+            grad_accum: 1,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            schedule: ScheduleKind::Linear,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            save_every: None,
+            keep_checkpoints: 2,
+            early_stopping_patience: None,
+            log_every: 10,
+            dropout: true,
+            dump_order: None,
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The seam between the task-blind training loop ([`crate::train_loop`]) and what is being
+//! learned. An [`Objective`] reads and encodes its own data into its own example type,
+//! builds the networks it trains, computes the loss of a batch given by example indices,
+//! evaluates, and names the metric that picks the best checkpoint. The loop owns order,
+//! optimizer, clipping, schedule, checkpoints, logging and resume, and never sees an example.
+//!
+//! Adding an objective: one file under `objectives/` implementing this trait, one arm in
+//! [`crate::objectives::build`], its settings as a [`crate::objectives::TaskKind`] variant,
+//! and its flags in the CLI.
+use std::path::Path;
+
+use berth_model::{Dropout, Model, Param};
+use berth_text::TextTokenizer;
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Where an objective's examples come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataConfig {
+    /// Training data.
+    pub train: std::path::PathBuf,
+    /// Dev data; without it, `dev_fraction` of the training data is split off (seeded).
+    pub dev: Option<std::path::PathBuf>,
+    /// Fraction held out when there is no dev file.
+    pub dev_fraction: f64,
+    /// Token limit per example (per sequence for pretraining).
+    pub max_length: usize,
+    /// Skip (and count) malformed rows instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+impl DataConfig {
+    /// `train` with the defaults: a 10 % seeded dev split, 128 tokens, strict rows.
+    pub fn new(train: std::path::PathBuf) -> Self {
+        DataConfig {
+            train,
+            dev: None,
+            dev_fraction: 0.1,
+            max_length: 128,
+            skip_bad_rows: false,
+        }
+    }
+}
+
+/// Refuses a token limit beyond the model's position table (`dir` names the model).
+pub fn check_max_length(max_length: usize, model: &Model, dir: &Path) -> Result<()> {
+    let limit = model.config.max_sequence_length();
+    if max_length > limit {
+        return Err(TrainError::Config(format!(
+            "--max-length {max_length} exceeds the {limit} positions of {} (pass --max-length {limit} or less)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Dev metrics: name → value (JSON numbers), as metrics.jsonl logs them.
+pub type Metrics = serde_json::Map<String, serde_json::Value>;
+
+/// What an objective is given besides its own settings.
+pub struct Env<'a> {
+    /// The starting checkpoint.
+    pub model_dir: &'a Path,
+    /// The run's seed (dev splits, new head weights).
+    pub seed: u64,
+    tokenizer: std::sync::OnceLock<TextTokenizer>,
+}
+
+impl<'a> Env<'a> {
+    /// The environment of a run from `model_dir` with `seed`.
+    pub fn new(model_dir: &'a Path, seed: u64) -> Self {
+        Env {
+            model_dir,
+            seed,
+            tokenizer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The starting checkpoint's tokenizer, loaded on first use (objectives that read
+    /// text ask for it; the loop never does).
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        if let Some(t) = self.tokenizer.get() {
+            return Ok(t);
+        }
+        let t = TextTokenizer::from_dir(self.model_dir)?;
+        Ok(self.tokenizer.get_or_init(|| t))
+    }
+}
+
+/// What the prepared data looks like, for the plan printed before step 0.
+#[derive(Debug, Clone, Default)]
+pub struct DataSummary {
+    /// Label names (classification, NER); empty for other objectives.
+    pub labels: Vec<String>,
+    /// Dev examples (or questions, for QA).
+    pub dev_examples: usize,
+    /// Malformed rows skipped.
+    pub skipped: usize,
+}
+
+/// A network trained beside the main model and saved in a subfolder of each checkpoint
+/// (ELECTRA's generator under `generator/`).
+pub struct Companion {
+    /// Subfolder of the checkpoint, and the prefix of its optimizer-state names.
+    pub dir: &'static str,
+    /// The network.
+    pub model: Model,
+    /// Its config.json.
+    pub config: serde_json::Value,
+}
+
+/// The networks of a run: the main model (saved at the checkpoint's top level), networks
+/// trained with it, and frozen ones that only run forward (a distillation teacher).
+pub struct Networks {
+    /// The model being trained.
+    pub main: Model,
+    /// Its config.json as saved.
+    pub config: serde_json::Value,
+    /// Trained networks beside it (one optimizer steps them all).
+    pub companions: Vec<Companion>,
+    /// Networks used forward only: no gradient, no optimizer state, never saved.
+    pub frozen: Vec<Model>,
+}
+
+impl Networks {
+    /// One trained model and nothing else.
+    pub fn single(main: Model, config: serde_json::Value) -> Self {
+        Networks {
+            main,
+            config,
+            companions: Vec::new(),
+            frozen: Vec::new(),
+        }
+    }
+
+    /// The parameters one optimizer steps: the main model's, then each companion's under
+    /// `DIR/` names (a variable shared with the main model, such as tied embeddings, is
+    /// stepped once: the optimizer merges parameters by variable).
+    pub fn params(&self) -> Vec<Param> {
+        let mut params = self.main.params.clone();
+        for c in &self.companions {
+            params.extend(c.model.params.iter().map(|p| Param {
+                name: format!("{}/{}", c.dir, p.name),
+                ..p.clone()
+            }));
+        }
+        params
+    }
+
+    /// Back-propagates `loss` through every trained network.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = self.main.backward(loss)?;
+        for c in &self.companions {
+            c.model.collect_grads(&mut grads)?;
+        }
+        Ok(grads)
+    }
+}
+
+/// The loss of one batch and the tokens it fed the encoder(s).
+pub struct BatchLoss {
+    /// Mean loss over the batch (`None`: nothing to learn from, e.g. every token ignored).
+    pub loss: Option<Tensor>,
+    /// Input tokens of the batch (for tokens/s).
+    pub tokens: usize,
+}
+
+/// What is being learned; see the module documentation.
+pub trait Objective {
+    /// Reads, splits, labels and encodes the training and dev data.
+    fn prepare(&mut self, env: &Env) -> Result<DataSummary>;
+
+    /// The networks to train, starting from `from` (the base checkpoint, or the checkpoint
+    /// a resumed run continues): heads created as transformers creates them.
+    fn build(&mut self, from: &Path, env: &Env) -> Result<Networks>;
+
+    /// The networks of an already trained checkpoint, for evaluation (`berth eval
+    /// --model`): its heads must exist (no new weights are created).
+    fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks>;
+
+    /// Token limit per example (checked against the model's position table).
+    fn max_length(&self) -> usize;
+
+    /// Training examples.
+    fn train_len(&self) -> usize;
+
+    /// Input tokens over all training examples (no padding: what is computed).
+    fn train_tokens(&self) -> usize;
+
+    /// The token ids of training example `i`'s first sequence (for `dump_order`).
+    fn example_ids(&self, i: usize) -> Vec<u32>;
+
+    /// The loss of the training examples `batch` (indices). `seed` is the batch's own
+    /// randomness (masking, sampling), keyed by its position in the run; `dropout` is on
+    /// during training.
+    fn loss(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss>;
+
+    /// Dev metrics of `nets`.
+    fn evaluate(&self, nets: &Networks) -> Result<Metrics>;
+
+    /// The metric that decides the best checkpoint and early stopping (higher is better).
+    fn main_metric(&self) -> &'static str;
+
+    /// Writes files of the objective's own into a checkpoint folder `dir` beside the
+    /// weights (a bi-encoder's sentence-transformers module files).
+    fn write_extras(&self, _nets: &Networks, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,98 @@
+//! Helpers every objective uses: the train / dev split, packing, the unseen-label error,
+//! argmax, and loading a trained checkpoint for evaluation.
+use std::path::{Path, PathBuf};
+
+use berth_model::{Batch, HeadKind, Model};
+use berth_text::Encoded;
+
+use crate::error::{Result, TrainError};
+use crate::objective::{DataConfig, Networks};
+
+/// Training and dev items: the dev file when there is one, else a seeded `dev_fraction` of
+/// the training items; with the file the dev items came from and the rows skipped.
+pub(crate) struct Split<T> {
+    pub train: Vec<T>,
+    pub dev: Vec<T>,
+    pub dev_path: PathBuf,
+    pub skipped: usize,
+}
+
+/// Reads `data`'s training and dev items with `read` (items, rows skipped).
+pub(crate) fn split<T: Clone>(
+    data: &DataConfig,
+    seed: u64,
+    read: impl Fn(&Path) -> Result<(Vec<T>, usize)>,
+) -> Result<Split<T>> {
+    let (train, mut skipped) = read(&data.train)?;
+    Ok(match &data.dev {
+        Some(d) => {
+            let (dev, s) = read(d)?;
+            skipped += s;
+            Split {
+                train,
+                dev,
+                dev_path: d.clone(),
+                skipped,
+            }
+        }
+        None => {
+            let (train, dev) = crate::data::split(&train, data.dev_fraction, seed);
+            Split {
+                train,
+                dev,
+                dev_path: data.train.clone(),
+                skipped,
+            }
+        }
+    })
+}
+
+/// The error for a dev label the training data never shows.
+pub(crate) fn unseen(path: &Path, line: usize, label: &str) -> TrainError {
+    TrainError::Data {
+        path: path.into(),
+        line,
+        message: format!("label {label:?} does not occur in the training data"),
+    }
+}
+
+/// Packs encoded sequences into one batch (no padding).
+pub(crate) fn pack<'a>(encs: impl IntoIterator<Item = &'a Encoded>) -> Result<Batch> {
+    Ok(Batch::from_sequences(
+        encs.into_iter()
+            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice())),
+    )?)
+}
+
+/// Index of the largest value (the first on ties).
+pub(crate) fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
+}
+
+/// A trained checkpoint for evaluation, f32, with the head `needed` present.
+pub(crate) fn load_trained(dir: &Path, needed: Option<HeadKind>) -> Result<Model> {
+    let (mut model, report) = Model::load(dir, false)?;
+    if let Some(kind) = needed {
+        if !model.has_head(kind) {
+            return Err(TrainError::Config(format!(
+                "{}: {} (the model has no {} head{})",
+                dir.display(),
+                model.missing_head(kind),
+                kind.name(),
+                report
+                    .missing_head
+                    .map_or(String::new(), |(_, key)| format!("; missing {key}"))
+            )));
+        }
+    }
+    model.set_precision(berth_model::Precision::F32)?;
+    Ok(model)
+}
+
+/// [`load_trained`] as the networks of a run (the config is not needed to evaluate).
+pub(crate) fn trained_networks(dir: &Path, needed: Option<HeadKind>) -> Result<Networks> {
+    Ok(Networks::single(
+        load_trained(dir, needed)?,
+        serde_json::Value::Null,
+    ))
+}

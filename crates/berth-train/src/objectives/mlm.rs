@@ -1,0 +1,403 @@
+//! Masked-language-model pretraining (BERT / RoBERTa), optionally with BERT's
+//! next-sentence prediction or ALBERT's sentence-order prediction on the pooled first token
+//! (`BertForPreTraining`). Masking is dynamic (a fresh draw each time a batch is seen) and
+//! the vocabulary projection runs on the masked positions only. Held-out: masked-LM loss,
+//! perplexity and masked accuracy with a fixed masking.
+use std::path::Path;
+
+use berth_model::{Batch, Dropout, HeadKind, Model};
+use berth_text::TextTokenizer;
+use candle_core::Tensor;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::specials;
+use crate::error::{Result, TrainError};
+use crate::init::{load_for_task, TaskHead};
+use crate::loss;
+use crate::masking::{mask_sequence, MaskingConfig};
+use crate::objective::DataConfig;
+use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::pretrain::{read_sequences, PretrainSequence, SentenceObjective, Sequences};
+
+/// Settings of a masked-LM run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MlmConfig {
+    /// Fraction of tokens chosen for prediction.
+    pub mask_rate: f64,
+    /// Choose whole words.
+    pub whole_word: bool,
+    /// A sentence-pair objective beside masked-LM (BERT only).
+    pub sentence_objective: Option<SentenceObjective>,
+}
+
+impl Default for MlmConfig {
+    fn default() -> Self {
+        MlmConfig {
+            mask_rate: 0.15,
+            whole_word: false,
+            sentence_objective: None,
+        }
+    }
+}
+
+/// The masked-LM objective.
+pub struct MaskedLm {
+    data: DataConfig,
+    cfg: MlmConfig,
+    masking: Option<MaskingConfig>,
+    seed: u64,
+    train: Sequences,
+    dev: Vec<PretrainSequence>,
+}
+
+impl MaskedLm {
+    /// An objective for `cfg` on the corpus `data`.
+    pub fn new(data: DataConfig, cfg: MlmConfig) -> Self {
+        MaskedLm {
+            data,
+            cfg,
+            masking: None,
+            seed: 0,
+            train: Sequences::Memory(Vec::new()),
+            dev: Vec::new(),
+        }
+    }
+
+    fn masking(&self) -> &MaskingConfig {
+        self.masking
+            .as_ref()
+            .expect("the networks are built before the loss; this is a bug")
+    }
+}
+
+impl Objective for MaskedLm {
+    fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
+        let pairs = self.cfg.sentence_objective;
+        (self.train, self.dev) = read_sequences(&self.data, env.tokenizer()?, env.seed, pairs)?;
+        self.seed = env.seed;
+        Ok(DataSummary {
+            labels: Vec::new(),
+            dev_examples: self.dev.len(),
+            skipped: 0,
+        })
+    }
+
+    fn build(&mut self, from: &Path, env: &Env) -> Result<Networks> {
+        let head = TaskHead {
+            kind: HeadKind::MaskedLm,
+            labels: Vec::new(),
+            problem_type: None,
+            sentence_order: self.cfg.sentence_objective.is_some(),
+        };
+        let (model, config) = load_for_task(from, &head, env.seed)?;
+        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
+        self.masking = Some(masking(rate, whole, env.tokenizer()?, &model)?);
+        Ok(Networks::single(model, config))
+    }
+
+    fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks> {
+        let nets = super::common::trained_networks(dir, Some(HeadKind::MaskedLm))?;
+        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
+        self.masking = Some(masking(rate, whole, env.tokenizer()?, &nets.main)?);
+        Ok(nets)
+    }
+
+    fn max_length(&self) -> usize {
+        self.data.max_length
+    }
+
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn train_tokens(&self) -> usize {
+        self.train.tokens()
+    }
+
+    fn example_ids(&self, i: usize) -> Vec<u32> {
+        self.train.get(i).ids.clone()
+    }
+
+    fn loss(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let owned: Vec<_> = batch.iter().map(|&i| self.train.get(i)).collect();
+        let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
+        Ok(BatchLoss {
+            loss: mlm_loss(&nets.main, &seqs, self.masking(), seed, dropout)?,
+            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        })
+    }
+
+    fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
+        evaluate_mlm(&nets.main, &self.dev, self.masking(), self.seed)
+    }
+
+    fn main_metric(&self) -> &'static str {
+        "masked_accuracy"
+    }
+}
+
+/// The masking of a run at `rate` (whole words or tokens), for `model`'s vocabulary.
+pub(crate) fn masking(
+    rate: f64,
+    whole_word: bool,
+    tok: &TextTokenizer,
+    model: &Model,
+) -> Result<MaskingConfig> {
+    let (_, _, mask_id) = specials(tok)?;
+    if tok.vocab_size() > model.config.vocab_size {
+        return Err(TrainError::Config(format!(
+            "the tokenizer ({}) has {} tokens but the model's embeddings only {}: \
+             they do not belong together",
+            tok.source().display(),
+            tok.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    Ok(MaskingConfig {
+        rate,
+        whole_word,
+        mask_id,
+        vocab_size: model.config.vocab_size as u32,
+    })
+}
+
+/// One pretraining batch's outputs: masked-LM logits at the chosen positions `[R, V]` with
+/// their labels (`None` when nothing was chosen), and the sentence-pair logits `[S, 2]` with
+/// their labels when the sequences carry them ([`crate::pretrain::sentence_pairs`]).
+struct Outputs {
+    mlm: Option<(Tensor, Vec<u32>)>,
+    pairs: Option<(Tensor, Vec<u32>)>,
+}
+
+/// One sequence after masking: the ids the encoder sees, the token types, the positions
+/// whose original tokens are predicted (ascending) with those originals, and the
+/// sentence-pair label when the objective has one.
+#[derive(Debug, Clone)]
+pub struct MaskedInput {
+    /// Input ids after masking.
+    pub ids: Vec<u32>,
+    /// Token type ids (segment A / B).
+    pub type_ids: Vec<u32>,
+    /// Positions predicted by the masked-LM head.
+    pub positions: Vec<u32>,
+    /// The original id at each position.
+    pub labels: Vec<u32>,
+    /// Sentence-pair (NSP / SOP) label.
+    pub pair_label: Option<u32>,
+}
+
+/// Masks `examples` (example `k` from a generator seeded by `(seed, k)`), runs them packed,
+/// and returns the heads' outputs.
+fn pretrain_outputs(
+    model: &Model,
+    examples: &[&PretrainSequence],
+    masking: &MaskingConfig,
+    seed: u64,
+    d: Option<&Dropout>,
+) -> Result<Outputs> {
+    outputs_of_masked(model, &mask_examples(examples, masking, seed), d)
+}
+
+/// Masks `examples`, example `k` from a generator seeded by `(seed, k)`.
+pub(crate) fn mask_examples(
+    examples: &[&PretrainSequence],
+    masking: &MaskingConfig,
+    seed: u64,
+) -> Vec<MaskedInput> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, k as u64));
+            let m = mask_sequence(&e.ids, &e.special(), &e.words, masking, &mut rng);
+            MaskedInput {
+                ids: m.ids,
+                type_ids: e.type_ids.clone(),
+                positions: m.positions,
+                labels: m.labels,
+                pair_label: e.pair_label,
+            }
+        })
+        .collect()
+}
+
+/// The masked positions of `inputs` as rows of their packed batch, with the original tokens.
+pub(crate) fn masked_rows(inputs: &[MaskedInput]) -> (Vec<u32>, Vec<u32>) {
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    let mut offset = 0u32;
+    for m in inputs {
+        rows.extend(m.positions.iter().map(|p| p + offset));
+        labels.extend(&m.labels);
+        offset += m.ids.len() as u32;
+    }
+    (rows, labels)
+}
+
+/// The heads' outputs for already-masked sequences, run packed. Pair logits come when every
+/// sequence carries a pair label.
+fn outputs_of_masked(
+    model: &Model,
+    inputs: &[MaskedInput],
+    d: Option<&Dropout>,
+) -> Result<Outputs> {
+    let (rows, labels) = masked_rows(inputs);
+    let pair_labels: Option<Vec<u32>> = inputs.iter().map(|m| m.pair_label).collect();
+    if rows.is_empty() && pair_labels.is_none() {
+        return Ok(Outputs {
+            mlm: None,
+            pairs: None,
+        });
+    }
+    let batch = Batch::from_sequences(
+        inputs
+            .iter()
+            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
+    )?;
+    if pair_labels.is_none() {
+        // Only the chosen positions are read: the last layer computes just those rows, and
+        // the vocabulary projection runs on them.
+        let hidden = model.forward_train_rows(&batch, d, &rows)?;
+        return Ok(Outputs {
+            mlm: Some((model.mlm_logits(&hidden)?, labels)),
+            pairs: None,
+        });
+    }
+    let hidden = model.forward_train(&batch, d)?;
+    // The vocabulary projection runs on the chosen positions only.
+    let mlm = if rows.is_empty() {
+        None
+    } else {
+        Some((
+            model.mlm_logits(&Model::select_rows(&hidden, &rows)?)?,
+            labels,
+        ))
+    };
+    let pairs = match pair_labels {
+        Some(l) => Some((model.sentence_pair_logits(&hidden, &batch)?, l)),
+        None => None,
+    };
+    Ok(Outputs { mlm, pairs })
+}
+
+fn mean_cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Option<Tensor>> {
+    loss::cross_entropy(
+        logits,
+        &labels.iter().copied().map(Some).collect::<Vec<_>>(),
+    )
+}
+
+/// Mean cross-entropy at the chosen positions of one batch, plus the sentence-pair
+/// cross-entropy when the examples carry pair labels (`BertForPreTraining`'s total loss).
+pub fn mlm_loss(
+    model: &Model,
+    examples: &[&PretrainSequence],
+    masking: &MaskingConfig,
+    seed: u64,
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    total_loss(pretrain_outputs(model, examples, masking, seed, d)?)
+}
+
+/// [`BertForPreTraining`]'s loss of already-masked sequences: mean cross-entropy over all
+/// predicted positions, plus the mean sentence-pair cross-entropy when the inputs carry pair
+/// labels (`None` when there is nothing to predict).
+///
+/// [`BertForPreTraining`]: https://huggingface.co/docs/transformers/model_doc/bert
+pub fn masked_lm_loss(
+    model: &Model,
+    inputs: &[MaskedInput],
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    total_loss(outputs_of_masked(model, inputs, d)?)
+}
+
+fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
+    let mlm = match &out.mlm {
+        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
+        None => None,
+    };
+    let pairs = match &out.pairs {
+        Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
+        None => None,
+    };
+    Ok(match (mlm, pairs) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, b) => a.or(b),
+    })
+}
+
+/// Running held-out classification totals: summed cross-entropy, top-1 hits, rows.
+#[derive(Default)]
+pub(crate) struct Tally {
+    loss: f64,
+    correct: usize,
+    count: usize,
+}
+
+impl Tally {
+    /// Adds the rows of `logits [R, C]` with their `labels`.
+    pub(crate) fn add(&mut self, logits: &Tensor, labels: &[u32]) -> Result<()> {
+        let l = mean_cross_entropy(logits, labels)?.expect("labels present");
+        self.loss += l.to_scalar::<f32>()? as f64 * labels.len() as f64;
+        let best = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        self.correct += best.iter().zip(labels).filter(|(a, b)| a == b).count();
+        self.count += labels.len();
+        Ok(())
+    }
+
+    fn mean_loss(&self) -> f64 {
+        self.loss / self.count.max(1) as f64
+    }
+
+    fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count.max(1) as f64
+    }
+
+    /// The masked-LM metrics: `loss` (mean cross-entropy per masked token), `perplexity` (its
+    /// exponential), `masked_accuracy` (top-1 equals the original) and `masked_tokens`.
+    pub(crate) fn insert_mlm(&self, out: &mut serde_json::Map<String, serde_json::Value>) {
+        out.insert("loss".into(), self.mean_loss().into());
+        out.insert("perplexity".into(), self.mean_loss().exp().into());
+        out.insert("masked_accuracy".into(), self.accuracy().into());
+        out.insert("masked_tokens".into(), self.count.into());
+    }
+}
+
+/// Held-out masked-LM metrics with a fixed masking (the same positions at every
+/// evaluation): loss (mean cross-entropy per masked token), perplexity (its exponential) and
+/// masked accuracy (top-1 prediction equals the original token).
+pub(crate) fn evaluate_mlm(
+    model: &Model,
+    dev: &[PretrainSequence],
+    masking: &MaskingConfig,
+    seed: u64,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let (mut mlm, mut pairs) = (Tally::default(), Tally::default());
+    for (c, chunk) in dev.chunks(64).enumerate() {
+        let refs: Vec<&PretrainSequence> = chunk.iter().collect();
+        let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
+        let out = pretrain_outputs(model, &refs, masking, chunk_seed, None)?;
+        if let Some((logits, labels)) = out.mlm {
+            mlm.add(&logits, &labels)?;
+        }
+        if let Some((logits, labels)) = out.pairs {
+            pairs.add(&logits, &labels)?;
+        }
+    }
+    let mut out = serde_json::Map::new();
+    mlm.insert_mlm(&mut out);
+    if pairs.count > 0 {
+        // Next-sentence / sentence-order prediction on the held-out pairs.
+        out.insert("pair_loss".into(), pairs.mean_loss().into());
+        out.insert("pair_accuracy".into(), pairs.accuracy().into());
+    }
+    Ok(out)
+}

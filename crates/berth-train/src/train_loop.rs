@@ -1,0 +1,369 @@
+//! The training loop, task-blind and readable top to bottom:
+//! data → networks → for each optimizer step: learning rate → forward / backward over the
+//! accumulated micro-batches (dropout on) → all-reduce → clip → AdamW step → log; at each
+//! epoch end (or every `save_every` steps): evaluate on dev → checkpoint → early stopping.
+//! What is learned comes from an [`Objective`]; how processes cooperate from a
+//! [`Collective`].
+//!
+//! Determinism: the data order of epoch `e` is a shuffle seeded by `(seed, e)`, and the
+//! dropout masks and the batch's own randomness (masking) of micro-batch `k` are seeded by
+//! `(seed, k)`. Nothing else is random, so the same config and seed give the same losses,
+//! and a resumed run (which restores weights, optimizer moments and the data position)
+//! continues exactly.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use berth_model::Dropout;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::checkpoint::{self, TrainerState, FORMAT_VERSION};
+use crate::config::RunConfig;
+use crate::dist::Collective;
+use crate::error::{io, Result, TrainError};
+use crate::objective::{Env, Metrics, Objective};
+use crate::optim::AdamW;
+use crate::schedule::Schedule;
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    /// An optimizer step.
+    Step {
+        /// Steps taken.
+        step: u64,
+        /// Total steps of the schedule.
+        total: u64,
+        /// Epoch (fractional).
+        epoch: f64,
+        /// Mean training loss of the step's micro-batches.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Gradient norm before clipping.
+        grad_norm: f64,
+        /// Training tokens per second over the step.
+        tokens_per_s: f64,
+    },
+    /// A dev evaluation.
+    Eval {
+        /// Steps taken.
+        step: u64,
+        /// Epoch (fractional).
+        epoch: f64,
+        /// Metric name → value.
+        eval: Metrics,
+    },
+}
+
+/// Numbers derived from the config and data, printed before step 0.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Training examples.
+    pub train_examples: usize,
+    /// Dev examples.
+    pub dev_examples: usize,
+    /// Labels.
+    pub labels: Vec<String>,
+    /// Micro-batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Optimizer steps in all.
+    pub total_steps: u64,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Effective batch size (batch size × accumulation).
+    pub effective_batch: usize,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// Training tokens per epoch (no padding: what is computed).
+    pub tokens_per_epoch: usize,
+    /// Malformed rows skipped.
+    pub skipped_rows: usize,
+    /// Step resumed from (0 for a fresh run).
+    pub resumed_at: u64,
+    /// The metric that picks the best checkpoint.
+    pub main_metric: &'static str,
+}
+
+/// Writes `cfg` as the run's config.json, atomically (a full disk must not leave a
+/// truncated config behind).
+fn write_config(cfg: &RunConfig) -> Result<()> {
+    let out = &cfg.run.output;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let path = out.join("config.json");
+    let text = serde_json::to_string_pretty(cfg).expect("config serialises");
+    let tmp = out.join(".config.json.tmp");
+    std::fs::write(&tmp, &text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Runs (or resumes) a training run of `objective`; `on_plan` sees the derived numbers
+/// before step 0 and `on_event` every logged step and evaluation. Returns the path of the
+/// best checkpoint.
+pub fn train(
+    cfg: &RunConfig,
+    objective: &mut dyn Objective,
+    collective: &dyn Collective,
+    resume: bool,
+    on_plan: &mut dyn FnMut(&Plan),
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<PathBuf> {
+    let lc = &cfg.run;
+    if lc.batch_size == 0 || lc.grad_accum == 0 || lc.epochs == 0 {
+        return Err(TrainError::Config(
+            "batch size, gradient accumulation and epochs must be at least 1".into(),
+        ));
+    }
+    let writer = collective.is_writer();
+    if writer {
+        write_config(cfg)?;
+    }
+
+    // Data.
+    let env = Env::new(&lc.model, lc.seed);
+    let summary = objective.prepare(&env)?;
+
+    // Networks and optimizer: fresh, or from the newest checkpoint.
+    let latest = if resume {
+        checkpoint::list(&lc.output)?.pop()
+    } else {
+        None
+    };
+    let from = latest
+        .as_ref()
+        .map_or(lc.model.as_path(), |(_, d)| d.as_path());
+    let nets = objective.build(from, &env)?;
+    crate::objective::check_max_length(objective.max_length(), &nets.main, &lc.model)?;
+    let mut opt = AdamW::new(&nets.params(), lc.adamw);
+    let mut state = TrainerState {
+        format_version: FORMAT_VERSION,
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        seed: lc.seed,
+        best: None,
+        evals_without_improvement: 0,
+    };
+    if let Some((_, dir)) = &latest {
+        let (saved, tensors) = checkpoint::read_state(dir)?;
+        if saved.seed != lc.seed {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                message: format!("was trained with seed {}, not {}", saved.seed, lc.seed),
+            });
+        }
+        opt.load_state(&tensors, saved.step, &dir.join("optimizer.safetensors"))?;
+        state = saved;
+    }
+
+    // The schedule.
+    let train_len = objective.train_len();
+    let batches_per_epoch = train_len.div_ceil(lc.batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(lc.grad_accum) as u64;
+    let total = lc.max_steps.unwrap_or(steps_per_epoch * lc.epochs as u64);
+    let epochs = total.div_ceil(steps_per_epoch.max(1)) as usize;
+    let warmup = lc
+        .warmup_steps
+        .unwrap_or((lc.warmup_ratio * total as f64).ceil() as u64);
+    let schedule = Schedule {
+        kind: lc.schedule,
+        base_lr: lc.lr,
+        warmup,
+        total,
+    };
+    on_plan(&Plan {
+        train_examples: train_len,
+        dev_examples: summary.dev_examples,
+        labels: summary.labels.clone(),
+        batches_per_epoch,
+        steps_per_epoch,
+        total_steps: total,
+        warmup_steps: warmup,
+        effective_batch: lc.batch_size * lc.grad_accum,
+        parameters: nets.main.num_parameters(),
+        tokens_per_epoch: objective.train_tokens(),
+        skipped_rows: summary.skipped,
+        resumed_at: state.step,
+        main_metric: objective.main_metric(),
+    });
+
+    let metrics_path = lc.output.join("metrics.jsonl");
+    let mut log = if writer {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(io(&metrics_path))?,
+        )
+    } else {
+        None
+    };
+    let mut emit = |e: &Event| -> Result<()> {
+        if let Some(log) = log.as_mut() {
+            use std::io::Write;
+            writeln!(
+                log,
+                "{}",
+                serde_json::to_string(e).expect("events serialise")
+            )
+            .map_err(io(&metrics_path))?;
+        }
+        on_event(e);
+        Ok(())
+    };
+    let mut best_dir = latest.as_ref().map(|(_, d)| d.clone());
+    let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
+        (0.0f64, 0usize, 0usize, Instant::now());
+
+    'epochs: for epoch in state.epoch..epochs {
+        // The epoch's data order.
+        let mut order: Vec<usize> = (0..train_len).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+            berth_kernels::seed_stream(lc.seed, epoch as u64),
+        ));
+        if let (Some(path), true) = (&lc.dump_order, writer) {
+            dump_order(path, epoch, &order, objective)?;
+        }
+        let batches: Vec<&[usize]> = order.chunks(lc.batch_size).collect();
+        let first = if epoch == state.epoch {
+            state.batch_in_epoch
+        } else {
+            0
+        };
+        for group_start in (first..batches.len()).step_by(lc.grad_accum) {
+            if state.step >= total {
+                break 'epochs;
+            }
+            let group = &batches[group_start..(group_start + lc.grad_accum).min(batches.len())];
+            // Forward and backward over the step's micro-batches, dropout seeded by position.
+            let lr = schedule.lr(state.step);
+            for (k, global) in group.iter().enumerate() {
+                let micro = (epoch * batches.len() + group_start + k) as u64;
+                let dropout = lc
+                    .dropout
+                    .then(|| Dropout::new(berth_kernels::seed_stream(lc.seed ^ 0xd0d0, micro)));
+                // Masking is drawn afresh each time a batch is seen (dynamic masking).
+                let batch_seed = berth_kernels::seed_stream(lc.seed ^ 0x3a5c, micro);
+                let mine = collective.shard(global);
+                let out = objective.loss(&nets, mine, batch_seed, dropout.as_ref())?;
+                if let Some(loss) = out.loss {
+                    loss_acc += loss.to_scalar::<f32>()? as f64;
+                    loss_count += 1;
+                    let mut scaled = (loss / lc.grad_accum as f64)?;
+                    if collective.world_size() > 1 {
+                        // The all-reduce sums the ranks' gradients: weight each rank's mean
+                        // by its share of the batch. TODO(#19): a loss averaged over tokens
+                        // rather than examples needs its token counts reduced instead.
+                        scaled = (scaled * (mine.len() as f64 / global.len() as f64))?;
+                    }
+                    opt.accumulate(&nets.backward(&scaled)?, 1.0)?;
+                }
+                tokens += out.tokens;
+            }
+            opt.all_reduce(collective)?;
+            let grad_norm = opt.clip(lc.max_grad_norm);
+            opt.step(lr)?;
+            state.step += 1;
+            state.batch_in_epoch = group_start + group.len();
+            state.epoch = epoch;
+            if state.batch_in_epoch == batches.len() {
+                state.epoch = epoch + 1;
+                state.batch_in_epoch = 0;
+            }
+            let epoch_f = epoch as f64 + (group_start + group.len()) as f64 / batches.len() as f64;
+            if state.step.is_multiple_of(lc.log_every) || state.step == total {
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                emit(&Event::Step {
+                    step: state.step,
+                    total,
+                    epoch: epoch_f,
+                    loss: loss_acc / loss_count.max(1) as f64,
+                    lr,
+                    grad_norm,
+                    tokens_per_s: tokens as f64 / secs,
+                })?;
+                (loss_acc, loss_count, tokens, t0) = (0.0, 0, 0, Instant::now());
+            }
+            // Evaluate, checkpoint, and maybe stop.
+            let boundary = match lc.save_every {
+                Some(n) => state.step.is_multiple_of(n),
+                None => state.batch_in_epoch == 0,
+            };
+            if !(boundary || state.step == total) {
+                continue;
+            }
+            // TODO(#19): with several ranks, rank 0 alone evaluates and decides; the
+            // early-stopping decision must then be broadcast to the others.
+            if !writer {
+                continue;
+            }
+            let paused = Instant::now();
+            let eval = objective.evaluate(&nets)?;
+            let score = eval
+                .get(objective.main_metric())
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN);
+            emit(&Event::Eval {
+                step: state.step,
+                epoch: epoch_f,
+                eval,
+            })?;
+            let improved = state.best.is_none_or(|(b, _)| score > b);
+            if improved {
+                state.best = Some((score, state.step));
+                state.evals_without_improvement = 0;
+            } else {
+                state.evals_without_improvement += 1;
+            }
+            let dir = checkpoint::save(&lc.output, &nets, &lc.model, objective, &opt, &state)?;
+            if improved {
+                best_dir = Some(dir);
+            }
+            checkpoint::rotate(&lc.output, lc.keep_checkpoints, state.best.map(|b| b.1))?;
+            // Evaluation and checkpointing are not training time: tokens/s leaves them out.
+            t0 += paused.elapsed();
+            if lc
+                .early_stopping_patience
+                .is_some_and(|p| state.evals_without_improvement >= p)
+            {
+                break 'epochs;
+            }
+        }
+    }
+    if !writer {
+        // Only the writing rank keeps checkpoints; the others report the run directory.
+        return Ok(lc.output.clone());
+    }
+    best_dir
+        .ok_or_else(|| TrainError::Config("no step was run (the run had already finished?)".into()))
+}
+
+/// Appends one epoch's training order to `path` (`{"epoch", "ids"}` per example).
+fn dump_order(
+    path: &std::path::Path,
+    epoch: usize,
+    order: &[usize],
+    objective: &dyn Objective,
+) -> Result<()> {
+    use std::io::Write;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    let mut w = std::io::BufWriter::new(f);
+    for &i in order {
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"epoch": epoch, "ids": objective.example_ids(i)})
+        )
+        .map_err(io(path))?;
+    }
+    w.flush().map_err(io(path))
+}
