@@ -120,6 +120,7 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
                     mask_rate: a.mask_rate,
                     whole_word: a.whole_word,
                     sentence_objective: None,
+                    distill: None,
                 })
             }
         }

@@ -11,8 +11,9 @@ use clap::{Args, ValueEnum};
 
 use crate::resolve;
 use crate::train_args::{
-    data_config, ColumnArgs, FinetuneTask, LoopArgs, LoopDefaults, TaskExtras,
+    data_config, ColumnArgs, DistillArgs, FinetuneTask, LoopArgs, LoopDefaults, TaskExtras,
 };
+use berth_train::objectives::TaskKind;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum TaskArg {
@@ -85,6 +86,8 @@ pub struct FinetuneArgs {
     columns: ColumnArgs,
     #[command(flatten)]
     train_loop: LoopArgs,
+    #[command(flatten)]
+    distill: DistillArgs,
 }
 
 fn print_plan(p: &Plan) {
@@ -114,14 +117,22 @@ fn print_plan(p: &Plan) {
 }
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
-    let model = resolve::model_dir(a.model.as_deref())?;
+    let base = resolve::model_dir(a.model.as_deref())?;
+    let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
         doc_stride: a.doc_stride,
         similarity_scale: a.similarity_scale,
         label_all_tokens: a.label_all_tokens,
     };
-    let kind = a.columns.task(task, &extras)?;
+    let mut kind = a.columns.task(task, &extras)?;
+    if let Some(d) = a.distill.config()? {
+        match &mut kind {
+            TaskKind::Classify(c) => c.distill = Some(d),
+            TaskKind::Ner(c) => c.distill = Some(d),
+            _ => anyhow::bail!("--teacher applies to --task classify and --task ner"),
+        }
+    }
     let mut data = data_config(a.train, &model, a.max_length, task == FinetuneTask::Qa)?;
     data.dev = a.dev;
     data.dev_fraction = a.dev_fraction;

@@ -13,7 +13,7 @@ use berth_train::pretrain::SentenceObjective;
 use clap::{Args, ValueEnum};
 
 use crate::resolve;
-use crate::train_args::{LoopArgs, LoopDefaults};
+use crate::train_args::{DistillArgs, LoopArgs, LoopDefaults};
 
 /// `--objective` values.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +113,8 @@ pub struct PretrainArgs {
     dump_order: Option<PathBuf>,
     #[command(flatten)]
     train_loop: LoopArgs,
+    #[command(flatten)]
+    distill: DistillArgs,
 }
 
 pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
@@ -142,9 +144,12 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                     );
                 }
             }
-            dir
+            a.distill.student(dir, &a.output, a.train_loop.resume)?
         }
         (None, Some(tok_dir)) => {
+            if a.distill.student_layers.is_some() {
+                anyhow::bail!("--student-layers takes layers of a checkpoint: pass --from CKPT");
+            }
             let tok = berth_text::TextTokenizer::from_dir(tok_dir)?;
             let (layers, hidden) = (a.layers.unwrap_or(4), a.hidden.unwrap_or(256));
             let heads = a.heads.unwrap_or((hidden / 64).max(1));
@@ -222,7 +227,11 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             whole_word: a.whole_word,
             rtd_weight: a.rtd_weight,
         }),
+        _ if a.distill.config()?.is_some() && rtd => {
+            anyhow::bail!("--teacher distils masked-LM pretraining, not --objective rtd")
+        }
         o => TaskKind::Pretrain(MlmConfig {
+            distill: a.distill.config()?,
             mask_rate: a.mask_rate,
             whole_word: a.whole_word,
             sentence_objective: match o {

@@ -172,10 +172,12 @@ impl ColumnArgs {
                 regression: self.regression,
                 multi_label: self.multi_label,
                 label_separator: self.label_separator.clone(),
+                distill: None,
             }),
             FinetuneTask::Ner => TaskKind::Ner(ner::NerConfig {
                 tag_column: self.tag_column,
                 label_all_tokens: x.label_all_tokens,
+                distill: None,
             }),
             FinetuneTask::Qa => TaskKind::Qa(qa::QaConfig {
                 doc_stride: x.doc_stride,
@@ -212,4 +214,65 @@ pub fn data_config(
         }
     };
     Ok(d)
+}
+
+/// Knowledge distillation and student initialisation.
+#[derive(Args)]
+pub struct DistillArgs {
+    /// Learn from this teacher checkpoint's softened predictions too (same tokenizer; same
+    /// labels for classify / ner). It only runs forward: costs its inference time per step.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Weight of the teacher's soft targets; 1 - alpha weighs the hard labels.
+    #[arg(long, default_value_t = 0.5, requires = "teacher")]
+    distill_alpha: f64,
+    /// Softmax temperature of the soft targets (higher: more of the teacher's view of the
+    /// wrong classes). The soft term is scaled by T², as Hinton et al. do.
+    #[arg(long, default_value_t = 2.0, requires = "teacher")]
+    temperature: f64,
+    /// Start from N of the model's layers, evenly spaced from the first (DistilBERT's
+    /// initialisation): a smaller, faster student (written to OUTPUT/student-init).
+    #[arg(long)]
+    pub student_layers: Option<usize>,
+}
+
+impl DistillArgs {
+    /// The distillation settings, when a teacher is given.
+    pub fn config(&self) -> anyhow::Result<Option<berth_train::distill::DistillConfig>> {
+        let Some(teacher) = &self.teacher else {
+            return Ok(None);
+        };
+        let teacher = crate::resolve::model_dir(Some(&teacher.to_string_lossy()))?;
+        let c = berth_train::distill::DistillConfig {
+            teacher,
+            alpha: self.distill_alpha,
+            temperature: self.temperature,
+        };
+        c.check()?;
+        Ok(Some(c))
+    }
+
+    /// The model to train: `model`, or a student of `--student-layers` of its layers written
+    /// to `output/student-init` (kept when resuming).
+    pub fn student(&self, model: PathBuf, output: &Path, resume: bool) -> anyhow::Result<PathBuf> {
+        let Some(n) = self.student_layers else {
+            return Ok(model);
+        };
+        let dst = output.join("student-init");
+        if resume && dst.join("config.json").is_file() {
+            return Ok(dst);
+        }
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst).map_err(|e| anyhow::anyhow!("{}: {e}", dst.display()))?;
+        }
+        std::fs::create_dir_all(output)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
+        let taken = berth_train::init::write_student(&model, &dst, n)?;
+        eprintln!(
+            "student: layers {taken:?} of {} -> {}",
+            model.display(),
+            dst.display()
+        );
+        Ok(dst)
+    }
 }

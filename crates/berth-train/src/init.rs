@@ -277,6 +277,132 @@ pub fn load_encoder(dir: &Path) -> Result<(Model, serde_json::Value)> {
     Ok((model, config_json))
 }
 
+/// A trained checkpoint to run forward only (evaluation, a distillation teacher): f32, not
+/// trainable, with the head `needed` present.
+pub fn load_frozen(dir: &Path, needed: Option<HeadKind>) -> Result<Model> {
+    let (mut model, report) = Model::load(dir, false)?;
+    if let Some(kind) = needed {
+        if !model.has_head(kind) {
+            return Err(TrainError::Config(format!(
+                "{}: {} (the model has no {} head{})",
+                dir.display(),
+                model.missing_head(kind),
+                kind.name(),
+                report
+                    .missing_head
+                    .map_or(String::new(), |(_, key)| format!("; missing {key}"))
+            )));
+        }
+    }
+    model.set_precision(berth_model::Precision::F32)?;
+    Ok(model)
+}
+
+/// The layers a student of `n` layers takes from a teacher of `total`: layer `⌊i · total / n⌋`
+/// for student layer `i`, evenly spaced from the first (DistilBERT took 0, 2, …, 10 of
+/// BERT-base's 12; all-MiniLM-L6-v2's 6 give 0, 2, 4 for 3).
+pub fn student_layers(total: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|i| i * total / n).collect()
+}
+
+/// Writes a student of `n` layers of the checkpoint `src` into `dst` (which must not exist):
+/// every weight outside the encoder layers unchanged, layer `student_layers(L, n)[i]` of
+/// `src` as layer `i`, config.json with the new depth, and every other file of `src`
+/// (tokenizer, sentence-transformers modules) copied. Returns the layers taken. Written to a
+/// temporary folder and renamed, so `dst` is whole or absent.
+pub fn write_student(src: &Path, dst: &Path, n: usize) -> Result<Vec<usize>> {
+    let config_path = src.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
+    let config = EncoderConfig::from_json(&text, &config_path)?;
+    let total = config.num_layers;
+    if n == 0 || n > total {
+        return Err(TrainError::Config(format!(
+            "--student-layers {n}: {} has {total} layers (take 1 to {total})",
+            src.display()
+        )));
+    }
+    let taken = student_layers(total, n);
+    let (raw, _) = Weights::read_dir(src)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(raw.len());
+    for (k, t) in raw {
+        // `...layer.{k}.rest` (BERT, RoBERTa, ELECTRA: encoder.layer; DistilBERT:
+        // transformer.layer) becomes `...layer.{i}.rest` for the student's layer i.
+        let Some(at) = k
+            .find("layer.")
+            .filter(|&a| k[..a].ends_with("encoder.") || k[..a].ends_with("transformer."))
+        else {
+            tensors.insert(k, t);
+            continue;
+        };
+        let rest = &k[at + "layer.".len()..];
+        let (num, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let Ok(layer) = num.parse::<usize>() else {
+            tensors.insert(k, t);
+            continue;
+        };
+        if let Some(i) = taken.iter().position(|&l| l == layer) {
+            tensors.insert(format!("{}layer.{i}.{tail}", &k[..at]), t);
+        }
+    }
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
+    let depth_key = if json.get("n_layers").is_some() {
+        "n_layers"
+    } else {
+        "num_hidden_layers"
+    };
+    json[depth_key] = n.into();
+    let tmp = dst.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    copy_tree(src, &tmp)?;
+    for f in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ] {
+        let p = tmp.join(f);
+        if p.is_file() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    let weights = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).map_err(|e| TrainError::Checkpoint {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+    let cfg = tmp.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::to_string_pretty(&json).expect("JSON serialises"),
+    )
+    .map_err(io(&cfg))?;
+    std::fs::rename(&tmp, dst).map_err(io(dst))?;
+    Ok(taken)
+}
+
+/// Copies the regular files of `src` (recursively, shards of a sharded checkpoint left out)
+/// into the new folder `dst`.
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for e in std::fs::read_dir(src).map_err(io(src))? {
+        let e = e.map_err(io(src))?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let name = e.file_name().to_string_lossy().into_owned();
+        if from.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if from.is_file() && !(name.starts_with("model-") && name.ends_with(".safetensors"))
+        {
+            std::fs::copy(&from, &to).map_err(io(&from))?;
+        }
+    }
+    Ok(())
+}
+
 /// How a new encoder's (learned, absolute) position embeddings start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PositionInit {
@@ -398,6 +524,15 @@ pub fn write_random_encoder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn students_take_evenly_spaced_layers_from_the_first() {
+        assert_eq!(student_layers(12, 6), [0, 2, 4, 6, 8, 10]);
+        assert_eq!(student_layers(6, 3), [0, 2, 4]);
+        assert_eq!(student_layers(6, 6), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(student_layers(2, 1), [0]);
+        assert_eq!(student_layers(12, 4), [0, 3, 6, 9]);
+    }
 
     /// The sinusoidal table: every (sin, cos) dimension pair turns by a fixed angle from one
     /// position to the next (so an offset is the same linear map at every position) on a

@@ -16,6 +16,7 @@ pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod dist;
+pub mod distill;
 mod error;
 pub mod init;
 pub mod loss;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use berth_model::HeadKind;
 use berth_text::{TextTokenizer, Truncation};
+use berth_train::distill::DistillConfig;
 use berth_train::init::{load_for_task, TaskHead};
 use berth_train::objective::{Companion, Networks};
 use berth_train::objectives::classify::{self, ClassifyExample, Target};
@@ -56,28 +57,7 @@ fn check(name: &str, task: Task) {
         sentence_order: false,
     };
     let (model, _) = load_for_task(&dir, &head, 0).unwrap();
-    let encs: Vec<(berth_text::Encoded, &Value)> = r["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            // QA cases pair a question with each text.
-            let (first, pair) = match r["questions"][i].as_str() {
-                Some(q) => (q, Some(t.as_str().unwrap())),
-                None => (t.as_str().unwrap(), None),
-            };
-            let enc = tok.encode(first, pair, 64, Truncation::Error, i).unwrap();
-            let want: Vec<u32> = r["input_ids"][i]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
-            assert_eq!(enc.ids, want, "{name}: tokenization of text {i}");
-            (enc, &r["labels"][i])
-        })
-        .collect();
+    let encs = recipe_encodings(name, r, &tok);
     match task {
         Task::Classify => {
             let examples: Vec<ClassifyExample> = encs
@@ -125,6 +105,130 @@ fn check(name: &str, task: Task) {
             });
         }
     }
+}
+
+/// The recipe's texts (QA: question and text pairs) encoded as berth encodes them, checked
+/// against the ids transformers gave, each with its labels.
+fn recipe_encodings<'a>(
+    name: &str,
+    r: &'a Value,
+    tok: &TextTokenizer,
+) -> Vec<(berth_text::Encoded, &'a Value)> {
+    r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            // QA cases pair a question with each text.
+            let (first, pair) = match r["questions"][i].as_str() {
+                Some(q) => (q, Some(t.as_str().unwrap())),
+                None => (t.as_str().unwrap(), None),
+            };
+            let enc = tok.encode(first, pair, 64, Truncation::Error, i).unwrap();
+            let want: Vec<u32> = r["input_ids"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(enc.ids, want, "{name}: tokenization of text {i}");
+            (enc, &r["labels"][i])
+        })
+        .collect()
+}
+
+/// Distillation (`DistillConfig::blend` of the teacher's softened logits and the hard
+/// labels) against PyTorch's `KLDivLoss(batchmean) * T²` + cross-entropy
+/// (scripts/make_distill_reference.py): a one-layer student taken from the tiny two-layer
+/// checkpoint by `init::write_student`, the checkpoint itself as the teacher.
+fn check_distill(name: &str, task: Task) {
+    let d: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/train/distill.json")).unwrap(),
+    )
+    .unwrap();
+    let r = &d[name];
+    let reference = candle_core::safetensors::load(
+        root().join(format!("fixtures/train/distill-{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dir = root().join("fixtures/tiny").join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let student_dir = tmp.path().join("student");
+    assert_eq!(
+        berth_train::init::write_student(&dir, &student_dir, 1).unwrap(),
+        [0]
+    );
+    let labels = berth_model::EncoderConfig::from_file(&dir.join("config.json"))
+        .unwrap()
+        .id2label;
+    let kind = match task {
+        Task::Classify => HeadKind::SequenceClassification,
+        _ => HeadKind::TokenClassification,
+    };
+    let head = TaskHead {
+        kind,
+        labels: labels.clone(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let (student, _) = load_for_task(&student_dir, &head, 0).unwrap();
+    assert_eq!(student.config.num_layers, 1);
+    let dc = DistillConfig {
+        teacher: dir.clone(),
+        alpha: d["alpha"].as_f64().unwrap(),
+        temperature: d["temperature"].as_f64().unwrap(),
+    };
+    let teacher = dc.load_teacher(&student_dir, kind).unwrap();
+    dc.check_labels(&teacher, &labels).unwrap();
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let encs = recipe_encodings(name, r, &tok);
+    if task == Task::Classify {
+        let examples: Vec<ClassifyExample> = encs
+            .into_iter()
+            .map(|(enc, l)| ClassifyExample {
+                enc,
+                target: Target::Class(Some(l.as_u64().unwrap() as u32)),
+            })
+            .collect();
+        let refs: Vec<&ClassifyExample> = examples.iter().collect();
+        compare_steps(name, &student, &reference, r, false, &[], |m| {
+            classify::distilled_loss(m, &teacher, &refs, &dc, None)
+                .unwrap()
+                .unwrap()
+        });
+    } else {
+        let examples: Vec<ner::NerExample> = encs
+            .into_iter()
+            .map(|(enc, l)| ner::NerExample {
+                enc,
+                token_labels: l
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_i64().filter(|&v| v >= 0).map(|v| v as u32))
+                    .collect(),
+                words: Vec::new(),
+            })
+            .collect();
+        let refs: Vec<&ner::NerExample> = examples.iter().collect();
+        compare_steps(name, &student, &reference, r, false, &[], |m| {
+            ner::distilled_loss(m, &teacher, &refs, &dc, None)
+                .unwrap()
+                .unwrap()
+        });
+    }
+}
+
+#[test]
+fn distilled_classifier_trains_like_pytorch_kl_with_temperature() {
+    check_distill("bert-seqcls", Task::Classify);
+}
+
+#[test]
+fn distilled_tagger_trains_like_pytorch_kl_with_temperature() {
+    check_distill("bert-tokcls", Task::Ner);
 }
 
 /// Three AdamW steps (warmup 1 of 4, weight decay 0.01, clip 1.0) with `loss` against the

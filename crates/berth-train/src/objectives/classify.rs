@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{argmax, pack, split, unseen};
 use crate::data::{self, Column, Columns};
+use crate::distill::DistillConfig;
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
@@ -34,6 +35,9 @@ pub struct ClassifyConfig {
     pub multi_label: bool,
     /// What separates the labels of a row with `multi_label`.
     pub label_separator: String,
+    /// Learn from a teacher's softened predictions too (single-label only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl Default for ClassifyConfig {
@@ -45,6 +49,7 @@ impl Default for ClassifyConfig {
             regression: false,
             multi_label: false,
             label_separator: ",".into(),
+            distill: None,
         }
     }
 }
@@ -165,14 +170,19 @@ impl Classify {
 }
 
 /// The loss of classification examples from their first tokens' last hidden states
-/// `[S, H]` (the head runs here): cross-entropy, BCE over labels, or MSE, as the targets say.
+/// `[S, H]` (the head runs here).
 pub fn loss_from_first(
     model: &Model,
     examples: &[&ClassifyExample],
     first: &Tensor,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    let logits = model.sequence_logits_first(first, d)?;
+    hard_loss(examples, &model.sequence_logits_first(first, d)?)
+}
+
+/// The loss of `logits [S, C]` against the examples' targets: cross-entropy, BCE over
+/// labels, or MSE, as the targets say.
+fn hard_loss(examples: &[&ClassifyExample], logits: &Tensor) -> Result<Option<Tensor>> {
     match examples.first().map(|e| &e.target) {
         None => Ok(None),
         Some(Target::Labels(_)) => {
@@ -224,6 +234,24 @@ pub fn loss(
     loss_from_first(model, examples, &first, d)
 }
 
+/// The training loss of a batch distilled from `teacher` (which runs forward on the same
+/// packed batch): `distill`'s blend of the teacher's softened class distribution and the
+/// hard labels.
+pub fn distilled_loss(
+    student: &Model,
+    teacher: &Model,
+    examples: &[&ClassifyExample],
+    distill: &DistillConfig,
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    let batch = pack(examples.iter().map(|e| &e.enc))?;
+    let rows = Model::first_token_rows(&batch);
+    let first = student.forward_train_rows(&batch, d, &rows)?;
+    let logits = student.sequence_logits_first(&first, d)?;
+    let taught = teacher.sequence_logits(&teacher.forward(&batch)?, &batch)?;
+    distill.blend(hard_loss(examples, &logits)?, &logits, &taught)
+}
+
 impl Objective for Classify {
     fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
         let cols = Columns {
@@ -268,8 +296,26 @@ impl Objective for Classify {
     }
 
     fn build(&mut self, from: &Path, env: &Env) -> Result<Networks> {
+        // The teacher is checked before the student is built: a mismatch fails fast.
+        let teacher = match &self.cfg.distill {
+            Some(_) if self.cfg.multi_label || self.cfg.regression => {
+                return Err(TrainError::Config(
+                    "--teacher distils single-label classification (softmax over labels); \
+                     drop --multi-label / --regression"
+                        .into(),
+                ))
+            }
+            Some(dc) => {
+                let t = dc.load_teacher(env.model_dir, HeadKind::SequenceClassification)?;
+                dc.check_labels(&t, self.labels.as_deref().unwrap_or_default())?;
+                Some(t)
+            }
+            None => None,
+        };
         let (model, config) = load_for_task(from, &self.head(), env.seed)?;
-        Ok(Networks::single(model, config))
+        let mut nets = Networks::single(model, config);
+        nets.frozen.extend(teacher);
+        Ok(nets)
     }
 
     fn load_trained(&mut self, dir: &Path, _env: &Env) -> Result<Networks> {
@@ -304,8 +350,14 @@ impl Objective for Classify {
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
         let examples: Vec<&ClassifyExample> = batch.iter().map(|&i| &self.train[i]).collect();
+        let loss = match (&self.cfg.distill, nets.frozen.first()) {
+            (Some(dc), Some(teacher)) => {
+                distilled_loss(&nets.main, teacher, &examples, dc, dropout)?
+            }
+            _ => loss(&nets.main, &examples, dropout)?,
+        };
         Ok(BatchLoss {
-            loss: loss(&nets.main, &examples, dropout)?,
+            loss,
             tokens: examples.iter().map(|e| e.enc.len()).sum(),
         })
     }

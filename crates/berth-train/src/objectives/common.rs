@@ -2,7 +2,7 @@
 //! argmax, and loading a trained checkpoint for evaluation.
 use std::path::{Path, PathBuf};
 
-use berth_model::{Batch, HeadKind, Model};
+use berth_model::{Batch, HeadKind};
 use berth_text::Encoded;
 
 use crate::error::{Result, TrainError};
@@ -69,30 +69,11 @@ pub(crate) fn argmax(row: &[f32]) -> usize {
     (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
 }
 
-/// A trained checkpoint for evaluation, f32, with the head `needed` present.
-pub(crate) fn load_trained(dir: &Path, needed: Option<HeadKind>) -> Result<Model> {
-    let (mut model, report) = Model::load(dir, false)?;
-    if let Some(kind) = needed {
-        if !model.has_head(kind) {
-            return Err(TrainError::Config(format!(
-                "{}: {} (the model has no {} head{})",
-                dir.display(),
-                model.missing_head(kind),
-                kind.name(),
-                report
-                    .missing_head
-                    .map_or(String::new(), |(_, key)| format!("; missing {key}"))
-            )));
-        }
-    }
-    model.set_precision(berth_model::Precision::F32)?;
-    Ok(model)
-}
-
-/// [`load_trained`] as the networks of a run (the config is not needed to evaluate).
+/// A trained checkpoint as the networks of a run, for evaluation ([`crate::init::load_frozen`];
+/// the config is not needed to evaluate).
 pub(crate) fn trained_networks(dir: &Path, needed: Option<HeadKind>) -> Result<Networks> {
     Ok(Networks::single(
-        load_trained(dir, needed)?,
+        crate::init::load_frozen(dir, needed)?,
         serde_json::Value::Null,
     ))
 }

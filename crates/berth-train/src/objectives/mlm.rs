@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::specials;
+use crate::distill::DistillConfig;
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
@@ -29,6 +30,10 @@ pub struct MlmConfig {
     pub whole_word: bool,
     /// A sentence-pair objective beside masked-LM (BERT only).
     pub sentence_objective: Option<SentenceObjective>,
+    /// Learn from a teacher's masked-token distributions too (self-distillation when the
+    /// teacher is the starting checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl Default for MlmConfig {
@@ -37,6 +42,7 @@ impl Default for MlmConfig {
             mask_rate: 0.15,
             whole_word: false,
             sentence_objective: None,
+            distill: None,
         }
     }
 }
@@ -90,10 +96,16 @@ impl Objective for MaskedLm {
             problem_type: None,
             sentence_order: self.cfg.sentence_objective.is_some(),
         };
+        let teacher = match &self.cfg.distill {
+            Some(dc) => Some(dc.load_teacher(env.model_dir, HeadKind::MaskedLm)?),
+            None => None,
+        };
         let (model, config) = load_for_task(from, &head, env.seed)?;
         let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
         self.masking = Some(masking(rate, whole, env.tokenizer()?, &model)?);
-        Ok(Networks::single(model, config))
+        let mut nets = Networks::single(model, config);
+        nets.frozen.extend(teacher);
+        Ok(nets)
     }
 
     fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks> {
@@ -128,8 +140,15 @@ impl Objective for MaskedLm {
     ) -> Result<BatchLoss> {
         let owned: Vec<_> = batch.iter().map(|&i| self.train.get(i)).collect();
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
+        let (student, masking) = (&nets.main, self.masking());
+        let loss = match (&self.cfg.distill, nets.frozen.first()) {
+            (Some(dc), Some(teacher)) => {
+                distilled_mlm_loss(student, teacher, &seqs, masking, seed, dc, dropout)?
+            }
+            _ => mlm_loss(student, &seqs, masking, seed, dropout)?,
+        };
         Ok(BatchLoss {
-            loss: mlm_loss(&nets.main, &seqs, self.masking(), seed, dropout)?,
+            loss,
             tokens: seqs.iter().map(|s| s.ids.len()).sum(),
         })
     }
@@ -324,6 +343,11 @@ fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
         Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
         None => None,
     };
+    with_pairs(mlm, &out)
+}
+
+/// `mlm` plus the sentence-pair cross-entropy of `out` when it has pair logits.
+fn with_pairs(mlm: Option<Tensor>, out: &Outputs) -> Result<Option<Tensor>> {
     let pairs = match &out.pairs {
         Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
         None => None,
@@ -332,6 +356,35 @@ fn total_loss(out: Outputs) -> Result<Option<Tensor>> {
         (Some(a), Some(b)) => Some((a + b)?),
         (a, b) => a.or(b),
     })
+}
+
+/// The pretraining loss of a batch distilled from `teacher` (self-distillation in continued
+/// pretraining): at the masked positions, `distill`'s blend of the teacher's softened
+/// vocabulary distribution and the original tokens; the teacher sees the same masked input.
+/// A sentence-pair loss stays on its hard labels.
+pub fn distilled_mlm_loss(
+    student: &Model,
+    teacher: &Model,
+    examples: &[&PretrainSequence],
+    masking: &MaskingConfig,
+    seed: u64,
+    distill: &DistillConfig,
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    let inputs = mask_examples(examples, masking, seed);
+    let out = outputs_of_masked(student, &inputs, d)?;
+    let Some((logits, labels)) = &out.mlm else {
+        return total_loss(out);
+    };
+    let (rows, _) = masked_rows(&inputs);
+    let batch = Batch::from_sequences(
+        inputs
+            .iter()
+            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
+    )?;
+    let taught = teacher.mlm_logits(&Model::select_rows(&teacher.forward(&batch)?, &rows)?)?;
+    let mlm = distill.blend(mean_cross_entropy(logits, labels)?, logits, &taught)?;
+    with_pairs(mlm, &out)
 }
 
 /// Running held-out classification totals: summed cross-entropy, top-1 hits, rows.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{argmax, pack, split, unseen};
 use crate::data;
+use crate::distill::DistillConfig;
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
@@ -25,6 +26,9 @@ pub struct NerConfig {
     pub tag_column: Option<usize>,
     /// Label every sub-token of a word, not only the first.
     pub label_all_tokens: bool,
+    /// Learn from a teacher's softened tag distributions too (at the labelled tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 /// One encoded sentence with its token labels and its words' gold tags.
@@ -99,6 +103,19 @@ impl Ner {
     }
 }
 
+/// The labelled tokens of packed `examples` (rows of their batch) with their classes.
+fn labelled_rows(examples: &[&NerExample]) -> (Vec<u32>, Vec<Option<u32>>) {
+    let labels: Vec<Option<u32>> = examples
+        .iter()
+        .flat_map(|e| e.token_labels.iter().copied())
+        .collect();
+    let rows: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize].is_some())
+        .collect();
+    let kept = rows.iter().map(|&i| labels[i as usize]).collect();
+    (rows, kept)
+}
+
 /// The loss of NER examples from their last hidden states `[N, H]`: cross-entropy over the
 /// labelled tokens (`None` when no token is labelled).
 pub fn loss_from_hidden(
@@ -107,20 +124,32 @@ pub fn loss_from_hidden(
     hidden: &Tensor,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    let labels: Vec<Option<u32>> = examples
-        .iter()
-        .flat_map(|e| e.token_labels.iter().copied())
-        .collect();
     // Only labelled tokens go through the classifier.
-    let rows: Vec<u32> = (0..labels.len() as u32)
-        .filter(|&i| labels[i as usize].is_some())
-        .collect();
+    let (rows, kept) = labelled_rows(examples);
     if rows.is_empty() {
         return Ok(None);
     }
     let logits = model.token_logits_train(&Model::select_rows(hidden, &rows)?, d)?;
-    let kept: Vec<Option<u32>> = rows.iter().map(|&i| labels[i as usize]).collect();
     loss::cross_entropy(&logits, &kept)
+}
+
+/// The training loss of a batch distilled from `teacher` at the labelled tokens.
+pub fn distilled_loss(
+    student: &Model,
+    teacher: &Model,
+    examples: &[&NerExample],
+    distill: &DistillConfig,
+    d: Option<&Dropout>,
+) -> Result<Option<Tensor>> {
+    let (rows, kept) = labelled_rows(examples);
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let batch = pack(examples.iter().map(|e| &e.enc))?;
+    let hidden = student.forward_train(&batch, d)?;
+    let logits = student.token_logits_train(&Model::select_rows(&hidden, &rows)?, d)?;
+    let taught = teacher.token_logits(&Model::select_rows(&teacher.forward(&batch)?, &rows)?)?;
+    distill.blend(loss::cross_entropy(&logits, &kept)?, &logits, &taught)
 }
 
 /// The training loss of a batch.
@@ -164,14 +193,25 @@ impl Objective for Ner {
     }
 
     fn build(&mut self, from: &Path, env: &Env) -> Result<Networks> {
+        let labels = self.labels.clone().unwrap_or_default();
+        let teacher = match &self.cfg.distill {
+            Some(dc) => {
+                let t = dc.load_teacher(env.model_dir, HeadKind::TokenClassification)?;
+                dc.check_labels(&t, &labels)?;
+                Some(t)
+            }
+            None => None,
+        };
         let head = TaskHead {
             kind: HeadKind::TokenClassification,
-            labels: self.labels.clone().unwrap_or_default(),
+            labels,
             problem_type: None,
             sentence_order: false,
         };
         let (model, config) = load_for_task(from, &head, env.seed)?;
-        Ok(Networks::single(model, config))
+        let mut nets = Networks::single(model, config);
+        nets.frozen.extend(teacher);
+        Ok(nets)
     }
 
     fn load_trained(&mut self, dir: &Path, _env: &Env) -> Result<Networks> {
@@ -204,8 +244,14 @@ impl Objective for Ner {
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
         let examples: Vec<&NerExample> = batch.iter().map(|&i| &self.train[i]).collect();
+        let loss = match (&self.cfg.distill, nets.frozen.first()) {
+            (Some(dc), Some(teacher)) => {
+                distilled_loss(&nets.main, teacher, &examples, dc, dropout)?
+            }
+            _ => loss(&nets.main, &examples, dropout)?,
+        };
         Ok(BatchLoss {
-            loss: loss(&nets.main, &examples, dropout)?,
+            loss,
             tokens: examples.iter().map(|e| e.enc.len()).sum(),
         })
     }

@@ -362,7 +362,7 @@ impl Objective for Rtd {
         self.masking = Some(masking(rate, whole, env.tokenizer()?, &nets.main)?);
         nets.companions.push(Companion {
             dir: GENERATOR_DIR,
-            model: super::common::load_trained(&dir.join(GENERATOR_DIR), None)?,
+            model: crate::init::load_frozen(&dir.join(GENERATOR_DIR), None)?,
             config: serde_json::Value::Null,
         });
         Ok(nets)
