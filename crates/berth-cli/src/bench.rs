@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use berth_model::{Batch, Model, Precision};
-use berth_tasks::{normalize, pool, EncodeOptions, Pipeline, Pooling, SentenceConfig};
+use berth_tasks::{normalize, pool, Pipeline, PipelineOptions, Pooling};
 use clap::Args;
 
 use crate::resolve;
@@ -288,12 +288,8 @@ fn peers(a: &BenchArgs, dir: &Path, spec: &serde_json::Value) -> anyhow::Result<
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(a.model.as_deref())?;
-    let st = SentenceConfig::from_dir(&dir)?;
-    let (p, _) = Pipeline::load(
-        &dir,
-        EncodeOptions::default(),
-        st.and_then(|c| c.max_seq_length),
-    )?;
+    let (p, _) = Pipeline::load_sentence(&dir, &PipelineOptions::default())?;
+    let st = p.sentence;
     let data = a
         .data
         .clone()

@@ -4,7 +4,7 @@ use std::io::Write;
 use anyhow::Context;
 use berth_tasks::{
     embed_encoded, encode_for_embedding, token_budget_batches, EmbedOptions, EncodedTexts,
-    Pipeline, Pooling, SentenceConfig,
+    Pipeline, Pooling,
 };
 use clap::{Args, ValueEnum};
 
@@ -108,22 +108,16 @@ pub fn warn_truncated(encs: &[berth_text::Encoded], first: usize, max: usize) {
     }
 }
 
-/// A sentence-embedding pipeline for `--model`: its sentence-transformers config (if any)
-/// and the model loaded with that config's `max_seq_length` as the default limit.
+/// The sentence-embedding pipeline of `--model` (its sentence-transformers config decides
+/// the defaults; see [`Pipeline::load_sentence`]).
 pub fn load_sentence_pipeline(
     model: Option<&str>,
     text: &input::TextArgs,
-) -> anyhow::Result<(Option<SentenceConfig>, Pipeline)> {
+) -> anyhow::Result<Pipeline> {
     let dir = resolve::model_dir(model)?;
-    let st = SentenceConfig::from_dir(&dir)?;
-    let (mut p, report) = Pipeline::load(
-        &dir,
-        text.encode_options(),
-        st.and_then(|c| c.max_seq_length),
-    )?;
+    let (p, report) = Pipeline::load_sentence(&dir, &text.pipeline_options())?;
     report_load(&report);
-    p.model.set_precision(text.dtype.precision())?;
-    Ok((st, p))
+    Ok(p)
 }
 
 /// Texts per chunk of a file input (bounds memory; one chunk is tokenized ahead).
@@ -154,15 +148,14 @@ pub fn pipelined<T: Send, U: Send>(
 }
 
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
-    let (st, p) = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
-    let pooling = match a.pooling {
-        Some(PoolingArg::Mean) => Pooling::Mean,
-        Some(PoolingArg::Cls) => Pooling::Cls,
-        Some(PoolingArg::Max) => Pooling::Max,
-        Some(PoolingArg::None) => Pooling::None,
-        None => st.map_or(Pooling::Cls, |c| c.pooling),
-    };
-    let norm = a.normalize || (a.pooling.is_none() && st.is_some_and(|c| c.normalize));
+    let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
+    let asked = a.pooling.map(|p| match p {
+        PoolingArg::Mean => Pooling::Mean,
+        PoolingArg::Cls => Pooling::Cls,
+        PoolingArg::Max => Pooling::Max,
+        PoolingArg::None => Pooling::None,
+    });
+    let (pooling, norm) = p.embedding(asked, a.normalize);
     let (texts, from_file) = a.text.texts(&a.texts)?;
     let source = a
         .text
@@ -182,7 +175,6 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         pooling,
         normalize: norm,
         windows: a.windows.windows(),
-        batch_tokens: a.text.batch_tokens,
     };
     // Chunks bound memory for large files. Each chunk is tokenized (in parallel) on a
     // background thread while the model runs the one before it.
@@ -222,7 +214,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         let encs = &e.encs;
         warn_truncated(encs, first, p.max_length);
         let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
-        for r in token_budget_batches(&lens, a.text.batch_tokens) {
+        for r in token_budget_batches(&lens, p.batch_tokens) {
             let (batch, hidden) = p.run(&encs[r.clone()])?;
             let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
             for (s, i) in r.clone().enumerate() {

@@ -1,7 +1,7 @@
 //! `berth fill-mask`.
 use std::io::Write;
 
-use berth_tasks::{fill_mask, Pipeline, SentenceConfig};
+use berth_tasks::{fill_mask, Pipeline};
 use clap::Args;
 
 use crate::embed::{report_load, warn_truncated};
@@ -37,10 +37,8 @@ pub struct FillMaskArgs {
 
 pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(a.model.as_deref())?;
-    let st_max = SentenceConfig::from_dir(&dir)?.and_then(|c| c.max_seq_length);
-    let (mut p, report) = Pipeline::load(&dir, a.text.encode_options(), st_max)?;
+    let (p, report) = Pipeline::load_sentence(&dir, &a.text.pipeline_options())?;
     report_load(&report);
-    p.model.set_precision(a.text.dtype.precision())?;
     let (texts, _) = a.text.texts(&a.texts)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (c, chunk) in texts.chunks(256).enumerate() {

@@ -2,7 +2,7 @@
 use std::io::Read;
 
 use anyhow::{bail, Context};
-use berth_tasks::EncodeOptions;
+use berth_tasks::PipelineOptions;
 use berth_text::Truncation;
 
 /// Input flags shared by the commands that read texts.
@@ -91,16 +91,18 @@ pub fn read_lines(path: &str) -> anyhow::Result<Vec<String>> {
 }
 
 impl TextArgs {
-    /// The encoding options these flags ask for.
-    pub fn encode_options(&self) -> EncodeOptions {
+    /// The pipeline options these flags ask for (berth-tasks fills in the rest).
+    pub fn pipeline_options(&self) -> PipelineOptions {
         let truncation = if self.no_truncate {
             Truncation::Error
         } else {
             Truncation::Truncate
         };
-        EncodeOptions {
+        PipelineOptions {
+            precision: self.dtype.precision(),
             max_length: self.max_length,
             truncation,
+            batch_tokens: self.batch_tokens,
         }
     }
 

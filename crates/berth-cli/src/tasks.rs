@@ -3,8 +3,8 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use berth_tasks::{
-    Aggregation, ClassFunction, ClassifyOptions, EmbedOptions, NerOptions, Pipeline, Pooling,
-    QaInput, QaOptions,
+    Aggregation, ClassFunction, ClassifyOptions, EmbedOptions, NerOptions, Pipeline, QaInput,
+    QaOptions,
 };
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -46,9 +46,8 @@ fn run_chunked<I, R>(
 
 fn load(model: &str, text: &input::TextArgs) -> anyhow::Result<Pipeline> {
     let dir = resolve::model_dir(Some(model))?;
-    let (mut p, report) = Pipeline::load(&dir, text.encode_options(), None)?;
+    let (p, report) = Pipeline::load(&dir, &text.pipeline_options())?;
     report_load(&report);
-    p.model.set_precision(text.dtype.precision())?;
     Ok(p)
 }
 
@@ -133,7 +132,6 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
             FunctionArg::None => ClassFunction::Identity,
         }),
         windows: a.windows.windows(),
-        batch_tokens: a.text.batch_tokens,
     };
     run_chunked(
         &inputs,
@@ -205,7 +203,6 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
             .collect(),
         stride: a.stride,
         bioes: a.bioes,
-        batch_tokens: a.text.batch_tokens,
     };
     run_chunked(
         &texts,
@@ -303,7 +300,11 @@ pub fn qa(a: QaArgs) -> anyhow::Result<()> {
             (None, None, None) => bail!("no input: give --question and --context, or --input FILE"),
         };
     let dir = resolve::model_dir(Some(&a.model))?;
-    let (p, report) = Pipeline::load(&dir, berth_tasks::EncodeOptions::default(), None)?;
+    let opts = berth_tasks::PipelineOptions {
+        batch_tokens: a.batch_tokens,
+        ..Default::default()
+    };
+    let (p, report) = Pipeline::load(&dir, &opts)?;
     report_load(&report);
     let opts = QaOptions {
         top_k: a.top_k,
@@ -313,7 +314,6 @@ pub fn qa(a: QaArgs) -> anyhow::Result<()> {
         max_question_len: a.max_question_len,
         handle_impossible_answer: a.handle_impossible_answer,
         align_to_words: !a.no_align_to_words,
-        batch_tokens: a.batch_tokens,
     };
     let mut out = stdout();
     for (c, chunk) in inputs.chunks(CHUNK).enumerate() {
@@ -363,7 +363,7 @@ struct RankedLine<'a> {
 pub fn rerank(a: RerankArgs) -> anyhow::Result<()> {
     let p = load(&a.model, &a.text)?;
     let (passages, _) = a.text.texts(&a.passages)?;
-    let ranked = berth_tasks::rerank(&p, &a.query, &passages, a.text.batch_tokens)?;
+    let ranked = berth_tasks::rerank(&p, &a.query, &passages)?;
     let mut out = stdout();
     let k = if a.top_k == 0 { ranked.len() } else { a.top_k };
     for (rank, r) in ranked.iter().take(k).enumerate() {
@@ -401,13 +401,14 @@ struct SimilarityLine<'a> {
 }
 
 pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
-    let (st, p) = crate::embed::load_sentence_pipeline(a.model.as_deref(), &a.text)?;
+    let p = crate::embed::load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (texts, _) = a.text.texts(&a.texts)?;
+    // Cosine similarity does not depend on normalisation: the model's pooling only.
+    let (pooling, _) = p.embedding(None, false);
     let opts = EmbedOptions {
-        pooling: st.map_or(Pooling::Cls, |c| c.pooling),
+        pooling,
         normalize: false,
         windows: a.windows.windows(),
-        batch_tokens: a.text.batch_tokens,
     };
     let (vecs, encs) = berth_tasks::embed_texts(&p, &texts, &opts, 0)?;
     if opts.windows.is_none() {

@@ -794,3 +794,103 @@ fn roberta_learns_ner_from_pre_split_words() {
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "RobertaForTokenClassification");
 }
+
+#[test]
+fn distillation_learns_from_a_teacher_and_refuses_mismatched_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (write_data(tmp.path(), 48, 0), write_data(tmp.path(), 16, 1));
+    // A teacher: the tiny BERT fine-tuned on the task.
+    let teacher_run = tmp.path().join("teacher");
+    let teacher = PathBuf::from(
+        ok(&finetune(&teacher_run, &train, &dev, &["--epochs", "6"])
+            .output()
+            .unwrap())
+        .trim(),
+    );
+    let teacher_arg = teacher.to_str().unwrap();
+    // A one-layer student of the two-layer model, distilled from the teacher: it learns.
+    let student = tmp.path().join("student");
+    let best = ok(&finetune(
+        &student,
+        &train,
+        &dev,
+        &[
+            "--epochs",
+            "8",
+            "--log-every",
+            "1",
+            "--student-layers",
+            "1",
+            "--teacher",
+            teacher_arg,
+            "--distill-alpha",
+            "0.7",
+            "--temperature",
+            "3",
+        ],
+    )
+    .output()
+    .unwrap());
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(best.trim()).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 1);
+    let run_cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(run_cfg["task"]["distill"]["alpha"], 0.7);
+    assert_eq!(run_cfg["task"]["distill"]["temperature"], 3.0);
+    let losses: Vec<f64> = curve(&student)
+        .iter()
+        .filter_map(|c| c.1.as_f64())
+        .collect();
+    let (first, last) = (
+        losses[..12].iter().sum::<f64>() / 12.0,
+        losses[losses.len() - 12..].iter().sum::<f64>() / 12.0,
+    );
+    assert!(
+        last < 0.7 * first,
+        "distillation loss went from {first} to {last}"
+    );
+    // The teacher changes the loss: the same run without it differs from the first step.
+    let plain = tmp.path().join("plain");
+    ok(&finetune(
+        &plain,
+        &train,
+        &dev,
+        &["--epochs", "1", "--log-every", "1", "--student-layers", "1"],
+    )
+    .output()
+    .unwrap());
+    assert_ne!(curve(&plain)[0].1, curve(&student)[0].1);
+
+    // Bad input, each refused before training with the reason.
+    let refuse = |extra: &[&str], needles: &[&str]| {
+        let out = tmp.path().join("refused");
+        fails_with(
+            &finetune(&out, &train, &dev, extra).output().unwrap(),
+            needles,
+        );
+        assert!(!out.join("checkpoints").exists());
+    };
+    // Another tokenizer (RoBERTa's BPE).
+    refuse(
+        &["--teacher", &tiny("roberta-seqcls")],
+        &["teacher", "vocabulary", "differs from the student"],
+    );
+    // Other labels (negative / neutral / positive).
+    refuse(
+        &["--teacher", &tiny("bert-seqcls")],
+        &["teacher", "labels", "differ"],
+    );
+    // More student layers than the checkpoint has.
+    refuse(
+        &["--student-layers", "5"],
+        &["--student-layers 5", "2 layers"],
+    );
+    refuse(
+        &["--teacher", teacher_arg, "--distill-alpha", "1.5"],
+        &["--distill-alpha 1.5"],
+    );
+}

@@ -720,3 +720,76 @@ fn replaced_token_detection_resumes_to_the_same_generator_and_discriminator() {
     assert_eq!(embeddings(&disc), embeddings(&generator));
     assert_eq!(embeddings(&disc).len(), 5);
 }
+
+/// Self-distillation in continued pretraining: the starting checkpoint as a frozen teacher
+/// changes the loss (soft targets at the masked positions) and the run learns; a student of
+/// fewer layers starts from the checkpoint's; a teacher with another vocabulary is refused.
+#[test]
+fn continued_pretraining_distils_from_a_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let from = root().join("fixtures/pretrain/bert-mlm");
+    let from = from.to_str().unwrap();
+    let data = corpus();
+    let data = data.to_str().unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "--from",
+            from,
+            "--data",
+            data,
+            "--output",
+            out.to_str().unwrap(),
+            "--max-length",
+            "64",
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "12",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "1",
+        ];
+        args.extend(extra);
+        pretrain(&args);
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let plain = run("plain", &[]);
+    let taught = run("taught", &["--teacher", from, "--distill-alpha", "0.5"]);
+    // Step 0: the same masks and dropout, so the same hard loss; the teacher is the
+    // starting checkpoint in eval mode, so the soft term is small but positive (dropout
+    // makes the student differ): 0.5 · hard < taught < hard.
+    assert!(
+        taught[0] > 0.5 * plain[0] && taught[0] < plain[0],
+        "first step: plain {} taught {}",
+        plain[0],
+        taught[0]
+    );
+    assert!(taught.iter().all(|l| l.is_finite()));
+    let small = run("small", &["--student-layers", "1", "--teacher", from]);
+    assert!(small.iter().all(|l| l.is_finite()));
+    let init: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("small/student-init/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(init["num_hidden_layers"], 1);
+    fails_with(
+        &berth(&[
+            "pretrain",
+            "--from",
+            from,
+            "--data",
+            data,
+            "--output",
+            tmp.path().join("bad").to_str().unwrap(),
+            "--teacher",
+            root().join("fixtures/tiny/roberta-mlm").to_str().unwrap(),
+        ]),
+        &["teacher", "vocabulary"],
+    );
+}

@@ -96,8 +96,6 @@ pub struct ClassifyOptions {
     pub function: Option<ClassFunction>,
     /// Classify long texts in windows (their logits pooled) instead of truncating.
     pub windows: Option<Windows>,
-    /// Tokens per packed batch.
-    pub batch_tokens: usize,
 }
 
 /// A label and its score.
@@ -154,13 +152,9 @@ pub(crate) fn encode_inputs(
 }
 
 /// Sequence-classification logits `[encodings][classes]`, in token-budget batches.
-pub(crate) fn sequence_logits(
-    p: &Pipeline,
-    encs: &[Encoded],
-    batch_tokens: usize,
-) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn sequence_logits(p: &Pipeline, encs: &[Encoded]) -> Result<Vec<Vec<f32>>> {
     let mut rows = Vec::with_capacity(encs.len());
-    p.for_each_batch(encs, batch_tokens, |_, batch, hidden| {
+    p.for_each_batch(encs, |_, batch, hidden| {
         rows.extend(p.model.sequence_logits(hidden, batch)?.to_vec2::<f32>()?);
         Ok(())
     })?;
@@ -178,7 +172,7 @@ pub fn classify(
 ) -> Result<(Vec<Vec<LabelScore>>, Vec<Encoded>)> {
     require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
     let (encs, ranges) = encode_inputs(p, inputs, opts.windows.map(|w| w.stride), first_index)?;
-    let logits = sequence_logits(p, &encs, opts.batch_tokens)?;
+    let logits = sequence_logits(p, &encs)?;
     let classes = logits.first().map_or(0, |r| r.len());
     let labels = p.labels(classes)?;
     let function = opts

@@ -187,8 +187,6 @@ pub struct EmbedOptions {
     pub normalize: bool,
     /// Long texts: pooled vectors of overlapping windows combined, instead of truncation.
     pub windows: Option<crate::classify::Windows>,
-    /// Tokens per packed batch.
-    pub batch_tokens: usize,
 }
 
 /// Texts tokenized for [`embed_encoded`]: the encodings (several per text with windows)
@@ -228,7 +226,7 @@ pub fn embed_encoded(
     }
     let h = p.model.config.hidden_size;
     let mut vecs = Vec::with_capacity(e.encs.len());
-    p.for_each_batch(&e.encs, opts.batch_tokens, |_, batch, hidden| {
+    p.for_each_batch(&e.encs, |_, batch, hidden| {
         vecs.extend(pool(
             &hidden.flatten_all()?.to_vec1::<f32>()?,
             h,

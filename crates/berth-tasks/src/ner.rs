@@ -37,8 +37,6 @@ pub struct NerOptions {
     /// I-, so it reads `S-PER` as a continuation of a type named `S-PER`; off by default
     /// for parity with it.
     pub bioes: bool,
-    /// Tokens per packed batch.
-    pub batch_tokens: usize,
 }
 
 /// One token (`Aggregation::None`) or one entity group.
@@ -114,7 +112,7 @@ pub fn token_classify(
     let inputs: Vec<_> = texts.iter().map(|t| (t.clone(), None)).collect();
     let (encs, ranges) = encode_inputs(p, &inputs, opts.stride, first_index)?;
     let mut logits: Vec<Vec<Vec<f32>>> = Vec::with_capacity(encs.len());
-    p.for_each_batch(&encs, opts.batch_tokens, |_, batch, hidden| {
+    p.for_each_batch(&encs, |_, batch, hidden| {
         let all = p.model.token_logits(hidden)?.to_vec2::<f32>()?;
         for s in 0..batch.num_sequences() {
             logits.push(all[batch.range(s)].to_vec());

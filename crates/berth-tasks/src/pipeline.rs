@@ -1,34 +1,50 @@
-//! A model with its tokenizer, and the packing of encoded texts into token-budget batches.
+//! A model with its tokenizer and every inference default decided once: precision, token
+//! limit, truncation, token budget per batch, and (for sentence embeddings) the
+//! sentence-transformers pooling. The CLI, a server and the Python binding load pipelines
+//! here and pass their users' options through; none of them re-decides a default.
 use std::ops::Range;
 use std::path::Path;
 
-use berth_model::{Batch, LoadReport, Model};
+use berth_model::{Batch, LoadReport, Model, Precision};
 use berth_text::{Encoded, TextTokenizer, Truncation};
 use rayon::prelude::*;
 
+use crate::embed::{Pooling, SentenceConfig};
 use crate::error::{Result, TaskError};
 
-/// How texts are encoded.
+/// Real tokens per packed batch by default: large enough that the matrix products run at
+/// full speed, small enough that a batch's activations stay in the caches' reach.
+pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+
+/// How a pipeline loads and runs.
 #[derive(Debug, Clone, Copy)]
-pub struct EncodeOptions {
-    /// Token limit per text, special tokens included; `None` = the model's own limit.
+pub struct PipelineOptions {
+    /// Number format of the encoder's matrix products; the weights are packed for it once,
+    /// at load.
+    pub precision: Precision,
+    /// Token limit per text, special tokens included; `None` = the model's own limit (a
+    /// sentence-transformers model's `max_seq_length` for [`Pipeline::load_sentence`]).
     pub max_length: Option<usize>,
     /// What to do with longer texts.
     pub truncation: Truncation,
+    /// Real tokens per packed batch (no padding).
+    pub batch_tokens: usize,
 }
 
-impl Default for EncodeOptions {
+impl Default for PipelineOptions {
     fn default() -> Self {
-        EncodeOptions {
+        PipelineOptions {
+            precision: Precision::F32,
             max_length: None,
             truncation: Truncation::Truncate,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
         }
     }
 }
 
-/// Model + tokenizer + the effective token limit.
+/// Model + tokenizer + the effective settings.
 pub struct Pipeline {
-    /// The model.
+    /// The model, its weights packed for the pipeline's precision.
     pub model: Model,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
@@ -36,20 +52,66 @@ pub struct Pipeline {
     pub max_length: usize,
     /// Truncation policy.
     pub truncation: Truncation,
+    /// Real tokens per packed batch.
+    pub batch_tokens: usize,
+    /// The sentence-transformers configuration ([`Pipeline::load_sentence`]).
+    pub sentence: Option<SentenceConfig>,
 }
 
 impl Pipeline {
-    /// Loads the model and tokenizer of `dir`. `default_max` (e.g. sentence-transformers'
-    /// `max_seq_length`) applies when `opts.max_length` is unset; both are capped by the
-    /// position table, and a larger request is an error.
-    pub fn load(
+    /// Loads the model and tokenizer of `dir` as transformers' pipelines do (the token limit
+    /// defaults to the model's position table).
+    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<(Self, LoadReport)> {
+        Self::load_with(dir, opts, None)
+    }
+
+    /// Loads `dir` as sentence-transformers does: its `modules.json` / pooling /
+    /// normalize / `max_seq_length` become the defaults ([`Pipeline::embedding`]).
+    pub fn load_sentence(dir: &Path, opts: &PipelineOptions) -> Result<(Self, LoadReport)> {
+        let st = SentenceConfig::from_dir(dir)?;
+        let (mut p, report) = Self::load_with(dir, opts, st.and_then(|c| c.max_seq_length))?;
+        p.sentence = st;
+        Ok((p, report))
+    }
+
+    /// A pipeline around an already loaded `model` (evaluation during training): f32 as
+    /// loaded, truncating at `max_length`, the default token budget.
+    pub fn from_model(model: Model, tokenizer: TextTokenizer, max_length: usize) -> Self {
+        Pipeline {
+            model,
+            tokenizer,
+            max_length,
+            truncation: Truncation::Truncate,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            sentence: None,
+        }
+    }
+
+    /// The pooling and normalisation of sentence embeddings: `pooling` when the caller
+    /// asks for one (normalised only when `normalize`), else the sentence-transformers
+    /// config's (mean + normalize for all-MiniLM-L6-v2), else the first token without
+    /// normalisation (a plain transformers model). `normalize` always forces it.
+    pub fn embedding(&self, pooling: Option<Pooling>, normalize: bool) -> (Pooling, bool) {
+        match pooling {
+            Some(p) => (p, normalize),
+            None => (
+                self.sentence.map_or(Pooling::Cls, |c| c.pooling),
+                normalize || self.sentence.is_some_and(|c| c.normalize),
+            ),
+        }
+    }
+
+    /// [`Pipeline::load`] with a default limit (sentence-transformers' `max_seq_length`)
+    /// that applies when `opts.max_length` is unset; both are capped by the position table,
+    /// and a larger request is an error.
+    fn load_with(
         dir: &Path,
-        opts: EncodeOptions,
+        opts: &PipelineOptions,
         default_max: Option<usize>,
     ) -> Result<(Self, LoadReport)> {
         let (mut model, report) = Model::load(dir, false)?;
-        // Inference only: pack the weights once for the f32 kernels.
-        model.set_precision(berth_model::Precision::F32)?;
+        // Inference only: pack the weights once for the chosen kernels.
+        model.set_precision(opts.precision)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let limit = model.config.max_sequence_length();
         if tokenizer.vocab_size() > model.config.vocab_size {
@@ -78,6 +140,8 @@ impl Pipeline {
                 tokenizer,
                 max_length,
                 truncation: opts.truncation,
+                batch_tokens: opts.batch_tokens,
+                sentence: None,
             },
             report,
         ))
@@ -112,16 +176,16 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Runs `encs` in consecutive batches of at most `budget` tokens (packed, no padding),
-    /// handing each batch's range of `encs`, its packing and its hidden states `[N, H]` to `f`.
+    /// Runs `encs` in consecutive batches of at most [`Pipeline::batch_tokens`] tokens
+    /// (packed, no padding), handing each batch's range of `encs`, its packing and its hidden
+    /// states `[N, H]` to `f`.
     pub fn for_each_batch(
         &self,
         encs: &[Encoded],
-        budget: usize,
         mut f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
     ) -> Result<()> {
         let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
-        for r in token_budget_batches(&lens, budget) {
+        for r in token_budget_batches(&lens, self.batch_tokens) {
             let (batch, hidden) = self.run(&encs[r.clone()])?;
             f(r, &batch, &hidden)?;
         }

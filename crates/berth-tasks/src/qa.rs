@@ -27,8 +27,6 @@ pub struct QaOptions {
     pub handle_impossible_answer: bool,
     /// Widen answers to whole words.
     pub align_to_words: bool,
-    /// Tokens per packed batch.
-    pub batch_tokens: usize,
 }
 
 impl Default for QaOptions {
@@ -41,7 +39,6 @@ impl Default for QaOptions {
             max_question_len: 64,
             handle_impossible_answer: false,
             align_to_words: true,
-            batch_tokens: 8192,
         }
     }
 }
@@ -132,7 +129,7 @@ pub fn answer(
         windows.extend(ws);
     }
     let mut logits: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(windows.len());
-    p.for_each_batch(&windows, opts.batch_tokens, |_, batch, hidden| {
+    p.for_each_batch(&windows, |_, batch, hidden| {
         let (s, e) = p.model.qa_logits(hidden)?;
         let (s, e) = (s.to_vec1::<f32>()?, e.to_vec1::<f32>()?);
         for k in 0..batch.num_sequences() {

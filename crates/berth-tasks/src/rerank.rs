@@ -42,12 +42,7 @@ fn activation(p: &Pipeline) -> Result<ClassFunction> {
 }
 
 /// Scores every passage against `query`; returns them sorted best first (ties in input order).
-pub fn rerank(
-    p: &Pipeline,
-    query: &str,
-    passages: &[String],
-    batch_tokens: usize,
-) -> Result<Vec<Ranked>> {
+pub fn rerank(p: &Pipeline, query: &str, passages: &[String]) -> Result<Vec<Ranked>> {
     require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
     if query.trim().is_empty() {
         return Err(TaskError::Options("empty query".into()));
@@ -58,7 +53,7 @@ pub fn rerank(
         .map(|d| (query.to_string(), Some(d.clone())))
         .collect();
     let (encs, _) = encode_inputs(p, &inputs, None, 0)?;
-    let logits = sequence_logits(p, &encs, batch_tokens)?;
+    let logits = sequence_logits(p, &encs)?;
     if let Some(row) = logits.first().filter(|r| r.len() != 1) {
         return Err(TaskError::Config {
             path: p.model.config.path.clone(),

@@ -24,13 +24,15 @@ fn load(case: &Value) -> Pipeline {
         .join("fixtures/tasks")
         .join(case["model"].as_str().unwrap());
     let max_length = case["params"]["max_length"].as_u64().map(|m| m as usize);
+    // Small batches: inputs split across several packed batches.
     Pipeline::load(
         &dir,
-        EncodeOptions {
+        &PipelineOptions {
             max_length,
             truncation: Truncation::Truncate,
+            batch_tokens: 64,
+            ..PipelineOptions::default()
         },
-        None,
     )
     .unwrap()
     .0
@@ -98,7 +100,6 @@ fn classification_matches_transformers() {
             top_k,
             function,
             windows,
-            batch_tokens: 64,
         };
         let (got, encs) = classify(&p, &inputs, &opts, 0).unwrap();
         if let Some(w) = case["windows"].as_u64() {
@@ -134,7 +135,6 @@ fn rerank_matches_cross_encoder() {
             &p,
             case["query"].as_str().unwrap(),
             &strings(&case["inputs"]),
-            64,
         )
         .unwrap();
         let want = case["outputs"].as_array().unwrap();
@@ -168,7 +168,6 @@ fn token_classification_matches_transformers() {
             ignore_labels,
             stride,
             bioes: false,
-            batch_tokens: 64,
         };
         let (got, _) = token_classify(&p, &strings(&case["inputs"]), &opts, 0).unwrap();
         for (t, (g, want)) in got
@@ -206,7 +205,6 @@ fn question_answering_matches_transformers() {
             max_answer_len: get("max_answer_len").unwrap_or(15),
             handle_impossible_answer: params["handle_impossible_answer"] == true,
             align_to_words: params["align_to_words"] != false,
-            batch_tokens: 64,
             ..QaOptions::default()
         };
         let inputs: Vec<QaInput> = case["inputs"]

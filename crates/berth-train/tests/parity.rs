@@ -498,7 +498,7 @@ fn pytorch_trained_weights_load_and_predict_the_same() {
             .collect();
         candle_core::safetensors::save(&trained, tmp.path().join("model.safetensors")).unwrap();
         let (p, _) =
-            berth_tasks::Pipeline::load(tmp.path(), berth_tasks::EncodeOptions::default(), None)
+            berth_tasks::Pipeline::load(tmp.path(), &berth_tasks::PipelineOptions::default())
                 .unwrap();
         let recipe: Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("fixtures/train/recipe.json")).unwrap(),

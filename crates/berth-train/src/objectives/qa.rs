@@ -7,7 +7,7 @@ use std::path::Path;
 
 use berth_model::{Dropout, HeadKind, Model};
 use berth_tasks::metrics;
-use berth_text::{Encoded, TextTokenizer, Truncation};
+use berth_text::{Encoded, TextTokenizer};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -204,15 +204,12 @@ impl Objective for Qa {
     /// The QA pipeline answers each dev question (windows, spans up to 30 tokens, as
     /// transformers' run_qa post-processing); EM / F1 as the SQuAD script scores them.
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
-        let p = berth_tasks::Pipeline {
-            model: nets.main.clone(),
-            tokenizer: self
-                .tokenizer
-                .clone()
-                .expect("prepare runs before evaluate; this is a bug"),
-            max_length: self.data.max_length,
-            truncation: Truncation::Truncate,
-        };
+        let tokenizer = self
+            .tokenizer
+            .clone()
+            .expect("prepare runs before evaluate; this is a bug");
+        let p =
+            berth_tasks::Pipeline::from_model(nets.main.clone(), tokenizer, self.data.max_length);
         let opts = berth_tasks::QaOptions {
             max_seq_len: Some(self.data.max_length),
             doc_stride: Some(self.cfg.doc_stride),
