@@ -85,8 +85,8 @@ fn softmax(row: &[f32]) -> Vec<f32> {
     crate::classify::ClassFunction::Softmax.apply(row)
 }
 
-/// First index of the maximum, as numpy's argmax.
-fn argmax(v: &[f32]) -> usize {
+/// First index of the maximum, as numpy's argmax (0 for an empty slice).
+pub fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {

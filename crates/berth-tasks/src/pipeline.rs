@@ -166,10 +166,7 @@ impl Pipeline {
 
     /// Runs the encoder on `encs` packed into one batch: `(batch, hidden [N, H])`.
     pub fn run(&self, encs: &[Encoded]) -> Result<(Batch, candle_core::Tensor)> {
-        let batch = Batch::from_sequences(
-            encs.iter()
-                .map(|e| (e.ids.as_slice(), e.type_ids.as_slice())),
-        )?;
+        let batch = pack(encs)?;
         let hidden = self.model.forward(&batch)?;
         Ok((batch, hidden))
     }
@@ -182,14 +179,9 @@ impl Pipeline {
     pub fn for_each_batch(
         &self,
         encs: &[Encoded],
-        mut f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
+        f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
     ) -> Result<()> {
-        let lens: Vec<usize> = encs.iter().map(|e| e.len()).collect();
-        for r in token_budget_batches(&lens, self.batch_tokens) {
-            let (batch, hidden) = self.run(&encs[r.clone()])?;
-            f(r, &batch, &hidden)?;
-        }
-        Ok(())
+        run_batches(&self.model, encs, self.batch_tokens, f)
     }
 
     /// Label names of the classification head with `classes` outputs: `id2label`, or
@@ -210,6 +202,37 @@ impl Pipeline {
         }
         Ok(names.clone())
     }
+}
+
+/// Encoded sequences packed into one batch: concatenated, no padding.
+pub fn pack<E: std::borrow::Borrow<Encoded>>(encs: &[E]) -> Result<Batch> {
+    Ok(Batch::from_sequences(encs.iter().map(|e| {
+        let e = e.borrow();
+        (e.ids.as_slice(), e.type_ids.as_slice())
+    }))?)
+}
+
+/// Runs `model` on `encs` in consecutive packed batches of at most `budget` tokens, handing
+/// each batch's range of `encs`, its packing and its hidden states `[N, H]` to `f` (what
+/// every pipeline does; training's evaluations use it too). `f`'s error type is the
+/// caller's.
+pub fn run_batches<S, E>(
+    model: &Model,
+    encs: &[S],
+    budget: usize,
+    mut f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E>
+where
+    S: std::borrow::Borrow<Encoded>,
+    E: From<TaskError>,
+{
+    let lens: Vec<usize> = encs.iter().map(|e| e.borrow().len()).collect();
+    for r in token_budget_batches(&lens, budget) {
+        let batch = pack(&encs[r.clone()])?;
+        let hidden = model.forward(&batch).map_err(TaskError::from)?;
+        f(r, &batch, &hidden)?;
+    }
+    Ok(())
 }
 
 /// Splits `lens` (token counts, in input order) into consecutive ranges of at most

@@ -54,6 +54,29 @@ pub struct TrainerState {
     pub evals_without_improvement: usize,
 }
 
+/// Writes `bytes` to `path` through a temporary file beside it (synced) and a rename, so a
+/// crash or a full disk leaves the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(TrainError::Io {
+            path: path.into(),
+            source: e,
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
 /// The model's parameters under their Hugging Face names (fused weights split back).
 pub fn model_tensors(model: &Model) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();

@@ -22,7 +22,7 @@
 //! each a token id in the low 30 bits, bit 30 set where a new word starts and bit 31 set on
 //! tokens outside any word (the special tokens).
 use std::collections::HashSet;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use berth_text::{Encoded, TextTokenizer, Truncation};
@@ -278,19 +278,6 @@ pub struct Manifest {
     pub val: Vec<ShardInfo>,
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let io = |e: std::io::Error| TrainError::Io {
-        path: path.into(),
-        source: e,
-    };
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
 /// Accumulates sequences and writes them as shuffled shards.
 struct ShardWriter {
     dir: PathBuf,
@@ -354,7 +341,7 @@ impl ShardWriter {
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(&body);
         let file = format!("{}-{:05}.bin", self.prefix, self.shards.len());
-        write_atomic(&self.dir.join(&file), &bytes)?;
+        crate::checkpoint::write_atomic(&self.dir.join(&file), &bytes)?;
         self.shards.push(ShardInfo {
             file,
             sequences: n,
@@ -637,7 +624,7 @@ pub fn prepare(
         val: val.shards,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-    write_atomic(&out.join("manifest.json"), &json)?;
+    crate::checkpoint::write_atomic(&out.join("manifest.json"), &json)?;
     Ok(manifest)
 }
 

@@ -2,7 +2,7 @@
 //! lines drawn point to point, and a PNG written with stored (uncompressed) deflate blocks.
 use std::path::Path;
 
-use crate::error::{io, Result};
+use crate::error::Result;
 
 const W: usize = 720;
 const H: usize = 420;
@@ -99,9 +99,7 @@ pub fn write_curves(path: &Path, series: &[(&[(f64, f64)], [u8; 3])]) -> Result<
     }
     let png = encode_png(&c.px);
     // Written atomically, like every run artefact.
-    let tmp = path.with_extension("png.tmp");
-    std::fs::write(&tmp, png).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::checkpoint::write_atomic(path, &png)
 }
 
 fn crc32(data: &[u8]) -> u32 {

@@ -94,11 +94,8 @@ pub struct Plan {
 fn write_config(cfg: &RunConfig) -> Result<()> {
     let out = &cfg.run.output;
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let path = out.join("config.json");
     let text = serde_json::to_string_pretty(cfg).expect("config serialises");
-    let tmp = out.join(".config.json.tmp");
-    std::fs::write(&tmp, &text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    checkpoint::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 
 /// Runs (or resumes) a training run of `objective`; `on_plan` sees the derived numbers

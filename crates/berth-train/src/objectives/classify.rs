@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::common::{argmax, pack, split, unseen};
+use super::common::{dev_batches, pack, split, unseen};
 use crate::data::{self, Column, Columns};
 use crate::distill::DistillConfig;
 use crate::error::{Result, TrainError};
@@ -19,6 +19,7 @@ use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
 use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use berth_tasks::argmax;
 
 /// Settings of a classification run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,17 +370,17 @@ impl Objective for Classify {
         let (mut gv, mut pv) = (Vec::new(), Vec::new());
         let mut multi: Vec<(Vec<f32>, Vec<bool>)> = Vec::new();
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for chunk in self.dev.chunks(64) {
+        let encs: Vec<&Encoded> = self.dev.iter().map(|e| &e.enc).collect();
+        dev_batches(model, &encs, |r, batch, hidden| {
+            let chunk = &self.dev[r];
             let refs: Vec<&ClassifyExample> = chunk.iter().collect();
-            // One forward per chunk serves both the dev loss and the predictions.
-            let batch = pack(refs.iter().map(|e| &e.enc))?;
-            let hidden = model.forward(&batch)?;
-            let first = Model::first_tokens(&hidden, &batch)?;
+            // One forward per batch serves both the dev loss and the predictions.
+            let first = Model::first_tokens(hidden, batch)?;
             if let Some(l) = loss_from_first(model, &refs, &first, None)? {
                 loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
                 loss_n += refs.len();
             }
-            let logits = model.sequence_logits(&hidden, &batch)?.to_vec2::<f32>()?;
+            let logits = model.sequence_logits(hidden, batch)?.to_vec2::<f32>()?;
             for (e, row) in chunk.iter().zip(logits) {
                 match &e.target {
                     // A label is predicted when its sigmoid passes 0.5 (logit > 0).
@@ -397,7 +398,8 @@ impl Objective for Classify {
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         let mut out = Metrics::new();
         if loss_n > 0 {
             out.insert("loss".into(), (loss_sum / loss_n as f64).into());

@@ -58,15 +58,17 @@ pub(crate) fn unseen(path: &Path, line: usize, label: &str) -> TrainError {
 
 /// Packs encoded sequences into one batch (no padding).
 pub(crate) fn pack<'a>(encs: impl IntoIterator<Item = &'a Encoded>) -> Result<Batch> {
-    Ok(Batch::from_sequences(
-        encs.into_iter()
-            .map(|e| (e.ids.as_slice(), e.type_ids.as_slice())),
-    )?)
+    Ok(berth_tasks::pack(&encs.into_iter().collect::<Vec<_>>())?)
 }
 
-/// Index of the largest value (the first on ties).
-pub(crate) fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
+/// Runs `model` on `encs` in the inference pipelines' token-budget batches (evaluation),
+/// handing each batch's range of `encs`, its packing and its hidden states to `f`.
+pub(crate) fn dev_batches(
+    model: &berth_model::Model,
+    encs: &[&Encoded],
+    f: impl FnMut(std::ops::Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
+) -> Result<()> {
+    berth_tasks::run_batches(model, encs, berth_tasks::DEFAULT_BATCH_TOKENS, f)
 }
 
 /// A trained checkpoint as the networks of a run, for evaluation ([`crate::init::load_frozen`];

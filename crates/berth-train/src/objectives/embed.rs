@@ -71,6 +71,7 @@ pub struct Embed {
     pooling: Pooling,
     /// The base model (its sentence-transformers files are copied into checkpoints).
     base: PathBuf,
+    tokenizer: Option<berth_text::TextTokenizer>,
     train: Vec<EmbedExample>,
     dev: Vec<EmbedExample>,
 }
@@ -83,6 +84,7 @@ impl Embed {
             cfg,
             pooling: Pooling::Mean,
             base: PathBuf::new(),
+            tokenizer: None,
             train: Vec::new(),
             dev: Vec::new(),
         }
@@ -154,21 +156,6 @@ pub fn mnrl_loss(
 /// Rows per batch of the dev MNRL loss.
 pub const DEV_LOSS_BATCH: usize = 32;
 
-/// Unit-length embeddings of `encs` (inference, in packed chunks).
-fn embed(model: &Model, encs: &[&Encoded], pooling: Pooling) -> Result<Vec<Vec<f32>>> {
-    let h = model.config.hidden_size;
-    let mut out = Vec::with_capacity(encs.len());
-    for chunk in encs.chunks(64) {
-        let batch = pack(chunk.iter().copied())?;
-        let hidden = model.forward(&batch)?.flatten_all()?.to_vec1::<f32>()?;
-        for mut v in berth_tasks::pool(&hidden, h, &batch, pooling) {
-            berth_tasks::normalize(&mut v);
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 /// The pooling a sentence-embedding run trains with: the base model's sentence-transformers
 /// pooling, or mean pooling when it has none.
 pub fn training_pooling(model_dir: &Path) -> Result<Pooling> {
@@ -210,6 +197,7 @@ impl Objective for Embed {
         })?;
         self.train = self.encode(&s.train, env)?;
         self.dev = self.encode(&s.dev, env)?;
+        self.tokenizer = Some(env.tokenizer()?.clone());
         Ok(DataSummary {
             labels: Vec::new(),
             dev_examples: self.dev.len(),
@@ -298,11 +286,23 @@ impl Objective for Embed {
                 }
             }
         }
-        let anchors: Vec<&Encoded> = dev.iter().map(|e| &e.anchor).collect();
-        let (a, c) = (
-            embed(model, &anchors, self.pooling)?,
-            embed(model, &cands, self.pooling)?,
-        );
+        // Unit vectors from the embedding pipeline, in its token-budget batches.
+        let tokenizer = self
+            .tokenizer
+            .clone()
+            .expect("prepare runs before evaluate; this is a bug");
+        let p = berth_tasks::Pipeline::from_model(model.clone(), tokenizer, self.data.max_length);
+        let opts = berth_tasks::EmbedOptions {
+            pooling: self.pooling,
+            normalize: true,
+            windows: None,
+        };
+        let embed = |encs: Vec<Encoded>| {
+            let ranges = (0..encs.len()).map(|i| i..i + 1).collect();
+            berth_tasks::embed_encoded(&p, &berth_tasks::EncodedTexts { encs, ranges }, &opts)
+        };
+        let a = embed(dev.iter().map(|e| e.anchor.clone()).collect())?;
+        let c = embed(cands.iter().map(|&e| e.clone()).collect())?;
         let (mut mrr, mut ndcg, mut top1) = (0.0, 0.0, 0.0);
         for (q, &pos) in a.iter().zip(&positive_of) {
             let scores: Vec<f64> = c.iter().map(|v| berth_tasks::cosine(q, v) as f64).collect();

@@ -248,6 +248,15 @@ pub(crate) fn mask_examples(
         .collect()
 }
 
+/// Masked sequences packed into one batch (no padding).
+pub(crate) fn pack_masked(inputs: &[MaskedInput]) -> Result<Batch> {
+    Ok(Batch::from_sequences(
+        inputs
+            .iter()
+            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
+    )?)
+}
+
 /// The masked positions of `inputs` as rows of their packed batch, with the original tokens.
 pub(crate) fn masked_rows(inputs: &[MaskedInput]) -> (Vec<u32>, Vec<u32>) {
     let (mut rows, mut labels) = (Vec::new(), Vec::new());
@@ -275,11 +284,7 @@ fn outputs_of_masked(
             pairs: None,
         });
     }
-    let batch = Batch::from_sequences(
-        inputs
-            .iter()
-            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
-    )?;
+    let batch = pack_masked(inputs)?;
     if pair_labels.is_none() {
         // Only the chosen positions are read: the last layer computes just those rows, and
         // the vocabulary projection runs on them.
@@ -377,11 +382,7 @@ pub fn distilled_mlm_loss(
         return total_loss(out);
     };
     let (rows, _) = masked_rows(&inputs);
-    let batch = Batch::from_sequences(
-        inputs
-            .iter()
-            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
-    )?;
+    let batch = pack_masked(&inputs)?;
     let taught = teacher.mlm_logits(&Model::select_rows(&teacher.forward(&batch)?, &rows)?)?;
     let mlm = distill.blend(mean_cross_entropy(logits, labels)?, logits, &taught)?;
     with_pairs(mlm, &out)

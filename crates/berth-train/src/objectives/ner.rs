@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::common::{argmax, pack, split, unseen};
+use super::common::{dev_batches, pack, split, unseen};
 use crate::data;
 use crate::distill::DistillConfig;
 use crate::error::{Result, TrainError};
@@ -18,6 +18,7 @@ use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
 use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use berth_tasks::argmax;
 
 /// Settings of an NER run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -261,15 +262,15 @@ impl Objective for Ner {
         let labels = self.labels.as_deref().unwrap_or_default();
         let mut conll: Vec<String> = Vec::new();
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for chunk in self.dev.chunks(64) {
+        let encs: Vec<&Encoded> = self.dev.iter().map(|e| &e.enc).collect();
+        dev_batches(model, &encs, |r, batch, hidden| {
+            let chunk = &self.dev[r];
             let refs: Vec<&NerExample> = chunk.iter().collect();
-            let batch = pack(refs.iter().map(|e| &e.enc))?;
-            let hidden = model.forward(&batch)?;
-            if let Some(l) = loss_from_hidden(model, &refs, &hidden, None)? {
+            if let Some(l) = loss_from_hidden(model, &refs, hidden, None)? {
                 loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
                 loss_n += refs.len();
             }
-            let logits = model.token_logits(&hidden)?.to_vec2::<f32>()?;
+            let logits = model.token_logits(hidden)?.to_vec2::<f32>()?;
             for (s, e) in chunk.iter().enumerate() {
                 let rows = batch.range(s);
                 let mut tags = vec!["O".to_string(); e.words.len()];
@@ -289,7 +290,8 @@ impl Objective for Ner {
                 }
                 conll.push(String::new());
             }
-        }
+            Ok(())
+        })?;
         let mut out = Metrics::new();
         if loss_n > 0 {
             out.insert("loss".into(), (loss_sum / loss_n as f64).into());

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::common::{pack, split};
+use super::common::{dev_batches, pack, split};
 use crate::data::{self, Column, Columns};
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
@@ -218,19 +218,19 @@ impl Objective for Rerank {
         let (model, dev) = (&nets.main, &self.dev);
         let mut scores = vec![0f64; dev.len()];
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for (c, chunk) in dev.chunks(64).enumerate() {
-            let refs: Vec<&RerankExample> = chunk.iter().collect();
-            let batch = pack(refs.iter().map(|e| &e.enc))?;
-            let hidden = model.forward(&batch)?;
-            let logits = model.sequence_logits(&hidden, &batch)?;
+        let encs: Vec<&Encoded> = dev.iter().map(|e| &e.enc).collect();
+        dev_batches(model, &encs, |r, batch, hidden| {
+            let refs: Vec<&RerankExample> = dev[r.clone()].iter().collect();
+            let logits = model.sequence_logits(hidden, batch)?;
             if let Some(l) = loss_from_logits(&refs, &logits)? {
                 loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
                 loss_n += refs.len();
             }
             for (k, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
-                scores[c * 64 + k] = row[0] as f64;
+                scores[r.start + k] = row[0] as f64;
             }
-        }
+            Ok(())
+        })?;
         // Rows of each query, in one pass.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, e) in dev.iter().enumerate() {

@@ -16,7 +16,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::mlm::{mask_examples, masked_rows, masking, MaskedInput, Tally};
+use super::mlm::{mask_examples, masked_rows, masking, pack_masked, MaskedInput, Tally};
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
@@ -101,11 +101,7 @@ pub fn rtd_outputs(
     if rows.is_empty() {
         return Ok(None);
     }
-    let batch = Batch::from_sequences(
-        inputs
-            .iter()
-            .map(|m| (m.ids.as_slice(), m.type_ids.as_slice())),
-    )?;
+    let batch = pack_masked(inputs)?;
     let hidden = generator.forward_train(&batch, d_generator)?;
     let generator_logits = generator.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
     // The discriminator sees the originals with each masked position replaced by a sample.
