@@ -6,17 +6,9 @@ use berth_tasks::{
     embed_encoded, encode_for_embedding, token_budget_batches, EmbedOptions, EncodedTexts,
     Pipeline, Pooling,
 };
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::{input, resolve};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PoolingArg {
-    Mean,
-    Cls,
-    Max,
-    None,
-}
 
 /// Arguments of `berth embed`.
 #[derive(Args)]
@@ -27,7 +19,7 @@ pub struct EmbedArgs {
     /// Pooling; default: the model's sentence-transformers config, else CLS.
     /// `none` prints every token's vector (large output).
     #[arg(long, value_enum)]
-    pooling: Option<PoolingArg>,
+    pooling: Option<Pooling>,
     /// L2-normalise the pooled vectors (on by default when the model's config says so).
     #[arg(long)]
     normalize: bool,
@@ -149,13 +141,7 @@ pub fn pipelined<T: Send, U: Send>(
 
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
-    let asked = a.pooling.map(|p| match p {
-        PoolingArg::Mean => Pooling::Mean,
-        PoolingArg::Cls => Pooling::Cls,
-        PoolingArg::Max => Pooling::Max,
-        PoolingArg::None => Pooling::None,
-    });
-    let (pooling, norm) = p.embedding(asked, a.normalize);
+    let (pooling, norm) = p.embedding(a.pooling, a.normalize);
     let (texts, from_file) = a.text.texts(&a.texts)?;
     let source = a
         .text

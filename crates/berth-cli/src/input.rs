@@ -2,7 +2,8 @@
 use std::io::Read;
 
 use anyhow::{bail, Context};
-use berth_tasks::PipelineOptions;
+use berth_model::Precision;
+use berth_tasks::{PipelineOptions, WindowPool};
 use berth_text::Truncation;
 
 /// Input flags shared by the commands that read texts.
@@ -25,27 +26,8 @@ pub struct TextArgs {
     /// Number format of the encoder's matrix products: f32; bf16 (Intel AMX; outputs
     /// within ~1e-5 cosine of f32); or int8 (weights per channel, activations per token;
     /// AMX int8 tiles, a slow portable loop elsewhere; outputs within ~1e-3 cosine).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
-}
-
-/// `--dtype` values.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    Int8,
-}
-
-impl DtypeArg {
-    /// The model precision.
-    pub fn precision(self) -> berth_model::Precision {
-        match self {
-            DtypeArg::F32 => berth_model::Precision::F32,
-            DtypeArg::Bf16 => berth_model::Precision::Bf16,
-            DtypeArg::Int8 => berth_model::Precision::Int8,
-        }
-    }
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 /// Long-document flags shared by classify and embed.
@@ -56,29 +38,14 @@ pub struct WindowArgs {
     #[arg(long, value_name = "N")]
     pub stride: Option<usize>,
     /// How window outputs are pooled (with --stride).
-    #[arg(long, value_enum, default_value_t = WindowPoolArg::Mean)]
-    pub window_pool: WindowPoolArg,
-}
-
-/// `--window-pool` values.
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum WindowPoolArg {
-    /// Element-wise mean of the window outputs.
-    Mean,
-    /// Element-wise maximum.
-    Max,
-    /// The first window only.
-    First,
+    #[arg(long, value_enum, default_value_t = WindowPool::Mean)]
+    pub window_pool: WindowPool,
 }
 
 impl WindowArgs {
     /// The window setting these flags ask for.
     pub fn windows(&self) -> Option<berth_tasks::Windows> {
-        let pool = match self.window_pool {
-            WindowPoolArg::Mean => berth_tasks::WindowPool::Mean,
-            WindowPoolArg::Max => berth_tasks::WindowPool::Max,
-            WindowPoolArg::First => berth_tasks::WindowPool::First,
-        };
+        let pool = self.window_pool;
         self.stride
             .map(|stride| berth_tasks::Windows { stride, pool })
     }
@@ -99,7 +66,7 @@ impl TextArgs {
             Truncation::Truncate
         };
         PipelineOptions {
-            precision: self.dtype.precision(),
+            precision: self.dtype,
             max_length: self.max_length,
             truncation,
             batch_tokens: self.batch_tokens,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use berth_train::config::RunConfig;
+use berth_train::init::PositionInit;
 use berth_train::objective::DataConfig;
 use berth_train::objectives::mlm::MlmConfig;
 use berth_train::objectives::rtd::{RtdConfig, GENERATOR_DIR};
@@ -29,17 +30,6 @@ enum ObjectiveArg {
     /// learns to tell replaced tokens from originals at every position. Checkpoints are
     /// `ElectraForPreTraining`, with the generator (`ElectraForMaskedLM`) in `generator/`.
     Rtd,
-}
-
-/// `--position-init` values.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PositionInitArg {
-    /// Normal with the initializer range (transformers' init).
-    Normal,
-    /// The original Transformer's sinusoids at the same scale: relative offsets are linear
-    /// maps of the table from the first step, so attention to neighbouring tokens is easier
-    /// to learn. Still ordinary learned position embeddings.
-    Sinusoidal,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,8 +70,8 @@ pub struct PretrainArgs {
     #[arg(long)]
     intermediate: Option<usize>,
     /// How a new model's position embeddings start (from scratch only).
-    #[arg(long, value_enum, default_value_t = PositionInitArg::Normal, conflicts_with = "from")]
-    position_init: PositionInitArg,
+    #[arg(long, value_enum, default_value_t = PositionInit::Normal, conflicts_with = "from")]
+    position_init: PositionInit,
     /// Fraction of tokens masked (80 % mask token, 10 % random, 10 % kept).
     #[arg(long, default_value_t = 0.15)]
     mask_rate: f64,
@@ -183,10 +173,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                 "tie_word_embeddings": true,
             });
             let init = a.output.join("init");
-            let positions = match a.position_init {
-                PositionInitArg::Normal => berth_train::init::PositionInit::Normal,
-                PositionInitArg::Sinusoidal => berth_train::init::PositionInit::Sinusoidal,
-            };
+            let positions = a.position_init;
             if rtd {
                 // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
                 config["embedding_size"] = hidden.into();

@@ -6,7 +6,7 @@ use berth_tasks::{
     Aggregation, ClassFunction, ClassifyOptions, EmbedOptions, NerOptions, Pipeline, QaInput,
     QaOptions,
 };
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Serialize;
 
 use crate::embed::{report_load, warn_truncated};
@@ -51,13 +51,6 @@ fn load(model: &str, text: &input::TextArgs) -> anyhow::Result<Pipeline> {
     Ok(p)
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum FunctionArg {
-    Softmax,
-    Sigmoid,
-    None,
-}
-
 /// Arguments of `berth classify`.
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -70,7 +63,7 @@ pub struct ClassifyArgs {
     /// Score function; default from the model (regression → none, multi-label or one
     /// output → sigmoid, else softmax), as transformers.
     #[arg(long, value_enum)]
-    function: Option<FunctionArg>,
+    function: Option<ClassFunction>,
     /// Sentence pairs: arguments are taken two at a time; --input lines hold TEXT<TAB>PAIR.
     #[arg(long)]
     pair: bool,
@@ -126,11 +119,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
     };
     let opts = ClassifyOptions {
         top_k: (a.top_k > 0).then_some(a.top_k),
-        function: a.function.map(|f| match f {
-            FunctionArg::Softmax => ClassFunction::Softmax,
-            FunctionArg::Sigmoid => ClassFunction::Sigmoid,
-            FunctionArg::None => ClassFunction::Identity,
-        }),
+        function: a.function,
         windows: a.windows.windows(),
     };
     run_chunked(
@@ -142,15 +131,6 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
     )
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum AggregationArg {
-    None,
-    Simple,
-    First,
-    Average,
-    Max,
-}
-
 /// Arguments of `berth ner`.
 #[derive(Args)]
 pub struct NerArgs {
@@ -159,8 +139,8 @@ pub struct NerArgs {
     model: String,
     /// How tokens become entities (transformers' aggregation_strategy): `none` lists every
     /// token; the others group B-/I- runs, `first`/`average`/`max` after agreeing per word.
-    #[arg(long, value_enum, default_value_t = AggregationArg::Simple)]
-    aggregation: AggregationArg,
+    #[arg(long, value_enum, default_value_t = Aggregation::Simple)]
+    aggregation: Aggregation,
     /// Labels (or entity groups) left out; `--ignore-labels ''` keeps everything.
     #[arg(long, value_delimiter = ',', default_value = "O")]
     ignore_labels: Vec<String>,
@@ -189,13 +169,7 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
     berth_tasks::require_head(&p.model, berth_model::HeadKind::TokenClassification)?;
     let (texts, _) = a.text.texts(&a.texts)?;
     let opts = NerOptions {
-        aggregation: match a.aggregation {
-            AggregationArg::None => Aggregation::None,
-            AggregationArg::Simple => Aggregation::Simple,
-            AggregationArg::First => Aggregation::First,
-            AggregationArg::Average => Aggregation::Average,
-            AggregationArg::Max => Aggregation::Max,
-        },
+        aggregation: a.aggregation,
         ignore_labels: a
             .ignore_labels
             .into_iter()

@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{dispatch, slice, with_slice, SendPtr};
+use crate::cpu::{dispatch, slice, with_slice, SendPtr, Strided};
 use crate::softmax::{softmax_row, softmax_row_backward};
 use crate::Float;
 
@@ -145,35 +145,15 @@ fn tasks(cu: &[usize], nh: usize) -> Vec<(usize, usize, usize)> {
     t
 }
 
-/// Single-threaded strided matmul: the (sequence, head) tasks are the parallelism.
-#[allow(clippy::too_many_arguments)]
+/// `dst = alpha * lhs @ rhs`, single-threaded: the (sequence, head) tasks are the
+/// parallelism.
 unsafe fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_s: (usize, usize),
-    accumulate: bool,
-    lhs: *const T,
-    lhs_s: (usize, usize),
-    rhs: *const T,
-    rhs_s: (usize, usize),
+    dst: Strided<*mut T>,
+    lhs: Strided<*const T>,
+    rhs: Strided<*const T>,
     alpha: T,
 ) {
-    crate::cpu::matmul(
-        m,
-        n,
-        k,
-        dst,
-        dst_s,
-        accumulate,
-        lhs,
-        lhs_s,
-        rhs,
-        rhs_s,
-        alpha,
-        Parallelism::None,
-    )
+    crate::cpu::matmul(dst, false, lhs, rhs, alpha, Parallelism::None)
 }
 
 /// Fills `p [L, L]` with softmax(scale * Q K^T) for one (sequence, head).
@@ -190,18 +170,11 @@ unsafe fn probabilities<T: Float>(
 ) {
     let q = qkv.add(start * w3 + head * hd);
     let k = qkv.add(start * w3 + h + head * hd);
-    // K^T viewed as [hd, L]: row stride 1, column stride 3H.
+    // K^T: K [L, hd] (row stride 3H) viewed transposed.
     matmul(
-        l,
-        l,
-        hd,
-        p.as_mut_ptr(),
-        (l, 1),
-        false,
-        q,
-        (w3, 1),
-        k,
-        (1, w3),
+        Strided::rows(p.as_mut_ptr(), l, l, l),
+        Strided::rows(q, l, hd, w3),
+        Strided::rows(k, l, hd, w3).t(),
         scale,
     );
     p.chunks_mut(l).for_each(softmax_row);
@@ -271,16 +244,9 @@ pub(crate) fn forward<T: Float>(
                 let v = qkv.add(start * w3 + 2 * h + head * hd);
                 let o = out.add(start * h + head * hd);
                 matmul(
-                    l,
-                    hd,
-                    l,
-                    o,
-                    (h, 1),
-                    false,
-                    p.as_ptr(),
-                    (l, 1),
-                    v,
-                    (w3, 1),
+                    Strided::rows(o, l, hd, h),
+                    Strided::rows(p.as_ptr(), l, l, l),
+                    Strided::rows(v, l, hd, w3),
                     T::one(),
                 );
             }
@@ -336,30 +302,16 @@ pub(crate) fn backward<T: Float>(
                 let dout = dout.add(start * h + head * hd);
                 // dV = P^T dO
                 matmul(
-                    l,
-                    hd,
-                    l,
-                    dv,
-                    (w3, 1),
-                    false,
-                    p_used,
-                    (1, l),
-                    dout,
-                    (h, 1),
+                    Strided::rows(dv, l, hd, w3),
+                    Strided::rows(p_used, l, l, l).t(),
+                    Strided::rows(dout, l, hd, h),
                     T::one(),
                 );
                 // dP = dO V^T
                 matmul(
-                    l,
-                    l,
-                    hd,
-                    dp.as_mut_ptr(),
-                    (l, 1),
-                    false,
-                    dout,
-                    (h, 1),
-                    v,
-                    (1, w3),
+                    Strided::rows(dp.as_mut_ptr(), l, l, l),
+                    Strided::rows(dout, l, hd, h),
+                    Strided::rows(v, l, hd, w3).t(),
                     T::one(),
                 );
                 drop_probabilities(dp, dropout, start, head);
@@ -369,30 +321,17 @@ pub(crate) fn backward<T: Float>(
                     softmax_row_backward(&p[row.clone()], &dp[row.clone()], &mut ds[row]);
                 }
                 // dQ = dS K * scale ; dK = dS^T Q * scale
+                let ds_view = Strided::rows(ds.as_ptr(), l, l, l);
                 matmul(
-                    l,
-                    hd,
-                    l,
-                    dq,
-                    (w3, 1),
-                    false,
-                    ds.as_ptr(),
-                    (l, 1),
-                    k,
-                    (w3, 1),
+                    Strided::rows(dq, l, hd, w3),
+                    ds_view,
+                    Strided::rows(k, l, hd, w3),
                     scale,
                 );
                 matmul(
-                    l,
-                    hd,
-                    l,
-                    dk,
-                    (w3, 1),
-                    false,
-                    ds.as_ptr(),
-                    (1, l),
-                    q,
-                    (w3, 1),
+                    Strided::rows(dk, l, hd, w3),
+                    ds_view.t(),
+                    Strided::rows(q, l, hd, w3),
                     scale,
                 );
             }

@@ -55,41 +55,80 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// `dst[m, n] = (accumulate ? dst : 0) + alpha * lhs[m, k] @ rhs[k, n]` on strided
-/// row-major views; strides are (row stride, column stride) in elements.
+/// A strided matrix view: `rows × cols` elements at `ptr`, element (r, c) at
+/// `ptr + r * row_stride + c * col_stride`. A row-major matrix has column stride 1; its
+/// transpose is the same memory with the strides swapped ([`Strided::t`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<P> {
+    pub ptr: P,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<P: Copy> Strided<P> {
+    /// Row-major `rows × cols` with `row_stride` elements from one row to the next.
+    pub fn rows(ptr: P, rows: usize, cols: usize, row_stride: usize) -> Self {
+        Strided {
+            ptr,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transposed view of the same memory.
+    pub fn t(self) -> Self {
+        Strided {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + alpha * lhs @ rhs` on strided views (`dst` is
+/// `lhs.rows × rhs.cols`, `lhs.cols == rhs.rows`).
 ///
 /// # Safety
-/// The pointers must cover the views the sizes and strides describe.
-#[allow(clippy::too_many_arguments)]
+/// The pointers must cover the views their sizes and strides describe.
 pub(crate) unsafe fn matmul<T: crate::Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_s: (usize, usize),
+    dst: Strided<*mut T>,
     accumulate: bool,
-    lhs: *const T,
-    lhs_s: (usize, usize),
-    rhs: *const T,
-    rhs_s: (usize, usize),
+    lhs: Strided<*const T>,
+    rhs: Strided<*const T>,
     alpha: T,
     parallelism: gemm::Parallelism,
 ) {
+    debug_assert!(
+        dst.rows == lhs.rows && dst.cols == rhs.cols && lhs.cols == rhs.rows,
+        "matmul: shapes [{}, {}] = [{}, {}] @ [{}, {}]; this is a bug",
+        dst.rows,
+        dst.cols,
+        lhs.rows,
+        lhs.cols,
+        rhs.rows,
+        rhs.cols
+    );
     // gemm computes dst = a * dst + b * lhs @ rhs, with (column, row) stride order.
     gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_s.1 as isize,
-        dst_s.0 as isize,
+        dst.rows,
+        dst.cols,
+        lhs.cols,
+        dst.ptr,
+        dst.col_stride as isize,
+        dst.row_stride as isize,
         accumulate,
-        lhs,
-        lhs_s.1 as isize,
-        lhs_s.0 as isize,
-        rhs,
-        rhs_s.1 as isize,
-        rhs_s.0 as isize,
+        lhs.ptr,
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.ptr,
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
         T::one(),
         alpha,
         false,

@@ -12,7 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu::{dispatch, same_dtype, slice, with_slice};
+use crate::cpu::{dispatch, same_dtype, slice, with_slice, Strided};
 use crate::{sgemm, Float};
 
 /// Rows at or below which the dot-product kernel is used.
@@ -43,34 +43,14 @@ fn threads() -> Parallelism {
     }
 }
 
-/// Strided matmul on the rayon pool (see [`crate::cpu::matmul`]).
-#[allow(clippy::too_many_arguments)]
+/// `dst (+)= lhs @ rhs` on the rayon pool (see [`crate::cpu::matmul`]).
 unsafe fn gemm<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_s: (usize, usize),
+    dst: Strided<*mut T>,
     accumulate: bool,
-    lhs: *const T,
-    lhs_s: (usize, usize),
-    rhs: *const T,
-    rhs_s: (usize, usize),
+    lhs: Strided<*const T>,
+    rhs: Strided<*const T>,
 ) {
-    crate::cpu::matmul(
-        m,
-        n,
-        k,
-        dst,
-        dst_s,
-        accumulate,
-        lhs,
-        lhs_s,
-        rhs,
-        rhs_s,
-        T::one(),
-        threads(),
-    )
+    crate::cpu::matmul(dst, accumulate, lhs, rhs, T::one(), threads())
 }
 
 /// f32 dot product with AVX-512 FMAs, two accumulators of 16 lanes.
@@ -225,17 +205,12 @@ pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     }
     // SAFETY: buffers have the sizes the strides describe.
     unsafe {
+        // y [N, O] += x [N, I] @ w^T [I, O]
         gemm(
-            n,
-            o,
-            i,
-            y.as_mut_ptr(),
-            (o, 1),
+            Strided::rows(y.as_mut_ptr(), n, o, o),
             true,
-            x.as_ptr(),
-            (i, 1),
-            w.as_ptr(),
-            (1, i),
+            Strided::rows(x.as_ptr(), n, i, i),
+            Strided::rows(w.as_ptr(), o, i, i).t(),
         )
     };
     y
@@ -292,29 +267,17 @@ pub(crate) fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T
         unsafe {
             // dx [N, I] = dy [N, O] @ w [O, I]
             gemm(
-                n,
-                i,
-                o,
-                dx.as_mut_ptr(),
-                (i, 1),
+                Strided::rows(dx.as_mut_ptr(), n, i, i),
                 false,
-                dy.as_ptr(),
-                (o, 1),
-                w.as_ptr(),
-                (i, 1),
+                Strided::rows(dy.as_ptr(), n, o, o),
+                Strided::rows(w.as_ptr(), o, i, i),
             );
             // dw [O, I] = dy^T [O, N] @ x [N, I]
             gemm(
-                o,
-                i,
-                n,
-                dw.as_mut_ptr(),
-                (i, 1),
+                Strided::rows(dw.as_mut_ptr(), o, i, i),
                 false,
-                dy.as_ptr(),
-                (1, o),
-                x.as_ptr(),
-                (i, 1),
+                Strided::rows(dy.as_ptr(), n, o, o).t(),
+                Strided::rows(x.as_ptr(), n, i, i),
             );
         }
     }

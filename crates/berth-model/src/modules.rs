@@ -14,6 +14,7 @@ use crate::weights::Weights;
 /// The number format of the encoder's matrix products at inference. Everything else
 /// (embeddings, LayerNorm, softmax, activations, heads) stays f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Precision {
     /// f32 throughout.
     #[default]

@@ -9,12 +9,14 @@ use crate::pipeline::Pipeline;
 
 /// What turns logits into scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ClassFunction {
     /// Softmax over classes (single-label).
     Softmax,
     /// Independent sigmoids (multi-label, or one output).
     Sigmoid,
     /// The logits themselves (regression).
+    #[cfg_attr(feature = "clap", value(name = "none"))]
     Identity,
 }
 
@@ -47,6 +49,7 @@ impl ClassFunction {
 
 /// How the outputs of a long document's windows are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum WindowPool {
     /// Element-wise mean over windows (the default).
     Mean,

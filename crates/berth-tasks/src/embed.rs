@@ -7,6 +7,7 @@ use crate::error::{Result, TaskError};
 
 /// How token vectors become one vector per text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Pooling {
     /// Mean over all tokens of the text (special tokens included, as sentence-transformers).
     Mean,

@@ -10,6 +10,7 @@ use crate::pipeline::Pipeline;
 
 /// How tokens are merged into entities (transformers' `aggregation_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Aggregation {
     /// Every token with its own label.
     None,

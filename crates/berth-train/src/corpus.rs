@@ -37,10 +37,10 @@ pub const MAGIC: &[u8; 8] = b"BERTHSEQ";
 pub const VERSION: u32 = 1;
 /// Manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
-const HEADER: usize = 40;
-const NO_WORD: u32 = 1 << 31;
-const WORD_START: u32 = 1 << 30;
-const ID_MASK: u32 = WORD_START - 1;
+pub(crate) const HEADER: usize = 40;
+pub(crate) const NO_WORD: u32 = 1 << 31;
+pub(crate) const WORD_START: u32 = 1 << 30;
+pub(crate) const ID_MASK: u32 = WORD_START - 1;
 
 /// One packed sequence: ids with the special tokens, and word ids (`None` on specials).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl Sequence {
             .collect()
     }
 
-    fn decode(tokens: &[u32]) -> Self {
+    pub(crate) fn decode(tokens: &[u32]) -> Self {
         let (mut ids, mut words) = (Vec::with_capacity(tokens.len()), Vec::new());
         let mut word: Option<u32> = None;
         for &t in tokens {
@@ -638,234 +638,6 @@ fn doc_hash(paragraphs: &[String]) -> (u64, u64) {
         }
     }
     (a, b)
-}
-
-/// A memory-mapped shard, checked on open (magic, version, size, checksum, offsets).
-pub struct Shard {
-    path: PathBuf,
-    map: memmap2::Mmap,
-    sequences: usize,
-    tokens_at: usize,
-}
-
-impl Shard {
-    /// Opens and checks `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let bad = |message: String| TrainError::Data {
-            path: path.into(),
-            line: 0,
-            message,
-        };
-        let file = std::fs::File::open(path).map_err(|e| TrainError::Io {
-            path: path.into(),
-            source: e,
-        })?;
-        // SAFETY: the map is read-only; a shard modified while it is mapped would change
-        // what is read (shards are written once, to a temporary name, and never rewritten).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TrainError::Io {
-            path: path.into(),
-            source: e,
-        })?;
-        if map.len() < HEADER || &map[..8] != MAGIC {
-            return Err(bad(
-                "not a berth shard (bad magic or shorter than its header)".into(),
-            ));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(map[o..o + 8].try_into().expect("8 bytes"));
-        if u32_at(8) != VERSION {
-            return Err(bad(format!(
-                "shard format version {} (this berth reads {VERSION})",
-                u32_at(8)
-            )));
-        }
-        let (n, t) = (u64_at(16), u64_at(24));
-        let want = (HEADER as u64)
-            .checked_add(n.saturating_add(1).saturating_mul(8))
-            .and_then(|v| v.checked_add(t.saturating_mul(4)));
-        if want != Some(map.len() as u64) {
-            return Err(bad(format!(
-                "{} bytes, but its header describes {n} sequences of {t} tokens ({} bytes): truncated or corrupted",
-                map.len(),
-                want.map_or("too many".into(), |w| w.to_string())
-            )));
-        }
-        if crc32fast::hash(&map[HEADER..]) != u32_at(32) {
-            return Err(bad("checksum mismatch: the shard is corrupted".into()));
-        }
-        let (n, t) = (n as usize, t as usize);
-        let shard = Shard {
-            path: path.into(),
-            sequences: n,
-            tokens_at: HEADER + 8 * (n + 1),
-            map,
-        };
-        let mut prev = 0;
-        for i in 0..=n {
-            let o = shard.offset(i);
-            if o < prev || o > t || (i == 0 && o != 0) || (i == n && o != t) {
-                return Err(bad(format!("offset {i} out of order: corrupted")));
-            }
-            prev = o;
-        }
-        Ok(shard)
-    }
-
-    fn offset(&self, i: usize) -> usize {
-        let o = HEADER + 8 * i;
-        u64::from_le_bytes(self.map[o..o + 8].try_into().expect("8 bytes")) as usize
-    }
-
-    /// Sequences in the shard.
-    pub fn len(&self) -> usize {
-        self.sequences
-    }
-
-    /// Whether the shard holds no sequence.
-    pub fn is_empty(&self) -> bool {
-        self.sequences == 0
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Sequence `i`.
-    pub fn sequence(&self, i: usize) -> Sequence {
-        let (a, b) = (self.offset(i), self.offset(i + 1));
-        let bytes = &self.map[self.tokens_at + 4 * a..self.tokens_at + 4 * b];
-        let tokens: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
-        Sequence::decode(&tokens)
-    }
-}
-
-/// Shards addressed as one list of sequences, decoded on demand: a run over a prepared
-/// corpus keeps only the memory maps (the pages a batch touches are read in by the OS and
-/// can be dropped again), never the decoded corpus.
-pub struct Shards {
-    shards: Vec<Shard>,
-    /// Index of each shard's first sequence, and the total at the end.
-    starts: Vec<usize>,
-}
-
-impl Shards {
-    /// The sequences of `shards`, in order.
-    pub fn new(shards: Vec<Shard>) -> Self {
-        let mut starts = vec![0];
-        for s in &shards {
-            starts.push(starts.last().expect("non-empty") + s.len());
-        }
-        Shards { shards, starts }
-    }
-
-    /// Number of sequences.
-    pub fn len(&self) -> usize {
-        *self.starts.last().expect("non-empty")
-    }
-
-    /// Whether there is no sequence.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Sequence `i` of the concatenation.
-    pub fn sequence(&self, i: usize) -> Sequence {
-        let s = self.starts.partition_point(|&start| start <= i) - 1;
-        self.shards[s].sequence(i - self.starts[s])
-    }
-
-    /// Tokens over all sequences (special tokens included).
-    pub fn tokens(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.offset(s.len()) - s.offset(0))
-            .sum()
-    }
-}
-
-/// A prepared folder: its manifest and shards, opened and checked.
-pub struct PreparedCorpus {
-    /// `manifest.json`.
-    pub manifest: Manifest,
-    /// Training shards.
-    pub train: Vec<Shard>,
-    /// Held-out shards.
-    pub val: Vec<Shard>,
-}
-
-/// Whether `dir` is a prepared folder (has `manifest.json`).
-pub fn is_prepared(dir: &Path) -> bool {
-    dir.join("manifest.json").is_file()
-}
-
-/// Opens a prepared folder for a run with `tok` and sequences of at most `max_length`.
-pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Result<PreparedCorpus> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
-        path: path.clone(),
-        source: e,
-    })?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| TrainError::Data {
-        path: path.clone(),
-        line: 0,
-        message: format!("not a berth manifest: {e}"),
-    })?;
-    let bad = |message: String| TrainError::Data {
-        path: path.clone(),
-        line: 0,
-        message,
-    };
-    if manifest.format_version != MANIFEST_VERSION {
-        return Err(bad(format!(
-            "manifest version {} (this berth reads {MANIFEST_VERSION})",
-            manifest.format_version
-        )));
-    }
-    let fingerprint = tokenizer_fingerprint(tok);
-    if manifest.vocab_size != tok.vocab_size() || manifest.tokenizer_fingerprint != fingerprint {
-        return Err(bad(format!(
-            "prepared with another tokenizer ({}, {} tokens) than this run's ({}, {} tokens): \
-             prepare the data again with this tokenizer",
-            manifest.tokenizer.display(),
-            manifest.vocab_size,
-            tok.source().display(),
-            tok.vocab_size()
-        )));
-    }
-    if manifest.max_length > max_length {
-        return Err(bad(format!(
-            "sequences were packed to {} tokens, longer than this run's --max-length {max_length}",
-            manifest.max_length
-        )));
-    }
-    let open = |list: &[ShardInfo]| -> Result<Vec<Shard>> {
-        list.iter()
-            .map(|s| {
-                let shard = Shard::open(&dir.join(&s.file))?;
-                if shard.len() != s.sequences {
-                    return Err(TrainError::Data {
-                        path: dir.join(&s.file),
-                        line: 0,
-                        message: format!(
-                            "{} sequences, the manifest says {}",
-                            shard.len(),
-                            s.sequences
-                        ),
-                    });
-                }
-                Ok(shard)
-            })
-            .collect()
-    };
-    Ok(PreparedCorpus {
-        train: open(&manifest.train)?,
-        val: open(&manifest.val)?,
-        manifest,
-    })
 }
 
 #[cfg(test)]

@@ -405,6 +405,7 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
 
 /// How a new encoder's (learned, absolute) position embeddings start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PositionInit {
     /// Normal with `initializer_range`, as transformers initialises them.
     Normal,

@@ -27,6 +27,7 @@ pub mod optim;
 pub mod plot;
 pub mod pretrain;
 pub mod schedule;
+pub mod shards;
 pub mod train_loop;
 
 pub use error::{Result, TrainError};

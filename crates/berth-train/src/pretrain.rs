@@ -56,7 +56,7 @@ pub enum Sequences {
     /// Decoded sequences.
     Memory(Vec<PretrainSequence>),
     /// Packed shards, decoded when a batch needs them.
-    Shards(crate::corpus::Shards),
+    Shards(crate::shards::Shards),
 }
 
 impl Sequences {
@@ -269,8 +269,8 @@ pub fn read_prepared(
     tok: &TextTokenizer,
     max_length: usize,
 ) -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
-    let c = crate::corpus::open_prepared(dir, tok, max_length)?;
-    let read = |shards: &[crate::corpus::Shard]| -> Vec<PretrainSequence> {
+    let c = crate::shards::open_prepared(dir, tok, max_length)?;
+    let read = |shards: &[crate::shards::Shard]| -> Vec<PretrainSequence> {
         shards
             .iter()
             .flat_map(|s| (0..s.len()).map(move |i| single(s.sequence(i))))
@@ -291,14 +291,14 @@ pub fn read_sequences(
 ) -> Result<(Sequences, Vec<PretrainSequence>)> {
     let max_length = data.max_length;
     let read = |path: &Path| -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
-        if crate::corpus::is_prepared(path) {
+        if crate::shards::is_prepared(path) {
             read_prepared(path, tok, max_length)
         } else {
             Ok((read_corpus(path, tok, max_length)?, Vec::new()))
         }
     };
-    if crate::corpus::is_prepared(&data.train) && pairs.is_none() {
-        let c = crate::corpus::open_prepared(&data.train, tok, max_length)?;
+    if crate::shards::is_prepared(&data.train) && pairs.is_none() {
+        let c = crate::shards::open_prepared(&data.train, tok, max_length)?;
         let dev = match &data.dev {
             Some(d) => {
                 let (a, b) = read(d)?;
@@ -314,7 +314,7 @@ pub fn read_sequences(
                 .flat_map(|s| (0..s.len()).map(move |i| single(s.sequence(i))))
                 .collect(),
         };
-        return Ok((Sequences::Shards(crate::corpus::Shards::new(c.train)), dev));
+        return Ok((Sequences::Shards(crate::shards::Shards::new(c.train)), dev));
     }
     let (all, held_out) = read(&data.train)?;
     let (train, dev) = match &data.dev {

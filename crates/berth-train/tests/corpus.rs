@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use berth_text::TextTokenizer;
-use berth_train::corpus::{open_prepared, prepare, CorpusInput, PrepareOptions};
+use berth_train::corpus::{prepare, CorpusInput, PrepareOptions};
 use berth_train::pretrain::{
     read_corpus, read_prepared, read_sequences, PretrainSequence, Sequences,
 };
+use berth_train::shards::open_prepared;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vocab")
