@@ -212,7 +212,69 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// Multi-label scores: gold rows of labels split on `--label-separator`; predictions as
+/// label lists (same separator) or `berth classify` output, where a label is predicted when
+/// its score passes 0.5 (the sigmoid of a positive logit). Labels are those either side
+/// names, sorted.
+fn multi_label(a: &EvalArgs, gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
+    let sep = a.columns.label_separator.as_str();
+    let split = |s: &str| -> Vec<String> {
+        s.split(sep)
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    let gold: Vec<Vec<String>> = gold_labels(gold_path, &a.columns.label_column)?
+        .iter()
+        .map(|g| split(g))
+        .collect();
+    let lines = read_lines(pred_path)?;
+    same_length(gold_path, gold.len(), pred_path, lines.len())?;
+    let mut pred = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        if !l.trim_start().starts_with('{') {
+            pred.push(split(l));
+            continue;
+        }
+        let v: Value = serde_json::from_str(l)
+            .with_context(|| format!("{pred_path}:{}: invalid JSON", i + 1))?;
+        let labels = v["labels"].as_array().with_context(|| {
+            format!(
+                "{pred_path}:{}: no \"labels\" list (berth classify output)",
+                i + 1
+            )
+        })?;
+        pred.push(
+            labels
+                .iter()
+                .filter(|x| x["score"].as_f64().is_some_and(|s| s > 0.5))
+                .filter_map(|x| x["label"].as_str().map(str::to_string))
+                .collect(),
+        );
+    }
+    let names: std::collections::BTreeSet<&String> = gold.iter().chain(&pred).flatten().collect();
+    let names: Vec<&String> = names.into_iter().collect();
+    let rows: Vec<(Vec<f32>, Vec<bool>)> = gold
+        .iter()
+        .zip(&pred)
+        .map(|(g, p)| {
+            (
+                names.iter().map(|n| g.contains(n) as u8 as f32).collect(),
+                names.iter().map(|n| p.contains(n)).collect(),
+            )
+        })
+        .collect();
+    let r = metrics::multi_label(&rows, names.len());
+    let mut out = serde_json::to_value(r)?;
+    out["labels"] = json!(names);
+    out["rows"] = json!(rows.len());
+    Ok(out)
+}
+
 fn classify(a: &EvalArgs, gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
+    if a.columns.multi_label {
+        return multi_label(a, gold_path, pred_path);
+    }
     let gold = gold_labels(gold_path, &a.columns.label_column)?;
     let lines = read_lines(pred_path)?;
     same_length(gold_path, gold.len(), pred_path, lines.len())?;

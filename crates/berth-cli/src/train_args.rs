@@ -120,10 +120,10 @@ pub struct ColumnArgs {
     regression: bool,
     /// classify: several labels per row (split on --label-separator), BCE loss.
     #[arg(long)]
-    multi_label: bool,
+    pub multi_label: bool,
     /// classify --multi-label: what separates a row's labels.
     #[arg(long, default_value = ",")]
-    label_separator: String,
+    pub label_separator: String,
     /// ner: 0-based tag column (default: the last).
     #[arg(long)]
     tag_column: Option<usize>,

@@ -386,3 +386,53 @@ fn missing_default_model_says_how_to_fetch_it() {
         .unwrap();
     fails_with(&out, &["scripts/fetch-assets"]);
 }
+
+/// `eval --task classify --multi-label` scores label sets (gold split on the separator;
+/// predictions as label lists or `berth classify` output, a label counting when its score
+/// passes 0.5). Expected values by hand, as scikit-learn defines them: news P 1/2 R 1/2,
+/// sports P 2/3 R 1 → macro-F1 (0.5 + 0.8) / 2; micro-F1 2·3 / (2·3 + 2 + 1); one row of
+/// four exactly right.
+#[test]
+fn eval_scores_multi_label_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gold = tmp.path().join("gold.tsv");
+    std::fs::write(&gold, "label\nsports,news\nnews\n\nsports\n").unwrap();
+    let plain = tmp.path().join("pred.txt");
+    std::fs::write(&plain, "sports\nnews,sports\nnews\nsports\n").unwrap();
+    let json = tmp.path().join("pred.jsonl");
+    let row = |labels: &[(&str, f64)]| {
+        let l: Vec<serde_json::Value> = labels
+            .iter()
+            .map(|(n, s)| serde_json::json!({"label": n, "score": s}))
+            .collect();
+        serde_json::json!({"index": 0, "labels": l}).to_string()
+    };
+    let lines = [
+        row(&[("sports", 0.9), ("news", 0.2)]),
+        row(&[("news", 0.7), ("sports", 0.6)]),
+        row(&[("news", 0.51), ("sports", 0.1)]),
+        row(&[("sports", 0.8), ("news", 0.5)]),
+    ];
+    std::fs::write(&json, lines.join("\n") + "\n").unwrap();
+    for pred in [&plain, &json] {
+        let out: serde_json::Value = serde_json::from_str(&ok(&berth(&[
+            "eval",
+            "--task",
+            "classify",
+            "--multi-label",
+            "--gold",
+            gold.to_str().unwrap(),
+            "--predictions",
+            pred.to_str().unwrap(),
+        ])))
+        .unwrap();
+        let near = |k: &str, want: f64| {
+            let got = out[k].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-12, "{k}: {got} vs {want}");
+        };
+        near("macro_f1", (0.5 + 0.8) / 2.0);
+        near("micro_f1", 6.0 / 9.0);
+        near("subset_accuracy", 0.25);
+        assert_eq!(out["labels"], serde_json::json!(["news", "sports"]));
+    }
+}
