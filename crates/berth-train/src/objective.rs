@@ -160,6 +160,52 @@ impl Networks {
     }
 }
 
+/// An objective's training examples seen from the loop: how many, how many input tokens
+/// (no padding: what is computed), and the token ids of one (for `dump_order`).
+pub trait TrainSet {
+    /// Examples.
+    fn len(&self) -> usize;
+
+    /// Whether there is no example.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Input tokens over all examples.
+    fn tokens(&self) -> usize;
+
+    /// The token ids of example `i`'s first sequence.
+    fn ids(&self, i: usize) -> Vec<u32>;
+}
+
+/// A typed example that knows its input tokens.
+pub trait Example {
+    /// Input tokens it feeds the encoder (every sequence of it).
+    fn tokens(&self) -> usize;
+
+    /// Its first sequence's ids.
+    fn ids(&self) -> &[u32];
+}
+
+impl<E: Example> TrainSet for Vec<E> {
+    fn len(&self) -> usize {
+        <[E]>::len(self)
+    }
+
+    fn tokens(&self) -> usize {
+        self.iter().map(Example::tokens).sum()
+    }
+
+    fn ids(&self, i: usize) -> Vec<u32> {
+        self[i].ids().to_vec()
+    }
+}
+
+/// Input tokens of a batch of examples.
+pub fn batch_tokens<E: Example>(examples: &[&E]) -> usize {
+    examples.iter().map(|e| e.tokens()).sum()
+}
+
 /// The loss of one batch and the tokens it fed the encoder(s).
 pub struct BatchLoss {
     /// Mean loss over the batch (`None`: nothing to learn from, e.g. every token ignored).
@@ -184,14 +230,8 @@ pub trait Objective {
     /// Token limit per example (checked against the model's position table).
     fn max_length(&self) -> usize;
 
-    /// Training examples.
-    fn train_len(&self) -> usize;
-
-    /// Input tokens over all training examples (no padding: what is computed).
-    fn train_tokens(&self) -> usize;
-
-    /// The token ids of training example `i`'s first sequence (for `dump_order`).
-    fn example_ids(&self, i: usize) -> Vec<u32>;
+    /// The training examples, as the loop sees them (a count, tokens, ids).
+    fn train_set(&self) -> &dyn TrainSet;
 
     /// The loss of the training examples `batch` (indices). `seed` is the batch's own
     /// randomness (masking, sampling), keyed by its position in the run; `dropout` is on

@@ -59,20 +59,24 @@ pub enum Sequences {
     Shards(crate::shards::Shards),
 }
 
-impl Sequences {
-    /// Number of sequences.
-    pub fn len(&self) -> usize {
+impl crate::objective::TrainSet for Sequences {
+    fn len(&self) -> usize {
         match self {
             Sequences::Memory(v) => v.len(),
             Sequences::Shards(s) => s.len(),
         }
     }
 
-    /// Whether there is no sequence.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn tokens(&self) -> usize {
+        Sequences::tokens(self)
     }
 
+    fn ids(&self, i: usize) -> Vec<u32> {
+        self.get(i).ids.clone()
+    }
+}
+
+impl Sequences {
     /// Sequence `i`.
     pub fn get(&self, i: usize) -> Cow<'_, PretrainSequence> {
         match self {

@@ -158,7 +158,7 @@ pub fn train(
     }
 
     // The schedule.
-    let train_len = objective.train_len();
+    let train_len = objective.train_set().len();
     let batches_per_epoch = train_len.div_ceil(lc.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(lc.grad_accum) as u64;
     let total = lc.max_steps.unwrap_or(steps_per_epoch * lc.epochs as u64);
@@ -182,7 +182,7 @@ pub fn train(
         warmup_steps: warmup,
         effective_batch: lc.batch_size * lc.grad_accum,
         parameters: nets.main.num_parameters(),
-        tokens_per_epoch: objective.train_tokens(),
+        tokens_per_epoch: objective.train_set().tokens(),
         skipped_rows: summary.skipped,
         resumed_at: state.step,
         main_metric: objective.main_metric(),
@@ -358,7 +358,7 @@ fn dump_order(
         writeln!(
             w,
             "{}",
-            serde_json::json!({"epoch": epoch, "ids": objective.example_ids(i)})
+            serde_json::json!({"epoch": epoch, "ids": objective.train_set().ids(i)})
         )
         .map_err(io(path))?;
     }

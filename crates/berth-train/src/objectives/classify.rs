@@ -18,7 +18,9 @@ use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    batch_tokens, BatchLoss, DataSummary, Env, Example, Metrics, Networks, Objective, TrainSet,
+};
 use berth_tasks::argmax;
 
 /// Settings of a classification run.
@@ -73,6 +75,16 @@ pub struct ClassifyExample {
     pub enc: Encoded,
     /// Target.
     pub target: Target,
+}
+
+impl Example for ClassifyExample {
+    fn tokens(&self) -> usize {
+        self.enc.len()
+    }
+
+    fn ids(&self) -> &[u32] {
+        &self.enc.ids
+    }
 }
 
 /// The classification objective.
@@ -331,16 +343,8 @@ impl Objective for Classify {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.iter().map(|e| e.enc.len()).sum()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train[i].enc.ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
@@ -359,7 +363,7 @@ impl Objective for Classify {
         };
         Ok(BatchLoss {
             loss,
-            tokens: examples.iter().map(|e| e.enc.len()).sum(),
+            tokens: batch_tokens(&examples),
         })
     }
 

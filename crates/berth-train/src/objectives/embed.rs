@@ -19,7 +19,9 @@ use crate::data::{self, Column, Columns};
 use crate::error::{Result, TrainError};
 use crate::loss;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    batch_tokens, BatchLoss, DataSummary, Env, Example, Metrics, Networks, Objective, TrainSet,
+};
 
 /// Settings of a sentence-embedding run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,9 +59,13 @@ pub struct EmbedExample {
     pub negative: Option<Encoded>,
 }
 
-impl EmbedExample {
+impl Example for EmbedExample {
     fn tokens(&self) -> usize {
         self.anchor.len() + self.positive.len() + self.negative.as_ref().map_or(0, |e| e.len())
+    }
+
+    fn ids(&self) -> &[u32] {
+        &self.anchor.ids
     }
 }
 
@@ -221,16 +227,8 @@ impl Objective for Embed {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.iter().map(EmbedExample::tokens).sum()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train[i].anchor.ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
@@ -244,7 +242,7 @@ impl Objective for Embed {
         let scale = self.cfg.similarity_scale;
         Ok(BatchLoss {
             loss: mnrl_loss(&nets.main, &examples, self.pooling, scale, dropout)?,
-            tokens: examples.iter().map(|e| e.tokens()).sum(),
+            tokens: batch_tokens(&examples),
         })
     }
 

@@ -18,7 +18,7 @@ use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::masking::{mask_sequence, MaskingConfig};
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective, TrainSet};
 use crate::pretrain::{read_sequences, PretrainSequence, SentenceObjective, Sequences};
 
 /// Settings of a masked-LM run.
@@ -119,16 +119,8 @@ impl Objective for MaskedLm {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.tokens()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train.get(i).ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(

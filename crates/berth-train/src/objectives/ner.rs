@@ -17,7 +17,9 @@ use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    batch_tokens, BatchLoss, DataSummary, Env, Example, Metrics, Networks, Objective, TrainSet,
+};
 use berth_tasks::argmax;
 
 /// Settings of an NER run.
@@ -41,6 +43,16 @@ pub struct NerExample {
     pub token_labels: Vec<Option<u32>>,
     /// (word, gold tag) per word, for conlleval.
     pub words: Vec<(String, String)>,
+}
+
+impl Example for NerExample {
+    fn tokens(&self) -> usize {
+        self.enc.len()
+    }
+
+    fn ids(&self) -> &[u32] {
+        &self.enc.ids
+    }
 }
 
 /// The NER objective.
@@ -225,16 +237,8 @@ impl Objective for Ner {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.iter().map(|e| e.enc.len()).sum()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train[i].enc.ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
@@ -253,7 +257,7 @@ impl Objective for Ner {
         };
         Ok(BatchLoss {
             loss,
-            tokens: examples.iter().map(|e| e.enc.len()).sum(),
+            tokens: batch_tokens(&examples),
         })
     }
 

@@ -18,7 +18,9 @@ use crate::error::Result;
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    batch_tokens, BatchLoss, DataSummary, Env, Example, Metrics, Networks, Objective, TrainSet,
+};
 
 /// Settings of a QA run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +42,16 @@ pub struct QaExample {
     pub enc: Encoded,
     /// Answer start and end token ((0, 0) = [CLS]: no answer in this window).
     pub span: (u32, u32),
+}
+
+impl Example for QaExample {
+    fn tokens(&self) -> usize {
+        self.enc.len()
+    }
+
+    fn ids(&self) -> &[u32] {
+        &self.enc.ids
+    }
 }
 
 /// The QA objective.
@@ -175,16 +187,8 @@ impl Objective for Qa {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.iter().map(|e| e.enc.len()).sum()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train[i].enc.ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
@@ -197,7 +201,7 @@ impl Objective for Qa {
         let examples: Vec<&QaExample> = batch.iter().map(|&i| &self.train[i]).collect();
         Ok(BatchLoss {
             loss: loss(&nets.main, &examples, dropout)?,
-            tokens: examples.iter().map(|e| e.enc.len()).sum(),
+            tokens: batch_tokens(&examples),
         })
     }
 

@@ -17,7 +17,9 @@ use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    batch_tokens, BatchLoss, DataSummary, Env, Example, Metrics, Networks, Objective, TrainSet,
+};
 
 /// Settings of a reranker run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +51,16 @@ pub struct RerankExample {
     pub relevance: f32,
     /// The query it belongs to (dev rankings group by it).
     pub group: usize,
+}
+
+impl Example for RerankExample {
+    fn tokens(&self) -> usize {
+        self.enc.len()
+    }
+
+    fn ids(&self) -> &[u32] {
+        &self.enc.ids
+    }
 }
 
 /// The reranking objective.
@@ -186,16 +198,8 @@ impl Objective for Rerank {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.iter().map(|e| e.enc.len()).sum()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train[i].enc.ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
@@ -208,7 +212,7 @@ impl Objective for Rerank {
         let examples: Vec<&RerankExample> = batch.iter().map(|&i| &self.train[i]).collect();
         Ok(BatchLoss {
             loss: loss(&nets.main, &examples, dropout)?,
-            tokens: examples.iter().map(|e| e.enc.len()).sum(),
+            tokens: batch_tokens(&examples),
         })
     }
 

@@ -22,7 +22,9 @@ use crate::init::{load_for_task, TaskHead};
 use crate::loss;
 use crate::masking::MaskingConfig;
 use crate::objective::DataConfig;
-use crate::objective::{BatchLoss, Companion, DataSummary, Env, Metrics, Networks, Objective};
+use crate::objective::{
+    BatchLoss, Companion, DataSummary, Env, Metrics, Networks, Objective, TrainSet,
+};
 use crate::pretrain::{read_sequences, PretrainSequence, Sequences};
 
 /// The generator's folder inside a run's initialisation and each checkpoint.
@@ -368,16 +370,8 @@ impl Objective for Rtd {
         self.data.max_length
     }
 
-    fn train_len(&self) -> usize {
-        self.train.len()
-    }
-
-    fn train_tokens(&self) -> usize {
-        self.train.tokens()
-    }
-
-    fn example_ids(&self, i: usize) -> Vec<u32> {
-        self.train.get(i).ids.clone()
+    fn train_set(&self) -> &dyn TrainSet {
+        &self.train
     }
 
     fn loss(
