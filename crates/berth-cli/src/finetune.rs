@@ -11,7 +11,8 @@ use clap::{Args, ValueEnum};
 
 use crate::resolve;
 use crate::train_args::{
-    data_config, ColumnArgs, DistillArgs, FinetuneTask, LoopArgs, LoopDefaults, TaskExtras,
+    data_config, ColumnArgs, DistillArgs, FinetuneTask, LogFormat, LoopArgs, LoopDefaults,
+    TaskExtras,
 };
 use berth_train::objectives::TaskKind;
 
@@ -118,6 +119,7 @@ fn print_plan(p: &Plan) {
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let base = resolve::model_dir(a.model.as_deref())?;
+    a.train_loop.claim_output(&a.output)?;
     let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
@@ -149,14 +151,26 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         run,
         task: TaskConfig { data, kind },
     };
-    execute(&cfg, a.train_loop.resume, "finetune")
+    execute(&cfg, &a.train_loop, "finetune")
 }
 
 /// Runs (or resumes) a training run with a progress bar, then writes curve.png; prints the
 /// best checkpoint's path on stdout.
-pub fn execute(cfg: &RunConfig, resume: bool, command: &'static str) -> anyhow::Result<()> {
-    let bar =
-        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // A bar only on a terminal (it is drawn over itself); plain or JSON lines otherwise, so
+    // a redirected log keeps every step and evaluation.
+    let lines = match flags.log_format {
+        LogFormat::Json => Some(LogFormat::Json),
+        LogFormat::Text if !std::io::stderr().is_terminal() => Some(LogFormat::Text),
+        LogFormat::Text => None,
+    };
+    let target = if lines.is_some() {
+        indicatif::ProgressDrawTarget::hidden()
+    } else {
+        indicatif::ProgressDrawTarget::stderr()
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
             .expect("valid progress template; this is a bug"),
@@ -168,7 +182,7 @@ pub fn execute(cfg: &RunConfig, resume: bool, command: &'static str) -> anyhow::
         cfg,
         objective.as_mut(),
         &SingleProcess,
-        resume,
+        flags.resume,
         &mut |p| {
             print_plan(p);
             bar.set_length(p.total_steps);
@@ -177,15 +191,26 @@ pub fn execute(cfg: &RunConfig, resume: bool, command: &'static str) -> anyhow::
         &mut |e| match e {
             Event::Step {
                 step,
+                total,
+                epoch,
                 loss,
                 lr,
+                grad_norm,
                 tokens_per_s,
-                ..
             } => {
-                bar.set_position(*step);
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
-                ));
+                let shown = format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s");
+                match lines {
+                    Some(LogFormat::Json) => {
+                        eprintln!("{}", serde_json::to_string(e).unwrap_or_default())
+                    }
+                    Some(LogFormat::Text) => eprintln!(
+                        "step {step}/{total} (epoch {epoch:.2}) {shown} grad_norm {grad_norm:.3}"
+                    ),
+                    None => {
+                        bar.set_position(*step);
+                        bar.set_message(shown);
+                    }
+                }
                 losses.push((*step as f64, *loss));
             }
             Event::Eval { step, epoch, eval } => {
@@ -193,10 +218,14 @@ pub fn execute(cfg: &RunConfig, resume: bool, command: &'static str) -> anyhow::
                     .iter()
                     .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
                     .collect();
-                bar.println(format!(
-                    "step {step} (epoch {epoch:.2}) dev: {}",
-                    shown.join(", ")
-                ));
+                let line = format!("step {step} (epoch {epoch:.2}) dev: {}", shown.join(", "));
+                match lines {
+                    Some(LogFormat::Json) => {
+                        eprintln!("{}", serde_json::to_string(e).unwrap_or_default())
+                    }
+                    Some(LogFormat::Text) => eprintln!("{line}"),
+                    None => bar.println(line),
+                }
                 evals.push((
                     *step as f64,
                     eval.get(metric)

@@ -118,6 +118,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
         );
     }
+    a.train_loop.claim_output(&a.output)?;
     let model = match (&a.from, &a.tokenizer) {
         (Some(from), _) => {
             let dir = resolve::model_dir(Some(from))?;
@@ -240,5 +241,5 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
         run,
         task: TaskConfig { data, kind },
     };
-    crate::finetune::execute(&cfg, a.train_loop.resume, "pretrain")
+    crate::finetune::execute(&cfg, &a.train_loop, "pretrain")
 }

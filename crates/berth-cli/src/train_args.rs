@@ -57,11 +57,83 @@ pub struct LoopArgs {
     /// Continue from the newest checkpoint in --output.
     #[arg(long)]
     pub resume: bool,
+    /// Start again in an --output that holds a run: its config, metrics, curve, initial
+    /// model and checkpoints are deleted first. Without it (or --resume) a used --output is
+    /// refused and nothing in it changes.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// How progress reaches stderr: text (a progress bar on a terminal, else one line per
+    /// logged step and per evaluation, so redirected logs keep them) or json (each
+    /// metrics.jsonl event as one line, for machines).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Train without dropout (pretraining: Cramming's and ModernBERT's choice for short
     /// runs; fine-tuning: for comparisons with eval-mode references). Checkpoints keep
     /// their dropout rates.
     #[arg(long)]
     no_dropout: bool,
+}
+
+/// `--log-format` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable: a progress bar on a terminal, else plain lines.
+    Text,
+    /// One JSON object per line (the events metrics.jsonl holds).
+    Json,
+}
+
+/// What shows that `--output` holds a run: a run that got as far as training writes them.
+/// (A start that failed before step 0 leaves none: it can simply be run again.)
+const RUN_MARKERS: [&str; 3] = ["config.json", "metrics.jsonl", "checkpoints"];
+
+/// What a training run writes into its `--output` (and `--overwrite` deletes).
+const RUN_FILES: [&str; 6] = [
+    "config.json",
+    "metrics.jsonl",
+    "curve.png",
+    "checkpoints",
+    "init",
+    "student-init",
+];
+
+impl LoopArgs {
+    /// Makes sure a new run never mixes with an old one in `output`: with --resume the run
+    /// continues; with --overwrite the old run's files are deleted; otherwise an `output`
+    /// holding a run is refused before anything is written.
+    pub fn claim_output(&self, output: &Path) -> anyhow::Result<()> {
+        if self.resume {
+            return Ok(());
+        }
+        let present = |files: &[&'static str]| -> Vec<&'static str> {
+            files
+                .iter()
+                .copied()
+                .filter(|f| output.join(f).exists())
+                .collect()
+        };
+        let used = present(&RUN_MARKERS);
+        if used.is_empty() {
+            return Ok(());
+        }
+        if !self.overwrite {
+            anyhow::bail!(
+                "{} already holds a run ({}): pass --resume to continue it or --overwrite to start again",
+                output.display(),
+                used.join(", ")
+            );
+        }
+        for f in present(&RUN_FILES) {
+            let p = output.join(f);
+            let gone = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            gone.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Per-command defaults of the loop flags left unset.

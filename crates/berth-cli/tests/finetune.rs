@@ -894,3 +894,99 @@ fn distillation_learns_from_a_teacher_and_refuses_mismatched_ones() {
         &["--distill-alpha 1.5"],
     );
 }
+
+/// Every file of a run directory with its bytes, sorted by path.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Regression test for #23 (logs without a terminal; runs never mix).
+#[test]
+fn redirected_logs_keep_every_step_and_a_used_output_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (write_data(tmp.path(), 24, 0), write_data(tmp.path(), 8, 1));
+    let run = tmp.path().join("run");
+    // stderr is a pipe here, as with `2> log`: one line per logged step and evaluation.
+    let out = finetune(&run, &train, &dev, &["--epochs", "2", "--log-every", "2"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let steps = err
+        .lines()
+        .filter(|l| l.starts_with("step ") && l.contains(" tok/s"))
+        .count();
+    let devs = err.lines().filter(|l| l.contains(" dev: accuracy")).count();
+    assert_eq!((steps, devs), (6, 2), "{err}");
+    // --log-format json: the metrics.jsonl events, one JSON object per line.
+    let json_run = tmp.path().join("json");
+    let out = finetune(
+        &json_run,
+        &train,
+        &dev,
+        &["--epochs", "1", "--log-format", "json"],
+    )
+    .output()
+    .unwrap();
+    ok(&out);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged: Vec<Value> = std::fs::read_to_string(json_run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events, logged);
+
+    // A second run into the used folder is refused and changes nothing.
+    let before = snapshot(&run);
+    let again = finetune(&run, &train, &dev, &["--epochs", "2", "--lr", "2e-3"])
+        .output()
+        .unwrap();
+    fails_with(&again, &["already holds a run", "--resume", "--overwrite"]);
+    assert_eq!(snapshot(&run), before);
+    // --overwrite starts clean: only the new run's lines and checkpoints.
+    ok(&finetune(
+        &run,
+        &train,
+        &dev,
+        &["--epochs", "1", "--overwrite", "--log-every", "1"],
+    )
+    .output()
+    .unwrap());
+    let lines = curve(&run);
+    assert_eq!(lines.iter().filter(|c| !c.3.is_null()).count(), 1);
+    assert_eq!(lines.iter().filter(|c| c.1.is_number()).count(), 6);
+    assert_eq!(
+        std::fs::read_dir(run.join("checkpoints")).unwrap().count(),
+        1
+    );
+    // A start that fails before step 0 leaves nothing behind to refuse.
+    let fresh = tmp.path().join("fresh");
+    let bad = tmp.path().join("bad.tsv");
+    std::fs::write(&bad, "sentence\tlabel\nonly a sentence\n").unwrap();
+    assert!(!finetune(&fresh, &bad, &dev, &[])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    ok(&finetune(&fresh, &train, &dev, &["--epochs", "1"])
+        .output()
+        .unwrap());
+}

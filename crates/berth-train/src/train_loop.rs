@@ -116,9 +116,6 @@ pub fn train(
         ));
     }
     let writer = collective.is_writer();
-    if writer {
-        write_config(cfg)?;
-    }
 
     // Data.
     let env = Env::new(&lc.model, lc.seed);
@@ -188,6 +185,11 @@ pub fn train(
         main_metric: objective.main_metric(),
     });
 
+    // The run's files appear only once data and networks are ready: a start that fails
+    // (bad data, a wrong checkpoint) leaves the output folder as it was.
+    if writer {
+        write_config(cfg)?;
+    }
     let metrics_path = lc.output.join("metrics.jsonl");
     let mut log = if writer {
         Some(
