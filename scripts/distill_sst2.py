@@ -78,7 +78,7 @@ def main():
     if (teacher_dir / "done").exists():
         teacher = (teacher_dir / "done").read_text().strip()
     else:
-        teacher, secs = run(common + ["--output", str(teacher_dir)], out / "teacher.log")
+        teacher, secs = run(common + ["--output", str(teacher_dir), "--overwrite"], out / "teacher.log")
         print(f"teacher: {secs / 60:.1f} min", flush=True)
         (teacher_dir / "done").write_text(teacher)
     if (teacher_dir / "metrics.jsonl").exists():
@@ -87,7 +87,8 @@ def main():
                         ("distilled student (3 layers)", ["--teacher", teacher, "--distill-alpha", str(a.alpha),
                                                            "--temperature", str(a.temperature)])]:
         d = out / re.sub(r"\W+", "-", name.split(" (")[0])
-        best, secs = run(common + ["--output", str(d), "--student-layers", "3"] + extra, out / f"{d.name}.log")
+        best, secs = run(common + ["--output", str(d), "--overwrite", "--student-layers", "3"] + extra,
+                         out / f"{d.name}.log")
         results[name] = (best, evals(d))
         print(f"{name}: {secs / 60:.1f} min", flush=True)
     print("\n| model | best dev accuracy | last dev accuracy | evaluations |")

@@ -68,7 +68,7 @@ def main():
     base = out / "base"
     recipe = ["--mask-rate", 0.3, "--no-dropout", "--batch-size", 32, "--max-length", 128, "--seed", 42]
     if not (base / "done").is_file():
-        best = sh("pretrain", "--tokenizer", vocab, "--data", books_data, "--output", base,
+        best = sh("pretrain", "--tokenizer", vocab, "--data", books_data, "--output", base, "--overwrite",
                   "--layers", 4, "--hidden", 128, "--heads", 2, "--intermediate", 512,
                   "--position-init", "sinusoidal", "--lr", "1.5e-3", "--max-steps", a.base_steps,
                   "--save-every", a.base_steps, *recipe)
@@ -80,7 +80,7 @@ def main():
                         ("self-distilled", ["--teacher", general, "--distill-alpha", a.alpha,
                                             "--temperature", a.temperature])]:
         run = out / name
-        best = sh("pretrain", "--from", general, "--data", sotu_data, "--output", run, "--lr", "5e-4",
+        best = sh("pretrain", "--from", general, "--data", sotu_data, "--output", run, "--overwrite", "--lr", "5e-4",
                   "--max-steps", a.steps, "--save-every", a.steps, *recipe, *extra)
         domain = last_eval(run)
         general_eval = json.loads(sh("eval", "--task", "pretrain", "--model", best, "--data",
