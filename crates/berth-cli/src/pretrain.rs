@@ -54,19 +54,26 @@ pub struct PretrainArgs {
     /// Held-out corpus; without it a seeded --val-fraction of the sequences is held out.
     #[arg(long)]
     dev: Option<PathBuf>,
+    /// Held-out share of the sequences of a text corpus (a prepared folder brings its own).
     #[arg(long, default_value_t = 0.02)]
     val_fraction: f64,
     /// Run directory.
     #[arg(long)]
     output: PathBuf,
+    /// Architecture of a new model: BERT (WordPiece, token types) or RoBERTa (byte-level
+    /// BPE, no token types).
     #[arg(long, value_enum, default_value_t = ArchArg::Bert)]
     arch: ArchArg,
+    /// Encoder layers of a new model (default 4): cost grows linearly with depth.
     #[arg(long)]
     layers: Option<usize>,
+    /// Hidden size of a new model (default 256): cost grows about quadratically with width.
     #[arg(long)]
     hidden: Option<usize>,
+    /// Attention heads (default hidden / 64, at least 1); must divide --hidden.
     #[arg(long)]
     heads: Option<usize>,
+    /// Feed-forward width (default 4 x hidden), most of a layer's parameters and time.
     #[arg(long)]
     intermediate: Option<usize>,
     /// How a new model's position embeddings start (from scratch only).
