@@ -19,17 +19,98 @@ pub fn cache_dir() -> PathBuf {
     base.join("berth")
 }
 
-/// Resolves `--model` to a local model directory.
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (where transformers and sentence-transformers download to).
+fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(h) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(h.into());
+    }
+    if let Some(h) = std::env::var_os("HF_HOME") {
+        return Some(Path::new(&h).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/huggingface/hub"))
+}
+
+/// The downloaded snapshot of hub id `id` (`ORG/NAME`) in the Hugging Face cache: the
+/// revision `refs/main` names, else the newest snapshot holding a config.json.
+fn hf_cached(id: &str) -> Option<PathBuf> {
+    let repo = hf_cache_dir()?.join(format!("models--{}", id.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let snap = snapshots.join(rev.trim());
+        if snap.join("config.json").is_file() {
+            return Some(snap);
+        }
+    }
+    std::fs::read_dir(&snapshots)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").is_file())
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+/// A training run's best checkpoint (trainer_state.json's best step, else the newest), when
+/// `dir` is a run directory rather than a model.
+fn best_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let root = dir.join("checkpoints");
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join("config.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let (_, newest) = steps.last()?.clone();
+    let best = std::fs::read_to_string(newest.join("trainer_state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["best"][1].as_u64())
+        .and_then(|b| steps.iter().find(|(s, _)| *s == b).map(|(_, p)| p.clone()));
+    Some(best.unwrap_or(newest))
+}
+
+/// Resolves `--model` to a local model directory: a model directory; a training run
+/// directory (its best checkpoint); a name in berth's cache (`models/NAME`, also the last
+/// part of `ORG/NAME`); a hub id already in the Hugging Face cache; else (with the `hub`
+/// feature) a download.
 pub fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
     let name = model.unwrap_or(DEFAULT_MODEL);
     let as_path = Path::new(name);
     if as_path.is_dir() {
+        // A run directory: checkpoints/ beside a run config ({"loop", "task"}), not a model.
+        let run_config = std::fs::read_to_string(as_path.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_none_or(|v| v.get("loop").is_some());
+        if run_config && as_path.join("checkpoints").is_dir() {
+            if let Some(best) = best_checkpoint(as_path) {
+                eprintln!(
+                    "note: {name} is a training run: using its best checkpoint {}",
+                    best.display()
+                );
+                return Ok(best);
+            }
+        }
         return Ok(as_path.into());
     }
-    let cached = cache_dir().join("models").join(name);
-    if cached.join("config.json").is_file() {
-        return Ok(cached);
+    let models = cache_dir().join("models");
+    let short = name.rsplit('/').next().unwrap_or(name);
+    for cached in [models.join(name), models.join(short)] {
+        if cached.join("config.json").is_file() {
+            return Ok(cached);
+        }
     }
+    if let Some(snap) = name.contains('/').then(|| hf_cached(name)).flatten() {
+        return Ok(snap);
+    }
+    let cached = models.join(name);
     if model.is_none() {
         bail!(
             "the default model {DEFAULT_MODEL} is not in {}: run scripts/fetch-assets to install it, or pass --model DIR",

@@ -436,3 +436,39 @@ fn eval_scores_multi_label_files() {
         assert_eq!(out["labels"], serde_json::json!(["news", "sports"]));
     }
 }
+
+/// `--model ORG/NAME` finds a model transformers / sentence-transformers downloaded into
+/// the Hugging Face cache (`$HF_HOME/hub/models--ORG--NAME/snapshots/REV`, REV from
+/// refs/main) before any network (regression test for #23).
+#[test]
+fn hub_ids_resolve_to_the_hugging_face_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("hub/models--someone--tiny-bert");
+    let snap = repo.join("snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(tiny("bert-seqcls")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+    let run = |hf_home: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .env("HF_HOME", hf_home)
+            .env("BERTH_HOME", tmp.path().join("berth-cache"))
+            .args(["classify", "--model", "someone/tiny-bert", "hello world"])
+            .output()
+            .unwrap()
+    };
+    let via_cache = json_lines(&ok(&run(tmp.path())));
+    let direct = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        &tiny("bert-seqcls"),
+        "hello world",
+    ])));
+    assert_eq!(via_cache, direct);
+    // Not in the cache: a clear error naming the id, no panic.
+    let missing = run(&tmp.path().join("elsewhere"));
+    fails_with(&missing, &["someone/tiny-bert"]);
+}

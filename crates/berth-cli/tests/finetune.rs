@@ -990,3 +990,23 @@ fn redirected_logs_keep_every_step_and_a_used_output_is_refused() {
         .output()
         .unwrap());
 }
+
+/// `--model RUN_DIR` uses the run's best checkpoint, with a note on stderr (regression
+/// test for #23: it used to fail with "no model_type field").
+#[test]
+fn a_run_directory_resolves_to_its_best_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (write_data(tmp.path(), 24, 2), write_data(tmp.path(), 8, 3));
+    let run = tmp.path().join("run");
+    let best = ok(&finetune(&run, &train, &dev, &["--epochs", "2"])
+        .output()
+        .unwrap());
+    let via_run = berth(&["classify", "--model", run.to_str().unwrap(), "the lazy dog"]);
+    let direct = berth(&["classify", "--model", best.trim(), "the lazy dog"]);
+    assert_eq!(json_lines(&ok(&via_run)), json_lines(&ok(&direct)));
+    let note = String::from_utf8_lossy(&via_run.stderr);
+    assert!(
+        note.contains("training run") && note.contains(best.trim()),
+        "{note}"
+    );
+}
