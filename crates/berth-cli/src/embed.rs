@@ -1,5 +1,4 @@
 //! `berth embed`.
-use std::io::Write;
 
 use anyhow::Context;
 use berth_tasks::{
@@ -8,6 +7,7 @@ use berth_tasks::{
 };
 use clap::Args;
 
+use crate::output::Output;
 use crate::{input, resolve};
 
 /// Arguments of `berth embed`.
@@ -25,7 +25,9 @@ pub struct EmbedArgs {
     normalize: bool,
     #[command(flatten)]
     text: input::TextArgs,
-    /// Write JSON Lines to FILE instead of stdout.
+    /// Write to FILE instead of stdout: `.npy` for one float32 n x d array (numpy.load),
+    /// else JSON Lines. The file appears complete or not at all (written under a temporary
+    /// name, then renamed).
     #[arg(long)]
     output: Option<String>,
     #[command(flatten)]
@@ -34,29 +36,12 @@ pub struct EmbedArgs {
     texts: Vec<String>,
 }
 
-/// One output line with a pooled vector.
-#[derive(serde::Serialize)]
-struct EmbeddingLine<'a> {
-    index: usize,
-    embedding: &'a [f32],
-}
-
 /// One output line with per-token vectors (`--pooling none`).
 #[derive(serde::Serialize)]
 struct TokenLine<'a> {
     index: usize,
     tokens: &'a [String],
     hidden: Vec<&'a [f32]>,
-}
-
-/// Output sink: a file or stdout.
-pub fn open_output(path: Option<&str>) -> anyhow::Result<Box<dyn Write>> {
-    Ok(match path {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{p}: cannot create"))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    })
 }
 
 /// A progress bar on stderr for file inputs (hidden otherwise, and when stderr is not a terminal).
@@ -149,7 +134,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|f| if f == "-" { "<stdin>" } else { f })
         .unwrap_or("arguments");
-    let mut out = open_output(a.output.as_deref())?;
+    let mut out = Output::open(a.output.as_deref(), pooling == Pooling::None)?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;
     if pooling == Pooling::None && a.windows.stride.is_some() {
@@ -185,14 +170,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
                 warn_truncated(&e.encs, first, p.max_length);
             }
             for (i, v) in vecs.iter().enumerate() {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string(&EmbeddingLine {
-                        index: first + i,
-                        embedding: v
-                    })?
-                )?;
+                out.vector(first + i, v)?;
             }
             bar.inc(vecs.len() as u64);
             return Ok(());
@@ -211,13 +189,12 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
                     tokens: &encs[i].tokens,
                     hidden,
                 };
-                writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                out.line(&serde_json::to_string(&line)?)?;
             }
             bar.inc(r.len() as u64);
         }
         Ok(())
     })?;
     bar.finish_and_clear();
-    out.flush()?;
-    Ok(())
+    out.finish()
 }

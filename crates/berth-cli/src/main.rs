@@ -22,6 +22,7 @@ mod fill_mask;
 mod finetune;
 mod input;
 mod inspect;
+mod output;
 mod pretrain;
 mod resolve;
 mod tasks;

@@ -472,3 +472,72 @@ fn hub_ids_resolve_to_the_hugging_face_cache() {
     let missing = run(&tmp.path().join("elsewhere"));
     fails_with(&missing, &["someone/tiny-bert"]);
 }
+
+/// `embed --output FILE.npy` writes one float32 n x d array (NumPy's format) equal to the
+/// JSON Lines vectors; a failed run leaves an existing output file as it was and no
+/// temporary file (regression tests for #23 item 5 and #24's lost-data family).
+#[test]
+fn embed_writes_npy_arrays_and_never_a_partial_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("bert-base");
+    let texts = ["hello world", "the quick brown fox", "who is there?"];
+    let npy = tmp.path().join("vectors.npy");
+    let mut args = vec!["embed", "--model", &model, "--pooling", "mean", "--output"];
+    args.push(npy.to_str().unwrap());
+    args.extend(texts);
+    ok(&berth(&args));
+    let bytes = std::fs::read(&npy).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert_eq!((10 + header_len) % 64, 0, "{header}");
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'shape': (3, 32)"),
+        "{header}"
+    );
+    let data: Vec<f32> = bytes[10 + header_len..]
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut json_args = vec!["embed", "--model", &model, "--pooling", "mean"];
+    json_args.extend(texts);
+    let lines = json_lines(&ok(&berth(&json_args)));
+    let want: Vec<f32> = lines.iter().flat_map(|l| floats(&l["embedding"])).collect();
+    assert_eq!(data, want);
+    // A run that fails (an over-long text with --no-truncate) keeps the old file whole.
+    let jsonl = tmp.path().join("vectors.jsonl");
+    std::fs::write(&jsonl, "old results\n").unwrap();
+    let long = "word ".repeat(500);
+    let out = berth(&[
+        "embed",
+        "--model",
+        &model,
+        "--no-truncate",
+        "--output",
+        jsonl.to_str().unwrap(),
+        "ok",
+        &long,
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_to_string(&jsonl).unwrap(), "old results\n");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Per-token vectors do not fit one array.
+    fails_with(
+        &berth(&[
+            "embed",
+            "--model",
+            &model,
+            "--pooling",
+            "none",
+            "--output",
+            npy.to_str().unwrap(),
+            "hi",
+        ]),
+        &["vectors.npy", "--pooling none"],
+    );
+}

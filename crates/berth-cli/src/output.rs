@@ -1,0 +1,148 @@
+//! Where `berth embed` writes: stdout, or a file written through a temporary name beside it
+//! and renamed when complete (a killed or failed run leaves the old file as it was, never a
+//! half-written one). A `.npy` file holds the vectors as one float32 `n × d` array, as
+//! `numpy.load` reads it; anything else is JSON Lines.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// What the output holds.
+enum Sink {
+    /// JSON Lines (file or stdout).
+    Lines(Box<dyn Write>),
+    /// Row-major float32 vectors of `dim` elements, written as .npy at the end.
+    Npy { data: Vec<f32>, dim: Option<usize> },
+}
+
+/// The output of one `berth embed` run.
+pub struct Output {
+    sink: Sink,
+    /// Final path and its temporary sibling, for file outputs.
+    file: Option<(PathBuf, PathBuf)>,
+}
+
+impl Output {
+    /// Opens `path` (stdout when `None`); `per_token` output (`--pooling none`) cannot go to
+    /// a `.npy` file.
+    pub fn open(path: Option<&str>, per_token: bool) -> anyhow::Result<Self> {
+        let Some(p) = path else {
+            return Ok(Output {
+                sink: Sink::Lines(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
+                file: None,
+            });
+        };
+        let dst = PathBuf::from(p);
+        let name = dst
+            .file_name()
+            .with_context(|| format!("{p}: not a file name"))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dst.with_file_name(format!(".{name}.partial"));
+        let npy = dst.extension().is_some_and(|e| e == "npy");
+        if npy && per_token {
+            anyhow::bail!(
+                "{p}: a .npy file holds one vector per text: --pooling none writes JSON Lines"
+            );
+        }
+        let sink = if npy {
+            Sink::Npy {
+                data: Vec::new(),
+                dim: None,
+            }
+        } else {
+            let f = std::fs::File::create(&tmp)
+                .with_context(|| format!("{}: cannot create", tmp.display()))?;
+            Sink::Lines(Box::new(std::io::BufWriter::new(f)))
+        };
+        Ok(Output {
+            sink,
+            file: Some((dst, tmp)),
+        })
+    }
+
+    /// Adds text `index`'s vector.
+    pub fn vector(&mut self, index: usize, v: &[f32]) -> anyhow::Result<()> {
+        match &mut self.sink {
+            Sink::Lines(w) => {
+                #[derive(serde::Serialize)]
+                struct EmbeddingLine<'a> {
+                    index: usize,
+                    embedding: &'a [f32],
+                }
+                let line = EmbeddingLine {
+                    index,
+                    embedding: v,
+                };
+                writeln!(w, "{}", serde_json::to_string(&line)?)?;
+            }
+            Sink::Npy { data, dim } => {
+                if *dim.get_or_insert(v.len()) != v.len() {
+                    anyhow::bail!(
+                        "vectors of different sizes cannot share one .npy array; this is a bug"
+                    );
+                }
+                data.extend_from_slice(v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one JSON line (per-token output).
+    pub fn line(&mut self, json: &str) -> anyhow::Result<()> {
+        match &mut self.sink {
+            Sink::Lines(w) => Ok(writeln!(w, "{json}")?),
+            Sink::Npy { .. } => unreachable!("refused at open; this is a bug"),
+        }
+    }
+
+    /// Completes the output: flushes, writes the .npy array, renames the file into place.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        let sink = std::mem::replace(&mut self.sink, Sink::Lines(Box::new(std::io::sink())));
+        match sink {
+            Sink::Lines(mut w) => w.flush()?,
+            Sink::Npy { data, dim } => {
+                let (_, tmp) = self.file.as_ref().expect("npy outputs are files");
+                write_npy(tmp, &data, dim.unwrap_or(0))?;
+            }
+        }
+        if let Some((dst, tmp)) = self.file.take() {
+            std::fs::rename(&tmp, &dst)
+                .with_context(|| format!("{}: cannot write", dst.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    /// An unfinished file output leaves nothing behind (the old file, if any, stays).
+    fn drop(&mut self) {
+        if let Some((_, tmp)) = &self.file {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes `data` as a float32 `[n, dim]` array in NumPy's .npy format (version 1.0:
+/// magic, header length, a Python-literal header padded to a multiple of 64 bytes).
+fn write_npy(path: &Path, data: &[f32], dim: usize) -> anyhow::Result<()> {
+    let rows = data.len().checked_div(dim).unwrap_or(0);
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    // 10 bytes of preamble + header + newline, padded with spaces to a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut f = std::fs::File::create(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(&bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
