@@ -498,8 +498,20 @@ fn rerank(gold_path: &str, pred_path: &str, k: usize) -> anyhow::Result<Value> {
         ndcg +=
             metrics::ndcg_of_ranking(&metrics::ranked_relevance(&scores, &relevance), &judged, k);
     }
+    let missing = qrels.keys().filter(|q| !runs.contains_key(*q)).count();
+    if missing > 0 {
+        eprintln!(
+            "warning: {missing} of {} queries in {gold_path} have no results in {pred_path} (they score 0)",
+            qrels.len()
+        );
+    }
     let n = qrels.len().max(1) as f64;
-    Ok(json!({format!("mrr@{k}"): mrr / n, format!("ndcg@{k}"): ndcg / n, "queries": qrels.len()}))
+    Ok(json!({
+        format!("mrr@{k}"): mrr / n,
+        format!("ndcg@{k}"): ndcg / n,
+        "queries": qrels.len(),
+        "queries_without_results": missing,
+    }))
 }
 
 /// Numbers, one per line (or the last tab-separated field; JSON Lines with "score").

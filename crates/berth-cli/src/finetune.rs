@@ -92,8 +92,14 @@ pub struct FinetuneArgs {
 }
 
 fn print_plan(p: &Plan) {
+    // Tasks without labels (QA, embeddings, reranking, pretraining) print no label count.
+    let labels = match p.labels.len() {
+        0 => String::new(),
+        n if n <= 12 => format!("; {n} labels ({})", p.labels.join(", ")),
+        n => format!("; {n} labels"),
+    };
     eprintln!(
-        "train {} examples, dev {}{}; {} labels{}",
+        "train {} examples, dev {}{}{labels}",
         p.train_examples,
         p.dev_examples,
         if p.skipped_rows > 0 {
@@ -101,12 +107,6 @@ fn print_plan(p: &Plan) {
         } else {
             String::new()
         },
-        p.labels.len(),
-        if p.labels.len() <= 12 && !p.labels.is_empty() {
-            format!(" ({})", p.labels.join(", "))
-        } else {
-            String::new()
-        }
     );
     eprintln!(
         "{} parameters; {} tokens per epoch; {} batches/epoch, {} steps/epoch, {} steps ({} warmup), effective batch {}",

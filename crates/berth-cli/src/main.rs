@@ -116,11 +116,44 @@ fn main() -> ExitCode {
     // pages from the OS must be zeroed by the kernel first (measured: pretraining ~10 % faster).
     // SAFETY: sets a process-wide allocator option; no allocation is in flight.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    quiet_stdout_errors();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) is not an error: stop quietly, as Unix tools do.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` comes from writing to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `println!` panics when stdout fails. A closed reader (`| head`) ends the process quietly
+/// and successfully; any other failure (`> /dev/full`) is one error line, not a panic.
+fn quiet_stdout_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(reason) = msg.strip_prefix("failed printing to stdout: ") {
+            if reason.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing to stdout: {reason}");
+            std::process::exit(1);
+        }
+        default(info)
+    }));
 }

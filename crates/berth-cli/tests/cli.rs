@@ -541,3 +541,77 @@ fn embed_writes_npy_arrays_and_never_a_partial_file() {
         &["vectors.npy", "--pooling none"],
     );
 }
+
+/// A reader that stops early (`| head`) ends berth quietly and successfully; a full disk
+/// behind stdout (`> /dev/full`) is one error line. Neither panics (regression tests for
+/// #23 item 8 / #24 family 1).
+#[test]
+fn a_closed_or_full_stdout_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("many.txt");
+    let lines: Vec<String> = (0..3000).map(|i| format!("text number {i}")).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "embed",
+            "--model",
+            &tiny("bert-base"),
+            "--pooling",
+            "none",
+            "--input",
+        ])
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read a little, then hang up.
+    let mut first = [0u8; 64];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+    // /dev/full: a clean failure.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["inspect", "--model", &tiny("bert-base")])
+        .stdout(full)
+        .output()
+        .unwrap();
+    fails_with(&out, &["stdout", "No space left"]);
+}
+
+/// `eval --task rerank` warns about gold queries the run has no results for (they score
+/// 0) and counts them.
+#[test]
+fn rerank_eval_reports_queries_missing_from_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qrels = tmp.path().join("qrels.tsv");
+    std::fs::write(&qrels, "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n").unwrap();
+    let run = tmp.path().join("run.tsv");
+    std::fs::write(&run, "q1\td1\t0.9\nq1\td3\t0.1\n").unwrap();
+    let out = berth(&[
+        "eval",
+        "--task",
+        "rerank",
+        "--gold",
+        qrels.to_str().unwrap(),
+        "--predictions",
+        run.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["queries_without_results"], 1);
+    // q1 ranks its relevant passage first, q2 has nothing: MRR (1 + 0) / 2.
+    assert_eq!(report["mrr@10"], 0.5);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1 of 2 queries") && err.contains("run.tsv"),
+        "{err}"
+    );
+}
