@@ -10,7 +10,7 @@
 //! the run ([`crate::objective::Networks::frozen`]): no gradient, no optimizer state, never
 //! saved. Classification (single-label), NER and masked-LM pretraining use it; a run is
 //! refused before training when the teacher's vocabulary or labels differ from the student's.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use berth_model::{HeadKind, Model};
 use berth_text::TextTokenizer;
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus::tokenizer_fingerprint;
 use crate::error::{Result, TrainError};
+use crate::objective::Env;
 
 /// The teacher and the weights of the two terms.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,15 +51,12 @@ impl DistillConfig {
     }
 
     /// Loads the teacher (f32, forward only) with its `head`, refusing one whose tokenizer
-    /// differs from the student's `student_dir`.
-    pub fn load_teacher(&self, student_dir: &Path, head: HeadKind) -> Result<Model> {
+    /// differs from the run's (the student's, `env`'s).
+    pub fn load_teacher(&self, env: &Env, head: HeadKind) -> Result<Model> {
         self.check()?;
-        let dir = &self.teacher;
-        let (a, b) = (
-            TextTokenizer::from_dir(student_dir)?,
-            TextTokenizer::from_dir(dir)?,
-        );
-        if tokenizer_fingerprint(&a) != tokenizer_fingerprint(&b) {
+        let (dir, student_dir) = (&self.teacher, env.model_dir);
+        let (a, b) = (env.tokenizer()?, &TextTokenizer::from_dir(dir)?);
+        if tokenizer_fingerprint(a) != tokenizer_fingerprint(b) {
             return Err(TrainError::Config(format!(
                 "teacher {}: its vocabulary ({} tokens) differs from the student's ({}, {} tokens); \
                  distillation needs the same tokenizer",

@@ -360,16 +360,6 @@ pub fn write_student(src: &Path, dst: &Path, n: usize) -> Result<Vec<usize>> {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     copy_tree(src, &tmp)?;
-    for f in [
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-    ] {
-        let p = tmp.join(f);
-        if p.is_file() {
-            std::fs::remove_file(&p).map_err(io(&p))?;
-        }
-    }
     let weights = tmp.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights).map_err(|e| TrainError::Checkpoint {
         path: weights.clone(),
@@ -385,8 +375,16 @@ pub fn write_student(src: &Path, dst: &Path, n: usize) -> Result<Vec<usize>> {
     Ok(taken)
 }
 
-/// Copies the regular files of `src` (recursively, shards of a sharded checkpoint left out)
-/// into the new folder `dst`.
+/// Whether `name` is a checkpoint weights file (single, sharded, index or PyTorch pickle).
+fn is_weights_file(name: &str) -> bool {
+    matches!(
+        name,
+        "model.safetensors" | "model.safetensors.index.json" | "pytorch_model.bin"
+    ) || (name.starts_with("model-") && name.ends_with(".safetensors"))
+}
+
+/// Copies the regular files of `src` (recursively) into the new folder `dst`, except the
+/// weights: the student's are written anew.
 fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir_all(dst).map_err(io(dst))?;
     for e in std::fs::read_dir(src).map_err(io(src))? {
@@ -395,8 +393,7 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
         let name = e.file_name().to_string_lossy().into_owned();
         if from.is_dir() {
             copy_tree(&from, &to)?;
-        } else if from.is_file() && !(name.starts_with("model-") && name.ends_with(".safetensors"))
-        {
+        } else if from.is_file() && !is_weights_file(&name) {
             std::fs::copy(&from, &to).map_err(io(&from))?;
         }
     }

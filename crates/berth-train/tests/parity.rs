@@ -8,7 +8,7 @@ use berth_model::HeadKind;
 use berth_text::{TextTokenizer, Truncation};
 use berth_train::distill::DistillConfig;
 use berth_train::init::{load_for_task, TaskHead};
-use berth_train::objective::{Companion, Networks};
+use berth_train::objective::{Companion, Env, Networks};
 use berth_train::objectives::classify::{self, ClassifyExample, Target};
 use berth_train::objectives::embed::{self, EmbedExample};
 use berth_train::objectives::mlm::{masked_lm_loss, MaskedInput};
@@ -180,7 +180,7 @@ fn check_distill(name: &str, task: Task) {
         alpha: d["alpha"].as_f64().unwrap(),
         temperature: d["temperature"].as_f64().unwrap(),
     };
-    let teacher = dc.load_teacher(&student_dir, kind).unwrap();
+    let teacher = dc.load_teacher(&Env::new(&student_dir, 0), kind).unwrap();
     dc.check_labels(&teacher, &labels).unwrap();
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let encs = recipe_encodings(name, r, &tok);

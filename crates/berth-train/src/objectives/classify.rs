@@ -319,7 +319,7 @@ impl Objective for Classify {
                 ))
             }
             Some(dc) => {
-                let t = dc.load_teacher(env.model_dir, HeadKind::SequenceClassification)?;
+                let t = dc.load_teacher(env, HeadKind::SequenceClassification)?;
                 dc.check_labels(&t, self.labels.as_deref().unwrap_or_default())?;
                 Some(t)
             }

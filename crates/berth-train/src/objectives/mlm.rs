@@ -47,22 +47,25 @@ impl Default for MlmConfig {
     }
 }
 
-/// The masked-LM objective.
-pub struct MaskedLm {
-    data: DataConfig,
-    cfg: MlmConfig,
+/// A pretraining corpus with its masking: what masked-LM and RTD share.
+pub(crate) struct MaskedCorpus {
+    pub(crate) data: DataConfig,
+    rate: f64,
+    whole_word: bool,
     masking: Option<MaskingConfig>,
-    seed: u64,
+    /// The run's seed (the held-out masking).
+    pub(crate) seed: u64,
     train: Sequences,
-    dev: Vec<PretrainSequence>,
+    pub(crate) dev: Vec<PretrainSequence>,
 }
 
-impl MaskedLm {
-    /// An objective for `cfg` on the corpus `data`.
-    pub fn new(data: DataConfig, cfg: MlmConfig) -> Self {
-        MaskedLm {
+impl MaskedCorpus {
+    /// The corpus `data`, masked at `rate` (whole words or tokens).
+    pub(crate) fn new(data: DataConfig, rate: f64, whole_word: bool) -> Self {
+        MaskedCorpus {
             data,
-            cfg,
+            rate,
+            whole_word,
             masking: None,
             seed: 0,
             train: Sequences::Memory(Vec::new()),
@@ -70,16 +73,12 @@ impl MaskedLm {
         }
     }
 
-    fn masking(&self) -> &MaskingConfig {
-        self.masking
-            .as_ref()
-            .expect("the networks are built before the loss; this is a bug")
-    }
-}
-
-impl Objective for MaskedLm {
-    fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
-        let pairs = self.cfg.sentence_objective;
+    /// Reads the training and held-out sequences (segment pairs with `pairs`).
+    pub(crate) fn prepare(
+        &mut self,
+        env: &Env,
+        pairs: Option<SentenceObjective>,
+    ) -> Result<DataSummary> {
         (self.train, self.dev) = read_sequences(&self.data, env.tokenizer()?, env.seed, pairs)?;
         self.seed = env.seed;
         Ok(DataSummary {
@@ -87,6 +86,57 @@ impl Objective for MaskedLm {
             dev_examples: self.dev.len(),
             skipped: 0,
         })
+    }
+
+    /// Sets the masking for `model`'s vocabulary (checked against the tokenizer's).
+    pub(crate) fn mask_for(&mut self, env: &Env, model: &Model) -> Result<()> {
+        let m = masking(self.rate, self.whole_word, env.tokenizer()?, model)?;
+        self.masking = Some(m);
+        Ok(())
+    }
+
+    /// The masking (set when the networks were built).
+    pub(crate) fn masking(&self) -> &MaskingConfig {
+        self.masking
+            .as_ref()
+            .expect("the networks are built before the loss; this is a bug")
+    }
+
+    /// The training sequences.
+    pub(crate) fn train(&self) -> &Sequences {
+        &self.train
+    }
+
+    /// The training sequences `batch` (indices), decoded from shards when needed.
+    pub(crate) fn batch(&self, batch: &[usize]) -> Vec<std::borrow::Cow<'_, PretrainSequence>> {
+        batch.iter().map(|&i| self.train.get(i)).collect()
+    }
+}
+
+/// Input tokens of pretraining sequences.
+pub(crate) fn tokens_of(seqs: &[&PretrainSequence]) -> usize {
+    seqs.iter().map(|s| s.ids.len()).sum()
+}
+
+/// The masked-LM objective.
+pub struct MaskedLm {
+    corpus: MaskedCorpus,
+    cfg: MlmConfig,
+}
+
+impl MaskedLm {
+    /// An objective for `cfg` on the corpus `data`.
+    pub fn new(data: DataConfig, cfg: MlmConfig) -> Self {
+        MaskedLm {
+            corpus: MaskedCorpus::new(data, cfg.mask_rate, cfg.whole_word),
+            cfg,
+        }
+    }
+}
+
+impl Objective for MaskedLm {
+    fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
+        self.corpus.prepare(env, self.cfg.sentence_objective)
     }
 
     fn build(&mut self, from: &Path, env: &Env) -> Result<Networks> {
@@ -97,12 +147,11 @@ impl Objective for MaskedLm {
             sentence_order: self.cfg.sentence_objective.is_some(),
         };
         let teacher = match &self.cfg.distill {
-            Some(dc) => Some(dc.load_teacher(env.model_dir, HeadKind::MaskedLm)?),
+            Some(dc) => Some(dc.load_teacher(env, HeadKind::MaskedLm)?),
             None => None,
         };
         let (model, config) = load_for_task(from, &head, env.seed)?;
-        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
-        self.masking = Some(masking(rate, whole, env.tokenizer()?, &model)?);
+        self.corpus.mask_for(env, &model)?;
         let mut nets = Networks::single(model, config);
         nets.frozen.extend(teacher);
         Ok(nets)
@@ -110,17 +159,16 @@ impl Objective for MaskedLm {
 
     fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks> {
         let nets = super::common::trained_networks(dir, Some(HeadKind::MaskedLm))?;
-        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
-        self.masking = Some(masking(rate, whole, env.tokenizer()?, &nets.main)?);
+        self.corpus.mask_for(env, &nets.main)?;
         Ok(nets)
     }
 
     fn max_length(&self) -> usize {
-        self.data.max_length
+        self.corpus.data.max_length
     }
 
     fn train_set(&self) -> &dyn TrainSet {
-        &self.train
+        self.corpus.train()
     }
 
     fn loss(
@@ -130,9 +178,9 @@ impl Objective for MaskedLm {
         seed: u64,
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
-        let owned: Vec<_> = batch.iter().map(|&i| self.train.get(i)).collect();
+        let owned = self.corpus.batch(batch);
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
-        let (student, masking) = (&nets.main, self.masking());
+        let (student, masking) = (&nets.main, self.corpus.masking());
         let loss = match (&self.cfg.distill, nets.frozen.first()) {
             (Some(dc), Some(teacher)) => {
                 distilled_mlm_loss(student, teacher, &seqs, masking, seed, dc, dropout)?
@@ -141,12 +189,13 @@ impl Objective for MaskedLm {
         };
         Ok(BatchLoss {
             loss,
-            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+            tokens: tokens_of(&seqs),
         })
     }
 
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
-        evaluate_mlm(&nets.main, &self.dev, self.masking(), self.seed)
+        let c = &self.corpus;
+        evaluate_mlm(&nets.main, &c.dev, c.masking(), c.seed)
     }
 
     fn main_metric(&self) -> &'static str {

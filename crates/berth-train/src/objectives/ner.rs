@@ -209,7 +209,7 @@ impl Objective for Ner {
         let labels = self.labels.clone().unwrap_or_default();
         let teacher = match &self.cfg.distill {
             Some(dc) => {
-                let t = dc.load_teacher(env.model_dir, HeadKind::TokenClassification)?;
+                let t = dc.load_teacher(env, HeadKind::TokenClassification)?;
                 dc.check_labels(&t, &labels)?;
                 Some(t)
             }

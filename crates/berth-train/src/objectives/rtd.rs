@@ -16,7 +16,9 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::mlm::{mask_examples, masked_rows, masking, pack_masked, MaskedInput, Tally};
+use super::mlm::{
+    mask_examples, masked_rows, pack_masked, tokens_of, MaskedCorpus, MaskedInput, Tally,
+};
 use crate::error::{Result, TrainError};
 use crate::init::{load_for_task, TaskHead};
 use crate::loss;
@@ -25,7 +27,7 @@ use crate::objective::DataConfig;
 use crate::objective::{
     BatchLoss, Companion, DataSummary, Env, Metrics, Networks, Objective, TrainSet,
 };
-use crate::pretrain::{read_sequences, PretrainSequence, Sequences};
+use crate::pretrain::PretrainSequence;
 
 /// The generator's folder inside a run's initialisation and each checkpoint.
 pub const GENERATOR_DIR: &str = "generator";
@@ -275,24 +277,16 @@ impl Default for RtdConfig {
 /// The replaced-token-detection objective: the run's model is the discriminator
 /// (`ElectraForPreTraining`), the generator is a companion network in `generator/`.
 pub struct Rtd {
-    data: DataConfig,
+    corpus: MaskedCorpus,
     cfg: RtdConfig,
-    masking: Option<MaskingConfig>,
-    seed: u64,
-    train: Sequences,
-    dev: Vec<PretrainSequence>,
 }
 
 impl Rtd {
     /// An objective for `cfg` on the corpus `data`.
     pub fn new(data: DataConfig, cfg: RtdConfig) -> Self {
         Rtd {
-            data,
+            corpus: MaskedCorpus::new(data, cfg.mask_rate, cfg.whole_word),
             cfg,
-            masking: None,
-            seed: 0,
-            train: Sequences::Memory(Vec::new()),
-            dev: Vec::new(),
         }
     }
 
@@ -302,11 +296,7 @@ impl Rtd {
             .first()
             .expect("an RTD run has its generator; this is a bug")
             .model;
-        let masking = self
-            .masking
-            .as_ref()
-            .expect("the networks are built before the loss; this is a bug");
-        (generator, masking)
+        (generator, self.corpus.masking())
     }
 }
 
@@ -321,13 +311,7 @@ fn masked_lm_head() -> TaskHead {
 
 impl Objective for Rtd {
     fn prepare(&mut self, env: &Env) -> Result<DataSummary> {
-        (self.train, self.dev) = read_sequences(&self.data, env.tokenizer()?, env.seed, None)?;
-        self.seed = env.seed;
-        Ok(DataSummary {
-            labels: Vec::new(),
-            dev_examples: self.dev.len(),
-            skipped: 0,
-        })
+        self.corpus.prepare(env, None)
     }
 
     /// The discriminator from `from`, the generator from `from/generator`, sharing the
@@ -338,8 +322,7 @@ impl Objective for Rtd {
             ..masked_lm_head()
         };
         let (model, config) = load_for_task(from, &head, env.seed)?;
-        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
-        self.masking = Some(masking(rate, whole, env.tokenizer()?, &model)?);
+        self.corpus.mask_for(env, &model)?;
         let (mut g, g_config) =
             load_for_task(&from.join(GENERATOR_DIR), &masked_lm_head(), env.seed)?;
         share_embeddings(&mut g, &model)?;
@@ -356,8 +339,7 @@ impl Objective for Rtd {
     fn load_trained(&mut self, dir: &Path, env: &Env) -> Result<Networks> {
         let mut nets =
             super::common::trained_networks(dir, Some(HeadKind::ReplacedTokenDetection))?;
-        let (rate, whole) = (self.cfg.mask_rate, self.cfg.whole_word);
-        self.masking = Some(masking(rate, whole, env.tokenizer()?, &nets.main)?);
+        self.corpus.mask_for(env, &nets.main)?;
         nets.companions.push(Companion {
             dir: GENERATOR_DIR,
             model: crate::init::load_frozen(&dir.join(GENERATOR_DIR), None)?,
@@ -367,11 +349,11 @@ impl Objective for Rtd {
     }
 
     fn max_length(&self) -> usize {
-        self.data.max_length
+        self.corpus.data.max_length
     }
 
     fn train_set(&self) -> &dyn TrainSet {
-        &self.train
+        self.corpus.train()
     }
 
     fn loss(
@@ -382,18 +364,24 @@ impl Objective for Rtd {
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
         let (generator, masking) = self.parts(nets);
-        let owned: Vec<_> = batch.iter().map(|&i| self.train.get(i)).collect();
+        let owned = self.corpus.batch(batch);
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
         let weight = self.cfg.rtd_weight;
         Ok(BatchLoss {
             loss: batch_loss(generator, &nets.main, &seqs, masking, weight, seed, dropout)?,
-            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+            tokens: tokens_of(&seqs),
         })
     }
 
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
         let (generator, masking) = self.parts(nets);
-        evaluate(generator, &nets.main, &self.dev, masking, self.seed)
+        evaluate(
+            generator,
+            &nets.main,
+            &self.corpus.dev,
+            masking,
+            self.corpus.seed,
+        )
     }
 
     fn main_metric(&self) -> &'static str {
