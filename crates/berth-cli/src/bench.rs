@@ -28,7 +28,10 @@ use crate::resolve;
 
 /// Arguments of `berth bench`.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Model to benchmark (default: all-MiniLM-L6-v2).
     #[arg(long)]
     model: Option<String>,
@@ -47,6 +50,13 @@ pub struct BenchArgs {
     /// Python interpreter with torch / transformers / onnxruntime for the peers.
     #[arg(long, default_value = "python3")]
     python: String,
+}
+
+/// Other benchmarks.
+#[derive(clap::Subcommand)]
+enum BenchCommand {
+    /// `berth serve` against infinity-emb under the same HTTP load (texts/s, p50 / p99).
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// Deterministic pseudo-random token ids (no RNG dependency needed for a benchmark).
@@ -287,6 +297,9 @@ fn peers(a: &BenchArgs, dir: &Path, spec: &serde_json::Value) -> anyhow::Result<
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Serve(s)) = a.command {
+        return crate::bench_serve::run(s);
+    }
     let dir = resolve::model_dir(a.model.as_deref())?;
     let (p, _) = Pipeline::load_sentence(&dir, &PipelineOptions::default())?;
     let st = p.sentence;
@@ -345,7 +358,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let max_length = p.max_length;
     let mut p = p;
     let mut measure = |mode: Precision| -> anyhow::Result<[f64; 4]> {
-        p.model.set_precision(mode)?;
+        p.set_precision(mode)?;
         base.set_precision(mode)?;
         let forward = |m: &Model, seqs: &Vec<Vec<u32>>| {
             let batch = Batch::from_sequences(seqs.iter().map(|s| (s.as_slice(), &[][..])))?;
@@ -481,10 +494,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     // Accuracy of reduced precision: cosine of (c) embeddings to berth f32.
-    p.model.set_precision(Precision::F32)?;
+    p.set_precision(Precision::F32)?;
     let reference = embed_all(&p, &texts, pooling)?;
     for &mode in &modes[1..] {
-        p.model.set_precision(mode)?;
+        p.set_precision(mode)?;
         let (mean, min) = cosine_stats(&reference, &embed_all(&p, &texts, pooling)?);
         println!("berth {mode:?} vs berth f32 on (c): mean cosine {mean:.6}, lowest {min:.6}");
     }

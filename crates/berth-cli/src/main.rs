@@ -9,12 +9,14 @@
 //!     berth bench                               # berth vs PyTorch / ONNX Runtime
 //!     berth tokenizer train --kind wordpiece --vocab-size 30522 --output DIR corpus/
 //!     berth data prepare --tokenizer DIR --output DATA corpus/
+//!     berth serve --model DIR --port 8080           # HTTP server (TEI-compatible routes)
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 mod bench;
+mod bench_serve;
 mod data;
 mod embed;
 mod eval;
@@ -25,6 +27,7 @@ mod inspect;
 mod output;
 mod pretrain;
 mod resolve;
+mod serve;
 mod tasks;
 mod tokenizer;
 mod train_args;
@@ -37,7 +40,7 @@ static GLOBAL: MiMalloc = MiMalloc;
 #[command(
     name = "berth",
     version,
-    about = "BERT in Rust: embed, classify, ner, qa, rerank, similarity, fill-mask, eval, inspect, bench"
+    about = "BERT in Rust: embed, classify, ner, qa, rerank, similarity, fill-mask, serve, eval, inspect, bench"
 )]
 struct Cli {
     /// Worker threads (default: all cores). Fewer threads leave cores for other work.
@@ -79,6 +82,9 @@ enum Command {
     Data(data::DataArgs),
     /// Vocabularies: `berth tokenizer train --kind wordpiece|bpe|unigram ...`.
     Tokenizer(tokenizer::TokenizerArgs),
+    /// HTTP inference server: TEI / OpenAI embedding routes, /predict, /rerank, /ner, /qa,
+    /// /fill-mask; requests batched together; Prometheus /metrics.
+    Serve(serve::ServeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -104,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Data(a) => data::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

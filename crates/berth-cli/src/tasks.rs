@@ -337,7 +337,7 @@ struct RankedLine<'a> {
 pub fn rerank(a: RerankArgs) -> anyhow::Result<()> {
     let p = load(&a.model, &a.text)?;
     let (passages, _) = a.text.texts(&a.passages)?;
-    let ranked = berth_tasks::rerank(&p, &a.query, &passages)?;
+    let ranked = berth_tasks::rerank(&p, &a.query, &passages, false)?;
     let mut out = stdout();
     let k = if a.top_k == 0 { ranked.len() } else { a.top_k };
     for (rank, r) in ranked.iter().take(k).enumerate() {

@@ -66,11 +66,37 @@ impl Batch {
     pub fn range(&self, s: usize) -> std::ops::Range<usize> {
         self.cu_seqlens[s]..self.cu_seqlens[s + 1]
     }
+
+    /// Appends `other`'s sequences after this batch's: the packing of both lists of
+    /// sequences together (a server merges the batches of several requests this way; each
+    /// batch's hidden states are then a contiguous block of rows).
+    pub fn append(&mut self, other: &Batch) {
+        if self.cu_seqlens.is_empty() {
+            self.cu_seqlens.push(0);
+        }
+        let base = self.input_ids.len();
+        self.input_ids.extend_from_slice(&other.input_ids);
+        self.token_type_ids.extend_from_slice(&other.token_type_ids);
+        self.position_ids.extend_from_slice(&other.position_ids);
+        self.cu_seqlens
+            .extend(other.cu_seqlens.iter().skip(1).map(|&c| base + c));
+        self.max_len = self.max_len.max(other.max_len);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appending_equals_packing_together() {
+        let (a, b, c) = (&[5u32, 6, 7][..], &[8u32, 9][..], &[4u32][..]);
+        let mut merged = Batch::default();
+        merged.append(&Batch::from_sequences([(a, &[][..])]).unwrap());
+        merged.append(&Batch::from_sequences([(b, &[0, 1][..]), (c, &[][..])]).unwrap());
+        let together = Batch::from_sequences([(a, &[][..]), (b, &[0, 1][..]), (c, &[][..])]);
+        assert_eq!(merged, together.unwrap());
+    }
 
     #[test]
     fn packs_sequences_with_positions_and_offsets() {

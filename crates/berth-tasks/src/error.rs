@@ -28,6 +28,9 @@ pub enum TaskError {
     /// Options that contradict each other or the model.
     #[error("{0}")]
     Options(String),
+    /// The [`crate::BatchRunner`] could not run a batch (a server's worker stopped or failed).
+    #[error("{0}")]
+    Runner(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

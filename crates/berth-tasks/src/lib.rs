@@ -27,7 +27,8 @@ pub use error::{Result, TaskError};
 pub use fill_mask::{fill_mask, Prediction};
 pub use ner::{argmax, token_classify, Aggregation, Entity, NerOptions};
 pub use pipeline::{
-    pack, run_batches, token_budget_batches, Pipeline, PipelineOptions, DEFAULT_BATCH_TOKENS,
+    pack, run_batches, token_budget_batches, BatchRunner, Pipeline, PipelineOptions,
+    DEFAULT_BATCH_TOKENS,
 };
 pub use qa::{answer, Answer, QaInput, QaOptions};
 pub use rerank::{rerank, Ranked};

@@ -4,6 +4,7 @@
 //! here and pass their users' options through; none of them re-decides a default.
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use berth_model::{Batch, LoadReport, Model, Precision};
 use berth_text::{Encoded, TextTokenizer, Truncation};
@@ -42,12 +43,24 @@ impl Default for PipelineOptions {
     }
 }
 
-/// Model + tokenizer + the effective settings.
+/// Where a pipeline's packed batches run. By default on the calling thread; a server hands
+/// them to a scheduler that merges the batches of concurrent requests into one forward pass
+/// and returns each caller its own rows.
+pub trait BatchRunner: Send + Sync {
+    /// The encoder's hidden states `[N, H]` for `batch` (the rows of `batch`'s tokens, in
+    /// order).
+    fn forward(&self, batch: &Batch) -> Result<candle_core::Tensor>;
+}
+
+/// Model + tokenizer + the effective settings. Cloning is cheap (the model and tokenizer
+/// are shared): a server keeps one pipeline per model and clones it per request to change
+/// the per-request settings (truncation) or the [`BatchRunner`].
+#[derive(Clone)]
 pub struct Pipeline {
     /// The model, its weights packed for the pipeline's precision.
-    pub model: Model,
+    pub model: Arc<Model>,
     /// Its tokenizer.
-    pub tokenizer: TextTokenizer,
+    pub tokenizer: Arc<TextTokenizer>,
     /// Token limit per text.
     pub max_length: usize,
     /// Truncation policy.
@@ -56,6 +69,8 @@ pub struct Pipeline {
     pub batch_tokens: usize,
     /// The sentence-transformers configuration ([`Pipeline::load_sentence`]).
     pub sentence: Option<SentenceConfig>,
+    /// Where batches run; `None`: `model.forward` on the calling thread.
+    pub runner: Option<Arc<dyn BatchRunner>>,
 }
 
 impl Pipeline {
@@ -78,12 +93,13 @@ impl Pipeline {
     /// loaded, truncating at `max_length`, the default token budget.
     pub fn from_model(model: Model, tokenizer: TextTokenizer, max_length: usize) -> Self {
         Pipeline {
-            model,
-            tokenizer,
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
             max_length,
             truncation: Truncation::Truncate,
             batch_tokens: DEFAULT_BATCH_TOKENS,
             sentence: None,
+            runner: None,
         }
     }
 
@@ -136,12 +152,13 @@ impl Pipeline {
         };
         Ok((
             Pipeline {
-                model,
-                tokenizer,
+                model: Arc::new(model),
+                tokenizer: Arc::new(tokenizer),
                 max_length,
                 truncation: opts.truncation,
                 batch_tokens: opts.batch_tokens,
                 sentence: None,
+                runner: None,
             },
             report,
         ))
@@ -167,8 +184,25 @@ impl Pipeline {
     /// Runs the encoder on `encs` packed into one batch: `(batch, hidden [N, H])`.
     pub fn run(&self, encs: &[Encoded]) -> Result<(Batch, candle_core::Tensor)> {
         let batch = pack(encs)?;
-        let hidden = self.model.forward(&batch)?;
+        let hidden = self.forward(&batch)?;
         Ok((batch, hidden))
+    }
+
+    /// Repacks the weights for `precision` (benchmarks compare precisions on one load).
+    /// Refused while the model is shared with a clone of this pipeline.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let model = Arc::get_mut(&mut self.model).ok_or_else(|| {
+            TaskError::Options("the model is shared; its precision cannot change".into())
+        })?;
+        Ok(model.set_precision(precision)?)
+    }
+
+    /// The encoder on one packed batch, through the [`BatchRunner`] when there is one.
+    pub fn forward(&self, batch: &Batch) -> Result<candle_core::Tensor> {
+        match &self.runner {
+            Some(r) => r.forward(batch),
+            None => Ok(self.model.forward(batch)?),
+        }
     }
 }
 
@@ -181,7 +215,7 @@ impl Pipeline {
         encs: &[Encoded],
         f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> Result<()>,
     ) -> Result<()> {
-        run_batches(&self.model, encs, self.batch_tokens, f)
+        batches_with(encs, self.batch_tokens, |b| self.forward(b), f)
     }
 
     /// Label names of the classification head with `classes` outputs: `id2label`, or
@@ -220,6 +254,20 @@ pub fn run_batches<S, E>(
     model: &Model,
     encs: &[S],
     budget: usize,
+    f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E>
+where
+    S: std::borrow::Borrow<Encoded>,
+    E: From<TaskError>,
+{
+    batches_with(encs, budget, |b| Ok(model.forward(b)?), f)
+}
+
+/// [`run_batches`] with the encoder call given.
+fn batches_with<S, E>(
+    encs: &[S],
+    budget: usize,
+    forward: impl Fn(&Batch) -> Result<candle_core::Tensor>,
     mut f: impl FnMut(Range<usize>, &Batch, &candle_core::Tensor) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E>
 where
@@ -229,7 +277,7 @@ where
     let lens: Vec<usize> = encs.iter().map(|e| e.borrow().len()).collect();
     for r in token_budget_batches(&lens, budget) {
         let batch = pack(&encs[r.clone()])?;
-        let hidden = model.forward(&batch).map_err(TaskError::from)?;
+        let hidden = forward(&batch)?;
         f(r, &batch, &hidden)?;
     }
     Ok(())

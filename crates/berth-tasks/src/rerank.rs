@@ -42,12 +42,22 @@ fn activation(p: &Pipeline) -> Result<ClassFunction> {
 }
 
 /// Scores every passage against `query`; returns them sorted best first (ties in input order).
-pub fn rerank(p: &Pipeline, query: &str, passages: &[String]) -> Result<Vec<Ranked>> {
+/// `raw_scores`: the logits themselves, without the model's activation (TEI's `raw_scores`).
+pub fn rerank(
+    p: &Pipeline,
+    query: &str,
+    passages: &[String],
+    raw_scores: bool,
+) -> Result<Vec<Ranked>> {
     require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
     if query.trim().is_empty() {
         return Err(TaskError::Options("empty query".into()));
     }
-    let f = activation(p)?;
+    let f = if raw_scores {
+        ClassFunction::Identity
+    } else {
+        activation(p)?
+    };
     let inputs: Vec<_> = passages
         .iter()
         .map(|d| (query.to_string(), Some(d.clone())))

@@ -135,6 +135,7 @@ fn rerank_matches_cross_encoder() {
             &p,
             case["query"].as_str().unwrap(),
             &strings(&case["inputs"]),
+            false,
         )
         .unwrap();
         let want = case["outputs"].as_array().unwrap();
