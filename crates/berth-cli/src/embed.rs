@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use berth_tasks::{
-    embed_encoded, encode_for_embedding, token_budget_batches, EmbedOptions, EncodedTexts,
-    Pipeline, Pooling,
+    embed_encoded, encode_for_embedding, pipelined, token_budget_batches, EmbedOptions,
+    EncodedTexts, Pipeline, Pooling,
 };
 use clap::Args;
 
@@ -100,30 +100,6 @@ pub fn load_sentence_pipeline(
 /// Texts per chunk of a file input (bounds memory; one chunk is tokenized ahead).
 const CHUNK: usize = 2048;
 
-/// Runs `prepare` on each item on a background thread, one item ahead of `consume` on
-/// this one, so the two overlap; stops at the first error `consume` returns.
-pub fn pipelined<T: Send, U: Send>(
-    items: impl Iterator<Item = T> + Send,
-    prepare: impl Fn(T) -> U + Send,
-    mut consume: impl FnMut(U) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        scope.spawn(move || {
-            for item in items {
-                // A closed channel means the consumer stopped (an error): stop too.
-                if tx.send(prepare(item)).is_err() {
-                    break;
-                }
-            }
-        });
-        for prepared in rx {
-            consume(prepared)?;
-        }
-        Ok(())
-    })
-}
-
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (pooling, norm) = p.embedding(a.pooling, a.normalize);
@@ -162,7 +138,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         };
         (first, encoded)
     };
-    pipelined(chunks, tokenize, |(first, encoded)| {
+    pipelined(chunks, tokenize, |(first, encoded)| -> anyhow::Result<()> {
         let e = encoded.with_context(|| source.to_string())?;
         if pooling != Pooling::None {
             let vecs = embed_encoded(&p, &e, &opts).with_context(|| source.to_string())?;

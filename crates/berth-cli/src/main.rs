@@ -26,7 +26,7 @@ mod input;
 mod inspect;
 mod output;
 mod pretrain;
-mod resolve;
+use berth_tasks::resolve;
 mod serve;
 mod tasks;
 mod tokenizer;

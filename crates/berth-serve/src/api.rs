@@ -224,23 +224,7 @@ async fn embed_all(State(app): Shared, body: Body) -> Reply {
     let (texts, _) = req.inputs.into_vec();
     let (out, encs) = app
         .run(permit, m, req.truncate, move |p| {
-            let encs = p.encode(&texts, 0)?;
-            let h = p.model.config.hidden_size;
-            let mut out: Vec<Vec<Vec<f32>>> = Vec::with_capacity(encs.len());
-            p.for_each_batch(&encs, |_, batch, hidden| {
-                let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
-                for s in 0..batch.num_sequences() {
-                    let r = batch.range(s);
-                    out.push(
-                        flat[r.start * h..r.end * h]
-                            .chunks(h)
-                            .map(<[f32]>::to_vec)
-                            .collect(),
-                    );
-                }
-                Ok(())
-            })?;
-            Ok((out, encs))
+            berth_tasks::token_embeddings(p, &texts)
         })
         .await?;
     app.count_truncated(m, &encs);

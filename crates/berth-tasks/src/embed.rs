@@ -280,3 +280,28 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
         dot / (na * nb)
     }
 }
+
+/// Every token's last hidden state per text (`[text][token][hidden]`; transformers'
+/// feature extraction, TEI's `embed_all`), with the encodings.
+pub fn token_embeddings(
+    p: &crate::Pipeline,
+    texts: &[String],
+) -> Result<(Vec<Vec<Vec<f32>>>, Vec<berth_text::Encoded>)> {
+    let encs = p.encode(texts, 0)?;
+    let h = p.model.config.hidden_size;
+    let mut out: Vec<Vec<Vec<f32>>> = Vec::with_capacity(encs.len());
+    p.for_each_batch(&encs, |_, batch, hidden| {
+        let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+        for s in 0..batch.num_sequences() {
+            let r = batch.range(s);
+            out.push(
+                flat[r.start * h..r.end * h]
+                    .chunks(h)
+                    .map(<[f32]>::to_vec)
+                    .collect(),
+            );
+        }
+        Ok(())
+    })?;
+    Ok((out, encs))
+}

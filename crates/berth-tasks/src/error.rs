@@ -28,6 +28,9 @@ pub enum TaskError {
     /// Options that contradict each other or the model.
     #[error("{0}")]
     Options(String),
+    /// A model name that resolves to no model directory.
+    #[error("{0}")]
+    NotFound(String),
     /// The [`crate::BatchRunner`] could not run a batch (a server's worker stopped or failed).
     #[error("{0}")]
     Runner(String),

@@ -14,21 +14,22 @@ mod ner;
 mod pipeline;
 mod qa;
 mod rerank;
+pub mod resolve;
 
 pub use classify::{
     classify, require_head, ClassFunction, ClassifyOptions, LabelScore, TextPair, WindowPool,
     Windows,
 };
 pub use embed::{
-    cosine, embed_encoded, embed_texts, encode_for_embedding, normalize, pool, EmbedOptions,
-    EncodedTexts, Pooling, SentenceConfig,
+    cosine, embed_encoded, embed_texts, encode_for_embedding, normalize, pool, token_embeddings,
+    EmbedOptions, EncodedTexts, Pooling, SentenceConfig,
 };
 pub use error::{Result, TaskError};
 pub use fill_mask::{fill_mask, Prediction};
 pub use ner::{argmax, token_classify, Aggregation, Entity, NerOptions};
 pub use pipeline::{
-    pack, run_batches, token_budget_batches, BatchRunner, Pipeline, PipelineOptions,
+    pack, pipelined, run_batches, token_budget_batches, BatchRunner, Pipeline, PipelineOptions,
     DEFAULT_BATCH_TOKENS,
 };
 pub use qa::{answer, Answer, QaInput, QaOptions};
-pub use rerank::{rerank, Ranked};
+pub use rerank::{cross_encode, rerank, Ranked};

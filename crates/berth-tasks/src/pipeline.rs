@@ -316,3 +316,28 @@ mod tests {
         assert!(token_budget_batches(&[], 5).is_empty());
     }
 }
+
+/// Runs `prepare` on each item on a background thread, one item ahead of `consume` on this
+/// one, so the two overlap (tokenizing the next chunk of texts while the model runs this
+/// one); stops at the first error `consume` returns.
+pub fn pipelined<T: Send, U: Send, E>(
+    items: impl Iterator<Item = T> + Send,
+    prepare: impl Fn(T) -> U + Send,
+    mut consume: impl FnMut(U) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for item in items {
+                // A closed channel means the consumer stopped (an error): stop too.
+                if tx.send(prepare(item)).is_err() {
+                    break;
+                }
+            }
+        });
+        for prepared in rx {
+            consume(prepared)?;
+        }
+        Ok(())
+    })
+}

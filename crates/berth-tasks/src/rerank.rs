@@ -2,7 +2,7 @@
 //! with one output, as sentence-transformers' `CrossEncoder.rank`.
 use serde::Serialize;
 
-use crate::classify::{encode_inputs, require_head, sequence_logits, ClassFunction};
+use crate::classify::{encode_inputs, require_head, sequence_logits, ClassFunction, TextPair};
 use crate::error::{Result, TaskError};
 use crate::pipeline::Pipeline;
 
@@ -41,28 +41,22 @@ fn activation(p: &Pipeline) -> Result<ClassFunction> {
     }
 }
 
-/// Scores every passage against `query`; returns them sorted best first (ties in input order).
-/// `raw_scores`: the logits themselves, without the model's activation (TEI's `raw_scores`).
-pub fn rerank(
+/// Cross-encoder scores of sentence pairs, in input order, as sentence-transformers'
+/// `CrossEncoder.predict`: the model's activation applied to its one output, or the logit
+/// itself with `raw_scores`. Input `i` is named `first_index + i` in errors.
+pub fn cross_encode(
     p: &Pipeline,
-    query: &str,
-    passages: &[String],
+    pairs: &[TextPair],
     raw_scores: bool,
-) -> Result<Vec<Ranked>> {
+    first_index: usize,
+) -> Result<Vec<f32>> {
     require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
-    if query.trim().is_empty() {
-        return Err(TaskError::Options("empty query".into()));
-    }
     let f = if raw_scores {
         ClassFunction::Identity
     } else {
         activation(p)?
     };
-    let inputs: Vec<_> = passages
-        .iter()
-        .map(|d| (query.to_string(), Some(d.clone())))
-        .collect();
-    let (encs, _) = encode_inputs(p, &inputs, None, 0)?;
+    let (encs, _) = encode_inputs(p, pairs, None, first_index)?;
     let logits = sequence_logits(p, &encs)?;
     if let Some(row) = logits.first().filter(|r| r.len() != 1) {
         return Err(TaskError::Config {
@@ -73,13 +67,28 @@ pub fn rerank(
             ),
         });
     }
-    let mut out: Vec<Ranked> = logits
+    Ok(logits.iter().map(|row| f.apply(row)[0]).collect())
+}
+
+/// Scores every passage against `query`; returns them sorted best first (ties in input order).
+/// `raw_scores`: the logits themselves, without the model's activation (TEI's `raw_scores`).
+pub fn rerank(
+    p: &Pipeline,
+    query: &str,
+    passages: &[String],
+    raw_scores: bool,
+) -> Result<Vec<Ranked>> {
+    if query.trim().is_empty() {
+        return Err(TaskError::Options("empty query".into()));
+    }
+    let pairs: Vec<TextPair> = passages
         .iter()
+        .map(|d| (query.to_string(), Some(d.clone())))
+        .collect();
+    let mut out: Vec<Ranked> = cross_encode(p, &pairs, raw_scores, 0)?
+        .into_iter()
         .enumerate()
-        .map(|(corpus_id, row)| Ranked {
-            corpus_id,
-            score: f.apply(row)[0],
-        })
+        .map(|(corpus_id, score)| Ranked { corpus_id, score })
         .collect();
     out.sort_by(|a, b| b.score.total_cmp(&a.score));
     Ok(out)

@@ -1,8 +1,9 @@
-//! Where a `--model` argument points: a directory, a model in berth's cache, or (with the
-//! `hub` feature) a Hugging Face hub id.
+//! Where a model name points: a directory, a training run, a model in berth's cache or the
+//! Hugging Face cache, or (with the `hub` feature) a Hugging Face hub id. The CLI, the server
+//! and the Python package resolve names here.
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use crate::error::{Result, TaskError};
 
 /// The model used when `--model` is not given (fetched by scripts/fetch-assets).
 pub const DEFAULT_MODEL: &str = "all-MiniLM-L6-v2";
@@ -80,7 +81,7 @@ fn best_checkpoint(dir: &Path) -> Option<PathBuf> {
 /// directory (its best checkpoint); a name in berth's cache (`models/NAME`, also the last
 /// part of `ORG/NAME`); a hub id already in the Hugging Face cache; else (with the `hub`
 /// feature) a download.
-pub fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
+pub fn model_dir(model: Option<&str>) -> Result<PathBuf> {
     let name = model.unwrap_or(DEFAULT_MODEL);
     let as_path = Path::new(name);
     if as_path.is_dir() {
@@ -112,26 +113,28 @@ pub fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
     }
     let cached = models.join(name);
     if model.is_none() {
-        bail!(
+        return Err(TaskError::NotFound(format!(
             "the default model {DEFAULT_MODEL} is not in {}: run scripts/fetch-assets to install it, or pass --model DIR",
             cached.display()
-        );
+        )));
     }
     if as_path.exists() {
-        bail!("{name}: not a model directory");
+        return Err(TaskError::NotFound(format!(
+            "{name}: not a model directory"
+        )));
     }
     from_hub(name)
 }
 
 #[cfg(feature = "hub")]
-fn from_hub(id: &str) -> anyhow::Result<PathBuf> {
-    use anyhow::Context;
-    let api =
-        hf_hub::api::sync::Api::new().context("could not set up the Hugging Face hub client")?;
+fn from_hub(id: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::Api::new().map_err(|e| {
+        TaskError::NotFound(format!("could not set up the Hugging Face hub client: {e}"))
+    })?;
     let repo = api.model(id.to_string());
     let fetch = |f: &str| repo.get(f);
-    let config = fetch("config.json").with_context(|| {
-        format!("could not fetch {id} from the Hugging Face hub: check the network, or download the model directory and pass it with --model DIR")
+    let config = fetch("config.json").map_err(|e| {
+        TaskError::NotFound(format!("could not fetch {id} from the Hugging Face hub ({e}): check the network, or download the model directory and pass it with --model DIR"))
     })?;
     for f in [
         "tokenizer.json",
@@ -144,22 +147,24 @@ fn from_hub(id: &str) -> anyhow::Result<PathBuf> {
         let _ = fetch(f); // optional files; the loaders report what is really missing
     }
     if fetch("model.safetensors").is_err() {
-        fetch("pytorch_model.bin").with_context(|| {
-            format!("{id}: no model.safetensors or pytorch_model.bin on the hub")
+        fetch("pytorch_model.bin").map_err(|_| {
+            TaskError::NotFound(format!(
+                "{id}: no model.safetensors or pytorch_model.bin on the hub"
+            ))
         })?;
     }
     Ok(config
         .parent()
-        .context("hub cache path has no parent")?
+        .ok_or_else(|| TaskError::NotFound("hub cache path has no parent".into()))?
         .to_path_buf())
 }
 
 #[cfg(not(feature = "hub"))]
-fn from_hub(id: &str) -> anyhow::Result<PathBuf> {
-    bail!(
+fn from_hub(id: &str) -> Result<PathBuf> {
+    Err(TaskError::NotFound(format!(
         "{id}: not a local directory nor a model in {}; this berth was built without Hugging Face hub \
          support: download the model directory (config.json, model.safetensors, tokenizer.json) and pass \
          its path with --model, or rebuild with `cargo build --release --features hub`",
         cache_dir().join("models").display()
-    )
+    )))
 }
