@@ -192,13 +192,14 @@ class CrossEncoder:
     ) -> Any:
         """Scores of sentence pairs: the model's activation (sigmoid unless its config names
         another), or the logits with ``raw_scores``. One pair gives a float, a list an array."""
-        single = isinstance(sentences, tuple) and len(sentences) == 2 and all(
+        # As sentence-transformers: two strings are one pair, else a list of pairs.
+        single = isinstance(sentences, (tuple, list)) and len(sentences) == 2 and all(
             isinstance(s, str) for s in sentences
         )
         pairs = [sentences] if single else list(sentences)
         checked = []
         for i, p in enumerate(pairs):
-            if len(p) != 2 or not all(isinstance(s, str) for s in p):
+            if isinstance(p, str) or len(p) != 2 or not all(isinstance(s, str) for s in p):
                 raise TypeError(f"pair {i}: expected two strings")
             checked.append((p[0], p[1]))
         scores = np.asarray(self._e.predict(checked, raw_scores, batch_tokens), dtype=np.float32)

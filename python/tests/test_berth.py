@@ -130,6 +130,9 @@ def test_cross_encoder_matches_berth_rerank():
         assert abs(scores[w["index"]] - w["score"]) <= 1e-6
     one = ce.predict((query, TEXTS[0]))
     assert isinstance(one, float) and abs(one - scores[0]) <= 1e-6
+    assert ce.predict([query, TEXTS[0]]) == one  # two strings are one pair, as sentence-transformers
+    with pytest.raises(TypeError, match="pair 1"):
+        ce.predict([(query, TEXTS[0]), "xy"])  # a string is not a pair, even of length 2
     raw = ce.predict([(query, TEXTS[0])], raw_scores=True)
     assert abs(1 / (1 + np.exp(-raw[0])) - scores[0]) <= 1e-6
 
