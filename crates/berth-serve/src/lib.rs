@@ -40,6 +40,15 @@ pub enum Task {
 }
 
 impl Task {
+    /// Every task.
+    const ALL: [Task; 5] = [
+        Task::Embed,
+        Task::Classify,
+        Task::Ner,
+        Task::Qa,
+        Task::FillMask,
+    ];
+
     /// The task of a model's head: a bare encoder embeds.
     pub fn from_model(model: &berth_model::Model) -> Self {
         [
@@ -99,16 +108,10 @@ impl Task {
 impl std::str::FromStr for Task {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [
-            Task::Embed,
-            Task::Classify,
-            Task::Ner,
-            Task::Qa,
-            Task::FillMask,
-        ]
-        .into_iter()
-        .find(|t| t.name() == s)
-        .ok_or_else(|| format!("unknown task {s:?} (embed, classify, ner, qa, fill-mask)"))
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown task {s:?} (embed, classify, ner, qa, fill-mask)"))
     }
 }
 
@@ -293,12 +296,10 @@ impl App {
                 m.name,
                 m.task.name(),
                 m.task.routes().join(", "),
-                match route {
-                    "/predict" | "/rerank" => "classify",
-                    "/ner" => "ner",
-                    "/qa" => "qa",
-                    _ => "fill-mask",
-                }
+                Task::ALL
+                    .iter()
+                    .find(|t| t.routes().contains(&route))
+                    .map_or("another task", |t| t.name())
             )));
         }
         Ok(m)
