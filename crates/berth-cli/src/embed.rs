@@ -74,15 +74,41 @@ pub fn report_load(report: &berth_model::LoadReport) {
     }
 }
 
-/// Warns once per truncated input.
+/// Truncated inputs seen so far: count, the first few (input, tokens), the limit.
+static TRUNCATED: std::sync::Mutex<(usize, Vec<(usize, usize)>, usize)> =
+    std::sync::Mutex::new((0, Vec::new(), 0));
+
+/// Records the truncated inputs among `encs` (numbered from `first`); one summary line is
+/// printed at the end by [`report_truncated`], not one warning per input.
 pub fn warn_truncated(encs: &[berth_text::Encoded], first: usize, max: usize) {
+    let mut t = TRUNCATED.lock().unwrap_or_else(|e| e.into_inner());
     for (i, e) in encs.iter().enumerate().filter(|(_, e)| e.truncated) {
-        eprintln!(
-            "warning: input {}: {} tokens truncated to {max} (--no-truncate makes this an error)",
-            first + i,
-            e.full_len
-        );
+        t.0 += 1;
+        if t.1.len() < 3 {
+            t.1.push((first + i, e.full_len));
+        }
+        t.2 = max;
     }
+}
+
+/// Prints one warning summarising the truncated inputs, if any.
+pub fn report_truncated() {
+    let t = TRUNCATED.lock().unwrap_or_else(|e| e.into_inner());
+    if t.0 == 0 {
+        return;
+    }
+    let shown: Vec<String> =
+        t.1.iter()
+            .map(|(i, n)| format!("input {i}: {n} tokens"))
+            .collect();
+    eprintln!(
+        "warning: {} input{} truncated to {} tokens ({}{}); --no-truncate makes this an error",
+        t.0,
+        if t.0 == 1 { "" } else { "s" },
+        t.2,
+        shown.join(", "),
+        if t.0 > shown.len() { ", ..." } else { "" }
+    );
 }
 
 /// The sentence-embedding pipeline of `--model` (its sentence-transformers config decides
@@ -104,12 +130,7 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (pooling, norm) = p.embedding(a.pooling, a.normalize);
     let (texts, from_file) = a.text.texts(&a.texts)?;
-    let source = a
-        .text
-        .input
-        .as_deref()
-        .map(|f| if f == "-" { "<stdin>" } else { f })
-        .unwrap_or("arguments");
+    let source = a.text.source();
     let mut out = Output::open(a.output.as_deref(), pooling == Pooling::None)?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;

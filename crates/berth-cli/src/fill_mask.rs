@@ -1,6 +1,7 @@
 //! `berth fill-mask`.
 use std::io::Write;
 
+use anyhow::Context;
 use berth_tasks::{fill_mask, Pipeline};
 use clap::Args;
 
@@ -42,7 +43,9 @@ pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let (texts, _) = a.text.texts(&a.texts)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (c, chunk) in texts.chunks(256).enumerate() {
-        let encs = p.encode(chunk, c * 256)?;
+        let encs = p
+            .encode(chunk, c * 256)
+            .with_context(|| a.text.source().to_string())?;
         warn_truncated(&encs, c * 256, p.max_length);
         for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)?
             .into_iter()

@@ -115,11 +115,16 @@ fn print_plan(p: &Plan) {
     if p.resumed_at > 0 {
         eprintln!("resuming at step {}", p.resumed_at);
     }
+    for c in &p.resume_changes {
+        eprintln!("warning: resumed with a changed setting: {c}");
+    }
 }
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let base = resolve::model_dir(a.model.as_deref())?;
-    a.train_loop.claim_output(&a.output)?;
+    let _lock = a
+        .train_loop
+        .claim_output(&a.output, &LoopDefaults::FINETUNE)?;
     let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
@@ -139,13 +144,9 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     data.dev = a.dev;
     data.dev_fraction = a.dev_fraction;
     data.skip_bad_rows = a.skip_bad_rows;
-    let defaults = LoopDefaults {
-        epochs: 3,
-        lr: 5e-5,
-        warmup: 0.0,
-        weight_decay: 0.0,
-    };
-    let mut run = a.train_loop.config(model, a.output, defaults);
+    let mut run = a
+        .train_loop
+        .config(model, a.output, &LoopDefaults::FINETUNE);
     run.early_stopping_patience = a.early_stopping;
     let cfg = RunConfig {
         run,

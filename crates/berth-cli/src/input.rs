@@ -1,5 +1,5 @@
 //! Reading input texts: from arguments, or one per line from a file or stdin.
-use std::io::Read;
+use std::io::{BufRead, Read};
 
 use anyhow::{bail, Context};
 use berth_model::Precision;
@@ -73,10 +73,57 @@ impl TextArgs {
         }
     }
 
+    /// Where the texts come from, for error messages: the `--input` file, `<stdin>`, or
+    /// `arguments`.
+    pub fn source(&self) -> &str {
+        match self.input.as_deref() {
+            Some("-") => "<stdin>",
+            Some(f) => f,
+            None => "arguments",
+        }
+    }
+
     /// The texts: from `--input`, or the positional arguments.
     pub fn texts(&self, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
         read_texts(self.input.as_deref(), args)
     }
+}
+
+/// Longest input line accepted. The whole file is never read before its lines are checked,
+/// so an endless input without newlines (`/dev/zero`) ends here instead of filling memory.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Reads UTF-8 lines (`\r\n` accepted; the newline that ends the last line is not an extra
+/// empty line), at most [`MAX_LINE_BYTES`] each; errors name `name` and the line.
+fn read_lines_from(mut reader: impl BufRead, name: &str) -> anyhow::Result<Vec<String>> {
+    let mut texts = Vec::new();
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{name}:{number}: cannot read"))?;
+        if n == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > MAX_LINE_BYTES {
+            bail!(
+                "{name}:{number}: line longer than {} MiB (one text per line)",
+                MAX_LINE_BYTES >> 20
+            );
+        }
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let text = std::str::from_utf8(&line).map_err(|e| {
+            anyhow::anyhow!("{name}:{number}: invalid UTF-8 at byte {}", e.valid_up_to())
+        })?;
+        texts.push(text.to_string());
+    }
+    Ok(texts)
 }
 
 /// Texts from `--input` (`-` = stdin; one per line, `\r\n` accepted) or from arguments.
@@ -92,30 +139,17 @@ pub fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<S
     if !args.is_empty() {
         bail!("give texts either as arguments or with --input, not both");
     }
-    let mut bytes = Vec::new();
     let name = if path == "-" { "<stdin>" } else { path };
-    if path == "-" {
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("<stdin>")?;
+    let reader: Box<dyn BufRead> = if path == "-" {
+        Box::new(std::io::stdin().lock())
     } else {
-        bytes = std::fs::read(path).with_context(|| format!("{path}: cannot read"))?;
-    }
-    let mut texts = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let text = std::str::from_utf8(line).map_err(|e| {
-            anyhow::anyhow!(
-                "{name}:{}: invalid UTF-8 at byte {}",
-                i + 1,
-                e.valid_up_to()
-            )
-        })?;
-        texts.push(text.to_string());
-    }
-    if texts.last().is_some_and(|t| t.is_empty()) {
-        texts.pop(); // the newline that ends the last line
-    }
+        berth_text::limits::readable_stream(std::path::Path::new(path))
+            .map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("{path}: cannot read"))?,
+        ))
+    };
+    let texts = read_lines_from(reader, name)?;
     if texts.is_empty() {
         bail!("{name}: no input lines");
     }

@@ -87,8 +87,16 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// Most worker threads `--threads` may ask for, per core: more only adds switching.
+const MAX_THREADS_PER_CORE: usize = 8;
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let max = MAX_THREADS_PER_CORE * cores;
+        if n == 0 || n > max {
+            anyhow::bail!("--threads {n} is outside 1..={max} ({MAX_THREADS_PER_CORE} per core, {cores} cores)");
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()?;
@@ -124,7 +132,13 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option; no allocation is in flight.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     quiet_stdout_errors();
-    match run(Cli::parse()) {
+    // A file-size limit (ulimit -f) must fail the write with EFBIG, which is reported with
+    // the file's name, instead of killing berth with SIGXFSZ.
+    // SAFETY: installs SIG_IGN for one signal before any other thread exists.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let result = run(Cli::parse());
+    embed::report_truncated();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error: stop quietly, as Unix tools do.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,

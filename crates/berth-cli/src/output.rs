@@ -20,6 +20,8 @@ pub struct Output {
     sink: Sink,
     /// Final path and its temporary sibling, for file outputs.
     file: Option<(PathBuf, PathBuf)>,
+    /// What errors call it: the final file name, or stdout.
+    name: String,
 }
 
 impl Output {
@@ -30,6 +32,7 @@ impl Output {
             return Ok(Output {
                 sink: Sink::Lines(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
                 file: None,
+                name: "stdout".into(),
             });
         };
         let dst = PathBuf::from(p);
@@ -57,12 +60,14 @@ impl Output {
         };
         Ok(Output {
             sink,
+            name: dst.display().to_string(),
             file: Some((dst, tmp)),
         })
     }
 
     /// Adds text `index`'s vector.
     pub fn vector(&mut self, index: usize, v: &[f32]) -> anyhow::Result<()> {
+        let name = &self.name;
         match &mut self.sink {
             Sink::Lines(w) => {
                 #[derive(serde::Serialize)]
@@ -74,7 +79,8 @@ impl Output {
                     index,
                     embedding: v,
                 };
-                writeln!(w, "{}", serde_json::to_string(&line)?)?;
+                let text = serde_json::to_string(&line)?;
+                writeln!(w, "{text}").with_context(|| format!("writing to {name}"))?;
             }
             Sink::Npy { data, dim } => {
                 if *dim.get_or_insert(v.len()) != v.len() {
@@ -90,8 +96,11 @@ impl Output {
 
     /// Adds one JSON line (per-token output).
     pub fn line(&mut self, json: &str) -> anyhow::Result<()> {
+        let name = &self.name;
         match &mut self.sink {
-            Sink::Lines(w) => Ok(writeln!(w, "{json}")?),
+            Sink::Lines(w) => {
+                Ok(writeln!(w, "{json}").with_context(|| format!("writing to {name}"))?)
+            }
             Sink::Npy { .. } => unreachable!("refused at open; this is a bug"),
         }
     }
@@ -100,7 +109,9 @@ impl Output {
     pub fn finish(mut self) -> anyhow::Result<()> {
         let sink = std::mem::replace(&mut self.sink, Sink::Lines(Box::new(std::io::sink())));
         match sink {
-            Sink::Lines(mut w) => w.flush()?,
+            Sink::Lines(mut w) => w
+                .flush()
+                .with_context(|| format!("writing to {}", self.name))?,
             Sink::Npy { data, dim } => {
                 let (_, tmp) = self.file.as_ref().expect("npy outputs are files");
                 write_npy(tmp, &data, dim.unwrap_or(0))?;

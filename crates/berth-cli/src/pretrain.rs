@@ -125,7 +125,9 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
         );
     }
-    a.train_loop.claim_output(&a.output)?;
+    let _lock = a
+        .train_loop
+        .claim_output(&a.output, &LoopDefaults::PRETRAIN)?;
     let model = match (&a.from, &a.tokenizer) {
         (Some(from), _) => {
             let dir = resolve::model_dir(Some(from))?;
@@ -152,6 +154,14 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             let (layers, hidden) = (a.layers.unwrap_or(4), a.hidden.unwrap_or(256));
             let heads = a.heads.unwrap_or((hidden / 64).max(1));
             let intermediate = a.intermediate.unwrap_or(4 * hidden);
+            check_sizes(
+                layers,
+                hidden,
+                heads,
+                intermediate,
+                tok.vocab_size(),
+                a.max_length,
+            )?;
             let roberta = a.arch == ArchArg::Roberta;
             let pad = tok
                 .token_to_id(if roberta { "<pad>" } else { "[PAD]" })
@@ -236,17 +246,55 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             },
         }),
     };
-    let defaults = LoopDefaults {
-        epochs: 1,
-        lr: 1e-4,
-        warmup: 0.06,
-        weight_decay: 0.01,
-    };
-    let mut run = a.train_loop.config(model, a.output, defaults);
+    let mut run = a
+        .train_loop
+        .config(model, a.output, &LoopDefaults::PRETRAIN);
     run.dump_order = a.dump_order;
     let cfg = RunConfig {
         run,
         task: TaskConfig { data, kind },
     };
     crate::finetune::execute(&cfg, &a.train_loop, "pretrain")
+}
+
+/// Refuses sizes of a new model that no run can use, naming the flag, before anything is
+/// allocated: zero or absurd widths, and models whose training state (weights, gradients
+/// and two AdamW moments, 16 bytes per parameter) would not fit in this machine's memory.
+fn check_sizes(
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    intermediate: usize,
+    vocab: usize,
+    max_length: usize,
+) -> anyhow::Result<()> {
+    use berth_model::{MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS};
+    for (flag, v, max) in [
+        ("--layers", layers, MAX_LAYERS),
+        ("--hidden", hidden, MAX_HIDDEN),
+        ("--heads", heads, hidden.max(1)),
+        ("--intermediate", intermediate, MAX_INTERMEDIATE),
+        ("--max-length", max_length, MAX_POSITIONS),
+    ] {
+        if v == 0 || v > max {
+            anyhow::bail!("{flag} {v} is outside 1..={max}");
+        }
+    }
+    if hidden % heads != 0 {
+        anyhow::bail!("--heads {heads} must divide --hidden {hidden}");
+    }
+    let (h, i, l) = (hidden as u64, intermediate as u64, layers as u64);
+    let params = (vocab as u64 + max_length as u64 + 2) * h + l * (4 * h * h + 2 * h * i);
+    let need = params.saturating_mul(16);
+    if let Some(have) = berth_text::limits::memory_bytes() {
+        if need > have {
+            anyhow::bail!(
+                "--layers {layers} --hidden {hidden} --intermediate {intermediate}: {:.1} M parameters need ~{:.1} GiB to train (weights, gradients, AdamW moments), more than this machine's {:.1} GiB",
+                params as f64 / 1e6,
+                need as f64 / (1u64 << 30) as f64,
+                have as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok(())
 }

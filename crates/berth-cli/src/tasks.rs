@@ -23,6 +23,7 @@ fn stdout() -> std::io::BufWriter<std::io::StdoutLock<'static>> {
 /// index), warns about truncated inputs unless the task windows them, and prints one JSON line
 /// per item, serialised by `line(index, result)`.
 fn run_chunked<I, R>(
+    source: &str,
     items: &[I],
     max_length: usize,
     windowed: bool,
@@ -32,7 +33,7 @@ fn run_chunked<I, R>(
     let mut out = stdout();
     for (c, chunk) in items.chunks(CHUNK).enumerate() {
         let first = c * CHUNK;
-        let (results, encs) = task(chunk, first)?;
+        let (results, encs) = task(chunk, first).with_context(|| source.to_string())?;
         if !windowed {
             warn_truncated(&encs, first, max_length);
         }
@@ -123,6 +124,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
         windows: a.windows.windows(),
     };
     run_chunked(
+        a.text.source(),
         &inputs,
         p.max_length,
         opts.windows.is_some(),
@@ -179,6 +181,7 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
         bioes: a.bioes,
     };
     run_chunked(
+        a.text.source(),
         &texts,
         p.max_length,
         opts.stride.is_some(),
@@ -337,7 +340,8 @@ struct RankedLine<'a> {
 pub fn rerank(a: RerankArgs) -> anyhow::Result<()> {
     let p = load(&a.model, &a.text)?;
     let (passages, _) = a.text.texts(&a.passages)?;
-    let ranked = berth_tasks::rerank(&p, &a.query, &passages, false)?;
+    let ranked = berth_tasks::rerank(&p, &a.query, &passages, false)
+        .with_context(|| a.text.source().to_string())?;
     let mut out = stdout();
     let k = if a.top_k == 0 { ranked.len() } else { a.top_k };
     for (rank, r) in ranked.iter().take(k).enumerate() {
@@ -384,7 +388,8 @@ pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
         normalize: false,
         windows: a.windows.windows(),
     };
-    let (vecs, encs) = berth_tasks::embed_texts(&p, &texts, &opts, 0)?;
+    let (vecs, encs) = berth_tasks::embed_texts(&p, &texts, &opts, 0)
+        .with_context(|| a.text.source().to_string())?;
     if opts.windows.is_none() {
         warn_truncated(&encs, 0, p.max_length);
     }

@@ -101,9 +101,22 @@ impl LoopArgs {
     /// Makes sure a new run never mixes with an old one in `output`: with --resume the run
     /// continues; with --overwrite the old run's files are deleted; otherwise an `output`
     /// holding a run is refused before anything is written.
-    pub fn claim_output(&self, output: &Path) -> anyhow::Result<()> {
+    /// Settings no run can use (NaN or negative learning rate, ...) are refused first, so a
+    /// bad flag changes nothing on disk either.
+    /// The returned lock keeps other runs out of `output` until it is dropped.
+    pub fn claim_output(
+        &self,
+        output: &Path,
+        defaults: &LoopDefaults,
+    ) -> anyhow::Result<berth_train::checkpoint::RunLock> {
+        self.config(PathBuf::new(), output.into(), defaults)
+            .check()?;
+        if output.exists() && !output.is_dir() {
+            anyhow::bail!("--output {}: not a directory", output.display());
+        }
+        let lock = berth_train::checkpoint::RunLock::acquire(output)?;
         if self.resume {
-            return Ok(());
+            return Ok(lock);
         }
         let present = |files: &[&'static str]| -> Vec<&'static str> {
             files
@@ -114,7 +127,7 @@ impl LoopArgs {
         };
         let used = present(&RUN_MARKERS);
         if used.is_empty() {
-            return Ok(());
+            return Ok(lock);
         }
         if !self.overwrite {
             anyhow::bail!(
@@ -132,7 +145,7 @@ impl LoopArgs {
             };
             gone.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
         }
-        Ok(())
+        Ok(lock)
     }
 }
 
@@ -144,9 +157,26 @@ pub struct LoopDefaults {
     pub weight_decay: f64,
 }
 
+impl LoopDefaults {
+    /// Fine-tuning: the Hugging Face Trainer's defaults.
+    pub const FINETUNE: LoopDefaults = LoopDefaults {
+        epochs: 3,
+        lr: 5e-5,
+        warmup: 0.0,
+        weight_decay: 0.0,
+    };
+    /// Pretraining: BERT's recipe (warmup 6 %, as RoBERTa; weight decay 0.01).
+    pub const PRETRAIN: LoopDefaults = LoopDefaults {
+        epochs: 1,
+        lr: 1e-4,
+        warmup: 0.06,
+        weight_decay: 0.01,
+    };
+}
+
 impl LoopArgs {
     /// The loop configuration for starting checkpoint `model` and run directory `output`.
-    pub fn config(&self, model: PathBuf, output: PathBuf, d: LoopDefaults) -> LoopConfig {
+    pub fn config(&self, model: PathBuf, output: PathBuf, d: &LoopDefaults) -> LoopConfig {
         let mut c = LoopConfig::new(model, output);
         c.epochs = self.epochs.unwrap_or(d.epochs);
         c.max_steps = self.max_steps;
@@ -154,18 +184,19 @@ impl LoopArgs {
         c.batch_size = self.batch_size;
         c.grad_accum = self.grad_accum;
         let warmup = self.warmup.unwrap_or(d.warmup);
-        if warmup >= 1.0 {
+        if warmup.is_finite() && warmup >= 1.0 {
             c.warmup_steps = Some(warmup as u64);
         } else {
             c.warmup_ratio = warmup;
         }
         c.schedule = self.schedule;
         c.adamw.weight_decay = self.weight_decay.unwrap_or(d.weight_decay);
-        c.max_grad_norm = (self.max_grad_norm > 0.0).then_some(self.max_grad_norm);
+        // 0 turns clipping off; a negative or NaN limit is refused by LoopConfig::check.
+        c.max_grad_norm = (self.max_grad_norm != 0.0).then_some(self.max_grad_norm);
         c.seed = self.seed;
         c.save_every = self.save_every;
         c.keep_checkpoints = self.keep_checkpoints;
-        c.log_every = self.log_every.max(1);
+        c.log_every = self.log_every;
         c.dropout = !self.no_dropout;
         c
     }

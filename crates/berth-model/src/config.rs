@@ -196,13 +196,25 @@ pub struct DropoutRates {
     pub question_answering: f64,
 }
 
+/// Largest vocabulary accepted (published multilingual encoders stay under 300,000).
+pub const MAX_VOCAB: usize = 10_000_000;
+/// Largest hidden size accepted (the largest published encoders use 4,096).
+pub const MAX_HIDDEN: usize = 65_536;
+/// Most layers accepted.
+pub const MAX_LAYERS: usize = 1_024;
+/// Largest feed-forward width accepted.
+pub const MAX_INTERMEDIATE: usize = 262_144;
+/// Longest position table accepted.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 impl EncoderConfig {
     /// Reads and validates `path` (a config.json).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text = berth_text::limits::read_text(path, berth_text::limits::MAX_JSON_BYTES)
+            .map_err(|e| ModelError::Io {
+                path: path.into(),
+                error: e.into(),
+            })?;
         Self::from_json(&text, path)
     }
 
@@ -328,6 +340,35 @@ impl EncoderConfig {
                 cfg.position_offset = c.pad_token_id.unwrap_or(1) as usize + 1;
             }
         }
+        // Sizes beyond any published encoder are a typo or an attack: refuse them before
+        // anything is allocated (a 1e9-wide layer would abort in the allocator).
+        for (field, v, max) in [
+            ("vocab_size", cfg.vocab_size, MAX_VOCAB),
+            ("hidden_size", cfg.hidden_size, MAX_HIDDEN),
+            ("num_hidden_layers", cfg.num_layers, MAX_LAYERS),
+            ("intermediate_size", cfg.intermediate_size, MAX_INTERMEDIATE),
+            (
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if v == 0 || v > max {
+                return Err(bad(format!("{field} {v} is outside 1..={max}")));
+            }
+        }
+        if cfg.type_vocab_size > 1024 {
+            return Err(bad(format!(
+                "type_vocab_size {} is outside 0..=1024",
+                cfg.type_vocab_size
+            )));
+        }
+        if !(cfg.layer_norm_eps.is_finite() && cfg.layer_norm_eps >= 0.0) {
+            return Err(bad(format!(
+                "layer_norm_eps {} is not a non-negative number",
+                cfg.layer_norm_eps
+            )));
+        }
         if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
             return Err(bad(format!(
                 "hidden size {} is not a multiple of {} heads",
@@ -340,6 +381,16 @@ impl EncoderConfig {
             ));
         }
         Ok(cfg)
+    }
+
+    /// Parameters of the encoder and its embeddings (heads left out: at most a few more
+    /// vocabulary-sized matrices), for memory estimates before anything is allocated.
+    pub fn approx_parameters(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let embeddings =
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as u64 * h;
+        let layer = 4 * h * h + 2 * h * i + 9 * h + i;
+        embeddings + self.num_layers as u64 * layer
     }
 
     /// Longest sequence the position table allows.

@@ -19,7 +19,10 @@ mod names;
 mod weights;
 
 pub use batch::Batch;
-pub use config::{Arch, BertConfig, DistilBertConfig, DropoutRates, EncoderConfig};
+pub use config::{
+    Arch, BertConfig, DistilBertConfig, DropoutRates, EncoderConfig, MAX_HIDDEN, MAX_INTERMEDIATE,
+    MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+};
 pub use dropout::Dropout;
 pub use encoder::{Embeddings, Layer};
 pub use error::{ModelError, Result};

@@ -50,17 +50,36 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// The first NaN or infinity in an f32 tensor, if any.
+fn first_non_finite(t: &Tensor) -> Result<Option<f32>> {
+    let t = t.flatten_all()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let all = cpu.as_slice::<f32>()?;
+    let v = match layout.contiguous_offsets() {
+        Some((a, b)) => &all[a..b],
+        None => all,
+    };
+    Ok(v.iter().copied().find(|x| !x.is_finite()))
+}
+
+/// Every tensor file is checked to be a regular file before it is read (a FIFO or a device
+/// named model.safetensors would block or never end).
+fn open_regular(path: &Path) -> Result<()> {
+    berth_text::limits::regular_file(path, u64::MAX)
+        .map(|_| ())
+        .map_err(|e| corrupt(path, e))
+}
+
 fn read_safetensors(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()> {
+    open_regular(path)?;
     let data = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.into(),
-        source,
+        error: source,
     })?;
-    let st =
-        candle_core::safetensors::SliceSafetensors::new(&data).map_err(|e| corrupt(path, e))?;
-    for (name, _) in st.tensors() {
-        let t = st.load(&name, &Device::Cpu).map_err(|e| corrupt(path, e))?;
-        out.insert(name, t);
-    }
+    out.extend(Weights::parse_safetensors(&data, path)?);
     Ok(())
 }
 
@@ -77,21 +96,37 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let bin = dir.join("pytorch_model.bin");
-        let source = if single.is_file() {
+        // `exists`, not `is_file`: a directory or FIFO under a weight file's name is an
+        // error about that file, not "no weights".
+        let source = if single.exists() {
             read_safetensors(&single, &mut tensors)?;
             single
-        } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-                path: index.clone(),
-                source,
-            })?;
+        } else if index.exists() {
+            let text = berth_text::limits::read_text(&index, berth_text::limits::MAX_JSON_BYTES)
+                .map_err(|e| corrupt(&index, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| corrupt(&index, e))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| corrupt(&index, "no \"weight_map\" object"))?;
-            let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            let mut files = BTreeSet::new();
+            for (key, f) in map {
+                let f = f.as_str().ok_or_else(|| {
+                    corrupt(&index, format!("weight_map[{key:?}] is not a file name"))
+                })?;
+                // Shards live in the model folder: no absolute paths, no `..`.
+                let plain = Path::new(f)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if f.is_empty() || !plain {
+                    return Err(corrupt(
+                        &index,
+                        format!("weight_map[{key:?}] = {f:?} is outside the model folder"),
+                    ));
+                }
+                files.insert(f);
+            }
             for f in files {
                 read_safetensors(&dir.join(f), &mut tensors)?;
             }
@@ -104,7 +139,8 @@ impl Weights {
                 }
             }
             index
-        } else if bin.is_file() {
+        } else if bin.exists() {
+            open_regular(&bin)?;
             for (name, t) in candle_core::pickle::read_all(&bin).map_err(|e| corrupt(&bin, e))? {
                 tensors.insert(name, t);
             }
@@ -113,6 +149,20 @@ impl Weights {
             return Err(ModelError::NoWeights { dir: dir.into() });
         };
         Ok((tensors, source))
+    }
+
+    /// The tensors of safetensors bytes (a file's contents; `source` names it in errors).
+    pub fn parse_safetensors(data: &[u8], source: &Path) -> Result<HashMap<String, Tensor>> {
+        let st = candle_core::safetensors::SliceSafetensors::new(data)
+            .map_err(|e| corrupt(source, e))?;
+        let mut out = HashMap::new();
+        for (name, _) in st.tensors() {
+            let t = st
+                .load(&name, &Device::Cpu)
+                .map_err(|e| corrupt(source, e))?;
+            out.insert(name, t);
+        }
+        Ok(out)
     }
 
     /// Wraps tensors already in memory; `source` names them in errors.
@@ -132,11 +182,35 @@ impl Weights {
             } else {
                 name
             };
+            let float = matches!(
+                t.dtype(),
+                DType::F32 | DType::F16 | DType::BF16 | DType::F64
+            );
+            // Integer tensors in encoder checkpoints are index buffers (position_ids); an
+            // integer weight is a corrupt or mislabelled file, not something to convert.
+            if !float && !name.ends_with("_ids") {
+                return Err(corrupt(
+                    &source,
+                    format!(
+                        "tensor {name:?} is {:?}; weights must be floating point",
+                        t.dtype()
+                    ),
+                ));
+            }
             let t = if t.dtype() == DType::F32 {
                 t
             } else {
                 t.to_dtype(DType::F32)?
             };
+            if float {
+                let bad = first_non_finite(&t)?;
+                if let Some(x) = bad {
+                    return Err(corrupt(
+                        &source,
+                        format!("tensor {name:?} holds {x}; weights must be finite"),
+                    ));
+                }
+            }
             out.insert(name, t);
         }
         Ok(Weights {

@@ -35,7 +35,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
         path: path.into(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text = berth_text::limits::read_text(path, berth_text::limits::MAX_JSON_BYTES)
+        .map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))
 }
 

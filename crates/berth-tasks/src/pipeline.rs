@@ -147,6 +147,15 @@ impl Pipeline {
                     message: format!("--max-length {m} exceeds the model's {limit} positions"),
                 })
             }
+            Some(m) if m < tokenizer.min_length(false) => {
+                return Err(TaskError::Config {
+                    path: model.config.path.clone(),
+                    message: format!(
+                        "--max-length {m} leaves no room for text next to the special tokens (at least {})",
+                        tokenizer.min_length(false)
+                    ),
+                })
+            }
             Some(m) => m,
             None => default_max.unwrap_or(limit).min(limit),
         };

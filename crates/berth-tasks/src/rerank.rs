@@ -19,10 +19,13 @@ pub struct Ranked {
 /// config.json when set (Sigmoid or Identity), else sigmoid for one output.
 fn activation(p: &Pipeline) -> Result<ClassFunction> {
     let path = &p.model.config.path;
-    let text = std::fs::read_to_string(path).map_err(|e| TaskError::Config {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let text =
+        berth_text::limits::read_text(path, berth_text::limits::MAX_JSON_BYTES).map_err(|e| {
+            TaskError::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TaskError::Config {
         path: path.clone(),
         message: e.to_string(),

@@ -69,11 +69,14 @@ fn best_checkpoint(dir: &Path) -> Option<PathBuf> {
         .collect();
     steps.sort();
     let (_, newest) = steps.last()?.clone();
-    let best = std::fs::read_to_string(newest.join("trainer_state.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["best"][1].as_u64())
-        .and_then(|b| steps.iter().find(|(s, _)| *s == b).map(|(_, p)| p.clone()));
+    let best = berth_text::limits::read_text(
+        &newest.join("trainer_state.json"),
+        berth_text::limits::MAX_JSON_BYTES,
+    )
+    .ok()
+    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    .and_then(|v| v["best"][1].as_u64())
+    .and_then(|b| steps.iter().find(|(s, _)| *s == b).map(|(_, p)| p.clone()));
     Some(best.unwrap_or(newest))
 }
 
@@ -86,10 +89,13 @@ pub fn model_dir(model: Option<&str>) -> Result<PathBuf> {
     let as_path = Path::new(name);
     if as_path.is_dir() {
         // A run directory: checkpoints/ beside a run config ({"loop", "task"}), not a model.
-        let run_config = std::fs::read_to_string(as_path.join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_none_or(|v| v.get("loop").is_some());
+        let run_config = berth_text::limits::read_text(
+            &as_path.join("config.json"),
+            berth_text::limits::MAX_JSON_BYTES,
+        )
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_none_or(|v| v.get("loop").is_some());
         if run_config && as_path.join("checkpoints").is_dir() {
             if let Some(best) = best_checkpoint(as_path) {
                 eprintln!(

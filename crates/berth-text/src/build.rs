@@ -31,9 +31,11 @@ pub(crate) fn read_config(dir: &Path) -> Result<TokenizerConfig> {
     if !path.is_file() {
         return Ok(TokenizerConfig::default());
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| TextError::Io {
-        path: path.clone(),
-        source,
+    let text = crate::limits::read_text(&path, crate::limits::MAX_JSON_BYTES).map_err(|e| {
+        TextError::Io {
+            path: path.clone(),
+            error: e.into(),
+        }
     })?;
     serde_json::from_str(&text).map_err(|e| TextError::Invalid {
         path,

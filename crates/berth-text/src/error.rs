@@ -5,12 +5,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A tokenizer file is malformed.
     #[error("{path}: invalid tokenizer: {message}")]
@@ -20,6 +20,17 @@ pub enum TextError {
         /// What is wrong.
         message: String,
     },
+    /// A corpus file or folder is missing, empty or unreadable.
+    #[error("{path}: {message}")]
+    Corpus {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Training options that cannot work.
+    #[error("{0}")]
+    Options(String),
     /// No tokenizer file in the model directory.
     #[error("{dir}: no tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt)")]
     NoTokenizer {

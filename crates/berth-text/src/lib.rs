@@ -7,6 +7,7 @@
 
 mod build;
 mod error;
+pub mod limits;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -55,7 +56,8 @@ pub struct Encoded {
     pub special: Vec<bool>,
     /// Whether tokens were dropped to fit the limit.
     pub truncated: bool,
-    /// Token count before truncation.
+    /// Token count before truncation (for a text cut before tokenizing, see
+    /// [`TextTokenizer::encode`], the count of the part tokenized: a lower bound).
     pub full_len: usize,
 }
 
@@ -77,12 +79,8 @@ impl TextTokenizer {
     /// from `vocab.txt` (+ `tokenizer_config.json` casing) or `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
-        let (mut inner, source) = if json.is_file() {
-            let t = tokenizers::Tokenizer::from_file(&json).map_err(|e| TextError::Invalid {
-                path: json.clone(),
-                message: e.to_string(),
-            })?;
-            (t, json)
+        let (mut inner, source) = if json.exists() {
+            (from_json_file(&json)?, json)
         } else if dir.join("vocab.txt").is_file() {
             (build::wordpiece(dir)?, dir.join("vocab.txt"))
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
@@ -122,6 +120,32 @@ impl TextTokenizer {
             clean_up_spaces,
             words,
         })
+    }
+
+    /// The shortest token limit that leaves room for one token of each text next to the
+    /// special tokens the post-processor adds (BERT: 3 for one text, 5 for a pair).
+    pub fn min_length(&self, pair: bool) -> usize {
+        use tokenizers::PostProcessor;
+        let specials = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(pair));
+        specials + if pair { 2 } else { 1 }
+    }
+
+    /// Refuses a limit with no room for text (the tokenizers crate's truncation underflows
+    /// on one).
+    fn check_room(&self, max_len: usize, pair: bool, index: usize) -> Result<()> {
+        let least = self.min_length(pair);
+        if max_len < least {
+            return Err(TextError::Tokenize {
+                index,
+                message: format!(
+                    "a limit of {max_len} tokens leaves no room for text (at least {least})"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The subword model.
@@ -199,7 +223,8 @@ impl TextTokenizer {
         index: usize,
     ) -> Result<Encoded> {
         check_not_empty(text, pair, index)?;
-        let enc = self.encode_raw(text, pair, None, index)?;
+        self.check_room(max_len, pair.is_some(), index)?;
+        let (text, pair, enc) = self.encode_prefix(text, pair, max_len, index)?;
         let full_len = enc.len();
         if full_len <= max_len {
             return Ok(Encoded::from_encoding(&enc, full_len));
@@ -235,6 +260,7 @@ impl TextTokenizer {
         index: usize,
     ) -> Result<Vec<Encoded>> {
         check_not_empty(text, pair, index)?;
+        self.check_room(max_len, pair.is_some(), index)?;
         let whole = self.encode_raw(text, pair, None, index)?;
         let full_len = whole.len();
         if full_len <= max_len {
@@ -286,6 +312,41 @@ impl TextTokenizer {
         Ok(out)
     }
 
+    /// Encodes `text` (and `pair`) whole when they are short, else prefixes of them long
+    /// enough to fill `max_len` tokens: a 20 MB line is cut before the tokenizer sees it
+    /// (which holds ~180 bytes per input byte), not after. Texts are cut before a
+    /// whitespace, so the prefix's words are the text's first words; the prefix grows until
+    /// each cut text gives at least `max_len` tokens, up to [`MAX_PREFIX_BYTES`]. Returns the
+    /// (possibly cut) texts and their encoding, whose length is then a lower bound of the
+    /// whole texts' token count.
+    fn encode_prefix<'t>(
+        &self,
+        text: &'t str,
+        pair: Option<&'t str>,
+        max_len: usize,
+        index: usize,
+    ) -> Result<(&'t str, Option<&'t str>, tokenizers::Encoding)> {
+        let mut budget = max_len.saturating_mul(64).max(16 << 10);
+        loop {
+            let (t, p) = (prefix(text, budget), pair.map(|p| prefix(p, budget)));
+            let enc = self.encode_raw(t, p, None, index)?;
+            let cut = [(t, Some(text), 0), (p.unwrap_or(""), pair, 1)]
+                .into_iter()
+                .filter(|(part, whole, _)| whole.is_some_and(|w| part.len() < w.len()));
+            let enough = cut.clone().all(|(_, _, seq)| {
+                enc.get_sequence_ids()
+                    .iter()
+                    .filter(|&&s| s == Some(seq))
+                    .count()
+                    >= max_len
+            });
+            if cut.count() == 0 || enough || budget >= MAX_PREFIX_BYTES {
+                return Ok((t, p, enc));
+            }
+            budget = budget.saturating_mul(4).min(MAX_PREFIX_BYTES);
+        }
+    }
+
     fn encode_raw(
         &self,
         text: &str,
@@ -305,11 +366,16 @@ impl TextTokenizer {
                 std::borrow::Cow::Owned(t)
             }
         };
-        // Character offsets, as transformers' fast tokenizers report them.
-        match pair {
+        // Character offsets, as transformers' fast tokenizers report them. A tokenizer file
+        // can still hold a combination the tokenizers crate panics on: an error, not a crash.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match pair {
             None => t.encode_char_offsets(text, true),
             Some(p) => t.encode_char_offsets((text, p), true),
-        }
+        }))
+        .map_err(|_| TextError::Tokenize {
+            index,
+            message: format!("the tokenizers library failed on {}", self.source.display()),
+        })?
         .map_err(fail)
     }
 
@@ -362,6 +428,70 @@ impl TextTokenizer {
         } else {
             text
         })
+    }
+}
+
+/// A tokenizer from `tokenizer.json`: read as a regular file under the size limit, parsed
+/// as JSON first (the tokenizers crate panics on some syntax errors inside nested parts such
+/// as the decoder), and built with any remaining panic turned into an error.
+fn from_json_file(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let invalid = |message: String| TextError::Invalid {
+        path: path.into(),
+        message,
+    };
+    let text = limits::read_text(path, limits::MAX_JSON_BYTES).map_err(|e| TextError::Io {
+        path: path.into(),
+        error: e.into(),
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    check_templates(&value["post_processor"]).map_err(invalid)?;
+    std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+        .map_err(|_| invalid("the tokenizers library could not read it".into()))?
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// A template post-processor must define every special token its templates use (the
+/// tokenizers crate indexes its map without checking, and panics on the first encode).
+fn check_templates(p: &serde_json::Value) -> std::result::Result<(), String> {
+    if let Some(list) = p["processors"].as_array() {
+        return list.iter().try_for_each(check_templates);
+    }
+    if p["type"] != "TemplateProcessing" {
+        return Ok(());
+    }
+    for template in ["single", "pair"] {
+        for piece in p[template].as_array().into_iter().flatten() {
+            if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                if p["special_tokens"].get(id).is_none() {
+                    return Err(format!(
+                        "post_processor: the {template} template uses {id:?}, which its special_tokens do not define"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The most bytes of one text [`TextTokenizer::encode`] tokenizes to find its first
+/// `max_len` tokens (more only for texts of very long unknown words, which encode to one
+/// unknown token per word either way).
+pub const MAX_PREFIX_BYTES: usize = 4 << 20;
+
+/// `text` cut to at most `budget` bytes, before a whitespace when one is in the second
+/// half of the prefix (so no word is split), else at a character boundary.
+fn prefix(text: &str, budget: usize) -> &str {
+    if text.len() <= budget {
+        return text;
+    }
+    let mut end = budget;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(char::is_whitespace) {
+        Some(ws) if ws >= end / 2 => &text[..ws],
+        _ => &text[..end],
     }
 }
 
@@ -465,4 +595,64 @@ pub fn clean_up_tokenization(text: &str) -> String {
     RULES
         .iter()
         .fold(text.to_string(), |s, (from, to)| s.replace(from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer(name: &str) -> TextTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/tiny")
+            .join(name);
+        TextTokenizer::from_dir(&dir).unwrap()
+    }
+
+    /// Cutting long texts before tokenizing gives exactly what truncating the whole
+    /// encoding gives: WordPiece and byte-level BPE, single texts and pairs, texts just over
+    /// the cut and far over it, with and without whitespace near the cut.
+    #[test]
+    fn long_texts_cut_before_tokenizing_truncate_as_the_whole_text_does() {
+        let words = [
+            "alpha",
+            "beta,",
+            "gamma's",
+            "déjà",
+            "vu",
+            "x",
+            "longerwordhere",
+            "🙂",
+        ];
+        let long: String = (0..40_000)
+            .map(|i| words[(i * 7) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ");
+        let dense: String = "ab".repeat(30_000);
+        for name in ["bert-base", "roberta-base"] {
+            let tok = tokenizer(name);
+            for (text, pair, max_len) in [
+                (long.as_str(), None, 128),
+                (long.as_str(), None, 512),
+                (&long[..20_000], None, 500),
+                (long.as_str(), Some("a short question"), 128),
+                ("a short question", Some(long.as_str()), 384),
+                (long.as_str(), Some(long.as_str()), 256),
+                (dense.as_str(), None, 64),
+            ] {
+                let got = tok
+                    .encode(text, pair, max_len, Truncation::Truncate, 0)
+                    .unwrap();
+                let params = tokenizers::TruncationParams {
+                    max_length: max_len,
+                    ..Default::default()
+                };
+                let want = tok.encode_raw(text, pair, Some(params), 0).unwrap();
+                assert_eq!(got.ids, want.get_ids(), "{name} {max_len} {}", text.len());
+                assert_eq!(got.offsets.len(), want.get_offsets().len());
+                let whole = tok.encode_raw(text, pair, None, 0).unwrap().len();
+                assert_eq!(got.truncated, whole > max_len, "{name} {max_len}");
+                assert!(got.full_len <= whole);
+            }
+        }
+    }
 }

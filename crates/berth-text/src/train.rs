@@ -76,7 +76,7 @@ pub struct TrainedVocab {
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TextError + '_ {
     move |source| TextError::Io {
         path: path.into(),
-        source,
+        error: source,
     }
 }
 
@@ -104,7 +104,14 @@ pub fn corpus_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         } else {
             return Err(TextError::Io {
                 path: p.into(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    if p.exists() {
+                        "not a file or folder (a device or pipe?)"
+                    } else {
+                        "no such file or folder"
+                    },
+                ),
             });
         }
         Ok(())
@@ -114,7 +121,13 @@ pub fn corpus_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         walk(i, &mut out)?;
     }
     if out.is_empty() {
-        return Err(invalid(Path::new("(inputs)"), "no corpus files given"));
+        let named: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+        return Err(TextError::Corpus {
+            path: named.join(", ").into(),
+            message:
+                "no corpus files there (a folder from `berth data prepare` has a manifest.json)"
+                    .into(),
+        });
     }
     Ok(out)
 }
@@ -173,18 +186,34 @@ impl Iterator for Lines<'_> {
             }
             let (path, reader, line) = self.current.as_mut().expect("opened above");
             let mut buf = Vec::new();
-            match reader.read_until(b'\n', &mut buf) {
+            match reader
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut buf)
+            {
                 Ok(0) => self.current = None,
+                Ok(n) if n > MAX_LINE_BYTES => {
+                    *self.error.lock().expect("not poisoned") = Some(TextError::Corpus {
+                        path: path.clone(),
+                        message: format!(
+                            "line {}: longer than {} MiB",
+                            *line + 1,
+                            MAX_LINE_BYTES >> 20
+                        ),
+                    });
+                    return None;
+                }
                 Ok(_) => {
                     *line += 1;
                     match String::from_utf8(buf) {
                         Ok(s) => {
                             *self.count.lock().expect("not poisoned") += 1;
-                            return Some(s);
+                            return Some(without_long_words(s));
                         }
                         Err(_) => {
-                            *self.error.lock().expect("not poisoned") =
-                                Some(invalid(path, format!("line {line}: invalid UTF-8")));
+                            *self.error.lock().expect("not poisoned") = Some(TextError::Corpus {
+                                path: path.clone(),
+                                message: format!("line {line}: invalid UTF-8"),
+                            });
                             return None;
                         }
                     }
@@ -197,6 +226,34 @@ impl Iterator for Lines<'_> {
             }
         }
     }
+}
+
+/// Largest vocabulary trained (published multilingual vocabularies have ~250,000 tokens).
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
+
+/// Longest line read from a corpus (an endless file without newlines ends here).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Words (whitespace-separated) longer than this many characters are left out of vocabulary
+/// training: WordPiece encodes them as one unknown token anyway (its
+/// `max_input_chars_per_word` is 100), and the merge trainers' time grows with the square of
+/// a word's length (one 5 MB word took minutes).
+pub const MAX_WORD_CHARS: usize = 100;
+
+/// `line` without its words longer than [`MAX_WORD_CHARS`] (unchanged when it has none).
+fn without_long_words(line: String) -> String {
+    if line.len() <= MAX_WORD_CHARS
+        || !line
+            .split_whitespace()
+            .any(|w| w.chars().nth(MAX_WORD_CHARS).is_some())
+    {
+        return line;
+    }
+    line.split_whitespace()
+        .filter(|w| w.chars().nth(MAX_WORD_CHARS).is_none())
+        .collect::<Vec<_>>()
+        .join(" ")
+        + "\n"
 }
 
 /// The special tokens of a kind, in id order (they take ids 0, 1, ...).
@@ -229,6 +286,12 @@ pub fn train_vocabulary(
 ) -> Result<TrainedVocab> {
     let files = corpus_files(inputs)?;
     let special = specials(opts.kind);
+    if opts.vocab_size > MAX_VOCAB_SIZE {
+        return Err(TextError::Options(format!(
+            "--vocab-size {} is more than the {MAX_VOCAB_SIZE} this trainer builds",
+            opts.vocab_size
+        )));
+    }
     if opts.vocab_size <= special.len() {
         return Err(invalid(
             out,

@@ -71,10 +71,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(TrainError::Io {
             path: path.into(),
-            source: e,
+            error: e,
         });
     }
-    std::fs::rename(&tmp, path).map_err(io(path))
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 /// The model's parameters under their Hugging Face names (fused weights split back).
@@ -223,6 +227,17 @@ pub fn save(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let root = run.join("checkpoints");
+    // A diverged network is never written: its checkpoint would load and predict garbage.
+    for p in nets.params() {
+        let v = p.view(p.var.as_tensor())?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+            return Err(TrainError::Config(format!(
+                "step {}: parameter {} holds {x} — the run diverged (lower --lr or raise \
+                 --warmup); no checkpoint was written for this step",
+                state.step, p.name
+            )));
+        }
+    }
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let name = format!("step-{}", state.step);
     let tmp = root.join(format!(".{name}.tmp"));
@@ -253,7 +268,9 @@ pub fn save(
             serde_json::to_string_pretty(state).expect("state serialises"),
         )
         .map_err(io(&st))?;
-        Ok(())
+        // On disk before the rename makes the checkpoint visible (power loss, not only a
+        // killed process, must leave either the old state or the whole new one).
+        sync_tree(&tmp)
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp); // leave nothing half-written behind
@@ -263,7 +280,30 @@ pub fn save(
         std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
     }
     std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    sync_dir(&root)?;
     Ok(dst)
+}
+
+/// fsyncs every file under `dir`, then the directories themselves.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = e.map_err(io(dir))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, so the names created or renamed in it survive a power loss.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))
 }
 
 /// Checkpoints under `run`, oldest first, as (step, path).
@@ -321,4 +361,81 @@ pub fn read_state(ckpt: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)
         }
     })?;
     Ok((state, tensors))
+}
+
+/// Exclusive ownership of a run directory while a run writes into it: `.berth.lock` holds the
+/// owner's pid under an advisory `flock`, so a second run started into the same `--output`
+/// is refused instead of interleaving its checkpoints and metrics. The kernel drops the lock
+/// when the owner exits (even when killed), so a stale file never blocks a later run; a run
+/// that ends removes the file (and the directory, if it created it and left it empty).
+pub struct RunLock {
+    file: std::fs::File,
+    path: PathBuf,
+    created_dir: Option<PathBuf>,
+}
+
+impl RunLock {
+    /// Name of the lock file inside the run directory.
+    pub const FILE: &'static str = ".berth.lock";
+
+    /// Locks `run` (created if missing), or says which process holds it.
+    pub fn acquire(run: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        let created_dir = (!run.exists()).then(|| run.to_path_buf());
+        std::fs::create_dir_all(run).map_err(io(run))?;
+        let path = run.join(Self::FILE);
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io(&path))?;
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let mut owner = String::new();
+                let _ = file.read_to_string(&mut owner);
+                return Err(TrainError::Checkpoint {
+                    path: run.into(),
+                    message: format!(
+                        "another berth run (pid {}) is writing here; wait for it or choose another --output",
+                        owner.trim()
+                    ),
+                });
+            }
+            // The previous owner may have removed the file between our open and our lock:
+            // then we hold a lock on a name that no longer exists, and try again.
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let written = file
+                .set_len(0)
+                .and_then(|_| file.rewind())
+                .and_then(|_| writeln!(file, "{}", std::process::id()));
+            written.map_err(io(&path))?;
+            return Ok(RunLock {
+                file,
+                path,
+                created_dir,
+            });
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so no other run can have locked this file meanwhile.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = &self.file;
+        if let Some(dir) = &self.created_dir {
+            let _ = std::fs::remove_dir(dir); // only if the run left it empty
+        }
+    }
 }

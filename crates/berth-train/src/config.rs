@@ -91,4 +91,44 @@ impl LoopConfig {
             dump_order: None,
         }
     }
+
+    /// Refuses settings no run can use, naming the flag: counts of zero, and learning rate,
+    /// warmup, weight decay, clipping or AdamW constants that are negative or not finite
+    /// (NaN would train silently into an all-NaN checkpoint).
+    pub fn check(&self) -> crate::error::Result<()> {
+        let bad = |m: String| Err(crate::error::TrainError::Config(m));
+        for (flag, v) in [
+            ("--batch-size", self.batch_size as u64),
+            ("--grad-accum", self.grad_accum as u64),
+            ("--epochs", self.epochs as u64),
+            ("--log-every", self.log_every),
+            ("--max-steps", self.max_steps.unwrap_or(1)),
+            ("--save-every", self.save_every.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                return bad(format!("{flag} must be at least 1"));
+            }
+        }
+        let finite = |flag: &str, v: f64, lo: f64, hi: f64| -> crate::error::Result<()> {
+            if v.is_finite() && v >= lo && v <= hi {
+                Ok(())
+            } else {
+                bad(format!("{flag} {v} is outside [{lo}, {hi}]"))
+            }
+        };
+        finite("--lr", self.lr, 0.0, 10.0)?;
+        finite("--warmup", self.warmup_ratio, 0.0, 1.0)?;
+        finite("--weight-decay", self.adamw.weight_decay, 0.0, 10.0)?;
+        finite("AdamW beta1", self.adamw.beta1, 0.0, 0.999_999)?;
+        finite("AdamW beta2", self.adamw.beta2, 0.0, 0.999_999_999)?;
+        finite("AdamW eps", self.adamw.eps, 0.0, 1.0)?;
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return bad(format!(
+                    "--max-grad-norm {n} must be a positive number (0 turns clipping off)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }

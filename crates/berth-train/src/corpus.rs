@@ -191,6 +191,59 @@ pub fn tokenizer_fingerprint(tok: &TextTokenizer) -> String {
     format!("{h:016x}")
 }
 
+/// Largest sampling weight of a corpus (each unit writes its training sequences once more).
+pub const MAX_WEIGHT: f64 = 1000.0;
+
+/// Refuses a preparation whose shards would not fit on the output's file system: about four
+/// bytes per token and a token per three to four bytes of text make the shards roughly the
+/// size of the text (gzip inputs: three times their size), times each corpus's weight.
+fn check_disk_space(inputs: &[CorpusInput], out: &Path) -> Result<()> {
+    let mut estimate = 0f64;
+    for input in inputs {
+        let files = berth_text::train::corpus_files(std::slice::from_ref(&input.path))?;
+        for f in files {
+            let mut magic = [0u8; 2];
+            let gz = std::fs::File::open(&f)
+                .and_then(|mut h| std::io::Read::read_exact(&mut h, &mut magic))
+                .is_ok()
+                && magic == [0x1f, 0x8b];
+            let len = std::fs::metadata(&f).map_or(0, |m| m.len()) as f64;
+            estimate += len * if gz { 3.0 } else { 1.0 } * input.weight.ceil();
+        }
+    }
+    let mut probe = out;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p,
+            _ => {
+                probe = Path::new(".");
+                break;
+            }
+        }
+    }
+    if let Some(free) = free_bytes(probe) {
+        if estimate > free as f64 {
+            return Err(TrainError::Config(format!(
+                "{}: the shards would take ~{:.1} GiB (text size x weight) but only {:.1} GiB are free",
+                out.display(),
+                estimate / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged process can still write on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed out-parameter of the right type.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// One input of [`prepare`]: a file or folder and its sampling weight.
 #[derive(Debug, Clone)]
 pub struct CorpusInput {
@@ -489,14 +542,21 @@ pub fn prepare(
     }
     if let Some(bad) = inputs
         .iter()
-        .find(|c| !(c.weight > 0.0 && c.weight.is_finite()))
+        .find(|c| !(c.weight > 0.0 && c.weight <= MAX_WEIGHT))
     {
         return Err(TrainError::Config(format!(
-            "{}: weight {} must be positive",
+            "{}: weight {} must be in (0, {MAX_WEIGHT}]",
             bad.path.display(),
             bad.weight
         )));
     }
+    if opts.shard_tokens < opts.max_length {
+        return Err(TrainError::Config(format!(
+            "--shard-tokens {} must hold at least one sequence of --max-length {}",
+            opts.shard_tokens, opts.max_length
+        )));
+    }
+    check_disk_space(inputs, out)?;
     if out.join("manifest.json").exists() {
         return Err(TrainError::Config(format!(
             "{} already holds prepared data: choose a new --output",
@@ -505,7 +565,7 @@ pub fn prepare(
     }
     std::fs::create_dir_all(out).map_err(|e| TrainError::Io {
         path: out.into(),
-        source: e,
+        error: e,
     })?;
     let (start, end, _) = specials(tok)?;
     let mut train = ShardWriter::new(out, "train", opts.shard_tokens, opts.seed);

@@ -74,15 +74,22 @@ fn data_err(path: &Path, line: usize, message: impl Into<String>) -> TrainError 
     }
 }
 
-fn read_utf8(path: &Path) -> Result<String> {
+/// A data file as text: a regular file or a pipe (never a device or directory), valid
+/// UTF-8, without the byte-order mark some editors put first (MRPC's files have one).
+pub(crate) fn read_utf8(path: &Path) -> Result<String> {
+    berth_text::limits::readable_stream(path).map_err(|e| data_err(path, 0, e.to_string()))?;
     let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
-    String::from_utf8(bytes).map_err(|e| {
+    let mut text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
         data_err(path, line, "invalid UTF-8")
-    })
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }
 
 /// Splits CSV text into records of fields (RFC 4180: quoted fields may hold commas, quotes

@@ -17,7 +17,7 @@ pub enum TrainError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A data file is unreadable or malformed.
-    #[error("{path}:{line}: {message}")]
+    #[error("{}{}: {message}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     Data {
         /// The file.
         path: PathBuf,
@@ -38,12 +38,12 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
     /// A file-system operation failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -54,6 +54,6 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.into(),
-        source,
+        error: source,
     }
 }

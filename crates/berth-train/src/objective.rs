@@ -45,6 +45,33 @@ impl DataConfig {
     }
 }
 
+impl DataConfig {
+    /// Refuses a dev fraction that is not a share strictly between 0 and 1 (when the dev
+    /// set is split off the training data).
+    pub fn check(&self) -> Result<()> {
+        let f = self.dev_fraction;
+        if self.dev.is_none() && !(f > 0.0 && f < 1.0) {
+            return Err(TrainError::Config(format!(
+                "the held-out share {f} (--dev-fraction; pretrain: --val-fraction) must be between 0 and 1 (exclusive), or pass --dev FILE"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a token limit that leaves no room for a pair of texts next to the special
+/// tokens of the tokenizer in `dir`.
+pub fn check_min_length(max_length: usize, dir: &Path) -> Result<()> {
+    let least = TextTokenizer::from_dir(dir)?.min_length(true);
+    if max_length < least {
+        return Err(TrainError::Config(format!(
+            "--max-length {max_length} leaves no room for text next to the special tokens of {} (at least {least})",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a token limit beyond the model's position table (`dir` names the model).
 pub fn check_max_length(max_length: usize, model: &Model, dir: &Path) -> Result<()> {
     let limit = model.config.max_sequence_length();

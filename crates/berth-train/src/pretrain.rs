@@ -318,6 +318,7 @@ pub fn read_sequences(
                 .flat_map(|s| (0..s.len()).map(move |i| single(s.sequence(i))))
                 .collect(),
         };
+        let dev = non_empty_dev(dev, data)?;
         return Ok((Sequences::Shards(crate::shards::Shards::new(c.train)), dev));
     }
     let (all, held_out) = read(&data.train)?;
@@ -337,7 +338,23 @@ pub fn read_sequences(
         ),
         None => (train, dev),
     };
+    let dev = non_empty_dev(dev, data)?;
     Ok((Sequences::Memory(train), dev))
+}
+
+/// An empty held-out split would report loss 0 and perplexity 1: refuse it, naming where
+/// the held-out data came from.
+fn non_empty_dev(dev: Vec<PretrainSequence>, data: &DataConfig) -> Result<Vec<PretrainSequence>> {
+    if !dev.is_empty() {
+        return Ok(dev);
+    }
+    Err(TrainError::Data {
+        path: data.dev.clone().unwrap_or_else(|| data.train.clone()),
+        line: 0,
+        message: "the held-out split has no sequences: pass --dev FILE or raise --val-fraction \
+                  (a prepared folder: prepare it with a larger --val-fraction)"
+            .into(),
+    })
 }
 
 #[cfg(test)]

@@ -24,15 +24,16 @@ impl Shard {
             line: 0,
             message,
         };
+        berth_text::limits::regular_file(path, u64::MAX).map_err(|e| bad(e.to_string()))?;
         let file = std::fs::File::open(path).map_err(|e| TrainError::Io {
             path: path.into(),
-            source: e,
+            error: e,
         })?;
         // SAFETY: the map is read-only; a shard modified while it is mapped would change
         // what is read (shards are written once, to a temporary name, and never rewritten).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TrainError::Io {
             path: path.into(),
-            source: e,
+            error: e,
         })?;
         if map.len() < HEADER || &map[..8] != MAGIC {
             return Err(bad(
@@ -77,6 +78,37 @@ impl Shard {
             prev = o;
         }
         Ok(shard)
+    }
+
+    /// Checks what the header cannot: every sequence at most `max_length` tokens and every
+    /// token id inside a vocabulary of `vocab` (a shard from another tokenizer, or one
+    /// corrupted in a way that kept its checksum, would otherwise index past the
+    /// embeddings).
+    fn check_contents(&self, max_length: usize, vocab: usize) -> Result<()> {
+        let bad = |message: String| TrainError::Data {
+            path: self.path.clone(),
+            line: 0,
+            message,
+        };
+        for i in 0..self.sequences {
+            let len = self.offset(i + 1) - self.offset(i);
+            if len > max_length {
+                return Err(bad(format!(
+                    "sequence {i} has {len} tokens, more than the manifest's max_length {max_length}"
+                )));
+            }
+        }
+        let tokens = &self.map[self.tokens_at..];
+        if let Some(c) = tokens
+            .chunks_exact(4)
+            .find(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & ID_MASK) as usize >= vocab)
+        {
+            return Err(bad(format!(
+                "token id {} is outside the vocabulary of {vocab}",
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & ID_MASK
+            )));
+        }
+        Ok(())
     }
 
     fn offset(&self, i: usize) -> usize {
@@ -173,10 +205,13 @@ pub fn is_prepared(dir: &Path) -> bool {
 /// Opens a prepared folder for a run with `tok` and sequences of at most `max_length`.
 pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Result<PreparedCorpus> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io {
-        path: path.clone(),
-        source: e,
-    })?;
+    let text =
+        berth_text::limits::read_text(&path, berth_text::limits::MAX_JSON_BYTES).map_err(|e| {
+            TrainError::Io {
+                path: path.clone(),
+                error: e.into(),
+            }
+        })?;
     let manifest: Manifest = serde_json::from_str(&text).map_err(|e| TrainError::Data {
         path: path.clone(),
         line: 0,
@@ -210,21 +245,47 @@ pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Resu
             manifest.max_length
         )));
     }
+    // Shard names are plain file names inside the folder, each listed once.
+    let mut seen = std::collections::HashSet::new();
+    for s in manifest.train.iter().chain(&manifest.val) {
+        let plain = Path::new(&s.file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if s.file.is_empty() || !plain {
+            return Err(bad(format!(
+                "shard {:?} is outside the data folder",
+                s.file
+            )));
+        }
+        if !seen.insert(s.file.as_str()) {
+            return Err(bad(format!("shard {:?} is listed twice", s.file)));
+        }
+    }
     let open = |list: &[ShardInfo]| -> Result<Vec<Shard>> {
         list.iter()
             .map(|s| {
                 let shard = Shard::open(&dir.join(&s.file))?;
-                if shard.len() != s.sequences {
+                let tokens = shard.offset(shard.len());
+                let crc = u32::from_le_bytes(shard.map[32..36].try_into().expect("4 bytes"));
+                let mismatch = if shard.len() != s.sequences {
+                    Some(format!("{} sequences", shard.len()))
+                } else if tokens != s.tokens {
+                    Some(format!("{tokens} tokens"))
+                } else if crc != s.crc32 {
+                    Some(format!("checksum {crc:#010x}"))
+                } else {
+                    None
+                };
+                if let Some(m) = mismatch {
                     return Err(TrainError::Data {
                         path: dir.join(&s.file),
                         line: 0,
                         message: format!(
-                            "{} sequences, the manifest says {}",
-                            shard.len(),
-                            s.sequences
+                            "{m}, not what the manifest says (another shard's manifest?)"
                         ),
                     });
                 }
+                shard.check_contents(manifest.max_length, manifest.vocab_size)?;
                 Ok(shard)
             })
             .collect()

@@ -87,6 +87,92 @@ pub struct Plan {
     pub resumed_at: u64,
     /// The metric that picks the best checkpoint.
     pub main_metric: &'static str,
+    /// Settings a resumed run changed that do not move the data position (learning rate,
+    /// schedule, length, ...), as `name: old -> new`; the caller should show them.
+    pub resume_changes: Vec<String>,
+}
+
+/// Settings of the run's config.json a resumed run may not change: the data order and the
+/// position in it depend on them (the task half — data files, columns, max length — and
+/// the batch shape and seed). `output` and `model` are where, not what (the weights come
+/// from the checkpoint).
+fn fixed_on_resume(key: &str) -> bool {
+    key.starts_with("task.")
+        || [
+            "loop.batch_size",
+            "loop.grad_accum",
+            "loop.seed",
+            "loop.dropout",
+        ]
+        .contains(&key)
+}
+
+/// Compares a resumed run's settings with the config.json its first start wrote: refuses
+/// changes that move the data position, returns the others as `key: old -> new`.
+fn compare_with_saved(cfg: &RunConfig) -> Result<Vec<String>> {
+    let path = cfg.run.output.join("config.json");
+    let Ok(text) = berth_text::limits::read_text(&path, berth_text::limits::MAX_JSON_BYTES) else {
+        return Ok(Vec::new()); // a run from before config.json was written
+    };
+    let saved: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: path.clone(),
+            message: format!("not a run config: {e}"),
+        })?;
+    let now = serde_json::to_value(cfg).expect("config serialises");
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    flatten("", &saved, &mut old);
+    flatten("", &now, &mut new);
+    let old: std::collections::BTreeMap<_, _> = old.into_iter().collect();
+    let new: std::collections::BTreeMap<_, _> = new.into_iter().collect();
+    let same_file = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_str(), b.as_str()) {
+        (Some(a), Some(b)) => std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|x| std::fs::canonicalize(b).ok() == Some(x)),
+        _ => false,
+    };
+    let (mut refused, mut changed) = (Vec::new(), Vec::new());
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for key in keys {
+        let null = serde_json::Value::Null;
+        let (a, b) = (old.get(key).unwrap_or(&null), new.get(key).unwrap_or(&null));
+        if a == b || same_file(a, b) || ["loop.output", "loop.model"].contains(&key.as_str()) {
+            continue;
+        }
+        let line = format!("{key}: {a} -> {b}");
+        if fixed_on_resume(key) {
+            refused.push(line);
+        } else {
+            changed.push(line);
+        }
+    }
+    if !refused.is_empty() {
+        return Err(TrainError::Checkpoint {
+            path: path.clone(),
+            message: format!(
+                "--resume with settings that move the data position: {} (resume with the first start's settings, or start again with --overwrite)",
+                refused.join("; ")
+            ),
+        });
+    }
+    Ok(changed)
+}
+
+/// `value`'s leaves under dotted keys.
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+    match value {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.clone())),
+    }
 }
 
 /// Writes `cfg` as the run's config.json, atomically (a full disk must not leave a
@@ -110,14 +196,12 @@ pub fn train(
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<PathBuf> {
     let lc = &cfg.run;
-    if lc.batch_size == 0 || lc.grad_accum == 0 || lc.epochs == 0 {
-        return Err(TrainError::Config(
-            "batch size, gradient accumulation and epochs must be at least 1".into(),
-        ));
-    }
+    lc.check()?;
+    cfg.task.data.check()?;
     let writer = collective.is_writer();
 
-    // Data.
+    // Data (a token limit with no room for text is refused before anything is encoded).
+    crate::objective::check_min_length(objective.max_length(), &lc.model)?;
     let env = Env::new(&lc.model, lc.seed);
     let summary = objective.prepare(&env)?;
 
@@ -142,7 +226,9 @@ pub fn train(
         best: None,
         evals_without_improvement: 0,
     };
+    let mut resume_changes = Vec::new();
     if let Some((_, dir)) = &latest {
+        resume_changes = compare_with_saved(cfg)?;
         let (saved, tensors) = checkpoint::read_state(dir)?;
         if saved.seed != lc.seed {
             return Err(TrainError::Checkpoint {
@@ -163,6 +249,13 @@ pub fn train(
     let warmup = lc
         .warmup_steps
         .unwrap_or((lc.warmup_ratio * total as f64).ceil() as u64);
+    if state.step > total {
+        return Err(TrainError::Config(format!(
+            "{}: the checkpoint is at step {}, past this run's {total} steps (--epochs / --max-steps)",
+            lc.output.display(),
+            state.step
+        )));
+    }
     let schedule = Schedule {
         kind: lc.schedule,
         base_lr: lc.lr,
@@ -183,6 +276,7 @@ pub fn train(
         skipped_rows: summary.skipped,
         resumed_at: state.step,
         main_metric: objective.main_metric(),
+        resume_changes,
     });
 
     // The run's files appear only once data and networks are ready: a start that fails
@@ -215,7 +309,13 @@ pub fn train(
         on_event(e);
         Ok(())
     };
-    let mut best_dir = latest.as_ref().map(|(_, d)| d.clone());
+    // A resumed run's best so far is the checkpoint its state names (rotation keeps it),
+    // not necessarily the newest one.
+    let mut best_dir = state
+        .best
+        .map(|(_, step)| lc.output.join("checkpoints").join(format!("step-{step}")))
+        .filter(|d| d.is_dir())
+        .or_else(|| latest.as_ref().map(|(_, d)| d.clone()));
     let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
         (0.0f64, 0usize, 0usize, Instant::now());
 
@@ -251,7 +351,11 @@ pub fn train(
                 let mine = collective.shard(global);
                 let out = objective.loss(&nets, mine, batch_seed, dropout.as_ref())?;
                 if let Some(loss) = out.loss {
-                    loss_acc += loss.to_scalar::<f32>()? as f64;
+                    let value = loss.to_scalar::<f32>()? as f64;
+                    if !value.is_finite() {
+                        return Err(diverged(state.step + 1, "training loss", value));
+                    }
+                    loss_acc += value;
                     loss_count += 1;
                     let mut scaled = (loss / lc.grad_accum as f64)?;
                     if collective.world_size() > 1 {
@@ -266,6 +370,10 @@ pub fn train(
             }
             opt.all_reduce(collective)?;
             let grad_norm = opt.clip(lc.max_grad_norm);
+            if !grad_norm.is_finite() {
+                // Before the update: the weights stay as the last finite step left them.
+                return Err(diverged(state.step + 1, "gradient norm", grad_norm));
+            }
             opt.step(lr)?;
             state.step += 1;
             state.batch_in_epoch = group_start + group.len();
@@ -340,6 +448,16 @@ pub fn train(
     }
     best_dir
         .ok_or_else(|| TrainError::Config("no step was run (the run had already finished?)".into()))
+}
+
+/// The error that stops a run whose loss or gradients stopped being finite. Stopping (not
+/// skipping the step, as loss-scaled mixed-precision trainers do) because berth trains in
+/// f32, where a non-finite value means the run diverged, not that a scale overflowed.
+fn diverged(step: u64, what: &str, value: f64) -> TrainError {
+    TrainError::Config(format!(
+        "step {step}: the {what} is {value} — the run diverged (lower --lr, raise --warmup or \
+         keep --max-grad-norm on); nothing was saved after the last finite step"
+    ))
 }
 
 /// Appends one epoch's training order to `path` (`{"epoch", "ids"}` per example).

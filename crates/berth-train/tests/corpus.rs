@@ -84,6 +84,14 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
         // memory-mapped shards (nothing decoded up front).
         let mut data = berth_train::objective::DataConfig::new(out.clone());
         data.max_length = 64;
+        // No held-out sequences (prepared with --val-fraction 0) and no --dev: refused,
+        // not evaluated as loss 0 / perplexity 1.
+        let e = read_sequences(&data, &tok, 42, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("held-out split has no sequences"), "{e}");
+        data.dev = Some(corpus.clone());
         let (run, _) = read_sequences(&data, &tok, 42, None).unwrap();
         let Sequences::Shards(shards) = &run else {
             panic!("{kind}: a prepared corpus should train from its shards");

@@ -115,3 +115,27 @@ pub fn weights(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// `berth data prepare` of `corpus` with `tokenizer` into `out` (sequences of 32 tokens,
+/// `val_fraction` held out).
+pub fn prepare(tokenizer: &str, corpus: &Path, out: &Path, val_fraction: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "data",
+            "prepare",
+            "--max-length",
+            "32",
+            "--tokenizer",
+            tokenizer,
+        ])
+        .args(["--val-fraction", val_fraction, "--output"])
+        .arg(out)
+        .arg(corpus)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -168,11 +168,20 @@ impl Classify {
                     }
                     Target::Labels(t)
                 } else if self.cfg.regression {
-                    Target::Value(e.label.parse().map_err(|_| TrainError::Data {
-                        path: path.into(),
-                        line: e.line,
-                        message: format!("regression label {:?} is not a number", e.label),
-                    })?)
+                    Target::Value(
+                        e.label
+                            .parse::<f32>()
+                            .ok()
+                            .filter(|v| v.is_finite())
+                            .ok_or_else(|| TrainError::Data {
+                                path: path.into(),
+                                line: e.line,
+                                message: format!(
+                                    "regression label {:?} is not a finite number",
+                                    e.label
+                                ),
+                            })?,
+                    )
                 } else {
                     Target::Class(labels.iter().position(|l| *l == e.label).map(|i| i as u32))
                 };
@@ -277,6 +286,24 @@ impl Objective for Classify {
         let s = split(&self.data, env.seed, |p| {
             data::read_text_examples(p, &cols, skip)
         })?;
+        // An empty cell is a missing label, not a class named "" (multi-label rows may
+        // have none: every target 0).
+        if !self.cfg.multi_label {
+            for (path, e) in s
+                .train
+                .iter()
+                .map(|e| (&self.data.train, e))
+                .chain(s.dev.iter().map(|e| (&s.dev_path, e)))
+            {
+                if e.label.trim().is_empty() {
+                    return Err(TrainError::Data {
+                        path: path.clone(),
+                        line: e.line,
+                        message: format!("empty {:?} cell", self.cfg.label_column),
+                    });
+                }
+            }
+        }
         if !self.cfg.regression {
             let labels = match self.labels.take() {
                 Some(l) => l,
