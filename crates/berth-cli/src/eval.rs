@@ -22,8 +22,12 @@ enum Task {
     /// BEIR qrels TSV gold (query-id, corpus-id, score) and a run TSV of the same columns:
     /// MRR@k and nDCG@k.
     Rerank,
-    /// Scores, one per line: Pearson and Spearman.
+    /// Scores, one per line (or a TSV's --label-column, e.g. STS-B's `score`; `berth
+    /// similarity --pair` output): Pearson and Spearman.
     Similarity,
+    /// A bi-encoder (--model) retrieving from a BEIR --corpus for --queries, scored against
+    /// --qrels: nDCG@10, MRR@10, Recall@100, MAP@100 (as pytrec_eval / BEIR), with timings.
+    Retrieval,
     /// With --model: a bi-encoder on (anchor, positive[, negative]) rows: MRR@10, nDCG@10,
     /// accuracy@1 of each anchor retrieving its positive among all the file's candidates.
     Embed,
@@ -39,10 +43,10 @@ pub struct EvalArgs {
     #[arg(long, value_enum)]
     task: Task,
     /// Gold file (with --predictions).
-    #[arg(long, required_unless_present = "model")]
+    #[arg(long, required_unless_present_any = ["model", "qrels"])]
     gold: Option<String>,
     /// A trained model to run on --data (instead of --gold / --predictions).
-    #[arg(long, requires = "data", conflicts_with_all = ["gold", "predictions"])]
+    #[arg(long, conflicts_with_all = ["gold", "predictions"])]
     model: Option<String>,
     /// Labelled data for --model, in `berth finetune`'s formats: CSV / TSV / JSON Lines
     /// (classify, embed, rerank), CoNLL (ner), SQuAD JSON (qa).
@@ -77,6 +81,11 @@ pub struct EvalArgs {
     /// ner: print JSON instead of conlleval's report.
     #[arg(long)]
     json: bool,
+    /// retrieval: BEIR qrels TSV (query-id, corpus-id, score).
+    #[arg(long)]
+    qrels: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    retrieval: crate::search::RetrievalArgs,
 }
 
 /// `--model DIR --data FILE`: the fine-tuning evaluation on a file.
@@ -98,6 +107,7 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
         Task::Similarity => {
             bail!("--task similarity scores prediction files: use --gold and --predictions")
         }
+        Task::Retrieval => unreachable!("handled in run"),
     };
     let kind = match finetune {
         Some(t) => a.columns.task(t, &TaskExtras::default())?,
@@ -137,6 +147,15 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if let Task::Retrieval = a.task {
+        let qrels = a
+            .qrels
+            .as_ref()
+            .context("--task retrieval needs --qrels FILE")?;
+        let report = crate::search::evaluate(a.model.as_deref(), &a.retrieval, qrels)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     if let Some(m) = &a.model {
         return run_model(&a, m);
     }
@@ -154,8 +173,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         Task::Ner => return ner(&a, &gold),
         Task::Qa => qa(&gold, preds()?)?,
         Task::Rerank => rerank(&gold, preds()?, a.k)?,
-        Task::Similarity => similarity(&gold, preds()?)?,
+        Task::Similarity => similarity(&gold, preds()?, &a.columns.label_column)?,
         Task::Embed | Task::Pretrain => bail!("this task needs --model and --data"),
+        Task::Retrieval => unreachable!("handled above"),
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -514,28 +534,38 @@ fn rerank(gold_path: &str, pred_path: &str, k: usize) -> anyhow::Result<Value> {
     }))
 }
 
-/// Numbers, one per line (or the last tab-separated field; JSON Lines with "score").
-fn numbers(path: &str) -> anyhow::Result<Vec<f64>> {
-    read_lines(path)?
+/// Numbers, one per line: the last tab-separated field, JSON Lines' `"score"`, or — in a
+/// TSV whose header names `column` (STS-B's `score`) — that column.
+fn numbers(path: &str, column: &str) -> anyhow::Result<Vec<f64>> {
+    let lines = read_lines(path)?;
+    let header_col = lines
+        .first()
+        .and_then(|h| h.split('\t').position(|f| f.trim() == column));
+    let skip = usize::from(header_col.is_some());
+    lines
         .iter()
         .enumerate()
+        .skip(skip)
         .map(|(i, l)| {
             let v = if l.trim_start().starts_with('{') {
                 serde_json::from_str::<Value>(l)
                     .ok()
                     .and_then(|v| v["score"].as_f64())
             } else {
-                l.split('\t')
-                    .next_back()
-                    .and_then(|s| s.trim().parse().ok())
+                let mut fields = l.split('\t');
+                match header_col {
+                    Some(c) => fields.nth(c),
+                    None => fields.next_back(),
+                }
+                .and_then(|s| s.trim().parse().ok())
             };
             v.with_context(|| format!("{path}:{}: not a number", i + 1))
         })
         .collect()
 }
 
-fn similarity(gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
-    let (g, p) = (numbers(gold_path)?, numbers(pred_path)?);
+fn similarity(gold_path: &str, pred_path: &str, column: &str) -> anyhow::Result<Value> {
+    let (g, p) = (numbers(gold_path, column)?, numbers(pred_path, column)?);
     same_length(gold_path, g.len(), pred_path, p.len())?;
     Ok(
         json!({"pearson": metrics::pearson(&g, &p), "spearman": metrics::spearman(&g, &p), "pairs": g.len()}),

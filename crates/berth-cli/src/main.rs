@@ -27,6 +27,7 @@ mod inspect;
 mod output;
 mod pretrain;
 use berth_tasks::resolve;
+mod search;
 mod serve;
 mod tasks;
 mod tokenizer;
@@ -66,6 +67,9 @@ enum Command {
     Rerank(tasks::RerankArgs),
     /// Cosine similarity of sentence embeddings, every text against every other.
     Similarity(tasks::SimilarityArgs),
+    /// Dense retrieval over a BEIR corpus.jsonl: exact top-k, an on-disk index, optional
+    /// cross-encoder rerank; JSON Lines per query.
+    Search(search::SearchArgs),
     /// Fine-tune a checkpoint (classification, multi-label, regression, NER, QA, sentence
     /// embeddings, reranking): checkpoints, metrics.jsonl, curve.png.
     Finetune(finetune::FinetuneArgs),
@@ -111,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Qa(a) => tasks::qa(a),
         Command::Rerank(a) => tasks::rerank(a),
         Command::Similarity(a) => tasks::similarity(a),
+        Command::Search(a) => search::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -368,6 +368,10 @@ pub struct SimilarityArgs {
     windows: input::WindowArgs,
     #[command(flatten)]
     text: input::TextArgs,
+    /// Score pairs instead (STS): `TEXT<TAB>PAIR` lines with --input, or arguments two at a
+    /// time; one `{"index", "score"}` line (the pair's cosine) per pair.
+    #[arg(long)]
+    pair: bool,
     /// Texts to compare, every one with every other.
     texts: Vec<String>,
 }
@@ -380,7 +384,19 @@ struct SimilarityLine<'a> {
 
 pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
     let p = crate::embed::load_sentence_pipeline(a.model.as_deref(), &a.text)?;
-    let (texts, _) = a.text.texts(&a.texts)?;
+    let (texts, from_file) = a.text.texts(&a.texts)?;
+    // With --pair: both sides of every pair, embedded in one run (first sides, then second).
+    let (texts, pair_count) = if a.pair {
+        let pairs = pairs(texts, from_file)?;
+        let n = pairs.len();
+        let (first, second): (Vec<String>, Vec<String>) = pairs
+            .into_iter()
+            .map(|(x, y)| (x, y.unwrap_or_default()))
+            .unzip();
+        (first.into_iter().chain(second).collect::<Vec<_>>(), Some(n))
+    } else {
+        (texts, None)
+    };
     // Cosine similarity does not depend on normalisation: the model's pooling only.
     let (pooling, _) = p.embedding(None, false);
     let opts = EmbedOptions {
@@ -394,6 +410,14 @@ pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
         warn_truncated(&encs, 0, p.max_length);
     }
     let mut out = stdout();
+    if let Some(n) = pair_count {
+        for i in 0..n {
+            let score = berth_tasks::cosine(&vecs[i], &vecs[n + i]);
+            writeln!(out, "{}", serde_json::json!({"index": i, "score": score}))?;
+        }
+        out.flush()?;
+        return Ok(());
+    }
     for (i, v) in vecs.iter().enumerate() {
         let sims: Vec<f32> = vecs.iter().map(|w| berth_tasks::cosine(v, w)).collect();
         writeln!(

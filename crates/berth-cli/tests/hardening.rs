@@ -444,13 +444,18 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
         cases.push(c);
     }
     for (name, args) in &stdout_cases {
-        if *name == "finetune" || *name == "tokenizer train" {
-            continue; // their output folder is used by the /dev/full run
-        }
+        // The writing commands get fresh output folders (the /dev/full runs used theirs).
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match *a {
+                x if x == tok_out || x == ft_full => format!("{x}-closed"),
+                x => x.to_string(),
+            })
+            .collect();
         let mut c = case(
             1,
             &format!("{name} | (closed)"),
-            args,
+            &args,
             succeeds_with(|_, e| {
                 if e.contains("error") {
                     Err(format!("a closed stdout reported: {e}"))

@@ -15,6 +15,7 @@ mod pipeline;
 mod qa;
 mod rerank;
 pub mod resolve;
+pub mod search;
 
 pub use classify::{
     classify, require_head, ClassFunction, ClassifyOptions, LabelScore, TextPair, WindowPool,

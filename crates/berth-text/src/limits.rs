@@ -90,7 +90,7 @@ pub fn read_text(path: &Path, max: u64) -> Result<String, FileProblem> {
     let mut text = String::new();
     std::fs::File::open(path)
         .map_err(FileProblem::Io)?
-        .take(max + 1)
+        .take(max.saturating_add(1))
         .read_to_string(&mut text)
         .map_err(FileProblem::Io)?;
     if text.len() as u64 > max {
