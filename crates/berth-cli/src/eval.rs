@@ -78,6 +78,12 @@ pub struct EvalArgs {
     /// rerank: cutoff for MRR@k and nDCG@k.
     #[arg(long, default_value_t = 10)]
     k: usize,
+    /// --model qa: tokens shared by consecutive windows of a long context.
+    #[arg(long, default_value_t = 128)]
+    doc_stride: usize,
+    /// --model qa: longest answer in tokens (`berth qa`'s default).
+    #[arg(long, default_value_t = 15)]
+    max_answer_len: usize,
     /// ner: print JSON instead of conlleval's report.
     #[arg(long)]
     json: bool,
@@ -110,7 +116,14 @@ fn run_model(a: &EvalArgs, model: &str) -> anyhow::Result<()> {
         Task::Retrieval => unreachable!("handled in run"),
     };
     let kind = match finetune {
-        Some(t) => a.columns.task(t, &TaskExtras::default())?,
+        Some(t) => a.columns.task(
+            t,
+            &TaskExtras {
+                doc_stride: a.doc_stride,
+                max_answer_len: a.max_answer_len,
+                ..TaskExtras::default()
+            },
+        )?,
         None => {
             // An ELECTRA discriminator is scored by replaced-token detection with its
             // generator; any other masked-LM by masked-token prediction.

@@ -71,6 +71,9 @@ pub struct FinetuneArgs {
     /// qa: tokens shared by consecutive windows of a long context.
     #[arg(long, default_value_t = 128)]
     doc_stride: usize,
+    /// qa: longest answer the dev evaluation considers, in tokens (`berth qa`'s default).
+    #[arg(long, default_value_t = 15)]
+    max_answer_len: usize,
     /// embed: cosine similarities are multiplied by this before the softmax.
     #[arg(long, default_value_t = 20.0)]
     similarity_scale: f64,
@@ -129,6 +132,7 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
         doc_stride: a.doc_stride,
+        max_answer_len: a.max_answer_len,
         similarity_scale: a.similarity_scale,
         label_all_tokens: a.label_all_tokens,
     };

@@ -245,6 +245,7 @@ pub enum FinetuneTask {
 /// Task settings that are not column flags.
 pub struct TaskExtras {
     pub doc_stride: usize,
+    pub max_answer_len: usize,
     pub similarity_scale: f64,
     pub label_all_tokens: bool,
 }
@@ -253,6 +254,7 @@ impl Default for TaskExtras {
     fn default() -> Self {
         TaskExtras {
             doc_stride: qa::QaConfig::default().doc_stride,
+            max_answer_len: qa::QaConfig::default().max_answer_len,
             similarity_scale: embed::EmbedConfig::default().similarity_scale,
             label_all_tokens: false,
         }
@@ -284,6 +286,7 @@ impl ColumnArgs {
             }),
             FinetuneTask::Qa => TaskKind::Qa(qa::QaConfig {
                 doc_stride: x.doc_stride,
+                max_answer_len: x.max_answer_len,
             }),
             FinetuneTask::Embed => TaskKind::Embed(embed::EmbedConfig {
                 text_column: text("anchor"),

@@ -1010,3 +1010,119 @@ fn a_run_directory_resolves_to_its_best_checkpoint() {
         "{note}"
     );
 }
+
+/// `eval --model --task qa` and `berth qa` answer alike by default (the same longest answer,
+/// windows and stride): scoring `berth qa`'s answers with `eval --task qa` gives the numbers
+/// `eval --model` reports. Long contexts make the answer-length limit matter.
+#[test]
+fn qa_evaluation_and_berth_qa_share_their_defaults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::task_model("bert-qa");
+    let squad = write_squad(tmp.path(), "dev.json", 12, false);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&squad).unwrap()).unwrap();
+    let mut lines = String::new();
+    for p in v["data"][0]["paragraphs"].as_array().unwrap() {
+        for q in p["qas"].as_array().unwrap() {
+            let context = format!(
+                "{} {}",
+                p["context"].as_str().unwrap(),
+                "and more words here ".repeat(20)
+            );
+            lines +=
+                &(serde_json::json!({"id": q["id"], "question": q["question"], "context": context})
+                    .to_string() + "\n");
+        }
+    }
+    // The same long contexts in the SQuAD file (answers keep their offsets: text appended).
+    let mut v2 = v.clone();
+    for p in v2["data"][0]["paragraphs"].as_array_mut().unwrap() {
+        let c = format!(
+            "{} {}",
+            p["context"].as_str().unwrap(),
+            "and more words here ".repeat(20)
+        );
+        p["context"] = c.into();
+    }
+    std::fs::write(&squad, v2.to_string()).unwrap();
+    let input = tmp.path().join("qa.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    // The tiny model has 64 positions: both sides get that window and a stride that fits.
+    let window = ["--doc-stride", "16"];
+    let answers = ok(&berth(&[
+        "qa",
+        "--model",
+        &model,
+        "--input",
+        input.to_str().unwrap(),
+        "--max-seq-len",
+        "64",
+        window[0],
+        window[1],
+    ]));
+    let preds = tmp.path().join("preds.jsonl");
+    std::fs::write(&preds, &answers).unwrap();
+    // Gold answers = berth qa's own answers: the evaluation with the same defaults must then
+    // score 100, and one with another answer-length limit must not.
+    let predicted: Vec<Value> = json_lines(&answers);
+    for (p, a) in v2["data"][0]["paragraphs"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(&predicted)
+    {
+        let best = &a["answers"][0];
+        p["qas"][0]["answers"] =
+            serde_json::json!([{"text": best["answer"], "answer_start": best["start"]}]);
+    }
+    std::fs::write(&squad, v2.to_string()).unwrap();
+    let scored: Value = serde_json::from_str(&ok(&berth(&[
+        "eval",
+        "--task",
+        "qa",
+        "--gold",
+        squad.to_str().unwrap(),
+        "--predictions",
+        preds.to_str().unwrap(),
+    ])))
+    .unwrap();
+    let direct: Value = serde_json::from_str(&ok(&berth(&[
+        "eval",
+        "--task",
+        "qa",
+        "--model",
+        &model,
+        "--data",
+        squad.to_str().unwrap(),
+        "--max-length",
+        "64",
+        window[0],
+        window[1],
+    ])))
+    .unwrap();
+    // The limit matters on these contexts: 30 tokens (transformers' run_qa) answers differently.
+    let longer: Value = serde_json::from_str(&ok(&berth(&[
+        "eval",
+        "--task",
+        "qa",
+        "--model",
+        &model,
+        "--data",
+        squad.to_str().unwrap(),
+        "--max-length",
+        "64",
+        window[0],
+        window[1],
+        "--max-answer-len",
+        "30",
+    ])))
+    .unwrap();
+    assert!(longer["exact_match"].as_f64().unwrap() < 100.0, "{longer}");
+    assert_eq!(direct["exact_match"].as_f64().unwrap(), 100.0, "{direct}");
+    for k in ["exact_match", "f1"] {
+        let (a, b) = (scored[k].as_f64().unwrap(), direct[k].as_f64().unwrap());
+        assert!(
+            (a - b).abs() < 1e-9,
+            "{k}: berth qa {a} vs eval --model {b} ({scored} / {direct})"
+        );
+    }
+}

@@ -135,7 +135,10 @@ fn compare_with_saved(cfg: &RunConfig) -> Result<Vec<String>> {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for key in keys {
         let null = serde_json::Value::Null;
-        let (a, b) = (old.get(key).unwrap_or(&null), new.get(key).unwrap_or(&null));
+        let Some(a) = old.get(key) else {
+            continue; // a setting the first start's berth did not have
+        };
+        let b = new.get(key).unwrap_or(&null);
         if a == b || same_file(a, b) || ["loop.output", "loop.model"].contains(&key.as_str()) {
             continue;
         }

@@ -27,11 +27,23 @@ use crate::objective::{
 pub struct QaConfig {
     /// Tokens shared by consecutive windows of a long context.
     pub doc_stride: usize,
+    /// Longest answer the dev evaluation considers, in tokens: `berth qa`'s (and
+    /// transformers' question-answering pipeline's) default, so `finetune`, `eval --model`
+    /// and `berth qa` answer alike.
+    #[serde(default = "default_max_answer_len")]
+    pub max_answer_len: usize,
+}
+
+fn default_max_answer_len() -> usize {
+    berth_tasks::QaOptions::default().max_answer_len
 }
 
 impl Default for QaConfig {
     fn default() -> Self {
-        QaConfig { doc_stride: 128 }
+        QaConfig {
+            doc_stride: 128,
+            max_answer_len: default_max_answer_len(),
+        }
     }
 }
 
@@ -205,8 +217,8 @@ impl Objective for Qa {
         })
     }
 
-    /// The QA pipeline answers each dev question (windows, spans up to 30 tokens, as
-    /// transformers' run_qa post-processing); EM / F1 as the SQuAD script scores them.
+    /// The QA pipeline answers each dev question (windows, spans up to `max_answer_len`
+    /// tokens); EM / F1 as the SQuAD script scores them.
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
         let tokenizer = self
             .tokenizer
@@ -217,7 +229,7 @@ impl Objective for Qa {
         let opts = berth_tasks::QaOptions {
             max_seq_len: Some(self.data.max_length),
             doc_stride: Some(self.cfg.doc_stride),
-            max_answer_len: 30,
+            max_answer_len: self.cfg.max_answer_len,
             ..berth_tasks::QaOptions::default()
         };
         let (mut em, mut f1) = (0.0, 0.0);
