@@ -129,9 +129,17 @@ const CHUNK: usize = 2048;
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (pooling, norm) = p.embedding(a.pooling, a.normalize);
-    let (texts, from_file) = a.text.texts(&a.texts)?;
+    let rows = a.text.inputs(&a.texts)?;
+    if rows.pairs.is_some() {
+        anyhow::bail!("--pair-column applies to classify --pair");
+    }
+    let (texts, from_file) = (rows.texts, rows.from_file);
     let source = a.text.source();
     let mut out = Output::open(a.output.as_deref(), pooling == Pooling::None)?;
+    if pooling == Pooling::None && rows.meta.iter().any(|m| !m.is_empty()) {
+        anyhow::bail!("--id-column / --keep-columns apply to pooled vectors, not --pooling none");
+    }
+    out.set_meta(rows.meta)?;
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;
     if pooling == Pooling::None && a.windows.stride.is_some() {

@@ -16,9 +16,27 @@ pub struct TextArgs {
     /// Refuse over-long texts instead of truncating them (with a warning).
     #[arg(long)]
     pub no_truncate: bool,
-    /// Read texts one per line from FILE (`-` = stdin).
+    /// Read texts from FILE (`-` = stdin): one per line, or rows of a CSV / TSV file with
+    /// a header or of a JSON Lines file (see --format, --text-column).
     #[arg(long)]
     pub input: Option<String>,
+    /// How --input is read; default: by its extension (.csv, .tsv, .jsonl / .json), else
+    /// one text per line.
+    #[arg(long, value_enum)]
+    pub format: Option<InputFormat>,
+    /// Column of a CSV / TSV / JSON Lines --input holding the text: header name (JSON Lines:
+    /// field) or 0-based index. Default: text.
+    #[arg(long)]
+    pub text_column: Option<String>,
+    /// classify --pair: the column holding each row's second text.
+    #[arg(long)]
+    pub pair_column: Option<String>,
+    /// Column copied to each output line as "id".
+    #[arg(long)]
+    pub id_column: Option<String>,
+    /// Further columns copied to each output line under their names (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub keep_columns: Vec<String>,
     /// Tokens per packed batch: larger batches run matmuls more efficiently but hold
     /// more activation memory (~6 KB per token per 384 hidden).
     #[arg(long, default_value_t = 8192)]
@@ -83,10 +101,236 @@ impl TextArgs {
         }
     }
 
-    /// The texts: from `--input`, or the positional arguments.
+    /// The texts: from `--input`, or the positional arguments. Commands that do not carry
+    /// ids or kept columns to their output refuse those flags here.
     pub fn texts(&self, args: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
-        read_texts(self.input.as_deref(), args)
+        if self.id_column.is_some() || !self.keep_columns.is_empty() {
+            bail!("--id-column / --keep-columns apply to classify, ner and embed");
+        }
+        if self.pair_column.is_some() {
+            bail!("--pair-column applies to classify --pair");
+        }
+        let inputs = self.inputs(args)?;
+        Ok((inputs.texts, inputs.from_file))
     }
+
+    /// The inputs with their per-row metadata (`--id-column`, `--keep-columns`) and, with
+    /// `--pair-column`, second texts.
+    pub fn inputs(&self, args: &[String]) -> anyhow::Result<Inputs> {
+        let format = match (&self.input, self.format) {
+            (_, Some(f)) => f,
+            (Some(path), None) => InputFormat::of(path),
+            (None, None) => InputFormat::Lines,
+        };
+        let columns = self.text_column.is_some()
+            || self.pair_column.is_some()
+            || self.id_column.is_some()
+            || !self.keep_columns.is_empty();
+        if format == InputFormat::Lines || self.input.is_none() {
+            if columns {
+                bail!("--text-column / --pair-column / --id-column / --keep-columns need a CSV, TSV or JSON Lines --input (or --format)");
+            }
+            let (texts, from_file) = read_texts(self.input.as_deref(), args)?;
+            if from_file {
+                if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+                    bail!(
+                        "{}:{}: empty line (one text per line)",
+                        self.source(),
+                        i + 1
+                    );
+                }
+            }
+            return Ok(Inputs {
+                meta: vec![serde_json::Map::new(); texts.len()],
+                texts,
+                pairs: None,
+                from_file,
+            });
+        }
+        if !args.is_empty() {
+            bail!("give texts either as arguments or with --input, not both");
+        }
+        let path = self.input.as_deref().expect("checked above");
+        read_table(path, format, self)
+    }
+}
+
+/// `--format` values.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum InputFormat {
+    /// One text per line.
+    Lines,
+    /// Comma-separated values with a header row (RFC 4180 quoting).
+    Csv,
+    /// Tab-separated values with a header row (no quoting).
+    Tsv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl InputFormat {
+    fn of(path: &str) -> Self {
+        let ext = std::path::Path::new(path)
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("csv") => InputFormat::Csv,
+            Some("tsv") => InputFormat::Tsv,
+            Some("jsonl") | Some("json") => InputFormat::Jsonl,
+            _ => InputFormat::Lines,
+        }
+    }
+}
+
+/// Texts read from `--input` or arguments, with what each output line carries besides.
+pub struct Inputs {
+    /// The texts.
+    pub texts: Vec<String>,
+    /// Second texts (`--pair-column`).
+    pub pairs: Option<Vec<String>>,
+    /// Per row: `"id"` and kept columns, copied to the row's output line.
+    pub meta: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Whether they came from a file (which turns on the progress bar).
+    pub from_file: bool,
+}
+
+/// Appends a row's `meta` fields to a serialised JSON object line, after its own fields
+/// (the line's own formatting, f32 scores included, is kept as it is).
+pub fn with_meta(
+    mut line: String,
+    meta: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> String {
+    let Some(meta) = meta.filter(|m| !m.is_empty()) else {
+        return line;
+    };
+    if line.ends_with('}') {
+        line.pop();
+        for (k, v) in meta {
+            line.push(',');
+            line.push_str(&serde_json::Value::String(k.clone()).to_string());
+            line.push(':');
+            line.push_str(&v.to_string());
+        }
+        line.push('}');
+    }
+    line
+}
+
+/// `path` (`-` = stdin) opened for streaming, with the name errors use; a device or
+/// directory is refused (pipes are fine).
+fn open_input(path: &str) -> anyhow::Result<(&str, Box<dyn BufRead>)> {
+    if path == "-" {
+        return Ok(("<stdin>", Box::new(std::io::stdin().lock())));
+    }
+    berth_text::limits::readable_stream(std::path::Path::new(path))
+        .map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    let f = std::fs::File::open(path).with_context(|| format!("{path}: cannot read"))?;
+    Ok((path, Box::new(std::io::BufReader::new(f))))
+}
+
+/// Reads a CSV / TSV (header row) or JSON Lines file into inputs, naming file and line in
+/// every error: a missing column, a short row, an empty text.
+fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<Inputs> {
+    use serde_json::Value;
+    let (name, reader) = open_input(path)?;
+    let text_col = a.text_column.clone().unwrap_or_else(|| "text".into());
+    // (output key, column) for each kept column; the id goes out as "id".
+    let mut kept: Vec<(String, String)> = a
+        .id_column
+        .iter()
+        .map(|c| ("id".into(), c.clone()))
+        .collect();
+    kept.extend(a.keep_columns.iter().map(|c| (c.clone(), c.clone())));
+    let mut out = Inputs {
+        texts: Vec::new(),
+        pairs: a.pair_column.as_ref().map(|_| Vec::new()),
+        meta: Vec::new(),
+        from_file: true,
+    };
+    let mut push = |line: u64, get: &dyn Fn(&str) -> Option<Value>| -> anyhow::Result<()> {
+        let text = |col: &str| -> anyhow::Result<String> {
+            match get(col) {
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+                Some(Value::String(_)) => bail!("{name}:{line}: empty text in column {col:?}"),
+                Some(Value::Number(n)) => Ok(n.to_string()),
+                _ => bail!("{name}:{line}: no text in column {col:?}"),
+            }
+        };
+        out.texts.push(text(&text_col)?);
+        if let (Some(p), Some(col)) = (out.pairs.as_mut(), &a.pair_column) {
+            p.push(text(col)?);
+        }
+        let mut m = serde_json::Map::new();
+        for (key, col) in &kept {
+            let v = get(col).with_context(|| format!("{name}:{line}: no column {col:?}"))?;
+            m.insert(key.clone(), v);
+        }
+        out.meta.push(m);
+        Ok(())
+    };
+    if format == InputFormat::Jsonl {
+        let lines = read_lines_from(reader, name)?;
+        for (i, l) in lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: Value = serde_json::from_str(l.trim_start_matches('\u{feff}'))
+                .with_context(|| format!("{name}:{}: invalid JSON", i + 1))?;
+            let get = |col: &str| v.get(col).cloned();
+            push(i as u64 + 1, &get)?;
+        }
+    } else {
+        let mut r = csv::ReaderBuilder::new()
+            .delimiter(if format == InputFormat::Tsv {
+                b'\t'
+            } else {
+                b','
+            })
+            .quoting(format == InputFormat::Csv)
+            .from_reader(reader);
+        let header: Vec<String> = r
+            .headers()
+            .with_context(|| format!("{name}:1: cannot read the header"))?
+            .iter()
+            .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
+            .collect();
+        let find = |col: &str| -> Option<usize> {
+            header
+                .iter()
+                .position(|h| h == col)
+                .or_else(|| col.parse().ok().filter(|&i: &usize| i < header.len()))
+        };
+        for col in std::iter::once(&text_col)
+            .chain(&a.pair_column)
+            .chain(kept.iter().map(|(_, c)| c))
+        {
+            if find(col).is_none() {
+                bail!(
+                    "{name}:1: no column {col:?} in the header (columns: {})",
+                    header.join(", ")
+                );
+            }
+        }
+        for record in r.records() {
+            let record = record.map_err(|e| {
+                let line = e.position().map_or(0, |p| p.line());
+                anyhow::anyhow!("{name}:{line}: {e}")
+            })?;
+            let line = record.position().map_or(0, |p| p.line());
+            let get = |col: &str| {
+                find(col)
+                    .and_then(|i| record.get(i))
+                    .map(|s| Value::String(s.to_string()))
+            };
+            push(line, &get)?;
+        }
+    }
+    if out.texts.is_empty() {
+        bail!("{name}: no input rows");
+    }
+    Ok(out)
 }
 
 /// Longest input line accepted. The whole file is never read before its lines are checked,
@@ -139,16 +383,7 @@ pub fn read_texts(input: Option<&str>, args: &[String]) -> anyhow::Result<(Vec<S
     if !args.is_empty() {
         bail!("give texts either as arguments or with --input, not both");
     }
-    let name = if path == "-" { "<stdin>" } else { path };
-    let reader: Box<dyn BufRead> = if path == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        berth_text::limits::readable_stream(std::path::Path::new(path))
-            .map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("{path}: cannot read"))?,
-        ))
-    };
+    let (name, reader) = open_input(path)?;
     let texts = read_lines_from(reader, name)?;
     if texts.is_empty() {
         bail!("{name}: no input lines");

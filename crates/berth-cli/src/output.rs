@@ -22,6 +22,8 @@ pub struct Output {
     file: Option<(PathBuf, PathBuf)>,
     /// What errors call it: the final file name, or stdout.
     name: String,
+    /// Per input: fields (id, kept columns) added to its JSON line.
+    meta: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Output {
@@ -33,6 +35,7 @@ impl Output {
                 sink: Sink::Lines(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
                 file: None,
                 name: "stdout".into(),
+                meta: Vec::new(),
             });
         };
         let dst = PathBuf::from(p);
@@ -62,7 +65,24 @@ impl Output {
             sink,
             name: dst.display().to_string(),
             file: Some((dst, tmp)),
+            meta: Vec::new(),
         })
+    }
+
+    /// Fields each input's line carries besides its own (`--id-column`, `--keep-columns`);
+    /// a `.npy` array has no place for them.
+    pub fn set_meta(
+        &mut self,
+        meta: Vec<serde_json::Map<String, serde_json::Value>>,
+    ) -> anyhow::Result<()> {
+        if matches!(self.sink, Sink::Npy { .. }) && meta.iter().any(|m| !m.is_empty()) {
+            anyhow::bail!(
+                "{}: a .npy array holds vectors only: --id-column / --keep-columns need JSON Lines output",
+                self.name
+            );
+        }
+        self.meta = meta;
+        Ok(())
     }
 
     /// Adds text `index`'s vector.
@@ -79,7 +99,8 @@ impl Output {
                     index,
                     embedding: v,
                 };
-                let text = serde_json::to_string(&line)?;
+                let text =
+                    crate::input::with_meta(serde_json::to_string(&line)?, self.meta.get(index));
                 writeln!(w, "{text}").with_context(|| format!("writing to {name}"))?;
             }
             Sink::Npy { data, dim } => {

@@ -21,10 +21,12 @@ fn stdout() -> std::io::BufWriter<std::io::StdoutLock<'static>> {
 
 /// Runs `task` over `items` in chunks of [`CHUNK`] (its second argument: the chunk's first
 /// index), warns about truncated inputs unless the task windows them, and prints one JSON line
-/// per item, serialised by `line(index, result)`.
+/// per item, serialised by `line(index, result)` with the item's `meta` (id, kept columns)
+/// added.
 fn run_chunked<I, R>(
     source: &str,
     items: &[I],
+    meta: &[serde_json::Map<String, serde_json::Value>],
     max_length: usize,
     windowed: bool,
     task: impl Fn(&[I], usize) -> anyhow::Result<(Vec<R>, Vec<berth_text::Encoded>)>,
@@ -38,7 +40,11 @@ fn run_chunked<I, R>(
             warn_truncated(&encs, first, max_length);
         }
         for (i, r) in results.iter().enumerate() {
-            writeln!(out, "{}", line(first + i, r)?)?;
+            writeln!(
+                out,
+                "{}",
+                input::with_meta(line(first + i, r)?, meta.get(first + i))
+            )?;
         }
     }
     out.flush()?;
@@ -112,11 +118,18 @@ fn pairs(texts: Vec<String>, from_file: bool) -> anyhow::Result<Vec<berth_tasks:
 pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
     let p = load(&a.model, &a.text)?;
     berth_tasks::require_head(&p.model, berth_model::HeadKind::SequenceClassification)?;
-    let (texts, from_file) = a.text.texts(&a.texts)?;
-    let inputs: Vec<berth_tasks::TextPair> = if a.pair {
-        pairs(texts, from_file)?
-    } else {
-        texts.into_iter().map(|t| (t, None)).collect()
+    let rows = a.text.inputs(&a.texts)?;
+    if rows.pairs.is_some() && !a.pair {
+        anyhow::bail!("--pair-column needs --pair");
+    }
+    let inputs: Vec<berth_tasks::TextPair> = match (a.pair, rows.pairs) {
+        (true, Some(second)) => rows
+            .texts
+            .into_iter()
+            .zip(second.into_iter().map(Some))
+            .collect(),
+        (true, None) => pairs(rows.texts, rows.from_file)?,
+        (false, _) => rows.texts.into_iter().map(|t| (t, None)).collect(),
     };
     let opts = ClassifyOptions {
         top_k: (a.top_k > 0).then_some(a.top_k),
@@ -126,6 +139,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
     run_chunked(
         a.text.source(),
         &inputs,
+        &rows.meta,
         p.max_length,
         opts.windows.is_some(),
         |chunk, first| Ok(berth_tasks::classify(&p, chunk, &opts, first)?),
@@ -169,7 +183,10 @@ struct EntitiesLine<'a> {
 pub fn ner(a: NerArgs) -> anyhow::Result<()> {
     let p = load(&a.model, &a.text)?;
     berth_tasks::require_head(&p.model, berth_model::HeadKind::TokenClassification)?;
-    let (texts, _) = a.text.texts(&a.texts)?;
+    let rows = a.text.inputs(&a.texts)?;
+    if rows.pairs.is_some() {
+        anyhow::bail!("--pair-column applies to classify --pair");
+    }
     let opts = NerOptions {
         aggregation: a.aggregation,
         ignore_labels: a
@@ -182,7 +199,8 @@ pub fn ner(a: NerArgs) -> anyhow::Result<()> {
     };
     run_chunked(
         a.text.source(),
-        &texts,
+        &rows.texts,
+        &rows.meta,
         p.max_length,
         opts.stride.is_some(),
         |chunk, first| Ok(berth_tasks::token_classify(&p, chunk, &opts, first)?),

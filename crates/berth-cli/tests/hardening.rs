@@ -984,13 +984,13 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
             "--input",
             &s(&blank),
         ],
-        err(&["blank.txt", "input 1", "empty"]),
+        err(&["blank.txt:2", "empty line"]),
     ));
     cases.push(case(
         6,
         "ner empty input names the file",
         &["ner", "--model", &ner_model, "--input", &s(&blank)],
-        err(&["blank.txt", "input 1", "empty"]),
+        err(&["blank.txt:2", "empty line"]),
     ));
     let latin1 = d.join("latin1.txt");
     std::fs::write(&latin1, b"ok\ncaf\xe9\n").unwrap();

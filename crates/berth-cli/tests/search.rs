@@ -224,7 +224,7 @@ fn sts_pairs_score_as_the_similarity_matrix_and_eval_reads_the_score_column() {
         ("A cat sleeps.", "The stock market fell.", 0.1),
         ("A woman is cooking.", "Someone is preparing food.", 3.9),
     ];
-    let input = tmp.path().join("pairs.tsv");
+    let input = tmp.path().join("pairs.txt");
     let lines: Vec<String> = rows.iter().map(|(a, b, _)| format!("{a}\t{b}")).collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let got = json_lines(&ok(&berth(&[

@@ -651,3 +651,178 @@ fn task_inputs_that_cannot_work_fail_with_one_line() {
         &["ragged.txt:2", "fields"],
     );
 }
+
+/// `--input` as CSV / TSV / JSON Lines: the text (and pair) columns are what is run — the
+/// same results as the texts given as arguments — and `--id-column` / `--keep-columns` are
+/// carried to each output line. Bad rows are errors naming file and line.
+#[test]
+fn column_inputs_run_their_text_column_and_carry_ids() {
+    use common::{berth, fails_with, json_lines, ok};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cls = common::task_model("bert-classify");
+    let texts = ["a great, great film", "awful \"acting\"", "fine"];
+    let csv = write(
+        d,
+        "in.csv",
+        &format!(
+            "id,text,label\n7,\"{}\",pos\n8,\"{}\",neg\n9,{},pos\n",
+            texts[0],
+            texts[1].replace('"', "\"\""),
+            texts[2]
+        ),
+    );
+    let by_args = json_lines(&ok(&berth(
+        &[&["classify", "--model", &cls][..], &texts[..]].concat(),
+    )));
+    let by_rows = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        &cls,
+        "--input",
+        &csv,
+        "--id-column",
+        "id",
+        "--keep-columns",
+        "label",
+    ])));
+    assert_eq!(by_rows.len(), 3);
+    for (i, (row, arg)) in by_rows.iter().zip(&by_args).enumerate() {
+        assert_eq!(row["labels"], arg["labels"]);
+        assert_eq!(row["index"], i);
+        assert_eq!(row["id"], ["7", "8", "9"][i]);
+        assert_eq!(row["label"], ["pos", "neg", "pos"][i]);
+    }
+    // Pairs from two columns equal tab-separated pair lines.
+    let pair_tsv = write(
+        d,
+        "pairs.tsv",
+        "q\tp\nis it good?\tit is great\nwho?\tnobody\n",
+    );
+    let pair_lines = write(d, "pairs.txt", "is it good?\tit is great\nwho?\tnobody\n");
+    let a = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        &cls,
+        "--pair",
+        "--input",
+        &pair_tsv,
+        "--text-column",
+        "q",
+        "--pair-column",
+        "p",
+    ])));
+    let b = json_lines(&ok(&berth(&[
+        "classify",
+        "--model",
+        &cls,
+        "--pair",
+        "--input",
+        &pair_lines,
+    ])));
+    assert_eq!(a, b);
+    // embed from a TSV column; JSON Lines ids keep their JSON type.
+    let tiny = common::tiny("bert-base");
+    let tsv = write(d, "in.tsv", "sentence\tn\nhello world\t1\nthe fox\t2\n");
+    let tsv_args = [
+        "embed",
+        "--model",
+        &tiny,
+        "--input",
+        &tsv,
+        "--text-column",
+        "sentence",
+        "--id-column",
+        "n",
+    ];
+    let rows = json_lines(&ok(&berth(&tsv_args)));
+    let args = json_lines(&ok(&berth(&[
+        "embed",
+        "--model",
+        &tiny,
+        "hello world",
+        "the fox",
+    ])));
+    for (r, a) in rows.iter().zip(&args) {
+        assert_eq!(r["embedding"], a["embedding"]);
+    }
+    assert_eq!(rows[1]["id"], "2");
+    let ner = common::task_model("bert-ner");
+    let jsonl = write(d, "in.jsonl", "{\"id\": 5, \"text\": \"EU rejects German call\"}\n{\"id\": 6, \"text\": \"Peter lives in Paris\"}\n");
+    let rows = json_lines(&ok(&berth(&[
+        "ner",
+        "--model",
+        &ner,
+        "--input",
+        &jsonl,
+        "--id-column",
+        "id",
+    ])));
+    let args = json_lines(&ok(&berth(&[
+        "ner",
+        "--model",
+        &ner,
+        "EU rejects German call",
+        "Peter lives in Paris",
+    ])));
+    assert_eq!(rows[0]["entities"], args[0]["entities"]);
+    assert_eq!(rows[1]["id"], 6);
+    // Errors name file and line.
+    fails_with(
+        &berth(&[
+            "classify",
+            "--model",
+            &cls,
+            "--input",
+            &csv,
+            "--text-column",
+            "nope",
+        ]),
+        &["in.csv:1", "no column \"nope\"", "id, text, label"],
+    );
+    let empty = write(d, "empty.tsv", "text\tid\nok\t1\n\t2\n");
+    fails_with(
+        &berth(&["embed", "--model", &tiny, "--input", &empty]),
+        &["empty.tsv:3", "empty text"],
+    );
+    let ragged = write(d, "ragged.csv", "text,id\nok,1\nbad\n");
+    fails_with(
+        &berth(&["embed", "--model", &tiny, "--input", &ragged]),
+        &["ragged.csv:3"],
+    );
+    let blank = write(d, "blank.txt", "ok\n\nmore\n");
+    fails_with(
+        &berth(&["embed", "--model", &tiny, "--input", &blank]),
+        &["blank.txt:2", "empty line"],
+    );
+    fails_with(
+        &berth(&[
+            "embed",
+            "--model",
+            &tiny,
+            "--input",
+            &blank,
+            "--id-column",
+            "id",
+        ]),
+        &["--id-column", "CSV, TSV or JSON Lines"],
+    );
+    let npy = d.join("v.npy");
+    fails_with(
+        &berth(&[&tsv_args[..], &["--output", npy.to_str().unwrap()]].concat()),
+        &["v.npy", "JSON Lines"],
+    );
+    assert!(!npy.exists(), "no output file is left behind");
+    fails_with(
+        &berth(&[
+            "fill-mask",
+            "--model",
+            &common::tiny("bert-mlm"),
+            "--input",
+            &tsv,
+            "--id-column",
+            "n",
+        ]),
+        &["--id-column", "classify, ner and embed"],
+    );
+}
