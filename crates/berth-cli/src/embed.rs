@@ -1,6 +1,7 @@
 //! `berth embed`.
 
 use anyhow::Context;
+use berth_tasks::quantize::{self, VectorDtype};
 use berth_tasks::{
     embed_encoded, encode_for_embedding, pipelined, token_budget_batches, EmbedOptions,
     EncodedTexts, Pipeline, Pooling,
@@ -32,6 +33,12 @@ pub struct EmbedArgs {
     output: Option<String>,
     #[command(flatten)]
     windows: input::WindowArgs,
+    /// Storage format of the vectors, as sentence-transformers' `quantize_embeddings`:
+    /// f16; int8 / uint8 (per-dimension buckets between the minimum and maximum over this
+    /// run's vectors, written to OUTPUT.ranges.json); binary / ubinary (sign bits packed
+    /// eight to a byte). JSON numbers, or the .npy array's element type.
+    #[arg(long, value_enum, default_value_t = VectorDtype::F32)]
+    output_dtype: VectorDtype,
     /// Texts to embed.
     texts: Vec<String>,
 }
@@ -140,6 +147,18 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         anyhow::bail!("--id-column / --keep-columns apply to pooled vectors, not --pooling none");
     }
     out.set_meta(rows.meta)?;
+    if a.output_dtype != VectorDtype::F32 && pooling == Pooling::None {
+        anyhow::bail!("--output-dtype applies to pooled vectors, not --pooling none");
+    }
+    if a.output_dtype.needs_ranges() && a.output.is_none() {
+        anyhow::bail!(
+            "--output-dtype {:?} needs --output FILE: its per-dimension ranges are written beside it",
+            a.output_dtype
+        );
+    }
+    // Vectors kept for a storage format other than f32 (int8 / uint8 need all of them for
+    // their ranges).
+    let mut kept: Vec<Vec<f32>> = Vec::new();
     let bar = progress(texts.len(), from_file);
     let h = p.model.config.hidden_size;
     if pooling == Pooling::None && a.windows.stride.is_some() {
@@ -174,10 +193,14 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
             if opts.windows.is_none() {
                 warn_truncated(&e.encs, first, p.max_length);
             }
-            for (i, v) in vecs.iter().enumerate() {
-                out.vector(first + i, v)?;
-            }
             bar.inc(vecs.len() as u64);
+            if a.output_dtype == VectorDtype::F32 {
+                for (i, v) in vecs.iter().enumerate() {
+                    out.vector(first + i, v)?;
+                }
+            } else {
+                kept.extend(vecs);
+            }
             return Ok(());
         }
         let encs = &e.encs;
@@ -201,5 +224,23 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     bar.finish_and_clear();
+    if a.output_dtype != VectorDtype::F32 {
+        let ranges = a
+            .output_dtype
+            .needs_ranges()
+            .then(|| quantize::ranges(&kept));
+        for (i, v) in kept.iter().enumerate() {
+            out.stored(
+                i,
+                &quantize::quantize(v, a.output_dtype, ranges.as_ref()),
+                a.output_dtype,
+            )?;
+        }
+        if let (Some((lo, hi)), Some(path)) = (&ranges, &a.output) {
+            let file = format!("{path}.ranges.json");
+            let text = serde_json::json!({"starts": lo, "ends": hi}).to_string();
+            std::fs::write(&file, text).with_context(|| format!("{file}: cannot write"))?;
+        }
+    }
     out.finish()
 }

@@ -6,13 +6,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use berth_tasks::quantize::{Quantized, VectorDtype};
 
 /// What the output holds.
 enum Sink {
     /// JSON Lines (file or stdout).
     Lines(Box<dyn Write>),
-    /// Row-major float32 vectors of `dim` elements, written as .npy at the end.
-    Npy { data: Vec<f32>, dim: Option<usize> },
+    /// Row-major vectors of `dim` elements (little-endian bytes of `dtype`), written as .npy
+    /// at the end.
+    Npy {
+        data: Vec<u8>,
+        dim: Option<usize>,
+        dtype: VectorDtype,
+    },
 }
 
 /// The output of one `berth embed` run.
@@ -55,6 +61,7 @@ impl Output {
             Sink::Npy {
                 data: Vec::new(),
                 dim: None,
+                dtype: VectorDtype::F32,
             }
         } else {
             let f = std::fs::File::create(&tmp)
@@ -87,29 +94,59 @@ impl Output {
 
     /// Adds text `index`'s vector.
     pub fn vector(&mut self, index: usize, v: &[f32]) -> anyhow::Result<()> {
+        self.stored(index, &Quantized::Floats(v.to_vec()), VectorDtype::F32)
+    }
+
+    /// Adds text `index`'s vector in storage format `dtype` (`q` from
+    /// [`berth_tasks::quantize::quantize`]): JSON numbers, or the .npy array's elements.
+    pub fn stored(
+        &mut self,
+        index: usize,
+        q: &Quantized,
+        dtype: VectorDtype,
+    ) -> anyhow::Result<()> {
         let name = &self.name;
         match &mut self.sink {
             Sink::Lines(w) => {
-                #[derive(serde::Serialize)]
-                struct EmbeddingLine<'a> {
-                    index: usize,
-                    embedding: &'a [f32],
-                }
-                let line = EmbeddingLine {
-                    index,
-                    embedding: v,
+                let embedding = match q {
+                    Quantized::Floats(f) => serde_json::to_string(f)?,
+                    Quantized::Ints(i) => serde_json::to_string(i)?,
                 };
-                let text =
-                    crate::input::with_meta(serde_json::to_string(&line)?, self.meta.get(index));
+                let text = crate::input::with_meta(
+                    format!("{{\"index\":{index},\"embedding\":{embedding}}}"),
+                    self.meta.get(index),
+                );
                 writeln!(w, "{text}").with_context(|| format!("writing to {name}"))?;
             }
-            Sink::Npy { data, dim } => {
-                if *dim.get_or_insert(v.len()) != v.len() {
+            Sink::Npy {
+                data,
+                dim,
+                dtype: kind,
+            } => {
+                let n = match q {
+                    Quantized::Floats(f) => f.len(),
+                    Quantized::Ints(i) => i.len(),
+                };
+                if *dim.get_or_insert(n) != n {
                     anyhow::bail!(
                         "vectors of different sizes cannot share one .npy array; this is a bug"
                     );
                 }
-                data.extend_from_slice(v);
+                *kind = dtype;
+                match (q, dtype) {
+                    (Quantized::Floats(f), VectorDtype::F16) => {
+                        for &x in f {
+                            data.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+                        }
+                    }
+                    (Quantized::Floats(f), _) => {
+                        for &x in f {
+                            data.extend_from_slice(&x.to_le_bytes());
+                        }
+                    }
+                    // Bytes: int8 values are -128..=127, uint8 0..=255.
+                    (Quantized::Ints(i), _) => data.extend(i.iter().map(|&x| x as u8)),
+                }
             }
         }
         Ok(())
@@ -133,9 +170,9 @@ impl Output {
             Sink::Lines(mut w) => w
                 .flush()
                 .with_context(|| format!("writing to {}", self.name))?,
-            Sink::Npy { data, dim } => {
+            Sink::Npy { data, dim, dtype } => {
                 let (_, tmp) = self.file.as_ref().expect("npy outputs are files");
-                write_npy(tmp, &data, dim.unwrap_or(0))?;
+                write_npy(tmp, &data, dim.unwrap_or(0), dtype)?;
             }
         }
         if let Some((dst, tmp)) = self.file.take() {
@@ -157,21 +194,26 @@ impl Drop for Output {
 
 /// Writes `data` as a float32 `[n, dim]` array in NumPy's .npy format (version 1.0:
 /// magic, header length, a Python-literal header padded to a multiple of 64 bytes).
-fn write_npy(path: &Path, data: &[f32], dim: usize) -> anyhow::Result<()> {
-    let rows = data.len().checked_div(dim).unwrap_or(0);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+fn write_npy(path: &Path, data: &[u8], dim: usize, dtype: VectorDtype) -> anyhow::Result<()> {
+    let width = match dtype {
+        VectorDtype::F32 => 4,
+        VectorDtype::F16 => 2,
+        _ => 1,
+    };
+    let rows = (data.len() / width).checked_div(dim).unwrap_or(0);
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': ({rows}, {dim}), }}",
+        dtype.npy_descr()
+    );
     // 10 bytes of preamble + header + newline, padded with spaces to a multiple of 64.
     let pad = (64 - (10 + header.len() + 1) % 64) % 64;
     header.push_str(&" ".repeat(pad));
     header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    let mut bytes = Vec::with_capacity(10 + header.len() + data.len());
     bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
+    bytes.extend_from_slice(data);
     let mut f = std::fs::File::create(path)
         .with_context(|| format!("{}: cannot create", path.display()))?;
     f.write_all(&bytes)

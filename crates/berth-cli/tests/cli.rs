@@ -615,3 +615,95 @@ fn rerank_eval_reports_queries_missing_from_the_run() {
         "{err}"
     );
 }
+
+/// `embed --output-dtype`: the vectors `berth embed` gives in f32, stored as
+/// sentence-transformers' `quantize_embeddings` stores them (the quantizer itself is checked
+/// against sentence-transformers in berth-tasks), in JSON Lines and in .npy arrays of the
+/// matching element type; int8 / uint8 write their ranges beside the output.
+#[test]
+fn embed_stores_quantized_vectors() {
+    use berth_tasks::quantize::{quantize, ranges, Quantized, VectorDtype};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = minilm_dir().to_string_lossy().into_owned();
+    let texts = [
+        "hello world",
+        "a cat sits outside",
+        "stocks fell sharply",
+        "the fox",
+    ];
+    let mut args = vec!["embed", "--model", &model];
+    args.extend(texts);
+    let f32s: Vec<Vec<f32>> = json_lines(&ok(&berth(&args)))
+        .iter()
+        .map(|l| floats(&l["embedding"]))
+        .collect();
+    let r = ranges(&f32s);
+    for (name, dtype, width) in [
+        ("f16", VectorDtype::F16, 2),
+        ("int8", VectorDtype::Int8, 1),
+        ("uint8", VectorDtype::Uint8, 1),
+        ("binary", VectorDtype::Binary, 1),
+        ("ubinary", VectorDtype::Ubinary, 1),
+    ] {
+        let want: Vec<Quantized> = f32s.iter().map(|v| quantize(v, dtype, Some(&r))).collect();
+        let jsonl = tmp.path().join(format!("{name}.jsonl"));
+        let npy = tmp.path().join(format!("{name}.npy"));
+        for out in [&jsonl, &npy] {
+            let mut a = args.clone();
+            a.extend(["--output-dtype", name, "--output", out.to_str().unwrap()]);
+            ok(&berth(&a));
+        }
+        let lines = json_lines(&std::fs::read_to_string(&jsonl).unwrap());
+        for (l, w) in lines.iter().zip(&want) {
+            let got = match w {
+                Quantized::Floats(_) => Quantized::Floats(floats(&l["embedding"])),
+                Quantized::Ints(_) => Quantized::Ints(
+                    l["embedding"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_i64().unwrap() as i32)
+                        .collect(),
+                ),
+            };
+            assert_eq!(&got, w, "{name}");
+        }
+        let bytes = std::fs::read(&npy).unwrap();
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+        assert!(
+            header.contains(&format!("'descr': '{}'", dtype.npy_descr())),
+            "{header}"
+        );
+        let body = &bytes[10 + header_len..];
+        let per_row = body.len() / texts.len() / width;
+        assert!(
+            header.contains(&format!("'shape': ({}, {per_row})", texts.len())),
+            "{header}"
+        );
+        let flat: Vec<f64> = match dtype {
+            VectorDtype::F16 => body
+                .chunks(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            VectorDtype::Int8 | VectorDtype::Binary => {
+                body.iter().map(|&b| b as i8 as f64).collect()
+            }
+            _ => body.iter().map(|&b| b as f64).collect(),
+        };
+        let want_flat: Vec<f64> = want
+            .iter()
+            .flat_map(|q| match q {
+                Quantized::Floats(f) => f.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                Quantized::Ints(i) => i.iter().map(|&x| x as f64).collect(),
+            })
+            .collect();
+        assert_eq!(flat, want_flat, "{name} .npy");
+        let ranges_file = tmp.path().join(format!("{name}.npy.ranges.json"));
+        assert_eq!(ranges_file.exists(), dtype.needs_ranges(), "{name}");
+    }
+    fails_with(
+        &berth(&[&args[..], &["--output-dtype", "int8"]].concat()),
+        &["--output-dtype", "--output FILE"],
+    );
+}

@@ -13,6 +13,7 @@ pub mod metrics;
 mod ner;
 mod pipeline;
 mod qa;
+pub mod quantize;
 mod rerank;
 pub mod resolve;
 pub mod search;
