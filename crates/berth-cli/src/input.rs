@@ -229,6 +229,34 @@ fn open_input(path: &str) -> anyhow::Result<(&str, Box<dyn BufRead>)> {
     Ok((path, Box::new(std::io::BufReader::new(f))))
 }
 
+/// The 1-based line where a quoted CSV field opens and never closes (RFC 4180: a quote
+/// opens a field only at its start; inside, a doubled quote is a literal quote).
+fn unterminated_quote(bytes: &[u8]) -> Option<usize> {
+    let (mut line, mut opened_at, mut quoted, mut field_start) = (1, 0, false, true);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if quoted {
+            if b == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if b == b'"' && field_start {
+            quoted = true;
+            opened_at = line;
+        }
+        if b == b'\n' {
+            line += 1;
+        }
+        field_start = !quoted && (b == b',' || b == b'\n' || b == b'\r');
+        i += 1;
+    }
+    quoted.then_some(opened_at)
+}
+
 /// Reads a CSV / TSV (header row) or JSON Lines file into inputs, naming file and line in
 /// every error: a missing column, a short row, an empty text.
 fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<Inputs> {
@@ -282,6 +310,19 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
             push(i as u64 + 1, &get)?;
         }
     } else {
+        // The whole table is read first: the csv crate reads an unterminated quoted field to
+        // the end of the file as one field, so the quotes are checked before it parses.
+        let mut bytes = Vec::new();
+        let mut reader = reader;
+        reader
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("{name}: cannot read"))?;
+        if format == InputFormat::Csv {
+            if let Some(line) = unterminated_quote(&bytes) {
+                bail!("{name}:{line}: unterminated quoted field");
+            }
+        }
+        let reader = std::io::Cursor::new(bytes);
         let mut r = csv::ReaderBuilder::new()
             .delimiter(if format == InputFormat::Tsv {
                 b'\t'

@@ -790,6 +790,11 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
         &berth(&["embed", "--model", &tiny, "--input", &ragged]),
         &["ragged.csv:3"],
     );
+    let unterminated = write(d, "quote.csv", "text\nok\n\"never closed\nmore\n");
+    fails_with(
+        &berth(&["embed", "--model", &tiny, "--input", &unterminated]),
+        &["quote.csv:3", "unterminated quoted field"],
+    );
     let blank = write(d, "blank.txt", "ok\n\nmore\n");
     fails_with(
         &berth(&["embed", "--model", &tiny, "--input", &blank]),
