@@ -217,6 +217,9 @@ pub fn with_meta(
     line
 }
 
+/// Fields of the output lines a kept column may not shadow.
+const OUTPUT_KEYS: [&str; 4] = ["index", "labels", "entities", "embedding"];
+
 /// `path` (`-` = stdin) opened for streaming, with the name errors use; a device or
 /// directory is refused (pipes are fine).
 fn open_input(path: &str) -> anyhow::Result<(&str, Box<dyn BufRead>)> {
@@ -270,6 +273,13 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
         .map(|c| ("id".into(), c.clone()))
         .collect();
     kept.extend(a.keep_columns.iter().map(|c| (c.clone(), c.clone())));
+    // A kept column must not repeat a key the output line already has.
+    let mut keys = std::collections::HashSet::new();
+    for (key, _) in &kept {
+        if OUTPUT_KEYS.contains(&key.as_str()) || !keys.insert(key.as_str()) {
+            bail!("--keep-columns {key:?}: the output lines already have a {key:?} field");
+        }
+    }
     let mut out = Inputs {
         texts: Vec::new(),
         pairs: a.pair_column.as_ref().map(|_| Vec::new()),

@@ -790,6 +790,32 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
         &berth(&["embed", "--model", &tiny, "--input", &ragged]),
         &["ragged.csv:3"],
     );
+    fails_with(
+        &berth(&[
+            "classify",
+            "--model",
+            &cls,
+            "--input",
+            &csv,
+            "--keep-columns",
+            "label,index",
+        ]),
+        &["--keep-columns \"index\"", "already"],
+    );
+    fails_with(
+        &berth(&[
+            "classify",
+            "--model",
+            &cls,
+            "--input",
+            &csv,
+            "--id-column",
+            "id",
+            "--keep-columns",
+            "id",
+        ]),
+        &["--keep-columns \"id\""],
+    );
     let unterminated = write(d, "quote.csv", "text\nok\n\"never closed\nmore\n");
     fails_with(
         &berth(&["embed", "--model", &tiny, "--input", &unterminated]),
