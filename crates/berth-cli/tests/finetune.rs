@@ -1085,37 +1085,26 @@ fn qa_evaluation_and_berth_qa_share_their_defaults() {
         preds.to_str().unwrap(),
     ])))
     .unwrap();
-    let direct: Value = serde_json::from_str(&ok(&berth(&[
-        "eval",
-        "--task",
-        "qa",
-        "--model",
-        &model,
-        "--data",
-        squad.to_str().unwrap(),
-        "--max-length",
-        "64",
-        window[0],
-        window[1],
-    ])))
-    .unwrap();
+    let eval_model = |extra: &[&str]| -> Value {
+        let mut a = vec![
+            "eval",
+            "--task",
+            "qa",
+            "--model",
+            &model,
+            "--data",
+            squad.to_str().unwrap(),
+            "--max-length",
+            "64",
+            window[0],
+            window[1],
+        ];
+        a.extend_from_slice(extra);
+        serde_json::from_str(&ok(&berth(&a))).unwrap()
+    };
+    let direct = eval_model(&[]);
     // The limit matters on these contexts: 30 tokens (transformers' run_qa) answers differently.
-    let longer: Value = serde_json::from_str(&ok(&berth(&[
-        "eval",
-        "--task",
-        "qa",
-        "--model",
-        &model,
-        "--data",
-        squad.to_str().unwrap(),
-        "--max-length",
-        "64",
-        window[0],
-        window[1],
-        "--max-answer-len",
-        "30",
-    ])))
-    .unwrap();
+    let longer = eval_model(&["--max-answer-len", "30"]);
     assert!(longer["exact_match"].as_f64().unwrap() < 100.0, "{longer}");
     assert_eq!(direct["exact_match"].as_f64().unwrap(), 100.0, "{direct}");
     for k in ["exact_match", "f1"] {

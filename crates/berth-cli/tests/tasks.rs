@@ -675,12 +675,9 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
     let by_args = json_lines(&ok(&berth(
         &[&["classify", "--model", &cls][..], &texts[..]].concat(),
     )));
-    let by_rows = json_lines(&ok(&berth(&[
-        "classify",
-        "--model",
-        &cls,
-        "--input",
-        &csv,
+    let from_csv = ["classify", "--model", &cls, "--input", &csv];
+    let with = |extra: &[&str]| berth(&[&from_csv[..], extra].concat());
+    let by_rows = json_lines(&ok(&with(&[
         "--id-column",
         "id",
         "--keep-columns",
@@ -769,15 +766,7 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
     assert_eq!(rows[1]["id"], 6);
     // Errors name file and line.
     fails_with(
-        &berth(&[
-            "classify",
-            "--model",
-            &cls,
-            "--input",
-            &csv,
-            "--text-column",
-            "nope",
-        ]),
+        &with(&["--text-column", "nope"]),
         &["in.csv:1", "no column \"nope\"", "id, text, label"],
     );
     let empty = write(d, "empty.tsv", "text\tid\nok\t1\n\t2\n");
@@ -791,29 +780,11 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
         &["ragged.csv:3"],
     );
     fails_with(
-        &berth(&[
-            "classify",
-            "--model",
-            &cls,
-            "--input",
-            &csv,
-            "--keep-columns",
-            "label,index",
-        ]),
+        &with(&["--keep-columns", "label,index"]),
         &["--keep-columns \"index\"", "already"],
     );
     fails_with(
-        &berth(&[
-            "classify",
-            "--model",
-            &cls,
-            "--input",
-            &csv,
-            "--id-column",
-            "id",
-            "--keep-columns",
-            "id",
-        ]),
+        &with(&["--id-column", "id", "--keep-columns", "id"]),
         &["--keep-columns \"id\""],
     );
     let unterminated = write(d, "quote.csv", "text\nok\n\"never closed\nmore\n");
