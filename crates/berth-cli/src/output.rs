@@ -21,6 +21,12 @@ enum Sink {
     },
 }
 
+/// One vector's values, borrowed.
+enum Values<'a> {
+    Floats(&'a [f32]),
+    Ints(&'a [i32]),
+}
+
 /// The output of one `berth embed` run.
 pub struct Output {
     sink: Sink,
@@ -94,7 +100,7 @@ impl Output {
 
     /// Adds text `index`'s vector.
     pub fn vector(&mut self, index: usize, v: &[f32]) -> anyhow::Result<()> {
-        self.stored(index, &Quantized::Floats(v.to_vec()), VectorDtype::F32)
+        self.write(index, Values::Floats(v), VectorDtype::F32)
     }
 
     /// Adds text `index`'s vector in storage format `dtype` (`q` from
@@ -105,12 +111,21 @@ impl Output {
         q: &Quantized,
         dtype: VectorDtype,
     ) -> anyhow::Result<()> {
+        let values = match q {
+            Quantized::Floats(f) => Values::Floats(f),
+            Quantized::Ints(i) => Values::Ints(i),
+        };
+        self.write(index, values, dtype)
+    }
+
+    /// Adds one vector's values (f32 vectors are written without a copy).
+    fn write(&mut self, index: usize, q: Values<'_>, dtype: VectorDtype) -> anyhow::Result<()> {
         let name = &self.name;
         match &mut self.sink {
             Sink::Lines(w) => {
                 let embedding = match q {
-                    Quantized::Floats(f) => serde_json::to_string(f)?,
-                    Quantized::Ints(i) => serde_json::to_string(i)?,
+                    Values::Floats(f) => serde_json::to_string(f)?,
+                    Values::Ints(i) => serde_json::to_string(i)?,
                 };
                 let text = crate::input::with_meta(
                     format!("{{\"index\":{index},\"embedding\":{embedding}}}"),
@@ -124,8 +139,8 @@ impl Output {
                 dtype: kind,
             } => {
                 let n = match q {
-                    Quantized::Floats(f) => f.len(),
-                    Quantized::Ints(i) => i.len(),
+                    Values::Floats(f) => f.len(),
+                    Values::Ints(i) => i.len(),
                 };
                 if *dim.get_or_insert(n) != n {
                     anyhow::bail!(
@@ -134,18 +149,18 @@ impl Output {
                 }
                 *kind = dtype;
                 match (q, dtype) {
-                    (Quantized::Floats(f), VectorDtype::F16) => {
+                    (Values::Floats(f), VectorDtype::F16) => {
                         for &x in f {
                             data.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
                         }
                     }
-                    (Quantized::Floats(f), _) => {
+                    (Values::Floats(f), _) => {
                         for &x in f {
                             data.extend_from_slice(&x.to_le_bytes());
                         }
                     }
                     // Bytes: int8 values are -128..=127, uint8 0..=255.
-                    (Quantized::Ints(i), _) => data.extend(i.iter().map(|&x| x as u8)),
+                    (Values::Ints(i), _) => data.extend(i.iter().map(|&x| x as u8)),
                 }
             }
         }
