@@ -69,7 +69,7 @@ def run_trainer(task, train, dev, epochs):
         tmp.write_text(r.pop("conll") + "\n")
         rep = json.loads(subprocess.run([str(BERTH), "eval", "--task", "ner", "--gold", str(tmp), "--json"],
                                         check=True, capture_output=True, text=True).stdout)
-        r["f1"] = rep["f1"] / 100
+        r["f1"] = rep["f1"]
     return r
 
 

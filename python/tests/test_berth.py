@@ -232,3 +232,42 @@ def test_bad_inputs_raise_the_right_exceptions(tmp_path):
         berth.pipeline("fill-mask", model=tiny("bert-mlm"))("no mask here")
     with pytest.raises(ValueError, match="token-classification|token classification"):
         berth.pipeline("ner", model=task_model("bert-classify"))("x")
+
+
+# ---- The CLI's Parquet files, read and written by pyarrow ---------------------------------
+
+
+def test_cli_parquet_files_round_trip_through_pyarrow(tmp_path):
+    """`berth embed --output X.parquet` as pyarrow reads it (the JSON Lines output's ids and
+    vectors, float32 bit for bit), and a pyarrow-written Parquet `--input` (pandas-style
+    dictionary strings, zstd) read as the same rows."""
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import berth_bin
+
+    table = pa.table({
+        "doc": pa.array(["d1", "d2", "d3"]).dictionary_encode(),
+        "body": TEXTS,
+        "year": [2001, 2002, None],
+    })
+    src = tmp_path / "in.parquet"
+    pq.write_table(table, src, compression="zstd")
+    args = ["embed", "--model", minilm(), "--input", str(src), "--text-column", "body",
+            "--id-column", "doc", "--keep-columns", "year"]
+    lines = cli(*args)
+    assert [l["id"] for l in lines] == ["d1", "d2", "d3"]
+    assert [l["year"] for l in lines] == [2001, 2002, None]
+    out = tmp_path / "out.parquet"
+    run = subprocess.run([berth_bin(), *args, "--output", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = pq.read_table(out)
+    assert got.column_names == ["index", "id", "year", "embedding"]
+    assert pa.types.is_fixed_size_list(got.schema.field("embedding").type)
+    assert got.column("index").to_pylist() == [0, 1, 2]
+    assert got.column("id").to_pylist() == ["d1", "d2", "d3"]
+    assert got.column("year").to_pylist() == [2001, 2002, None]
+    vectors = np.array(got.column("embedding").to_pylist(), dtype=np.float32)
+    want = np.array([l["embedding"] for l in lines], dtype=np.float32)
+    assert vectors.shape == (3, 384) and np.array_equal(vectors, want)

@@ -405,10 +405,12 @@ fn ner(a: &EvalArgs, gold_path: &str) -> anyhow::Result<()> {
     };
     if a.json {
         let mut v = serde_json::to_value(&r)?;
-        v["precision"] = json!(r.overall.precision());
-        v["recall"] = json!(r.overall.recall());
-        v["f1"] = json!(r.overall.f1());
-        v["accuracy"] = json!(r.accuracy());
+        // Fractions in [0, 1] like every berth metric; the text report is conlleval's own
+        // (percentages).
+        v["precision"] = json!(r.overall.precision() / 100.0);
+        v["recall"] = json!(r.overall.recall() / 100.0);
+        v["f1"] = json!(r.overall.f1() / 100.0);
+        v["accuracy"] = json!(r.accuracy() / 100.0);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", r.report());
@@ -484,7 +486,7 @@ fn qa(gold_path: &str, pred_path: &str) -> anyhow::Result<Value> {
         bail!("{gold_path}: no questions");
     }
     Ok(
-        json!({"exact_match": 100.0 * em / n as f64, "f1": 100.0 * f1 / n as f64, "questions": n, "unanswered": missing}),
+        json!({"exact_match": em / n as f64, "f1": f1 / n as f64, "questions": n, "unanswered": missing}),
     )
 }
 

@@ -180,7 +180,6 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
         indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
             .expect("valid progress template; this is a bug"),
     );
-    let (mut losses, mut evals): (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
     let mut objective = berth_train::objectives::build(&cfg.task);
     let metric = objective.main_metric();
     let best = train_loop::train(
@@ -216,7 +215,6 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
                         bar.set_message(shown);
                     }
                 }
-                losses.push((*step as f64, *loss));
             }
             Event::Eval { step, epoch, eval } => {
                 let shown: Vec<String> = eval
@@ -231,25 +229,16 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
                     Some(LogFormat::Text) => eprintln!("{line}"),
                     None => bar.println(line),
                 }
-                evals.push((
-                    *step as f64,
-                    eval.get(metric)
-                        .and_then(|v| v.as_f64())
-                        .unwrap_or(f64::NAN),
-                ));
             }
         },
     )
     .context(command)?;
     bar.finish_and_clear();
-    // Blue: training loss; orange: the dev metric (each on its own scale).
-    let png = cfg.run.output.join("curve.png");
-    berth_train::plot::write_curves(&png, &[(&losses, [31, 119, 180]), (&evals, [255, 127, 14])])?;
+    // The whole run's history (a resumed run's too), from metrics.jsonl.
+    let title = format!("berth {command}: {}", cfg.run.output.display());
+    let png = berth_train::plot::write_run_curve(&cfg.run.output, metric, &title)?;
     eprintln!("best checkpoint (dev {metric}): {}", best.display());
-    eprintln!(
-        "curve: {} (blue: training loss, orange: dev {metric})",
-        png.display()
-    );
+    eprintln!("curve: {}", png.display());
     println!("{}", best.display());
     Ok(())
 }

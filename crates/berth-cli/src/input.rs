@@ -17,15 +17,15 @@ pub struct TextArgs {
     #[arg(long)]
     pub no_truncate: bool,
     /// Read texts from FILE (`-` = stdin): one per line, or rows of a CSV / TSV file with
-    /// a header or of a JSON Lines file (see --format, --text-column).
+    /// a header, a JSON Lines file or a Parquet file (see --format, --text-column).
     #[arg(long)]
     pub input: Option<String>,
-    /// How --input is read; default: by its extension (.csv, .tsv, .jsonl / .json), else
-    /// one text per line.
+    /// How --input is read; default: by its extension (.csv, .tsv, .jsonl / .json,
+    /// .parquet), else one text per line.
     #[arg(long, value_enum)]
     pub format: Option<InputFormat>,
-    /// Column of a CSV / TSV / JSON Lines --input holding the text: header name (JSON Lines:
-    /// field) or 0-based index. Default: text.
+    /// Column of a CSV / TSV / JSON Lines / Parquet --input holding the text: header name
+    /// (JSON Lines: field) or 0-based index. Default: text.
     #[arg(long)]
     pub text_column: Option<String>,
     /// classify --pair: the column holding each row's second text.
@@ -128,7 +128,7 @@ impl TextArgs {
             || !self.keep_columns.is_empty();
         if format == InputFormat::Lines || self.input.is_none() {
             if columns {
-                bail!("--text-column / --pair-column / --id-column / --keep-columns need a CSV, TSV or JSON Lines --input (or --format)");
+                bail!("--text-column / --pair-column / --id-column / --keep-columns need a CSV, TSV, JSON Lines or Parquet --input (or --format)");
             }
             let (texts, from_file) = read_texts(self.input.as_deref(), args)?;
             if from_file {
@@ -166,6 +166,8 @@ pub enum InputFormat {
     Tsv,
     /// One JSON object per line.
     Jsonl,
+    /// An Apache Parquet file (rows numbered from 1 in errors).
+    Parquet,
 }
 
 impl InputFormat {
@@ -178,6 +180,7 @@ impl InputFormat {
             Some("csv") => InputFormat::Csv,
             Some("tsv") => InputFormat::Tsv,
             Some("jsonl") | Some("json") => InputFormat::Jsonl,
+            Some("parquet") => InputFormat::Parquet,
             _ => InputFormat::Lines,
         }
     }
@@ -232,39 +235,19 @@ fn open_input(path: &str) -> anyhow::Result<(&str, Box<dyn BufRead>)> {
     Ok((path, Box::new(std::io::BufReader::new(f))))
 }
 
-/// The 1-based line where a quoted CSV field opens and never closes (RFC 4180: a quote
-/// opens a field only at its start; inside, a doubled quote is a literal quote).
-fn unterminated_quote(bytes: &[u8]) -> Option<usize> {
-    let (mut line, mut opened_at, mut quoted, mut field_start) = (1, 0, false, true);
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if quoted {
-            if b == b'"' {
-                if bytes.get(i + 1) == Some(&b'"') {
-                    i += 1;
-                } else {
-                    quoted = false;
-                }
-            }
-        } else if b == b'"' && field_start {
-            quoted = true;
-            opened_at = line;
-        }
-        if b == b'\n' {
-            line += 1;
-        }
-        field_start = !quoted && (b == b',' || b == b'\n' || b == b'\r');
-        i += 1;
-    }
-    quoted.then_some(opened_at)
-}
-
 /// Reads a CSV / TSV (header row) or JSON Lines file into inputs, naming file and line in
 /// every error: a missing column, a short row, an empty text.
 fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<Inputs> {
     use serde_json::Value;
-    let (name, reader) = open_input(path)?;
+    let name = if path == "-" { "<stdin>" } else { path };
+    // Where a row is: `FILE:LINE`, or `FILE: row N` in a Parquet file (no lines).
+    let at = |line: u64| {
+        if format == InputFormat::Parquet {
+            format!("{name}: row {line}")
+        } else {
+            format!("{name}:{line}")
+        }
+    };
     let text_col = a.text_column.clone().unwrap_or_else(|| "text".into());
     // (output key, column) for each kept column; the id goes out as "id".
     let mut kept: Vec<(String, String)> = a
@@ -290,9 +273,9 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
         let text = |col: &str| -> anyhow::Result<String> {
             match get(col) {
                 Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
-                Some(Value::String(_)) => bail!("{name}:{line}: empty text in column {col:?}"),
+                Some(Value::String(_)) => bail!("{}: empty text in column {col:?}", at(line)),
                 Some(Value::Number(n)) => Ok(n.to_string()),
-                _ => bail!("{name}:{line}: no text in column {col:?}"),
+                _ => bail!("{}: no text in column {col:?}", at(line)),
             }
         };
         out.texts.push(text(&text_col)?);
@@ -301,13 +284,16 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
         }
         let mut m = serde_json::Map::new();
         for (key, col) in &kept {
-            let v = get(col).with_context(|| format!("{name}:{line}: no column {col:?}"))?;
+            let v = get(col).with_context(|| format!("{}: no column {col:?}", at(line)))?;
             m.insert(key.clone(), v);
         }
         out.meta.push(m);
         Ok(())
     };
-    if format == InputFormat::Jsonl {
+    if format == InputFormat::Parquet {
+        read_parquet(path, &text_col, a.pair_column.as_deref(), &kept, &mut push)?;
+    } else if format == InputFormat::Jsonl {
+        let (_, reader) = open_input(path)?;
         let lines = read_lines_from(reader, name)?;
         for (i, l) in lines
             .iter()
@@ -322,13 +308,14 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
     } else {
         // The whole table is read first: the csv crate reads an unterminated quoted field to
         // the end of the file as one field, so the quotes are checked before it parses.
+        let (_, reader) = open_input(path)?;
         let mut bytes = Vec::new();
         let mut reader = reader;
         reader
             .read_to_end(&mut bytes)
             .with_context(|| format!("{name}: cannot read"))?;
         if format == InputFormat::Csv {
-            if let Some(line) = unterminated_quote(&bytes) {
+            if let Some(line) = berth_text::limits::unterminated_csv_quote(&bytes) {
                 bail!("{name}:{line}: unterminated quoted field");
             }
         }
@@ -382,6 +369,38 @@ fn read_table(path: &str, format: InputFormat, a: &TextArgs) -> anyhow::Result<I
         bail!("{name}: no input rows");
     }
     Ok(out)
+}
+
+/// The rows of a Parquet `--input`, handed to `push` with their 1-based row numbers.
+#[cfg(feature = "parquet")]
+fn read_parquet(
+    path: &str,
+    text_col: &str,
+    pair_col: Option<&str>,
+    kept: &[(String, String)],
+    push: &mut dyn FnMut(u64, &dyn Fn(&str) -> Option<serde_json::Value>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut wanted: Vec<&str> = vec![text_col];
+    wanted.extend(pair_col);
+    wanted.extend(kept.iter().map(|(_, c)| c.as_str()));
+    wanted.dedup();
+    let table = crate::parquet_io::read_columns(path, &wanted)?;
+    for row in 0..table.rows {
+        let get = |col: &str| table.columns.get(col).and_then(|c| c.get(row)).cloned();
+        push(row as u64 + 1, &get)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "parquet"))]
+fn read_parquet(
+    path: &str,
+    _: &str,
+    _: Option<&str>,
+    _: &[(String, String)],
+    _: &mut dyn FnMut(u64, &dyn Fn(&str) -> Option<serde_json::Value>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    bail!("{path}: this berth was built without Parquet support (cargo feature `parquet`)")
 }
 
 /// Longest input line accepted. The whole file is never read before its lines are checked,

@@ -25,7 +25,10 @@ mod finetune;
 mod input;
 mod inspect;
 mod output;
+#[cfg(feature = "parquet")]
+mod parquet_io;
 mod pretrain;
+mod quantize;
 use berth_tasks::resolve;
 mod search;
 mod serve;
@@ -77,6 +80,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Architecture, sizes, parameter count, tokenizer and heads of a model.
     Inspect(inspect::InspectArgs),
+    /// A copy of a model with its encoder matrices stored as int8 (berth-specific) or bf16:
+    /// smaller on disk, loaded without quantizing.
+    Quantize(quantize::QuantizeArgs),
     /// Throughput of berth against PyTorch and ONNX Runtime (when installed) in one run.
     Bench(bench::BenchArgs),
     /// Pretraining: masked-LM (with NSP / SOP) or ELECTRA replaced-token detection, from
@@ -119,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
         Command::Pretrain(a) => pretrain::run(a),

@@ -1,7 +1,8 @@
 //! Where `berth embed` writes: stdout, or a file written through a temporary name beside it
 //! and renamed when complete (a killed or failed run leaves the old file as it was, never a
-//! half-written one). A `.npy` file holds the vectors as one float32 `n × d` array, as
-//! `numpy.load` reads it; anything else is JSON Lines.
+//! half-written one). A `.npy` file holds the vectors as one `n × d` array, as
+//! `numpy.load` reads it; a `.parquet` file a table of index, ids / kept columns and a
+//! fixed-size-list `embedding` column; anything else is JSON Lines.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,12 +14,20 @@ enum Sink {
     /// JSON Lines (file or stdout).
     Lines(Box<dyn Write>),
     /// Row-major vectors of `dim` elements (little-endian bytes of `dtype`), written as .npy
-    /// at the end.
-    Npy {
+    /// or Parquet at the end.
+    Array {
         data: Vec<u8>,
         dim: Option<usize>,
         dtype: VectorDtype,
+        format: ArrayFile,
     },
+}
+
+/// The file an array output is written as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ArrayFile {
+    Npy,
+    Parquet,
 }
 
 /// One vector's values, borrowed.
@@ -57,17 +66,28 @@ impl Output {
             .to_string_lossy()
             .into_owned();
         let tmp = dst.with_file_name(format!(".{name}.partial"));
-        let npy = dst.extension().is_some_and(|e| e == "npy");
-        if npy && per_token {
+        let ext = dst
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let array = match ext.as_deref() {
+            Some("npy") => Some(ArrayFile::Npy),
+            Some("parquet") if cfg!(feature = "parquet") => Some(ArrayFile::Parquet),
+            Some("parquet") => anyhow::bail!(
+                "{p}: this berth was built without Parquet support (cargo feature `parquet`)"
+            ),
+            _ => None,
+        };
+        if array.is_some() && per_token {
             anyhow::bail!(
-                "{p}: a .npy file holds one vector per text: --pooling none writes JSON Lines"
+                "{p}: an array file holds one vector per text: --pooling none writes JSON Lines"
             );
         }
-        let sink = if npy {
-            Sink::Npy {
+        let sink = if let Some(format) = array {
+            Sink::Array {
                 data: Vec::new(),
                 dim: None,
                 dtype: VectorDtype::F32,
+                format,
             }
         } else {
             let f = std::fs::File::create(&tmp)
@@ -82,15 +102,22 @@ impl Output {
         })
     }
 
-    /// Fields each input's line carries besides its own (`--id-column`, `--keep-columns`);
-    /// a `.npy` array has no place for them.
+    /// Fields each input's line carries besides its own (`--id-column`, `--keep-columns`):
+    /// JSON Lines fields or Parquet columns; a `.npy` array has no place for them.
     pub fn set_meta(
         &mut self,
         meta: Vec<serde_json::Map<String, serde_json::Value>>,
     ) -> anyhow::Result<()> {
-        if matches!(self.sink, Sink::Npy { .. }) && meta.iter().any(|m| !m.is_empty()) {
+        let npy = matches!(
+            self.sink,
+            Sink::Array {
+                format: ArrayFile::Npy,
+                ..
+            }
+        );
+        if npy && meta.iter().any(|m| !m.is_empty()) {
             anyhow::bail!(
-                "{}: a .npy array holds vectors only: --id-column / --keep-columns need JSON Lines output",
+                "{}: a .npy array holds vectors only: --id-column / --keep-columns need JSON Lines or Parquet output",
                 self.name
             );
         }
@@ -133,10 +160,11 @@ impl Output {
                 );
                 writeln!(w, "{text}").with_context(|| format!("writing to {name}"))?;
             }
-            Sink::Npy {
+            Sink::Array {
                 data,
                 dim,
                 dtype: kind,
+                ..
             } => {
                 let n = match q {
                     Values::Floats(f) => f.len(),
@@ -144,7 +172,7 @@ impl Output {
                 };
                 if *dim.get_or_insert(n) != n {
                     anyhow::bail!(
-                        "vectors of different sizes cannot share one .npy array; this is a bug"
+                        "vectors of different sizes cannot share one array; this is a bug"
                     );
                 }
                 *kind = dtype;
@@ -174,20 +202,37 @@ impl Output {
             Sink::Lines(w) => {
                 Ok(writeln!(w, "{json}").with_context(|| format!("writing to {name}"))?)
             }
-            Sink::Npy { .. } => unreachable!("refused at open; this is a bug"),
+            Sink::Array { .. } => unreachable!("refused at open; this is a bug"),
         }
     }
 
-    /// Completes the output: flushes, writes the .npy array, renames the file into place.
+    /// Completes the output: flushes, writes the array file, renames the file into place.
     pub fn finish(mut self) -> anyhow::Result<()> {
         let sink = std::mem::replace(&mut self.sink, Sink::Lines(Box::new(std::io::sink())));
         match sink {
             Sink::Lines(mut w) => w
                 .flush()
                 .with_context(|| format!("writing to {}", self.name))?,
-            Sink::Npy { data, dim, dtype } => {
-                let (_, tmp) = self.file.as_ref().expect("npy outputs are files");
-                write_npy(tmp, &data, dim.unwrap_or(0), dtype)?;
+            Sink::Array {
+                data,
+                dim,
+                dtype,
+                format,
+            } => {
+                let (_, tmp) = self.file.as_ref().expect("array outputs are files");
+                match format {
+                    ArrayFile::Npy => write_npy(tmp, &data, dim.unwrap_or(0), dtype)?,
+                    #[cfg(feature = "parquet")]
+                    ArrayFile::Parquet => crate::parquet_io::write_vectors(
+                        tmp,
+                        &data,
+                        dim.unwrap_or(0),
+                        dtype,
+                        &self.meta,
+                    )?,
+                    #[cfg(not(feature = "parquet"))]
+                    ArrayFile::Parquet => unreachable!("refused at open"),
+                }
             }
         }
         if let Some((dst, tmp)) = self.file.take() {

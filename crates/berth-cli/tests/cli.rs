@@ -121,6 +121,50 @@ fn int8_embeddings_stay_close_to_sentence_transformers() {
     assert!(lowest >= 0.99, "lowest cosine {lowest}");
 }
 
+/// `berth quantize --dtype int8` writes a smaller checkpoint that gives, under `--dtype int8`,
+/// exactly the outputs of quantizing the original at load (embeddings and a classifier).
+#[test]
+fn quantized_checkpoints_give_the_outputs_of_quantize_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let minilm = minilm_dir();
+    let classifier = task_model("bert-classify");
+    let texts = ["The cat sits outside.", "A man is playing guitar.", "ok"];
+    for (src, cmd) in [(minilm.to_str().unwrap(), "embed"), (&classifier[..], "classify")] {
+        let out = tmp.path().join(format!("{cmd}-int8"));
+        let out_s = out.to_str().unwrap();
+        let quantized = berth(&["quantize", src, out_s, "--dtype", "int8"]);
+        ok(&quantized);
+        let note = String::from_utf8_lossy(&quantized.stderr);
+        assert!(note.contains("encoder matrices in int8"), "{note}");
+        let run = |model: &str| ok(&berth(&[&[cmd, "--model", model, "--dtype", "int8"][..], &texts].concat()));
+        let (at_load, stored) = (run(src), run(out_s));
+        assert!(!at_load.is_empty());
+        assert_eq!(at_load, stored, "{cmd}: quantized checkpoint differs from quantize-at-load");
+        let size = |d: &std::path::Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
+        let (before, after) = (size(std::path::Path::new(src)), size(&out));
+        assert!(after < before, "{cmd}: {after} >= {before} bytes");
+        // The tokenizer and sentence-transformers files come along: the folder is a model.
+        for f in std::fs::read_dir(src).unwrap() {
+            let f = f.unwrap().file_name();
+            assert!(out.join(&f).exists(), "{cmd}: {f:?} not copied");
+        }
+    }
+    // MiniLM's six layers of int8 matrices: about 31 MB fewer than f32 (90.9 MB file).
+    let q = std::fs::metadata(tmp.path().join("embed-int8/model.safetensors")).unwrap().len();
+    let f = std::fs::metadata(minilm.join("model.safetensors")).unwrap().len();
+    assert!(f - q > 30_000_000, "{f} -> {q}");
+    // A quantized checkpoint is not quantized again, and an existing folder is not overwritten.
+    let q8 = tmp.path().join("embed-int8");
+    fails_with(
+        &berth(&["quantize", q8.to_str().unwrap(), tmp.path().join("x").to_str().unwrap(), "--dtype", "bf16"]),
+        &["already quantized"],
+    );
+    fails_with(
+        &berth(&["quantize", minilm.to_str().unwrap(), q8.to_str().unwrap(), "--dtype", "int8"]),
+        &["exists"],
+    );
+}
+
 #[test]
 fn embed_arguments_and_the_default_model_agree() {
     let dir = minilm_dir();
@@ -616,6 +660,126 @@ fn rerank_eval_reports_queries_missing_from_the_run() {
     );
 }
 
+/// The `index`, `id` (if any) and `embedding` columns of a Parquet file `berth embed` wrote,
+/// read with the parquet crate's Arrow reader.
+fn read_parquet_vectors(path: &std::path::Path) -> (Vec<i64>, Option<Vec<String>>, Vec<Vec<f64>>) {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float16Type, Float32Type, Int64Type, Int8Type, UInt8Type};
+    use arrow_array::Array;
+    use arrow_schema::DataType;
+    let f = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (mut index, mut ids, mut vectors) = (Vec::new(), None::<Vec<String>>, Vec::new());
+    for batch in reader {
+        let batch = batch.unwrap();
+        index.extend(batch.column_by_name("index").unwrap().as_primitive::<Int64Type>().values());
+        if let Some(id) = batch.column_by_name("id") {
+            let id = id.as_string::<i32>();
+            ids.get_or_insert_with(Vec::new)
+                .extend((0..id.len()).map(|i| id.value(i).to_string()));
+        }
+        let list = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
+        for r in 0..list.len() {
+            let v = list.value(r);
+            let row: Vec<f64> = match v.data_type() {
+                DataType::Float32 => v.as_primitive::<Float32Type>().values().iter().map(|&x| x as f64).collect(),
+                DataType::Float16 => v.as_primitive::<Float16Type>().values().iter().map(|x| x.to_f64()).collect(),
+                DataType::Int8 => v.as_primitive::<Int8Type>().values().iter().map(|&x| x as f64).collect(),
+                DataType::UInt8 => v.as_primitive::<UInt8Type>().values().iter().map(|&x| x as f64).collect(),
+                t => panic!("embedding element type {t}"),
+            };
+            vectors.push(row);
+        }
+    }
+    (index, ids, vectors)
+}
+
+/// Parquet in and out: `embed --output FILE.parquet` holds the JSON Lines output's index,
+/// ids, kept columns and vectors (f32 exactly); a Parquet `--input` gives the rows a CSV of
+/// the same table gives; bad Parquet inputs are clean errors naming the file.
+#[test]
+fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = minilm_dir().to_string_lossy().into_owned();
+    let (ids, texts) = (
+        [7i64, 3, 11],
+        ["The cat sits outside.", "A man, with \"quotes\", plays guitar.", "stocks fell"],
+    );
+    // The table as CSV and as Parquet (written by the arrow writer, dictionary-encoded and
+    // zstd-compressed: not the settings berth writes with).
+    let csv = tmp.path().join("rows.csv");
+    let mut text = String::from("id,sentence\n");
+    for (i, t) in ids.iter().zip(texts) {
+        text.push_str(&format!("{i},\"{}\"\n", t.replace('"', "\"\"")));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let write_parquet = |path: &std::path::Path, sentences: Vec<Option<&str>>| {
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
+            ("sentence", Arc::new(StringArray::from(sentences)) as ArrayRef),
+        ])
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+            .set_dictionary_enabled(true)
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            batch.schema(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    };
+    let pq_in = tmp.path().join("rows.parquet");
+    write_parquet(&pq_in, texts.iter().map(|t| Some(*t)).collect());
+    let run = |input: &std::path::Path, extra: &[&str]| {
+        let a = [&["embed", "--model", &model, "--input", input.to_str().unwrap(),
+                   "--text-column", "sentence", "--id-column", "id"][..], extra].concat();
+        berth(&a)
+    };
+    let from_csv = ok(&run(&csv, &[]));
+    let from_parquet = ok(&run(&pq_in, &[]));
+    // CSV ids are strings, Parquet's int64 numbers: the vectors and order agree.
+    let (a, b) = (json_lines(&from_csv), json_lines(&from_parquet));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["embedding"], y["embedding"]);
+        assert_eq!(x["id"].as_str().unwrap(), y["id"].as_i64().unwrap().to_string());
+    }
+    // Parquet out: the JSON Lines values, f32 for f32.
+    let out = tmp.path().join("out.parquet");
+    ok(&run(&csv, &["--output", out.to_str().unwrap()]));
+    let (index, got_ids, vectors) = read_parquet_vectors(&out);
+    assert_eq!(index, vec![0, 1, 2]);
+    assert_eq!(got_ids.unwrap(), ["7", "3", "11"]);
+    for (v, line) in vectors.iter().zip(&a) {
+        let want: Vec<f64> = floats(&line["embedding"]).iter().map(|&x| x as f64).collect();
+        assert_eq!(v, &want);
+    }
+    // Bad inputs.
+    let not_parquet = tmp.path().join("fake.parquet");
+    std::fs::write(&not_parquet, "id,sentence\n1,hi\n").unwrap();
+    fails_with(&run(&not_parquet, &[]), &["fake.parquet", "not a readable Parquet file"]);
+    fails_with(
+        &berth(&["embed", "--model", &model, "--input", pq_in.to_str().unwrap()]),
+        &["rows.parquet", "no column \"text\"", "sentence"],
+    );
+    let holes = tmp.path().join("holes.parquet");
+    write_parquet(&holes, vec![Some("fine"), None, Some("")]);
+    fails_with(&run(&holes, &[]), &["holes.parquet: row 2", "no text in column \"sentence\""]);
+    // A failed run leaves no output file behind.
+    let never = tmp.path().join("never.parquet");
+    fails_with(&run(&holes, &["--output", never.to_str().unwrap()]), &["row 2"]);
+    assert!(!never.exists());
+}
+
 /// `embed --output-dtype`: the vectors `berth embed` gives in f32, stored as
 /// sentence-transformers' `quantize_embeddings` stores them (the quantizer itself is checked
 /// against sentence-transformers in berth-tasks), in JSON Lines and in .npy arrays of the
@@ -648,7 +812,8 @@ fn embed_stores_quantized_vectors() {
         let want: Vec<Quantized> = f32s.iter().map(|v| quantize(v, dtype, Some(&r))).collect();
         let jsonl = tmp.path().join(format!("{name}.jsonl"));
         let npy = tmp.path().join(format!("{name}.npy"));
-        for out in [&jsonl, &npy] {
+        let parquet = tmp.path().join(format!("{name}.parquet"));
+        for out in [&jsonl, &npy, &parquet] {
             let mut a = args.clone();
             a.extend(["--output-dtype", name, "--output", out.to_str().unwrap()]);
             ok(&berth(&a));
@@ -699,6 +864,9 @@ fn embed_stores_quantized_vectors() {
             })
             .collect();
         assert_eq!(flat, want_flat, "{name} .npy");
+        let (index, _, vectors) = read_parquet_vectors(&parquet);
+        assert_eq!(index, (0..texts.len() as i64).collect::<Vec<_>>());
+        assert_eq!(vectors.concat(), want_flat, "{name} .parquet");
         let ranges_file = tmp.path().join(format!("{name}.npy.ranges.json"));
         assert_eq!(ranges_file.exists(), dtype.needs_ranges(), "{name}");
     }

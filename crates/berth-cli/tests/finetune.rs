@@ -422,7 +422,7 @@ fn question_answering_fine_tunes_and_answers() {
         .map(|e| e["eval"]["f1"].as_f64().unwrap())
         .collect();
     assert!(
-        f1.iter().cloned().fold(0.0, f64::max) > f1[0] + 10.0 || f1[0] > 80.0,
+        f1.iter().cloned().fold(0.0, f64::max) > f1[0] + 0.10 || f1[0] > 0.80,
         "dev F1 did not improve: {f1:?}"
     );
     let cfg: Value =
@@ -1105,8 +1105,8 @@ fn qa_evaluation_and_berth_qa_share_their_defaults() {
     let direct = eval_model(&[]);
     // The limit matters on these contexts: 30 tokens (transformers' run_qa) answers differently.
     let longer = eval_model(&["--max-answer-len", "30"]);
-    assert!(longer["exact_match"].as_f64().unwrap() < 100.0, "{longer}");
-    assert_eq!(direct["exact_match"].as_f64().unwrap(), 100.0, "{direct}");
+    assert!(longer["exact_match"].as_f64().unwrap() < 1.0, "{longer}");
+    assert_eq!(direct["exact_match"].as_f64().unwrap(), 1.0, "{direct}");
     for k in ["exact_match", "f1"] {
         let (a, b) = (scored[k].as_f64().unwrap(), direct[k].as_f64().unwrap());
         assert!(

@@ -413,7 +413,7 @@ fn eval_reproduces_conlleval_and_the_reference_metrics() {
     ])))
     .unwrap();
     let mean = |k: &str| {
-        100.0 * cases.iter().map(|c| c[k].as_f64().unwrap()).sum::<f64>() / cases.len() as f64
+        cases.iter().map(|c| c[k].as_f64().unwrap()).sum::<f64>() / cases.len() as f64
     };
     close(
         &got["exact_match"],
@@ -807,7 +807,7 @@ fn column_inputs_run_their_text_column_and_carry_ids() {
             "--id-column",
             "id",
         ]),
-        &["--id-column", "CSV, TSV or JSON Lines"],
+        &["--id-column", "CSV, TSV, JSON Lines or Parquet"],
     );
     let npy = d.join("v.npy");
     fails_with(

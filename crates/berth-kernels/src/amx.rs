@@ -113,7 +113,7 @@ pub fn from_bf16(v: u16) -> f32 {
 
 /// A weight matrix `W [O, I]` and bias `[O]` packed for [`linear_bf16`]: `W` in bf16 tiles,
 /// zero-padded to whole tiles; the bias in f32.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedBf16 {
     outputs: usize,
     inputs: usize,

@@ -30,4 +30,4 @@ pub use heads::{Head, HeadKind, MaskedLmHead, SequenceClassificationHead};
 pub use model::{LoadReport, Model};
 pub use modules::{LayerNorm, Linear, Packed, Precision};
 pub use names::mlm_head as mlm_head_keys;
-pub use weights::{Param, Weights};
+pub use weights::{Int8Weight, Int8Weights, Param, Weights};

@@ -156,6 +156,15 @@ impl Model {
         Ok(())
     }
 
+    /// The linear layers [`Self::set_precision`] packs, in order (what `berth quantize`
+    /// stores in the lower precision).
+    pub fn packed_linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.attn_out, &l.inter, &l.out])
+            .collect()
+    }
+
     /// Last hidden state `[N, H]` of a packed batch.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
         self.encode(batch, None, None)

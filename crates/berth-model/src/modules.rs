@@ -9,7 +9,7 @@ use berth_kernels::Activation;
 use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::weights::Weights;
+use crate::weights::{Int8Weight, Weights};
 
 /// The number format of the encoder's matrix products at inference. Everything else
 /// (embeddings, LayerNorm, softmax, activations, heads) stays f32.
@@ -52,6 +52,11 @@ pub struct Linear {
     /// The weight packed once for inference ([`Self::set_precision`]). Training never sets
     /// it: the packed copy does not follow updates to `weight`.
     pub packed: Option<Arc<Packed>>,
+    /// The weight as a quantized checkpoint stores it (`berth quantize --dtype int8`):
+    /// int8 packing uses these values and scales as they are instead of quantizing again.
+    pub int8: Option<Arc<Int8Weight>>,
+    /// The checkpoint keys `weight` came from (several when fused), in row order.
+    pub weight_keys: Vec<String>,
 }
 
 /// A linear layer's weight prepared for inference products.
@@ -72,6 +77,8 @@ impl Linear {
             weight: w.get(&format!("{name}.weight"), &[out, inp])?,
             bias: w.get(&format!("{name}.bias"), &[out])?,
             packed: None,
+            int8: w.int8(&[format!("{name}.weight")]),
+            weight_keys: vec![format!("{name}.weight")],
         })
     }
 
@@ -87,6 +94,8 @@ impl Linear {
             weight: w.get_fused(&key("weight"), &[out, inp])?,
             bias: w.get_fused(&key("bias"), &[out])?,
             packed: None,
+            int8: w.int8(&key("weight")),
+            weight_keys: key("weight"),
         })
     }
 
@@ -115,10 +124,13 @@ impl Linear {
                     &self.bias,
                 )?)))
             }
-            Precision::Int8 => Some(Arc::new(Packed::Int8(PackedI8::from_tensors(
-                &self.weight,
-                &self.bias,
-            )?))),
+            Precision::Int8 => Some(Arc::new(Packed::Int8(match &self.int8 {
+                Some(q) => {
+                    let bias = self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    PackedI8::from_quantized(&q.q, &q.scale, &bias, q.outputs, q.inputs)
+                }
+                None => PackedI8::from_tensors(&self.weight, &self.bias)?,
+            }))),
         };
         Ok(())
     }

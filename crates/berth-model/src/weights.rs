@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -35,9 +36,45 @@ impl Param {
     }
 }
 
+/// A weight stored quantized per output channel (`berth quantize --dtype int8`): key
+/// `NAME` holds `q` as safetensors I8 `[O, I]` and `NAME_scale` the f32 `scale [O]`, with
+/// `W[c, :] = scale[c] q[c, :]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Weight {
+    /// `[O, I]` row-major.
+    pub q: Vec<i8>,
+    /// `[O]`.
+    pub scale: Vec<f32>,
+    /// `O`.
+    pub outputs: usize,
+    /// `I`.
+    pub inputs: usize,
+}
+
+impl Int8Weight {
+    /// The key of the scale tensor beside the weight `name`.
+    pub fn scale_key(name: &str) -> String {
+        format!("{name}_scale")
+    }
+
+    /// `W = scale ⊙ q` as f32 `[O, I]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .chunks(self.inputs.max(1))
+            .zip(&self.scale)
+            .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
+            .collect()
+    }
+}
+
+/// int8 weights of a checkpoint by key.
+pub type Int8Weights = HashMap<String, Arc<Int8Weight>>;
+
 /// All tensors of a checkpoint, by key, as f32 on the CPU.
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Weights the checkpoint stores as int8 (their dequantized f32 values are in `tensors`).
+    int8: Int8Weights,
     source: PathBuf,
     used: RefCell<BTreeSet<String>>,
     params: Option<RefCell<Vec<Param>>>,
@@ -73,33 +110,91 @@ fn open_regular(path: &Path) -> Result<()> {
         .map_err(|e| corrupt(path, e))
 }
 
-fn read_safetensors(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()> {
+fn read_safetensors(
+    path: &Path,
+    out: &mut HashMap<String, Tensor>,
+    int8: &mut Int8Weights,
+) -> Result<()> {
     open_regular(path)?;
     let data = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.into(),
         error: source,
     })?;
-    out.extend(Weights::parse_safetensors(&data, path)?);
+    let (tensors, quantized) = Weights::parse_safetensors_int8(&data, path)?;
+    out.extend(tensors);
+    int8.extend(quantized);
     Ok(())
+}
+
+/// The int8 weight `name` (I8 `[O, I]`, bytes `data`) with its scale tensor from `scales`.
+fn int8_weight(
+    name: &str,
+    shape: &[usize],
+    data: &[u8],
+    scales: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<Int8Weight> {
+    let &[outputs, inputs] = shape else {
+        return Err(corrupt(
+            source,
+            format!("int8 tensor {name:?} has shape {shape:?}; only matrices [O, I] are stored as int8"),
+        ));
+    };
+    let key = Int8Weight::scale_key(name);
+    let scale = scales.get(&key).ok_or_else(|| {
+        corrupt(source, format!("int8 tensor {name:?} has no {key:?} beside it"))
+    })?;
+    if scale.dtype() != DType::F32 || scale.dims() != [outputs] {
+        return Err(corrupt(
+            source,
+            format!(
+                "{key:?} is {:?} {:?}; expected F32 [{outputs}]",
+                scale.dtype(),
+                scale.dims()
+            ),
+        ));
+    }
+    let scale = scale.to_vec1::<f32>()?;
+    if let Some(bad) = scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(corrupt(
+            source,
+            format!("{key:?} holds {bad}; scales must be finite and positive"),
+        ));
+    }
+    Ok(Int8Weight {
+        q: data.iter().map(|&b| b as i8).collect(),
+        scale,
+        outputs,
+        inputs,
+    })
 }
 
 impl Weights {
     /// Loads the weights of the model directory `dir` (see the module docs for the formats).
     pub fn from_dir(dir: &Path, trainable: bool) -> Result<Self> {
-        let (tensors, source) = Self::read_dir(dir)?;
-        Self::from_tensors(tensors, source, trainable)
+        let (tensors, int8, source) = Self::read_dir_int8(dir)?;
+        let mut w = Self::from_tensors(tensors, source, trainable)?;
+        w.int8 = int8;
+        Ok(w)
     }
 
-    /// Every tensor of the model directory `dir` by key, with the file they came from.
+    /// Every tensor of the model directory `dir` by key (int8 weights dequantized to f32),
+    /// with the file they came from.
     pub fn read_dir(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
+        Self::read_dir_int8(dir).map(|(t, _, source)| (t, source))
+    }
+
+    /// [`Self::read_dir`], and the int8 form of the weights the checkpoint stores as int8.
+    pub fn read_dir_int8(dir: &Path) -> Result<(HashMap<String, Tensor>, Int8Weights, PathBuf)> {
         let mut tensors = HashMap::new();
+        let mut int8 = HashMap::new();
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let bin = dir.join("pytorch_model.bin");
         // `exists`, not `is_file`: a directory or FIFO under a weight file's name is an
         // error about that file, not "no weights".
         let source = if single.exists() {
-            read_safetensors(&single, &mut tensors)?;
+            read_safetensors(&single, &mut tensors, &mut int8)?;
             single
         } else if index.exists() {
             let text = berth_text::limits::read_text(&index, berth_text::limits::MAX_JSON_BYTES)
@@ -128,7 +223,7 @@ impl Weights {
                 files.insert(f);
             }
             for f in files {
-                read_safetensors(&dir.join(f), &mut tensors)?;
+                read_safetensors(&dir.join(f), &mut tensors, &mut int8)?;
             }
             for key in map.keys() {
                 if !tensors.contains_key(key) {
@@ -148,21 +243,44 @@ impl Weights {
         } else {
             return Err(ModelError::NoWeights { dir: dir.into() });
         };
-        Ok((tensors, source))
+        Ok((tensors, int8, source))
     }
 
-    /// The tensors of safetensors bytes (a file's contents; `source` names it in errors).
+    /// The tensors of safetensors bytes (a file's contents; `source` names it in errors);
+    /// int8 weights come dequantized to f32.
     pub fn parse_safetensors(data: &[u8], source: &Path) -> Result<HashMap<String, Tensor>> {
+        Self::parse_safetensors_int8(data, source).map(|(t, _)| t)
+    }
+
+    /// [`Self::parse_safetensors`], and the int8 form of the weights stored as int8 (their
+    /// `NAME_scale` tensors are consumed, not returned).
+    pub fn parse_safetensors_int8(
+        data: &[u8],
+        source: &Path,
+    ) -> Result<(HashMap<String, Tensor>, Int8Weights)> {
         let st = candle_core::safetensors::SliceSafetensors::new(data)
             .map_err(|e| corrupt(source, e))?;
         let mut out = HashMap::new();
-        for (name, _) in st.tensors() {
+        let mut raw_int8 = Vec::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() == safetensors::Dtype::I8 {
+                raw_int8.push((name, view.shape().to_vec(), view.data()));
+                continue;
+            }
             let t = st
                 .load(&name, &Device::Cpu)
                 .map_err(|e| corrupt(source, e))?;
             out.insert(name, t);
         }
-        Ok(out)
+        let mut int8 = HashMap::new();
+        for (name, shape, data) in raw_int8 {
+            let w = int8_weight(&name, &shape, data, &out, source)?;
+            let t = Tensor::from_vec(w.dequantize(), (w.outputs, w.inputs), &Device::Cpu)?;
+            out.remove(&Int8Weight::scale_key(&name));
+            out.insert(name.clone(), t);
+            int8.insert(name, Arc::new(w));
+        }
+        Ok((out, int8))
     }
 
     /// Wraps tensors already in memory; `source` names them in errors.
@@ -215,6 +333,7 @@ impl Weights {
         }
         Ok(Weights {
             tensors: out,
+            int8: HashMap::new(),
             source,
             used: RefCell::new(BTreeSet::new()),
             params: trainable.then(|| RefCell::new(Vec::new())),
@@ -300,6 +419,25 @@ impl Weights {
             .map(|(i, n)| (n.clone(), Some((i * rows, rows))))
             .collect();
         self.register(fused, &names)
+    }
+
+    /// The int8 form of the weights `names` fused along rows, when the checkpoint stores
+    /// every one of them as int8 (inference loads only: a trainable load gets none).
+    pub fn int8(&self, names: &[String]) -> Option<Arc<Int8Weight>> {
+        if self.params.is_some() {
+            return None;
+        }
+        let parts: Vec<&Arc<Int8Weight>> =
+            names.iter().map(|n| self.int8.get(n)).collect::<Option<_>>()?;
+        match parts.as_slice() {
+            [one] => Some(Arc::clone(one)),
+            _ => Some(Arc::new(Int8Weight {
+                q: parts.iter().flat_map(|p| p.q.iter().copied()).collect(),
+                scale: parts.iter().flat_map(|p| p.scale.iter().copied()).collect(),
+                outputs: parts.iter().map(|p| p.outputs).sum(),
+                inputs: parts[0].inputs,
+            })),
+        }
     }
 
     /// Keys of the checkpoint no module asked for (the `position_ids` buffer older

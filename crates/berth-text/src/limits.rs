@@ -146,3 +146,33 @@ mod tests {
         assert!(memory_bytes().unwrap() > 1 << 20);
     }
 }
+
+/// The 1-based line where a quoted CSV field opens and never closes, if one does (RFC 4180:
+/// a quote opens a field only at its start; inside, a doubled quote is a literal quote).
+/// The `csv` crate reads such a field to the end of the file as one field, silently merging
+/// every row after it, so readers check this first.
+pub fn unterminated_csv_quote(bytes: &[u8]) -> Option<usize> {
+    let (mut line, mut opened_at, mut quoted, mut field_start) = (1, 0, false, true);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if quoted {
+            if b == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if b == b'"' && field_start {
+            quoted = true;
+            opened_at = line;
+        }
+        if b == b'\n' {
+            line += 1;
+        }
+        field_start = !quoted && (b == b',' || b == b'\n' || b == b'\r');
+        i += 1;
+    }
+    quoted.then_some(opened_at)
+}

@@ -300,7 +300,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
 }
 
 /// fsyncs a directory, so the names created or renamed in it survive a power loss.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(io(dir))

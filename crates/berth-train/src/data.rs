@@ -92,44 +92,29 @@ pub(crate) fn read_utf8(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Splits CSV text into records of fields (RFC 4180: quoted fields may hold commas, quotes
-/// doubled, and newlines), each with its 1-based starting line.
-fn csv_records(text: &str, path: &Path) -> Result<Vec<(usize, Vec<String>)>> {
-    let mut out = Vec::new();
-    let (mut field, mut record) = (String::new(), Vec::new());
-    let (mut quoted, mut line, mut start) = (false, 1, 1);
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            (true, '"') => quoted = false,
-            (true, c) => {
-                if c == '\n' {
-                    line += 1;
-                }
-                field.push(c);
-            }
-            (false, '"') if field.is_empty() => quoted = true,
-            (false, ',') => record.push(std::mem::take(&mut field)),
-            (false, '\r') if chars.peek() == Some(&'\n') => {}
-            (false, '\n') => {
-                record.push(std::mem::take(&mut field));
-                out.push((start, std::mem::take(&mut record)));
-                line += 1;
-                start = line;
-            }
-            (false, c) => field.push(c),
+/// The records of a CSV (RFC 4180 quoting: fields may hold commas, doubled quotes and
+/// newlines) or TSV (tabs, no quoting) text, read with the `csv` crate, each with its
+/// 1-based starting line. Rows may differ in length (the caller names the line).
+fn table_records(text: &str, path: &Path, tsv: bool) -> Result<Vec<(usize, Vec<String>)>> {
+    if !tsv {
+        if let Some(line) = berth_text::limits::unterminated_csv_quote(text.as_bytes()) {
+            return Err(data_err(path, line, "unterminated quoted field"));
         }
     }
-    if quoted {
-        return Err(data_err(path, start, "unterminated quoted field"));
-    }
-    if !field.is_empty() || !record.is_empty() {
-        record.push(field);
-        out.push((start, record));
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(if tsv { b'\t' } else { b',' })
+        .quoting(!tsv)
+        .from_reader(text.as_bytes());
+    let mut out = Vec::new();
+    for record in r.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line() as usize);
+            data_err(path, line, e.to_string())
+        })?;
+        let line = record.position().map_or(0, |p| p.line() as usize);
+        out.push((line, record.iter().map(str::to_string).collect()));
     }
     Ok(out)
 }
@@ -223,23 +208,7 @@ pub fn read_text_examples(
             }
         }
     } else {
-        let records: Vec<(usize, Vec<String>)> = if ext == "csv" {
-            csv_records(&text, path)?
-        } else {
-            text.lines()
-                .enumerate()
-                .map(|(i, l)| {
-                    (
-                        i + 1,
-                        l.strip_suffix('\r')
-                            .unwrap_or(l)
-                            .split('\t')
-                            .map(str::to_string)
-                            .collect(),
-                    )
-                })
-                .collect()
-        };
+        let records = table_records(&text, path, ext != "csv")?;
         let mut records = records
             .into_iter()
             .filter(|(_, r)| !(r.len() == 1 && r[0].trim().is_empty()));

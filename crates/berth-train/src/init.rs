@@ -385,7 +385,7 @@ fn is_weights_file(name: &str) -> bool {
 
 /// Copies the regular files of `src` (recursively) into the new folder `dst`, except the
 /// weights: the student's are written anew.
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir_all(dst).map_err(io(dst))?;
     for e in std::fs::read_dir(src).map_err(io(src))? {
         let e = e.map_err(io(src))?;

@@ -25,6 +25,7 @@ pub mod objective;
 pub mod objectives;
 pub mod optim;
 pub mod plot;
+pub mod quantize;
 pub mod pretrain;
 pub mod schedule;
 pub mod shards;

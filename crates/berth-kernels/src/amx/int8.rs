@@ -33,7 +33,7 @@ const TILE: usize = 16 * DEPTH;
 
 /// A weight `W [O, I]` quantized per output channel and packed in AMX int8 tiles, with its
 /// scales, channel sums and f32 bias.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedI8 {
     outputs: usize,
     inputs: usize,
@@ -50,7 +50,9 @@ pub struct PackedI8 {
 }
 
 /// Symmetric int8 quantization of one weight row: `(scale, values in [-127, 127])`.
-fn quantize_channel(w: &[f32]) -> (f32, Vec<i8>) {
+/// The scheme [`PackedI8::quantize`] applies per output channel (and `berth quantize`
+/// stores, so a quantized checkpoint packs to the same tiles).
+pub fn quantize_channel(w: &[f32]) -> (f32, Vec<i8>) {
     let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
     let inv = 1.0 / scale;
@@ -65,19 +67,34 @@ impl PackedI8 {
     /// Quantizes and packs `w [O, I]` (row-major) and `b [O]`.
     pub fn quantize(w: &[f32], b: &[f32], outputs: usize, inputs: usize) -> Self {
         assert_eq!(w.len(), outputs * inputs, "PackedI8::quantize: weight size");
-        assert_eq!(b.len(), outputs, "PackedI8::quantize: bias size");
+        let mut q = Vec::with_capacity(w.len());
+        let mut scale = Vec::with_capacity(outputs);
+        for row in w.chunks(inputs.max(1)).take(outputs) {
+            let (s, v) = quantize_channel(row);
+            scale.push(s);
+            q.extend(v);
+        }
+        Self::from_quantized(&q, &scale, b, outputs, inputs)
+    }
+
+    /// Packs a weight already quantized per output channel: `W[c, :] ≈ scale[c] q[c, :]`
+    /// (`q [O, I]` row-major, as [`quantize_channel`] makes it), with the bias `b [O]`.
+    pub fn from_quantized(q: &[i8], scale: &[f32], b: &[f32], outputs: usize, inputs: usize) -> Self {
+        assert_eq!(q.len(), outputs * inputs, "PackedI8::from_quantized: weight size");
+        assert_eq!(scale.len(), outputs, "PackedI8::from_quantized: scale size");
+        assert_eq!(b.len(), outputs, "PackedI8::from_quantized: bias size");
         let depth = inputs.div_ceil(DEPTH) * DEPTH;
         let out_pad = outputs.div_ceil(BLOCK) * BLOCK;
         let kb = depth / DEPTH;
         let mut tiles = vec![0i8; out_pad / 16 * kb * TILE];
-        let mut scale = vec![1f32; out_pad];
+        let mut scales = vec![1f32; out_pad];
         let mut sums = vec![0i32; out_pad];
         for o in 0..outputs {
-            let (s, q) = quantize_channel(&w[o * inputs..(o + 1) * inputs]);
-            scale[o] = s;
-            sums[o] = q.iter().map(|&v| v as i32).sum();
+            let row = &q[o * inputs..(o + 1) * inputs];
+            scales[o] = scale[o];
+            sums[o] = row.iter().map(|&v| v as i32).sum();
             let (t, col) = (o / 16, o % 16);
-            for (k, &v) in q.iter().enumerate() {
+            for (k, &v) in row.iter().enumerate() {
                 let (blk, within) = (k / DEPTH, k % DEPTH);
                 tiles[(t * kb + blk) * TILE + within / 4 * DEPTH + col * 4 + within % 4] = v;
             }
@@ -89,7 +106,7 @@ impl PackedI8 {
             inputs,
             depth,
             tiles,
-            scale,
+            scale: scales,
             sums,
             bias,
         }

@@ -302,10 +302,11 @@ impl Objective for Ner {
         }
         let r = metrics::conlleval::evaluate(conll.iter().map(String::as_str), ' ')
             .map_err(|e| TrainError::Config(format!("dev tags: line {}: {}", e.line, e.message)))?;
-        out.insert("precision".into(), r.overall.precision().into());
-        out.insert("recall".into(), r.overall.recall().into());
-        out.insert("f1".into(), r.overall.f1().into());
-        out.insert("accuracy".into(), r.accuracy().into());
+        // conlleval computes percentages; berth reports every metric as a fraction.
+        out.insert("precision".into(), (r.overall.precision() / 100.0).into());
+        out.insert("recall".into(), (r.overall.recall() / 100.0).into());
+        out.insert("f1".into(), (r.overall.f1() / 100.0).into());
+        out.insert("accuracy".into(), (r.accuracy() / 100.0).into());
         Ok(out)
     }
 

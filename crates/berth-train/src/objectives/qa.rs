@@ -254,8 +254,9 @@ impl Objective for Qa {
         }
         let n = self.dev.len().max(1) as f64;
         let mut out = Metrics::new();
-        out.insert("exact_match".into(), (100.0 * em / n).into());
-        out.insert("f1".into(), (100.0 * f1 / n).into());
+        // Fractions, as every berth metric (the SQuAD script prints percentages).
+        out.insert("exact_match".into(), (em / n).into());
+        out.insert("f1".into(), (f1 / n).into());
         Ok(out)
     }
 
