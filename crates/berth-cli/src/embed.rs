@@ -134,6 +134,12 @@ pub fn load_sentence_pipeline(
 const CHUNK: usize = 2048;
 
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
+    let world = berth_train::dist::world()?;
+    let result = run_on(a, world.as_ref());
+    crate::finetune::end_ranks_on_error(result, world.as_ref())
+}
+
+fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Result<()> {
     let p = load_sentence_pipeline(a.model.as_deref(), &a.text)?;
     let (pooling, norm) = p.embedding(a.pooling, a.normalize);
     let rows = a.text.inputs(&a.texts)?;
@@ -142,6 +148,45 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     }
     let (texts, from_file) = (rows.texts, rows.from_file);
     let source = a.text.source();
+    // Under mpirun: each rank embeds a contiguous share of the texts; rank 0 gathers the
+    // vectors (in rank order: input order) and writes the one output.
+    let sharded = if world.world_size() > 1 {
+        if pooling == Pooling::None {
+            anyhow::bail!("--pooling none does not run under MPI yet: run it with one process");
+        }
+        let opts = EmbedOptions {
+            pooling,
+            normalize: norm,
+            windows: a.windows.windows(),
+        };
+        let all: Vec<usize> = (0..texts.len()).collect();
+        let mine = world.shard(&all);
+        let start = mine.first().copied().unwrap_or(0);
+        let mut bytes = Vec::new();
+        for (c, chunk) in texts[start..start + mine.len()].chunks(CHUNK).enumerate() {
+            let first = start + c * CHUNK;
+            let e = encode_for_embedding(&p, chunk, &opts, first).with_context(|| source.to_string())?;
+            if opts.windows.is_none() {
+                warn_truncated(&e.encs, first, p.max_length);
+            }
+            for v in embed_encoded(&p, &e, &opts).with_context(|| source.to_string())? {
+                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            }
+        }
+        let parts = world.gather_all(&bytes)?;
+        if !world.is_writer() {
+            return Ok(());
+        }
+        let flat: Vec<f32> = parts
+            .concat()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let dim = flat.len() / texts.len().max(1);
+        Some(flat.chunks(dim.max(1)).map(<[f32]>::to_vec).collect::<Vec<_>>())
+    } else {
+        None
+    };
     let mut out = Output::open(a.output.as_deref(), pooling == Pooling::None)?;
     if pooling == Pooling::None && rows.meta.iter().any(|m| !m.is_empty()) {
         anyhow::bail!("--id-column / --keep-columns apply to pooled vectors, not --pooling none");
@@ -171,9 +216,19 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
         normalize: norm,
         windows: a.windows.windows(),
     };
+    if let Some(vecs) = sharded {
+        if a.output_dtype == VectorDtype::F32 {
+            for (i, v) in vecs.iter().enumerate() {
+                out.vector(i, v)?;
+            }
+        } else {
+            kept = vecs;
+        }
+    }
     // Chunks bound memory for large files. Each chunk is tokenized (in parallel) on a
     // background thread while the model runs the one before it.
-    let chunks = texts.chunks(CHUNK).enumerate();
+    let todo: &[String] = if world.world_size() > 1 { &[] } else { &texts };
+    let chunks = todo.chunks(CHUNK).enumerate();
     let tokenize = |(c, chunk): (usize, &[String])| {
         let first = c * CHUNK;
         let encoded = if pooling != Pooling::None {

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use berth_train::config::RunConfig;
-use berth_train::dist::SingleProcess;
 use berth_train::objectives::TaskConfig;
 use berth_train::train_loop::{self, Event, Plan};
 use clap::{Args, ValueEnum};
@@ -125,9 +124,22 @@ fn print_plan(p: &Plan) {
 
 pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let base = resolve::model_dir(a.model.as_deref())?;
-    let _lock = a
-        .train_loop
-        .claim_output(&a.output, &LoopDefaults::FINETUNE)?;
+    // Under mpirun every rank runs this; rank 0 alone owns (locks, clears) the run folder.
+    let world = berth_train::dist::world()?;
+    if world.world_size() > 1 && a.distill.student_layers.is_some() {
+        anyhow::bail!(
+            "--student-layers does not run under MPI yet (every rank would write the student's \
+             starting weights): run it with one process"
+        );
+    }
+    let _lock = if world.is_writer() {
+        Some(
+            a.train_loop
+                .claim_output(&a.output, &LoopDefaults::FINETUNE)?,
+        )
+    } else {
+        None
+    };
     let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
@@ -156,12 +168,33 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         run,
         task: TaskConfig { data, kind },
     };
-    execute(&cfg, &a.train_loop, "finetune")
+    let result = execute(&cfg, &a.train_loop, "finetune", world.as_ref());
+    end_ranks_on_error(result, world.as_ref())
+}
+
+/// A rank that fails ends the whole MPI job (its error printed first): the other ranks may
+/// be waiting for it in a collective and would never finish. One process: the error as is.
+pub fn end_ranks_on_error(
+    result: anyhow::Result<()>,
+    world: &dyn berth_train::dist::Collective,
+) -> anyhow::Result<()> {
+    if let Err(e) = &result {
+        if world.world_size() > 1 {
+            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.world_size());
+            world.abort(1);
+        }
+    }
+    result
 }
 
 /// Runs (or resumes) a training run with a progress bar, then writes curve.png; prints the
 /// best checkpoint's path on stdout.
-pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyhow::Result<()> {
+pub fn execute(
+    cfg: &RunConfig,
+    flags: &LoopArgs,
+    command: &'static str,
+    world: &dyn berth_train::dist::Collective,
+) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     // A bar only on a terminal (it is drawn over itself); plain or JSON lines otherwise, so
     // a redirected log keeps every step and evaluation.
@@ -170,7 +203,7 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
         LogFormat::Text if !std::io::stderr().is_terminal() => Some(LogFormat::Text),
         LogFormat::Text => None,
     };
-    let target = if lines.is_some() {
+    let target = if lines.is_some() || !world.is_writer() {
         indicatif::ProgressDrawTarget::hidden()
     } else {
         indicatif::ProgressDrawTarget::stderr()
@@ -185,7 +218,7 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
     let best = train_loop::train(
         cfg,
         objective.as_mut(),
-        &SingleProcess,
+        world,
         flags.resume,
         &mut |p| {
             print_plan(p);
@@ -234,6 +267,9 @@ pub fn execute(cfg: &RunConfig, flags: &LoopArgs, command: &'static str) -> anyh
     )
     .context(command)?;
     bar.finish_and_clear();
+    if !world.is_writer() {
+        return Ok(());
+    }
     // The whole run's history (a resumed run's too), from metrics.jsonl.
     let title = format!("berth {command}: {}", cfg.run.output.display());
     let png = berth_train::plot::write_run_curve(&cfg.run.output, metric, &title)?;

@@ -125,6 +125,14 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
         );
     }
+    let world = berth_train::dist::world()?;
+    if world.world_size() > 1 {
+        anyhow::bail!(
+            "pretraining does not run under MPI yet: masked positions are drawn per batch \
+             position, so ranks would mask their shares differently from one process \
+             (fine-tuning does run data-parallel)"
+        );
+    }
     let _lock = a
         .train_loop
         .claim_output(&a.output, &LoopDefaults::PRETRAIN)?;
@@ -254,7 +262,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
         run,
         task: TaskConfig { data, kind },
     };
-    crate::finetune::execute(&cfg, &a.train_loop, "pretrain")
+    crate::finetune::execute(&cfg, &a.train_loop, "pretrain", world.as_ref())
 }
 
 /// Refuses sizes of a new model that no run can use, naming the flag, before anything is

@@ -32,23 +32,51 @@ fn run_chunked<I, R>(
     task: impl Fn(&[I], usize) -> anyhow::Result<(Vec<R>, Vec<berth_text::Encoded>)>,
     line: impl Fn(usize, &R) -> serde_json::Result<String>,
 ) -> anyhow::Result<()> {
-    let mut out = stdout();
-    for (c, chunk) in items.chunks(CHUNK).enumerate() {
-        let first = c * CHUNK;
-        let (results, encs) = task(chunk, first).with_context(|| source.to_string())?;
-        if !windowed {
-            warn_truncated(&encs, first, max_length);
+    // Under mpirun each rank runs a contiguous share of the inputs; rank 0 gathers the
+    // lines (in rank order: input order) and writes them.
+    let world = berth_train::dist::world()?;
+    let all: Vec<usize> = (0..items.len()).collect();
+    let mine = world.shard(&all);
+    let start = mine.first().copied().unwrap_or(0);
+    let result = (|| -> anyhow::Result<()> {
+        let sharded = world.world_size() > 1;
+        // One process streams to stdout; a rank collects its lines for the gather.
+        let mut out = (!sharded).then(stdout);
+        let mut lines = Vec::new();
+        for (c, chunk) in items[start..start + mine.len()].chunks(CHUNK).enumerate() {
+            let first = start + c * CHUNK;
+            let (results, encs) = task(chunk, first).with_context(|| source.to_string())?;
+            if !windowed {
+                warn_truncated(&encs, first, max_length);
+            }
+            for (i, r) in results.iter().enumerate() {
+                let text = input::with_meta(line(first + i, r)?, meta.get(first + i));
+                match out.as_mut() {
+                    Some(o) => writeln!(o, "{text}")?,
+                    None => {
+                        lines.extend_from_slice(text.as_bytes());
+                        lines.push(b'\n');
+                    }
+                }
+            }
         }
-        for (i, r) in results.iter().enumerate() {
-            writeln!(
-                out,
-                "{}",
-                input::with_meta(line(first + i, r)?, meta.get(first + i))
-            )?;
+        if sharded {
+            let parts = world.gather_all(&lines)?;
+            if world.is_writer() {
+                let mut so = stdout();
+                for p in parts {
+                    so.write_all(&p)?;
+                }
+                so.flush()?;
+            }
+            return Ok(());
         }
-    }
-    out.flush()?;
-    Ok(())
+        if let Some(o) = out.as_mut() {
+            o.flush()?;
+        }
+        Ok(())
+    })();
+    crate::finetune::end_ranks_on_error(result, world.as_ref())
 }
 
 fn load(model: &str, text: &input::TextArgs) -> anyhow::Result<Pipeline> {

@@ -1,9 +1,11 @@
-//! The data-parallel seam of the training loop. The loop calls a [`Collective`] in three
-//! places: it shards every global batch by rank ([`Collective::shard`]), all-reduces the
-//! accumulated gradients before clipping ([`Collective::all_reduce_sum`]), and lets rank 0
-//! alone write config, metrics and checkpoints ([`Collective::is_writer`]). One process is
-//! [`SingleProcess`]; an MPI implementation (a cargo feature) and a GPU one plug in here
-//! without touching the loop.
+//! The data-parallel seam of the training loop. The loop calls a [`Collective`] in four
+//! places: it shards every global batch by rank ([`Collective::shard`]), weights each rank's
+//! loss by its share of the batch's loss units ([`Collective::all_reduce_sum_f64`]),
+//! all-reduces the accumulated gradients before clipping ([`Collective::all_reduce_sum`]),
+//! and lets rank 0 alone evaluate and write config, metrics and checkpoints
+//! ([`Collective::is_writer`]), broadcasting its early-stopping decision. One process is
+//! [`SingleProcess`]; [`world`] picks MPI's world (cargo feature `mpi`) when an MPI
+//! launcher started the process.
 use crate::error::Result;
 
 /// Communication among the processes of one run.
@@ -18,8 +20,32 @@ pub trait Collective {
     /// on every rank and on every run of the same world size).
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
 
+    /// [`Self::all_reduce_sum`] for a few f64 counters (loss sums, example counts).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let all = self.gather_all(&bytes)?;
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = all
+                .iter()
+                .map(|b| f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes")))
+                .sum();
+        }
+        bytes.clear();
+        Ok(())
+    }
+
+    /// Every rank's `mine`, in rank order, on every rank.
+    fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+
     /// Copies rank 0's `buf` into every rank's.
     fn broadcast(&self, buf: &mut Vec<u8>) -> Result<()>;
+
+    /// Ends every rank of the run with exit status `code` (a rank that failed: the others
+    /// may be waiting for it in a collective). One process: returns, the caller exits.
+    fn abort(&self, _code: i32) {}
 
     /// Whether this rank writes the run's files.
     fn is_writer(&self) -> bool {
@@ -54,8 +80,153 @@ impl Collective for SingleProcess {
         Ok(())
     }
 
+    fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
+    }
+
     fn broadcast(&self, _buf: &mut Vec<u8>) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Environment variables MPI launchers set in every process they start (Open MPI's
+/// mpirun, MPICH / Intel MPI's Hydra and Slurm's PMI, PMIx).
+const LAUNCHER_SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+
+/// The size of the world a launcher started this process in, if one did.
+fn launched_size() -> Option<usize> {
+    LAUNCHER_SIZE_VARS
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// The processes of this run: MPI's world when an MPI launcher (`mpirun`, `srun`) started
+/// this process and berth has the `mpi` feature, else this process alone. Launched as one
+/// of several ranks by a berth without MPI is an error, not N copies of the same run.
+pub fn world() -> Result<Box<dyn Collective>> {
+    match launched_size() {
+        #[cfg(feature = "mpi")]
+        Some(_) => Ok(Box::new(mpi_world::MpiWorld::init()?)),
+        #[cfg(not(feature = "mpi"))]
+        Some(n) if n > 1 => Err(crate::TrainError::Config(format!(
+            "launched as one of {n} MPI ranks, but this berth was built without MPI \
+             (cargo build --release -p berth-cli --features mpi)"
+        ))),
+        _ => Ok(Box::new(SingleProcess)),
+    }
+}
+
+/// The MPI world (rsmpi over the system's MPI library).
+#[cfg(feature = "mpi")]
+pub mod mpi_world {
+    use mpi::traits::*;
+
+    use crate::dist::Collective;
+    use crate::error::{Result, TrainError};
+
+    /// Elements per all-gather in [`MpiWorld::all_reduce_sum`]: large enough to keep the
+    /// network busy, small enough that the gathered copies stay a few tens of MB.
+    const BUCKET: usize = 1 << 22;
+
+    /// MPI's world communicator; MPI is finalized when it drops (end of the process).
+    pub struct MpiWorld {
+        world: mpi::topology::SimpleCommunicator,
+        _universe: mpi::environment::Universe,
+    }
+
+    impl MpiWorld {
+        /// Initializes MPI (once per process).
+        pub fn init() -> Result<Self> {
+            let universe = mpi::initialize().ok_or_else(|| {
+                TrainError::Config("MPI was already initialized in this process".into())
+            })?;
+            Ok(MpiWorld {
+                world: universe.world(),
+                _universe: universe,
+            })
+        }
+    }
+
+    impl Collective for MpiWorld {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+
+        fn world_size(&self) -> usize {
+            self.world.size() as usize
+        }
+
+        /// All-gather per bucket, then every rank sums the ranks' copies in rank order:
+        /// bit-identical results on all ranks and on every run of a world size (MPI's own
+        /// all-reduce may add in an order of its choosing).
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+            let n = self.world_size();
+            if n == 1 {
+                return Ok(());
+            }
+            let mut all = Vec::new();
+            for chunk in buf.chunks_mut(BUCKET) {
+                let len = chunk.len();
+                all.resize(len * n, 0f32);
+                self.world.all_gather_into(&chunk[..], &mut all[..]);
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let mut sum = 0f32;
+                    for r in 0..n {
+                        sum += all[r * len + i];
+                    }
+                    *v = sum;
+                }
+            }
+            Ok(())
+        }
+
+        fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            let n = self.world_size();
+            let len = mine.len() as u64;
+            let mut lens = vec![0u64; n];
+            self.world.all_gather_into(&len, &mut lens[..]);
+            let counts: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+            let displs: Vec<i32> = counts
+                .iter()
+                .scan(0i32, |acc, &c| {
+                    let d = *acc;
+                    *acc += c;
+                    Some(d)
+                })
+                .collect();
+            let total: usize = lens.iter().map(|&l| l as usize).sum();
+            if total > i32::MAX as usize {
+                return Err(TrainError::Config(format!(
+                    "gathering {total} bytes over MPI: more than one message holds"
+                )));
+            }
+            let mut all = vec![0u8; total];
+            {
+                let mut part =
+                    mpi::datatype::PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+                self.world.all_gather_varcount_into(mine, &mut part);
+            }
+            Ok(counts
+                .iter()
+                .zip(&displs)
+                .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
+                .collect())
+        }
+
+        fn abort(&self, code: i32) {
+            if self.world_size() > 1 {
+                self.world.abort(code);
+            }
+        }
+
+        fn broadcast(&self, buf: &mut Vec<u8>) -> Result<()> {
+            let root = self.world.process_at_rank(0);
+            let mut len = buf.len() as u64;
+            root.broadcast_into(&mut len);
+            buf.resize(len as usize, 0);
+            root.broadcast_into(&mut buf[..]);
+            Ok(())
+        }
     }
 }
 
@@ -75,6 +246,9 @@ mod tests {
         }
         fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
             Ok(())
+        }
+        fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Ok(vec![mine.to_vec()])
         }
         fn broadcast(&self, _: &mut Vec<u8>) -> Result<()> {
             Ok(())

@@ -239,6 +239,10 @@ pub struct BatchLoss {
     pub loss: Option<Tensor>,
     /// Input tokens of the batch (for tokens/s).
     pub tokens: usize,
+    /// The units `loss` is the mean over (examples; labelled tokens for NER): a data-parallel
+    /// run weights each rank's mean by its share of the global batch's units, so the summed
+    /// gradient is the one-process batch's.
+    pub units: f64,
 }
 
 /// What is being learned; see the module documentation.
@@ -276,6 +280,13 @@ pub trait Objective {
 
     /// The metric that decides the best checkpoint and early stopping (higher is better).
     fn main_metric(&self) -> &'static str;
+
+    /// Whether a data-parallel run of this objective (batches split over ranks, losses
+    /// weighted by [`BatchLoss::units`]) trains as the one-process run does; `Err(why)` when
+    /// its loss couples the examples of a batch or draws randomness by batch position.
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 
     /// Writes files of the objective's own into a checkpoint folder `dir` beside the
     /// weights (a bi-encoder's sentence-transformers module files).

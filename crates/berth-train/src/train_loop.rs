@@ -202,6 +202,12 @@ pub fn train(
     lc.check()?;
     cfg.task.data.check()?;
     let writer = collective.is_writer();
+    let world = collective.world_size();
+    if world > 1 {
+        objective.data_parallel().map_err(|why| {
+            TrainError::Config(format!("this objective cannot run on {world} ranks yet: {why}"))
+        })?;
+    }
 
     // Data (a token limit with no room for text is refused before anything is encoded).
     crate::objective::check_min_length(objective.max_length(), &lc.model)?;
@@ -265,22 +271,24 @@ pub fn train(
         warmup,
         total,
     };
-    on_plan(&Plan {
-        train_examples: train_len,
-        dev_examples: summary.dev_examples,
-        labels: summary.labels.clone(),
-        batches_per_epoch,
-        steps_per_epoch,
-        total_steps: total,
-        warmup_steps: warmup,
-        effective_batch: lc.batch_size * lc.grad_accum,
-        parameters: nets.main.num_parameters(),
-        tokens_per_epoch: objective.train_set().tokens(),
-        skipped_rows: summary.skipped,
-        resumed_at: state.step,
-        main_metric: objective.main_metric(),
-        resume_changes,
-    });
+    if writer {
+        on_plan(&Plan {
+            train_examples: train_len,
+            dev_examples: summary.dev_examples,
+            labels: summary.labels.clone(),
+            batches_per_epoch,
+            steps_per_epoch,
+            total_steps: total,
+            warmup_steps: warmup,
+            effective_batch: lc.batch_size * lc.grad_accum,
+            parameters: nets.main.num_parameters(),
+            tokens_per_epoch: objective.train_set().tokens(),
+            skipped_rows: summary.skipped,
+            resumed_at: state.step,
+            main_metric: objective.main_metric(),
+            resume_changes,
+        });
+    }
 
     // The run's files appear only once data and networks are ready: a start that fails
     // (bad data, a wrong checkpoint) leaves the output folder as it was.
@@ -309,7 +317,10 @@ pub fn train(
             )
             .map_err(io(&metrics_path))?;
         }
-        on_event(e);
+        // The other ranks' steps are the writer's: it alone reports them.
+        if writer {
+            on_event(e);
+        }
         Ok(())
     };
     // A resumed run's best so far is the checkpoint its state names (rotation keeps it),
@@ -321,6 +332,8 @@ pub fn train(
         .or_else(|| latest.as_ref().map(|(_, d)| d.clone()));
     let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
         (0.0f64, 0usize, 0usize, Instant::now());
+    // Time in collectives and in training steps (several ranks: reported at the end).
+    let (mut comm, started) = (std::time::Duration::ZERO, Instant::now());
 
     'epochs: for epoch in state.epoch..epochs {
         // The epoch's data order.
@@ -352,6 +365,49 @@ pub fn train(
                 // Masking is drawn afresh each time a batch is seen (dynamic masking).
                 let batch_seed = berth_kernels::seed_stream(lc.seed ^ 0x3a5c, micro);
                 let mine = collective.shard(global);
+                if world > 1 {
+                    // Each rank's mean loss, weighted by its share of the batch's loss units
+                    // (summed over ranks first), so the all-reduced gradient and the logged
+                    // loss are the one-process batch's.
+                    let out = if mine.is_empty() {
+                        None
+                    } else {
+                        Some(objective.loss(&nets, mine, batch_seed, dropout.as_ref())?)
+                    };
+                    let (loss, units, toks) = match out {
+                        Some(o) => match o.loss {
+                            Some(l) => {
+                                let v = l.to_scalar::<f32>()? as f64;
+                                (Some((l, v)), o.units, o.tokens)
+                            }
+                            None => (None, 0.0, o.tokens),
+                        },
+                        None => (None, 0.0, 0),
+                    };
+                    let mut sums = [
+                        units,
+                        loss.as_ref().map_or(0.0, |(_, v)| v * units),
+                        toks as f64,
+                    ];
+                    let c0 = Instant::now();
+                    collective.all_reduce_sum_f64(&mut sums)?;
+                    comm += c0.elapsed();
+                    let [all_units, loss_sum, all_tokens] = sums;
+                    if all_units > 0.0 {
+                        let value = loss_sum / all_units;
+                        if !value.is_finite() {
+                            return Err(diverged(state.step + 1, "training loss", value));
+                        }
+                        loss_acc += value;
+                        loss_count += 1;
+                    }
+                    if let Some((l, _)) = loss {
+                        let share = units / all_units / lc.grad_accum as f64;
+                        opt.accumulate(&nets.backward(&(l * share)?)?, 1.0)?;
+                    }
+                    tokens += all_tokens as usize;
+                    continue;
+                }
                 let out = objective.loss(&nets, mine, batch_seed, dropout.as_ref())?;
                 if let Some(loss) = out.loss {
                     let value = loss.to_scalar::<f32>()? as f64;
@@ -360,18 +416,14 @@ pub fn train(
                     }
                     loss_acc += value;
                     loss_count += 1;
-                    let mut scaled = (loss / lc.grad_accum as f64)?;
-                    if collective.world_size() > 1 {
-                        // The all-reduce sums the ranks' gradients: weight each rank's mean
-                        // by its share of the batch. TODO(#19): a loss averaged over tokens
-                        // rather than examples needs its token counts reduced instead.
-                        scaled = (scaled * (mine.len() as f64 / global.len() as f64))?;
-                    }
+                    let scaled = (loss / lc.grad_accum as f64)?;
                     opt.accumulate(&nets.backward(&scaled)?, 1.0)?;
                 }
                 tokens += out.tokens;
             }
+            let c0 = Instant::now();
             opt.all_reduce(collective)?;
+            comm += c0.elapsed();
             let grad_norm = opt.clip(lc.max_grad_norm);
             if !grad_norm.is_finite() {
                 // Before the update: the weights stay as the last finite step left them.
@@ -407,9 +459,14 @@ pub fn train(
             if !(boundary || state.step == total) {
                 continue;
             }
-            // TODO(#19): with several ranks, rank 0 alone evaluates and decides; the
-            // early-stopping decision must then be broadcast to the others.
+            // Rank 0 alone evaluates, checkpoints and decides whether to stop; the others
+            // learn its decision (and wait for it, so no rank runs ahead of a checkpoint).
             if !writer {
+                let mut stop = Vec::new();
+                collective.broadcast(&mut stop)?;
+                if stop.first() == Some(&1) {
+                    break 'epochs;
+                }
                 continue;
             }
             let paused = Instant::now();
@@ -437,13 +494,24 @@ pub fn train(
             checkpoint::rotate(&lc.output, lc.keep_checkpoints, state.best.map(|b| b.1))?;
             // Evaluation and checkpointing are not training time: tokens/s leaves them out.
             t0 += paused.elapsed();
-            if lc
+            let stop = lc
                 .early_stopping_patience
-                .is_some_and(|p| state.evals_without_improvement >= p)
-            {
+                .is_some_and(|p| state.evals_without_improvement >= p);
+            if world > 1 {
+                collective.broadcast(&mut vec![u8::from(stop)])?;
+            }
+            if stop {
                 break 'epochs;
             }
         }
+    }
+    if world > 1 && writer {
+        let total = started.elapsed().as_secs_f64();
+        eprintln!(
+            "{world} ranks: {:.1} s of {total:.1} s in gradient and loss reductions ({:.1} %)",
+            comm.as_secs_f64(),
+            100.0 * comm.as_secs_f64() / total.max(1e-9)
+        );
     }
     if !writer {
         // Only the writing rank keeps checkpoints; the others report the run directory.

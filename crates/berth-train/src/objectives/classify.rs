@@ -391,6 +391,7 @@ impl Objective for Classify {
         Ok(BatchLoss {
             loss,
             tokens: batch_tokens(&examples),
+            units: examples.len() as f64,
         })
     }
 

@@ -243,6 +243,7 @@ impl Objective for Embed {
         Ok(BatchLoss {
             loss: mnrl_loss(&nets.main, &examples, self.pooling, scale, dropout)?,
             tokens: batch_tokens(&examples),
+            units: examples.len() as f64,
         })
     }
 
@@ -321,6 +322,13 @@ impl Objective for Embed {
 
     fn main_metric(&self) -> &'static str {
         "mrr@10"
+    }
+
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        Err("the in-batch-negatives loss compares each example with the whole batch; split \
+             over ranks each would see only its share (gathering the embeddings across ranks \
+             is not built yet)"
+            .into())
     }
 
     /// sentence-transformers' module files (modules.json, pooling, normalize) beside the

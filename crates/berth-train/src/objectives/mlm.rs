@@ -190,6 +190,7 @@ impl Objective for MaskedLm {
         Ok(BatchLoss {
             loss,
             tokens: tokens_of(&seqs),
+            units: seqs.len() as f64,
         })
     }
 
@@ -200,6 +201,13 @@ impl Objective for MaskedLm {
 
     fn main_metric(&self) -> &'static str {
         "masked_accuracy"
+    }
+
+    fn data_parallel(&self) -> std::result::Result<(), String> {
+        Err("masked positions are drawn per batch position, so a rank's share of a batch \
+             would be masked differently from the one-process run (keying masks by the \
+             global example position is not built yet)"
+            .into())
     }
 }
 

@@ -258,6 +258,11 @@ impl Objective for Ner {
         Ok(BatchLoss {
             loss,
             tokens: batch_tokens(&examples),
+            // The loss is a mean over the labelled (first sub-)tokens.
+            units: examples
+                .iter()
+                .map(|e| e.token_labels.iter().flatten().count())
+                .sum::<usize>() as f64,
         })
     }
 

@@ -213,6 +213,7 @@ impl Objective for Rerank {
         Ok(BatchLoss {
             loss: loss(&nets.main, &examples, dropout)?,
             tokens: batch_tokens(&examples),
+            units: examples.len() as f64,
         })
     }
 

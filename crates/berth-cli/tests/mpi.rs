@@ -1,0 +1,335 @@
+//! `mpirun -np 2 berth ...` against one process (feature `mpi`; `.ci/run` installs Open MPI
+//! and runs these). TCP transport between the ranks, as between machines; each rank one
+//! thread.
+#![cfg(feature = "mpi")]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod common;
+use common::*;
+
+/// `mpirun -np n berth args` (TCP between ranks, root allowed, oversubscribed).
+fn mpirun_command<S: AsRef<std::ffi::OsStr>>(n: usize, args: &[S]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["--oversubscribe", "-np", &n.to_string(), "--mca", "btl", "tcp,self"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .arg(env!("CARGO_BIN_EXE_berth"))
+        .args(args);
+    c
+}
+
+/// [`mpirun_command`] run to its end.
+fn mpirun(n: usize, args: &[&str]) -> Output {
+    mpirun_command(n, args)
+        .output()
+        .expect("mpirun runs (apt install openmpi-bin)")
+}
+
+/// `--threads 1 finetune --task classify` of `data` into `dir`, without dropout, then `extra`.
+fn classify_run(model: &str, data: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--threads", "1", "finetune", "--task", "classify", "--model", model,
+        "--train", data.to_str().unwrap(), "--dev-fraction", "0.2",
+        "--output", dir.to_str().unwrap(), "--batch-size", "7", "--no-dropout",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The logged training losses of a run (step, loss).
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some() && v.get("eval").is_none())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn newest_checkpoint(run: &Path) -> PathBuf {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let step = e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    steps.sort();
+    steps.pop().unwrap().1
+}
+
+fn assert_runs_agree(one: &Path, two: &Path, what: &str) {
+    let (a, b) = (losses(one), losses(two));
+    assert!(!a.is_empty() && a.len() == b.len(), "{what}: {a:?} vs {b:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs().max(1e-3),
+            "{what}: step {sa} loss {la} (1 rank) vs {lb} (2 ranks)"
+        );
+    }
+    let (wa, wb) = (weights(&newest_checkpoint(one)), weights(&newest_checkpoint(two)));
+    assert_eq!(wa.len(), wb.len());
+    let (mut worst, mut at) = (0f32, String::new());
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        // The attention key bias adds the same q·b to every score of a query, which softmax
+        // cancels: its exact gradient is 0, its computed one rounding noise, and Adam turns
+        // noise into steps of about the learning rate whose signs follow the summation
+        // order (seen: 7e-6 vs -8e-6 after 10 steps at 1e-4). Every other weight must
+        // agree to 1e-5.
+        if na.ends_with("attention.self.key.bias") {
+            continue;
+        }
+        for (x, y) in va.iter().zip(vb) {
+            if (x - y).abs() > worst {
+                (worst, at) = ((x - y).abs(), format!("{na} ({x} vs {y})"));
+            }
+        }
+    }
+    assert!(worst <= 1e-5, "{what}: final weights differ by {worst} at {at}");
+    println!("{what}: {} logged losses agree; final weights within {worst:e}", a.len());
+}
+
+/// Rows of a small sentiment-style classification set.
+fn classify_rows(dir: &Path) -> PathBuf {
+    let words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "sad"];
+    let mut text = String::from("sentence\tlabel\n");
+    for i in 0..40 {
+        let w = words[i % words.len()];
+        let filler = "the movie was ".repeat(1 + i % 4);
+        text.push_str(&format!("{filler}{w} {}\t{}\n", i % 7, (i % words.len()) % 2));
+    }
+    let p = dir.join("train.tsv");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn two_ranks_fine_tune_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = classify_rows(tmp.path());
+    let model = tiny("bert-base");
+    for (what, extra) in [
+        ("classify", vec![]),
+        // Several micro-batches per step: each is weighted by its share before the sum.
+        ("classify --grad-accum 2", vec!["--grad-accum", "2"]),
+    ] {
+        let run = |dir: &Path| -> Vec<String> {
+            let settings = ["--epochs", "2", "--lr", "1e-3", "--log-every", "1", "--seed", "5"];
+            classify_run(&model, &data, dir, &[&settings[..], &extra[..]].concat())
+        };
+        let (one, two) = (tmp.path().join(format!("one-{}", extra.len())), tmp.path().join(format!("two-{}", extra.len())));
+        ok(&berth(&strs(&run(&one))));
+        let out = mpirun(2, &strs(&run(&two)));
+        let stdout = ok(&out);
+        // One best-checkpoint line (rank 0's), not one per rank.
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        assert_runs_agree(&one, &two, what);
+    }
+}
+
+#[test]
+fn two_ranks_fine_tune_ner_as_one_process() {
+    // NER's loss is a mean over labelled tokens, which the ranks hold unequally.
+    let tmp = tempfile::tempdir().unwrap();
+    let sentences = [
+        "Peter B-PER\nlives O\nin O\nParis B-LOC\n. O\n",
+        "the O\ndog O\nsees O\nMary B-PER\nand O\nthe O\ncat O\n. O\n",
+        "Mary B-PER\nwent O\nto O\nBerlin B-LOC\n. O\n",
+        "who O\nis O\nthere O\n? O\n",
+        "Anna B-PER\nmet O\nPeter B-PER\nin O\nRome B-LOC\nyesterday O\n. O\n",
+    ];
+    let data = tmp.path().join("train.conll");
+    let text: Vec<&str> = (0..30).map(|i| sentences[i % sentences.len()]).collect();
+    std::fs::write(&data, text.join("\n")).unwrap();
+    let model = tiny("bert-base");
+    let args = |dir: &Path| -> Vec<String> {
+        [
+            "--threads", "1", "finetune", "--task", "ner", "--model", &model,
+            "--train", data.to_str().unwrap(), "--dev-fraction", "0.2",
+            "--output", dir.to_str().unwrap(), "--epochs", "2", "--batch-size", "5",
+            "--lr", "1e-3", "--log-every", "1", "--no-dropout",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(&berth(&strs(&args(&one))));
+    ok(&mpirun(2, &strs(&args(&two))));
+    assert_runs_agree(&one, &two, "ner");
+}
+
+#[test]
+fn sharded_embed_writes_the_one_process_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = minilm_dir();
+    let input = tmp.path().join("texts.txt");
+    let texts: Vec<String> = (0..9)
+        .map(|i| format!("sentence number {i} about {}", ["cats", "stocks", "rain"][i % 3]).repeat(1 + i % 3))
+        .collect();
+    std::fs::write(&input, texts.join("\n")).unwrap();
+    for out_name in ["one.jsonl", "two.jsonl", "one.npy", "two.npy"] {
+        let out = tmp.path().join(out_name);
+        let args = [
+            "--threads", "1", "embed", "--model", model.to_str().unwrap(),
+            "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        ];
+        if out_name.starts_with("one") {
+            ok(&berth(&args));
+        } else {
+            ok(&mpirun(2, &args));
+        }
+    }
+    for ext in ["jsonl", "npy"] {
+        let a = std::fs::read(tmp.path().join(format!("one.{ext}"))).unwrap();
+        let b = std::fs::read(tmp.path().join(format!("two.{ext}"))).unwrap();
+        assert!(a == b, "{ext}: 2-rank output differs from 1 process");
+    }
+    // Three ranks over nine texts, and more ranks than texts.
+    for n in [3, 4] {
+        let out = tmp.path().join(format!("n{n}.jsonl"));
+        let few = tmp.path().join("few.txt");
+        std::fs::write(&few, texts[..3].join("\n")).unwrap();
+        let src = if n == 4 { &few } else { &input };
+        ok(&mpirun(n, &["--threads", "1", "embed", "--model", model.to_str().unwrap(),
+                        "--input", src.to_str().unwrap(), "--output", out.to_str().unwrap()]));
+        let one = tmp.path().join(format!("n{n}-one.jsonl"));
+        ok(&berth(&["--threads", "1", "embed", "--model", model.to_str().unwrap(),
+                    "--input", src.to_str().unwrap(), "--output", one.to_str().unwrap()]));
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&one).unwrap(), "{n} ranks");
+    }
+}
+
+#[test]
+fn objectives_that_do_not_split_are_refused_on_several_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.tsv");
+    std::fs::write(&pairs, "anchor\tpositive\na cat\ta kitten\nstocks\tshares\nrain\twet weather\n").unwrap();
+    let out = mpirun(2, &[
+        "--threads", "1", "finetune", "--task", "embed", "--model", &tiny("bert-base"),
+        "--train", pairs.to_str().unwrap(), "--output", tmp.path().join("e").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot run on 2 ranks yet") && err.contains("in-batch"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The berth processes `mpirun` (pid `launcher`) started, found through /proc.
+fn ranks_of(launcher: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let ppid: u32 = after.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == launcher && stat.contains("(berth)") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A rank killed mid-run ends the job with an error; `--resume` with another world size
+/// (one process) then finishes at the uninterrupted run's weights.
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = classify_rows(tmp.path());
+    let model = tiny("bert-base");
+    let args = |dir: &Path, resume: bool| -> Vec<String> {
+        let settings = ["--epochs", "60", "--lr", "1e-4", "--log-every", "5", "--save-every", "20"];
+        let resumed: &[&str] = if resume { &["--resume"] } else { &[] };
+        classify_run(&model, &data, dir, &[&settings[..], resumed].concat())
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(&berth(&strs(&args(&one, false))));
+
+    let mut job = mpirun_command(2, &args(&two, false))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Once the first checkpoint exists, kill one rank.
+    loop {
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before a rank was killed");
+        if two.join("checkpoints").is_dir()
+            && std::fs::read_dir(two.join("checkpoints")).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ranks = ranks_of(job.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    unsafe { libc::kill(ranks[1] as i32, libc::SIGKILL) };
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed().as_secs() < 180, "the job did not end after a rank was killed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "a killed rank must fail the job");
+    // Resume with one process: the uninterrupted run's weights.
+    ok(&berth(&strs(&args(&two, true))));
+    assert_runs_agree_weights(&one, &two, "killed, resumed on 1 rank");
+}
+
+fn assert_runs_agree_weights(one: &Path, two: &Path, what: &str) {
+    let (wa, wb) = (weights(&newest_checkpoint(one)), weights(&newest_checkpoint(two)));
+    let mut worst = 0f32;
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        if na.ends_with("attention.self.key.bias") {
+            continue; // see assert_runs_agree
+        }
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-5, "{what}: final weights differ by {worst}");
+    println!("{what}: final weights within {worst:e}");
+}
+
+#[test]
+fn sharded_classify_and_ner_print_the_one_process_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("rows.jsonl");
+    let rows: Vec<String> = (0..7)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"George Washington number {i} lived in Virginia {}\"}}", "and Paris ".repeat(i)))
+        .collect();
+    std::fs::write(&input, rows.join("\n")).unwrap();
+    for (cmd, model) in [("classify", task_model("bert-classify")), ("ner", task_model("bert-ner"))] {
+        let args = [
+            "--threads", "1", cmd, "--model", &model, "--input", input.to_str().unwrap(),
+            "--id-column", "id",
+        ];
+        let one = ok(&berth(&args));
+        assert_eq!(one.lines().count(), 7);
+        for n in [2, 3] {
+            let many = ok(&mpirun(n, &args));
+            assert_eq!(many, one, "{cmd} on {n} ranks");
+        }
+    }
+}
