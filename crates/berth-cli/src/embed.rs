@@ -165,7 +165,8 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
         let mut bytes = Vec::new();
         for (c, chunk) in texts[start..start + mine.len()].chunks(CHUNK).enumerate() {
             let first = start + c * CHUNK;
-            let e = encode_for_embedding(&p, chunk, &opts, first).with_context(|| source.to_string())?;
+            let e = encode_for_embedding(&p, chunk, &opts, first)
+                .with_context(|| source.to_string())?;
             if opts.windows.is_none() {
                 warn_truncated(&e.encs, first, p.max_length);
             }
@@ -183,7 +184,11 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
         let dim = flat.len() / texts.len().max(1);
-        Some(flat.chunks(dim.max(1)).map(<[f32]>::to_vec).collect::<Vec<_>>())
+        Some(
+            flat.chunks(dim.max(1))
+                .map(<[f32]>::to_vec)
+                .collect::<Vec<_>>(),
+        )
     } else {
         None
     };

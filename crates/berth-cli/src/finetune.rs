@@ -180,7 +180,11 @@ pub fn end_ranks_on_error(
 ) -> anyhow::Result<()> {
     if let Err(e) = &result {
         if world.world_size() > 1 {
-            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.world_size());
+            eprintln!(
+                "error (rank {} of {}): {e:#}",
+                world.rank(),
+                world.world_size()
+            );
             world.abort(1);
         }
     }

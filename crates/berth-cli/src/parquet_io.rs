@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float16Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type,
-    UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    Float16Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type,
+    UInt32Type, UInt64Type, UInt8Type,
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array,
@@ -72,9 +72,12 @@ pub fn read_columns(path: &str, wanted: &[&str]) -> anyhow::Result<Table> {
             let array = batch
                 .column_by_name(name)
                 .with_context(|| format!("{path}: column {name:?} missing from a row group"))?;
-            let values = json_values(array.as_ref())
-                .with_context(|| format!("{path}: column {name:?}"))?;
-            columns.get_mut(*col).expect("inserted above").extend(values);
+            let values =
+                json_values(array.as_ref()).with_context(|| format!("{path}: column {name:?}"))?;
+            columns
+                .get_mut(*col)
+                .expect("inserted above")
+                .extend(values);
         }
         rows += batch.num_rows();
     }
@@ -188,7 +191,9 @@ pub fn write_vectors(
     let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from_iter_values(0..rows as i64))];
     let keys: Vec<&String> = meta.first().map(|m| m.keys().collect()).unwrap_or_default();
     for key in keys {
-        let values: Vec<Option<&Value>> = (0..rows).map(|r| meta.get(r).and_then(|m| m.get(key))).collect();
+        let values: Vec<Option<&Value>> = (0..rows)
+            .map(|r| meta.get(r).and_then(|m| m.get(key)))
+            .collect();
         let (t, a) = meta_column(&values);
         fields.push(Field::new(key.as_str(), t, true));
         columns.push(a);
@@ -197,13 +202,15 @@ pub fn write_vectors(
         VectorDtype::F32 => (
             DataType::Float32,
             Arc::new(Float32Array::from_iter_values(
-                data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
             )),
         ),
         VectorDtype::F16 => (
             DataType::Float16,
             Arc::new(Float16Array::from_iter_values(
-                data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])),
+                data.chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]])),
             )),
         ),
         VectorDtype::Int8 | VectorDtype::Binary => (
@@ -217,7 +224,11 @@ pub fn write_vectors(
     };
     let item = Arc::new(Field::new("item", element, false));
     let list = FixedSizeListArray::try_new(item.clone(), dim as i32, values, None)?;
-    fields.push(Field::new("embedding", DataType::FixedSizeList(item, dim as i32), false));
+    fields.push(Field::new(
+        "embedding",
+        DataType::FixedSizeList(item, dim as i32),
+        false,
+    ));
     columns.push(Arc::new(list));
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), columns)?;

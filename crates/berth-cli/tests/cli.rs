@@ -129,18 +129,32 @@ fn quantized_checkpoints_give_the_outputs_of_quantize_at_load() {
     let minilm = minilm_dir();
     let classifier = task_model("bert-classify");
     let texts = ["The cat sits outside.", "A man is playing guitar.", "ok"];
-    for (src, cmd) in [(minilm.to_str().unwrap(), "embed"), (&classifier[..], "classify")] {
+    for (src, cmd) in [
+        (minilm.to_str().unwrap(), "embed"),
+        (&classifier[..], "classify"),
+    ] {
         let out = tmp.path().join(format!("{cmd}-int8"));
         let out_s = out.to_str().unwrap();
         let quantized = berth(&["quantize", src, out_s, "--dtype", "int8"]);
         ok(&quantized);
         let note = String::from_utf8_lossy(&quantized.stderr);
         assert!(note.contains("encoder matrices in int8"), "{note}");
-        let run = |model: &str| ok(&berth(&[&[cmd, "--model", model, "--dtype", "int8"][..], &texts].concat()));
+        let run = |model: &str| {
+            ok(&berth(
+                &[&[cmd, "--model", model, "--dtype", "int8"][..], &texts].concat(),
+            ))
+        };
         let (at_load, stored) = (run(src), run(out_s));
         assert!(!at_load.is_empty());
-        assert_eq!(at_load, stored, "{cmd}: quantized checkpoint differs from quantize-at-load");
-        let size = |d: &std::path::Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
+        assert_eq!(
+            at_load, stored,
+            "{cmd}: quantized checkpoint differs from quantize-at-load"
+        );
+        let size = |d: &std::path::Path| {
+            std::fs::metadata(d.join("model.safetensors"))
+                .unwrap()
+                .len()
+        };
         let (before, after) = (size(std::path::Path::new(src)), size(&out));
         assert!(after < before, "{cmd}: {after} >= {before} bytes");
         // The tokenizer and sentence-transformers files come along: the folder is a model.
@@ -150,17 +164,33 @@ fn quantized_checkpoints_give_the_outputs_of_quantize_at_load() {
         }
     }
     // MiniLM's six layers of int8 matrices: about 31 MB fewer than f32 (90.9 MB file).
-    let q = std::fs::metadata(tmp.path().join("embed-int8/model.safetensors")).unwrap().len();
-    let f = std::fs::metadata(minilm.join("model.safetensors")).unwrap().len();
+    let q = std::fs::metadata(tmp.path().join("embed-int8/model.safetensors"))
+        .unwrap()
+        .len();
+    let f = std::fs::metadata(minilm.join("model.safetensors"))
+        .unwrap()
+        .len();
     assert!(f - q > 30_000_000, "{f} -> {q}");
     // A quantized checkpoint is not quantized again, and an existing folder is not overwritten.
     let q8 = tmp.path().join("embed-int8");
     fails_with(
-        &berth(&["quantize", q8.to_str().unwrap(), tmp.path().join("x").to_str().unwrap(), "--dtype", "bf16"]),
+        &berth(&[
+            "quantize",
+            q8.to_str().unwrap(),
+            tmp.path().join("x").to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ]),
         &["already quantized"],
     );
     fails_with(
-        &berth(&["quantize", minilm.to_str().unwrap(), q8.to_str().unwrap(), "--dtype", "int8"]),
+        &berth(&[
+            "quantize",
+            minilm.to_str().unwrap(),
+            q8.to_str().unwrap(),
+            "--dtype",
+            "int8",
+        ]),
         &["exists"],
     );
 }
@@ -675,20 +705,49 @@ fn read_parquet_vectors(path: &std::path::Path) -> (Vec<i64>, Option<Vec<String>
     let (mut index, mut ids, mut vectors) = (Vec::new(), None::<Vec<String>>, Vec::new());
     for batch in reader {
         let batch = batch.unwrap();
-        index.extend(batch.column_by_name("index").unwrap().as_primitive::<Int64Type>().values());
+        index.extend(
+            batch
+                .column_by_name("index")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .values(),
+        );
         if let Some(id) = batch.column_by_name("id") {
             let id = id.as_string::<i32>();
             ids.get_or_insert_with(Vec::new)
                 .extend((0..id.len()).map(|i| id.value(i).to_string()));
         }
-        let list = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
+        let list = batch
+            .column_by_name("embedding")
+            .unwrap()
+            .as_fixed_size_list();
         for r in 0..list.len() {
             let v = list.value(r);
             let row: Vec<f64> = match v.data_type() {
-                DataType::Float32 => v.as_primitive::<Float32Type>().values().iter().map(|&x| x as f64).collect(),
-                DataType::Float16 => v.as_primitive::<Float16Type>().values().iter().map(|x| x.to_f64()).collect(),
-                DataType::Int8 => v.as_primitive::<Int8Type>().values().iter().map(|&x| x as f64).collect(),
-                DataType::UInt8 => v.as_primitive::<UInt8Type>().values().iter().map(|&x| x as f64).collect(),
+                DataType::Float32 => v
+                    .as_primitive::<Float32Type>()
+                    .values()
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect(),
+                DataType::Float16 => v
+                    .as_primitive::<Float16Type>()
+                    .values()
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .collect(),
+                DataType::Int8 => v
+                    .as_primitive::<Int8Type>()
+                    .values()
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect(),
+                DataType::UInt8 => v
+                    .as_primitive::<UInt8Type>()
+                    .values()
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect(),
                 t => panic!("embedding element type {t}"),
             };
             vectors.push(row);
@@ -708,7 +767,11 @@ fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
     let model = minilm_dir().to_string_lossy().into_owned();
     let (ids, texts) = (
         [7i64, 3, 11],
-        ["The cat sits outside.", "A man, with \"quotes\", plays guitar.", "stocks fell"],
+        [
+            "The cat sits outside.",
+            "A man, with \"quotes\", plays guitar.",
+            "stocks fell",
+        ],
     );
     // The table as CSV and as Parquet (written by the arrow writer, dictionary-encoded and
     // zstd-compressed: not the settings berth writes with).
@@ -721,7 +784,10 @@ fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
     let write_parquet = |path: &std::path::Path, sentences: Vec<Option<&str>>| {
         let batch = RecordBatch::try_from_iter([
             ("id", Arc::new(Int64Array::from(ids.to_vec())) as ArrayRef),
-            ("sentence", Arc::new(StringArray::from(sentences)) as ArrayRef),
+            (
+                "sentence",
+                Arc::new(StringArray::from(sentences)) as ArrayRef,
+            ),
         ])
         .unwrap();
         let props = parquet::file::properties::WriterProperties::builder()
@@ -740,8 +806,21 @@ fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
     let pq_in = tmp.path().join("rows.parquet");
     write_parquet(&pq_in, texts.iter().map(|t| Some(*t)).collect());
     let run = |input: &std::path::Path, extra: &[&str]| {
-        let a = [&["embed", "--model", &model, "--input", input.to_str().unwrap(),
-                   "--text-column", "sentence", "--id-column", "id"][..], extra].concat();
+        let a = [
+            &[
+                "embed",
+                "--model",
+                &model,
+                "--input",
+                input.to_str().unwrap(),
+                "--text-column",
+                "sentence",
+                "--id-column",
+                "id",
+            ][..],
+            extra,
+        ]
+        .concat();
         berth(&a)
     };
     let from_csv = ok(&run(&csv, &[]));
@@ -751,7 +830,10 @@ fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x["embedding"], y["embedding"]);
-        assert_eq!(x["id"].as_str().unwrap(), y["id"].as_i64().unwrap().to_string());
+        assert_eq!(
+            x["id"].as_str().unwrap(),
+            y["id"].as_i64().unwrap().to_string()
+        );
     }
     // Parquet out: the JSON Lines values, f32 for f32.
     let out = tmp.path().join("out.parquet");
@@ -760,23 +842,41 @@ fn parquet_inputs_and_outputs_match_csv_and_json_lines() {
     assert_eq!(index, vec![0, 1, 2]);
     assert_eq!(got_ids.unwrap(), ["7", "3", "11"]);
     for (v, line) in vectors.iter().zip(&a) {
-        let want: Vec<f64> = floats(&line["embedding"]).iter().map(|&x| x as f64).collect();
+        let want: Vec<f64> = floats(&line["embedding"])
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
         assert_eq!(v, &want);
     }
     // Bad inputs.
     let not_parquet = tmp.path().join("fake.parquet");
     std::fs::write(&not_parquet, "id,sentence\n1,hi\n").unwrap();
-    fails_with(&run(&not_parquet, &[]), &["fake.parquet", "not a readable Parquet file"]);
     fails_with(
-        &berth(&["embed", "--model", &model, "--input", pq_in.to_str().unwrap()]),
+        &run(&not_parquet, &[]),
+        &["fake.parquet", "not a readable Parquet file"],
+    );
+    fails_with(
+        &berth(&[
+            "embed",
+            "--model",
+            &model,
+            "--input",
+            pq_in.to_str().unwrap(),
+        ]),
         &["rows.parquet", "no column \"text\"", "sentence"],
     );
     let holes = tmp.path().join("holes.parquet");
     write_parquet(&holes, vec![Some("fine"), None, Some("")]);
-    fails_with(&run(&holes, &[]), &["holes.parquet: row 2", "no text in column \"sentence\""]);
+    fails_with(
+        &run(&holes, &[]),
+        &["holes.parquet: row 2", "no text in column \"sentence\""],
+    );
     // A failed run leaves no output file behind.
     let never = tmp.path().join("never.parquet");
-    fails_with(&run(&holes, &["--output", never.to_str().unwrap()]), &["row 2"]);
+    fails_with(
+        &run(&holes, &["--output", never.to_str().unwrap()]),
+        &["row 2"],
+    );
     assert!(!never.exists());
 }
 

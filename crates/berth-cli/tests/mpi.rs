@@ -13,7 +13,14 @@ fn mpirun_command<S: AsRef<std::ffi::OsStr>>(n: usize, args: &[S]) -> Command {
     let mut c = Command::new("mpirun");
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .args(["--oversubscribe", "-np", &n.to_string(), "--mca", "btl", "tcp,self"])
+        .args([
+            "--oversubscribe",
+            "-np",
+            &n.to_string(),
+            "--mca",
+            "btl",
+            "tcp,self",
+        ])
         .args(["--mca", "btl_tcp_if_include", "lo"])
         .arg(env!("CARGO_BIN_EXE_berth"))
         .args(args);
@@ -30,9 +37,22 @@ fn mpirun(n: usize, args: &[&str]) -> Output {
 /// `--threads 1 finetune --task classify` of `data` into `dir`, without dropout, then `extra`.
 fn classify_run(model: &str, data: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
-        "--threads", "1", "finetune", "--task", "classify", "--model", model,
-        "--train", data.to_str().unwrap(), "--dev-fraction", "0.2",
-        "--output", dir.to_str().unwrap(), "--batch-size", "7", "--no-dropout",
+        "--threads",
+        "1",
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        model,
+        "--train",
+        data.to_str().unwrap(),
+        "--dev-fraction",
+        "0.2",
+        "--output",
+        dir.to_str().unwrap(),
+        "--batch-size",
+        "7",
+        "--no-dropout",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -61,7 +81,12 @@ fn newest_checkpoint(run: &Path) -> PathBuf {
         .unwrap()
         .flatten()
         .filter_map(|e| {
-            let step = e.file_name().to_str()?.strip_prefix("step-")?.parse().ok()?;
+            let step = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
             Some((step, e.path()))
         })
         .collect();
@@ -71,7 +96,10 @@ fn newest_checkpoint(run: &Path) -> PathBuf {
 
 fn assert_runs_agree(one: &Path, two: &Path, what: &str) {
     let (a, b) = (losses(one), losses(two));
-    assert!(!a.is_empty() && a.len() == b.len(), "{what}: {a:?} vs {b:?}");
+    assert!(
+        !a.is_empty() && a.len() == b.len(),
+        "{what}: {a:?} vs {b:?}"
+    );
     for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
         assert!(
@@ -79,7 +107,10 @@ fn assert_runs_agree(one: &Path, two: &Path, what: &str) {
             "{what}: step {sa} loss {la} (1 rank) vs {lb} (2 ranks)"
         );
     }
-    let (wa, wb) = (weights(&newest_checkpoint(one)), weights(&newest_checkpoint(two)));
+    let (wa, wb) = (
+        weights(&newest_checkpoint(one)),
+        weights(&newest_checkpoint(two)),
+    );
     assert_eq!(wa.len(), wb.len());
     let (mut worst, mut at) = (0f32, String::new());
     for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
@@ -98,18 +129,30 @@ fn assert_runs_agree(one: &Path, two: &Path, what: &str) {
             }
         }
     }
-    assert!(worst <= 1e-5, "{what}: final weights differ by {worst} at {at}");
-    println!("{what}: {} logged losses agree; final weights within {worst:e}", a.len());
+    assert!(
+        worst <= 1e-5,
+        "{what}: final weights differ by {worst} at {at}"
+    );
+    println!(
+        "{what}: {} logged losses agree; final weights within {worst:e}",
+        a.len()
+    );
 }
 
 /// Rows of a small sentiment-style classification set.
 fn classify_rows(dir: &Path) -> PathBuf {
-    let words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "sad"];
+    let words = [
+        "good", "bad", "great", "awful", "fine", "poor", "nice", "sad",
+    ];
     let mut text = String::from("sentence\tlabel\n");
     for i in 0..40 {
         let w = words[i % words.len()];
         let filler = "the movie was ".repeat(1 + i % 4);
-        text.push_str(&format!("{filler}{w} {}\t{}\n", i % 7, (i % words.len()) % 2));
+        text.push_str(&format!(
+            "{filler}{w} {}\t{}\n",
+            i % 7,
+            (i % words.len()) % 2
+        ));
     }
     let p = dir.join("train.tsv");
     std::fs::write(&p, text).unwrap();
@@ -127,10 +170,22 @@ fn two_ranks_fine_tune_as_one_process() {
         ("classify --grad-accum 2", vec!["--grad-accum", "2"]),
     ] {
         let run = |dir: &Path| -> Vec<String> {
-            let settings = ["--epochs", "2", "--lr", "1e-3", "--log-every", "1", "--seed", "5"];
+            let settings = [
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-3",
+                "--log-every",
+                "1",
+                "--seed",
+                "5",
+            ];
             classify_run(&model, &data, dir, &[&settings[..], &extra[..]].concat())
         };
-        let (one, two) = (tmp.path().join(format!("one-{}", extra.len())), tmp.path().join(format!("two-{}", extra.len())));
+        let (one, two) = (
+            tmp.path().join(format!("one-{}", extra.len())),
+            tmp.path().join(format!("two-{}", extra.len())),
+        );
         ok(&berth(&strs(&run(&one))));
         let out = mpirun(2, &strs(&run(&two)));
         let stdout = ok(&out);
@@ -157,10 +212,28 @@ fn two_ranks_fine_tune_ner_as_one_process() {
     let model = tiny("bert-base");
     let args = |dir: &Path| -> Vec<String> {
         [
-            "--threads", "1", "finetune", "--task", "ner", "--model", &model,
-            "--train", data.to_str().unwrap(), "--dev-fraction", "0.2",
-            "--output", dir.to_str().unwrap(), "--epochs", "2", "--batch-size", "5",
-            "--lr", "1e-3", "--log-every", "1", "--no-dropout",
+            "--threads",
+            "1",
+            "finetune",
+            "--task",
+            "ner",
+            "--model",
+            &model,
+            "--train",
+            data.to_str().unwrap(),
+            "--dev-fraction",
+            "0.2",
+            "--output",
+            dir.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "5",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "1",
+            "--no-dropout",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -178,14 +251,27 @@ fn sharded_embed_writes_the_one_process_output() {
     let model = minilm_dir();
     let input = tmp.path().join("texts.txt");
     let texts: Vec<String> = (0..9)
-        .map(|i| format!("sentence number {i} about {}", ["cats", "stocks", "rain"][i % 3]).repeat(1 + i % 3))
+        .map(|i| {
+            format!(
+                "sentence number {i} about {}",
+                ["cats", "stocks", "rain"][i % 3]
+            )
+            .repeat(1 + i % 3)
+        })
         .collect();
     std::fs::write(&input, texts.join("\n")).unwrap();
     for out_name in ["one.jsonl", "two.jsonl", "one.npy", "two.npy"] {
         let out = tmp.path().join(out_name);
         let args = [
-            "--threads", "1", "embed", "--model", model.to_str().unwrap(),
-            "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(),
+            "--threads",
+            "1",
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
         ];
         if out_name.starts_with("one") {
             ok(&berth(&args));
@@ -204,12 +290,36 @@ fn sharded_embed_writes_the_one_process_output() {
         let few = tmp.path().join("few.txt");
         std::fs::write(&few, texts[..3].join("\n")).unwrap();
         let src = if n == 4 { &few } else { &input };
-        ok(&mpirun(n, &["--threads", "1", "embed", "--model", model.to_str().unwrap(),
-                        "--input", src.to_str().unwrap(), "--output", out.to_str().unwrap()]));
+        ok(&mpirun(
+            n,
+            &[
+                "--threads",
+                "1",
+                "embed",
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                src.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        ));
         let one = tmp.path().join(format!("n{n}-one.jsonl"));
-        ok(&berth(&["--threads", "1", "embed", "--model", model.to_str().unwrap(),
-                    "--input", src.to_str().unwrap(), "--output", one.to_str().unwrap()]));
-        assert!(std::fs::read(&out).unwrap() == std::fs::read(&one).unwrap(), "{n} ranks");
+        ok(&berth(&[
+            "--threads",
+            "1",
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            src.to_str().unwrap(),
+            "--output",
+            one.to_str().unwrap(),
+        ]));
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&one).unwrap(),
+            "{n} ranks"
+        );
     }
 }
 
@@ -217,14 +327,33 @@ fn sharded_embed_writes_the_one_process_output() {
 fn objectives_that_do_not_split_are_refused_on_several_ranks() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.tsv");
-    std::fs::write(&pairs, "anchor\tpositive\na cat\ta kitten\nstocks\tshares\nrain\twet weather\n").unwrap();
-    let out = mpirun(2, &[
-        "--threads", "1", "finetune", "--task", "embed", "--model", &tiny("bert-base"),
-        "--train", pairs.to_str().unwrap(), "--output", tmp.path().join("e").to_str().unwrap(),
-    ]);
+    std::fs::write(
+        &pairs,
+        "anchor\tpositive\na cat\ta kitten\nstocks\tshares\nrain\twet weather\n",
+    )
+    .unwrap();
+    let out = mpirun(
+        2,
+        &[
+            "--threads",
+            "1",
+            "finetune",
+            "--task",
+            "embed",
+            "--model",
+            &tiny("bert-base"),
+            "--train",
+            pairs.to_str().unwrap(),
+            "--output",
+            tmp.path().join("e").to_str().unwrap(),
+        ],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot run on 2 ranks yet") && err.contains("in-batch"), "{err}");
+    assert!(
+        err.contains("cannot run on 2 ranks yet") && err.contains("in-batch"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -240,7 +369,11 @@ fn ranks_of(launcher: u32) -> Vec<u32> {
         };
         // pid (comm) state ppid ...
         let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-        let ppid: u32 = after.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: u32 = after
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if ppid == launcher && stat.contains("(berth)") {
             out.push(pid);
         }
@@ -256,7 +389,16 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
     let data = classify_rows(tmp.path());
     let model = tiny("bert-base");
     let args = |dir: &Path, resume: bool| -> Vec<String> {
-        let settings = ["--epochs", "60", "--lr", "1e-4", "--log-every", "5", "--save-every", "20"];
+        let settings = [
+            "--epochs",
+            "60",
+            "--lr",
+            "1e-4",
+            "--log-every",
+            "5",
+            "--save-every",
+            "20",
+        ];
         let resumed: &[&str] = if resume { &["--resume"] } else { &[] };
         classify_run(&model, &data, dir, &[&settings[..], resumed].concat())
     };
@@ -271,10 +413,19 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
     let started = std::time::Instant::now();
     // Once the first checkpoint exists, kill one rank.
     loop {
-        assert!(started.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before a rank was killed");
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the job ended before a rank was killed"
+        );
         if two.join("checkpoints").is_dir()
-            && std::fs::read_dir(two.join("checkpoints")).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+            && std::fs::read_dir(two.join("checkpoints"))
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
         {
             break;
         }
@@ -287,7 +438,10 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
         if let Some(s) = job.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed().as_secs() < 180, "the job did not end after a rank was killed");
+        assert!(
+            started.elapsed().as_secs() < 180,
+            "the job did not end after a rank was killed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(!status.success(), "a killed rank must fail the job");
@@ -297,7 +451,10 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
 }
 
 fn assert_runs_agree_weights(one: &Path, two: &Path, what: &str) {
-    let (wa, wb) = (weights(&newest_checkpoint(one)), weights(&newest_checkpoint(two)));
+    let (wa, wb) = (
+        weights(&newest_checkpoint(one)),
+        weights(&newest_checkpoint(two)),
+    );
     let mut worst = 0f32;
     for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
@@ -317,13 +474,28 @@ fn sharded_classify_and_ner_print_the_one_process_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("rows.jsonl");
     let rows: Vec<String> = (0..7)
-        .map(|i| format!("{{\"id\": {i}, \"text\": \"George Washington number {i} lived in Virginia {}\"}}", "and Paris ".repeat(i)))
+        .map(|i| {
+            format!(
+                "{{\"id\": {i}, \"text\": \"George Washington number {i} lived in Virginia {}\"}}",
+                "and Paris ".repeat(i)
+            )
+        })
         .collect();
     std::fs::write(&input, rows.join("\n")).unwrap();
-    for (cmd, model) in [("classify", task_model("bert-classify")), ("ner", task_model("bert-ner"))] {
+    for (cmd, model) in [
+        ("classify", task_model("bert-classify")),
+        ("ner", task_model("bert-ner")),
+    ] {
         let args = [
-            "--threads", "1", cmd, "--model", &model, "--input", input.to_str().unwrap(),
-            "--id-column", "id",
+            "--threads",
+            "1",
+            cmd,
+            "--model",
+            &model,
+            "--input",
+            input.to_str().unwrap(),
+            "--id-column",
+            "id",
         ];
         let one = ok(&berth(&args));
         assert_eq!(one.lines().count(), 7);

@@ -412,9 +412,8 @@ fn eval_reproduces_conlleval_and_the_reference_metrics() {
         &p,
     ])))
     .unwrap();
-    let mean = |k: &str| {
-        cases.iter().map(|c| c[k].as_f64().unwrap()).sum::<f64>() / cases.len() as f64
-    };
+    let mean =
+        |k: &str| cases.iter().map(|c| c[k].as_f64().unwrap()).sum::<f64>() / cases.len() as f64;
     close(
         &got["exact_match"],
         &serde_json::json!(mean("exact")),

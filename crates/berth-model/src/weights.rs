@@ -137,12 +137,17 @@ fn int8_weight(
     let &[outputs, inputs] = shape else {
         return Err(corrupt(
             source,
-            format!("int8 tensor {name:?} has shape {shape:?}; only matrices [O, I] are stored as int8"),
+            format!(
+                "int8 tensor {name:?} has shape {shape:?}; only matrices [O, I] are stored as int8"
+            ),
         ));
     };
     let key = Int8Weight::scale_key(name);
     let scale = scales.get(&key).ok_or_else(|| {
-        corrupt(source, format!("int8 tensor {name:?} has no {key:?} beside it"))
+        corrupt(
+            source,
+            format!("int8 tensor {name:?} has no {key:?} beside it"),
+        )
     })?;
     if scale.dtype() != DType::F32 || scale.dims() != [outputs] {
         return Err(corrupt(
@@ -427,8 +432,10 @@ impl Weights {
         if self.params.is_some() {
             return None;
         }
-        let parts: Vec<&Arc<Int8Weight>> =
-            names.iter().map(|n| self.int8.get(n)).collect::<Option<_>>()?;
+        let parts: Vec<&Arc<Int8Weight>> = names
+            .iter()
+            .map(|n| self.int8.get(n))
+            .collect::<Option<_>>()?;
         match parts.as_slice() {
             [one] => Some(Arc::clone(one)),
             _ => Some(Arc::new(Int8Weight {

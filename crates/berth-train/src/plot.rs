@@ -157,7 +157,11 @@ pub fn render(title: &str, metric: &str, history: &History) -> Result<Vec<u8>> {
         // Loss (left axis) and the dev metric (right axis).
         let loss_hi = history.loss.iter().map(|p| p.1).fold(0.0, f64::max);
         let loss_lo = history.loss.iter().map(|p| p.1).fold(0.0, f64::min);
-        let loss_hi = if loss_hi > loss_lo { loss_hi * 1.05 } else { loss_lo + 1.0 };
+        let loss_hi = if loss_hi > loss_lo {
+            loss_hi * 1.05
+        } else {
+            loss_lo + 1.0
+        };
         let (m_lo, m_hi) = metric_range(&history.metric.iter().map(|p| p.1).collect::<Vec<_>>());
         let mut chart = ChartBuilder::on(&upper)
             .margin_left(12)
@@ -191,7 +195,10 @@ pub fn render(title: &str, metric: &str, history: &History) -> Result<Vec<u8>> {
             .map_err(draw_error)?;
         let weight = smoothing_weight(history.loss.len());
         chart
-            .draw_series(LineSeries::new(history.loss.iter().copied(), RAW.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                history.loss.iter().copied(),
+                RAW.stroke_width(1),
+            ))
             .map_err(draw_error)?
             .label("training loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RAW.stroke_width(2)));
@@ -258,7 +265,10 @@ pub fn render(title: &str, metric: &str, history: &History) -> Result<Vec<u8>> {
             .draw()
             .map_err(draw_error)?;
         lr_chart
-            .draw_series(LineSeries::new(history.lr.iter().copied(), LR.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                history.lr.iter().copied(),
+                LR.stroke_width(2),
+            ))
             .map_err(draw_error)?;
         root.present().map_err(draw_error)?;
     }
@@ -354,9 +364,16 @@ mod tests {
 
     fn history(metric: &[(f64, f64)]) -> History {
         let loss: Vec<(f64, f64)> = (1..=200)
-            .map(|s| (s as f64, 2.0 / (1.0 + s as f64 / 20.0) + 0.1 * ((s * 7) % 5) as f64))
+            .map(|s| {
+                (
+                    s as f64,
+                    2.0 / (1.0 + s as f64 / 20.0) + 0.1 * ((s * 7) % 5) as f64,
+                )
+            })
             .collect();
-        let lr = (1..=200).map(|s| (s as f64, 5e-5 * (1.0 - s as f64 / 200.0))).collect();
+        let lr = (1..=200)
+            .map(|s| (s as f64, 5e-5 * (1.0 - s as f64 / 200.0)))
+            .collect();
         History {
             loss,
             lr,
@@ -391,10 +408,19 @@ mod tests {
     #[test]
     fn a_small_metric_change_is_drawn_small() {
         // An F1 drop from 0.100 to 0.093 spans 0.7 % of the [0, 1] axis, not its height.
-        let px = render("run", "f1", &history(&[(50.0, 0.100), (100.0, 0.093), (150.0, 0.095)])).unwrap();
+        let px = render(
+            "run",
+            "f1",
+            &history(&[(50.0, 0.100), (100.0, 0.093), (150.0, 0.095)]),
+        )
+        .unwrap();
         let rows = rows_with(&px, METRIC);
         // The legend's swatch is one short line; the series sits near the axis' bottom.
-        let series: Vec<u32> = rows.iter().copied().filter(|&y| y > TITLE + MAIN / 2).collect();
+        let series: Vec<u32> = rows
+            .iter()
+            .copied()
+            .filter(|&y| y > TITLE + MAIN / 2)
+            .collect();
         let extent = series.iter().max().unwrap() - series.iter().min().unwrap();
         assert!(extent < 20, "metric series spans {extent} px: {series:?}");
     }

@@ -184,13 +184,17 @@ pub fn quantize_checkpoint(src: &Path, dst: &Path, dtype: Precision) -> Result<Q
         }
     }
     let weights = tmp.join("model.safetensors");
-    let format = if dtype == Precision::Int8 { "berth-int8" } else { "pt" };
+    let format = if dtype == Precision::Int8 {
+        "berth-int8"
+    } else {
+        "pt"
+    };
     let metadata = HashMap::from([("format".to_string(), format.to_string())]);
     let mut names: Vec<&String> = out.keys().collect();
     names.sort();
     let views: Vec<(&String, &Raw)> = names.iter().map(|n| (*n, &out[*n])).collect();
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| checkpoint_error(&weights, e))?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| checkpoint_error(&weights, e))?;
     crate::checkpoint::write_atomic(&weights, &bytes)?;
     config["berth_quantization"] = serde_json::json!({
         "dtype": label,

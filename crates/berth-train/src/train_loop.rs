@@ -205,7 +205,9 @@ pub fn train(
     let world = collective.world_size();
     if world > 1 {
         objective.data_parallel().map_err(|why| {
-            TrainError::Config(format!("this objective cannot run on {world} ranks yet: {why}"))
+            TrainError::Config(format!(
+                "this objective cannot run on {world} ranks yet: {why}"
+            ))
         })?;
     }
 

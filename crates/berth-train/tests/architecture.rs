@@ -103,7 +103,9 @@ fn imports(mods: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>
                 "super" => {
                     let mut full = parent[..parent.len().saturating_sub(1)].to_vec();
                     full.extend(p[1..].iter().cloned());
-                    resolve(&full).or_else(|| Some(full[..(full.len() + 1).saturating_sub(p.len())].join("::")))
+                    resolve(&full).or_else(|| {
+                        Some(full[..(full.len() + 1).saturating_sub(p.len())].join("::"))
+                    })
                 }
                 first => {
                     // A child module named from its parent (`classify::Classify` in mod.rs).

@@ -38,22 +38,45 @@ fn int8_checkpoints_pack_the_tiles_quantize_at_load_packs() {
         let (orig, _) = Model::load(&tiny(name), false).unwrap();
         let (q, load) = Model::load(&out, false).unwrap();
         // The scale tensors are consumed by the int8 weights, not reported as unused.
-        assert!(load.unused.iter().all(|k| !k.ends_with("_scale")), "{name}: {:?}", load.unused);
+        assert!(
+            load.unused.iter().all(|k| !k.ends_with("_scale")),
+            "{name}: {:?}",
+            load.unused
+        );
         let (a, b) = (orig.packed_linears(), q.packed_linears());
         assert_eq!(a.len(), b.len());
         for (a, b) in a.iter().zip(&b) {
-            let stored = b.int8.as_ref().unwrap_or_else(|| panic!("{name}: {:?} not int8", b.weight_keys));
+            let stored = b
+                .int8
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: {:?} not int8", b.weight_keys));
             let at_load = PackedI8::from_tensors(&a.weight, &a.bias).unwrap();
             let bias = b.bias.to_vec1::<f32>().unwrap();
-            let from_file =
-                PackedI8::from_quantized(&stored.q, &stored.scale, &bias, stored.outputs, stored.inputs);
-            assert!(at_load == from_file, "{name}: {:?} packs differently", a.weight_keys);
+            let from_file = PackedI8::from_quantized(
+                &stored.q,
+                &stored.scale,
+                &bias,
+                stored.outputs,
+                stored.inputs,
+            );
+            assert!(
+                at_load == from_file,
+                "{name}: {:?} packs differently",
+                a.weight_keys
+            );
             // The f32 view of the stored weight is the dequantized one, within half a step.
             let w = a.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let d = b.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (r, (wr, dr)) in w.chunks(stored.inputs).zip(d.chunks(stored.inputs)).enumerate() {
+            for (r, (wr, dr)) in w
+                .chunks(stored.inputs)
+                .zip(d.chunks(stored.inputs))
+                .enumerate()
+            {
                 for (x, y) in wr.iter().zip(dr) {
-                    assert!((x - y).abs() <= stored.scale[r] * 0.5001, "{name} row {r}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= stored.scale[r] * 0.5001,
+                        "{name} row {r}: {x} vs {y}"
+                    );
                 }
             }
         }
@@ -63,13 +86,26 @@ fn int8_checkpoints_pack_the_tiles_quantize_at_load_packs() {
         let packed: Vec<String> = a.iter().flat_map(|l| l.weight_keys.clone()).collect();
         for (k, t) in &ot {
             if !packed.contains(k) {
-                let x = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-                let y = qt[k].flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap();
-                assert_eq!(x.to_vec1::<f64>().unwrap(), y.to_vec1::<f64>().unwrap(), "{name}: {k}");
+                let x = t
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap();
+                let y = qt[k]
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap();
+                assert_eq!(
+                    x.to_vec1::<f64>().unwrap(),
+                    y.to_vec1::<f64>().unwrap(),
+                    "{name}: {k}"
+                );
             }
         }
         let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["berth_quantization"]["dtype"], "int8");
     }
 }
@@ -128,9 +164,18 @@ fn int8_weights_need_their_scales() {
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let cases: Vec<(Option<T>, &str)> = vec![
         (None, "has no \"w_scale\""),
-        (Some(T(Dtype::F32, vec![3], f32s(&[1.0, 1.0, 1.0]))), "expected F32 [2]"),
-        (Some(T(Dtype::F32, vec![2], f32s(&[1.0, 0.0]))), "finite and positive"),
-        (Some(T(Dtype::F32, vec![2], f32s(&[1.0, f32::NAN]))), "finite and positive"),
+        (
+            Some(T(Dtype::F32, vec![3], f32s(&[1.0, 1.0, 1.0]))),
+            "expected F32 [2]",
+        ),
+        (
+            Some(T(Dtype::F32, vec![2], f32s(&[1.0, 0.0]))),
+            "finite and positive",
+        ),
+        (
+            Some(T(Dtype::F32, vec![2], f32s(&[1.0, f32::NAN]))),
+            "finite and positive",
+        ),
     ];
     let src = Path::new("bad.safetensors");
     for (scale, needle) in cases {
@@ -139,12 +184,21 @@ fn int8_weights_need_their_scales() {
             views.push(("w_scale".to_string(), s));
         }
         let bytes = safetensors::serialize(views, None).unwrap();
-        let e = Weights::parse_safetensors(&bytes, src).unwrap_err().to_string();
-        assert!(e.contains(needle) && e.contains("bad.safetensors"), "{needle}: {e}");
+        let e = Weights::parse_safetensors(&bytes, src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(needle) && e.contains("bad.safetensors"),
+            "{needle}: {e}"
+        );
     }
     // With a good scale: the dequantized values, the scale key consumed.
     let s = T(Dtype::F32, vec![2], f32s(&[0.5, 2.0]));
-    let bytes = safetensors::serialize(vec![("w".to_string(), &q), ("w_scale".to_string(), &s)], None).unwrap();
+    let bytes = safetensors::serialize(
+        vec![("w".to_string(), &q), ("w_scale".to_string(), &s)],
+        None,
+    )
+    .unwrap();
     let t = Weights::parse_safetensors(&bytes, src).unwrap();
     assert_eq!(t.len(), 1);
     let w = t["w"].flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -79,8 +79,18 @@ impl PackedI8 {
 
     /// Packs a weight already quantized per output channel: `W[c, :] ≈ scale[c] q[c, :]`
     /// (`q [O, I]` row-major, as [`quantize_channel`] makes it), with the bias `b [O]`.
-    pub fn from_quantized(q: &[i8], scale: &[f32], b: &[f32], outputs: usize, inputs: usize) -> Self {
-        assert_eq!(q.len(), outputs * inputs, "PackedI8::from_quantized: weight size");
+    pub fn from_quantized(
+        q: &[i8],
+        scale: &[f32],
+        b: &[f32],
+        outputs: usize,
+        inputs: usize,
+    ) -> Self {
+        assert_eq!(
+            q.len(),
+            outputs * inputs,
+            "PackedI8::from_quantized: weight size"
+        );
         assert_eq!(scale.len(), outputs, "PackedI8::from_quantized: scale size");
         assert_eq!(b.len(), outputs, "PackedI8::from_quantized: bias size");
         let depth = inputs.div_ceil(DEPTH) * DEPTH;

@@ -325,10 +325,12 @@ impl Objective for Embed {
     }
 
     fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err("the in-batch-negatives loss compares each example with the whole batch; split \
+        Err(
+            "the in-batch-negatives loss compares each example with the whole batch; split \
              over ranks each would see only its share (gathering the embeddings across ranks \
              is not built yet)"
-            .into())
+                .into(),
+        )
     }
 
     /// sentence-transformers' module files (modules.json, pooling, normalize) beside the

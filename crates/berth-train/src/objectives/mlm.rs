@@ -204,10 +204,12 @@ impl Objective for MaskedLm {
     }
 
     fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err("masked positions are drawn per batch position, so a rank's share of a batch \
+        Err(
+            "masked positions are drawn per batch position, so a rank's share of a batch \
              would be masked differently from the one-process run (keying masks by the \
              global example position is not built yet)"
-            .into())
+                .into(),
+        )
     }
 }
 

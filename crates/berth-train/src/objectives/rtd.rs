@@ -390,10 +390,12 @@ impl Objective for Rtd {
     }
 
     fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err("masked positions are drawn per batch position, so a rank's share of a batch \
+        Err(
+            "masked positions are drawn per batch position, so a rank's share of a batch \
              would be masked differently from the one-process run (keying masks by the \
              global example position is not built yet)"
-            .into())
+                .into(),
+        )
     }
 }
 
