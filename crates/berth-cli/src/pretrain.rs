@@ -115,6 +115,12 @@ pub struct PretrainArgs {
 }
 
 pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
+    let world = berth_train::dist::world()?;
+    let result = run_on(a, world.as_ref());
+    crate::finetune::end_ranks_on_error(result, world.as_ref())
+}
+
+fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&a.mask_rate) || a.mask_rate == 0.0 {
         anyhow::bail!("--mask-rate {} must be in (0, 1)", a.mask_rate);
     }
@@ -125,17 +131,27 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
         );
     }
-    let world = berth_train::dist::world()?;
-    if world.world_size() > 1 {
+    // Under mpirun every rank runs this; rank 0 alone owns the run folder and writes the
+    // initial model, which the others read after it (the barrier below).
+    let several = world.world_size() > 1;
+    if several && (rtd || a.distill.student_layers.is_some()) {
         anyhow::bail!(
-            "pretraining does not run under MPI yet: masked positions are drawn per batch \
-             position, so ranks would mask their shares differently from one process \
-             (fine-tuning does run data-parallel)"
+            "{} does not run under MPI yet: run it with one process",
+            if rtd {
+                "--objective rtd"
+            } else {
+                "--student-layers"
+            }
         );
     }
-    let _lock = a
-        .train_loop
-        .claim_output(&a.output, &LoopDefaults::PRETRAIN)?;
+    let _lock = if world.is_writer() {
+        Some(
+            a.train_loop
+                .claim_output(&a.output, &LoopDefaults::PRETRAIN)?,
+        )
+    } else {
+        None
+    };
     let model = match (&a.from, &a.tokenizer) {
         (Some(from), _) => {
             let dir = resolve::model_dir(Some(from))?;
@@ -204,8 +220,10 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
                 // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
                 config["embedding_size"] = hidden.into();
             }
-            berth_train::init::write_random_encoder(&init, &config, tok_dir, seed, positions)
-                .with_context(|| format!("writing the initial model to {}", init.display()))?;
+            if world.is_writer() {
+                berth_train::init::write_random_encoder(&init, &config, tok_dir, seed, positions)
+                    .with_context(|| format!("writing the initial model to {}", init.display()))?;
+            }
             if rtd {
                 let mut generator = config.clone();
                 generator["num_hidden_layers"] =
@@ -230,6 +248,10 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
             anyhow::bail!("--tokenizer DIR (from scratch) or --from CHECKPOINT is needed")
         }
     };
+    if several {
+        // The other ranks read the initial model rank 0 has written.
+        world.broadcast(&mut Vec::new())?;
+    }
     let mut data = DataConfig::new(a.data);
     data.dev = a.dev;
     data.dev_fraction = a.val_fraction;
@@ -262,7 +284,7 @@ pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
         run,
         task: TaskConfig { data, kind },
     };
-    crate::finetune::execute(&cfg, &a.train_loop, "pretrain", world.as_ref())
+    crate::finetune::execute(&cfg, &a.train_loop, "pretrain", world)
 }
 
 /// Refuses sizes of a new model that no run can use, naming the flag, before anything is

@@ -505,3 +505,95 @@ fn sharded_classify_and_ner_print_the_one_process_lines() {
         }
     }
 }
+
+/// Masked-LM pretraining from scratch (token and whole-word masking): masks keyed by each
+/// example's global position and the loss weighted by masked tokens, so 2 ranks are one
+/// process; NSP / SOP, RTD and distillation are refused with the reason.
+#[test]
+fn two_ranks_pretrain_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let corpus = root().join("fixtures/vocab/corpus.txt");
+    for (what, extra) in [("mlm", vec![]), ("mlm --whole-word", vec!["--whole-word"])] {
+        let args = |dir: &Path| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "--threads",
+                "1",
+                "pretrain",
+                "--tokenizer",
+                vocab.to_str().unwrap(),
+                "--data",
+                corpus.to_str().unwrap(),
+                "--output",
+                dir.to_str().unwrap(),
+                "--layers",
+                "2",
+                "--hidden",
+                "64",
+                "--heads",
+                "2",
+                "--intermediate",
+                "128",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "11",
+                "--max-steps",
+                "12",
+                "--lr",
+                "1e-3",
+                "--log-every",
+                "1",
+                "--no-dropout",
+                "--save-every",
+                "6",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let (one, two) = (
+            tmp.path().join(format!("one-{}", extra.len())),
+            tmp.path().join(format!("two-{}", extra.len())),
+        );
+        ok(&berth(&strs(&args(&one))));
+        ok(&mpirun(2, &strs(&args(&two))));
+        assert_runs_agree(&one, &two, what);
+    }
+    for (flag, needle) in [("sop", "sentence pairs"), ("rtd", "--objective rtd")] {
+        let out = mpirun(
+            2,
+            &[
+                "--threads",
+                "1",
+                "pretrain",
+                "--tokenizer",
+                vocab.to_str().unwrap(),
+                "--data",
+                corpus.to_str().unwrap(),
+                "--output",
+                tmp.path().join(flag).to_str().unwrap(),
+                "--layers",
+                "1",
+                "--hidden",
+                "32",
+                "--heads",
+                "1",
+                "--intermediate",
+                "64",
+                "--max-length",
+                "64",
+                "--objective",
+                flag,
+            ],
+        );
+        assert!(!out.status.success(), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{flag}: {err}"
+        );
+    }
+}

@@ -56,10 +56,15 @@ pub trait Collective {
     /// first `len % world` ranks take one more), so every example of the batch is used
     /// exactly once across ranks.
     fn shard<'a>(&self, batch: &'a [usize]) -> &'a [usize] {
-        let (n, w, r) = (batch.len(), self.world_size(), self.rank());
+        &batch[self.shard_range(batch.len())]
+    }
+
+    /// The positions [`Self::shard`] takes of a batch of `n`.
+    fn shard_range(&self, n: usize) -> std::ops::Range<usize> {
+        let (w, r) = (self.world_size(), self.rank());
         let (base, extra) = (n / w, n % w);
         let start = r * base + r.min(extra);
-        &batch[start..start + base + usize::from(r < extra)]
+        start..start + base + usize::from(r < extra)
     }
 }
 
@@ -224,7 +229,10 @@ pub mod mpi_world {
             let mut len = buf.len() as u64;
             root.broadcast_into(&mut len);
             buf.resize(len as usize, 0);
-            root.broadcast_into(&mut buf[..]);
+            // An empty buffer (a barrier) has no data pointer MPI accepts.
+            if len > 0 {
+                root.broadcast_into(&mut buf[..]);
+            }
             Ok(())
         }
     }

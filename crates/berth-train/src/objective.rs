@@ -275,6 +275,21 @@ pub trait Objective {
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss>;
 
+    /// [`Self::loss`] of a rank's share `batch` of a global batch, which starts at position
+    /// `first` of it: randomness drawn per example (masked positions) is keyed by the
+    /// example's global position, so the shares together draw what one process draws.
+    fn loss_at(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        first: usize,
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let _ = first;
+        self.loss(nets, batch, seed, dropout)
+    }
+
     /// Dev metrics of `nets`.
     fn evaluate(&self, nets: &Networks) -> Result<Metrics>;
 

@@ -371,10 +371,11 @@ pub fn train(
                     // Each rank's mean loss, weighted by its share of the batch's loss units
                     // (summed over ranks first), so the all-reduced gradient and the logged
                     // loss are the one-process batch's.
+                    let first = collective.shard_range(global.len()).start;
                     let out = if mine.is_empty() {
                         None
                     } else {
-                        Some(objective.loss(&nets, mine, batch_seed, dropout.as_ref())?)
+                        Some(objective.loss_at(&nets, mine, first, batch_seed, dropout.as_ref())?)
                     };
                     let (loss, units, toks) = match out {
                         Some(o) => match o.loss {

@@ -194,6 +194,27 @@ impl Objective for MaskedLm {
         })
     }
 
+    /// A rank's share: masks keyed by global position, and the masked tokens as the loss
+    /// units (the masked-LM loss is a mean over them). Only plain masked-LM runs here
+    /// ([`Self::data_parallel`] refuses the rest).
+    fn loss_at(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        first: usize,
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let owned = self.corpus.batch(batch);
+        let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
+        let masked = mask_examples(&seqs, self.corpus.masking(), seed, first);
+        Ok(BatchLoss {
+            loss: masked_lm_loss(&nets.main, &masked, dropout)?,
+            tokens: tokens_of(&seqs),
+            units: masked.iter().map(|m| m.positions.len()).sum::<usize>() as f64,
+        })
+    }
+
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
         let c = &self.corpus;
         evaluate_mlm(&nets.main, &c.dev, c.masking(), c.seed)
@@ -204,12 +225,18 @@ impl Objective for MaskedLm {
     }
 
     fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err(
-            "masked positions are drawn per batch position, so a rank's share of a batch \
-             would be masked differently from the one-process run (keying masks by the \
-             global example position is not built yet)"
-                .into(),
-        )
+        if self.cfg.sentence_objective.is_some() {
+            return Err(
+                "--objective nsp / sop adds a mean over sentence pairs to the mean \
+                        over masked tokens; weighting the two separately across ranks is \
+                        not built yet (--objective mlm runs)"
+                    .into(),
+            );
+        }
+        if self.cfg.distill.is_some() {
+            return Err("--teacher distillation does not split over ranks yet".into());
+        }
+        Ok(())
     }
 }
 
@@ -272,21 +299,25 @@ fn pretrain_outputs(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Outputs> {
-    outputs_of_masked(model, &mask_examples(examples, masking, seed), d)
+    outputs_of_masked(model, &mask_examples(examples, masking, seed, 0), d)
 }
 
-/// Masks `examples`, example `k` from a generator seeded by `(seed, k)`.
+/// Masks `examples`, example `k` from a generator seeded by `(seed, first + k)` (`first`:
+/// the position of `examples[0]` in its global batch; 0 in one process).
 pub(crate) fn mask_examples(
     examples: &[&PretrainSequence],
     masking: &MaskingConfig,
     seed: u64,
+    first: usize,
 ) -> Vec<MaskedInput> {
     examples
         .iter()
         .enumerate()
         .map(|(k, e)| {
-            let mut rng =
-                rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(seed, k as u64));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(berth_kernels::seed_stream(
+                seed,
+                (first + k) as u64,
+            ));
             let m = mask_sequence(&e.ids, &e.special(), &e.words, masking, &mut rng);
             MaskedInput {
                 ids: m.ids,
@@ -427,7 +458,7 @@ pub fn distilled_mlm_loss(
     distill: &DistillConfig,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    let inputs = mask_examples(examples, masking, seed);
+    let inputs = mask_examples(examples, masking, seed, 0);
     let out = outputs_of_masked(student, &inputs, d)?;
     let Some((logits, labels)) = &out.mlm else {
         return total_loss(out);

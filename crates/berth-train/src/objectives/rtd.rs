@@ -179,7 +179,7 @@ fn outputs(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<RtdOutputs>> {
-    let inputs = mask_examples(examples, masking, seed);
+    let inputs = mask_examples(examples, masking, seed, 0);
     let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
     // The two networks draw dropout from different streams.
     let d_gen = d.map(|_| Dropout::new(berth_kernels::seed_stream(seed, 0x9e4)));
