@@ -34,14 +34,15 @@ fn mpirun(n: usize, args: &[&str]) -> Output {
         .expect("mpirun runs (apt install openmpi-bin)")
 }
 
-/// `--threads 1 finetune --task classify` of `data` into `dir`, without dropout, then `extra`.
-fn classify_run(model: &str, data: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
+/// `--threads 1 finetune --task TASK` of `data` into `dir` (a fifth held out, no dropout),
+/// then `extra`.
+fn finetune_run(task: &str, model: &str, data: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "--threads",
         "1",
         "finetune",
         "--task",
-        "classify",
+        task,
         "--model",
         model,
         "--train",
@@ -50,8 +51,6 @@ fn classify_run(model: &str, data: &Path, dir: &Path, extra: &[&str]) -> Vec<Str
         "0.2",
         "--output",
         dir.to_str().unwrap(),
-        "--batch-size",
-        "7",
         "--no-dropout",
     ]
     .iter()
@@ -171,6 +170,8 @@ fn two_ranks_fine_tune_as_one_process() {
     ] {
         let run = |dir: &Path| -> Vec<String> {
             let settings = [
+                "--batch-size",
+                "7",
                 "--epochs",
                 "2",
                 "--lr",
@@ -180,7 +181,13 @@ fn two_ranks_fine_tune_as_one_process() {
                 "--seed",
                 "5",
             ];
-            classify_run(&model, &data, dir, &[&settings[..], &extra[..]].concat())
+            finetune_run(
+                "classify",
+                &model,
+                &data,
+                dir,
+                &[&settings[..], &extra[..]].concat(),
+            )
         };
         let (one, two) = (
             tmp.path().join(format!("one-{}", extra.len())),
@@ -211,20 +218,7 @@ fn two_ranks_fine_tune_ner_as_one_process() {
     std::fs::write(&data, text.join("\n")).unwrap();
     let model = tiny("bert-base");
     let args = |dir: &Path| -> Vec<String> {
-        [
-            "--threads",
-            "1",
-            "finetune",
-            "--task",
-            "ner",
-            "--model",
-            &model,
-            "--train",
-            data.to_str().unwrap(),
-            "--dev-fraction",
-            "0.2",
-            "--output",
-            dir.to_str().unwrap(),
+        let settings = [
             "--epochs",
             "2",
             "--batch-size",
@@ -233,11 +227,8 @@ fn two_ranks_fine_tune_ner_as_one_process() {
             "1e-3",
             "--log-every",
             "1",
-            "--no-dropout",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ];
+        finetune_run("ner", &model, &data, dir, &settings)
     };
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     ok(&berth(&strs(&args(&one))));
@@ -260,52 +251,10 @@ fn sharded_embed_writes_the_one_process_output() {
         })
         .collect();
     std::fs::write(&input, texts.join("\n")).unwrap();
-    for out_name in ["one.jsonl", "two.jsonl", "one.npy", "two.npy"] {
-        let out = tmp.path().join(out_name);
+    // `berth embed` of `src` into `out` on `ranks` ranks (1: no mpirun): the file's bytes.
+    let embed = |src: &Path, out: &str, ranks: usize| -> Vec<u8> {
+        let out = tmp.path().join(out);
         let args = [
-            "--threads",
-            "1",
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        if out_name.starts_with("one") {
-            ok(&berth(&args));
-        } else {
-            ok(&mpirun(2, &args));
-        }
-    }
-    for ext in ["jsonl", "npy"] {
-        let a = std::fs::read(tmp.path().join(format!("one.{ext}"))).unwrap();
-        let b = std::fs::read(tmp.path().join(format!("two.{ext}"))).unwrap();
-        assert!(a == b, "{ext}: 2-rank output differs from 1 process");
-    }
-    // Three ranks over nine texts, and more ranks than texts.
-    for n in [3, 4] {
-        let out = tmp.path().join(format!("n{n}.jsonl"));
-        let few = tmp.path().join("few.txt");
-        std::fs::write(&few, texts[..3].join("\n")).unwrap();
-        let src = if n == 4 { &few } else { &input };
-        ok(&mpirun(
-            n,
-            &[
-                "--threads",
-                "1",
-                "embed",
-                "--model",
-                model.to_str().unwrap(),
-                "--input",
-                src.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        ));
-        let one = tmp.path().join(format!("n{n}-one.jsonl"));
-        ok(&berth(&[
             "--threads",
             "1",
             "embed",
@@ -314,12 +263,28 @@ fn sharded_embed_writes_the_one_process_output() {
             "--input",
             src.to_str().unwrap(),
             "--output",
-            one.to_str().unwrap(),
-        ]));
+            out.to_str().unwrap(),
+        ];
+        ok(&if ranks == 1 {
+            berth(&args)
+        } else {
+            mpirun(ranks, &args)
+        });
+        std::fs::read(&out).unwrap()
+    };
+    for ext in ["jsonl", "npy"] {
+        let one = embed(&input, &format!("one.{ext}"), 1);
         assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(&one).unwrap(),
-            "{n} ranks"
+            one == embed(&input, &format!("two.{ext}"), 2),
+            "{ext}: 2 ranks differ from 1 process"
         );
+    }
+    // Three ranks over nine texts, and more ranks than texts.
+    let few = tmp.path().join("few.txt");
+    std::fs::write(&few, texts[..3].join("\n")).unwrap();
+    for (n, src) in [(3, &input), (4, &few)] {
+        let one = embed(src, &format!("n{n}-one.jsonl"), 1);
+        assert!(one == embed(src, &format!("n{n}.jsonl"), n), "{n} ranks");
     }
 }
 
@@ -390,6 +355,8 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
     let model = tiny("bert-base");
     let args = |dir: &Path, resume: bool| -> Vec<String> {
         let settings = [
+            "--batch-size",
+            "7",
             "--epochs",
             "60",
             "--lr",
@@ -400,7 +367,13 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size() {
             "20",
         ];
         let resumed: &[&str] = if resume { &["--resume"] } else { &[] };
-        classify_run(&model, &data, dir, &[&settings[..], resumed].concat())
+        finetune_run(
+            "classify",
+            &model,
+            &data,
+            dir,
+            &[&settings[..], resumed].concat(),
+        )
     };
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     ok(&berth(&strs(&args(&one, false))));
@@ -514,80 +487,62 @@ fn two_ranks_pretrain_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let vocab = root().join("fixtures/vocab/wordpiece");
     let corpus = root().join("fixtures/vocab/corpus.txt");
+    // A tiny BERT from scratch on the committed corpus, then `extra`.
+    let pretrain = |dir: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--threads",
+            "1",
+            "pretrain",
+            "--tokenizer",
+            vocab.to_str().unwrap(),
+            "--data",
+            corpus.to_str().unwrap(),
+            "--output",
+            dir.to_str().unwrap(),
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+            "--heads",
+            "2",
+            "--intermediate",
+            "128",
+            "--max-length",
+            "64",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let settings = [
+        "--batch-size",
+        "11",
+        "--max-steps",
+        "12",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--no-dropout",
+        "--save-every",
+        "6",
+    ];
     for (what, extra) in [("mlm", vec![]), ("mlm --whole-word", vec!["--whole-word"])] {
-        let args = |dir: &Path| -> Vec<String> {
-            let mut a: Vec<String> = [
-                "--threads",
-                "1",
-                "pretrain",
-                "--tokenizer",
-                vocab.to_str().unwrap(),
-                "--data",
-                corpus.to_str().unwrap(),
-                "--output",
-                dir.to_str().unwrap(),
-                "--layers",
-                "2",
-                "--hidden",
-                "64",
-                "--heads",
-                "2",
-                "--intermediate",
-                "128",
-                "--max-length",
-                "64",
-                "--batch-size",
-                "11",
-                "--max-steps",
-                "12",
-                "--lr",
-                "1e-3",
-                "--log-every",
-                "1",
-                "--no-dropout",
-                "--save-every",
-                "6",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            a.extend(extra.iter().map(|s| s.to_string()));
-            a
-        };
         let (one, two) = (
             tmp.path().join(format!("one-{}", extra.len())),
             tmp.path().join(format!("two-{}", extra.len())),
         );
-        ok(&berth(&strs(&args(&one))));
-        ok(&mpirun(2, &strs(&args(&two))));
+        let flags = [&settings[..], &extra[..]].concat();
+        ok(&berth(&strs(&pretrain(&one, &flags))));
+        ok(&mpirun(2, &strs(&pretrain(&two, &flags))));
         assert_runs_agree(&one, &two, what);
     }
     for (flag, needle) in [("sop", "sentence pairs"), ("rtd", "--objective rtd")] {
         let out = mpirun(
             2,
-            &[
-                "--threads",
-                "1",
-                "pretrain",
-                "--tokenizer",
-                vocab.to_str().unwrap(),
-                "--data",
-                corpus.to_str().unwrap(),
-                "--output",
-                tmp.path().join(flag).to_str().unwrap(),
-                "--layers",
-                "1",
-                "--hidden",
-                "32",
-                "--heads",
-                "1",
-                "--intermediate",
-                "64",
-                "--max-length",
-                "64",
-                "--objective",
-                flag,
-            ],
+            &strs(&pretrain(&tmp.path().join(flag), &["--objective", flag])),
         );
         assert!(!out.status.success(), "{flag}");
         let err = String::from_utf8_lossy(&out.stderr);
