@@ -148,23 +148,21 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
     }
     let (texts, from_file) = (rows.texts, rows.from_file);
     let source = a.text.source();
+    let opts = EmbedOptions {
+        pooling,
+        normalize: norm,
+        windows: a.windows.windows(),
+    };
     // Under mpirun: each rank embeds a contiguous share of the texts; rank 0 gathers the
     // vectors (in rank order: input order) and writes the one output.
     let sharded = if world.world_size() > 1 {
         if pooling == Pooling::None {
             anyhow::bail!("--pooling none does not run under MPI yet: run it with one process");
         }
-        let opts = EmbedOptions {
-            pooling,
-            normalize: norm,
-            windows: a.windows.windows(),
-        };
-        let all: Vec<usize> = (0..texts.len()).collect();
-        let mine = world.shard(&all);
-        let start = mine.first().copied().unwrap_or(0);
+        let mine = world.shard_range(texts.len());
         let mut bytes = Vec::new();
-        for (c, chunk) in texts[start..start + mine.len()].chunks(CHUNK).enumerate() {
-            let first = start + c * CHUNK;
+        for (c, chunk) in texts[mine.clone()].chunks(CHUNK).enumerate() {
+            let first = mine.start + c * CHUNK;
             let e = encode_for_embedding(&p, chunk, &opts, first)
                 .with_context(|| source.to_string())?;
             if opts.windows.is_none() {
@@ -216,11 +214,6 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
             "--stride pools windows into one vector per text: it needs a pooling other than none"
         );
     }
-    let opts = EmbedOptions {
-        pooling,
-        normalize: norm,
-        windows: a.windows.windows(),
-    };
     if let Some(vecs) = sharded {
         if a.output_dtype == VectorDtype::F32 {
             for (i, v) in vecs.iter().enumerate() {

@@ -132,14 +132,9 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
              starting weights): run it with one process"
         );
     }
-    let _lock = if world.is_writer() {
-        Some(
-            a.train_loop
-                .claim_output(&a.output, &LoopDefaults::FINETUNE)?,
-        )
-    } else {
-        None
-    };
+    let _lock = a
+        .train_loop
+        .claim_output_of(world.as_ref(), &a.output, &LoopDefaults::FINETUNE)?;
     let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {

@@ -144,14 +144,9 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
             }
         );
     }
-    let _lock = if world.is_writer() {
-        Some(
-            a.train_loop
-                .claim_output(&a.output, &LoopDefaults::PRETRAIN)?,
-        )
-    } else {
-        None
-    };
+    let _lock = a
+        .train_loop
+        .claim_output_of(world, &a.output, &LoopDefaults::PRETRAIN)?;
     let model = match (&a.from, &a.tokenizer) {
         (Some(from), _) => {
             let dir = resolve::model_dir(Some(from))?;

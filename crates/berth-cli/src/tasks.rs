@@ -35,16 +35,14 @@ fn run_chunked<I, R>(
     // Under mpirun each rank runs a contiguous share of the inputs; rank 0 gathers the
     // lines (in rank order: input order) and writes them.
     let world = berth_train::dist::world()?;
-    let all: Vec<usize> = (0..items.len()).collect();
-    let mine = world.shard(&all);
-    let start = mine.first().copied().unwrap_or(0);
+    let mine = world.shard_range(items.len());
     let result = (|| -> anyhow::Result<()> {
         let sharded = world.world_size() > 1;
         // One process streams to stdout; a rank collects its lines for the gather.
         let mut out = (!sharded).then(stdout);
         let mut lines = Vec::new();
-        for (c, chunk) in items[start..start + mine.len()].chunks(CHUNK).enumerate() {
-            let first = start + c * CHUNK;
+        for (c, chunk) in items[mine.clone()].chunks(CHUNK).enumerate() {
+            let first = mine.start + c * CHUNK;
             let (results, encs) = task(chunk, first).with_context(|| source.to_string())?;
             if !windowed {
                 warn_truncated(&encs, first, max_length);

@@ -104,7 +104,20 @@ impl LoopArgs {
     /// Settings no run can use (NaN or negative learning rate, ...) are refused first, so a
     /// bad flag changes nothing on disk either.
     /// The returned lock keeps other runs out of `output` until it is dropped.
-    pub fn claim_output(
+    /// Under MPI only rank 0 owns the folder: the other ranks claim nothing (`None`).
+    pub fn claim_output_of(
+        &self,
+        world: &dyn berth_train::dist::Collective,
+        output: &Path,
+        defaults: &LoopDefaults,
+    ) -> anyhow::Result<Option<berth_train::checkpoint::RunLock>> {
+        if !world.is_writer() {
+            return Ok(None);
+        }
+        self.claim_output(output, defaults).map(Some)
+    }
+
+    fn claim_output(
         &self,
         output: &Path,
         defaults: &LoopDefaults,

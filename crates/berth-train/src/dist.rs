@@ -25,7 +25,7 @@ pub trait Collective {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let mut bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
         let all = self.gather_all(&bytes)?;
         for (i, v) in buf.iter_mut().enumerate() {
             *v = all
@@ -33,7 +33,6 @@ pub trait Collective {
                 .map(|b| f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes")))
                 .sum();
         }
-        bytes.clear();
         Ok(())
     }
 

@@ -110,15 +110,19 @@ pub fn quantize_checkpoint(src: &Path, dst: &Path, dtype: Precision) -> Result<Q
             dst.display()
         )));
     }
-    // The matrices inference packs, found by loading the model as inference does.
-    let (model, _) = Model::load(src, false)?;
-    let packed: BTreeSet<String> = model
-        .packed_linears()
-        .iter()
-        .flat_map(|l| l.weight_keys.iter().cloned())
-        .collect();
-    drop(model);
+    // The matrices inference packs, found by building the model as inference does from the
+    // same tensors (read once: candle tensors are shared, not copied).
     let (tensors, source) = Weights::read_dir(src)?;
+    let packed: BTreeSet<String> = {
+        let config = berth_model::EncoderConfig::from_file(&config_path)?;
+        let w = Weights::from_tensors(tensors.clone(), source.clone(), false)?;
+        let (model, _) = Model::from_weights(config, w, src)?;
+        model
+            .packed_linears()
+            .iter()
+            .flat_map(|l| l.weight_keys.iter().cloned())
+            .collect()
+    };
     let bytes_before = weight_bytes(src, &source);
     let mut out: HashMap<String, Raw> = HashMap::with_capacity(tensors.len() + packed.len());
     for (name, t) in &tensors {
