@@ -99,6 +99,13 @@ pub fn run(a: DataArgs) -> anyhow::Result<()> {
             c.train_sequences, c.val_sequences
         );
     }
+    if m.val.is_empty() && p.val_fraction > 0.0 {
+        eprintln!(
+            "warning: no document was held out (--val-fraction {} of {} documents; documents are separated by blank lines): `berth pretrain` on this folder will need --dev FILE",
+            p.val_fraction,
+            m.corpora.iter().map(|c| c.documents).sum::<usize>()
+        );
+    }
     let tokens = |s: &[berth_train::corpus::ShardInfo]| s.iter().map(|x| x.tokens).sum::<usize>();
     println!(
         "{}",

@@ -41,13 +41,14 @@ pub fn run(a: FillMaskArgs) -> anyhow::Result<()> {
     let (p, report) = Pipeline::load_sentence(&dir, &a.text.pipeline_options())?;
     report_load(&report);
     let (texts, _) = a.text.texts(&a.texts)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::output::stdout();
     for (c, chunk) in texts.chunks(256).enumerate() {
         let encs = p
             .encode(chunk, c * 256)
             .with_context(|| a.text.source().to_string())?;
         warn_truncated(&encs, c * 256, p.max_length);
-        for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)?
+        for (i, preds) in fill_mask(&p, &encs, a.top_k, c * 256)
+            .with_context(|| a.text.source().to_string())?
             .into_iter()
             .enumerate()
         {

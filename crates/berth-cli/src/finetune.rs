@@ -59,7 +59,7 @@ pub struct FinetuneArgs {
     #[arg(long)]
     dev: Option<PathBuf>,
     /// Held-out fraction when there is no --dev.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, conflicts_with = "dev")]
     dev_fraction: f64,
     /// Run directory (config.json, metrics.jsonl, curve.png, checkpoints/).
     #[arg(long)]
@@ -158,6 +158,9 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let mut run = a
         .train_loop
         .config(model, a.output, &LoopDefaults::FINETUNE);
+    if a.early_stopping == Some(0) {
+        anyhow::bail!("--early-stopping must be at least 1 (evaluations without a better score)");
+    }
     run.early_stopping_patience = a.early_stopping;
     let cfg = RunConfig {
         run,

@@ -432,7 +432,13 @@ fn read_lines_from(mut reader: impl BufRead, name: &str) -> anyhow::Result<Vec<S
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        let text = std::str::from_utf8(&line).map_err(|e| {
+        // A UTF-8 byte-order mark (Windows editors write one) is not part of the first text.
+        let start = if number == 1 && line.starts_with(b"\xef\xbb\xbf") {
+            3
+        } else {
+            0
+        };
+        let text = std::str::from_utf8(&line[start..]).map_err(|e| {
             anyhow::anyhow!("{name}:{number}: invalid UTF-8 at byte {}", e.valid_up_to())
         })?;
         texts.push(text.to_string());

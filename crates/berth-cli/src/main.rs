@@ -148,7 +148,24 @@ fn main() -> ExitCode {
     // the file's name, instead of killing berth with SIGXFSZ.
     // SAFETY: installs SIG_IGN for one signal before any other thread exists.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let result = run(Cli::parse());
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help / --version go to stdout: a failed write is an error, not a silent success.
+        Err(e) if !e.use_stderr() => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            return match write!(out, "{}", e.render()).and_then(|_| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(w) if w.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(w) => {
+                    eprintln!("error: writing to stdout: {w}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Err(e) => e.exit(),
+    };
+    let result = run(cli);
     embed::report_truncated();
     match result {
         Ok(()) => ExitCode::SUCCESS,

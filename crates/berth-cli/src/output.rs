@@ -37,6 +37,31 @@ enum Values<'a> {
 }
 
 /// The output of one `berth embed` run.
+/// Standard output, buffered, whose write errors say they are stdout's (the io::Error kind
+/// is kept, so a closed reader is still recognised as a broken pipe).
+pub fn stdout() -> std::io::BufWriter<NamedStdout> {
+    std::io::BufWriter::new(NamedStdout(std::io::stdout().lock()))
+}
+
+/// [`std::io::StdoutLock`] with "writing to stdout" in its errors.
+pub struct NamedStdout(std::io::StdoutLock<'static>);
+
+impl NamedStdout {
+    fn named(e: std::io::Error) -> std::io::Error {
+        std::io::Error::new(e.kind(), format!("writing to stdout: {e}"))
+    }
+}
+
+impl Write for NamedStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(Self::named)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(Self::named)
+    }
+}
+
 pub struct Output {
     sink: Sink,
     /// Final path and its temporary sibling, for file outputs.
@@ -65,7 +90,8 @@ impl Output {
             .with_context(|| format!("{p}: not a file name"))?
             .to_string_lossy()
             .into_owned();
-        let tmp = dst.with_file_name(format!(".{name}.partial"));
+        // The process id keeps two runs writing the same file apart (the last rename wins whole).
+        let tmp = dst.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         let ext = dst
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -82,6 +108,15 @@ impl Output {
                 "{p}: an array file holds one vector per text: --pooling none writes JSON Lines"
             );
         }
+        // Created now, so a missing or read-only folder fails before any work is done (an
+        // array file is rewritten whole at the end).
+        let created = std::fs::File::create(&tmp).with_context(|| {
+            format!(
+                "{}: cannot create (in its folder: {})",
+                dst.display(),
+                tmp.display()
+            )
+        })?;
         let sink = if let Some(format) = array {
             Sink::Array {
                 data: Vec::new(),
@@ -90,9 +125,7 @@ impl Output {
                 format,
             }
         } else {
-            let f = std::fs::File::create(&tmp)
-                .with_context(|| format!("{}: cannot create", tmp.display()))?;
-            Sink::Lines(Box::new(std::io::BufWriter::new(f)))
+            Sink::Lines(Box::new(std::io::BufWriter::new(created)))
         };
         Ok(Output {
             sink,

@@ -54,9 +54,10 @@ pub struct PretrainArgs {
     /// Held-out corpus; without it a seeded --val-fraction of the sequences is held out.
     #[arg(long)]
     dev: Option<PathBuf>,
-    /// Held-out share of the sequences of a text corpus (a prepared folder brings its own).
-    #[arg(long, default_value_t = 0.02)]
-    val_fraction: f64,
+    /// Held-out share of the sequences of a text corpus (default 0.02; a prepared folder
+    /// brings its own).
+    #[arg(long, conflicts_with = "dev")]
+    val_fraction: Option<f64>,
     /// Run directory.
     #[arg(long)]
     output: PathBuf,
@@ -125,6 +126,28 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
         anyhow::bail!("--mask-rate {} must be in (0, 1)", a.mask_rate);
     }
     let rtd = a.objective == ObjectiveArg::Rtd;
+    if !(a.rtd_weight.is_finite() && a.rtd_weight > 0.0 && a.rtd_weight <= 1e6) {
+        anyhow::bail!(
+            "--rtd-weight {} must be a positive number (at most 1e6)",
+            a.rtd_weight
+        );
+    }
+    for (flag, v, max) in [
+        (
+            "--generator-layers",
+            a.generator_layers,
+            berth_model::MAX_LAYERS,
+        ),
+        (
+            "--generator-intermediate",
+            a.generator_intermediate,
+            berth_model::MAX_INTERMEDIATE,
+        ),
+    ] {
+        if let Some(v) = v.filter(|&v| v == 0 || v > max) {
+            anyhow::bail!("{flag} {v} is outside 1..={max}");
+        }
+    }
     let seed = a.train_loop.seed;
     if rtd && a.arch == ArchArg::Roberta {
         anyhow::bail!(
@@ -249,7 +272,13 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
     }
     let mut data = DataConfig::new(a.data);
     data.dev = a.dev;
-    data.dev_fraction = a.val_fraction;
+    if a.val_fraction.is_some() && data.train.join("manifest.json").is_file() {
+        anyhow::bail!(
+            "--val-fraction: {} is a prepared folder, which brings its own held-out split (set it with `berth data prepare --val-fraction`)",
+            data.train.display()
+        );
+    }
+    data.dev_fraction = a.val_fraction.unwrap_or(0.02);
     data.max_length = a.max_length;
     let kind = match a.objective {
         ObjectiveArg::Rtd => TaskKind::Rtd(RtdConfig {

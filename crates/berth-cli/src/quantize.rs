@@ -21,6 +21,9 @@ pub struct QuantizeArgs {
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let dir = resolve::model_dir(Some(&a.model))?;
+    // The copy must be a model berth runs: a missing or broken tokenizer is refused now,
+    // not copied along.
+    berth_text::TextTokenizer::from_dir(&dir)?;
     let r = berth_train::quantize::quantize_checkpoint(&dir, &a.output, a.dtype)?;
     let mb = |b: u64| b as f64 / 1e6;
     eprintln!(

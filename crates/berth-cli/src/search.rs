@@ -153,12 +153,12 @@ pub fn run(a: SearchArgs) -> anyhow::Result<()> {
     }
     let r = Retriever::open(a.model.as_deref(), &a.retrieval)?;
     let hits = r.search(&queries.texts, a.top_k)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::output::stdout();
     for ((id, text), h) in queries.ids.iter().zip(&queries.texts).zip(&hits) {
         let line = serde_json::json!({"query_id": id, "query": text, "results": h});
-        writeln!(out, "{line}").context("writing to stdout")?;
+        writeln!(out, "{line}")?;
     }
-    out.flush().context("writing to stdout")?;
+    out.flush()?;
     Ok(())
 }
 

@@ -15,9 +15,7 @@ use crate::{input, resolve};
 /// Texts per chunk: bounds memory on large files while keeping batches full.
 const CHUNK: usize = 1024;
 
-fn stdout() -> std::io::BufWriter<std::io::StdoutLock<'static>> {
-    std::io::BufWriter::new(std::io::stdout().lock())
-}
+use crate::output::stdout;
 
 /// Runs `task` over `items` in chunks of [`CHUNK`] (its second argument: the chunk's first
 /// index), warns about truncated inputs unless the task windows them, and prints one JSON line
@@ -115,15 +113,24 @@ struct LabelsLine<'a> {
 }
 
 /// Pairs from `TEXT<TAB>PAIR` lines or consecutive arguments.
-fn pairs(texts: Vec<String>, from_file: bool) -> anyhow::Result<Vec<berth_tasks::TextPair>> {
+fn pairs(
+    texts: Vec<String>,
+    from_file: bool,
+    source: &str,
+) -> anyhow::Result<Vec<berth_tasks::TextPair>> {
     if from_file {
         return texts
             .into_iter()
             .enumerate()
             .map(|(i, t)| match t.split_once('\t') {
+                Some((_, b)) if b.contains('\t') => bail!(
+                    "{source}:{}: --pair needs two texts separated by one tab, the line has {}",
+                    i + 1,
+                    t.matches('\t').count()
+                ),
                 Some((a, b)) => Ok((a.to_string(), Some(b.to_string()))),
                 None => bail!(
-                    "input line {}: --pair needs two texts separated by a tab",
+                    "{source}:{}: --pair needs two texts separated by a tab",
                     i + 1
                 ),
             })
@@ -154,7 +161,7 @@ pub fn classify(a: ClassifyArgs) -> anyhow::Result<()> {
             .into_iter()
             .zip(second.into_iter().map(Some))
             .collect(),
-        (true, None) => pairs(rows.texts, rows.from_file)?,
+        (true, None) => pairs(rows.texts, rows.from_file, a.text.source())?,
         (false, _) => rows.texts.into_iter().map(|t| (t, None)).collect(),
     };
     let opts = ClassifyOptions {
@@ -431,7 +438,7 @@ pub fn similarity(a: SimilarityArgs) -> anyhow::Result<()> {
     let (texts, from_file) = a.text.texts(&a.texts)?;
     // With --pair: both sides of every pair, embedded in one run (first sides, then second).
     let (texts, pair_count) = if a.pair {
-        let pairs = pairs(texts, from_file)?;
+        let pairs = pairs(texts, from_file, a.text.source())?;
         let n = pairs.len();
         let (first, second): (Vec<String>, Vec<String>) = pairs
             .into_iter()

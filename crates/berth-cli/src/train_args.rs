@@ -280,6 +280,19 @@ impl ColumnArgs {
         if self.multi_label && (task != FinetuneTask::Classify || self.regression) {
             anyhow::bail!("--multi-label applies to --task classify without --regression");
         }
+        if self.multi_label && self.label_separator.is_empty() {
+            anyhow::bail!("--label-separator must not be empty");
+        }
+        if self.text_column.is_some() && self.text_column == self.pair_column {
+            anyhow::bail!("--pair-column names the --text-column");
+        }
+        if task == FinetuneTask::Qa && x.max_answer_len == 0 {
+            anyhow::bail!("--max-answer-len must be at least 1");
+        }
+        let scale = x.similarity_scale;
+        if task == FinetuneTask::Embed && !(scale.is_finite() && scale > 0.0 && scale <= 1e4) {
+            anyhow::bail!("--similarity-scale {scale} must be a positive number (at most 1e4)");
+        }
         let text = |default: &str| self.text_column.clone().unwrap_or_else(|| default.into());
         let pair = |default: &str| self.pair_column.clone().unwrap_or_else(|| default.into());
         Ok(match task {

@@ -206,7 +206,12 @@ fn run(c: &Case, dir: &Path) -> (&'static str, String) {
                 return ("wrong", format!("several error lines: {stderr}"));
             }
             for n in needles {
-                if !line.contains(n.as_str()) {
+                // "once:TEXT": TEXT occurs exactly once (a message that repeats itself).
+                if let Some(once) = n.strip_prefix("once:") {
+                    if line.matches(once).count() != 1 {
+                        return ("wrong", format!("{once:?} is not in the line once: {line}"));
+                    }
+                } else if !line.contains(n.as_str()) {
                     return ("wrong", format!("error line lacks {n:?}: {line}"));
                 }
             }
@@ -349,6 +354,9 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
     let b = base.as_str();
     let classify_model = task_model("bert-classify");
     let ner_model = task_model("bert-ner");
+    let rerank_model = task_model("bert-rerank");
+    let qa_model = tiny("bert-qa");
+    let mlm_model = tiny("bert-mlm");
     let mut cases: Vec<Case> = Vec::new();
 
     // Shared inputs.
@@ -437,6 +445,36 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
         ),
         ("finetune", finetune_args(&train, &ft_full, &[])),
         ("embed", vec!["embed", "--model", b, "hello", "world"]),
+        (
+            "classify",
+            vec!["classify", "--model", &classify_model, "good", "bad"],
+        ),
+        (
+            "ner",
+            vec!["ner", "--model", &ner_model, "Anna lives in Berlin"],
+        ),
+        (
+            "qa",
+            vec![
+                "qa",
+                "--model",
+                &qa_model,
+                "--question",
+                "who",
+                "--context",
+                "Anna lives in Berlin",
+            ],
+        ),
+        (
+            "fill-mask",
+            vec!["fill-mask", "--model", &mlm_model, "a [MASK] b"],
+        ),
+        (
+            "rerank",
+            vec!["rerank", "--model", &rerank_model, "--query", "q", "a", "b"],
+        ),
+        ("similarity", vec!["similarity", "--model", b, "a", "b"]),
+        ("--help", vec!["--help"]),
     ];
     for (name, args) in &stdout_cases {
         let mut c = case(1, &format!("{name} > /dev/full"), args, err(&["stdout"]));
@@ -751,7 +789,222 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
     c.unchanged = vec![old.clone()];
     cases.push(c);
 
+    let tok_into_model = model_copy(d, "tok-into-model", b, |_| {});
+    let mut c = case(
+        4,
+        "tokenizer train into a model folder",
+        &argv(&format!(
+            "tokenizer train --kind wordpiece --vocab-size 60 --output {tok_into_model} {corpus}"
+        )),
+        err(&["--output", "already holds a tokenizer"]),
+    );
+    c.unchanged = vec![PathBuf::from(&tok_into_model)];
+    cases.push(c);
+    let no_dir = s(&d.join("no-such-folder/out.jsonl"));
+    cases.push(case(
+        4,
+        "embed --output in a missing folder fails before work",
+        &["embed", "--model", b, "--output", &no_dir, "hi"],
+        err(&["no-such-folder/out.jsonl", "cannot create"]),
+    ));
+
     // ---- Family 5: silent wrong outputs, lenient loading ----
+    let one_row = write_classify(d, "one-row.tsv", 1, |_| "a".into());
+    let o = s(&d.join("one-row-run"));
+    cases.push(case(
+        5,
+        "one training row and no --dev",
+        &finetune_args(&one_row, &o, &[]),
+        err(&["one-row.tsv", "too few to hold out a dev split"]),
+    ));
+    let two_rows = write_classify(d, "two-rows.tsv", 2, |i| ["a", "b"][i].into());
+    let o = s(&d.join("two-rows-run"));
+    cases.push(case(
+        5,
+        "a label only in the held-out rows",
+        &finetune_args(&two_rows, &o, &[]),
+        err(&["two-rows.tsv", "only in the rows held out for dev"]),
+    ));
+    let one_seq = d.join("one-sequence.txt");
+    std::fs::write(&one_seq, "hello world this is one short document\n").unwrap();
+    let o = s(&d.join("one-seq-run"));
+    cases.push(case(
+        5,
+        "pretrain on one sequence",
+        &pretrain_args(b, &s(&one_seq), &o, &["--max-steps", "1"]),
+        err(&["one-sequence.txt", "too few to hold out a dev split"]),
+    ));
+    let tiny_dev = d.join("tiny-dev.txt");
+    std::fs::write(&tiny_dev, "hello world\n\nthe cat\n").unwrap();
+    let o = s(&d.join("tiny-dev-run"));
+    cases.push(case(
+        5,
+        "a held-out split without a masked token",
+        &pretrain_args(b, &s(&tiny_dev), &o, &["--max-steps", "1"]),
+        err(&["tiny-dev.txt", "no masked token"]),
+    ));
+    let o = s(&d.join("dev-and-fraction"));
+    cases.push(case(
+        5,
+        "finetune --dev with --dev-fraction",
+        &finetune_args(&train, &o, &["--dev", &train, "--dev-fraction", "0.5"]),
+        err(&["--dev-fraction", "--dev"]),
+    ));
+    let o = s(&d.join("val-fraction-prepared"));
+    cases.push(case(
+        5,
+        "pretrain --val-fraction on a prepared folder",
+        &pretrain_args(b, &s(&prepared), &o, &["--val-fraction", "0.5"]),
+        err(&["--val-fraction", "prepared folder"]),
+    ));
+    let embed_train = d.join("pairs.tsv");
+    let mut t = String::from("anchor\tpositive\n");
+    for i in 0..12 {
+        t.push_str(&format!(
+            "{} {i}\t{} {i}\n",
+            WORDS[i % 12],
+            WORDS[(i + 3) % 12]
+        ));
+    }
+    std::fs::write(&embed_train, t).unwrap();
+    let embed_train = s(&embed_train);
+    let squad = d.join("squad.json");
+    std::fs::write(
+        &squad,
+        serde_json::json!({"data": [{"paragraphs": [{"context": "Anna lives in Berlin.",
+            "qas": [{"id": "1", "question": "Where?",
+                     "answers": [{"text": "Berlin", "answer_start": 14}]}]}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let squad = s(&squad);
+    for (name, task, data, flags, needle) in [
+        (
+            "--label-separator ''",
+            "classify",
+            &train,
+            vec!["--multi-label", "--label-separator", ""],
+            "--label-separator",
+        ),
+        (
+            "--similarity-scale 0",
+            "embed",
+            &embed_train,
+            vec!["--similarity-scale", "0"],
+            "--similarity-scale",
+        ),
+        (
+            "--similarity-scale nan",
+            "embed",
+            &embed_train,
+            vec!["--similarity-scale", "nan"],
+            "--similarity-scale",
+        ),
+        (
+            "--max-answer-len 0",
+            "qa",
+            &squad,
+            vec!["--max-answer-len", "0"],
+            "--max-answer-len",
+        ),
+        (
+            "--early-stopping 0",
+            "classify",
+            &train,
+            vec!["--early-stopping", "0"],
+            "--early-stopping",
+        ),
+        (
+            "--pair-column = --text-column",
+            "classify",
+            &train,
+            vec!["--text-column", "sentence", "--pair-column", "sentence"],
+            "--pair-column",
+        ),
+    ] {
+        let o = d.join(format!("flag-{}", name.replace([' ', '\'', '='], "_")));
+        let os = s(&o);
+        let mut args = finetune_args(data, &os, &flags);
+        args[2] = task;
+        let mut c = case(5, &format!("finetune {name}"), &args, err(&[needle]));
+        c.unchanged = vec![o];
+        cases.push(c);
+    }
+    for (flag, v) in [("--rtd-weight", "nan"), ("--generator-layers", "0")] {
+        let o = s(&d.join(format!("rtd{flag}")));
+        cases.push(case(
+            5,
+            &format!("pretrain --objective rtd {flag} {v}"),
+            &pretrain_args(b, &corpus, &o, &["--objective", "rtd", flag, v]),
+            err(&[flag]),
+        ));
+    }
+    let pad = model_copy(d, "pad-outside", b, |dir| {
+        let p = dir.join("config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["pad_token_id"] = 99999.into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    });
+    cases.push(case(
+        5,
+        "pad_token_id outside the vocabulary",
+        &["embed", "--model", &pad, "hi"],
+        err(&["config.json", "pad_token_id 99999"]),
+    ));
+    let no_types = model_copy(d, "no-token-types", b, |dir| {
+        let p = dir.join("config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["type_vocab_size"] = 0.into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    });
+    cases.push(case(
+        5,
+        "type_vocab_size 0 with trained token types",
+        &["embed", "--model", &no_types, "hi"],
+        err(&["model.safetensors", "token_type_embeddings"]),
+    ));
+    let special = model_copy(d, "special-outside", b, |dir| {
+        let p = dir.join("tokenizer.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["post_processor"]["special_tokens"]["[CLS]"]["ids"] = serde_json::json!([7000]);
+        std::fs::write(&p, v.to_string()).unwrap();
+    });
+    cases.push(case(
+        5,
+        "a template special token outside the vocabulary",
+        &["embed", "--model", &special, "hi"],
+        err(&["tokenizer.json", "special token id 7000"]),
+    ));
+    let tabs = d.join("three-fields.txt");
+    std::fs::write(&tabs, "a\tb\n\none\ttwo\tthree\n".replace("\n\n", "\n")).unwrap();
+    cases.push(case(
+        5,
+        "--pair line with two tabs",
+        &[
+            "classify",
+            "--model",
+            &classify_model,
+            "--pair",
+            "--input",
+            &s(&tabs),
+        ],
+        err(&["three-fields.txt:2", "one tab"]),
+    ));
+    let bom_txt = d.join("bom.txt");
+    std::fs::write(&bom_txt, "\u{feff}hello world\n").unwrap();
+    let plain = common::ok(&common::berth(&["embed", "--model", b, "hello world"]));
+    cases.push(case(
+        5,
+        "byte-order mark before a plain-text input",
+        &["embed", "--model", b, "--input", &s(&bom_txt)],
+        succeeds_with(move |out, _| {
+            if out == plain {
+                Ok(())
+            } else {
+                Err("the mark changed the vector".into())
+            }
+        }),
+    ));
     for m in ["0", "1", "2"] {
         cases.push(case(
             5,
@@ -992,6 +1245,25 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
         &["ner", "--model", &ner_model, "--input", &s(&blank)],
         err(&["blank.txt:2", "empty line"]),
     ));
+    let o = s(&d.join("teacher-no-head"));
+    cases.push(case(
+        6,
+        "a teacher without the head says so once",
+        &finetune_args(&train, &o, &["--teacher", b]),
+        err(&["once:sequence-classification head", &format!("once:{b}")]),
+    ));
+    let jsonl = d.join("wrong-fields.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"a\", \"y\": \"b\"}\n").unwrap();
+    let o = s(&d.join("wrong-fields-run"));
+    cases.push(case(
+        6,
+        "missing JSON Lines fields named plainly",
+        &finetune_args(&s(&jsonl), &o, &[]),
+        err(&[
+            "wrong-fields.jsonl:1",
+            "needs string fields \"sentence\", \"label\"",
+        ]),
+    ));
     let latin1 = d.join("latin1.txt");
     std::fs::write(&latin1, b"ok\ncaf\xe9\n").unwrap();
     cases.push(case(
@@ -1224,5 +1496,508 @@ fn runs_never_mix_and_resumes_check_their_settings() {
     assert!(
         !d.join("run2").join(".berth.lock").exists(),
         "the lock is removed at the end"
+    );
+}
+
+/// Family 4: two runs writing one `--output` file at the same time leave one whole output
+/// (each writes its own temporary file; the last rename wins), never lines of both.
+#[test]
+fn two_embeds_into_one_output_file_never_mix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let b = tiny("bert-base");
+    let inputs: Vec<String> = (0..2)
+        .map(|k| {
+            let p = d.join(format!("in{k}.txt"));
+            let lines: Vec<String> = (0..1500)
+                .map(|i| format!("{} {} {i}", WORDS[(i + k) % 12], WORDS[(i * 7 + k) % 12]))
+                .collect();
+            std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+            s(&p)
+        })
+        .collect();
+    let shared = s(&d.join("shared.jsonl"));
+    let children: Vec<_> = inputs
+        .iter()
+        .map(|input| {
+            Command::new(env!("CARGO_BIN_EXE_berth"))
+                .args([
+                    "embed", "--model", &b, "--input", input, "--output", &shared,
+                ])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let got = std::fs::read(&shared).unwrap();
+    let alone: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|input| {
+            common::ok(&common::berth(&["embed", "--model", &b, "--input", input])).into_bytes()
+        })
+        .collect();
+    assert!(
+        got == alone[0] || got == alone[1],
+        "the shared output is neither run's whole output ({} bytes)",
+        got.len()
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// One way to break a model folder: what is done to the copy, and what the error line must
+/// name (the file, and a word of the problem).
+type Break = (&'static str, fn(&Path), [&'static str; 2]);
+
+fn set_config(dir: &Path, key: &str, v: Value) {
+    let p = dir.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c[key] = v;
+    std::fs::write(&p, c.to_string()).unwrap();
+}
+
+fn truncate_half(p: &Path) {
+    let bytes = std::fs::read(p).unwrap();
+    std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+/// Model-folder faults, each generated from a valid fixture.
+const BREAKS: [Break; 24] = [
+    (
+        "config.json missing",
+        |d| std::fs::remove_file(d.join("config.json")).unwrap(),
+        ["config.json", ""],
+    ),
+    (
+        "config.json empty",
+        |d| std::fs::write(d.join("config.json"), "").unwrap(),
+        ["config.json", ""],
+    ),
+    (
+        "config.json not JSON",
+        |d| std::fs::write(d.join("config.json"), "{\"model_type\": bert").unwrap(),
+        ["config.json", ""],
+    ),
+    (
+        "config.json an array",
+        |d| std::fs::write(d.join("config.json"), "[1, 2]").unwrap(),
+        ["config.json", ""],
+    ),
+    (
+        "model_type unknown",
+        |d| set_config(d, "model_type", "gpt9".into()),
+        ["config.json", "gpt9"],
+    ),
+    (
+        "hidden_size 0",
+        |d| set_config(d, "hidden_size", 0.into()),
+        ["config.json", "hidden"],
+    ),
+    (
+        "vocab_size 1e9",
+        |d| set_config(d, "vocab_size", 1_000_000_000u64.into()),
+        ["config.json", "vocab_size"],
+    ),
+    (
+        "heads do not divide hidden",
+        |d| set_config(d, "num_attention_heads", 5.into()),
+        ["config.json", "heads"],
+    ),
+    (
+        "layer_norm_eps negative",
+        |d| set_config(d, "layer_norm_eps", (-1.0).into()),
+        ["config.json", "layer_norm_eps"],
+    ),
+    (
+        "hidden_act unknown",
+        |d| set_config(d, "hidden_act", "swishy".into()),
+        ["config.json", "swishy"],
+    ),
+    (
+        "layers past the weights",
+        |d| set_config(d, "num_hidden_layers", 9.into()),
+        ["model.safetensors", "missing"],
+    ),
+    (
+        "vocab_size disagrees with the weights",
+        |d| set_config(d, "vocab_size", 100.into()),
+        ["model.safetensors", "shape"],
+    ),
+    (
+        "tokenizer files missing",
+        |d| {
+            for f in ["tokenizer.json", "vocab.txt"] {
+                std::fs::remove_file(d.join(f)).unwrap();
+            }
+        },
+        ["tokenizer", ""],
+    ),
+    (
+        "tokenizer.json truncated",
+        |d| truncate_half(&d.join("tokenizer.json")),
+        ["tokenizer.json", ""],
+    ),
+    (
+        "tokenizer.json model not an object",
+        |d| {
+            let p = d.join("tokenizer.json");
+            let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            t["model"] = "WordPiece".into();
+            std::fs::write(&p, t.to_string()).unwrap();
+        },
+        ["tokenizer.json", ""],
+    ),
+    (
+        "model.safetensors missing",
+        |d| std::fs::remove_file(d.join("model.safetensors")).unwrap(),
+        ["model.safetensors", ""],
+    ),
+    (
+        "model.safetensors empty",
+        |d| std::fs::write(d.join("model.safetensors"), "").unwrap(),
+        ["model.safetensors", ""],
+    ),
+    (
+        "model.safetensors truncated",
+        |d| truncate_half(&d.join("model.safetensors")),
+        ["model.safetensors", ""],
+    ),
+    (
+        "safetensors header length past the file",
+        |d| {
+            let p = d.join("model.safetensors");
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            std::fs::write(&p, bytes).unwrap();
+        },
+        ["model.safetensors", ""],
+    ),
+    (
+        "safetensors header not JSON",
+        |d| {
+            let p = d.join("model.safetensors");
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes[8] = b'#';
+            std::fs::write(&p, bytes).unwrap();
+        },
+        ["model.safetensors", ""],
+    ),
+    (
+        "a NaN weight",
+        |d| {
+            edit_safetensors(&d.join("model.safetensors"), |h, data| {
+                let (_, off) = first_f32(h);
+                data[off..off + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+            })
+        },
+        ["model.safetensors", "NaN"],
+    ),
+    (
+        "a tensor's offsets past the data",
+        |d| {
+            edit_safetensors(&d.join("model.safetensors"), |h, _| {
+                let (name, _) = first_f32(h);
+                h[&name]["data_offsets"][1] = (1u64 << 40).into();
+            })
+        },
+        ["model.safetensors", ""],
+    ),
+    (
+        "config.json a FIFO",
+        |d| {
+            std::fs::remove_file(d.join("config.json")).unwrap();
+            assert!(Command::new("mkfifo")
+                .arg(d.join("config.json"))
+                .status()
+                .unwrap()
+                .success());
+        },
+        ["config.json", "FIFO"],
+    ),
+    (
+        "model.safetensors a link to /dev/zero",
+        |d| {
+            std::fs::remove_file(d.join("model.safetensors")).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", d.join("model.safetensors")).unwrap();
+        },
+        ["model.safetensors", "device"],
+    ),
+];
+
+/// Every command that loads a model, on every broken folder of [`BREAKS`]: one clean error
+/// line naming the file and the problem (the guards live in the shared loaders, and this
+/// shows no command goes around them). Prints the tally.
+#[test]
+fn every_command_refuses_every_broken_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let train = write_classify(d, "train.tsv", 16, |i| ["a", "b"][i % 2].into());
+    // (command, fixture, arguments after --model DIR / the model path)
+    let commands: Vec<(&str, String, Vec<String>)> = vec![
+        ("embed", tiny("bert-base"), argv("hello world")),
+        ("similarity", tiny("bert-base"), argv("a b")),
+        ("classify", task_model("bert-classify"), argv("good")),
+        ("ner", task_model("bert-ner"), argv("Anna in Berlin")),
+        ("qa", tiny("bert-qa"), argv("--question who --context Anna")),
+        ("fill-mask", tiny("bert-mlm"), vec!["a [MASK] b".into()]),
+        ("rerank", task_model("bert-rerank"), argv("--query q a b")),
+        ("inspect", tiny("bert-base"), vec![]),
+        ("quantize", tiny("bert-base"), vec![]),
+        ("finetune", tiny("bert-base"), vec![]),
+    ];
+    let mut tally = Tally::default();
+    let mut failures = Vec::new();
+    for (i, (what, breaks, needles)) in BREAKS.iter().enumerate() {
+        for (command, fixture, rest) in &commands {
+            let name = format!("b{i}-{command}");
+            let dir = model_copy(d, &name, fixture, |dir| {
+                let _ = std::fs::remove_file(dir.join("reference.safetensors"));
+                breaks(dir)
+            });
+            let args: Vec<String> = match *command {
+                "quantize" => vec![
+                    "quantize".into(),
+                    "--dtype".into(),
+                    "int8".into(),
+                    dir.clone(),
+                    s(&d.join(format!("{name}-q"))),
+                ],
+                "finetune" => finetune_args(&train, &s(&d.join(format!("{name}-ft"))), &[])
+                    .iter()
+                    .map(|a| {
+                        if *a == tiny("bert-base") {
+                            dir.clone()
+                        } else {
+                            a.to_string()
+                        }
+                    })
+                    .collect(),
+                _ => [
+                    vec![command.to_string(), "--model".into(), dir.clone()],
+                    rest.clone(),
+                ]
+                .concat(),
+            };
+            let want: Vec<&str> = needles.iter().copied().filter(|n| !n.is_empty()).collect();
+            // inspect is the diagnostic: it prints the model and the tokenizer's problem.
+            let tokenizer_fault = needles[0].starts_with("tokenizer");
+            let want = if *command == "inspect" && tokenizer_fault {
+                succeeds_with(
+                    |out, _| match out.lines().find(|l| l.starts_with("tokenizer:")) {
+                        Some(l) if l.contains("none (") && l.contains("tokenizer") => Ok(()),
+                        l => Err(format!(
+                            "the tokenizer line does not report the fault: {l:?}"
+                        )),
+                    },
+                )
+            } else {
+                err(&want)
+            };
+            let mut c = case(0, &name, &args, want);
+            c.timeout = Duration::from_secs(30);
+            let (class, detail) = run(&c, d);
+            tally.cases += 1;
+            match class {
+                "clean error" => tally.clean_errors += 1,
+                "accepted" => tally.accepted += 1,
+                "panic" => tally.panics += 1,
+                "hang" => tally.hangs += 1,
+                "death" => tally.deaths += 1,
+                _ => tally.wrong += 1,
+            }
+            if !detail.is_empty() {
+                failures.push(format!("{what} / {command}: {class}: {detail}"));
+            }
+        }
+    }
+    println!(
+        "broken models x commands: {} cases, {} clean errors, {} accepted, {} panics, {} hangs, {} deaths, {} wrong",
+        tally.cases, tally.clean_errors, tally.accepted, tally.panics, tally.hangs, tally.deaths, tally.wrong
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failing cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every command that reads `--input` texts, on every malformed input file: one clean error
+/// naming the file (and the line where there is one), or, for a byte-order mark, exactly
+/// the output of the file without it. Prints the tally.
+#[test]
+fn every_input_command_refuses_every_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let commands: Vec<(&str, Vec<String>)> = vec![
+        ("embed", vec!["--model".into(), tiny("bert-base")]),
+        ("similarity", vec!["--model".into(), tiny("bert-base")]),
+        (
+            "classify",
+            vec!["--model".into(), task_model("bert-classify")],
+        ),
+        ("ner", vec!["--model".into(), task_model("bert-ner")]),
+        ("fill-mask", vec!["--model".into(), tiny("bert-mlm")]),
+        (
+            "rerank",
+            vec![
+                "--model".into(),
+                task_model("bert-rerank"),
+                "--query".into(),
+                "q".into(),
+            ],
+        ),
+    ];
+    let file = |name: &str, bytes: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        s(&p)
+    };
+    // (input path, stdin, needles); "" needles = the BOM case (must equal the clean file).
+    let inputs: Vec<(String, Option<PathBuf>, Vec<&str>)> = vec![
+        (
+            file("nul.txt", b"a [MASK] b\n\0\0\0\n"),
+            None,
+            vec!["nul.txt", "input 1", "no token"],
+        ),
+        (
+            file(
+                "zero-width.txt",
+                "a [MASK] b\n\u{200b}\u{200d}\n".as_bytes(),
+            ),
+            None,
+            vec!["zero-width.txt", "input 1", "no token"],
+        ),
+        (
+            file("spaces.txt", b"a [MASK] b\n   \t \n"),
+            None,
+            vec!["spaces.txt:2", "empty line"],
+        ),
+        (
+            file("blank.txt", b"a [MASK] b\n\nc [MASK]\n"),
+            None,
+            vec!["blank.txt:2", "empty line"],
+        ),
+        (
+            file("newline.txt", b"\n"),
+            None,
+            vec!["newline.txt:1", "empty line"],
+        ),
+        (
+            file("empty.txt", b""),
+            None,
+            vec!["empty.txt", "no input lines"],
+        ),
+        (
+            file("latin1.txt", b"a [MASK] b\ncaf\xe9 [MASK]\n"),
+            None,
+            vec!["latin1.txt:2", "UTF-8"],
+        ),
+        (
+            file("quote.csv", b"text\n\"a [MASK] b\n"),
+            None,
+            vec!["quote.csv:2", "unterminated"],
+        ),
+        (
+            file("ragged.csv", b"text,b\nx,y,z\n"),
+            None,
+            vec!["ragged.csv:2", "fields"],
+        ),
+        (
+            file("bad.jsonl", b"{\"text\": \"a [MASK]\"}\n{\"text\":\n"),
+            None,
+            vec!["bad.jsonl:2", "invalid JSON"],
+        ),
+        (
+            file("nofield.jsonl", b"{\"body\": \"a [MASK]\"}\n"),
+            None,
+            vec!["nofield.jsonl:1", "no text in column"],
+        ),
+        (s(d), None, vec!["is a directory"]),
+        (
+            s(&d.join("missing.txt")),
+            None,
+            vec!["missing.txt", "No such file"],
+        ),
+        ("/dev/zero".into(), None, vec!["/dev/zero", "device"]),
+        (
+            "-".into(),
+            Some("/dev/zero".into()),
+            vec!["<stdin>:1", "longer than"],
+        ),
+        (
+            file("bom.txt", "\u{feff}a [MASK] b\nc [MASK] d\n".as_bytes()),
+            None,
+            vec![],
+        ),
+    ];
+    let clean = file("clean.txt", b"a [MASK] b\nc [MASK] d\n");
+    let mut tally = Tally::default();
+    let mut failures = Vec::new();
+    for (command, model) in &commands {
+        let args = |input: &str| {
+            [
+                vec![command.to_string()],
+                model.clone(),
+                vec!["--input".into(), input.into()],
+            ]
+            .concat()
+        };
+        let want_clean = common::ok(
+            &Command::new(env!("CARGO_BIN_EXE_berth"))
+                .args(args(&clean))
+                .output()
+                .unwrap(),
+        );
+        for (input, stdin, needles) in &inputs {
+            let want = if needles.is_empty() {
+                let want_clean = want_clean.clone();
+                succeeds_with(move |out, _| {
+                    if out == want_clean {
+                        Ok(())
+                    } else {
+                        Err("differs from the file without the mark".into())
+                    }
+                })
+            } else {
+                err(needles)
+            };
+            let mut c = case(0, &format!("{command}-{input}"), &args(input), want);
+            c.stdin = stdin.clone();
+            c.timeout = Duration::from_secs(30);
+            if stdin.is_some() {
+                c.max_rss_mib = Some(600);
+            }
+            let (class, detail) = run(&c, d);
+            tally.cases += 1;
+            match class {
+                "clean error" => tally.clean_errors += 1,
+                "accepted" => tally.accepted += 1,
+                "panic" => tally.panics += 1,
+                "hang" => tally.hangs += 1,
+                "death" => tally.deaths += 1,
+                _ => tally.wrong += 1,
+            }
+            if !detail.is_empty() {
+                failures.push(format!("{command} --input {input}: {class}: {detail}"));
+            }
+        }
+    }
+    println!(
+        "bad inputs x commands: {} cases, {} clean errors, {} accepted, {} panics, {} hangs, {} deaths, {} wrong",
+        tally.cases, tally.clean_errors, tally.accepted, tally.panics, tally.hangs, tally.deaths, tally.wrong
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failing cases:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
 }

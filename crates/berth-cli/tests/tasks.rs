@@ -549,7 +549,7 @@ fn task_inputs_that_cannot_work_fail_with_one_line() {
             "--input",
             &one,
         ]),
-        &["line 1", "tab"],
+        &["one.txt:1", "tab"],
     );
     // A model without the needed head.
     fails_with(

@@ -336,6 +336,13 @@ impl EncoderConfig {
                 token_classifier: classifier,
                 question_answering: 0.0,
             };
+            if let Some(p) = c.pad_token_id.filter(|&p| p as usize >= c.vocab_size) {
+                // transformers refuses it too (the embedding's padding_idx must be a row).
+                return Err(bad(format!(
+                    "pad_token_id {p} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
             if arch == Arch::Roberta {
                 cfg.position_offset = c.pad_token_id.unwrap_or(1) as usize + 1;
             }

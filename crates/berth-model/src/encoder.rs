@@ -39,9 +39,15 @@ impl Embeddings {
     /// Loads the embedding tables under prefix `p`.
     pub fn load(w: &Weights, cfg: &EncoderConfig, p: &str) -> Result<Self> {
         let h = cfg.hidden_size;
+        let tt_name = names::token_type_embeddings(p);
         let token_type_embeddings = if cfg.type_vocab_size > 0 {
-            Some(w.get(&names::token_type_embeddings(p), &[cfg.type_vocab_size, h])?)
+            Some(w.get(&tt_name, &[cfg.type_vocab_size, h])?)
         } else {
+            // The config says no token types: a checkpoint that trained some is a shape
+            // error (running without them would silently change every output).
+            if w.contains(&tt_name) {
+                w.mark_used(&tt_name, &[0, h])?;
+            }
             None
         };
         Ok(Embeddings {

@@ -22,6 +22,7 @@ fn py_err(e: TaskError) -> PyErr {
         TaskError::Input { .. } | TaskError::Options(_) => PyValueError::new_err(msg),
         TaskError::Text(
             berth_text::TextError::EmptyText { .. }
+            | berth_text::TextError::NoTokens { .. }
             | berth_text::TextError::TooLong { .. }
             | berth_text::TextError::Window { .. },
         ) => PyValueError::new_err(msg),

@@ -49,7 +49,7 @@ impl From<TaskError> for ApiError {
                      send \"truncate\": true or start the server with --auto-truncate"
                 ),
             ),
-            TaskError::Text(TextError::EmptyText { .. }) => {
+            TaskError::Text(TextError::EmptyText { .. } | TextError::NoTokens { .. }) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Empty", e.to_string())
             }
             TaskError::Text(_)

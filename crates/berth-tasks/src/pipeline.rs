@@ -140,6 +140,19 @@ impl Pipeline {
                 ),
             });
         }
+        if let Some(id) = tokenizer
+            .special_ids()
+            .into_iter()
+            .find(|&id| id as usize >= model.config.vocab_size)
+        {
+            return Err(TaskError::Config {
+                path: tokenizer.source().into(),
+                message: format!(
+                    "the post-processor adds special token id {id}, outside the model's vocabulary of {}",
+                    model.config.vocab_size
+                ),
+            });
+        }
         let max_length = match opts.max_length {
             Some(m) if m > limit => {
                 return Err(TaskError::Config {

@@ -241,7 +241,7 @@ impl Index {
         let header =
             serde_json::json!({"dim": self.dim, "fingerprint": self.fingerprint, "ids": self.ids})
                 .to_string();
-        let tmp = path.with_extension("partial");
+        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
         let io = |e: std::io::Error| bad(path, 0, e.to_string());
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
         f.write_all(INDEX_MAGIC).map_err(io)?;

@@ -43,6 +43,13 @@ pub enum TextError {
         /// Input number (0-based).
         index: usize,
     },
+    /// An input text (or one side of a pair) leaves no token once the tokenizer has removed
+    /// what it drops (control and format characters such as NUL or zero-width spaces).
+    #[error("input {index}: no token in the text (only characters the tokenizer drops, such as control or zero-width characters)")]
+    NoTokens {
+        /// Input number (0-based).
+        index: usize,
+    },
     /// An input is longer than the model allows and truncation is off.
     #[error("input {index}: {tokens} tokens, longer than the maximum of {max} (drop --no-truncate to truncate)")]
     TooLong {

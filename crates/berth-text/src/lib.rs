@@ -163,6 +163,23 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The ids the post-processor adds around a text pair ([CLS], [SEP], <s>, ...): they
+    /// come from the template, not the vocabulary, so a vocabulary check misses them.
+    pub fn special_ids(&self) -> Vec<u32> {
+        match self.inner.encode(("a", "a"), true) {
+            Ok(e) => e
+                .get_ids()
+                .iter()
+                .zip(e.get_special_tokens_mask())
+                .filter(|(_, &m)| m == 1)
+                .map(|(&id, _)| id)
+                .collect(),
+            // A tokenizer that cannot encode this fails on the first real input, with its
+            // index; nothing to check here.
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -225,6 +242,7 @@ impl TextTokenizer {
         check_not_empty(text, pair, index)?;
         self.check_room(max_len, pair.is_some(), index)?;
         let (text, pair, enc) = self.encode_prefix(text, pair, max_len, index)?;
+        check_kept(&enc, pair.is_some(), index)?;
         let full_len = enc.len();
         if full_len <= max_len {
             return Ok(Encoded::from_encoding(&enc, full_len));
@@ -262,6 +280,7 @@ impl TextTokenizer {
         check_not_empty(text, pair, index)?;
         self.check_room(max_len, pair.is_some(), index)?;
         let whole = self.encode_raw(text, pair, None, index)?;
+        check_kept(&whole, pair.is_some(), index)?;
         let full_len = whole.len();
         if full_len <= max_len {
             return Ok(vec![Encoded::from_encoding(&whole, full_len)]);
@@ -498,6 +517,23 @@ fn prefix(text: &str, budget: usize) -> &str {
 fn check_not_empty(text: &str, pair: Option<&str>, index: usize) -> Result<()> {
     if text.trim().is_empty() || pair.is_some_and(|p| p.trim().is_empty()) {
         return Err(TextError::EmptyText { index });
+    }
+    Ok(())
+}
+
+/// Refuses an encoding in which the text (or either side of a pair) has no token besides
+/// the special ones: its vector would be that of the empty string.
+fn check_kept(enc: &tokenizers::Encoding, pair: bool, index: usize) -> Result<()> {
+    let sequences = enc.get_sequence_ids();
+    let special = enc.get_special_tokens_mask();
+    for side in 0..1 + usize::from(pair) {
+        let kept = sequences
+            .iter()
+            .zip(special)
+            .any(|(s, &m)| *s == Some(side) && m == 0);
+        if !kept {
+            return Err(TextError::NoTokens { index });
+        }
     }
     Ok(())
 }

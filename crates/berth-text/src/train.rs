@@ -284,6 +284,7 @@ pub fn train_vocabulary(
     opts: &VocabOptions,
     out: &Path,
 ) -> Result<TrainedVocab> {
+    check_output(out)?;
     let files = corpus_files(inputs)?;
     let special = specials(opts.kind);
     if opts.vocab_size > MAX_VOCAB_SIZE {
@@ -499,12 +500,72 @@ fn canonical_wordpiece(
     Ok(tok)
 }
 
+/// Files a trained tokenizer may write; a folder holding any of them is refused, so a
+/// model's own tokenizer is never overwritten.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Refuses an output folder that already holds tokenizer files.
+fn check_output(out: &Path) -> Result<()> {
+    let refuse = |why: String| {
+        Err(TextError::Options(format!(
+            "--output {}: {why}: choose a new folder",
+            out.display()
+        )))
+    };
+    if out.exists() && !out.is_dir() {
+        return refuse("exists and is not a folder".into());
+    }
+    if let Some(f) = TOKENIZER_FILES.iter().find(|f| out.join(f).exists()) {
+        return refuse(format!("already holds a tokenizer ({f})"));
+    }
+    Ok(())
+}
+
+/// Writes the tokenizer's files into a staging folder beside `out`, then moves them into
+/// `out` (tokenizer.json last): a failed or killed run leaves no partial tokenizer in `out`.
 fn write_files(
     tok: &Tokenizer,
     opts: &VocabOptions,
     out: &Path,
     lines: usize,
 ) -> Result<TrainedVocab> {
+    check_output(out)?;
+    let name = out
+        .file_name()
+        .map_or("tokenizer".into(), |n| n.to_string_lossy());
+    let stage = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).map_err(io(&stage))?;
+    }
+    let staged = write_staged(tok, opts, &stage).and_then(|written| {
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        let mut files = Vec::new();
+        // tokenizer.json is written first and moved last: its presence marks a whole set.
+        for f in written.iter().skip(1).chain(written.first()) {
+            let dst = out.join(f.file_name().expect("a file name"));
+            std::fs::rename(f, &dst).map_err(io(&dst))?;
+            files.push(dst);
+        }
+        files.rotate_right(1);
+        Ok(files)
+    });
+    let _ = std::fs::remove_dir_all(&stage);
+    Ok(TrainedVocab {
+        vocab_size: tok.get_vocab_size(true),
+        lines,
+        files: staged?,
+    })
+}
+
+/// Writes the tokenizer's files into `out` (tokenizer.json first); returns their paths.
+fn write_staged(tok: &Tokenizer, opts: &VocabOptions, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut files = Vec::new();
     let json = out.join("tokenizer.json");
@@ -558,9 +619,5 @@ fn write_files(
         .map_err(io(&p))?;
         files.push(p);
     }
-    Ok(TrainedVocab {
-        vocab_size: tok.get_vocab_size(true),
-        lines,
-        files,
-    })
+    Ok(files)
 }

@@ -17,6 +17,15 @@ pub enum Column {
     Index(usize),
 }
 
+impl std::fmt::Display for Column {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Column::Name(n) => write!(f, "{n:?}"),
+            Column::Index(i) => write!(f, "column {i}"),
+        }
+    }
+}
+
 impl Column {
     /// `"3"` is an index, anything else a name.
     pub fn parse(s: &str) -> Self {
@@ -192,7 +201,7 @@ pub fn read_text_examples(
                 _ => bad(
                     line,
                     format!(
-                        "needs string fields {:?}",
+                        "needs string fields {}",
                         [
                             Some(&cols.text),
                             cols.pair.as_ref(),
@@ -201,7 +210,9 @@ pub fn read_text_examples(
                         ]
                         .into_iter()
                         .flatten()
+                        .map(Column::to_string)
                         .collect::<Vec<_>>()
+                        .join(", ")
                     ),
                     &mut skipped,
                 )?,

@@ -283,11 +283,10 @@ pub fn load_frozen(dir: &Path, needed: Option<HeadKind>) -> Result<Model> {
     let (mut model, report) = Model::load(dir, false)?;
     if let Some(kind) = needed {
         if !model.has_head(kind) {
+            // The missing-head error names the folder and the head already.
             return Err(TrainError::Config(format!(
-                "{}: {} (the model has no {} head{})",
-                dir.display(),
+                "{}{}",
                 model.missing_head(kind),
-                kind.name(),
                 report
                     .missing_head
                     .map_or(String::new(), |(_, key)| format!("; missing {key}"))

@@ -329,6 +329,16 @@ pub fn read_sequences(
         }
         // A prepared folder brings its own held-out split.
         None if !held_out.is_empty() => (all, held_out),
+        None if all.len() < 2 => {
+            return Err(TrainError::Data {
+                path: data.train.clone(),
+                line: 0,
+                message: format!(
+                    "{} sequence(s): too few to hold out a dev split; pass --dev FILE or more text",
+                    all.len()
+                ),
+            })
+        }
         None => crate::data::split(&all, data.dev_fraction, seed),
     };
     let (train, dev) = match pairs {

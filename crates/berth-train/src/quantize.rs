@@ -81,7 +81,7 @@ fn f32_rows(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Writes `src` with its encoder matrices in `dtype` (int8 or bf16) into the new folder
-/// `dst` (through `dst.partial` and a rename: never a half-written checkpoint).
+/// `dst` (through `dst.partial-PID` and a rename: never a half-written checkpoint).
 pub fn quantize_checkpoint(src: &Path, dst: &Path, dtype: Precision) -> Result<QuantizeReport> {
     let label = match dtype {
         Precision::Int8 => "int8",
@@ -175,7 +175,7 @@ pub fn quantize_checkpoint(src: &Path, dst: &Path, dtype: Precision) -> Result<Q
         }
     }
 
-    let tmp = dst.with_extension("partial");
+    let tmp = dst.with_extension(format!("partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }

@@ -321,7 +321,7 @@ impl Objective for Classify {
                     .iter()
                     .find(|l| !labels.contains(l))
                 {
-                    return Err(unseen(&s.dev_path, e.line, l));
+                    return Err(unseen(&s, e.line, l));
                 }
             }
             self.labels = Some(labels);

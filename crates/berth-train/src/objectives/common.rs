@@ -14,6 +14,8 @@ pub(crate) struct Split<T> {
     pub train: Vec<T>,
     pub dev: Vec<T>,
     pub dev_path: PathBuf,
+    /// Whether the dev items were split off the training file (no dev file).
+    pub held_out: bool,
     pub skipped: usize,
 }
 
@@ -32,15 +34,27 @@ pub(crate) fn split<T: Clone>(
                 train,
                 dev,
                 dev_path: d.clone(),
+                held_out: false,
                 skipped,
             }
         }
         None => {
+            if train.len() < 2 {
+                return Err(TrainError::Data {
+                    path: data.train.clone(),
+                    line: 0,
+                    message: format!(
+                        "{} example(s): too few to hold out a dev split; pass a --dev file",
+                        train.len()
+                    ),
+                });
+            }
             let (train, dev) = crate::data::split(&train, data.dev_fraction, seed);
             Split {
                 train,
                 dev,
                 dev_path: data.train.clone(),
+                held_out: true,
                 skipped,
             }
         }
@@ -48,11 +62,20 @@ pub(crate) fn split<T: Clone>(
 }
 
 /// The error for a dev label the training data never shows.
-pub(crate) fn unseen(path: &Path, line: usize, label: &str) -> TrainError {
+pub(crate) fn unseen<T>(s: &Split<T>, line: usize, label: &str) -> TrainError {
+    let message = if s.held_out {
+        format!(
+            "label {label:?} occurs only in the rows held out for dev (--dev-fraction), not in \
+             the {} rows left for training; pass a --dev file or add examples",
+            s.train.len()
+        )
+    } else {
+        format!("label {label:?} does not occur in the training data")
+    };
     TrainError::Data {
-        path: path.into(),
+        path: s.dev_path.clone(),
         line,
-        message: format!("label {label:?} does not occur in the training data"),
+        message,
     }
 }
 

@@ -91,6 +91,39 @@ impl MaskedCorpus {
     /// Sets the masking for `model`'s vocabulary (checked against the tokenizer's).
     pub(crate) fn mask_for(&mut self, env: &Env, model: &Model) -> Result<()> {
         let m = masking(self.rate, self.whole_word, env.tokenizer()?, model)?;
+        // The held-out masking is fixed: a split it leaves without a masked token would
+        // report loss 0 and perplexity 1 at every evaluation.
+        let masked: usize = self
+            .dev
+            .chunks(DEV_CHUNK)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let refs: Vec<&PretrainSequence> = chunk.iter().collect();
+                mask_examples(&refs, &m, dev_chunk_seed(self.seed, c), 0)
+                    .iter()
+                    .map(|x| x.labels.len())
+                    .sum::<usize>()
+            })
+            .sum();
+        // (Empty before `prepare` when a checkpoint is evaluated: evaluate_mlm checks then.)
+        if masked == 0 && !self.dev.is_empty() {
+            let tokens: usize = self.dev.iter().map(|s| s.ids.len()).sum();
+            return Err(TrainError::Data {
+                path: self
+                    .data
+                    .dev
+                    .clone()
+                    .unwrap_or_else(|| self.data.train.clone()),
+                line: 0,
+                message: format!(
+                    "the held-out split ({} sequences, {tokens} tokens) gets no masked token \
+                     at masking rate {}: too small to evaluate; pass a larger --dev FILE or \
+                     raise --val-fraction",
+                    self.dev.len(),
+                    self.rate
+                ),
+            });
+        }
         self.masking = Some(m);
         Ok(())
     }
@@ -507,6 +540,14 @@ impl Tally {
     }
 }
 
+/// Held-out sequences are evaluated (and masked) in chunks of this many.
+pub(crate) const DEV_CHUNK: usize = 64;
+
+/// The masking seed of held-out chunk `c` (the same positions at every evaluation).
+pub(crate) fn dev_chunk_seed(seed: u64, c: usize) -> u64 {
+    berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64)
+}
+
 /// Held-out masked-LM metrics with a fixed masking (the same positions at every
 /// evaluation): loss (mean cross-entropy per masked token), perplexity (its exponential) and
 /// masked accuracy (top-1 prediction equals the original token).
@@ -517,9 +558,9 @@ pub(crate) fn evaluate_mlm(
     seed: u64,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let (mut mlm, mut pairs) = (Tally::default(), Tally::default());
-    for (c, chunk) in dev.chunks(64).enumerate() {
+    for (c, chunk) in dev.chunks(DEV_CHUNK).enumerate() {
         let refs: Vec<&PretrainSequence> = chunk.iter().collect();
-        let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
+        let chunk_seed = dev_chunk_seed(seed, c);
         let out = pretrain_outputs(model, &refs, masking, chunk_seed, None)?;
         if let Some((logits, labels)) = out.mlm {
             mlm.add(&logits, &labels)?;
@@ -527,6 +568,13 @@ pub(crate) fn evaluate_mlm(
         if let Some((logits, labels)) = out.pairs {
             pairs.add(&logits, &labels)?;
         }
+    }
+    if mlm.count == 0 {
+        return Err(TrainError::Config(format!(
+            "the evaluation data ({} sequences) gets no masked token: too small to measure \
+             masked-LM loss",
+            dev.len()
+        )));
     }
     let mut out = serde_json::Map::new();
     mlm.insert_mlm(&mut out);

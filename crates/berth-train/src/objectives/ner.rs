@@ -192,7 +192,7 @@ impl Objective for Ner {
         };
         for d in &s.dev {
             if let Some((i, t)) = d.tags.iter().enumerate().find(|(_, t)| !labels.contains(t)) {
-                return Err(unseen(&s.dev_path, d.line + i, t));
+                return Err(unseen(&s, d.line + i, t));
             }
         }
         self.labels = Some(labels);

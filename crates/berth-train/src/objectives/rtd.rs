@@ -222,9 +222,9 @@ pub(crate) fn evaluate(
     let mut generated = Tally::default();
     let (mut disc_loss, mut right, mut tokens) = (0f64, 0usize, 0usize);
     let (mut replaced, mut flagged, mut caught) = (0usize, 0usize, 0usize);
-    for (c, chunk) in dev.chunks(64).enumerate() {
+    for (c, chunk) in dev.chunks(super::mlm::DEV_CHUNK).enumerate() {
         let refs: Vec<&PretrainSequence> = chunk.iter().collect();
-        let chunk_seed = berth_kernels::seed_stream(seed ^ 0xe7a1, c as u64);
+        let chunk_seed = super::mlm::dev_chunk_seed(seed, c);
         let Some(out) = outputs(generator, discriminator, &refs, masking, chunk_seed, None)? else {
             continue;
         };
