@@ -128,9 +128,6 @@ impl LoopArgs {
             anyhow::bail!("--output {}: not a directory", output.display());
         }
         let lock = berth_train::checkpoint::RunLock::acquire(output)?;
-        if self.resume {
-            return Ok(lock);
-        }
         let present = |files: &[&'static str]| -> Vec<&'static str> {
             files
                 .iter()
@@ -139,6 +136,23 @@ impl LoopArgs {
                 .collect()
         };
         let used = present(&RUN_MARKERS);
+        if self.resume {
+            if berth_train::checkpoint::list(output)?.is_empty() {
+                // Starting at step 0 would append a second run's metrics to the first's.
+                if !used.is_empty() {
+                    anyhow::bail!(
+                        "--resume: {} holds a run without a checkpoint ({}; it stopped before its first save): nothing to resume; start again with --overwrite",
+                        output.display(),
+                        used.join(", ")
+                    );
+                }
+                eprintln!(
+                    "note: --resume: no run in {} yet; starting at step 0",
+                    output.display()
+                );
+            }
+            return Ok(lock);
+        }
         if used.is_empty() {
             return Ok(lock);
         }

@@ -1440,6 +1440,74 @@ fn runs_never_mix_and_resumes_check_their_settings() {
         .output()
         .unwrap();
     common::fails_with(&out, &["step 4", "past this run's 2 steps"]);
+    // metrics.jsonl of the run being resumed: a torn last line (killed while writing) is cut
+    // off with a warning; a line of garbage is refused before any training.
+    let copy_run = |name: &str| {
+        let dst = d.join(name);
+        let cp = Command::new("cp")
+            .arg("-r")
+            .arg(&run2)
+            .arg(&dst)
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        dst
+    };
+    let resume6 = [
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--resume",
+    ];
+    let torn = copy_run("run2-torn");
+    let metrics = torn.join("metrics.jsonl");
+    let whole = std::fs::read(&metrics).unwrap();
+    let mut bytes = whole.clone();
+    bytes.extend_from_slice(b"{\"step\": 5, \"lo");
+    std::fs::write(&metrics, bytes).unwrap();
+    let dir = s(&torn);
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(finetune_args(&train, &dir, &resume6))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("dropped an unfinished last line"), "{err}");
+    let after = std::fs::read(&metrics).unwrap();
+    assert!(after.starts_with(&whole) && after.len() > whole.len());
+    for line in String::from_utf8(after).unwrap().lines() {
+        serde_json::from_str::<Value>(line).expect("every metrics line is JSON");
+    }
+    let garbage = copy_run("run2-garbage");
+    let metrics = garbage.join("metrics.jsonl");
+    let mut bytes = std::fs::read(&metrics).unwrap();
+    bytes.extend_from_slice(b"garbage{\n");
+    std::fs::write(&metrics, &bytes).unwrap();
+    let dir = s(&garbage);
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(finetune_args(&train, &dir, &resume6))
+        .output()
+        .unwrap();
+    common::fails_with(&out, &["metrics.jsonl", "is not JSON"]);
+    assert!(!garbage.join("checkpoints/step-6").exists());
+    // A run that never saved a checkpoint has nothing to resume: refused, not restarted
+    // into the old run's metrics.
+    let unsaved = copy_run("run2-unsaved");
+    std::fs::remove_dir_all(unsaved.join("checkpoints")).unwrap();
+    let before = std::fs::read(unsaved.join("metrics.jsonl")).unwrap();
+    let dir = s(&unsaved);
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(finetune_args(&train, &dir, &resume6))
+        .output()
+        .unwrap();
+    common::fails_with(&out, &["--resume", "without a checkpoint", "--overwrite"]);
+    assert_eq!(
+        std::fs::read(unsaved.join("metrics.jsonl")).unwrap(),
+        before
+    );
     // A changed learning rate continues, with a warning naming it.
     a = vec![
         "--max-steps",

@@ -10,7 +10,7 @@
 //! `(seed, k)`. Nothing else is random, so the same config and seed give the same losses,
 //! and a resumed run (which restores weights, optimizer moments and the data position)
 //! continues exactly.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use berth_model::Dropout;
@@ -187,6 +187,44 @@ fn write_config(cfg: &RunConfig) -> Result<()> {
     checkpoint::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 
+/// Opens the run's metrics.jsonl for appending. A resumed run's file is checked first: a
+/// last line without its newline (the run was killed while writing it) is cut off with a
+/// warning; any other line that is not JSON is an error now rather than when the curve is
+/// drawn at the end of the run.
+fn open_metrics(path: &Path) -> Result<std::fs::File> {
+    if let Ok(bytes) = std::fs::read(path) {
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for (i, line) in bytes[..whole].split(|&b| b == b'\n').enumerate() {
+            if !line.is_empty() && serde_json::from_slice::<serde_json::Value>(line).is_err() {
+                return Err(TrainError::Checkpoint {
+                    path: path.into(),
+                    message: format!(
+                        "line {} is not JSON: repair or delete the file to resume",
+                        i + 1
+                    ),
+                });
+            }
+        }
+        if whole < bytes.len() {
+            eprintln!(
+                "warning: {}: dropped an unfinished last line ({} bytes; the run was stopped while writing it)",
+                path.display(),
+                bytes.len() - whole
+            );
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
+            f.set_len(whole as u64).map_err(io(path))?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))
+}
+
 /// Runs (or resumes) a training run of `objective`; `on_plan` sees the derived numbers
 /// before step 0 and `on_event` every logged step and evaluation. Returns the path of the
 /// best checkpoint.
@@ -299,13 +337,7 @@ pub fn train(
     }
     let metrics_path = lc.output.join("metrics.jsonl");
     let mut log = if writer {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .map_err(io(&metrics_path))?,
-        )
+        Some(open_metrics(&metrics_path)?)
     } else {
         None
     };
