@@ -89,6 +89,59 @@ struct Tally {
     wrong: usize,
 }
 
+impl Tally {
+    /// Counts one outcome class of [`run`].
+    fn count(&mut self, class: &str) {
+        self.cases += 1;
+        match class {
+            "clean error" => self.clean_errors += 1,
+            "accepted" => self.accepted += 1,
+            "panic" => self.panics += 1,
+            "hang" => self.hangs += 1,
+            "death" => self.deaths += 1,
+            _ => self.wrong += 1,
+        }
+    }
+
+    fn add(&mut self, t: &Tally) {
+        self.cases += t.cases;
+        self.clean_errors += t.clean_errors;
+        self.accepted += t.accepted;
+        self.panics += t.panics;
+        self.hangs += t.hangs;
+        self.deaths += t.deaths;
+        self.wrong += t.wrong;
+    }
+
+    /// One table row: `label`, then the counts.
+    fn row(&self, label: &str) -> String {
+        format!(
+            "{label:>6}  {:>5}  {:>12}  {:>8}  {:>6}  {:>5}  {:>14}  {:>5}",
+            self.cases,
+            self.clean_errors,
+            self.accepted,
+            self.panics,
+            self.hangs,
+            self.deaths,
+            self.wrong
+        )
+    }
+}
+
+const TABLE_HEADER: &str =
+    "family  cases  clean-errors  accepted  panics  hangs  deaths/runaway  wrong";
+
+/// Prints `tally` under the table header and fails with every failure's description.
+fn report(title: &str, tally: &Tally, failures: &[String]) {
+    println!("{title}\n{TABLE_HEADER}\n{}", tally.row("all"));
+    assert!(
+        failures.is_empty(),
+        "{} failing cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Every file under `p` with its bytes (a file: itself).
 fn snapshot(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -1278,16 +1331,7 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
     let mut failures = Vec::new();
     for c in &cases {
         let (class, detail) = run(c, d);
-        let t = tallies.entry(c.family).or_default();
-        t.cases += 1;
-        match class {
-            "clean error" => t.clean_errors += 1,
-            "accepted" => t.accepted += 1,
-            "panic" => t.panics += 1,
-            "hang" => t.hangs += 1,
-            "death" => t.deaths += 1,
-            _ => t.wrong += 1,
-        }
+        tallies.entry(c.family).or_default().count(class);
         if !detail.is_empty() {
             failures.push(format!(
                 "[family {}] {}: {class}: {detail}",
@@ -1295,37 +1339,15 @@ fn the_battery_has_no_panic_hang_death_or_wrong_result() {
             ));
         }
     }
-    println!("family  cases  clean-errors  accepted  panics  hangs  deaths/runaway  wrong");
     let mut total = Tally::default();
     for (f, t) in &tallies {
-        println!(
-            "{f:>6}  {:>5}  {:>12}  {:>8}  {:>6}  {:>5}  {:>14}  {:>5}",
-            t.cases, t.clean_errors, t.accepted, t.panics, t.hangs, t.deaths, t.wrong
-        );
-        total.cases += t.cases;
-        total.clean_errors += t.clean_errors;
-        total.accepted += t.accepted;
-        total.panics += t.panics;
-        total.hangs += t.hangs;
-        total.deaths += t.deaths;
-        total.wrong += t.wrong;
+        if *f == 1 {
+            println!("{TABLE_HEADER}");
+        }
+        println!("{}", t.row(&f.to_string()));
+        total.add(t);
     }
-    println!(
-        "   all  {:>5}  {:>12}  {:>8}  {:>6}  {:>5}  {:>14}  {:>5}",
-        total.cases,
-        total.clean_errors,
-        total.accepted,
-        total.panics,
-        total.hangs,
-        total.deaths,
-        total.wrong
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failing cases:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    report("the battery, all families", &total, &failures);
     // The diverged run wrote no checkpoint.
     assert!(
         !div.join("checkpoints").exists()
@@ -1871,30 +1893,13 @@ fn every_command_refuses_every_broken_model() {
             let mut c = case(0, &name, &args, want);
             c.timeout = Duration::from_secs(30);
             let (class, detail) = run(&c, d);
-            tally.cases += 1;
-            match class {
-                "clean error" => tally.clean_errors += 1,
-                "accepted" => tally.accepted += 1,
-                "panic" => tally.panics += 1,
-                "hang" => tally.hangs += 1,
-                "death" => tally.deaths += 1,
-                _ => tally.wrong += 1,
-            }
+            tally.count(class);
             if !detail.is_empty() {
                 failures.push(format!("{what} / {command}: {class}: {detail}"));
             }
         }
     }
-    println!(
-        "broken models x commands: {} cases, {} clean errors, {} accepted, {} panics, {} hangs, {} deaths, {} wrong",
-        tally.cases, tally.clean_errors, tally.accepted, tally.panics, tally.hangs, tally.deaths, tally.wrong
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failing cases:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    report("broken models x commands", &tally, &failures);
 }
 
 /// Every command that reads `--input` texts, on every malformed input file: one clean error
@@ -2044,28 +2049,11 @@ fn every_input_command_refuses_every_bad_input() {
                 c.max_rss_mib = Some(600);
             }
             let (class, detail) = run(&c, d);
-            tally.cases += 1;
-            match class {
-                "clean error" => tally.clean_errors += 1,
-                "accepted" => tally.accepted += 1,
-                "panic" => tally.panics += 1,
-                "hang" => tally.hangs += 1,
-                "death" => tally.deaths += 1,
-                _ => tally.wrong += 1,
-            }
+            tally.count(class);
             if !detail.is_empty() {
                 failures.push(format!("{command} --input {input}: {class}: {detail}"));
             }
         }
     }
-    println!(
-        "bad inputs x commands: {} cases, {} clean errors, {} accepted, {} panics, {} hangs, {} deaths, {} wrong",
-        tally.cases, tally.clean_errors, tally.accepted, tally.panics, tally.hangs, tally.deaths, tally.wrong
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failing cases:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    report("bad inputs x commands", &tally, &failures);
 }
