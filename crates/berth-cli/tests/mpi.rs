@@ -479,9 +479,10 @@ fn sharded_classify_and_ner_print_the_one_process_lines() {
     }
 }
 
-/// Masked-LM pretraining from scratch (token and whole-word masking): masks keyed by each
-/// example's global position and the loss weighted by masked tokens, so 2 ranks are one
-/// process; NSP / SOP, RTD and distillation are refused with the reason.
+/// Masked-LM pretraining from scratch (token and whole-word masking, and with the NSP / SOP
+/// sentence-pair loss): masks keyed by each example's global position, the masked-LM mean
+/// weighted by masked tokens and the pair mean by pairs, so 2 ranks are one process; RTD
+/// is refused with the reason.
 #[test]
 fn two_ranks_pretrain_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
@@ -529,17 +530,25 @@ fn two_ranks_pretrain_as_one_process() {
         "--save-every",
         "6",
     ];
-    for (what, extra) in [("mlm", vec![]), ("mlm --whole-word", vec!["--whole-word"])] {
+    for (k, (what, extra)) in [
+        ("mlm", vec![]),
+        ("mlm --whole-word", vec!["--whole-word"]),
+        ("sop", vec!["--objective", "sop"]),
+        ("nsp", vec!["--objective", "nsp"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (one, two) = (
-            tmp.path().join(format!("one-{}", extra.len())),
-            tmp.path().join(format!("two-{}", extra.len())),
+            tmp.path().join(format!("one-{k}")),
+            tmp.path().join(format!("two-{k}")),
         );
         let flags = [&settings[..], &extra[..]].concat();
         ok(&berth(&strs(&pretrain(&one, &flags))));
         ok(&mpirun(2, &strs(&pretrain(&two, &flags))));
         assert_runs_agree(&one, &two, what);
     }
-    for (flag, needle) in [("sop", "sentence pairs"), ("rtd", "--objective rtd")] {
+    for (flag, needle) in [("rtd", "--objective rtd")] {
         let out = mpirun(
             2,
             &strs(&pretrain(&tmp.path().join(flag), &["--objective", flag])),

@@ -243,6 +243,10 @@ pub struct BatchLoss {
     /// run weights each rank's mean by its share of the global batch's units, so the summed
     /// gradient is the one-process batch's.
     pub units: f64,
+    /// A second mean added to `loss`, with units of its own (set by [`Objective::loss_at`]
+    /// for the sentence-pair loss of NSP / SOP, a mean over pairs beside the mean over
+    /// masked tokens): a data-parallel run weights each of the two means by its own units.
+    pub second: Option<(Tensor, f64)>,
 }
 
 /// What is being learned; see the module documentation.

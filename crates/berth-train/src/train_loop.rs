@@ -409,36 +409,52 @@ pub fn train(
                     } else {
                         Some(objective.loss_at(&nets, mine, first, batch_seed, dropout.as_ref())?)
                     };
-                    let (loss, units, toks) = match out {
-                        Some(o) => match o.loss {
-                            Some(l) => {
-                                let v = l.to_scalar::<f32>()? as f64;
-                                (Some((l, v)), o.units, o.tokens)
-                            }
-                            None => (None, 0.0, o.tokens),
-                        },
-                        None => (None, 0.0, 0),
-                    };
-                    let mut sums = [
-                        units,
-                        loss.as_ref().map_or(0.0, |(_, v)| v * units),
-                        toks as f64,
-                    ];
+                    // Up to two means (masked-LM and sentence-pair losses), each with
+                    // its units: value and units summed over ranks per mean.
+                    let (mut parts, mut toks) = ([None, None], 0);
+                    if let Some(o) = out {
+                        toks = o.tokens;
+                        parts[0] = o.loss.map(|l| (l, o.units));
+                        parts[1] = o.second;
+                    }
+                    let mut sums = [0.0; 5];
+                    sums[2] = toks as f64;
+                    for (p, at) in parts.iter().zip([0, 3]) {
+                        if let Some((l, units)) = p {
+                            let v = l.to_scalar::<f32>()? as f64;
+                            sums[at] = *units;
+                            sums[at + 1] = v * units;
+                        }
+                    }
                     let c0 = Instant::now();
                     collective.all_reduce_sum_f64(&mut sums)?;
                     comm += c0.elapsed();
-                    let [all_units, loss_sum, all_tokens] = sums;
-                    if all_units > 0.0 {
-                        let value = loss_sum / all_units;
+                    let all_tokens = sums[2];
+                    let all_units = [sums[0], sums[3]];
+                    if all_units.iter().any(|&u| u > 0.0) {
+                        let value: f64 = [(sums[0], sums[1]), (sums[3], sums[4])]
+                            .iter()
+                            .filter(|(u, _)| *u > 0.0)
+                            .map(|(u, s)| s / u)
+                            .sum();
                         if !value.is_finite() {
                             return Err(diverged(state.step + 1, "training loss", value));
                         }
                         loss_acc += value;
                         loss_count += 1;
                     }
-                    if let Some((l, _)) = loss {
-                        let share = units / all_units / lc.grad_accum as f64;
-                        opt.accumulate(&nets.backward(&(l * share)?)?, 1.0)?;
+                    let mut total: Option<candle_core::Tensor> = None;
+                    for (p, all) in parts.into_iter().zip(all_units) {
+                        if let Some((l, units)) = p {
+                            let share = (l * (units / all / lc.grad_accum as f64))?;
+                            total = Some(match total {
+                                Some(t) => (t + share)?,
+                                None => share,
+                            });
+                        }
+                    }
+                    if let Some(t) = total {
+                        opt.accumulate(&nets.backward(&t)?, 1.0)?;
                     }
                     tokens += all_tokens as usize;
                     continue;

@@ -392,6 +392,7 @@ impl Objective for Classify {
             loss,
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
+            second: None,
         })
     }
 

@@ -244,6 +244,7 @@ impl Objective for Embed {
             loss: mnrl_loss(&nets.main, &examples, self.pooling, scale, dropout)?,
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
+            second: None,
         })
     }
 

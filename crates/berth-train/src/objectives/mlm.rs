@@ -224,12 +224,14 @@ impl Objective for MaskedLm {
             loss,
             tokens: tokens_of(&seqs),
             units: seqs.len() as f64,
+            second: None,
         })
     }
 
     /// A rank's share: masks keyed by global position, and the masked tokens as the loss
-    /// units (the masked-LM loss is a mean over them). Only plain masked-LM runs here
-    /// ([`Self::data_parallel`] refuses the rest).
+    /// units (the masked-LM loss is a mean over them); with NSP / SOP the sentence-pair
+    /// loss is the second mean, over the share's pairs. Distillation is refused
+    /// ([`Self::data_parallel`]).
     fn loss_at(
         &self,
         nets: &Networks,
@@ -241,10 +243,22 @@ impl Objective for MaskedLm {
         let owned = self.corpus.batch(batch);
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
         let masked = mask_examples(&seqs, self.corpus.masking(), seed, first);
+        let out = outputs_of_masked(&nets.main, &masked, dropout)?;
+        let loss = match &out.mlm {
+            Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
+            None => None,
+        };
+        let second = match &out.pairs {
+            Some((logits, labels)) => {
+                mean_cross_entropy(logits, labels)?.map(|l| (l, labels.len() as f64))
+            }
+            None => None,
+        };
         Ok(BatchLoss {
-            loss: masked_lm_loss(&nets.main, &masked, dropout)?,
+            loss,
             tokens: tokens_of(&seqs),
             units: masked.iter().map(|m| m.positions.len()).sum::<usize>() as f64,
+            second,
         })
     }
 
@@ -258,14 +272,6 @@ impl Objective for MaskedLm {
     }
 
     fn data_parallel(&self) -> std::result::Result<(), String> {
-        if self.cfg.sentence_objective.is_some() {
-            return Err(
-                "--objective nsp / sop adds a mean over sentence pairs to the mean \
-                        over masked tokens; weighting the two separately across ranks is \
-                        not built yet (--objective mlm runs)"
-                    .into(),
-            );
-        }
         if self.cfg.distill.is_some() {
             return Err("--teacher distillation does not split over ranks yet".into());
         }

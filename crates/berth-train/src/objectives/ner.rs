@@ -263,6 +263,7 @@ impl Objective for Ner {
                 .iter()
                 .map(|e| e.token_labels.iter().flatten().count())
                 .sum::<usize>() as f64,
+            second: None,
         })
     }
 

@@ -215,6 +215,7 @@ impl Objective for Qa {
             loss: loss(&nets.main, &examples, dropout)?,
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
+            second: None,
         })
     }
 

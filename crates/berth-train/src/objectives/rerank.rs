@@ -214,6 +214,7 @@ impl Objective for Rerank {
             loss: loss(&nets.main, &examples, dropout)?,
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
+            second: None,
         })
     }
 

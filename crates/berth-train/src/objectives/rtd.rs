@@ -371,6 +371,7 @@ impl Objective for Rtd {
             loss: batch_loss(generator, &nets.main, &seqs, masking, weight, seed, dropout)?,
             tokens: tokens_of(&seqs),
             units: seqs.len() as f64,
+            second: None,
         })
     }
 
