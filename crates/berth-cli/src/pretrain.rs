@@ -157,15 +157,8 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
     // Under mpirun every rank runs this; rank 0 alone owns the run folder and writes the
     // initial model, which the others read after it (the barrier below).
     let several = world.world_size() > 1;
-    if several && (rtd || a.distill.student_layers.is_some()) {
-        anyhow::bail!(
-            "{} does not run under MPI yet: run it with one process",
-            if rtd {
-                "--objective rtd"
-            } else {
-                "--student-layers"
-            }
-        );
+    if several && a.distill.student_layers.is_some() {
+        anyhow::bail!("--student-layers does not run under MPI yet: run it with one process");
     }
     let _lock = a
         .train_loop
@@ -242,7 +235,7 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                 berth_train::init::write_random_encoder(&init, &config, tok_dir, seed, positions)
                     .with_context(|| format!("writing the initial model to {}", init.display()))?;
             }
-            if rtd {
+            if rtd && world.is_writer() {
                 let mut generator = config.clone();
                 generator["num_hidden_layers"] =
                     a.generator_layers.unwrap_or((layers / 3).max(1)).into();

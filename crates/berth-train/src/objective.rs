@@ -279,18 +279,19 @@ pub trait Objective {
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss>;
 
-    /// [`Self::loss`] of a rank's share `batch` of a global batch, which starts at position
-    /// `first` of it: randomness drawn per example (masked positions) is keyed by the
-    /// example's global position, so the shares together draw what one process draws.
+    /// [`Self::loss`] of a rank's share `batch` of a global batch, after the global batch's
+    /// examples `before` (the other ranks' shares before it): randomness drawn per example
+    /// (masked positions, sampled replacements) is keyed by the example's global position,
+    /// so the shares together draw what one process draws.
     fn loss_at(
         &self,
         nets: &Networks,
         batch: &[usize],
-        first: usize,
+        before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
-        let _ = first;
+        let _ = before;
         self.loss(nets, batch, seed, dropout)
     }
 

@@ -403,11 +403,17 @@ pub fn train(
                     // Each rank's mean loss, weighted by its share of the batch's loss units
                     // (summed over ranks first), so the all-reduced gradient and the logged
                     // loss are the one-process batch's.
-                    let first = collective.shard_range(global.len()).start;
+                    let before = &global[..collective.shard_range(global.len()).start];
                     let out = if mine.is_empty() {
                         None
                     } else {
-                        Some(objective.loss_at(&nets, mine, first, batch_seed, dropout.as_ref())?)
+                        Some(objective.loss_at(
+                            &nets,
+                            mine,
+                            before,
+                            batch_seed,
+                            dropout.as_ref(),
+                        )?)
                     };
                     // Up to two means (masked-LM and sentence-pair losses), each with
                     // its units: value and units summed over ranks per mean.

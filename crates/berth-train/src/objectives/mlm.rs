@@ -236,13 +236,13 @@ impl Objective for MaskedLm {
         &self,
         nets: &Networks,
         batch: &[usize],
-        first: usize,
+        before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
     ) -> Result<BatchLoss> {
         let owned = self.corpus.batch(batch);
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
-        let masked = mask_examples(&seqs, self.corpus.masking(), seed, first);
+        let masked = mask_examples(&seqs, self.corpus.masking(), seed, before.len());
         let out = outputs_of_masked(&nets.main, &masked, dropout)?;
         let loss = match &out.mlm {
             Some((logits, labels)) => mean_cross_entropy(logits, labels)?,

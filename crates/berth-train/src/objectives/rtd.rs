@@ -375,6 +375,65 @@ impl Objective for Rtd {
         })
     }
 
+    /// A rank's share: masks keyed by global position ([`mask_examples`]), replacements
+    /// drawn from the stream of each masked position's global row (the masked positions of
+    /// the examples `before` are counted from their masks), and the two means apart: the
+    /// generator's over masked tokens, the weighted discriminator's over all tokens.
+    fn loss_at(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        before: &[usize],
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let (generator, masking) = self.parts(nets);
+        let owned = self.corpus.batch(batch);
+        let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
+        let earlier = self.corpus.batch(before);
+        let earlier: Vec<&PretrainSequence> = earlier.iter().map(|s| s.as_ref()).collect();
+        let row0: usize = mask_examples(&earlier, masking, seed, 0)
+            .iter()
+            .map(|m| m.positions.len())
+            .sum();
+        let inputs = mask_examples(&seqs, masking, seed, before.len());
+        let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
+        let d_gen = dropout.map(|_| Dropout::new(berth_kernels::seed_stream(seed, 0x9e4)));
+        let weight = self.cfg.rtd_weight;
+        let tokens = tokens_of(&seqs);
+        let out = rtd_outputs(
+            generator,
+            &nets.main,
+            &inputs,
+            &mut |row, logits| sample_softmax(sample_seed, row0 + row, logits),
+            d_gen.as_ref(),
+            dropout,
+        )?;
+        let (loss, units, discriminator) = match out {
+            Some(o) => {
+                let labels: Vec<Option<u32>> = o.labels.iter().copied().map(Some).collect();
+                let g = loss::cross_entropy(&o.generator_logits, &labels)?;
+                let targets = Tensor::new(o.replaced.as_slice(), &candle_core::Device::Cpu)?;
+                let d = loss::bce_with_logits(&o.discriminator_logits, &targets)?;
+                (g, o.labels.len() as f64, d)
+            }
+            // Nothing masked in this share: its tokens still count, unreplaced, in the
+            // discriminator's mean over the whole batch.
+            None => {
+                let hidden = nets.main.forward_train(&pack_masked(&inputs)?, dropout)?;
+                let logits = nets.main.replaced_token_logits(&hidden)?;
+                let targets = Tensor::zeros(logits.dims(), logits.dtype(), logits.device())?;
+                (None, 0.0, loss::bce_with_logits(&logits, &targets)?)
+            }
+        };
+        Ok(BatchLoss {
+            loss,
+            tokens,
+            units,
+            second: Some(((discriminator * weight)?, tokens as f64)),
+        })
+    }
+
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
         let (generator, masking) = self.parts(nets);
         evaluate(
@@ -388,15 +447,6 @@ impl Objective for Rtd {
 
     fn main_metric(&self) -> &'static str {
         "masked_accuracy"
-    }
-
-    fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err(
-            "masked positions are drawn per batch position, so a rank's share of a batch \
-             would be masked differently from the one-process run (keying masks by the \
-             global example position is not built yet)"
-                .into(),
-        )
     }
 }
 
