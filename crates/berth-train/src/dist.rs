@@ -129,8 +129,9 @@ pub mod mpi_world {
     use crate::error::{Result, TrainError};
 
     /// Elements per all-gather in [`MpiWorld::all_reduce_sum`]: large enough to keep the
-    /// network busy, small enough that the gathered copies stay a few tens of MB.
-    const BUCKET: usize = 1 << 22;
+    /// network busy, small enough that the gathered copies stay a few tens of MB
+    /// (`examples/allreduce.rs` measures the cost against other sizes).
+    pub const BUCKET: usize = 1 << 22;
 
     /// MPI's world communicator; MPI is finalized when it drops (end of the process).
     pub struct MpiWorld {
@@ -151,6 +152,35 @@ pub mod mpi_world {
         }
     }
 
+    impl MpiWorld {
+        /// [`Collective::all_reduce_sum`] with `bucket` elements per all-gather.
+        pub fn all_reduce_sum_in(&self, buf: &mut [f32], bucket: usize) -> Result<()> {
+            let n = self.world_size();
+            if n == 1 {
+                return Ok(());
+            }
+            let mut all = Vec::new();
+            for chunk in buf.chunks_mut(bucket.max(1)) {
+                let len = chunk.len();
+                all.resize(len * n, 0f32);
+                self.world.all_gather_into(&chunk[..], &mut all[..]);
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let mut sum = 0f32;
+                    for r in 0..n {
+                        sum += all[r * len + i];
+                    }
+                    *v = sum;
+                }
+            }
+            Ok(())
+        }
+
+        /// A barrier (every rank waits for the others).
+        pub fn barrier(&self) {
+            self.world.barrier();
+        }
+    }
+
     impl Collective for MpiWorld {
         fn rank(&self) -> usize {
             self.world.rank() as usize
@@ -164,24 +194,7 @@ pub mod mpi_world {
         /// bit-identical results on all ranks and on every run of a world size (MPI's own
         /// all-reduce may add in an order of its choosing).
         fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-            let n = self.world_size();
-            if n == 1 {
-                return Ok(());
-            }
-            let mut all = Vec::new();
-            for chunk in buf.chunks_mut(BUCKET) {
-                let len = chunk.len();
-                all.resize(len * n, 0f32);
-                self.world.all_gather_into(&chunk[..], &mut all[..]);
-                for (i, v) in chunk.iter_mut().enumerate() {
-                    let mut sum = 0f32;
-                    for r in 0..n {
-                        sum += all[r * len + i];
-                    }
-                    *v = sum;
-                }
-            }
-            Ok(())
+            self.all_reduce_sum_in(buf, BUCKET)
         }
 
         fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
