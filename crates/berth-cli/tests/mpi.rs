@@ -568,3 +568,72 @@ fn two_ranks_pretrain_as_one_process() {
         }
     }
 }
+
+/// The gradient sum (`MpiWorld::all_reduce_sum`, a ring per bucket) on 3 ranks: every rank
+/// ends with the same bits, a second run gives them again, and they are the sum (within
+/// f32 rounding of an f64 reference) — over buckets that cut the buffer unevenly, parts of
+/// unequal size, and a tail shorter than the world. The test runs itself under mpirun: a
+/// rank (BERTH_RING_RANK set) checks and exits; the launcher checks the job succeeded.
+#[test]
+fn ring_all_reduce_sums_the_same_bits_on_every_rank() {
+    use berth_train::dist::Collective;
+    if std::env::var_os("BERTH_RING_RANK").is_some() {
+        let world = berth_train::dist::mpi_world::MpiWorld::init().unwrap();
+        let (rank, n) = (world.rank(), world.world_size());
+        assert_eq!(n, 3);
+        // Values of every rank, from a formula all ranks know (for the f64 reference).
+        let value = |r: usize, i: usize| {
+            let h = (i as u64 ^ (r as u64) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((i % 7) as i32 - 3)
+        };
+        for (len, bucket) in [(1_000_003usize, 65_537usize), (10, 4), (2, 1 << 20), (5, 5)] {
+            let mine: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+            let mut a = mine.clone();
+            world.ring_all_reduce_sum_in(&mut a, bucket).unwrap();
+            let mut b = mine.clone();
+            world.ring_all_reduce_sum_in(&mut b, bucket).unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            for (i, &x) in a.iter().enumerate() {
+                let want: f64 = (0..n).map(|r| value(r, i) as f64).sum();
+                let scale: f64 = (0..n).map(|r| (value(r, i) as f64).abs()).sum();
+                assert!(
+                    (x as f64 - want).abs() <= 1e-6 * scale.max(1e-30),
+                    "len {len} bucket {bucket} element {i}: {x} vs {want}"
+                );
+            }
+            let bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let all = world.gather_all(&bytes).unwrap();
+            assert!(all.iter().all(|b| *b == bytes), "ranks differ (len {len})");
+        }
+        let mut c: Vec<f32> = (0..300_001).map(|i| value(rank, i)).collect();
+        let mut d = c.clone();
+        world.all_reduce_sum(&mut c).unwrap();
+        world
+            .ring_all_reduce_sum_in(&mut d, berth_train::dist::mpi_world::BUCKET)
+            .unwrap();
+        assert_eq!(c, d, "all_reduce_sum is the ring");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("mpirun")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("BERTH_RING_RANK", "1")
+        .args(["--oversubscribe", "-np", "3", "--mca", "btl", "tcp,self"])
+        .args(["--mca", "btl_tcp_if_include", "lo", "-x", "BERTH_RING_RANK"])
+        .arg(exe)
+        .args([
+            "--exact",
+            "ring_all_reduce_sums_the_same_bits_on_every_rank",
+            "--test-threads",
+            "1",
+        ])
+        .output()
+        .expect("mpirun runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.matches("1 passed").count() == 3,
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

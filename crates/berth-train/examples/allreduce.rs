@@ -5,12 +5,11 @@
 //!     mpirun -np 2 target/release/examples/allreduce [ELEMENTS] [REPEATS]
 //!
 //! ELEMENTS defaults to 109,482,240 (bert-base-uncased's parameters, 438 MB of f32
-//! gradients). Every rank all-reduces a buffer of that size with each bucket size (the best
-//! of REPEATS, default 3, between barriers); rank 0 prints the time, the bytes each rank
-//! received (berth all-gathers each bucket, then sums in rank order) and the rate. The
-//! projection for 8 and 64 ranks at 25 Gb/s takes the wire time of those bytes at that
-//! rate, plus the measured per-bucket overhead and summation time of this run, and prints a
-//! ring all-reduce's wire time beside it (what a reduce-scatter + all-gather would need).
+//! gradients). Every rank sums a buffer of that size with each bucket size, both ways berth
+//! can (the ring it trains with, and the all-gather + rank-ordered add it used before; the
+//! best of REPEATS, default 3, between barriers, and the sums checked); rank 0 prints the
+//! times and bytes received per rank, the per-bucket overhead and the summation time, and
+//! the wire time of a step at 25 Gb/s on 8 and 64 ranks for both forms.
 use std::time::Instant;
 
 use berth_train::dist::mpi_world::MpiWorld;
@@ -29,21 +28,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{n} ranks, {elements} f32 ({:.0} MB) per all-reduce, best of {repeats}",
             bytes / 1e6
         );
-        println!("bucket (elements)  buckets  seconds  MB received per rank  MB/s received");
+        println!("bucket (elements)  buckets  seconds  MB received per rank  MB/s received  ring: seconds  MB received");
     }
     let buckets = [1usize << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24];
     let mut times = Vec::new();
     for &bucket in &buckets {
         let mut best = f64::MAX;
+        let mut ring = f64::MAX;
         for _ in 0..repeats {
-            buf.iter_mut()
-                .enumerate()
-                .for_each(|(i, x)| *x = (i % 7) as f32 + rank as f32);
-            world.barrier();
-            let t = Instant::now();
-            world.all_reduce_sum_in(&mut buf, bucket)?;
-            world.barrier();
-            best = best.min(t.elapsed().as_secs_f64());
+            for use_ring in [false, true] {
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = (i % 7) as f32 + rank as f32);
+                world.barrier();
+                let t = Instant::now();
+                if use_ring {
+                    world.ring_all_reduce_sum_in(&mut buf, bucket)?;
+                } else {
+                    world.all_reduce_sum_in(&mut buf, bucket)?;
+                }
+                world.barrier();
+                let s = t.elapsed().as_secs_f64();
+                if use_ring {
+                    ring = ring.min(s);
+                } else {
+                    best = best.min(s);
+                }
+            }
         }
         // Every rank holds the sum of the ranks' values.
         let want = |i: usize| (n * (i % 7) + n * (n - 1) / 2) as f32;
@@ -56,10 +67,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let received = bytes * (n - 1) as f64;
         if rank == 0 {
             println!(
-                "{bucket:>17}  {:>7}  {best:>7.3}  {:>20.0}  {:>13.0}",
+                "{bucket:>17}  {:>7}  {best:>7.3}  {:>20.0}  {:>13.0}  {ring:>13.3}  {:>11.0}",
                 elements.div_ceil(bucket),
                 received / 1e6,
-                received / 1e6 / best
+                received / 1e6 / best,
+                bytes * 2.0 * (n - 1) as f64 / n as f64 / 1e6
             );
         }
     }
@@ -95,15 +107,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             per_bucket * 1e3
         );
         let link = 25e9 / 8.0; // bytes per second on a 25 Gb/s link
-        let default_buckets = elements.div_ceil(berth_train::dist::mpi_world::BUCKET) as f64;
+        let buckets_per_step = elements.div_ceil(berth_train::dist::mpi_world::BUCKET);
         for ranks in [8usize, 64] {
-            let wire = bytes * (ranks - 1) as f64 / link;
-            let adds = sum_s * ranks as f64 / n as f64;
             let ring = bytes * 2.0 * (ranks - 1) as f64 / ranks as f64 / link;
+            let gather = bytes * (ranks - 1) as f64 / link;
+            let adds = sum_s * ranks as f64 / n as f64;
             println!(
-                "{ranks} ranks at 25 Gb/s: berth's all-gather ~{:.2} s per step ({wire:.2} s on the wire, {:.3} s bucket overhead, {adds:.2} s summing); a ring all-reduce would need {ring:.2} s on the wire",
-                wire + per_bucket * default_buckets + adds,
-                per_bucket * default_buckets
+                "{ranks} ranks at 25 Gb/s: ring (berth's sum) {ring:.2} s on the wire + {} message latencies; the all-gather form {gather:.2} s on the wire + {adds:.2} s summing",
+                2 * (ranks - 1) * buckets_per_step
             );
         }
     }

@@ -128,10 +128,10 @@ pub mod mpi_world {
     use crate::dist::Collective;
     use crate::error::{Result, TrainError};
 
-    /// Elements per all-gather in [`MpiWorld::all_reduce_sum`]: large enough to keep the
-    /// network busy, small enough that the gathered copies stay a few tens of MB
-    /// (`examples/allreduce.rs` measures the cost against other sizes).
-    pub const BUCKET: usize = 1 << 22;
+    /// Elements per bucket of [`MpiWorld::all_reduce_sum`]'s ring: the fastest size measured
+    /// on 2 and 3 ranks (`examples/allreduce.rs` times 64 K to 16 M), few enough messages
+    /// per step, parts of a few hundred KB.
+    pub const BUCKET: usize = 1 << 20;
 
     /// MPI's world communicator; MPI is finalized when it drops (end of the process).
     pub struct MpiWorld {
@@ -153,7 +153,10 @@ pub mod mpi_world {
     }
 
     impl MpiWorld {
-        /// [`Collective::all_reduce_sum`] with `bucket` elements per all-gather.
+        /// The sum as an all-gather per bucket of `bucket` elements, then every rank adds
+        /// the ranks' copies in rank order. Each rank receives N − 1 times the buffer (the
+        /// ring, [`Self::ring_all_reduce_sum_in`], 2 (N − 1) / N times): kept for buckets
+        /// smaller than the world and for comparison.
         pub fn all_reduce_sum_in(&self, buf: &mut [f32], bucket: usize) -> Result<()> {
             let n = self.world_size();
             if n == 1 {
@@ -175,6 +178,49 @@ pub mod mpi_world {
             Ok(())
         }
 
+        /// [`Collective::all_reduce_sum`] as a ring, `bucket` elements at a time: each bucket
+        /// is cut into one part per rank; in N − 1 steps every rank passes a part to its right
+        /// neighbour and adds the part it receives from its left (reduce-scatter), so part `c`
+        /// is summed once, starting at rank `c`, in ring order; N − 1 more steps pass the
+        /// summed parts around (all-gather). Each rank sends and receives 2 (N − 1) / N of
+        /// the buffer (the all-gather form: N − 1 times it), and every rank ends with the
+        /// same bits; the order of the additions is fixed for a world size. Buckets smaller
+        /// than the world are summed by [`Self::all_reduce_sum_in`].
+        pub fn ring_all_reduce_sum_in(&self, buf: &mut [f32], bucket: usize) -> Result<()> {
+            let n = self.world_size();
+            if n == 1 {
+                return Ok(());
+            }
+            let r = self.rank();
+            let right = self.world.process_at_rank(((r + 1) % n) as i32);
+            let left = self.world.process_at_rank(((r + n - 1) % n) as i32);
+            let mut recv = Vec::new();
+            for chunk in buf.chunks_mut(bucket.max(1)) {
+                let len = chunk.len();
+                if len < n {
+                    self.all_reduce_sum_in(chunk, bucket)?;
+                    continue;
+                }
+                let part = |k: usize| k * len / n..(k + 1) * len / n;
+                recv.resize(len.div_ceil(n), 0f32);
+                for step in 0..n - 1 {
+                    let (out, inn) = (part((r + n - step) % n), part((r + 2 * n - step - 1) % n));
+                    let got = &mut recv[..inn.len()];
+                    mpi::point_to_point::send_receive_into(&chunk[out], &right, got, &left);
+                    for (x, y) in chunk[inn].iter_mut().zip(got.iter()) {
+                        *x += y;
+                    }
+                }
+                for step in 0..n - 1 {
+                    let (out, inn) = (part((r + 1 + n - step) % n), part((r + n - step) % n));
+                    let got = &mut recv[..inn.len()];
+                    mpi::point_to_point::send_receive_into(&chunk[out], &right, got, &left);
+                    chunk[inn].copy_from_slice(got);
+                }
+            }
+            Ok(())
+        }
+
         /// A barrier (every rank waits for the others).
         pub fn barrier(&self) {
             self.world.barrier();
@@ -190,11 +236,11 @@ pub mod mpi_world {
             self.world.size() as usize
         }
 
-        /// All-gather per bucket, then every rank sums the ranks' copies in rank order:
+        /// A ring reduce-scatter + all-gather per bucket ([`Self::ring_all_reduce_sum_in`]):
         /// bit-identical results on all ranks and on every run of a world size (MPI's own
         /// all-reduce may add in an order of its choosing).
         fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-            self.all_reduce_sum_in(buf, BUCKET)
+            self.ring_all_reduce_sum_in(buf, BUCKET)
         }
 
         fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
