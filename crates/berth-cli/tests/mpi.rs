@@ -637,3 +637,92 @@ fn ring_all_reduce_sums_the_same_bits_on_every_rank() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Ranks started unlike each other (another training file, another learning rate, another
+/// starting model) all end, quickly, with one error naming the rank and what differs.
+#[test]
+fn ranks_that_start_differently_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = classify_rows(tmp.path());
+    let other = tmp.path().join("other.tsv");
+    let text = std::fs::read_to_string(&data).unwrap();
+    // One example fewer (the tiny vocabulary reads most changed words as [UNK]).
+    let rows: Vec<&str> = text.lines().collect();
+    std::fs::write(&other, rows[..rows.len() - 1].join("\n") + "\n").unwrap();
+    // The same model with its last weight changed (a finite value).
+    let base = tiny("bert-base");
+    let changed = tmp.path().join("changed-model");
+    std::fs::create_dir(&changed).unwrap();
+    for e in std::fs::read_dir(&base).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), changed.join(e.file_name())).unwrap();
+    }
+    let st = changed.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let at = bytes.len() - 4;
+    let x = f32::from_le_bytes(bytes[at..].try_into().unwrap());
+    bytes[at..].copy_from_slice(&(x + 0.5).to_le_bytes());
+    std::fs::write(&st, bytes).unwrap();
+    let changed = changed.display().to_string();
+    // `$R` is the rank (the shell under mpirun sees OMPI_COMM_WORLD_RANK).
+    for (what, train, lr, model, needle) in [
+        (
+            "data",
+            format!("$R{}", "-data.tsv"),
+            "5e-5",
+            base.clone(),
+            "training data",
+        ),
+        (
+            "lr",
+            data.display().to_string(),
+            "$LR",
+            base.clone(),
+            "settings",
+        ),
+        (
+            "model",
+            data.display().to_string(),
+            "5e-5",
+            "$MODEL".into(),
+            "starting weights",
+        ),
+    ] {
+        for r in 0..2 {
+            let src = if r == 0 { &data } else { &other };
+            std::fs::copy(src, tmp.path().join(format!("{r}-data.tsv"))).unwrap();
+        }
+        let out = tmp.path().join(format!("run-{what}"));
+        let script = format!(
+            "R=$OMPI_COMM_WORLD_RANK; LR=5e-5; MODEL={base}; \
+             if [ $R = 1 ]; then LR=1e-4; MODEL={changed}; fi; \
+             exec {bin} --threads 1 finetune --task classify --model {model} --train {train} \
+             --output {out} --lr {lr} --max-steps 2 --no-dropout",
+            bin = env!("CARGO_BIN_EXE_berth"),
+            out = out.display(),
+        );
+        let start = std::time::Instant::now();
+        let result = Command::new("mpirun")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .current_dir(tmp.path())
+            .args(["--oversubscribe", "-np", "2", "--mca", "btl", "tcp,self"])
+            .args(["--mca", "btl_tcp_if_include", "lo", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{what}: {err}");
+        assert!(
+            err.contains("rank 1's") && err.contains(needle) && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{what}: slow"
+        );
+        assert!(
+            !out.join("checkpoints").exists(),
+            "{what}: a checkpoint was written"
+        );
+    }
+}

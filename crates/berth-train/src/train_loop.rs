@@ -187,6 +187,84 @@ fn write_config(cfg: &RunConfig) -> Result<()> {
     checkpoint::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 
+/// FNV-1a over 32-bit words: a fingerprint, not a checksum against attacks.
+fn fnv(h: &mut u64, words: impl IntoIterator<Item = u32>) {
+    for w in words {
+        *h = (*h ^ w as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+/// Ranks of one run must start alike: the same settings (paths aside: hosts may mount the
+/// files elsewhere), the same training examples and the same starting weights. Each rank
+/// fingerprints the three, every rank sees every rank's, and all end with the same error
+/// naming the first rank and part that differ from rank 0 (no rank is left waiting).
+fn check_ranks_agree(
+    cfg: &RunConfig,
+    data: &dyn crate::objective::TrainSet,
+    nets: &crate::objective::Networks,
+    step: u64,
+    collective: &dyn Collective,
+) -> Result<()> {
+    const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut settings = Vec::new();
+    flatten(
+        "",
+        &serde_json::to_value(cfg).expect("config serialises"),
+        &mut settings,
+    );
+    let paths = [
+        ".model",
+        ".output",
+        ".train",
+        ".dev",
+        ".teacher",
+        ".dump_order",
+    ];
+    let settings: Vec<String> = settings
+        .into_iter()
+        .filter(|(k, _)| !paths.iter().any(|p| k.ends_with(p)))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut h_settings = FNV0;
+    fnv(&mut h_settings, settings.join("\n").bytes().map(u32::from));
+    // The examples: count, tokens, and the ids of up to 4,096 evenly spaced ones.
+    let mut h_data = FNV0;
+    let n = data.len();
+    fnv(
+        &mut h_data,
+        [n as u32, (n >> 32) as u32, data.tokens() as u32],
+    );
+    for i in (0..n).step_by(n.div_ceil(4096).max(1)) {
+        fnv(&mut h_data, data.ids(i));
+    }
+    let mut h_weights = FNV0;
+    fnv(&mut h_weights, [step as u32]);
+    for p in nets.params() {
+        fnv(&mut h_weights, p.name.bytes().map(u32::from));
+        let t = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        fnv(&mut h_weights, t.iter().map(|x| x.to_bits()));
+    }
+    let mine = [h_settings, h_data, h_weights];
+    let bytes: Vec<u8> = mine.iter().flat_map(|h| h.to_le_bytes()).collect();
+    let all = collective.gather_all(&bytes)?;
+    let parts = [
+        "settings (flags other than paths)",
+        "training data (the examples read)",
+        "starting weights (the model or checkpoint)",
+    ];
+    for (rank, theirs) in all.iter().enumerate().skip(1) {
+        for (k, part) in parts.iter().enumerate() {
+            if theirs[8 * k..8 * k + 8] != all[0][8 * k..8 * k + 8] {
+                return Err(TrainError::Config(format!(
+                    "rank {rank}'s {part} differ from rank 0's: every rank must run the same \
+                     command on the same files"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens the run's metrics.jsonl for appending. A resumed run's file is checked first: a
 /// last line without its newline (the run was killed while writing it) is cut off with a
 /// warning; any other line that is not JSON is an error now rather than when the curve is
@@ -287,6 +365,10 @@ pub fn train(
         }
         opt.load_state(&tensors, saved.step, &dir.join("optimizer.safetensors"))?;
         state = saved;
+    }
+
+    if world > 1 {
+        check_ranks_agree(cfg, objective.train_set(), &nets, state.step, collective)?;
     }
 
     // The schedule.
