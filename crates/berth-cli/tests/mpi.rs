@@ -726,3 +726,112 @@ fn ranks_that_start_differently_are_refused() {
         );
     }
 }
+
+/// With dropout on, the masks are keyed by each token's and sequence's place in the packed
+/// global batch, so 2 ranks still train as one process: classification (with and without
+/// --grad-accum), NER, masked-LM and ELECTRA pretraining from scratch.
+#[test]
+fn two_ranks_with_dropout_train_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("bert-base");
+    let classify = classify_rows(tmp.path());
+    let ner = tmp.path().join("train.conll");
+    let sentence = "Anna B-PER\nmet O\nPeter B-PER\nin O\nRome B-LOC\nyesterday O\n. O\n";
+    let other = "the O\ndog O\nsees O\nMary B-PER\n. O\n";
+    let text: Vec<&str> = (0..24)
+        .map(|i| if i % 3 == 0 { other } else { sentence })
+        .collect();
+    std::fs::write(&ner, text.join("\n")).unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let corpus = root().join("fixtures/vocab/corpus.txt");
+    let steps = ["--lr", "1e-3", "--log-every", "1", "--seed", "3"];
+    let runs: Vec<(&str, Box<dyn Fn(&Path) -> Vec<String>>)> = vec![
+        (
+            "classify",
+            Box::new(|dir: &Path| {
+                let extra = [&steps[..], &["--batch-size", "7", "--epochs", "2"]].concat();
+                finetune_run("classify", &model, &classify, dir, &extra)
+            }),
+        ),
+        (
+            "classify --grad-accum 2",
+            Box::new(|dir: &Path| {
+                let extra = [
+                    &steps[..],
+                    &["--batch-size", "7", "--epochs", "2", "--grad-accum", "2"],
+                ]
+                .concat();
+                finetune_run("classify", &model, &classify, dir, &extra)
+            }),
+        ),
+        (
+            "ner",
+            Box::new(|dir: &Path| {
+                let extra = [&steps[..], &["--batch-size", "5", "--epochs", "2"]].concat();
+                finetune_run("ner", &model, &ner, dir, &extra)
+            }),
+        ),
+        (
+            "mlm",
+            Box::new(|dir: &Path| pretrain_run(&vocab, &corpus, dir, &[])),
+        ),
+        (
+            "rtd",
+            Box::new(|dir: &Path| pretrain_run(&vocab, &corpus, dir, &["--objective", "rtd"])),
+        ),
+    ];
+    for (k, (what, args)) in runs.iter().enumerate() {
+        let (one, two) = (
+            tmp.path().join(format!("one-{k}")),
+            tmp.path().join(format!("two-{k}")),
+        );
+        let on = |dir: &Path| {
+            let mut a = args(dir);
+            a.retain(|x| x != "--no-dropout");
+            a
+        };
+        ok(&berth(&strs(&on(&one))));
+        ok(&mpirun(2, &strs(&on(&two))));
+        assert_runs_agree(&one, &two, &format!("{what} with dropout"));
+    }
+}
+
+/// A tiny model pretrained from scratch on the committed corpus, then `extra`.
+fn pretrain_run(vocab: &Path, corpus: &Path, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--threads",
+        "1",
+        "pretrain",
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--output",
+        dir.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "11",
+        "--max-steps",
+        "12",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--save-every",
+        "6",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}

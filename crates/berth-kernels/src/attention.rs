@@ -11,6 +11,8 @@
 //! or copies). The backward recomputes the probabilities rather than storing them.
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use crate::dropout::DropSite;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -50,6 +52,7 @@ pub fn varlen_attention_dropout(
     scale: f64,
     p: f64,
     seed: u64,
+    row_offset: u64,
 ) -> Result<Tensor> {
     if p <= 0.0 {
         return varlen_attention(qkv, cu_seqlens, num_heads, scale);
@@ -60,7 +63,11 @@ pub fn varlen_attention_dropout(
         cu_seqlens: cu_seqlens.to_vec(),
         num_heads,
         scale,
-        dropout: Some((p as f32, seed)),
+        dropout: Some(DropSite {
+            rate: p as f32,
+            seed,
+            row_offset,
+        }),
     })
 }
 
@@ -72,16 +79,11 @@ fn widths(len: usize, cu: &[usize], nh: usize) -> (usize, usize, usize) {
 }
 
 /// Applies the dropout mask of one (sequence, head) to `p [L, L]` in place.
-fn drop_probabilities<T: Float>(
-    p: &mut [T],
-    dropout: Option<(f32, u64)>,
-    start: usize,
-    head: usize,
-) {
-    if let Some((rate, seed)) = dropout {
-        let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
-        let scale = T::from_f64(1.0 / (1.0 - rate as f64));
-        let t = crate::dropout::threshold(rate);
+fn drop_probabilities<T: Float>(p: &mut [T], dropout: Option<DropSite>, start: usize, head: usize) {
+    if let Some(d) = dropout {
+        let key = d.attention_key(start, head);
+        let scale = T::from_f64(1.0 / (1.0 - d.rate as f64));
+        let t = crate::dropout::threshold(d.rate);
         T::mask_in_place(p, key, 0, t, scale);
     }
 }
@@ -127,7 +129,7 @@ struct VarlenAttention {
     num_heads: usize,
     scale: f64,
     /// Attention-probability dropout: rate and seed.
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
 }
 
 /// One (sequence, head) unit of work: first row, length, head index.
@@ -217,7 +219,7 @@ pub(crate) fn forward<T: Float>(
     cu: &[usize],
     nh: usize,
     scale: f64,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
 ) -> Vec<T> {
     let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let src = SendPtr(qkv.as_ptr() as *mut T);
@@ -260,7 +262,7 @@ pub(crate) fn backward<T: Float>(
     cu: &[usize],
     nh: usize,
     scale: f64,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
 ) -> Vec<T> {
     let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let src = SendPtr(qkv.as_ptr() as *mut T);
@@ -367,7 +369,7 @@ fn row_probabilities<T: Float>(
     (start, len, head): (usize, usize, usize),
     i: usize,
     scale: T,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
     p: &mut Vec<T>,
     m: &mut Vec<T>,
 ) {
@@ -378,10 +380,10 @@ fn row_probabilities<T: Float>(
     softmax_row(p);
     m.clear();
     m.resize(len, T::one());
-    if let Some((rate, seed)) = dropout {
-        let key = crate::dropout::substream(seed, ((start as u64) << 16) ^ head as u64);
-        let t = crate::dropout::threshold(rate);
-        let s = T::from_f64(1.0 / (1.0 - rate as f64));
+    if let Some(d) = dropout {
+        let key = d.attention_key(start, head);
+        let t = crate::dropout::threshold(d.rate);
+        let s = T::from_f64(1.0 / (1.0 - d.rate as f64));
         T::mask_in_place(m, key, ((i - start) * len) as u64, t, s);
     }
 }
@@ -395,7 +397,7 @@ pub(crate) fn forward_rows<T: Float>(
     rows: &[usize],
     nh: usize,
     scale: f64,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
 ) -> Vec<T> {
     let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let scale = T::from_f64(scale);
@@ -429,7 +431,7 @@ pub(crate) fn backward_rows<T: Float>(
     rows: &[usize],
     nh: usize,
     scale: f64,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<DropSite>,
 ) -> Vec<T> {
     let (w3, h, hd) = widths(qkv.len(), cu, nh);
     let scale = T::from_f64(scale);
@@ -592,7 +594,7 @@ mod tests {
             for dropout in [0.0, 0.2] {
                 let grad = |x: &Tensor| -> Result<Tensor> {
                     let v = candle_core::Var::from_tensor(x)?;
-                    let y = varlen_attention_dropout(&v, &cu, 2, 0.2, dropout, 3)?;
+                    let y = varlen_attention_dropout(&v, &cu, 2, 0.2, dropout, 3, 0)?;
                     let g = (y * w.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
                     Ok(g.get(&v).unwrap().clone())
                 };
@@ -615,9 +617,9 @@ mod tests {
         // f64 runs the general path: the same seed must drop the same probabilities.
         let cu = [0, 5, 40, 57];
         let qkv = randn(&[57, 3 * 2 * 32], 42)?;
-        let general = varlen_attention_dropout(&qkv, &cu, 2, 0.3, 0.25, 9)?;
+        let general = varlen_attention_dropout(&qkv, &cu, 2, 0.3, 0.25, 9, 0)?;
         let f32 = qkv.to_dtype(candle_core::DType::F32)?;
-        let tiled = varlen_attention_dropout(&f32, &cu, 2, 0.3, 0.25, 9)?;
+        let tiled = varlen_attention_dropout(&f32, &cu, 2, 0.3, 0.25, 9, 0)?;
         assert_close(
             "tiled vs general attention with dropout",
             &tiled,
@@ -640,7 +642,7 @@ mod tests {
         gradcheck(
             "varlen attention with dropout",
             &[(randn(&[7, 12], 36)? * 2.0)?],
-            |v| varlen_attention_dropout(&v[0], &cu, 2, 0.7, 0.3, 5),
+            |v| varlen_attention_dropout(&v[0], &cu, 2, 0.7, 0.3, 5, 0),
         )
     }
 
@@ -652,14 +654,14 @@ mod tests {
         let plain = varlen_attention(&qkv, &cu, 2, 0.5)?;
         assert_close(
             "rate 0",
-            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.0, 1)?,
+            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.0, 1, 0)?,
             &plain,
             0.0,
         )?;
-        let a = varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?;
+        let a = varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1, 0)?;
         assert_close(
             "same seed",
-            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1)?,
+            &varlen_attention_dropout(&qkv, &cu, 2, 0.5, 0.5, 1, 0)?,
             &a,
             0.0,
         )?;

@@ -66,7 +66,7 @@ pub(crate) unsafe fn attend(
     out: *mut f32,
     t: Task,
     scale: f32,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<crate::dropout::DropSite>,
     sc: &mut Scratch,
 ) {
     let (l, hd, h) = (t.len, t.head_dim, t.hidden);
@@ -169,7 +169,7 @@ pub(crate) unsafe fn attend_backward(
     dqkv: *mut f32,
     t: Task,
     scale: f32,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<crate::dropout::DropSite>,
     sc: &mut BackScratch,
 ) {
     let (l, hd, h) = (t.len, t.head_dim, t.hidden);
@@ -315,7 +315,7 @@ pub(crate) unsafe fn attend_backward(
     _: *mut f32,
     _: Task,
     _: f32,
-    _: Option<(f32, u64)>,
+    _: Option<crate::dropout::DropSite>,
     _: &mut BackScratch,
 ) {
     unreachable!("tiled attention is AVX-512 only")
@@ -327,7 +327,7 @@ pub(crate) unsafe fn attend(
     _: *mut f32,
     _: Task,
     _: f32,
-    _: Option<(f32, u64)>,
+    _: Option<crate::dropout::DropSite>,
     _: &mut Scratch,
 ) {
     unreachable!("tiled attention is AVX-512 only")
@@ -381,11 +381,11 @@ struct Mask {
 
 impl Mask {
     /// The mask of `t` for (rate, seed): the general path's stream for its (start, head).
-    fn new((rate, seed): (f32, u64), t: &Task) -> Self {
+    fn new(d: crate::dropout::DropSite, t: &Task) -> Self {
         Mask {
-            key: crate::dropout::substream(seed, ((t.start as u64) << 16) ^ t.head as u64),
-            threshold: crate::dropout::threshold(rate),
-            scale: (1.0 / (1.0 - rate as f64)) as f32,
+            key: d.attention_key(t.start, t.head),
+            threshold: crate::dropout::threshold(d.rate),
+            scale: (1.0 / (1.0 - d.rate as f64)) as f32,
         }
     }
 }

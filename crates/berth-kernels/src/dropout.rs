@@ -18,6 +18,44 @@ pub fn substream(seed: u64, n: u64) -> u64 {
     mix(seed ^ mix(n.wrapping_add(0x9e37_79b9_7f4a_7c15)))
 }
 
+/// One dropout site: rate, seed, and the global row of the tensor's first row (0 in one
+/// process; a data-parallel rank's share of a batch starts further on), so a share draws,
+/// row for row, the masks the whole batch draws.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropSite {
+    /// Probability of dropping an element.
+    pub rate: f32,
+    /// The site's stream.
+    pub seed: u64,
+    /// Global row of the first row (tokens of a packed batch).
+    pub row_offset: u64,
+}
+
+impl DropSite {
+    /// A site of rate `rate` on stream `seed`, rows counted from 0.
+    pub fn new(rate: f32, seed: u64) -> Self {
+        DropSite {
+            rate,
+            seed,
+            row_offset: 0,
+        }
+    }
+
+    /// The attention-probability stream of the sequence that starts at packed row `start`,
+    /// head `head`.
+    pub(crate) fn attention_key(&self, start: usize, head: usize) -> u64 {
+        substream(
+            self.seed,
+            ((start as u64 + self.row_offset) << 16) ^ head as u64,
+        )
+    }
+
+    /// The element index of row 0 of a tensor whose rows are `width` wide.
+    pub(crate) fn base(&self, width: usize) -> u64 {
+        self.row_offset * width as u64
+    }
+}
+
 /// The keep threshold of rate `p` on 16-bit draws.
 #[inline]
 pub(crate) fn threshold(p: f32) -> u32 {
@@ -164,35 +202,47 @@ unsafe fn mask_in_place_avx512(xs: &mut [f32], key: u64, base: u64, threshold: u
 /// Inverted dropout: each element zeroed with probability `p`, survivors scaled by
 /// `1 / (1 - p)`. The mask depends only on `seed`, so forward and backward agree.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    dropout_at(x, p, seed, 0)
+}
+
+/// [`dropout`] of a tensor whose first element is element `base` of the stream (the rest
+/// follow in order): a part of a larger tensor gets the larger tensor's mask.
+pub fn dropout_at(x: &Tensor, p: f64, seed: u64, base: u64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
     if p >= 1.0 {
         return x.zeros_like();
     }
-    x.contiguous()?.apply_op1(Dropout { p: p as f32, seed })
+    x.contiguous()?.apply_op1(Dropout {
+        p: p as f32,
+        seed,
+        base,
+    })
 }
 
 struct Dropout {
     p: f32,
     seed: u64,
+    base: u64,
 }
 
-fn apply<T: Float>(xs: &[T], p: f32, seed: u64) -> Vec<T> {
+fn apply<T: Float>(xs: &[T], p: f32, seed: u64, base: u64) -> Vec<T> {
     let mut out = xs.to_vec();
-    apply_in_place(&mut out, p, seed);
+    apply_in_place(&mut out, p, seed, base);
     out
 }
 
-/// [`dropout`]'s mask (rate `p` < 1, stream `seed`) applied to `xs` in place, in parallel.
-pub(crate) fn apply_in_place<T: Float>(xs: &mut [T], p: f32, seed: u64) {
+/// [`dropout`]'s mask (rate `p` < 1, stream `seed`, `xs[0]` being element `base`) applied
+/// to `xs` in place, in parallel.
+pub(crate) fn apply_in_place<T: Float>(xs: &mut [T], p: f32, seed: u64, base: u64) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14; // a multiple of 4: chunks never split a mix's draws
     let scale = T::from_f64(1.0 / (1.0 - p as f64));
     let t = threshold(p);
     xs.par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(c, o)| T::mask_in_place(o, seed, (c * CHUNK) as u64, t, scale));
+        .for_each(|(c, o)| T::mask_in_place(o, seed, base + (c * CHUNK) as u64, t, scale));
 }
 
 impl CustomOp1 for Dropout {
@@ -206,6 +256,7 @@ impl CustomOp1 for Dropout {
                 slice::<T>(s, l)?,
                 op.p,
                 op.seed,
+                op.base,
             )))
         }
         Ok((
@@ -216,7 +267,7 @@ impl CustomOp1 for Dropout {
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         fn run<T: Float>(op: &Dropout, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-            let d = with_slice::<T, _>(&dy.contiguous()?, |g| apply(g, op.p, op.seed))?;
+            let d = with_slice::<T, _>(&dy.contiguous()?, |g| apply(g, op.p, op.seed, op.base))?;
             Tensor::from_vec(d, x.shape(), x.device())
         }
         Ok(Some(dispatch!(x.dtype(), self.name(), run(self, x, dy))?))

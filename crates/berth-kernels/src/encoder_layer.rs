@@ -24,6 +24,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, T
 use rayon::prelude::*;
 
 use crate::cpu::{dispatch, slice, with_slice};
+use crate::dropout::DropSite;
 use crate::{attention, dropout, layer_norm, linear, Activation, Float};
 
 /// Gradients computed for tensors that are not candle arguments of the op that computed
@@ -115,15 +116,15 @@ impl LayerWeights {
     }
 }
 
-/// Dropout of one layer's forward: (rate, seed) per site, `None` where off.
+/// Dropout of one layer's forward: a [`DropSite`] per site, `None` where off.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayerDropout {
     /// On the attention probabilities.
-    pub attention: Option<(f32, u64)>,
+    pub attention: Option<DropSite>,
     /// On the attention output projection, before the residual add.
-    pub attn_out: Option<(f32, u64)>,
+    pub attn_out: Option<DropSite>,
     /// On the feed-forward output, before the residual add.
-    pub ffn_out: Option<(f32, u64)>,
+    pub ffn_out: Option<DropSite>,
 }
 
 /// One encoder layer, `x [N, H]` → `[N, H]`, tokens attending within their sequence of
@@ -268,16 +269,17 @@ fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
 /// Dropout in place (identity when off; all zeros at rate 1). With `rows`, `xs [rows, h]`
 /// holds copies of those rows of an `[N, h]` tensor and gets the whole tensor's mask at
 /// their positions.
-fn drop_rows<T: Float>(xs: &mut [T], d: Option<(f32, u64)>, rows: Option<&[usize]>, h: usize) {
+fn drop_rows<T: Float>(xs: &mut [T], d: Option<DropSite>, rows: Option<&[usize]>, h: usize) {
     match (d, rows) {
-        (Some((p, _)), _) if p >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
-        (Some((p, seed)), None) if p > 0.0 => dropout::apply_in_place(xs, p, seed),
-        (Some((p, seed)), Some(rows)) if p > 0.0 => {
-            let scale = T::from_f64(1.0 / (1.0 - p as f64));
-            let t = dropout::threshold(p);
+        (Some(d), _) if d.rate >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
+        (Some(d), None) if d.rate > 0.0 => dropout::apply_in_place(xs, d.rate, d.seed, d.base(h)),
+        (Some(d), Some(rows)) if d.rate > 0.0 => {
+            let scale = T::from_f64(1.0 / (1.0 - d.rate as f64));
+            let t = dropout::threshold(d.rate);
+            let base = d.base(h);
             xs.par_chunks_mut(h)
                 .zip(rows.par_iter())
-                .for_each(|(x, &r)| T::mask_in_place(x, seed, (r * h) as u64, t, scale));
+                .for_each(|(x, &r)| T::mask_in_place(x, d.seed, base + (r * h) as u64, t, scale));
         }
         _ => {}
     }
@@ -455,15 +457,21 @@ mod tests {
     fn composed(x: &Tensor, w: &LayerWeights, cu: &[usize], d: LayerDropout) -> Result<Tensor> {
         let h = x.dim(1)?;
         let scale = 1.0 / ((h / w.num_heads) as f64).sqrt();
-        let drop = |t: Tensor, d: Option<(f32, u64)>| match d {
-            Some((p, seed)) => crate::dropout(&t, p as f64, seed),
+        let drop = |t: Tensor, d: Option<DropSite>| match d {
+            Some(d) => crate::dropout::dropout_at(&t, d.rate as f64, d.seed, d.base(h)),
             None => Ok(t),
         };
         let qkv = crate::linear(x, &w.qkv.0, &w.qkv.1)?;
         let ctx = match d.attention {
-            Some((p, seed)) => {
-                crate::varlen_attention_dropout(&qkv, cu, w.num_heads, scale, p as f64, seed)?
-            }
+            Some(d) => crate::varlen_attention_dropout(
+                &qkv,
+                cu,
+                w.num_heads,
+                scale,
+                d.rate as f64,
+                d.seed,
+                d.row_offset,
+            )?,
             None => crate::varlen_attention(&qkv, cu, w.num_heads, scale)?,
         };
         let a = drop(
@@ -543,9 +551,9 @@ mod tests {
         let drops = [
             LayerDropout::default(),
             LayerDropout {
-                attention: Some((0.1, 11)),
-                attn_out: Some((0.1, 12)),
-                ffn_out: Some((0.2, 13)),
+                attention: Some(DropSite::new(0.1, 11)),
+                attn_out: Some(DropSite::new(0.1, 12)),
+                ffn_out: Some(DropSite::new(0.2, 13)),
             },
         ];
         // hd 32: the tiled attention kernel where the CPU has it; uneven sequences.
@@ -570,9 +578,9 @@ mod tests {
     #[test]
     fn f64_matches_the_composed_ops() -> Result<()> {
         let d = LayerDropout {
-            attention: Some((0.3, 1)),
+            attention: Some(DropSite::new(0.3, 1)),
             attn_out: None,
-            ffn_out: Some((0.5, 2)),
+            ffn_out: Some(DropSite::new(0.5, 2)),
         };
         for (i, (a, b)) in both(candle_core::DType::F64, 12, 3, &[0, 3, 9], d)?
             .into_iter()
@@ -609,13 +617,74 @@ mod tests {
     }
 
     #[test]
+    fn a_share_with_its_row_offset_draws_the_whole_batchs_masks() -> Result<()> {
+        // A data-parallel rank runs the sequences after row 40 alone: with row_offset 40 its
+        // outputs and input gradient equal those rows of the whole batch's (every dropout
+        // site on, f32 tiled attention where the CPU has it, and f64); the rows variant too.
+        let site = |rate, seed, at| {
+            Some(DropSite {
+                rate,
+                seed,
+                row_offset: at,
+            })
+        };
+        let drop_at = |at| LayerDropout {
+            attention: site(0.2, 31, at),
+            attn_out: site(0.1, 32, at),
+            ffn_out: site(0.3, 33, at),
+        };
+        let (cu, tail) = ([0usize, 5, 40, 41, 77], [0usize, 1, 37]);
+        for (dtype, tol) in [
+            (candle_core::DType::F64, 1e-12),
+            (candle_core::DType::F32, 1e-5),
+        ] {
+            let h = 64;
+            let w = weights(h, 2 * h + 8, 2, dtype)?;
+            let x = Var::from_tensor(&randn(&[77, h], 9)?.to_dtype(dtype)?)?;
+            let g = randn(&[77, h], 10)?.to_dtype(dtype)?;
+            let sink = GradSink::default();
+            let whole = encoder_layer_train(&x, &w, &cu, drop_at(0), &sink)?;
+            let dx_whole = (&whole * &g)?.sum_all()?.backward()?;
+            let part_x = Var::from_tensor(&x.narrow(0, 40, 37)?)?;
+            let part_g = g.narrow(0, 40, 37)?;
+            let part = encoder_layer_train(&part_x, &w, &tail, drop_at(40), &sink)?;
+            let dx_part = (&part * &part_g)?.sum_all()?.backward()?;
+            let rows: Vec<usize> = vec![0, 1, 20, 36];
+            let picked = encoder_layer_train_rows(&part_x, &w, &tail, drop_at(40), &sink, &rows)?;
+            let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
+                let diff = (a - b)?
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F64)?;
+                let diff = diff.to_scalar::<f64>()?;
+                assert!(diff <= tol, "{what} ({dtype:?}): {diff}");
+                Ok(())
+            };
+            close(&whole.narrow(0, 40, 37)?, &part, "outputs")?;
+            close(
+                &dx_whole.get(&x).unwrap().narrow(0, 40, 37)?,
+                dx_part.get(&part_x).unwrap(),
+                "input gradients",
+            )?;
+            let idx = Tensor::new(&[40u32, 41, 60, 76], x.device())?;
+            close(&whole.index_select(&idx, 0)?, &picked, "rows variant")?;
+            // Without the offset the share draws other masks.
+            let unkeyed = encoder_layer_train(&part_x, &w, &tail, drop_at(0), &sink)?;
+            let diff = (&whole.narrow(0, 40, 37)? - &unkeyed)?.abs()?.max_all()?;
+            let diff = diff.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            assert!(diff > 1e-3, "offset 0 drew the same masks ({dtype:?})");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn output_rows_equal_rows_of_the_full_layer() -> Result<()> {
         // Loss on some rows only: the rows variant against the same rows of the full op,
         // outputs and every gradient, with dropout at every site (the same masks).
         let d = LayerDropout {
-            attention: Some((0.2, 21)),
-            attn_out: Some((0.1, 22)),
-            ffn_out: Some((0.3, 23)),
+            attention: Some(DropSite::new(0.2, 21)),
+            attn_out: Some(DropSite::new(0.1, 22)),
+            ffn_out: Some(DropSite::new(0.3, 23)),
         };
         let cu = [0, 5, 5, 40, 41, 77];
         let rows = [0usize, 40, 5, 41, 76, 6];

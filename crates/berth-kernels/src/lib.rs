@@ -27,7 +27,7 @@ mod testing;
 
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
-pub use dropout::{dropout, substream as seed_stream};
+pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};
 pub use encoder_layer::{
     encoder_layer_train, encoder_layer_train_rows, GradSink, LayerDropout, LayerWeights,
 };
@@ -92,7 +92,7 @@ pub(crate) trait Float:
         _out: *mut Self,
         _task: attention_tiled::Task,
         _scale: f64,
-        _dropout: Option<(f32, u64)>,
+        _dropout: Option<dropout::DropSite>,
         _scratch: &mut attention_tiled::Scratch,
     ) {
         unreachable!("no tiled attention for this type")
@@ -108,7 +108,7 @@ pub(crate) trait Float:
         _dqkv: *mut Self,
         _task: attention_tiled::Task,
         _scale: f64,
-        _dropout: Option<(f32, u64)>,
+        _dropout: Option<dropout::DropSite>,
         _scratch: &mut attention_tiled::BackScratch,
     ) {
         unreachable!("no tiled attention for this type")
@@ -168,7 +168,7 @@ impl Float for f32 {
         out: *mut Self,
         task: attention_tiled::Task,
         scale: f64,
-        dropout: Option<(f32, u64)>,
+        dropout: Option<dropout::DropSite>,
         scratch: &mut attention_tiled::Scratch,
     ) {
         attention_tiled::attend(qkv, out, task, scale as f32, dropout, scratch)
@@ -180,7 +180,7 @@ impl Float for f32 {
         dqkv: *mut Self,
         task: attention_tiled::Task,
         scale: f64,
-        dropout: Option<(f32, u64)>,
+        dropout: Option<dropout::DropSite>,
         scratch: &mut attention_tiled::BackScratch,
     ) {
         attention_tiled::attend_backward(qkv, dout, dqkv, task, scale as f32, dropout, scratch)

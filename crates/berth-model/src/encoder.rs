@@ -194,7 +194,7 @@ impl Layer {
         let drop = match d {
             None => berth_kernels::LayerDropout::default(),
             Some(d) => {
-                let site = |p: f64| (p > 0.0).then(|| (p as f32, d.next_seed()));
+                let site = |p: f64| (p > 0.0).then(|| d.site(p));
                 berth_kernels::LayerDropout {
                     attention: site(self.dropout.attention),
                     attn_out: if self.attention_output_dropout {
@@ -251,6 +251,7 @@ impl Layer {
                 scale,
                 self.dropout.attention,
                 d.next_seed(),
+                d.token_offset(),
             )?,
             _ => berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, scale)?,
         };

@@ -335,7 +335,7 @@ impl Model {
     pub fn sequence_logits_first(&self, first: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
         let p = self.config.dropout.sequence_classifier;
         let drop = |t: Tensor| match d {
-            Some(d) => d.apply(&t, p),
+            Some(d) => d.apply_sequences(&t, p),
             None => Ok(t),
         };
         let Some(Head::SequenceClassification(head)) = &self.head else {
@@ -368,11 +368,14 @@ impl Model {
         self.token_logits_train(hidden, None)
     }
 
-    /// [`Self::token_logits`] with the head's training dropout when `d` is given.
+    /// [`Self::token_logits`] with the head's training dropout when `d` is given (`hidden`:
+    /// the selected token rows the loss reads, keyed as such; see [`Dropout::apply_selected`]).
     pub fn token_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
         match &self.head {
             Some(Head::TokenClassification(l)) => match d {
-                Some(d) => l.forward(&d.apply(hidden, self.config.dropout.token_classifier)?),
+                Some(d) => {
+                    l.forward(&d.apply_selected(hidden, self.config.dropout.token_classifier)?)
+                }
                 None => l.forward(hidden),
             },
             _ => Err(self.missing(HeadKind::TokenClassification.name())),

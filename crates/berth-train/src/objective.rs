@@ -203,6 +203,10 @@ pub trait TrainSet {
 
     /// The token ids of example `i`'s first sequence.
     fn ids(&self, i: usize) -> Vec<u32>;
+
+    /// Input tokens of example `i` (its place in a packed batch: data-parallel dropout keys
+    /// a rank's share by the tokens before it).
+    fn example_tokens(&self, i: usize) -> usize;
 }
 
 /// A typed example that knows its input tokens.
@@ -225,6 +229,10 @@ impl<E: Example> TrainSet for Vec<E> {
 
     fn ids(&self, i: usize) -> Vec<u32> {
         self[i].ids().to_vec()
+    }
+
+    fn example_tokens(&self, i: usize) -> usize {
+        self[i].tokens()
     }
 }
 

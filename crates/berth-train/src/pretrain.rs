@@ -74,6 +74,10 @@ impl crate::objective::TrainSet for Sequences {
     fn ids(&self, i: usize) -> Vec<u32> {
         self.get(i).ids.clone()
     }
+
+    fn example_tokens(&self, i: usize) -> usize {
+        self.get(i).ids.len()
+    }
 }
 
 impl Sequences {

@@ -486,6 +486,16 @@ pub fn train(
                     // (summed over ranks first), so the all-reduced gradient and the logged
                     // loss are the one-process batch's.
                     let before = &global[..collective.shard_range(global.len()).start];
+                    // Dropout keyed by the share's place in the packed global batch.
+                    let dropout = dropout.as_ref().map(|_| {
+                        let set = objective.train_set();
+                        let tokens: usize = before.iter().map(|&i| set.example_tokens(i)).sum();
+                        Dropout::at(
+                            berth_kernels::seed_stream(lc.seed ^ 0xd0d0, micro),
+                            tokens as u64,
+                            before.len() as u64,
+                        )
+                    });
                     let out = if mine.is_empty() {
                         None
                     } else {

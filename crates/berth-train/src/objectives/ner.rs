@@ -267,6 +267,24 @@ impl Objective for Ner {
         })
     }
 
+    /// A rank's share: the token classifier's dropout on the labelled rows is keyed by their
+    /// place among the global batch's labelled rows (the loop keys the encoder's by tokens).
+    fn loss_at(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        before: &[usize],
+        seed: u64,
+        dropout: Option<&Dropout>,
+    ) -> Result<BatchLoss> {
+        let labelled: usize = before
+            .iter()
+            .map(|&i| self.train[i].token_labels.iter().flatten().count())
+            .sum();
+        let d = dropout.map(|d| d.with_selected_offset(labelled as u64));
+        self.loss(nets, batch, seed, d.as_ref())
+    }
+
     fn evaluate(&self, nets: &Networks) -> Result<Metrics> {
         let model = &nets.main;
         let labels = self.labels.as_deref().unwrap_or_default();

@@ -398,7 +398,7 @@ impl Objective for Rtd {
             .sum();
         let inputs = mask_examples(&seqs, masking, seed, before.len());
         let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
-        let d_gen = dropout.map(|_| Dropout::new(berth_kernels::seed_stream(seed, 0x9e4)));
+        let d_gen = dropout.map(|d| d.sibling(berth_kernels::seed_stream(seed, 0x9e4)));
         let weight = self.cfg.rtd_weight;
         let tokens = tokens_of(&seqs);
         let out = rtd_outputs(
