@@ -126,16 +126,18 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
     let base = resolve::model_dir(a.model.as_deref())?;
     // Under mpirun every rank runs this; rank 0 alone owns (locks, clears) the run folder.
     let world = berth_train::dist::world()?;
-    if world.world_size() > 1 && a.distill.student_layers.is_some() {
-        anyhow::bail!(
-            "--student-layers does not run under MPI yet (every rank would write the student's \
-             starting weights): run it with one process"
-        );
-    }
     let _lock = a
         .train_loop
         .claim_output_of(world.as_ref(), &a.output, &LoopDefaults::FINETUNE)?;
-    let model = a.distill.student(base, &a.output, a.train_loop.resume)?;
+    // Rank 0 alone writes a --student-layers student; the others read it after the barrier.
+    let model = if world.is_writer() {
+        a.distill.student(base, &a.output, a.train_loop.resume)?
+    } else {
+        a.distill.student_dir(base, &a.output)
+    };
+    if world.world_size() > 1 && a.distill.student_layers.is_some() {
+        world.broadcast(&mut Vec::new())?;
+    }
     let task: FinetuneTask = a.task.into();
     let extras = TaskExtras {
         doc_stride: a.doc_stride,

@@ -157,9 +157,6 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
     // Under mpirun every rank runs this; rank 0 alone owns the run folder and writes the
     // initial model, which the others read after it (the barrier below).
     let several = world.world_size() > 1;
-    if several && a.distill.student_layers.is_some() {
-        anyhow::bail!("--student-layers does not run under MPI yet: run it with one process");
-    }
     let _lock = a
         .train_loop
         .claim_output_of(world, &a.output, &LoopDefaults::PRETRAIN)?;
@@ -173,13 +170,19 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                     || !generator.join("config.json").is_file()
                 {
                     anyhow::bail!(
-                        "{}: --objective rtd continues an ELECTRA run's checkpoint (model_type electra with a {}/ folder);                          start a new one from scratch with --tokenizer",
+                        "{}: --objective rtd continues an ELECTRA run's checkpoint (model_type electra with a {}/ folder); start a new one from scratch with --tokenizer",
                         dir.display(),
                         GENERATOR_DIR
                     );
                 }
             }
-            a.distill.student(dir, &a.output, a.train_loop.resume)?
+            // Rank 0 writes a --student-layers student; the others read it after the barrier
+            // below.
+            if world.is_writer() {
+                a.distill.student(dir, &a.output, a.train_loop.resume)?
+            } else {
+                a.distill.student_dir(dir, &a.output)
+            }
         }
         (None, Some(tok_dir)) => {
             if a.distill.student_layers.is_some() {

@@ -398,6 +398,15 @@ impl DistillArgs {
         Ok(Some(c))
     }
 
+    /// Where [`Self::student`] puts the model to train (what the other MPI ranks read after
+    /// rank 0 wrote it).
+    pub fn student_dir(&self, model: PathBuf, output: &Path) -> PathBuf {
+        match self.student_layers {
+            Some(_) => output.join("student-init"),
+            None => model,
+        }
+    }
+
     /// The model to train: `model`, or a student of `--student-layers` of its layers written
     /// to `output/student-init` (kept when resuming).
     pub fn student(&self, model: PathBuf, output: &Path, resume: bool) -> anyhow::Result<PathBuf> {

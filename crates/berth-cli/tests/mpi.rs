@@ -163,11 +163,16 @@ fn two_ranks_fine_tune_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let data = classify_rows(tmp.path());
     let model = tiny("bert-base");
-    for (what, extra) in [
+    for (k, (what, extra)) in [
         ("classify", vec![]),
         // Several micro-batches per step: each is weighted by its share before the sum.
         ("classify --grad-accum 2", vec!["--grad-accum", "2"]),
-    ] {
+        // A 1-layer student of the model, written by rank 0 and read by the others.
+        ("classify --student-layers 1", vec!["--student-layers", "1"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let run = |dir: &Path| -> Vec<String> {
             let settings = [
                 "--batch-size",
@@ -190,8 +195,8 @@ fn two_ranks_fine_tune_as_one_process() {
             )
         };
         let (one, two) = (
-            tmp.path().join(format!("one-{}", extra.len())),
-            tmp.path().join(format!("two-{}", extra.len())),
+            tmp.path().join(format!("one-{k}")),
+            tmp.path().join(format!("two-{k}")),
         );
         ok(&berth(&strs(&run(&one))));
         let out = mpirun(2, &strs(&run(&two)));
@@ -528,6 +533,49 @@ fn two_ranks_pretrain_as_one_process() {
             }
         }
     }
+    // Continued pretraining of a 1-layer student of the first run's checkpoint, distilled
+    // from that checkpoint (dropout on): rank 0 writes the student, the teacher runs on each
+    // share.
+    let teacher = newest_checkpoint(&tmp.path().join("one-0"));
+    let teacher = teacher.to_str().unwrap();
+    let distill = |dir: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "1",
+            "pretrain",
+            "--from",
+            teacher,
+            "--teacher",
+            teacher,
+            "--student-layers",
+            "1",
+            "--data",
+            corpus.to_str().unwrap(),
+            "--output",
+            dir.to_str().unwrap(),
+            "--max-length",
+            "64",
+            "--batch-size",
+            "11",
+            "--max-steps",
+            "8",
+            "--lr",
+            "1e-3",
+            "--log-every",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, two) = (
+        tmp.path().join("one-distill"),
+        tmp.path().join("two-distill"),
+    );
+    ok(&berth(&strs(&distill(&one))));
+    ok(&mpirun(2, &strs(&distill(&two))));
+    assert!(two.join("student-init/config.json").is_file());
+    assert_runs_agree(&one, &two, "mlm --teacher --student-layers 1");
 }
 
 /// The gradient sum (`MpiWorld::all_reduce_sum`, a ring per bucket) on 3 ranks: every rank

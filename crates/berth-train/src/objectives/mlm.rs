@@ -230,8 +230,8 @@ impl Objective for MaskedLm {
 
     /// A rank's share: masks keyed by global position, and the masked tokens as the loss
     /// units (the masked-LM loss is a mean over them); with NSP / SOP the sentence-pair
-    /// loss is the second mean, over the share's pairs. Distillation is refused
-    /// ([`Self::data_parallel`]).
+    /// loss is the second mean, over the share's pairs; with a teacher the masked-LM mean
+    /// is the distillation blend (a mean over the same masked rows).
     fn loss_at(
         &self,
         nets: &Networks,
@@ -244,9 +244,16 @@ impl Objective for MaskedLm {
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
         let masked = mask_examples(&seqs, self.corpus.masking(), seed, before.len());
         let out = outputs_of_masked(&nets.main, &masked, dropout)?;
-        let loss = match &out.mlm {
-            Some((logits, labels)) => mean_cross_entropy(logits, labels)?,
-            None => None,
+        let loss = match (&out.mlm, &self.cfg.distill, nets.frozen.first()) {
+            // Distillation: the blend of the soft and hard means over the masked rows.
+            (Some((logits, labels)), Some(dc), Some(teacher)) => {
+                let (rows, _) = masked_rows(&masked);
+                let hidden = teacher.forward(&pack_masked(&masked)?)?;
+                let taught = teacher.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
+                dc.blend(mean_cross_entropy(logits, labels)?, logits, &taught)?
+            }
+            (Some((logits, labels)), _, _) => mean_cross_entropy(logits, labels)?,
+            (None, _, _) => None,
         };
         let second = match &out.pairs {
             Some((logits, labels)) => {
@@ -269,13 +276,6 @@ impl Objective for MaskedLm {
 
     fn main_metric(&self) -> &'static str {
         "masked_accuracy"
-    }
-
-    fn data_parallel(&self) -> std::result::Result<(), String> {
-        if self.cfg.distill.is_some() {
-            return Err("--teacher distillation does not split over ranks yet".into());
-        }
-        Ok(())
     }
 }
 
