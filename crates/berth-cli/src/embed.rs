@@ -133,6 +133,39 @@ pub fn load_sentence_pipeline(
 /// Texts per chunk of a file input (bounds memory; one chunk is tokenized ahead).
 const CHUNK: usize = 2048;
 
+/// What the ranks of an MPI run computed, gathered on rank 0 in input order.
+enum Sharded {
+    /// One pooled vector per input.
+    Vectors(Vec<Vec<f32>>),
+    /// `--pooling none`: the per-token JSON lines, newline-ended.
+    Lines(Vec<u8>),
+}
+
+/// The per-token JSON lines (`--pooling none`) of `encs`, inputs `first..`, in order.
+fn token_lines(
+    p: &Pipeline,
+    encs: &[berth_text::Encoded],
+    first: usize,
+    mut line: impl FnMut(String) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let h = p.model.config.hidden_size;
+    let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
+    for r in token_budget_batches(&lens, p.batch_tokens) {
+        let (batch, hidden) = p.run(&encs[r.clone()])?;
+        let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+        for (s, i) in r.clone().enumerate() {
+            let rows = batch.range(s);
+            let hidden: Vec<&[f32]> = flat[rows.start * h..rows.end * h].chunks(h).collect();
+            line(serde_json::to_string(&TokenLine {
+                index: first + i,
+                tokens: &encs[i].tokens,
+                hidden,
+            })?)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let world = berth_train::dist::world()?;
     let result = run_on(a, world.as_ref());
@@ -153,12 +186,33 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
         normalize: norm,
         windows: a.windows.windows(),
     };
+    if pooling == Pooling::None && a.windows.stride.is_some() {
+        anyhow::bail!(
+            "--stride pools windows into one vector per text: it needs a pooling other than none"
+        );
+    }
     // Under mpirun: each rank embeds a contiguous share of the texts; rank 0 gathers the
     // vectors (in rank order: input order) and writes the one output.
-    let sharded = if world.world_size() > 1 {
-        if pooling == Pooling::None {
-            anyhow::bail!("--pooling none does not run under MPI yet: run it with one process");
+    let sharded = if world.world_size() > 1 && pooling == Pooling::None {
+        // Per-token output: each rank writes its share's lines; rank 0 writes them in order.
+        let mine = world.shard_range(texts.len());
+        let mut bytes = Vec::new();
+        for (c, chunk) in texts[mine.clone()].chunks(CHUNK).enumerate() {
+            let first = mine.start + c * CHUNK;
+            let encs = p.encode(chunk, first).with_context(|| source.to_string())?;
+            warn_truncated(&encs, first, p.max_length);
+            token_lines(&p, &encs, first, |line| {
+                bytes.extend_from_slice(line.as_bytes());
+                bytes.push(b'\n');
+                Ok(())
+            })?;
         }
+        let parts = world.gather_all(&bytes)?;
+        if !world.is_writer() {
+            return Ok(());
+        }
+        Some(Sharded::Lines(parts.concat()))
+    } else if world.world_size() > 1 {
         let mine = world.shard_range(texts.len());
         let mut bytes = Vec::new();
         for (c, chunk) in texts[mine.clone()].chunks(CHUNK).enumerate() {
@@ -182,11 +236,11 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
         let dim = flat.len() / texts.len().max(1);
-        Some(
+        Some(Sharded::Vectors(
             flat.chunks(dim.max(1))
                 .map(<[f32]>::to_vec)
                 .collect::<Vec<_>>(),
-        )
+        ))
     } else {
         None
     };
@@ -208,20 +262,19 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
     // their ranges).
     let mut kept: Vec<Vec<f32>> = Vec::new();
     let bar = progress(texts.len(), from_file);
-    let h = p.model.config.hidden_size;
-    if pooling == Pooling::None && a.windows.stride.is_some() {
-        anyhow::bail!(
-            "--stride pools windows into one vector per text: it needs a pooling other than none"
-        );
-    }
-    if let Some(vecs) = sharded {
-        if a.output_dtype == VectorDtype::F32 {
+    match sharded {
+        Some(Sharded::Vectors(vecs)) if a.output_dtype == VectorDtype::F32 => {
             for (i, v) in vecs.iter().enumerate() {
                 out.vector(i, v)?;
             }
-        } else {
-            kept = vecs;
         }
+        Some(Sharded::Vectors(vecs)) => kept = vecs,
+        Some(Sharded::Lines(bytes)) => {
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                out.line(std::str::from_utf8(line).expect("JSON lines written by berth"))?;
+            }
+        }
+        None => {}
     }
     // Chunks bound memory for large files. Each chunk is tokenized (in parallel) on a
     // background thread while the model runs the one before it.
@@ -258,22 +311,8 @@ fn run_on(a: EmbedArgs, world: &dyn berth_train::dist::Collective) -> anyhow::Re
         }
         let encs = &e.encs;
         warn_truncated(encs, first, p.max_length);
-        let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
-        for r in token_budget_batches(&lens, p.batch_tokens) {
-            let (batch, hidden) = p.run(&encs[r.clone()])?;
-            let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
-            for (s, i) in r.clone().enumerate() {
-                let rows = batch.range(s);
-                let hidden: Vec<&[f32]> = flat[rows.start * h..rows.end * h].chunks(h).collect();
-                let line = TokenLine {
-                    index: first + i,
-                    tokens: &encs[i].tokens,
-                    hidden,
-                };
-                out.line(&serde_json::to_string(&line)?)?;
-            }
-            bar.inc(r.len() as u64);
-        }
+        token_lines(&p, encs, first, |line| out.line(&line))?;
+        bar.inc(encs.len() as u64);
         Ok(())
     })?;
     bar.finish_and_clear();

@@ -284,6 +284,35 @@ fn sharded_embed_writes_the_one_process_output() {
             "{ext}: 2 ranks differ from 1 process"
         );
     }
+    // Per-token vectors (--pooling none): the same lines, in input order.
+    let tokens = |ranks: usize| -> String {
+        let out = tmp.path().join(format!("tokens-{ranks}.jsonl"));
+        let args = [
+            "--threads",
+            "1",
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--pooling",
+            "none",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        ok(&if ranks == 1 {
+            berth(&args)
+        } else {
+            mpirun(ranks, &args)
+        });
+        std::fs::read_to_string(&out).unwrap()
+    };
+    let one = tokens(1);
+    assert_eq!(one.lines().count(), 9);
+    assert!(
+        one == tokens(2),
+        "--pooling none: 2 ranks differ from 1 process"
+    );
     // Three ranks over nine texts, and more ranks than texts.
     let few = tmp.path().join("few.txt");
     std::fs::write(&few, texts[..3].join("\n")).unwrap();
