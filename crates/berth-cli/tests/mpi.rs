@@ -256,10 +256,11 @@ fn sharded_embed_writes_the_one_process_output() {
         })
         .collect();
     std::fs::write(&input, texts.join("\n")).unwrap();
-    // `berth embed` of `src` into `out` on `ranks` ranks (1: no mpirun): the file's bytes.
-    let embed = |src: &Path, out: &str, ranks: usize| -> Vec<u8> {
+    // `berth embed` of `src` into `out` on `ranks` ranks (1: no mpirun), then `extra`: the
+    // file's bytes.
+    let embed_with = |src: &Path, out: &str, ranks: usize, extra: &[&str]| -> Vec<u8> {
         let out = tmp.path().join(out);
-        let args = [
+        let mut args = vec![
             "--threads",
             "1",
             "embed",
@@ -270,6 +271,7 @@ fn sharded_embed_writes_the_one_process_output() {
             "--output",
             out.to_str().unwrap(),
         ];
+        args.extend_from_slice(extra);
         ok(&if ranks == 1 {
             berth(&args)
         } else {
@@ -277,6 +279,7 @@ fn sharded_embed_writes_the_one_process_output() {
         });
         std::fs::read(&out).unwrap()
     };
+    let embed = |src: &Path, out: &str, ranks: usize| embed_with(src, out, ranks, &[]);
     for ext in ["jsonl", "npy"] {
         let one = embed(&input, &format!("one.{ext}"), 1);
         assert!(
@@ -285,32 +288,11 @@ fn sharded_embed_writes_the_one_process_output() {
         );
     }
     // Per-token vectors (--pooling none): the same lines, in input order.
-    let tokens = |ranks: usize| -> String {
-        let out = tmp.path().join(format!("tokens-{ranks}.jsonl"));
-        let args = [
-            "--threads",
-            "1",
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--pooling",
-            "none",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        ok(&if ranks == 1 {
-            berth(&args)
-        } else {
-            mpirun(ranks, &args)
-        });
-        std::fs::read_to_string(&out).unwrap()
-    };
-    let one = tokens(1);
-    assert_eq!(one.lines().count(), 9);
+    let none = ["--pooling", "none"];
+    let one = embed_with(&input, "tokens-1.jsonl", 1, &none);
+    assert_eq!(one.iter().filter(|&&b| b == b'\n').count(), 9);
     assert!(
-        one == tokens(2),
+        one == embed_with(&input, "tokens-2.jsonl", 2, &none),
         "--pooling none: 2 ranks differ from 1 process"
     );
     // Three ranks over nine texts, and more ranks than texts.
