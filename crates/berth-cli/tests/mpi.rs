@@ -828,16 +828,6 @@ fn pretrain_run(vocab: &Path, corpus: &Path, dir: &Path, extra: &[&str]) -> Vec<
         corpus.to_str().unwrap(),
         "--output",
         dir.to_str().unwrap(),
-        "--layers",
-        "2",
-        "--hidden",
-        "64",
-        "--heads",
-        "2",
-        "--intermediate",
-        "128",
-        "--max-length",
-        "64",
         "--batch-size",
         "11",
         "--max-steps",
@@ -850,6 +840,7 @@ fn pretrain_run(vocab: &Path, corpus: &Path, dir: &Path, extra: &[&str]) -> Vec<
         "6",
     ]
     .iter()
+    .chain(TINY_BERT.iter())
     .map(|s| s.to_string())
     .collect();
     a.extend(extra.iter().map(|s| s.to_string()));

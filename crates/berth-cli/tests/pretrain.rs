@@ -23,21 +23,8 @@ fn evals(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A tiny BERT: 2 layers, 64 hidden, sequences of 64 tokens, batches of 16.
-const TINY: [&str; 12] = [
-    "--layers",
-    "2",
-    "--hidden",
-    "64",
-    "--heads",
-    "2",
-    "--intermediate",
-    "128",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "16",
-];
+/// A tiny BERT (TINY_BERT) in batches of 16.
+const BATCH: [&str; 2] = ["--batch-size", "16"];
 
 fn pretrain(args: &[&str]) -> String {
     let mut all = vec!["--threads", "2", "pretrain"];
@@ -81,7 +68,8 @@ fn a_tiny_bert_and_roberta_learn_from_scratch_and_export_masked_lm_checkpoints()
                     "--arch",
                     arch,
                 ][..],
-                &TINY,
+                &TINY_BERT,
+                &BATCH,
                 &[
                     "--epochs",
                     "10",
@@ -248,7 +236,8 @@ fn no_dropout_and_sinusoidal_positions_reach_the_run() {
                     "--output",
                     dir.to_str().unwrap(),
                 ][..],
-                &TINY,
+                &TINY_BERT,
+                &BATCH,
                 &["--max-steps", "2", "--log-every", "1", "--lr", "1e-3"],
                 extra,
             ]
@@ -465,7 +454,8 @@ fn next_sentence_objective_trains_a_bert_for_pretraining() {
                 "--objective",
                 "nsp",
             ][..],
-            &TINY,
+            &TINY_BERT,
+            &BATCH,
             &[
                 "--epochs",
                 "12",
@@ -546,7 +536,8 @@ fn replaced_token_detection_learns_and_exports_an_electra() {
                 "--mask-rate",
                 "0.3",
             ][..],
-            &TINY,
+            &TINY_BERT,
+            &BATCH,
             &[
                 "--epochs",
                 "10",
@@ -688,7 +679,8 @@ fn replaced_token_detection_resumes_to_the_same_generator_and_discriminator() {
             "--save-every",
             "6",
         ];
-        a.extend(TINY);
+        a.extend(TINY_BERT);
+        a.extend(BATCH);
         if resume {
             a.push("--resume");
         }

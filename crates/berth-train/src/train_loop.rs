@@ -475,27 +475,25 @@ pub fn train(
             let lr = schedule.lr(state.step);
             for (k, global) in group.iter().enumerate() {
                 let micro = (epoch * batches.len() + group_start + k) as u64;
-                let dropout = lc
-                    .dropout
-                    .then(|| Dropout::new(berth_kernels::seed_stream(lc.seed ^ 0xd0d0, micro)));
+                let mine = collective.shard(global);
+                // The global batch's examples before this rank's share (none in one process).
+                let before = &global[..collective.shard_range(global.len()).start];
+                // Dropout keyed by the share's place in the packed global batch.
+                let dropout = lc.dropout.then(|| {
+                    let set = objective.train_set();
+                    let tokens: usize = before.iter().map(|&i| set.example_tokens(i)).sum();
+                    Dropout::at(
+                        berth_kernels::seed_stream(lc.seed ^ 0xd0d0, micro),
+                        tokens as u64,
+                        before.len() as u64,
+                    )
+                });
                 // Masking is drawn afresh each time a batch is seen (dynamic masking).
                 let batch_seed = berth_kernels::seed_stream(lc.seed ^ 0x3a5c, micro);
-                let mine = collective.shard(global);
                 if world > 1 {
                     // Each rank's mean loss, weighted by its share of the batch's loss units
                     // (summed over ranks first), so the all-reduced gradient and the logged
                     // loss are the one-process batch's.
-                    let before = &global[..collective.shard_range(global.len()).start];
-                    // Dropout keyed by the share's place in the packed global batch.
-                    let dropout = dropout.as_ref().map(|_| {
-                        let set = objective.train_set();
-                        let tokens: usize = before.iter().map(|&i| set.example_tokens(i)).sum();
-                        Dropout::at(
-                            berth_kernels::seed_stream(lc.seed ^ 0xd0d0, micro),
-                            tokens as u64,
-                            before.len() as u64,
-                        )
-                    });
                     let out = if mine.is_empty() {
                         None
                     } else {

@@ -139,3 +139,17 @@ pub fn prepare(tokenizer: &str, corpus: &Path, out: &Path, val_fraction: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A tiny BERT for pretraining tests: 2 layers, 64 hidden, 2 heads, sequences of 64 tokens.
+pub const TINY_BERT: [&str; 10] = [
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--heads",
+    "2",
+    "--intermediate",
+    "128",
+    "--max-length",
+    "64",
+];

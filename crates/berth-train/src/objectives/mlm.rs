@@ -247,10 +247,7 @@ impl Objective for MaskedLm {
         let loss = match (&out.mlm, &self.cfg.distill, nets.frozen.first()) {
             // Distillation: the blend of the soft and hard means over the masked rows.
             (Some((logits, labels)), Some(dc), Some(teacher)) => {
-                let (rows, _) = masked_rows(&masked);
-                let hidden = teacher.forward(&pack_masked(&masked)?)?;
-                let taught = teacher.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
-                dc.blend(mean_cross_entropy(logits, labels)?, logits, &taught)?
+                distilled_mean(teacher, dc, &masked, logits, labels)?
             }
             (Some((logits, labels)), _, _) => mean_cross_entropy(logits, labels)?,
             (None, _, _) => None,
@@ -502,11 +499,23 @@ pub fn distilled_mlm_loss(
     let Some((logits, labels)) = &out.mlm else {
         return total_loss(out);
     };
-    let (rows, _) = masked_rows(&inputs);
-    let batch = pack_masked(&inputs)?;
-    let taught = teacher.mlm_logits(&Model::select_rows(&teacher.forward(&batch)?, &rows)?)?;
-    let mlm = distill.blend(mean_cross_entropy(logits, labels)?, logits, &taught)?;
+    let mlm = distilled_mean(teacher, distill, &inputs, logits, labels)?;
     with_pairs(mlm, &out)
+}
+
+/// The distillation blend at the masked positions of `inputs`: the student's `logits` there
+/// against the original `labels` and the teacher's logits on the same masked input.
+fn distilled_mean(
+    teacher: &Model,
+    distill: &DistillConfig,
+    inputs: &[MaskedInput],
+    logits: &Tensor,
+    labels: &[u32],
+) -> Result<Option<Tensor>> {
+    let (rows, _) = masked_rows(inputs);
+    let hidden = teacher.forward(&pack_masked(inputs)?)?;
+    let taught = teacher.mlm_logits(&Model::select_rows(&hidden, &rows)?)?;
+    distill.blend(mean_cross_entropy(logits, labels)?, logits, &taught)
 }
 
 /// Running held-out classification totals: summed cross-entropy, top-1 hits, rows.

@@ -144,14 +144,20 @@ pub fn rtd_outputs(
 /// generator's mean cross-entropy at the masked positions and the discriminator's mean binary
 /// cross-entropy over all tokens.
 pub fn rtd_loss(out: &RtdOutputs, weight: f64) -> Result<Tensor> {
+    let (generator, discriminator) = rtd_means(out)?;
+    Ok((generator.expect("masked rows present") + (discriminator * weight)?)?)
+}
+
+/// The two means of [`rtd_loss`] apart: the generator's over the masked positions and the
+/// discriminator's over all tokens.
+fn rtd_means(out: &RtdOutputs) -> Result<(Option<Tensor>, Tensor)> {
     let generator = loss::cross_entropy(
         &out.generator_logits,
         &out.labels.iter().copied().map(Some).collect::<Vec<_>>(),
-    )?
-    .expect("masked rows present");
+    )?;
     let targets = Tensor::new(out.replaced.as_slice(), &candle_core::Device::Cpu)?;
     let discriminator = loss::bce_with_logits(&out.discriminator_logits, &targets)?;
-    Ok((generator + (discriminator * weight)?)?)
+    Ok((generator, discriminator))
 }
 
 /// Draws from `softmax(logits)` with a generator seeded by `(seed, row)`.
@@ -169,25 +175,25 @@ fn sample_softmax(seed: u64, row: usize, logits: &[f32]) -> u32 {
     (logits.len() - 1) as u32
 }
 
-/// Masks `examples` (seeded by `seed`), samples replacements (seeded too), and returns the
-/// batch's outputs.
+/// Masked `inputs` (see [`mask_examples`]) through both networks, replacements sampled from
+/// the stream of each masked position's row counted from `row0` (the masked positions of
+/// the global batch before these inputs; 0 in one process).
 fn outputs(
     generator: &Model,
     discriminator: &Model,
-    examples: &[&PretrainSequence],
-    masking: &MaskingConfig,
+    inputs: &[MaskedInput],
+    row0: usize,
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<RtdOutputs>> {
-    let inputs = mask_examples(examples, masking, seed, 0);
     let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
     // The two networks draw dropout from different streams.
-    let d_gen = d.map(|_| Dropout::new(berth_kernels::seed_stream(seed, 0x9e4)));
+    let d_gen = d.map(|d| d.sibling(berth_kernels::seed_stream(seed, 0x9e4)));
     rtd_outputs(
         generator,
         discriminator,
-        &inputs,
-        &mut |row, logits| sample_softmax(sample_seed, row, logits),
+        inputs,
+        &mut |row, logits| sample_softmax(sample_seed, row0 + row, logits),
         d_gen.as_ref(),
         d,
     )
@@ -203,7 +209,8 @@ pub(crate) fn batch_loss(
     seed: u64,
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
-    outputs(generator, discriminator, examples, masking, seed, d)?
+    let inputs = mask_examples(examples, masking, seed, 0);
+    outputs(generator, discriminator, &inputs, 0, seed, d)?
         .map(|o| rtd_loss(&o, weight))
         .transpose()
 }
@@ -225,7 +232,8 @@ pub(crate) fn evaluate(
     for (c, chunk) in dev.chunks(super::mlm::DEV_CHUNK).enumerate() {
         let refs: Vec<&PretrainSequence> = chunk.iter().collect();
         let chunk_seed = super::mlm::dev_chunk_seed(seed, c);
-        let Some(out) = outputs(generator, discriminator, &refs, masking, chunk_seed, None)? else {
+        let inputs = mask_examples(&refs, masking, chunk_seed, 0);
+        let Some(out) = outputs(generator, discriminator, &inputs, 0, chunk_seed, None)? else {
             continue;
         };
         generated.add(&out.generator_logits, &out.labels)?;
@@ -397,24 +405,12 @@ impl Objective for Rtd {
             .map(|m| m.positions.len())
             .sum();
         let inputs = mask_examples(&seqs, masking, seed, before.len());
-        let sample_seed = berth_kernels::seed_stream(seed, 0x5a3e);
-        let d_gen = dropout.map(|d| d.sibling(berth_kernels::seed_stream(seed, 0x9e4)));
         let weight = self.cfg.rtd_weight;
         let tokens = tokens_of(&seqs);
-        let out = rtd_outputs(
-            generator,
-            &nets.main,
-            &inputs,
-            &mut |row, logits| sample_softmax(sample_seed, row0 + row, logits),
-            d_gen.as_ref(),
-            dropout,
-        )?;
+        let out = outputs(generator, &nets.main, &inputs, row0, seed, dropout)?;
         let (loss, units, discriminator) = match out {
             Some(o) => {
-                let labels: Vec<Option<u32>> = o.labels.iter().copied().map(Some).collect();
-                let g = loss::cross_entropy(&o.generator_logits, &labels)?;
-                let targets = Tensor::new(o.replaced.as_slice(), &candle_core::Device::Cpu)?;
-                let d = loss::bce_with_logits(&o.discriminator_logits, &targets)?;
+                let (g, d) = rtd_means(&o)?;
                 (g, o.labels.len() as f64, d)
             }
             // Nothing masked in this share: its tokens still count, unreplaced, in the
