@@ -846,3 +846,143 @@ fn pretrain_run(vocab: &Path, corpus: &Path, dir: &Path, extra: &[&str]) -> Vec<
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
+
+/// The gradient sum overlapped with the backward (each fused layer's gradients summed over
+/// the ranks as its backward finishes, on a second thread) gives the bits of the sum after
+/// the backward (`BERTH_MPI_OVERLAP=0`), on 3 ranks where the order of additions shows:
+/// fine-tuning with gradient accumulation and dropout, and ELECTRA pretraining (two trained
+/// networks, a generator and a discriminator). The overlapped run says it overlapped.
+#[test]
+fn gradient_sums_overlapped_with_the_backward_give_the_same_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = classify_rows(tmp.path());
+    let model = tiny("bert-base");
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    let corpus = root().join("fixtures/vocab/corpus.txt");
+    let runs: [(&str, Box<dyn Fn(&Path) -> Vec<String>>); 2] = [
+        (
+            "classify --grad-accum 2 (dropout on)",
+            Box::new(|dir: &Path| {
+                let mut a = finetune_run(
+                    "classify",
+                    &model,
+                    &data,
+                    dir,
+                    &["--batch-size", "5", "--grad-accum", "2", "--epochs", "2"],
+                );
+                a.retain(|s| s != "--no-dropout");
+                a.extend(["--lr", "1e-3", "--seed", "3"].map(String::from));
+                a
+            }),
+        ),
+        (
+            "pretrain --objective rtd",
+            Box::new(|dir: &Path| pretrain_run(&vocab, &corpus, dir, &["--objective", "rtd"])),
+        ),
+    ];
+    for (k, (what, args)) in runs.iter().enumerate() {
+        let (on, off) = (
+            tmp.path().join(format!("on-{k}")),
+            tmp.path().join(format!("off-{k}")),
+        );
+        let overlapped = ok_stderr(&mpirun(3, &strs(&args(&on))));
+        let after = ok_stderr(
+            &mpirun_command(3, &args(&off))
+                .env("BERTH_MPI_OVERLAP", "0")
+                .output()
+                .unwrap(),
+        );
+        let said = "during the backward";
+        assert!(overlapped.contains(said), "{what}: {overlapped}");
+        assert!(!after.contains(said), "{what}: {after}");
+        assert_eq!(losses(&on), losses(&off), "{what}: logged losses");
+        let mut dirs = vec![PathBuf::new()];
+        if what.contains("rtd") {
+            dirs.push("generator".into());
+        }
+        for sub in dirs {
+            let (a, b) = (
+                weights(&newest_checkpoint(&on).join(&sub)),
+                weights(&newest_checkpoint(&off).join(&sub)),
+            );
+            assert!(!a.is_empty() && a.len() == b.len());
+            for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+                assert_eq!(na, nb);
+                assert!(
+                    va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{what}: {sub:?} {na} differs"
+                );
+            }
+        }
+    }
+}
+
+/// The stderr of a run that succeeded.
+fn ok_stderr(out: &Output) -> String {
+    ok(out);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Pretraining from a prepared corpus (`berth data prepare`, several shards): 2 ranks, each
+/// reading every byte of its own half of the shards only (and the held-out shards on rank
+/// 0), train as one process; a damaged shard that rank 1 reads ends the job with an error
+/// naming the shard.
+#[test]
+fn two_ranks_pretrain_from_a_prepared_corpus_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = root().join("fixtures/vocab/wordpiece");
+    // The fixture corpus as documents of 6 lines (held-out sequences are whole documents).
+    let text = std::fs::read_to_string(root().join("fixtures/vocab/corpus.txt")).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let docs: Vec<String> = lines.chunks(6).map(|c| c.join("\n")).collect();
+    let corpus = tmp.path().join("docs.txt");
+    std::fs::write(&corpus, docs.join("\n\n") + "\n").unwrap();
+    let data = tmp.path().join("data");
+    ok(&berth(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        vocab.to_str().unwrap(),
+        "--output",
+        data.to_str().unwrap(),
+        "--max-length",
+        "64",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "2000",
+        corpus.to_str().unwrap(),
+    ]));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json")).unwrap())
+            .unwrap();
+    let shards = manifest["train"].as_array().unwrap();
+    assert!(shards.len() >= 2, "{manifest}");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let flags = ["--no-dropout"];
+    ok(&berth(&strs(&pretrain_run(&vocab, &data, &one, &flags))));
+    ok(&mpirun(
+        2,
+        &strs(&pretrain_run(&vocab, &data, &two, &flags)),
+    ));
+    assert_runs_agree(&one, &two, "mlm from a prepared corpus");
+
+    let name = shards[1]["file"].as_str().unwrap();
+    let shard = data.join(name);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&shard, &bytes).unwrap();
+    let out = mpirun(
+        2,
+        &strs(&pretrain_run(
+            &vocab,
+            &data,
+            &tmp.path().join("bad"),
+            &flags,
+        )),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(name) && err.contains("checksum"), "{err}");
+}

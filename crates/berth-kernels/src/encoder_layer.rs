@@ -29,32 +29,55 @@ use crate::{attention, dropout, layer_norm, linear, Activation, Float};
 
 /// Gradients computed for tensors that are not candle arguments of the op that computed
 /// them (a fused layer's weights), held until [`GradSink::drain_into`] adds them to a
-/// `GradStore`. Clones share one store.
+/// `GradStore` — or, while a listener is set ([`GradSink::set_listener`]), handed to it as
+/// each layer's backward finishes (data-parallel training sums them over the ranks while
+/// the backward goes on). Clones share one store and one listener.
 #[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+pub struct GradSink {
+    pending: Arc<Mutex<Vec<(Tensor, Tensor)>>>,
+    listener: Arc<Mutex<Option<GradListener>>>,
+}
+
+/// Receives one fused layer's weight gradients, `(weight, gradient)` pairs, as soon as the
+/// layer's backward has computed them.
+pub type GradListener = Arc<dyn Fn(Vec<(Tensor, Tensor)>) + Send + Sync>;
 
 impl std::fmt::Debug for GradSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
+        let n = self.pending.lock().map(|v| v.len()).unwrap_or(0);
         write!(f, "GradSink({n} pending)")
     }
 }
 
 impl GradSink {
-    fn deposit(&self, var: &Tensor, grad: Tensor) -> Result<()> {
-        let mut v = self.0.lock().expect("grad sink poisoned");
-        match v.iter_mut().find(|(t, _)| t.id() == var.id()) {
-            // The same weights used twice in one graph (a bi-encoder's two towers).
-            Some((_, g)) => *g = (&*g + &grad)?,
-            None => v.push((var.clone(), grad)),
+    /// One layer's gradients: to the listener if one is set, else held.
+    fn deliver(&self, grads: Vec<(Tensor, Tensor)>) -> Result<()> {
+        let listener = self.listener.lock().expect("grad sink poisoned").clone();
+        if let Some(listen) = listener {
+            listen(grads);
+            return Ok(());
+        }
+        let mut v = self.pending.lock().expect("grad sink poisoned");
+        for (var, grad) in grads {
+            match v.iter_mut().find(|(t, _)| t.id() == var.id()) {
+                // The same weights used twice in one graph (a bi-encoder's two towers).
+                Some((_, g)) => *g = (&*g + &grad)?,
+                None => v.push((var, grad)),
+            }
         }
         Ok(())
+    }
+
+    /// Hands every later layer's gradients to `listener` instead of holding them (`None`:
+    /// hold them again).
+    pub fn set_listener(&self, listener: Option<GradListener>) {
+        *self.listener.lock().expect("grad sink poisoned") = listener;
     }
 
     /// Moves the pending gradients into `grads`, adding to any gradient already there.
     /// Call it after every `backward()` of a graph that ran a fused layer.
     pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
-        let pending = std::mem::take(&mut *self.0.lock().expect("grad sink poisoned"));
+        let pending = std::mem::take(&mut *self.pending.lock().expect("grad sink poisoned"));
         for (var, g) in pending {
             let g = match grads.remove(&var) {
                 Some(prev) => (prev + g)?,
@@ -67,7 +90,7 @@ impl GradSink {
 
     /// Drops pending gradients (a backward whose gradients are not wanted).
     pub fn clear(&self) {
-        self.0.lock().expect("grad sink poisoned").clear();
+        self.pending.lock().expect("grad sink poisoned").clear();
     }
 }
 
@@ -98,7 +121,8 @@ pub struct LayerWeights {
 }
 
 impl LayerWeights {
-    fn tensors(&self) -> [&Tensor; 12] {
+    /// The twelve weight tensors, in the order the backward hands out their gradients.
+    pub fn tensors(&self) -> [&Tensor; 12] {
         [
             &self.qkv.0,
             &self.qkv.1,
@@ -413,10 +437,14 @@ impl EncoderLayer {
             ];
             Ok((dx, grads))
         })?;
-        for (t, g) in self.w.tensors().into_iter().zip(grads) {
-            self.sink
-                .deposit(t, Tensor::from_vec(g, t.shape(), t.device())?)?;
-        }
+        let grads = self
+            .w
+            .tensors()
+            .into_iter()
+            .zip(grads)
+            .map(|(t, g)| Ok((t.clone(), Tensor::from_vec(g, t.shape(), t.device())?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.sink.deliver(grads)?;
         Ok(dx)
     }
 }
@@ -613,6 +641,46 @@ mod tests {
                 .to_scalar::<f64>()?;
             assert!(diff < 1e-10, "{diff}");
         }
+        Ok(())
+    }
+
+    /// With a listener set, each layer's twelve gradients go to it as that layer's
+    /// backward finishes — the last layer's first — and equal what the sink would hold.
+    #[test]
+    fn a_listener_gets_each_layers_gradients_as_its_backward_ends() -> Result<()> {
+        let dtype = candle_core::DType::F64;
+        let (w1, w2) = (weights(16, 40, 2, dtype)?, weights(16, 40, 2, dtype)?);
+        let x = randn(&[6, 16], 3)?.to_dtype(dtype)?;
+        let cu = [0, 6];
+        let run = |sink: &GradSink| -> Result<GradStore> {
+            let x = Var::from_tensor(&x)?;
+            let h = encoder_layer_train(&x, &w1, &cu, LayerDropout::default(), sink)?;
+            let y = encoder_layer_train(&h, &w2, &cu, LayerDropout::default(), sink)?;
+            let mut g = (&y * &y)?.sum_all()?.backward()?;
+            sink.drain_into(&mut g)?;
+            Ok(g)
+        };
+        let held = run(&GradSink::default())?;
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink = GradSink::default();
+        let to = heard.clone();
+        sink.set_listener(Some(Arc::new(move |pairs| to.lock().unwrap().push(pairs))));
+        let listened = run(&sink)?;
+        let heard = std::mem::take(&mut *heard.lock().unwrap());
+        assert_eq!(heard.len(), 2, "one delivery per layer");
+        for (layer, w) in heard.iter().zip([&w2, &w1]) {
+            assert_eq!(layer.len(), 12);
+            for ((var, grad), t) in layer.iter().zip(w.tensors()) {
+                assert_eq!(var.id(), t.id());
+                assert!(listened.get(t).is_none(), "not also in the GradStore");
+                let want = held.get(t).unwrap();
+                let diff = (grad - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(diff == 0.0, "{diff}");
+            }
+        }
+        sink.set_listener(None);
+        let again = run(&sink)?;
+        assert!(w1.tensors().iter().all(|t| again.get(t).is_some()));
         Ok(())
     }
 

@@ -29,7 +29,8 @@ pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};
 pub use encoder_layer::{
-    encoder_layer_train, encoder_layer_train_rows, GradSink, LayerDropout, LayerWeights,
+    encoder_layer_train, encoder_layer_train_rows, GradListener, GradSink, LayerDropout,
+    LayerWeights,
 };
 pub use layer_norm::{add_layer_norm, layer_norm, reference_layer_norm};
 pub use linear::{linear, linear_prepacked};

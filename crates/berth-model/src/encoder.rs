@@ -186,6 +186,12 @@ impl Layer {
         )?)
     }
 
+    /// The fused op's weight tensors, in [`berth_kernels::LayerWeights::tensors`] order.
+    pub fn fused_weights(&self) -> Vec<Tensor> {
+        let (w, _) = self.fused_parts(None);
+        w.tensors().into_iter().cloned().collect()
+    }
+
     /// The fused op's weights, and its dropout sites seeded in the per-op path's order.
     fn fused_parts(
         &self,

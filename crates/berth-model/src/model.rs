@@ -231,6 +231,25 @@ impl Model {
         Ok(self.grad_sink.drain_into(grads)?)
     }
 
+    /// Hands the fused layers' weight gradients of later backward passes to `listener`,
+    /// one layer at a time as its backward finishes, instead of collecting them into the
+    /// `GradStore` (`None`: collect them again). See [`Self::fused_weights`].
+    pub fn set_grad_listener(&self, listener: Option<berth_kernels::GradListener>) {
+        self.grad_sink.set_listener(listener);
+    }
+
+    /// The weights whose gradients a training backward hands to the grad listener: every
+    /// fused layer's, last layer first (the order the backward reaches them), each layer's
+    /// in [`berth_kernels::LayerWeights::tensors`] order.
+    pub fn fused_weights(&self) -> Vec<Tensor> {
+        self.layers
+            .iter()
+            .rev()
+            .filter(|l| l.fusable())
+            .flat_map(|l| l.fused_weights())
+            .collect()
+    }
+
     /// `loss.backward()` with this model's encoder gradients collected.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         let mut grads = loss.backward()?;

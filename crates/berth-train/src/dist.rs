@@ -3,7 +3,10 @@
 //! loss by its share of the batch's loss units ([`Collective::all_reduce_sum_f64`]),
 //! all-reduces the accumulated gradients before clipping ([`Collective::all_reduce_sum`]),
 //! and lets rank 0 alone evaluate and write config, metrics and checkpoints
-//! ([`Collective::is_writer`]), broadcasting its early-stopping decision. One process is
+//! ([`Collective::is_writer`]), broadcasting its early-stopping decision. Where the
+//! implementation allows a second thread to sum ([`Collective::background`]), the last
+//! micro-batch's gradients are summed layer by layer while its backward goes on
+//! ([`crate::optim::AdamW::backward_summed`]). One process is
 //! [`SingleProcess`]; [`world`] picks MPI's world (cargo feature `mpi`) when an MPI
 //! launcher started the process.
 use crate::error::Result;
@@ -42,6 +45,13 @@ pub trait Collective {
     /// Copies rank 0's `buf` into every rank's.
     fn broadcast(&self, buf: &mut Vec<u8>) -> Result<()>;
 
+    /// The gradient sum as a second thread may call it while this one goes on computing
+    /// (the all-reduce overlapped with the backward pass), when the implementation allows
+    /// it; `None`: the loop sums after the backward.
+    fn background(&self) -> Option<&dyn BackgroundSum> {
+        None
+    }
+
     /// Ends every rank of the run with exit status `code` (a rank that failed: the others
     /// may be waiting for it in a collective). One process: returns, the caller exits.
     fn abort(&self, _code: i32) {}
@@ -65,6 +75,52 @@ pub trait Collective {
         let start = r * base + r.min(extra);
         start..start + base + usize::from(r < extra)
     }
+}
+
+/// A process's part of the run's reading: rank `rank` of `world`. Of a prepared corpus,
+/// a rank checks (checksum, token ids) only the training shards `k` with
+/// `k % world == rank`, and rank 0 alone reads the held-out shards; after that each rank
+/// reads from the memory maps only the sequences of its shares of the batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// This process's rank.
+    pub rank: usize,
+    /// Processes in the run.
+    pub world: usize,
+}
+
+impl Default for Share {
+    /// The one-process run: everything is its part.
+    fn default() -> Self {
+        Share { rank: 0, world: 1 }
+    }
+}
+
+impl Share {
+    /// This process's part of `collective`.
+    pub fn of(collective: &dyn Collective) -> Self {
+        Share {
+            rank: collective.rank(),
+            world: collective.world_size(),
+        }
+    }
+
+    /// Whether item `k` of a list dealt round-robin over the ranks is this rank's.
+    pub fn takes(&self, k: usize) -> bool {
+        k % self.world.max(1) == self.rank
+    }
+
+    /// Whether this rank evaluates (reads the held-out data).
+    pub fn evaluates(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// [`Collective::all_reduce_sum`] from a background thread. The caller makes no other
+/// collective call until that thread is done (MPI's `MPI_THREAD_SERIALIZED`).
+pub trait BackgroundSum: Sync {
+    /// Sums `buf` over all ranks, in place; the same bits as [`Collective::all_reduce_sum`].
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
 }
 
 /// The one-process run: every reduction is the identity.
@@ -136,19 +192,44 @@ pub mod mpi_world {
     /// MPI's world communicator; MPI is finalized when it drops (end of the process).
     pub struct MpiWorld {
         world: mpi::topology::SimpleCommunicator,
+        /// Whether the gradient sum may run on a second thread: MPI granted at least
+        /// `MPI_THREAD_SERIALIZED` and `BERTH_MPI_OVERLAP` is not `0`.
+        overlap: bool,
         _universe: mpi::environment::Universe,
     }
 
+    // SAFETY: the communicator is a handle MPI lets any thread use once it granted
+    // MPI_THREAD_SERIALIZED (checked in `init`; without it `background` is `None` and only
+    // the main thread calls MPI). Calls never run concurrently: the training loop makes
+    // collective calls from the main thread only while no background sum is running, and
+    // joins the background thread before its next one.
+    unsafe impl Sync for MpiWorld {}
+
     impl MpiWorld {
-        /// Initializes MPI (once per process).
+        /// Initializes MPI (once per process), asking for `MPI_THREAD_SERIALIZED` so the
+        /// gradient sum can overlap the backward pass.
         pub fn init() -> Result<Self> {
-            let universe = mpi::initialize().ok_or_else(|| {
-                TrainError::Config("MPI was already initialized in this process".into())
-            })?;
+            let (universe, granted) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                .ok_or_else(|| {
+                    TrainError::Config("MPI was already initialized in this process".into())
+                })?;
+            let serialized = matches!(
+                granted,
+                mpi::Threading::Serialized | mpi::Threading::Multiple
+            );
+            let wanted = std::env::var("BERTH_MPI_OVERLAP").map_or(true, |v| v != "0");
             Ok(MpiWorld {
                 world: universe.world(),
+                overlap: serialized && wanted,
                 _universe: universe,
             })
+        }
+    }
+
+    impl crate::dist::BackgroundSum for MpiWorld {
+        /// The ring, waiting patiently (the backward needs the core).
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+            self.ring(buf, BUCKET, true)
         }
     }
 
@@ -187,6 +268,40 @@ pub mod mpi_world {
         /// same bits; the order of the additions is fixed for a world size. Buckets smaller
         /// than the world are summed by [`Self::all_reduce_sum_in`].
         pub fn ring_all_reduce_sum_in(&self, buf: &mut [f32], bucket: usize) -> Result<()> {
+            self.ring(buf, bucket, false)
+        }
+
+        /// Sends `out` to `right` while receiving `got` from `left`. `patient`: with
+        /// non-blocking calls polled every 50 µs, sleeping in between, instead of MPI's
+        /// blocking wait (which spins on a core: a summing thread beside the backward
+        /// would take that core from the backward).
+        fn exchange(
+            out: &[f32],
+            right: &mpi::topology::Process<'_>,
+            got: &mut [f32],
+            left: &mpi::topology::Process<'_>,
+            patient: bool,
+        ) {
+            if !patient {
+                mpi::point_to_point::send_receive_into(out, right, got, left);
+                return;
+            }
+            mpi::request::scope(|scope| {
+                let mut send = Some(right.immediate_send(scope, out));
+                let mut recv = Some(left.immediate_receive_into(scope, got));
+                loop {
+                    send = send.and_then(|r| r.test().err());
+                    recv = recv.and_then(|r| r.test().err());
+                    if send.is_none() && recv.is_none() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            });
+        }
+
+        /// The ring of [`Self::ring_all_reduce_sum_in`]; `patient` as in [`Self::exchange`].
+        fn ring(&self, buf: &mut [f32], bucket: usize, patient: bool) -> Result<()> {
             let n = self.world_size();
             if n == 1 {
                 return Ok(());
@@ -206,7 +321,7 @@ pub mod mpi_world {
                 for step in 0..n - 1 {
                     let (out, inn) = (part((r + n - step) % n), part((r + 2 * n - step - 1) % n));
                     let got = &mut recv[..inn.len()];
-                    mpi::point_to_point::send_receive_into(&chunk[out], &right, got, &left);
+                    Self::exchange(&chunk[out], &right, got, &left, patient);
                     for (x, y) in chunk[inn].iter_mut().zip(got.iter()) {
                         *x += y;
                     }
@@ -214,7 +329,7 @@ pub mod mpi_world {
                 for step in 0..n - 1 {
                     let (out, inn) = (part((r + 1 + n - step) % n), part((r + n - step) % n));
                     let got = &mut recv[..inn.len()];
-                    mpi::point_to_point::send_receive_into(&chunk[out], &right, got, &left);
+                    Self::exchange(&chunk[out], &right, got, &left, patient);
                     chunk[inn].copy_from_slice(got);
                 }
             }
@@ -274,6 +389,10 @@ pub mod mpi_world {
                 .zip(&displs)
                 .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
                 .collect())
+        }
+
+        fn background(&self) -> Option<&dyn crate::dist::BackgroundSum> {
+            (self.overlap && self.world_size() > 1).then_some(self as _)
         }
 
         fn abort(&self, code: i32) {

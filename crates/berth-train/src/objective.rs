@@ -93,6 +93,8 @@ pub struct Env<'a> {
     pub model_dir: &'a Path,
     /// The run's seed (dev splits, new head weights).
     pub seed: u64,
+    /// This process's part of the reading (a prepared corpus over several ranks).
+    pub share: crate::dist::Share,
     tokenizer: std::sync::OnceLock<TextTokenizer>,
 }
 
@@ -102,8 +104,14 @@ impl<'a> Env<'a> {
         Env {
             model_dir,
             seed,
+            share: Default::default(),
             tokenizer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The environment for one rank's part of a run.
+    pub fn with_share(self, share: crate::dist::Share) -> Self {
+        Env { share, ..self }
     }
 
     /// The starting checkpoint's tokenizer, loaded on first use (objectives that read
@@ -175,6 +183,25 @@ impl Networks {
             }));
         }
         params
+    }
+
+    /// The trained networks' fused weights, in the order a backward reaches them (see
+    /// `berth_model::Model::fused_weights`): the main model's, then each companion's.
+    pub fn fused_weights(&self) -> Vec<Tensor> {
+        let mut all = self.main.fused_weights();
+        for c in &self.companions {
+            all.extend(c.model.fused_weights());
+        }
+        all
+    }
+
+    /// Sets (or with `None` removes) the fused-layer gradient listener of every trained
+    /// network (see `berth_model::Model::set_grad_listener`).
+    pub fn set_grad_listener(&self, listener: Option<berth_kernels::GradListener>) {
+        self.main.set_grad_listener(listener.clone());
+        for c in &self.companions {
+            c.model.set_grad_listener(listener.clone());
+        }
     }
 
     /// Back-propagates `loss` through every trained network.

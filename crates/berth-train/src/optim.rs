@@ -111,19 +111,7 @@ impl AdamW {
     pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
         for s in &mut self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                let g = g.contiguous()?;
-                let (storage, layout) = g.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return Err(TrainError::Config("training runs on the CPU".into()));
-                };
-                let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-                let src = &cpu.as_slice::<f32>()?[start..end];
-                s.grad
-                    .par_chunks_mut(CHUNK)
-                    .zip(src.par_chunks(CHUNK))
-                    .for_each(|(a, b)| {
-                        a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
-                    });
+                add_scaled(&mut s.grad, g, scale, true)?;
                 s.touched = true;
             }
         }
@@ -140,6 +128,143 @@ impl AdamW {
             collective.all_reduce_sum(&mut s.grad)?;
         }
         Ok(())
+    }
+
+    /// [`Self::accumulate`] (scale 1) of one more backward pass, then [`Self::all_reduce`] —
+    /// the sums running on a second thread while the backward goes on. `listen` installs
+    /// a listener on the networks' fused layers (see `berth_model::Model::set_grad_listener`)
+    /// and `backward` runs the pass (`None`: this rank has no loss to back-propagate); each
+    /// layer's gradients go to the summing thread as that layer's backward finishes, the
+    /// rest (embeddings, heads) when the pass is done. The thread adds each gradient to its
+    /// slot and sums the slots over the ranks in one fixed order — the slots of `early`
+    /// (the fused weights, in the order the backward reaches them) first, then every other
+    /// slot in slot order — whatever arrives when, so every rank makes the same calls. Each
+    /// slot is summed alone as [`Self::all_reduce`] sums it: the same bits. Returns the time
+    /// the summing thread spent in sums and the time this thread waited for it after the
+    /// backward (the communication the backward did not hide).
+    pub fn backward_summed(
+        &mut self,
+        sum: &dyn crate::dist::BackgroundSum,
+        early: &[Tensor],
+        listen: &dyn Fn(Option<berth_kernels::GradListener>),
+        backward: impl FnOnce() -> Result<Option<GradStore>>,
+    ) -> Result<(std::time::Duration, std::time::Duration)> {
+        use std::sync::mpsc;
+        let index: HashMap<candle_core::TensorId, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.var.as_tensor().id(), i))
+            .collect();
+        let n = self.slots.len();
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        let mut queued = vec![false; n];
+        for t in early {
+            if let Some(&i) = index.get(&t.id()) {
+                if !std::mem::replace(&mut queued[i], true) {
+                    order.push(i);
+                }
+            }
+        }
+        order.extend((0..n).filter(|&i| !queued[i]));
+        let mut bufs: Vec<Vec<f32>> = self
+            .slots
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.grad))
+            .collect();
+        let (tx, rx) = mpsc::channel::<(usize, Tensor)>();
+        let index = std::sync::Arc::new(index);
+        let (outcome, got, summing, waited, failed) = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let mut arrived: Vec<Option<Tensor>> = vec![None; n];
+                let mut got = vec![false; n];
+                let (mut open, mut failed, mut busy) = (true, None, std::time::Duration::ZERO);
+                // A gradient arriving for a slot: kept until the slot's turn.
+                let take = |(j, t): (usize, Tensor),
+                            arrived: &mut Vec<Option<Tensor>>,
+                            got: &mut Vec<bool>,
+                            failed: &mut Option<TrainError>| {
+                    if std::mem::replace(&mut got[j], true) {
+                        failed.get_or_insert(TrainError::Config(
+                            "a weight received two gradients in one backward pass (weights \
+                             shared between layers cannot be summed as the backward goes)"
+                                .into(),
+                        ));
+                    } else {
+                        arrived[j] = Some(t);
+                    }
+                };
+                for &i in &order {
+                    while open && !got[i] {
+                        match rx.recv() {
+                            Ok(m) => take(m, &mut arrived, &mut got, &mut failed),
+                            Err(_) => open = false,
+                        }
+                    }
+                    if let Some(t) = arrived[i].take() {
+                        if let Err(e) = add_scaled(&mut bufs[i], &t, 1.0, false) {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                    // Summed even after a failure: the other ranks wait for this rank's part.
+                    let t0 = std::time::Instant::now();
+                    if let Err(e) = sum.all_reduce_sum(&mut bufs[i]) {
+                        failed.get_or_insert(e);
+                    }
+                    busy += t0.elapsed();
+                }
+                // Anything after the last sum came twice.
+                for m in rx.iter() {
+                    take(m, &mut arrived, &mut got, &mut failed);
+                }
+                (bufs, got, busy, failed)
+            });
+            // Removes the listener (and its sender) however the backward ends, so the
+            // worker sees the end of the pass and the scope can join it.
+            struct Unlisten<'a>(&'a dyn Fn(Option<berth_kernels::GradListener>));
+            impl Drop for Unlisten<'_> {
+                fn drop(&mut self) {
+                    (self.0)(None);
+                }
+            }
+            let to_worker = tx.clone();
+            let ids = index.clone();
+            let unlisten = Unlisten(listen);
+            listen(Some(std::sync::Arc::new(
+                move |pairs: Vec<(Tensor, Tensor)>| {
+                    for (var, grad) in pairs {
+                        if let Some(&i) = ids.get(&var.id()) {
+                            // The worker outlives the backward: a send fails only if it panicked.
+                            let _ = to_worker.send((i, grad));
+                        }
+                    }
+                },
+            )));
+            let outcome = backward();
+            drop(unlisten);
+            if let Ok(Some(grads)) = &outcome {
+                for (i, s) in self.slots.iter().enumerate() {
+                    if let Some(g) = grads.get(s.var.as_tensor()) {
+                        let _ = tx.send((i, g.clone()));
+                    }
+                }
+            }
+            drop(tx);
+            let t0 = std::time::Instant::now();
+            let (bufs, got, busy, failed) =
+                worker.join().expect("gradient summing thread panicked");
+            (outcome, got, (bufs, busy), t0.elapsed(), failed)
+        });
+        let (bufs, busy) = summing;
+        for ((s, b), g) in self.slots.iter_mut().zip(bufs).zip(got) {
+            s.grad = b;
+            s.touched |= g;
+        }
+        outcome?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok((busy, waited))
     }
 
     /// Names of variables that received no gradient since the last step.
@@ -289,6 +414,28 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// `dst += scale × g` (`g` any layout, `dst.len()` elements): in parallel chunks, or on
+/// the calling thread alone (the summing thread keeps off the pool the backward uses).
+fn add_scaled(dst: &mut [f32], g: &Tensor, scale: f32, parallel: bool) -> Result<()> {
+    let g = g.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(TrainError::Config("training runs on the CPU".into()));
+    };
+    let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+    let src = &cpu.as_slice::<f32>()?[start..end];
+    if !parallel {
+        dst.iter_mut().zip(src).for_each(|(a, &b)| *a += scale * b);
+        return Ok(());
+    }
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(a, b)| {
+            a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
+        });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -76,7 +76,11 @@ impl crate::objective::TrainSet for Sequences {
     }
 
     fn example_tokens(&self, i: usize) -> usize {
-        self.get(i).ids.len()
+        match self {
+            Sequences::Memory(v) => v[i].ids.len(),
+            // From the offsets: a rank reads only its own sequences' tokens.
+            Sequences::Shards(s) => s.sequence_len(i),
+        }
     }
 }
 
@@ -290,12 +294,15 @@ pub fn read_prepared(
 /// Pretraining data: the corpus's training sequences and held-out ones — a prepared
 /// folder's held-out split, `data.dev`, or a seeded `dev_fraction` — turned into segment
 /// pairs when a sentence-pair objective is on. A prepared corpus trains straight from its
-/// memory-mapped shards (the sentence-pair objectives build their pairs in memory).
+/// memory-mapped shards (the sentence-pair objectives build their pairs in memory); one
+/// rank of several checks only its `share` of those shards, and only the evaluating rank
+/// reads held-out sequences (the others get none).
 pub fn read_sequences(
     data: &DataConfig,
     tok: &TextTokenizer,
     seed: u64,
     pairs: Option<SentenceObjective>,
+    share: crate::dist::Share,
 ) -> Result<(Sequences, Vec<PretrainSequence>)> {
     let max_length = data.max_length;
     let read = |path: &Path| -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
@@ -306,7 +313,11 @@ pub fn read_sequences(
         }
     };
     if crate::shards::is_prepared(&data.train) && pairs.is_none() {
-        let c = crate::shards::open_prepared(&data.train, tok, max_length)?;
+        let c = crate::shards::open_prepared_share(&data.train, tok, max_length, share)?;
+        let train = Sequences::Shards(crate::shards::Shards::new(c.train));
+        if !share.evaluates() {
+            return Ok((train, Vec::new()));
+        }
         let dev = match &data.dev {
             Some(d) => {
                 let (a, b) = read(d)?;
@@ -323,7 +334,7 @@ pub fn read_sequences(
                 .collect(),
         };
         let dev = non_empty_dev(dev, data)?;
-        return Ok((Sequences::Shards(crate::shards::Shards::new(c.train)), dev));
+        return Ok((train, dev));
     }
     let (all, held_out) = read(&data.train)?;
     let (train, dev) = match &data.dev {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use berth_text::TextTokenizer;
 
 use crate::corpus::*;
+use crate::dist::Share;
 use crate::error::{Result, TrainError};
 
 /// A memory-mapped shard, checked on open (magic, version, size, checksum, offsets).
@@ -19,6 +20,12 @@ pub struct Shard {
 impl Shard {
     /// Opens and checks `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens `path`, checking its header, size and offsets, and with `checksum` its
+    /// checksum (which reads every byte).
+    fn open_with(path: &Path, checksum: bool) -> Result<Self> {
         let bad = |message: String| TrainError::Data {
             path: path.into(),
             line: 0,
@@ -59,7 +66,7 @@ impl Shard {
                 want.map_or("too many".into(), |w| w.to_string())
             )));
         }
-        if crc32fast::hash(&map[HEADER..]) != u32_at(32) {
+        if checksum && crc32fast::hash(&map[HEADER..]) != u32_at(32) {
             return Err(bad("checksum mismatch: the shard is corrupted".into()));
         }
         let (n, t) = (n as usize, t as usize);
@@ -178,6 +185,13 @@ impl Shards {
         self.shards[s].sequence(i - self.starts[s])
     }
 
+    /// Tokens of sequence `i` (from the offsets: its tokens are not read).
+    pub fn sequence_len(&self, i: usize) -> usize {
+        let s = self.starts.partition_point(|&start| start <= i) - 1;
+        let (shard, j) = (&self.shards[s], i - self.starts[s]);
+        shard.offset(j + 1) - shard.offset(j)
+    }
+
     /// Tokens over all sequences (special tokens included).
     pub fn tokens(&self) -> usize {
         self.shards
@@ -204,6 +218,19 @@ pub fn is_prepared(dir: &Path) -> bool {
 
 /// Opens a prepared folder for a run with `tok` and sequences of at most `max_length`.
 pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Result<PreparedCorpus> {
+    open_prepared_share(dir, tok, max_length, Share::default())
+}
+
+/// [`open_prepared`] for one rank of several: every shard's header, size and offsets are
+/// checked, but the reads of every byte (checksum, token ids) only for the training shards
+/// that are `share`'s (the others check the rest), and the held-out shards are opened by
+/// the evaluating rank alone (`val` is empty on the others).
+pub fn open_prepared_share(
+    dir: &Path,
+    tok: &TextTokenizer,
+    max_length: usize,
+    share: Share,
+) -> Result<PreparedCorpus> {
     let path = dir.join("manifest.json");
     let text =
         berth_text::limits::read_text(&path, berth_text::limits::MAX_JSON_BYTES).map_err(|e| {
@@ -261,10 +288,12 @@ pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Resu
             return Err(bad(format!("shard {:?} is listed twice", s.file)));
         }
     }
-    let open = |list: &[ShardInfo]| -> Result<Vec<Shard>> {
+    let open = |list: &[ShardInfo], mine: &dyn Fn(usize) -> bool| -> Result<Vec<Shard>> {
         list.iter()
-            .map(|s| {
-                let shard = Shard::open(&dir.join(&s.file))?;
+            .enumerate()
+            .map(|(k, s)| {
+                let read_all = mine(k);
+                let shard = Shard::open_with(&dir.join(&s.file), read_all)?;
                 let tokens = shard.offset(shard.len());
                 let crc = u32::from_le_bytes(shard.map[32..36].try_into().expect("4 bytes"));
                 let mismatch = if shard.len() != s.sequences {
@@ -285,14 +314,22 @@ pub fn open_prepared(dir: &Path, tok: &TextTokenizer, max_length: usize) -> Resu
                         ),
                     });
                 }
-                shard.check_contents(manifest.max_length, manifest.vocab_size)?;
+                if read_all {
+                    shard.check_contents(manifest.max_length, manifest.vocab_size)?;
+                }
                 Ok(shard)
             })
             .collect()
     };
+    let train = open(&manifest.train, &|k| share.takes(k))?;
+    let val = if share.evaluates() {
+        open(&manifest.val, &|_| true)?
+    } else {
+        Vec::new()
+    };
     Ok(PreparedCorpus {
-        train: open(&manifest.train)?,
-        val: open(&manifest.val)?,
+        train,
+        val,
         manifest,
     })
 }

@@ -1,6 +1,7 @@
 //! The training loop, task-blind and readable top to bottom:
 //! data → networks → for each optimizer step: learning rate → forward / backward over the
-//! accumulated micro-batches (dropout on) → all-reduce → clip → AdamW step → log; at each
+//! accumulated micro-batches (dropout on) → all-reduce (overlapped with the last backward
+//! where the collective allows) → clip → AdamW step → log; at each
 //! epoch end (or every `save_every` steps): evaluate on dev → checkpoint → early stopping.
 //! What is learned comes from an [`Objective`]; how processes cooperate from a
 //! [`Collective`].
@@ -329,7 +330,7 @@ pub fn train(
 
     // Data (a token limit with no room for text is refused before anything is encoded).
     crate::objective::check_min_length(objective.max_length(), &lc.model)?;
-    let env = Env::new(&lc.model, lc.seed);
+    let env = Env::new(&lc.model, lc.seed).with_share(crate::dist::Share::of(collective));
     let summary = objective.prepare(&env)?;
 
     // Networks and optimizer: fresh, or from the newest checkpoint.
@@ -448,8 +449,13 @@ pub fn train(
         .or_else(|| latest.as_ref().map(|(_, d)| d.clone()));
     let (mut loss_acc, mut loss_count, mut tokens, mut t0) =
         (0.0f64, 0usize, 0usize, Instant::now());
-    // Time in collectives and in training steps (several ranks: reported at the end).
-    let (mut comm, started) = (std::time::Duration::ZERO, Instant::now());
+    // Time waiting on collectives, time the gradient sums ran behind the backward, and the
+    // run's time (several ranks: reported at the end).
+    let (mut comm, mut summing, started) = (
+        std::time::Duration::ZERO,
+        std::time::Duration::ZERO,
+        Instant::now(),
+    );
 
     'epochs: for epoch in state.epoch..epochs {
         // The epoch's data order.
@@ -473,6 +479,8 @@ pub fn train(
             let group = &batches[group_start..(group_start + lc.grad_accum).min(batches.len())];
             // Forward and backward over the step's micro-batches, dropout seeded by position.
             let lr = schedule.lr(state.step);
+            // Whether the gradients were summed during the last backward.
+            let mut summed = false;
             for (k, global) in group.iter().enumerate() {
                 let micro = (epoch * batches.len() + group_start + k) as u64;
                 let mine = collective.shard(global);
@@ -549,8 +557,24 @@ pub fn train(
                             });
                         }
                     }
-                    if let Some(t) = total {
-                        opt.accumulate(&nets.backward(&t)?, 1.0)?;
+                    match collective.background() {
+                        // The step's last backward: its gradients are summed over the ranks
+                        // layer by layer while it runs.
+                        Some(bg) if k + 1 == group.len() => {
+                            let (busy, waited) = opt.backward_summed(
+                                bg,
+                                &nets.fused_weights(),
+                                &|l| nets.set_grad_listener(l),
+                                || total.map(|t| nets.backward(&t)).transpose(),
+                            )?;
+                            (comm, summing) = (comm + waited, summing + busy);
+                            summed = true;
+                        }
+                        _ => {
+                            if let Some(t) = total {
+                                opt.accumulate(&nets.backward(&t)?, 1.0)?;
+                            }
+                        }
                     }
                     tokens += all_tokens as usize;
                     continue;
@@ -568,9 +592,11 @@ pub fn train(
                 }
                 tokens += out.tokens;
             }
-            let c0 = Instant::now();
-            opt.all_reduce(collective)?;
-            comm += c0.elapsed();
+            if !summed {
+                let c0 = Instant::now();
+                opt.all_reduce(collective)?;
+                comm += c0.elapsed();
+            }
             let grad_norm = opt.clip(lc.max_grad_norm);
             if !grad_norm.is_finite() {
                 // Before the update: the weights stay as the last finite step left them.
@@ -659,6 +685,13 @@ pub fn train(
             comm.as_secs_f64(),
             100.0 * comm.as_secs_f64() / total.max(1e-9)
         );
+        if !summing.is_zero() {
+            eprintln!(
+                "{world} ranks: the gradient sums ran {:.1} s on their own thread during the \
+                 backward; the time above is only what the backward did not hide",
+                summing.as_secs_f64()
+            );
+        }
     }
     if !writer {
         // Only the writing rank keeps checkpoints; the others report the run directory.

@@ -86,13 +86,13 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
         data.max_length = 64;
         // No held-out sequences (prepared with --val-fraction 0) and no --dev: refused,
         // not evaluated as loss 0 / perplexity 1.
-        let e = read_sequences(&data, &tok, 42, None)
+        let e = read_sequences(&data, &tok, 42, None, Default::default())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("held-out split has no sequences"), "{e}");
         data.dev = Some(corpus.clone());
-        let (run, _) = read_sequences(&data, &tok, 42, None).unwrap();
+        let (run, _) = read_sequences(&data, &tok, 42, None, Default::default()).unwrap();
         let Sequences::Shards(shards) = &run else {
             panic!("{kind}: a prepared corpus should train from its shards");
         };
@@ -255,4 +255,70 @@ fn damaged_shards_binary_input_empty_corpora_and_other_tokenizers_are_errors() {
         err.contains("empty.txt") && err.contains("no text"),
         "{err}"
     );
+}
+
+/// A rank of several reads every byte (checksum, token ids) of its own training shards only
+/// — shard `k` is rank `k % world`'s — checks the headers, sizes and offsets of all, and only
+/// rank 0 opens the held-out shards: the ranks together catch a damaged shard (the rank that
+/// reads it fails, naming it), a cut shard fails on every rank, and every rank addresses the
+/// same training sequences.
+#[test]
+fn ranks_check_their_share_of_the_shards() {
+    use berth_train::dist::Share;
+    use berth_train::objective::TrainSet;
+    use berth_train::shards::open_prepared_share;
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = documents(tmp.path(), "docs.txt");
+    let tok = tokenizer("wordpiece");
+    let out = tmp.path().join("prepared");
+    let m = prepare(&one(&corpus), &tok, &out, &opts(0.1)).unwrap();
+    assert!(m.train.len() >= 2 && !m.val.is_empty(), "{m:?}");
+    let share = |rank| Share { rank, world: 2 };
+    let whole = open_prepared(&out, &tok, 64).unwrap();
+    for rank in 0..2 {
+        let c = open_prepared_share(&out, &tok, 64, share(rank)).unwrap();
+        assert_eq!(c.train.len(), whole.train.len());
+        assert_eq!(c.val.is_empty(), rank == 1, "rank {rank}");
+        let mut data = berth_train::objective::DataConfig::new(out.clone());
+        data.max_length = 64;
+        let (train, dev) = read_sequences(&data, &tok, 42, None, share(rank)).unwrap();
+        assert_eq!(dev.is_empty(), rank == 1, "rank {rank}");
+        let all = berth_train::shards::Shards::new(
+            whole
+                .train
+                .iter()
+                .map(|s| berth_train::shards::Shard::open(s.path()).unwrap())
+                .collect(),
+        );
+        assert_eq!(train.len(), all.len());
+        for i in 0..train.len() {
+            assert_eq!(train.get(i).ids, all.sequence(i).ids);
+            assert_eq!(train.example_tokens(i), all.sequence(i).ids.len());
+        }
+    }
+    // A flipped token byte in shard 1: rank 1 reads it and fails; rank 0 does not read it.
+    let shard = out.join(&m.train[1].file);
+    let good = std::fs::read(&shard).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x10;
+    std::fs::write(&shard, &flipped).unwrap();
+    open_prepared_share(&out, &tok, 64, share(0)).unwrap();
+    let err = open_prepared_share(&out, &tok, 64, share(1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&m.train[1].file) && err.contains("checksum"),
+        "{err}"
+    );
+    // A cut shard: every rank sees its size is wrong.
+    std::fs::write(&shard, &good[..good.len() - 10]).unwrap();
+    for rank in 0..2 {
+        let err = open_prepared_share(&out, &tok, 64, share(rank))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("truncated"), "rank {rank}: {err}");
+    }
 }

@@ -79,7 +79,8 @@ impl MaskedCorpus {
         env: &Env,
         pairs: Option<SentenceObjective>,
     ) -> Result<DataSummary> {
-        (self.train, self.dev) = read_sequences(&self.data, env.tokenizer()?, env.seed, pairs)?;
+        (self.train, self.dev) =
+            read_sequences(&self.data, env.tokenizer()?, env.seed, pairs, env.share)?;
         self.seed = env.seed;
         Ok(DataSummary {
             labels: Vec::new(),
