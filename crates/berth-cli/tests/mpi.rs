@@ -304,38 +304,76 @@ fn sharded_embed_writes_the_one_process_output() {
     }
 }
 
+/// Sentence-embedding fine-tuning (in-batch negatives: each anchor is scored against every
+/// positive and hard negative of the global batch) on 2 and 3 ranks equals one process:
+/// each rank embeds its share and gathers the others' embeddings. Without and with
+/// dropout (masks of the one-process packed batch's rows), with and without hard negatives,
+/// and with a last batch smaller than the world (a rank with nothing to embed).
 #[test]
-fn objectives_that_do_not_split_are_refused_on_several_ranks() {
+fn ranks_fine_tune_embeddings_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = tmp.path().join("pairs.tsv");
-    std::fs::write(
-        &pairs,
-        "anchor\tpositive\na cat\ta kitten\nstocks\tshares\nrain\twet weather\n",
-    )
-    .unwrap();
-    let out = mpirun(
-        2,
-        &[
-            "--threads",
-            "1",
-            "finetune",
-            "--task",
-            "embed",
-            "--model",
-            &tiny("bert-base"),
-            "--train",
-            pairs.to_str().unwrap(),
-            "--output",
-            tmp.path().join("e").to_str().unwrap(),
-        ],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cannot run on 2 ranks yet") && err.contains("in-batch"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    let words = [
+        "cat", "stocks", "rain", "river", "piano", "bread", "train", "snow",
+    ];
+    let mut text = String::from("anchor\tpositive\tnegative\n");
+    for i in 0..25 {
+        let (w, v) = (words[i % 8], words[(i + 3) % 8]);
+        text.push_str(&format!("the {w} {i}\tsome {w} here\ta {v} again\n"));
+    }
+    std::fs::write(&pairs, text).unwrap();
+    let model = tiny("bert-base");
+    for (k, (what, ranks, negatives, extra)) in [
+        (
+            "embed, 2 ranks, hard negatives",
+            2,
+            true,
+            vec!["--no-dropout"],
+        ),
+        ("embed, 2 ranks, dropout on", 2, false, vec![]),
+        (
+            "embed, 3 ranks, a last batch of 2 (one rank empty)",
+            3,
+            true,
+            vec!["--batch-size", "6"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let run = |dir: &Path| -> Vec<String> {
+            let mut a = finetune_run("embed", &model, &pairs, dir, &[]);
+            a.retain(|s| s != "--no-dropout");
+            if negatives {
+                a.extend(["--negative-column", "negative"].map(String::from));
+            }
+            a.extend(
+                [
+                    "--epochs",
+                    "2",
+                    "--lr",
+                    "5e-4",
+                    "--log-every",
+                    "1",
+                    "--seed",
+                    "4",
+                ]
+                .map(String::from),
+            );
+            if !extra.contains(&"--batch-size") {
+                a.extend(["--batch-size", "7"].map(String::from));
+            }
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let (one, many) = (
+            tmp.path().join(format!("one-{k}")),
+            tmp.path().join(format!("many-{k}")),
+        );
+        ok(&berth(&strs(&run(&one))));
+        ok(&mpirun(ranks, &strs(&run(&many))));
+        assert_runs_agree(&one, &many, what);
+    }
 }
 
 /// The berth processes `mpirun` (pid `launcher`) started, found through /proc.
@@ -850,8 +888,9 @@ fn pretrain_run(vocab: &Path, corpus: &Path, dir: &Path, extra: &[&str]) -> Vec<
 /// The gradient sum overlapped with the backward (each fused layer's gradients summed over
 /// the ranks as its backward finishes, on a second thread) gives the bits of the sum after
 /// the backward (`BERTH_MPI_OVERLAP=0`), on 3 ranks where the order of additions shows:
-/// fine-tuning with gradient accumulation and dropout, and ELECTRA pretraining (two trained
-/// networks, a generator and a discriminator). The overlapped run says it overlapped.
+/// fine-tuning with gradient accumulation and dropout, ELECTRA pretraining (two trained
+/// networks, a generator and a discriminator) and sentence-embedding fine-tuning (three
+/// forward passes per rank). The overlapped run says it overlapped.
 #[test]
 fn gradient_sums_overlapped_with_the_backward_give_the_same_bits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -859,7 +898,16 @@ fn gradient_sums_overlapped_with_the_backward_give_the_same_bits() {
     let model = tiny("bert-base");
     let vocab = root().join("fixtures/vocab/wordpiece");
     let corpus = root().join("fixtures/vocab/corpus.txt");
-    let runs: [(&str, Box<dyn Fn(&Path) -> Vec<String>>); 2] = [
+    let pairs = tmp.path().join("pairs.tsv");
+    let mut text = String::from("anchor\tpositive\tnegative\n");
+    for i in 0..20 {
+        text.push_str(&format!(
+            "query {i}\tanswer {i} here\tnot {} at all\n",
+            i + 7
+        ));
+    }
+    std::fs::write(&pairs, text).unwrap();
+    let runs: [(&str, Box<dyn Fn(&Path) -> Vec<String>>); 3] = [
         (
             "classify --grad-accum 2 (dropout on)",
             Box::new(|dir: &Path| {
@@ -878,6 +926,27 @@ fn gradient_sums_overlapped_with_the_backward_give_the_same_bits() {
         (
             "pretrain --objective rtd",
             Box::new(|dir: &Path| pretrain_run(&vocab, &corpus, dir, &["--objective", "rtd"])),
+        ),
+        (
+            // Three forward passes per rank (anchors, positives, negatives): each fused
+            // weight's three gradients are added in arrival order before its sum.
+            "embed with hard negatives (dropout on)",
+            Box::new(|dir: &Path| {
+                let mut a = finetune_run("embed", &model, &pairs, dir, &[]);
+                a.retain(|s| s != "--no-dropout");
+                a.extend(
+                    [
+                        "--negative-column",
+                        "negative",
+                        "--batch-size",
+                        "8",
+                        "--lr",
+                        "1e-3",
+                    ]
+                    .map(String::from),
+                );
+                a
+            }),
         ),
     ];
     for (k, (what, args)) in runs.iter().enumerate() {

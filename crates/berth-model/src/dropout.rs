@@ -53,6 +53,14 @@ impl Dropout {
         }
     }
 
+    /// This dropout's stream, from its first site, for rows that start `token_offset` tokens
+    /// and `sequence_offset` sequences into the larger batch: a share whose sequences are
+    /// not contiguous in the batch (a bi-encoder's anchors, then its positives) runs one
+    /// forward pass per contiguous run, each drawing the masks of its rows.
+    pub fn moved(&self, token_offset: u64, sequence_offset: u64) -> Self {
+        Self::at(self.seed, token_offset, sequence_offset)
+    }
+
     /// Another forward pass's dropout (stream `seed`) over the same rows.
     pub fn sibling(&self, seed: u64) -> Self {
         Self::at(seed, self.token_offset, self.sequence_offset)

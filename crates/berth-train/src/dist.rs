@@ -1,14 +1,15 @@
-//! The data-parallel seam of the training loop. The loop calls a [`Collective`] in four
-//! places: it shards every global batch by rank ([`Collective::shard`]), weights each rank's
-//! loss by its share of the batch's loss units ([`Collective::all_reduce_sum_f64`]),
-//! all-reduces the accumulated gradients before clipping ([`Collective::all_reduce_sum`]),
-//! and lets rank 0 alone evaluate and write config, metrics and checkpoints
-//! ([`Collective::is_writer`]), broadcasting its early-stopping decision. Where the
-//! implementation allows a second thread to sum ([`Collective::background`]), the last
-//! micro-batch's gradients are summed layer by layer while its backward goes on
-//! ([`crate::optim::AdamW::backward_summed`]). One process is
-//! [`SingleProcess`]; [`world`] picks MPI's world (cargo feature `mpi`) when an MPI
-//! launcher started the process.
+//! The data-parallel seam of the training loop. The loop calls a [`Collective`] to shard
+//! every global batch by rank ([`Collective::shard`]), weight each rank's loss by its share
+//! of the batch's loss units ([`Collective::all_reduce_sum_f64`]), all-reduce the
+//! accumulated gradients before clipping ([`Collective::all_reduce_sum`]) and agree on which
+//! parameters any rank's gradient reached, and to let rank 0 alone evaluate and write
+//! config, metrics and checkpoints ([`Collective::is_writer`]), broadcasting its
+//! early-stopping decision. Where the implementation allows a second thread to sum
+//! ([`Collective::background`]), the last micro-batch's gradients are summed layer by layer
+//! while its backward goes on ([`crate::optim::AdamW::backward_summed`]). An objective whose
+//! loss needs every rank's values (in-batch negatives) gathers them through the collective
+//! it is given. Reading is split by [`Share`]. One process is [`SingleProcess`]; [`world`]
+//! picks MPI's world (cargo feature `mpi`) when an MPI launcher started the process.
 use crate::error::Result;
 
 /// Communication among the processes of one run.

@@ -282,6 +282,27 @@ pub struct BatchLoss {
     /// for the sentence-pair loss of NSP / SOP, a mean over pairs beside the mean over
     /// masked tokens): a data-parallel run weights each of the two means by its own units.
     pub second: Option<(Tensor, f64)>,
+    /// `loss` is already the whole global batch's mean, computed on every rank from values
+    /// gathered from all of them, with gradients flowing only into this rank's share (the
+    /// in-batch-negatives loss): a data-parallel run takes it unweighted.
+    pub whole_batch: bool,
+    /// Forward passes through the trained networks in `loss`'s graph (a fused layer hands
+    /// out its weights' gradients once per pass; the gradient summing waits for all).
+    pub passes: usize,
+}
+
+impl Default for BatchLoss {
+    /// Nothing to learn from: no loss, no tokens, one pass.
+    fn default() -> Self {
+        BatchLoss {
+            loss: None,
+            tokens: 0,
+            units: 0.0,
+            second: None,
+            whole_batch: false,
+            passes: 1,
+        }
+    }
 }
 
 /// What is being learned; see the module documentation.
@@ -318,6 +339,8 @@ pub trait Objective {
     /// examples `before` (the other ranks' shares before it): randomness drawn per example
     /// (masked positions, sampled replacements) is keyed by the example's global position,
     /// so the shares together draw what one process draws.
+    /// `collective` is the run's: an objective whose loss needs every rank's values (see
+    /// [`Self::gathers`]) gathers them there.
     fn loss_at(
         &self,
         nets: &Networks,
@@ -325,9 +348,16 @@ pub trait Objective {
         before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
+        collective: &dyn crate::dist::Collective,
     ) -> Result<BatchLoss> {
-        let _ = before;
+        let _ = (before, collective);
         self.loss(nets, batch, seed, dropout)
+    }
+
+    /// Whether [`Self::loss_at`] makes collective calls: then every rank calls it for every
+    /// micro-batch, also with an empty share.
+    fn gathers(&self) -> bool {
+        false
     }
 
     /// Dev metrics of `nets`.
@@ -335,13 +365,6 @@ pub trait Objective {
 
     /// The metric that decides the best checkpoint and early stopping (higher is better).
     fn main_metric(&self) -> &'static str;
-
-    /// Whether a data-parallel run of this objective (batches split over ranks, losses
-    /// weighted by [`BatchLoss::units`]) trains as the one-process run does; `Err(why)` when
-    /// its loss couples the examples of a batch or draws randomness by batch position.
-    fn data_parallel(&self) -> std::result::Result<(), String> {
-        Ok(())
-    }
 
     /// Writes files of the objective's own into a checkpoint folder `dir` beside the
     /// weights (a bi-encoder's sentence-transformers module files).

@@ -130,12 +130,29 @@ impl AdamW {
         Ok(())
     }
 
+    /// Marks as touched, on every rank, the variables a gradient reached on any rank: a
+    /// rank whose share of a batch had nothing to learn from (an empty share, no masked
+    /// token) still steps the variables the others' gradients reached — else its weights
+    /// would drift from theirs. Variables no rank reached stay untouched (not stepped).
+    pub fn touched_anywhere(&mut self, collective: &dyn crate::dist::Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mine: Vec<u8> = self.slots.iter().map(|s| u8::from(s.touched)).collect();
+        let all = collective.gather_all(&mine)?;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            s.touched = all.iter().any(|flags| flags.get(i) == Some(&1));
+        }
+        Ok(())
+    }
+
     /// [`Self::accumulate`] (scale 1) of one more backward pass, then [`Self::all_reduce`] —
     /// the sums running on a second thread while the backward goes on. `listen` installs
     /// a listener on the networks' fused layers (see `berth_model::Model::set_grad_listener`)
     /// and `backward` runs the pass (`None`: this rank has no loss to back-propagate); each
     /// layer's gradients go to the summing thread as that layer's backward finishes, the
-    /// rest (embeddings, heads) when the pass is done. The thread adds each gradient to its
+    /// rest (embeddings, heads) when the pass is done; a fused weight used in `passes`
+    /// forward passes gets that many gradients, summed before it is. The thread adds each gradient to its
     /// slot and sums the slots over the ranks in one fixed order — the slots of `early`
     /// (the fused weights, in the order the backward reaches them) first, then every other
     /// slot in slot order — whatever arrives when, so every rank makes the same calls. Each
@@ -146,6 +163,7 @@ impl AdamW {
         &mut self,
         sum: &dyn crate::dist::BackgroundSum,
         early: &[Tensor],
+        passes: usize,
         listen: &dyn Fn(Option<berth_kernels::GradListener>),
         backward: impl FnOnce() -> Result<Option<GradStore>>,
     ) -> Result<(std::time::Duration, std::time::Duration)> {
@@ -167,6 +185,8 @@ impl AdamW {
             }
         }
         order.extend((0..n).filter(|&i| !queued[i]));
+        // Deliveries a slot waits for: one per pass for the fused weights, one for the rest.
+        let mut want: Vec<usize> = queued.iter().map(|&q| if q { passes } else { 1 }).collect();
         let mut bufs: Vec<Vec<f32>> = self
             .slots
             .iter_mut()
@@ -177,27 +197,39 @@ impl AdamW {
         let (outcome, got, summing, waited, failed) = std::thread::scope(|scope| {
             let worker = scope.spawn(move || {
                 let mut arrived: Vec<Option<Tensor>> = vec![None; n];
-                let mut got = vec![false; n];
+                let mut count = vec![0usize; n];
                 let (mut open, mut failed, mut busy) = (true, None, std::time::Duration::ZERO);
-                // A gradient arriving for a slot: kept until the slot's turn.
+                // A gradient arriving for a slot: added to the slot's earlier ones of this
+                // pass (in arrival order, as the sink adds them) until the slot's turn.
                 let take = |(j, t): (usize, Tensor),
+                            want: &[usize],
                             arrived: &mut Vec<Option<Tensor>>,
-                            got: &mut Vec<bool>,
+                            count: &mut Vec<usize>,
                             failed: &mut Option<TrainError>| {
-                    if std::mem::replace(&mut got[j], true) {
-                        failed.get_or_insert(TrainError::Config(
-                            "a weight received two gradients in one backward pass (weights \
-                             shared between layers cannot be summed as the backward goes)"
-                                .into(),
-                        ));
-                    } else {
-                        arrived[j] = Some(t);
+                    count[j] += 1;
+                    if count[j] > want[j] {
+                        failed.get_or_insert(TrainError::Config(format!(
+                            "a weight received {} gradients in one backward pass, {} expected \
+                             (weights shared between layers cannot be summed as the backward goes)",
+                            count[j], want[j]
+                        )));
+                        return;
                     }
+                    arrived[j] = Some(match arrived[j].take() {
+                        Some(prev) => match prev + t {
+                            Ok(g) => g,
+                            Err(e) => {
+                                failed.get_or_insert(e.into());
+                                return;
+                            }
+                        },
+                        None => t,
+                    });
                 };
                 for &i in &order {
-                    while open && !got[i] {
+                    while open && count[i] < want[i] {
                         match rx.recv() {
-                            Ok(m) => take(m, &mut arrived, &mut got, &mut failed),
+                            Ok(m) => take(m, &want, &mut arrived, &mut count, &mut failed),
                             Err(_) => open = false,
                         }
                     }
@@ -212,11 +244,14 @@ impl AdamW {
                         failed.get_or_insert(e);
                     }
                     busy += t0.elapsed();
+                    // Whatever comes for this slot now is one gradient too many.
+                    want[i] = count[i];
                 }
-                // Anything after the last sum came twice.
+                // Anything after the last sum came too late.
                 for m in rx.iter() {
-                    take(m, &mut arrived, &mut got, &mut failed);
+                    take(m, &want, &mut arrived, &mut count, &mut failed);
                 }
+                let got: Vec<bool> = count.iter().map(|&c| c > 0).collect();
                 (bufs, got, busy, failed)
             });
             // Removes the listener (and its sender) however the backward ends, so the

@@ -320,13 +320,6 @@ pub fn train(
     cfg.task.data.check()?;
     let writer = collective.is_writer();
     let world = collective.world_size();
-    if world > 1 {
-        objective.data_parallel().map_err(|why| {
-            TrainError::Config(format!(
-                "this objective cannot run on {world} ranks yet: {why}"
-            ))
-        })?;
-    }
 
     // Data (a token limit with no room for text is refused before anything is encoded).
     crate::objective::check_min_length(objective.max_length(), &lc.model)?;
@@ -502,7 +495,8 @@ pub fn train(
                     // Each rank's mean loss, weighted by its share of the batch's loss units
                     // (summed over ranks first), so the all-reduced gradient and the logged
                     // loss are the one-process batch's.
-                    let out = if mine.is_empty() {
+                    // (An objective that gathers values of every rank runs on empty shares too.)
+                    let out = if mine.is_empty() && !objective.gathers() {
                         None
                     } else {
                         Some(objective.loss_at(
@@ -511,13 +505,14 @@ pub fn train(
                             before,
                             batch_seed,
                             dropout.as_ref(),
+                            collective,
                         )?)
                     };
                     // Up to two means (masked-LM and sentence-pair losses), each with
                     // its units: value and units summed over ranks per mean.
-                    let (mut parts, mut toks) = ([None, None], 0);
+                    let (mut parts, mut toks, mut whole, mut passes) = ([None, None], 0, false, 1);
                     if let Some(o) = out {
-                        toks = o.tokens;
+                        (toks, whole, passes) = (o.tokens, o.whole_batch, o.passes);
                         parts[0] = o.loss.map(|l| (l, o.units));
                         parts[1] = o.second;
                     }
@@ -550,7 +545,10 @@ pub fn train(
                     let mut total: Option<candle_core::Tensor> = None;
                     for (p, all) in parts.into_iter().zip(all_units) {
                         if let Some((l, units)) = p {
-                            let share = (l * (units / all / lc.grad_accum as f64))?;
+                            // A whole-batch loss is the batch's already; a share's mean is
+                            // weighted by the share's units.
+                            let weight = if whole { 1.0 } else { units / all };
+                            let share = (l * (weight / lc.grad_accum as f64))?;
                             total = Some(match total {
                                 Some(t) => (t + share)?,
                                 None => share,
@@ -564,6 +562,7 @@ pub fn train(
                             let (busy, waited) = opt.backward_summed(
                                 bg,
                                 &nets.fused_weights(),
+                                passes,
                                 &|l| nets.set_grad_listener(l),
                                 || total.map(|t| nets.backward(&t)).transpose(),
                             )?;
@@ -592,11 +591,12 @@ pub fn train(
                 }
                 tokens += out.tokens;
             }
+            let c0 = Instant::now();
             if !summed {
-                let c0 = Instant::now();
                 opt.all_reduce(collective)?;
-                comm += c0.elapsed();
             }
+            opt.touched_anywhere(collective)?;
+            comm += c0.elapsed();
             let grad_norm = opt.clip(lc.max_grad_norm);
             if !grad_norm.is_finite() {
                 // Before the update: the weights stay as the last finite step left them.

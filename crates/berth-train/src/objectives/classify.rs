@@ -393,6 +393,7 @@ impl Objective for Classify {
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 

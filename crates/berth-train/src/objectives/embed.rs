@@ -245,6 +245,7 @@ impl Objective for Embed {
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 
@@ -325,13 +326,135 @@ impl Objective for Embed {
         "mrr@10"
     }
 
-    fn data_parallel(&self) -> std::result::Result<(), String> {
-        Err(
-            "the in-batch-negatives loss compares each example with the whole batch; split \
-             over ranks each would see only its share (gathering the embeddings across ranks \
-             is not built yet)"
-                .into(),
-        )
+    /// A rank's share of the in-batch-negatives loss. Every rank embeds its share — one
+    /// forward pass each for its anchors, positives and hard negatives, with the dropout
+    /// masks of those rows in the one-process batch (anchors, then positives, then
+    /// negatives, packed) — and gathers every rank's embeddings; each then scores all the
+    /// batch's anchors against all its candidates and takes the whole batch's mean, its own
+    /// embeddings the only ones with a gradient. Summed over the ranks, the gradients are
+    /// the one-process batch's.
+    fn loss_at(
+        &self,
+        nets: &Networks,
+        batch: &[usize],
+        _before: &[usize],
+        _seed: u64,
+        dropout: Option<&Dropout>,
+        collective: &dyn crate::dist::Collective,
+    ) -> Result<BatchLoss> {
+        let examples: Vec<&EmbedExample> = batch.iter().map(|&i| &self.train[i]).collect();
+        let anchors: Vec<&Encoded> = examples.iter().map(|e| &e.anchor).collect();
+        let positives: Vec<&Encoded> = examples.iter().map(|e| &e.positive).collect();
+        let negatives: Vec<&Encoded> = examples
+            .iter()
+            .filter_map(|e| e.negative.as_ref())
+            .collect();
+        let tokens = |v: &[&Encoded]| v.iter().map(|e| e.len() as u64).sum::<u64>();
+        // Every rank's [anchors, negatives, anchor, positive and negative tokens].
+        let mine = [
+            anchors.len() as u64,
+            negatives.len() as u64,
+            tokens(&anchors),
+            tokens(&positives),
+            tokens(&negatives),
+        ];
+        let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let counts: Vec<[u64; 5]> = collective
+            .gather_all(&bytes)?
+            .iter()
+            .map(|b| {
+                std::array::from_fn(|k| {
+                    u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().expect("8 bytes"))
+                })
+            })
+            .collect();
+        let rank = collective.rank();
+        let sum = |qs: &[[u64; 5]], k: usize| qs.iter().map(|c| c[k]).sum::<u64>();
+        let (all, before) = (&counts[..], &counts[..rank]);
+        let b = sum(all, 0);
+        let (ta, tp) = (sum(all, 2), sum(all, 3));
+        // One forward pass per contiguous run of the one-process batch's rows.
+        let mut passes = 0;
+        let mut embed = |seqs: &[&Encoded], token_offset: u64, sequence_offset: u64| {
+            if seqs.is_empty() {
+                return Ok(None);
+            }
+            passes += 1;
+            let packed = pack(seqs.iter().copied())?;
+            let d = dropout.map(|d| d.moved(token_offset, sequence_offset));
+            let hidden = nets.main.forward_train(&packed, d.as_ref())?;
+            Ok::<_, TrainError>(Some(l2_normalize(&pool_train(
+                &hidden,
+                &packed,
+                self.pooling,
+            )?)?))
+        };
+        let own = [
+            embed(&anchors, sum(before, 2), sum(before, 0))?,
+            embed(&positives, ta + sum(before, 3), b + sum(before, 0))?,
+            embed(&negatives, ta + tp + sum(before, 4), 2 * b + sum(before, 1))?,
+        ];
+        // Every rank's embeddings, as values; this rank's stay the tensors of its graph.
+        let mut values = Vec::new();
+        for t in own.iter().flatten() {
+            values.extend(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let gathered = collective.gather_all(&bytes)?;
+        let h = nets.main.config.hidden_size;
+        let mut parts: [Vec<Tensor>; 3] = Default::default();
+        for (q, (bytes, c)) in gathered.iter().zip(&counts).enumerate() {
+            if q == rank {
+                for (part, t) in parts.iter_mut().zip(&own) {
+                    part.extend(t.clone());
+                }
+                continue;
+            }
+            let v: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|x| f32::from_le_bytes(x.try_into().expect("4 bytes")))
+                .collect();
+            let rows = [c[0] as usize, c[0] as usize, c[1] as usize];
+            if v.len() != h * rows.iter().sum::<usize>() {
+                return Err(TrainError::Config(format!(
+                    "rank {q} sent {} embedding values, not {} × {h}: ranks disagree",
+                    v.len(),
+                    rows.iter().sum::<usize>()
+                )));
+            }
+            let mut at = 0;
+            for (part, r) in parts.iter_mut().zip(rows) {
+                if r > 0 {
+                    part.push(Tensor::from_slice(
+                        &v[at..at + r * h],
+                        (r, h),
+                        &Device::Cpu,
+                    )?);
+                }
+                at += r * h;
+            }
+        }
+        let [a, p, n] = parts;
+        let mut loss = None;
+        if !examples.is_empty() {
+            let anchors = Tensor::cat(&a, 0)?;
+            let candidates = Tensor::cat(&[p, n].concat(), 0)?;
+            let scores = (anchors.matmul(&candidates.t()?)? * self.cfg.similarity_scale)?;
+            let labels: Vec<Option<u32>> = (0..b as u32).map(Some).collect();
+            loss = loss::cross_entropy(&scores, &labels)?;
+        }
+        Ok(BatchLoss {
+            loss,
+            tokens: batch_tokens(&examples),
+            units: examples.len() as f64,
+            whole_batch: true,
+            passes,
+            ..Default::default()
+        })
+    }
+
+    fn gathers(&self) -> bool {
+        true
     }
 
     /// sentence-transformers' module files (modules.json, pooling, normalize) beside the

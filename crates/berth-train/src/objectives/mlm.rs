@@ -226,6 +226,7 @@ impl Objective for MaskedLm {
             tokens: tokens_of(&seqs),
             units: seqs.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 
@@ -240,6 +241,7 @@ impl Objective for MaskedLm {
         before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
+        _collective: &dyn crate::dist::Collective,
     ) -> Result<BatchLoss> {
         let owned = self.corpus.batch(batch);
         let seqs: Vec<&PretrainSequence> = owned.iter().map(|s| s.as_ref()).collect();
@@ -264,6 +266,7 @@ impl Objective for MaskedLm {
             tokens: tokens_of(&seqs),
             units: masked.iter().map(|m| m.positions.len()).sum::<usize>() as f64,
             second,
+            ..Default::default()
         })
     }
 

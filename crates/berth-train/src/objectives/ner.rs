@@ -264,6 +264,7 @@ impl Objective for Ner {
                 .map(|e| e.token_labels.iter().flatten().count())
                 .sum::<usize>() as f64,
             second: None,
+            ..Default::default()
         })
     }
 
@@ -276,6 +277,7 @@ impl Objective for Ner {
         before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
+        _collective: &dyn crate::dist::Collective,
     ) -> Result<BatchLoss> {
         let labelled: usize = before
             .iter()

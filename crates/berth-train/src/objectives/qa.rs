@@ -216,6 +216,7 @@ impl Objective for Qa {
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 

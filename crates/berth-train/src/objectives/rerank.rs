@@ -215,6 +215,7 @@ impl Objective for Rerank {
             tokens: batch_tokens(&examples),
             units: examples.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 

@@ -380,6 +380,7 @@ impl Objective for Rtd {
             tokens: tokens_of(&seqs),
             units: seqs.len() as f64,
             second: None,
+            ..Default::default()
         })
     }
 
@@ -394,6 +395,7 @@ impl Objective for Rtd {
         before: &[usize],
         seed: u64,
         dropout: Option<&Dropout>,
+        _collective: &dyn crate::dist::Collective,
     ) -> Result<BatchLoss> {
         let (generator, masking) = self.parts(nets);
         let owned = self.corpus.batch(batch);
@@ -427,6 +429,7 @@ impl Objective for Rtd {
             tokens,
             units,
             second: Some(((discriminator * weight)?, tokens as f64)),
+            ..Default::default()
         })
     }
 
