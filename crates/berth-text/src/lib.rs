@@ -36,8 +36,9 @@ pub enum Truncation {
     Error,
 }
 
-/// One encoded sequence.
-#[derive(Debug, Clone, PartialEq)]
+/// One encoded sequence (serialisable: the ranks of a data-parallel run exchange the
+/// examples each encoded).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Encoded {
     /// Token ids, special tokens included.
     pub ids: Vec<u32>,

@@ -12,8 +12,9 @@
 //! picks MPI's world (cargo feature `mpi`) when an MPI launcher started the process.
 use crate::error::Result;
 
-/// Communication among the processes of one run.
-pub trait Collective {
+/// Communication among the processes of one run (shared by the threads of a rank's
+/// data preparation, hence `Sync`; calls are made from one thread at a time).
+pub trait Collective: Sync {
     /// This process's rank, 0-based.
     fn rank(&self) -> usize;
 

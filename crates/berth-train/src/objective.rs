@@ -95,6 +95,8 @@ pub struct Env<'a> {
     pub seed: u64,
     /// This process's part of the reading (a prepared corpus over several ranks).
     pub share: crate::dist::Share,
+    /// The run's ranks (several: they divide the encoding of the training data).
+    collective: Option<&'a dyn crate::dist::Collective>,
     tokenizer: std::sync::OnceLock<TextTokenizer>,
 }
 
@@ -105,13 +107,87 @@ impl<'a> Env<'a> {
             model_dir,
             seed,
             share: Default::default(),
+            collective: None,
             tokenizer: std::sync::OnceLock::new(),
         }
     }
 
-    /// The environment for one rank's part of a run.
-    pub fn with_share(self, share: crate::dist::Share) -> Self {
-        Env { share, ..self }
+    /// The environment of one rank of `collective`'s run.
+    pub fn with_collective(self, collective: &'a dyn crate::dist::Collective) -> Self {
+        Env {
+            share: crate::dist::Share::of(collective),
+            collective: Some(collective),
+            ..self
+        }
+    }
+
+    /// Encodes the training rows `items` into examples with `encode(rows, index of the
+    /// first)`, which must map rows to examples in order, each row's alone. With several
+    /// ranks each encodes (tokenizes) a contiguous share of the rows only, and the ranks
+    /// exchange what they encoded: every rank ends with all the examples, in row order,
+    /// as one process encodes them. Each rank fingerprints all the rows it read; ranks that
+    /// read different rows all stop with the same error (the exchange would otherwise hand
+    /// every rank the same mix of their files).
+    pub fn encode_shared<I, E>(
+        &self,
+        items: &[I],
+        encode: impl Fn(&[I], usize) -> Result<Vec<E>>,
+    ) -> Result<Vec<E>>
+    where
+        I: std::fmt::Debug,
+        E: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        use std::hash::{Hash, Hasher};
+        let Some(c) = self.ranks() else {
+            return encode(items, 0);
+        };
+        // `DefaultHasher::new` has fixed keys: the same value in every process of one build.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        items.len().hash(&mut h);
+        for row in items {
+            format!("{row:?}").hash(&mut h);
+        }
+        let range = c.shard_range(items.len());
+        let mine = encode(&items[range.clone()], range.start)?;
+        let mut bytes = h.finish().to_le_bytes().to_vec();
+        serde_json::to_writer(&mut bytes, &mine).map_err(|e| {
+            crate::TrainError::Config(format!("encoding examples for the other ranks: {e}"))
+        })?;
+        let all = c.gather_all(&bytes)?;
+        for (q, b) in all.iter().enumerate() {
+            if b.get(..8) != all[0].get(..8) {
+                return Err(crate::TrainError::Config(format!(
+                    "rank {q}'s training data (the rows read) differ from rank 0's: every rank \
+                     must run the same command on the same files"
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut mine = Some(mine);
+        for (q, b) in all.iter().enumerate() {
+            if q == c.rank() {
+                out.extend(mine.take().into_iter().flatten());
+                continue;
+            }
+            let theirs: Vec<E> = serde_json::from_slice(&b[8..]).map_err(|e| {
+                crate::TrainError::Config(format!(
+                    "the examples rank {q} encoded do not read back: {e} (ranks of different berth versions?)"
+                ))
+            })?;
+            out.extend(theirs);
+        }
+        Ok(out)
+    }
+
+    /// The run's ranks, when it has several.
+    pub fn ranks(&self) -> Option<&'a dyn crate::dist::Collective> {
+        self.collective.filter(|c| c.world_size() > 1)
+    }
+
+    /// Whether this rank evaluates (reads and encodes the dev data): rank 0 of a
+    /// data-parallel run, or the one process.
+    pub fn evaluates(&self) -> bool {
+        self.share.evaluates()
     }
 
     /// The starting checkpoint's tokenizer, loaded on first use (objectives that read
@@ -370,5 +446,113 @@ pub trait Objective {
     /// weights (a bi-encoder's sentence-transformers module files).
     fn write_extras(&self, _nets: &Networks, _dir: &Path) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Rank `rank` of a pretend 2-rank world: `gather_all` records this rank's payload and
+    /// answers with `answer` (the payloads of both ranks), or with its own twice.
+    struct Pretend {
+        rank: usize,
+        answer: Option<Vec<Vec<u8>>>,
+        sent: Mutex<Vec<u8>>,
+    }
+
+    impl crate::dist::Collective for Pretend {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+            unreachable!()
+        }
+        fn gather_all(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            *self.sent.lock().unwrap() = mine.to_vec();
+            Ok(self
+                .answer
+                .clone()
+                .unwrap_or_else(|| vec![mine.to_vec(), mine.to_vec()]))
+        }
+        fn broadcast(&self, _: &mut Vec<u8>) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    /// Each rank encodes only its contiguous share of the rows (told the index of its
+    /// first), and with the other rank's share both end with every example in row order —
+    /// what one process encodes; ranks that read other rows both refuse.
+    #[test]
+    fn ranks_encode_their_share_and_exchange_it() {
+        let rows: Vec<String> = (0..7).map(|i| format!("row {i}")).collect();
+        let seen = Mutex::new(Vec::new());
+        let encode = |part: &[String], first: usize| -> Result<Vec<(usize, String)>> {
+            seen.lock().unwrap().push((first, part.len()));
+            Ok(part
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (first + i, r.to_uppercase()))
+                .collect())
+        };
+        let dir = Path::new(".");
+        let one = Env::new(dir, 0).encode_shared(&rows, encode).unwrap();
+        seen.lock().unwrap().clear();
+        let payloads: Vec<Vec<u8>> = (0..2)
+            .map(|rank| {
+                let c = Pretend {
+                    rank,
+                    answer: None,
+                    sent: Mutex::new(Vec::new()),
+                };
+                Env::new(dir, 0)
+                    .with_collective(&c)
+                    .encode_shared(&rows, encode)
+                    .unwrap();
+                c.sent.into_inner().unwrap()
+            })
+            .collect();
+        assert_eq!(*seen.lock().unwrap(), [(0, 4), (4, 3)]);
+        for rank in 0..2 {
+            let c = Pretend {
+                rank,
+                answer: Some(payloads.clone()),
+                sent: Mutex::new(Vec::new()),
+            };
+            let got = Env::new(dir, 0)
+                .with_collective(&c)
+                .encode_shared(&rows, encode)
+                .unwrap();
+            assert_eq!(got, one, "rank {rank}");
+        }
+        // Rank 1 read one row fewer: both refuse.
+        let mut theirs = payloads.clone();
+        let c = Pretend {
+            rank: 1,
+            answer: None,
+            sent: Mutex::new(Vec::new()),
+        };
+        Env::new(dir, 0)
+            .with_collective(&c)
+            .encode_shared(&rows[..6], encode)
+            .unwrap();
+        theirs[1] = c.sent.into_inner().unwrap();
+        for rank in 0..2 {
+            let c = Pretend {
+                rank,
+                answer: Some(theirs.clone()),
+                sent: Mutex::new(Vec::new()),
+            };
+            let e = Env::new(dir, 0)
+                .with_collective(&c)
+                .encode_shared(&rows, encode)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("rank 1's training data"), "{e}");
+        }
     }
 }

@@ -205,7 +205,24 @@ pub fn read_corpus(
     tok: &TextTokenizer,
     max_length: usize,
 ) -> Result<Vec<PretrainSequence>> {
+    read_corpus_shared(path, tok, max_length, None)
+}
+
+/// Lines read and tokenized at a time.
+const LINE_BATCH: usize = 4096;
+
+/// [`read_corpus`] with the ranks of `ranks` dividing the tokenization: every rank reads the
+/// lines, but of each batch of [`LINE_BATCH`] lines it tokenizes a contiguous share only,
+/// and the ranks exchange the encodings, so each packs the sequences one process packs.
+/// Ranks whose files differ (another line count) all stop with an error, none waiting.
+pub fn read_corpus_shared(
+    path: &Path,
+    tok: &TextTokenizer,
+    max_length: usize,
+    ranks: Option<&dyn crate::dist::Collective>,
+) -> Result<Vec<PretrainSequence>> {
     use std::io::BufRead;
+    let ranks = ranks.filter(|c| c.world_size() > 1);
     if max_length < 8 {
         return Err(TrainError::Config(format!(
             "--max-length {max_length} is too short to pretrain"
@@ -214,12 +231,12 @@ pub fn read_corpus(
     let (start, end, _) = specials(tok)?;
     let mut p = Packer::new(start, end, max_length);
     let files = berth_text::train::corpus_files(&[path.into()])?;
-    for f in &files {
+    for (k, f) in files.iter().enumerate() {
         let reader = berth_text::train::open_text(f)?;
         let mut batch: Vec<(usize, String)> = Vec::new();
-        let flush_batch = |batch: &mut Vec<(usize, String)>, p: &mut Packer| -> Result<()> {
+        let encode = |lines: &[(usize, String)]| -> Result<Vec<Option<Encoded>>> {
             use rayon::prelude::*;
-            let encs: Vec<Option<Encoded>> = batch
+            lines
                 .par_iter()
                 .map(|(line, text)| {
                     if text.trim().is_empty() {
@@ -234,7 +251,13 @@ pub fn read_corpus(
                             })
                     }
                 })
-                .collect::<Result<_>>()?;
+                .collect()
+        };
+        let flush_batch = |batch: &mut Vec<(usize, String)>, p: &mut Packer| -> Result<()> {
+            let encs = match ranks {
+                None => encode(batch)?,
+                Some(c) => exchange_encodings(c, (k, f), batch, encode)?,
+            };
             for e in encs {
                 match e {
                     Some(e) => p.add(&e),
@@ -256,7 +279,7 @@ pub fn read_corpus(
                 message: "invalid UTF-8".into(),
             })?;
             batch.push((i + 1, text));
-            if batch.len() == 4096 {
+            if batch.len() == LINE_BATCH {
                 flush_batch(&mut batch, &mut p)?;
             }
         }
@@ -271,6 +294,58 @@ pub fn read_corpus(
         });
     }
     Ok(p.out.into_iter().map(single).collect())
+}
+
+/// One batch of lines of file `index` encoded by the ranks of `c` together: each encodes a
+/// contiguous share and all exchange them, each payload headed by the batch's file number,
+/// first line, length and a hash of its lines (not the path: hosts may mount the corpus
+/// elsewhere), so ranks that read different corpora stop with an error instead of mixing
+/// batches.
+fn exchange_encodings(
+    c: &dyn crate::dist::Collective,
+    (index, file): (usize, &Path),
+    batch: &[(usize, String)],
+    encode: impl Fn(&[(usize, String)]) -> Result<Vec<Option<Encoded>>>,
+) -> Result<Vec<Option<Encoded>>> {
+    use std::hash::{Hash, Hasher};
+    let first = batch.first().map_or(0, |(line, _)| *line);
+    // `DefaultHasher::new` has fixed keys: the same value in every process of one build.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    batch.hash(&mut h);
+    let head = serde_json::json!([index, first, batch.len(), h.finish()]).to_string();
+    let mine = encode(&batch[c.shard_range(batch.len())])?;
+    let mut payload = head.clone().into_bytes();
+    payload.push(b'\n');
+    payload.extend(serde_json::to_vec(&mine).expect("encodings serialise"));
+    let mut out = Vec::with_capacity(batch.len());
+    for (q, theirs) in c.gather_all(&payload)?.iter().enumerate() {
+        let cut = theirs.iter().position(|&b| b == b'\n');
+        let (their_head, body) = match cut {
+            Some(i) => (&theirs[..i], &theirs[i + 1..]),
+            None => (&theirs[..], &[][..]),
+        };
+        if their_head != head.as_bytes() {
+            return Err(TrainError::Data {
+                path: file.into(),
+                line: first,
+                message: format!(
+                    "rank {q}'s training data (the corpus lines read) differ from rank {}'s \
+                     here (file, first line, lines, hash: {} vs {head}): every rank must \
+                     read the same corpus",
+                    c.rank(),
+                    String::from_utf8_lossy(&their_head[..their_head.len().min(200)]),
+                ),
+            });
+        }
+        let part: Vec<Option<Encoded>> =
+            serde_json::from_slice(body).map_err(|e| TrainError::Data {
+                path: file.into(),
+                line: first,
+                message: format!("the encodings rank {q} sent do not read back: {e}"),
+            })?;
+        out.extend(part);
+    }
+    Ok(out)
 }
 
 /// The training and held-out sequences of a folder written by `berth data prepare`, all
@@ -295,21 +370,26 @@ pub fn read_prepared(
 /// folder's held-out split, `data.dev`, or a seeded `dev_fraction` — turned into segment
 /// pairs when a sentence-pair objective is on. A prepared corpus trains straight from its
 /// memory-mapped shards (the sentence-pair objectives build their pairs in memory); one
-/// rank of several checks only its `share` of those shards, and only the evaluating rank
-/// reads held-out sequences (the others get none).
+/// rank of several checks only its share of those shards, and only the evaluating rank
+/// reads held-out sequences (the others get none); the ranks of `ranks` divide the
+/// tokenization of a text corpus ([`read_corpus_shared`]).
 pub fn read_sequences(
     data: &DataConfig,
     tok: &TextTokenizer,
     seed: u64,
     pairs: Option<SentenceObjective>,
-    share: crate::dist::Share,
+    ranks: Option<&dyn crate::dist::Collective>,
 ) -> Result<(Sequences, Vec<PretrainSequence>)> {
+    let share = ranks.map_or_else(Default::default, crate::dist::Share::of);
     let max_length = data.max_length;
     let read = |path: &Path| -> Result<(Vec<PretrainSequence>, Vec<PretrainSequence>)> {
         if crate::shards::is_prepared(path) {
             read_prepared(path, tok, max_length)
         } else {
-            Ok((read_corpus(path, tok, max_length)?, Vec::new()))
+            Ok((
+                read_corpus_shared(path, tok, max_length, ranks)?,
+                Vec::new(),
+            ))
         }
     };
     if crate::shards::is_prepared(&data.train) && pairs.is_none() {

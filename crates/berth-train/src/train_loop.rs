@@ -323,7 +323,7 @@ pub fn train(
 
     // Data (a token limit with no room for text is refused before anything is encoded).
     crate::objective::check_min_length(objective.max_length(), &lc.model)?;
-    let env = Env::new(&lc.model, lc.seed).with_share(crate::dist::Share::of(collective));
+    let env = Env::new(&lc.model, lc.seed).with_collective(collective);
     let summary = objective.prepare(&env)?;
 
     // Networks and optimizer: fresh, or from the newest checkpoint.

@@ -86,13 +86,13 @@ fn shards_hold_the_sequences_the_text_reader_packs() {
         data.max_length = 64;
         // No held-out sequences (prepared with --val-fraction 0) and no --dev: refused,
         // not evaluated as loss 0 / perplexity 1.
-        let e = read_sequences(&data, &tok, 42, None, Default::default())
+        let e = read_sequences(&data, &tok, 42, None, None)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("held-out split has no sequences"), "{e}");
         data.dev = Some(corpus.clone());
-        let (run, _) = read_sequences(&data, &tok, 42, None, Default::default()).unwrap();
+        let (run, _) = read_sequences(&data, &tok, 42, None, None).unwrap();
         let Sequences::Shards(shards) = &run else {
             panic!("{kind}: a prepared corpus should train from its shards");
         };
@@ -281,7 +281,7 @@ fn ranks_check_their_share_of_the_shards() {
         assert_eq!(c.val.is_empty(), rank == 1, "rank {rank}");
         let mut data = berth_train::objective::DataConfig::new(out.clone());
         data.max_length = 64;
-        let (train, dev) = read_sequences(&data, &tok, 42, None, share(rank)).unwrap();
+        let (train, dev) = read_sequences(&data, &tok, 42, None, Some(&Rank(rank, 2))).unwrap();
         assert_eq!(dev.is_empty(), rank == 1, "rank {rank}");
         let all = berth_train::shards::Shards::new(
             whole
@@ -320,5 +320,27 @@ fn ranks_check_their_share_of_the_shards() {
             .unwrap()
             .to_string();
         assert!(err.contains("truncated"), "rank {rank}: {err}");
+    }
+}
+
+/// Rank `.0` of a pretend world of `.1` that makes no collective call (a prepared corpus's
+/// reading needs none).
+struct Rank(usize, usize);
+
+impl berth_train::dist::Collective for Rank {
+    fn rank(&self) -> usize {
+        self.0
+    }
+    fn world_size(&self) -> usize {
+        self.1
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) -> berth_train::Result<()> {
+        unreachable!("no collective call expected")
+    }
+    fn gather_all(&self, _: &[u8]) -> berth_train::Result<Vec<Vec<u8>>> {
+        unreachable!("no collective call expected")
+    }
+    fn broadcast(&self, _: &mut Vec<u8>) -> berth_train::Result<()> {
+        unreachable!("no collective call expected")
     }
 }

@@ -58,7 +58,7 @@ impl Default for ClassifyConfig {
 }
 
 /// What a classification example is trained towards.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Target {
     /// A class index (`None`: a label outside the label set, ignored by the loss).
     Class(Option<u32>),
@@ -69,7 +69,7 @@ pub enum Target {
 }
 
 /// One encoded text (or pair) with its target.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassifyExample {
     /// Tokens.
     pub enc: Encoded,
@@ -326,8 +326,11 @@ impl Objective for Classify {
             }
             self.labels = Some(labels);
         }
-        self.train = self.encode(&s.train, &self.data.train, env)?;
-        self.dev = self.encode(&s.dev, &s.dev_path, env)?;
+        self.train =
+            env.encode_shared(&s.train, |rows, _| self.encode(rows, &self.data.train, env))?;
+        if env.evaluates() {
+            self.dev = self.encode(&s.dev, &s.dev_path, env)?;
+        }
         Ok(DataSummary {
             labels: self.labels.clone().unwrap_or_default(),
             dev_examples: self.dev.len(),

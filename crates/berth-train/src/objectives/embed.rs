@@ -49,7 +49,7 @@ impl Default for EmbedConfig {
 }
 
 /// An anchor with its positive and optional hard negative.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EmbedExample {
     /// The anchor.
     pub anchor: Encoded,
@@ -201,8 +201,10 @@ impl Objective for Embed {
         let s = split(&self.data, env.seed, |p| {
             data::read_text_examples(p, &cols, skip)
         })?;
-        self.train = self.encode(&s.train, env)?;
-        self.dev = self.encode(&s.dev, env)?;
+        self.train = env.encode_shared(&s.train, |rows, _| self.encode(rows, env))?;
+        if env.evaluates() {
+            self.dev = self.encode(&s.dev, env)?;
+        }
         self.tokenizer = Some(env.tokenizer()?.clone());
         Ok(DataSummary {
             labels: Vec::new(),

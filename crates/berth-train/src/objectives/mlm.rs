@@ -80,7 +80,7 @@ impl MaskedCorpus {
         pairs: Option<SentenceObjective>,
     ) -> Result<DataSummary> {
         (self.train, self.dev) =
-            read_sequences(&self.data, env.tokenizer()?, env.seed, pairs, env.share)?;
+            read_sequences(&self.data, env.tokenizer()?, env.seed, pairs, env.ranks())?;
         self.seed = env.seed;
         Ok(DataSummary {
             labels: Vec::new(),

@@ -35,7 +35,7 @@ pub struct NerConfig {
 }
 
 /// One encoded sentence with its token labels and its words' gold tags.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NerExample {
     /// Tokens.
     pub enc: Encoded,
@@ -196,8 +196,10 @@ impl Objective for Ner {
             }
         }
         self.labels = Some(labels);
-        self.train = self.encode(&s.train, env)?;
-        self.dev = self.encode(&s.dev, env)?;
+        self.train = env.encode_shared(&s.train, |rows, _| self.encode(rows, env))?;
+        if env.evaluates() {
+            self.dev = self.encode(&s.dev, env)?;
+        }
         Ok(DataSummary {
             labels: self.labels.clone().unwrap_or_default(),
             dev_examples: self.dev.len(),

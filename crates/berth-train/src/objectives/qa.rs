@@ -48,7 +48,7 @@ impl Default for QaConfig {
 }
 
 /// One window of a question and its context with the answer's token span.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QaExample {
     /// Tokens (question, then a window of the context).
     pub enc: Encoded,
@@ -154,22 +154,27 @@ impl Objective for Qa {
         let s = split(&self.data, env.seed, |p| data::read_squad(p, skip))?;
         let (max_length, stride) = (self.data.max_length, self.cfg.doc_stride);
         let tok = env.tokenizer()?;
-        let windows: Vec<Vec<QaExample>> = s
-            .train
-            .par_iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let ws =
-                    tok.encode_windows(&q.question, Some(&q.context), max_length, stride, i)?;
-                Ok(ws
-                    .into_iter()
-                    .map(|enc| QaExample {
-                        span: answer_span(&enc, q.answers.first()),
-                        enc,
-                    })
-                    .collect())
-            })
-            .collect::<Result<_>>()?;
+        let windows: Vec<Vec<QaExample>> = env.encode_shared(&s.train, |rows, first| {
+            rows.par_iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let ws = tok.encode_windows(
+                        &q.question,
+                        Some(&q.context),
+                        max_length,
+                        stride,
+                        first + i,
+                    )?;
+                    Ok(ws
+                        .into_iter()
+                        .map(|enc| QaExample {
+                            span: answer_span(&enc, q.answers.first()),
+                            enc,
+                        })
+                        .collect())
+                })
+                .collect::<Result<_>>()
+        })?;
         self.train = windows.into_iter().flatten().collect();
         self.dev = s.dev;
         self.tokenizer = Some(env.tokenizer()?.clone());

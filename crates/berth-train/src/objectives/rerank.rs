@@ -43,7 +43,7 @@ impl Default for RerankConfig {
 }
 
 /// One (query, passage) pair with its relevance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RerankExample {
     /// Tokens of the pair.
     pub enc: Encoded,
@@ -170,8 +170,11 @@ impl Objective for Rerank {
         let s = split(&self.data, env.seed, |p| {
             data::read_text_examples(p, &cols, skip)
         })?;
-        self.train = self.encode(&s.train, &self.data.train, env)?;
-        self.dev = self.encode(&s.dev, &s.dev_path, env)?;
+        self.train =
+            env.encode_shared(&s.train, |rows, _| self.encode(rows, &self.data.train, env))?;
+        if env.evaluates() {
+            self.dev = self.encode(&s.dev, &s.dev_path, env)?;
+        }
         Ok(DataSummary {
             labels: Vec::new(),
             dev_examples: self.dev.len(),
