@@ -18,8 +18,10 @@ mod attention_tiled;
 mod cpu;
 mod dropout;
 mod encoder_layer;
+mod geglu;
 mod layer_norm;
 mod linear;
+mod rope;
 pub mod sgemm;
 mod softmax;
 #[cfg(test)]
@@ -32,8 +34,10 @@ pub use encoder_layer::{
     encoder_layer_train, encoder_layer_train_rows, GradListener, GradSink, LayerDropout,
     LayerWeights,
 };
+pub use geglu::geglu;
 pub use layer_norm::{add_layer_norm, layer_norm, reference_layer_norm};
 pub use linear::{linear, linear_prepacked};
+pub use rope::{rope_qkv, RotaryTable};
 pub use softmax::{reference_softmax, softmax_last_dim};
 
 /// The element types the kernels run on.
