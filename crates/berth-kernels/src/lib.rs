@@ -15,6 +15,7 @@ mod activation;
 pub mod amx;
 mod attention;
 mod attention_tiled;
+mod attention_window;
 mod cpu;
 mod dropout;
 mod encoder_layer;
@@ -29,6 +30,7 @@ mod testing;
 
 pub use activation::{activation, Activation};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
+pub use attention_window::window_attention;
 pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};
 pub use encoder_layer::{
     encoder_layer_train, encoder_layer_train_rows, GradListener, GradSink, LayerDropout,
