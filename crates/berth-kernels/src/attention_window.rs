@@ -92,7 +92,7 @@ impl WindowAttention {
             .filter(|p| p[1] > p[0])
             .flat_map(|p| (0..self.heads).map(move |h| (p[0], p[1] - p[0], h)))
             .collect();
-        t.sort_by(|a, b| b.1.cmp(&a.1));
+        t.sort_by_key(|task| std::cmp::Reverse(task.1));
         t
     }
 

@@ -22,6 +22,9 @@ pub enum Arch {
     /// whose `embedding_size` equals `hidden_size` (no `embeddings_project`), as ELECTRA
     /// base and large and berth's own `--objective rtd` runs.
     Electra,
+    /// `modernbert`: pre-norm layers with rotary positions, GeGLU feed-forward and
+    /// alternating global / sliding-window attention; no position or token-type table.
+    ModernBert,
 }
 
 impl Arch {
@@ -32,8 +35,93 @@ impl Arch {
             Arch::Roberta => "roberta",
             Arch::DistilBert => "distilbert",
             Arch::Electra => "electra",
+            Arch::ModernBert => "model",
         }
     }
+}
+
+/// config.json of ModernBERT, in the form published checkpoints carry
+/// (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) or the one
+/// transformers 5 writes (`layer_types`, `rope_parameters`).
+#[derive(Debug, Clone, Deserialize)]
+#[allow(missing_docs)]
+pub struct ModernBertConfig {
+    pub vocab_size: usize,
+    #[serde(default = "d768")]
+    pub hidden_size: usize,
+    #[serde(default = "d22")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d1152")]
+    pub intermediate_size: usize,
+    #[serde(default = "gelu")]
+    pub hidden_activation: String,
+    #[serde(default = "d8192")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "eps5")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub norm_bias: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "yes")]
+    pub decoder_bias: bool,
+    #[serde(default)]
+    pub classifier_bias: bool,
+    #[serde(default = "gelu")]
+    pub classifier_activation: String,
+    #[serde(default = "cls")]
+    pub classifier_pooling: String,
+    #[serde(default = "d128")]
+    pub local_attention: usize,
+    #[serde(default)]
+    pub global_attn_every_n_layers: Option<usize>,
+    #[serde(default)]
+    pub global_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub rope_parameters: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub attention_dropout: Option<f64>,
+    #[serde(default)]
+    pub mlp_dropout: Option<f64>,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+}
+
+/// What ModernBERT adds to [`EncoderConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModernSettings {
+    /// Per layer: global attention (else a sliding window).
+    pub global: Vec<bool>,
+    /// Rotary base of the global layers.
+    pub global_rope_theta: f64,
+    /// Rotary base of the local layers.
+    pub local_rope_theta: f64,
+    /// Tokens on either side a local layer attends to (`local_attention / 2`).
+    pub half_window: usize,
+    /// Whether the LayerNorms have a bias.
+    pub norm_bias: bool,
+    /// Whether Wqkv and the attention output have biases.
+    pub attention_bias: bool,
+    /// Whether Wi and the feed-forward output have biases.
+    pub mlp_bias: bool,
+    /// Whether the masked-LM decoder has a bias.
+    pub decoder_bias: bool,
+    /// Whether the heads' dense layer has a bias.
+    pub classifier_bias: bool,
+    /// The heads' activation.
+    pub classifier_activation: Activation,
+    /// How the sequence classifier pools: `cls` (first token) or `mean`.
+    pub classifier_mean_pooling: bool,
 }
 
 /// config.json of BERT, RoBERTa, XLM-R and CamemBERT (one schema in transformers).
@@ -118,6 +206,27 @@ struct CommonConfig {
 fn d2() -> usize {
     2
 }
+fn d22() -> usize {
+    22
+}
+fn d128() -> usize {
+    128
+}
+fn d1152() -> usize {
+    1152
+}
+fn d8192() -> usize {
+    8192
+}
+fn eps5() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn cls() -> String {
+    "cls".into()
+}
 fn d6() -> usize {
     6
 }
@@ -179,6 +288,8 @@ pub struct EncoderConfig {
     pub tie_word_embeddings: bool,
     /// Training dropout rates, as transformers applies them.
     pub dropout: DropoutRates,
+    /// ModernBERT's settings (`None` for the BERT family).
+    pub modern: Option<ModernSettings>,
 }
 
 /// Dropout rates of one architecture (used only in training).
@@ -237,6 +348,7 @@ impl EncoderConfig {
             "roberta" | "xlm-roberta" | "camembert" => Arch::Roberta,
             "distilbert" => Arch::DistilBert,
             "electra" => Arch::Electra,
+            "modernbert" => Arch::ModernBert,
             other => {
                 return Err(ModelError::UnknownModelType {
                     path: path.into(),
@@ -278,8 +390,34 @@ impl EncoderConfig {
             problem_type: common.problem_type,
             tie_word_embeddings: common.tie_word_embeddings.unwrap_or(true),
             dropout: DropoutRates::default(),
+            modern: None,
         };
-        if arch == Arch::DistilBert {
+        if arch == Arch::ModernBert {
+            let c: ModernBertConfig =
+                serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            cfg.vocab_size = c.vocab_size;
+            cfg.hidden_size = c.hidden_size;
+            cfg.num_layers = c.num_hidden_layers;
+            cfg.num_heads = c.num_attention_heads;
+            cfg.intermediate_size = c.intermediate_size;
+            cfg.activation = act(&c.hidden_activation)?;
+            cfg.max_position_embeddings = c.max_position_embeddings;
+            cfg.layer_norm_eps = c.norm_eps;
+            cfg.dropout = DropoutRates {
+                hidden: c.mlp_dropout.unwrap_or(0.0),
+                attention: c.attention_dropout.unwrap_or(0.0),
+                sequence_classifier: c.classifier_dropout.unwrap_or(0.0),
+                token_classifier: c.classifier_dropout.unwrap_or(0.0),
+                question_answering: c.classifier_dropout.unwrap_or(0.0),
+            };
+            if let Some(p) = c.pad_token_id.filter(|&p| p as usize >= c.vocab_size) {
+                return Err(bad(format!(
+                    "pad_token_id {p} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            cfg.modern = Some(modern_settings(&c).map_err(bad)?);
+        } else if arch == Arch::DistilBert {
             let c: DistilBertConfig =
                 serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
             cfg.vocab_size = c.vocab_size;
@@ -394,8 +532,12 @@ impl EncoderConfig {
     /// vocabulary-sized matrices), for memory estimates before anything is allocated.
     pub fn approx_parameters(&self) -> u64 {
         let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let embeddings =
-            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as u64 * h;
+        let positions = if self.modern.is_some() {
+            0
+        } else {
+            self.max_position_embeddings
+        };
+        let embeddings = (self.vocab_size + positions + self.type_vocab_size) as u64 * h;
         let layer = 4 * h * h + 2 * h * i + 9 * h + i;
         embeddings + self.num_layers as u64 * layer
     }
@@ -404,6 +546,99 @@ impl EncoderConfig {
     pub fn max_sequence_length(&self) -> usize {
         self.max_position_embeddings - self.position_offset
     }
+}
+
+/// ModernBERT's layer pattern and rotary bases from either config form; an error message
+/// when they disagree with the layer count or name something unknown.
+fn modern_settings(c: &ModernBertConfig) -> std::result::Result<ModernSettings, String> {
+    let n = c.num_hidden_layers;
+    let global: Vec<bool> = match &c.layer_types {
+        Some(types) => {
+            if types.len() != n {
+                return Err(format!(
+                    "layer_types lists {} layers, num_hidden_layers is {n}",
+                    types.len()
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(true),
+                    "sliding_attention" => Ok(false),
+                    other => Err(format!(
+                        "layer type {other:?} (expected full_attention or sliding_attention)"
+                    )),
+                })
+                .collect::<std::result::Result<_, _>>()?
+        }
+        None => {
+            let every = c.global_attn_every_n_layers.unwrap_or(3);
+            if every == 0 {
+                return Err("global_attn_every_n_layers is 0".into());
+            }
+            (0..n).map(|i| i % every == 0).collect()
+        }
+    };
+    // transformers 5: rope_parameters.{full,sliding}_attention.rope_theta; earlier configs:
+    // global_rope_theta / local_rope_theta (defaults 160,000 and 10,000).
+    let theta = |kind: &str, flat: Option<f64>, default: f64| -> std::result::Result<f64, String> {
+        let nested = c.rope_parameters.as_ref().and_then(|r| r.get(kind));
+        if let Some(p) = nested {
+            if let Some(t) = p.get("rope_type").and_then(|t| t.as_str()) {
+                if t != "default" {
+                    return Err(format!("rope_type {t:?} for {kind} (only \"default\")"));
+                }
+            }
+        }
+        let value = nested
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(flat)
+            .unwrap_or(default);
+        if !(value.is_finite() && value > 0.0) {
+            return Err(format!(
+                "rope theta {value} for {kind} is not a positive number"
+            ));
+        }
+        Ok(value)
+    };
+    let global_rope_theta = theta("full_attention", c.global_rope_theta, 160_000.0)?;
+    let local_rope_theta = theta(
+        "sliding_attention",
+        c.local_rope_theta.or(c.global_rope_theta),
+        10_000.0,
+    )?;
+    let classifier_mean_pooling = match c.classifier_pooling.as_str() {
+        "cls" => false,
+        "mean" => true,
+        other => {
+            return Err(format!(
+                "classifier_pooling {other:?} (expected cls or mean)"
+            ))
+        }
+    };
+    if c.hidden_size % c.num_attention_heads.max(1) != 0
+        || (c.hidden_size / c.num_attention_heads.max(1)) % 2 != 0
+    {
+        return Err(format!(
+            "head size {} / {} is not an even integer (rotary embeddings rotate pairs)",
+            c.hidden_size, c.num_attention_heads
+        ));
+    }
+    Ok(ModernSettings {
+        global,
+        global_rope_theta,
+        local_rope_theta,
+        half_window: c.local_attention / 2,
+        norm_bias: c.norm_bias,
+        attention_bias: c.attention_bias,
+        mlp_bias: c.mlp_bias,
+        decoder_bias: c.decoder_bias,
+        classifier_bias: c.classifier_bias,
+        classifier_activation: Activation::from_hidden_act(&c.classifier_activation)
+            .ok_or_else(|| format!("unsupported activation {:?}", c.classifier_activation))?,
+        classifier_mean_pooling,
+    })
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use crate::weights::Weights;
 pub struct Embeddings {
     /// `[V, H]`.
     pub word_embeddings: Tensor,
-    /// `[P, H]`.
-    pub position_embeddings: Tensor,
+    /// `[P, H]`; absent for ModernBERT (rotary positions inside attention).
+    pub position_embeddings: Option<Tensor>,
     /// `[T, H]`; absent for DistilBERT.
     pub token_type_embeddings: Option<Tensor>,
     /// Final LayerNorm.
@@ -50,12 +50,31 @@ impl Embeddings {
             }
             None
         };
+        if let Some(m) = &cfg.modern {
+            // ModernBERT: the token table and a norm, no positions or token types.
+            return Ok(Embeddings {
+                word_embeddings: w.get(
+                    &format!("{p}embeddings.tok_embeddings.weight"),
+                    &[cfg.vocab_size, h],
+                )?,
+                position_embeddings: None,
+                token_type_embeddings: None,
+                layer_norm: LayerNorm::load_with_bias(
+                    w,
+                    &format!("{p}embeddings.norm"),
+                    h,
+                    cfg.layer_norm_eps,
+                    m.norm_bias,
+                )?,
+                position_offset: 0,
+            });
+        }
         Ok(Embeddings {
             word_embeddings: w.get(&names::word_embeddings(p), &[cfg.vocab_size, h])?,
-            position_embeddings: w.get(
+            position_embeddings: Some(w.get(
                 &names::position_embeddings(p),
                 &[cfg.max_position_embeddings, h],
-            )?,
+            )?),
             token_type_embeddings,
             layer_norm: LayerNorm::load(w, &names::embeddings_ln(p), h, cfg.layer_norm_eps)?,
             position_offset: cfg.position_offset,
@@ -70,25 +89,25 @@ impl Embeddings {
     /// [`Self::forward`] with dropout `p` on the output when `d` is given (training).
     pub fn forward_train(&self, b: &Batch, d: Option<&crate::Dropout>, p: f64) -> Result<Tensor> {
         let vocab = self.word_embeddings.dim(0)?;
-        let positions: Vec<u32> = b
-            .position_ids
-            .iter()
-            .map(|&p| p + self.position_offset as u32)
-            .collect();
-        let max_pos = self.position_embeddings.dim(0)?;
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
-            return Err(ModelError::Input(format!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                p as usize - self.position_offset + 1,
-                max_pos - self.position_offset
-            )));
-        }
         let mut x = self
             .word_embeddings
             .index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?;
-        x = (x + self
-            .position_embeddings
-            .index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?)?;
+        if let Some(table) = &self.position_embeddings {
+            let positions: Vec<u32> = b
+                .position_ids
+                .iter()
+                .map(|&p| p + self.position_offset as u32)
+                .collect();
+            let max_pos = table.dim(0)?;
+            if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    p as usize - self.position_offset + 1,
+                    max_pos - self.position_offset
+                )));
+            }
+            x = (x + table.index_select(&Tensor::new(positions.as_slice(), &Device::Cpu)?, 0)?)?;
+        }
         if let Some(tt) = &self.token_type_embeddings {
             let types = ids_tensor(&b.token_type_ids, tt.dim(0)?, "token type id")?;
             x = (x + tt.index_select(&types, 0)?)?;

@@ -21,7 +21,7 @@ pub enum ModelError {
         message: String,
     },
     /// config.json names a `model_type` berth does not implement.
-    #[error("{path}: unknown model_type {model_type:?} (berth supports bert, roberta, xlm-roberta, camembert, distilbert, electra)")]
+    #[error("{path}: unknown model_type {model_type:?} (berth supports bert, roberta, xlm-roberta, camembert, distilbert, electra, modernbert)")]
     UnknownModelType {
         /// The config file.
         path: PathBuf,

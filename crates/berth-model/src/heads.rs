@@ -83,6 +83,20 @@ impl MaskedLmHead {
         } else {
             w.get(decoder, &[v, h])?
         };
+        if let Some(m) = &cfg.modern {
+            // ModernBERT: biases as the config says, the classifier activation.
+            return Ok(MaskedLmHead {
+                dense: Linear::load_with_bias(w, dense, h, h, m.classifier_bias)?,
+                activation: m.classifier_activation,
+                layer_norm: LayerNorm::load_with_bias(w, ln, h, cfg.layer_norm_eps, m.norm_bias)?,
+                bias: if m.decoder_bias {
+                    w.get(bias, &[v])?
+                } else {
+                    Tensor::zeros(v, decoder.dtype(), decoder.device())?
+                },
+                decoder,
+            });
+        }
         Ok(MaskedLmHead {
             dense: Linear::load(w, dense, h, h)?,
             // RoBERTa's head and ELECTRA's generator always use erf GELU.
@@ -174,6 +188,16 @@ impl Head {
         } else {
             cfg.id2label.len()
         };
+        if cfg.arch == Arch::ModernBert && kind != HeadKind::MaskedLm {
+            return Err(crate::error::ModelError::Config {
+                path: cfg.path.clone(),
+                message: format!(
+                    "ModernBERT with a {} head is not supported yet (masked-LM and the bare \
+                     encoder are)",
+                    kind.name()
+                ),
+            });
+        }
         Ok(match kind {
             HeadKind::MaskedLm => Head::MaskedLm(MaskedLmHead::load(w, cfg, word_embeddings)?),
             HeadKind::SequenceClassification => Head::SequenceClassification(match cfg.arch {
@@ -192,6 +216,7 @@ impl Head {
                     pre_classifier: Linear::load(w, "pre_classifier", h, h)?,
                     classifier: Linear::load(w, "classifier", h, classes)?,
                 },
+                Arch::ModernBert => unreachable!("refused above"),
             }),
             HeadKind::TokenClassification => {
                 Head::TokenClassification(Linear::load(w, "classifier", h, classes)?)

@@ -37,8 +37,10 @@ pub struct Model {
     pub dir: PathBuf,
     /// Embeddings.
     pub embeddings: Embeddings,
-    /// Encoder layers.
+    /// Encoder layers (BERT family; empty for ModernBERT).
     pub layers: Vec<Layer>,
+    /// ModernBERT's layers, final norm and rotary tables (`None` for the BERT family).
+    pub modern: Option<crate::modernbert::ModernStack>,
     /// BERT / RoBERTa pooler (`dense` + tanh on the first token), when the checkpoint has it.
     pub pooler: Option<Linear>,
     /// The head named by `architectures`, when the checkpoint has its weights.
@@ -83,21 +85,41 @@ impl Model {
     ) -> Result<(Self, LoadReport)> {
         let p = base_prefix(&config, &w);
         let embeddings = Embeddings::load(&w, &config, &p)?;
-        let layers = (0..config.num_layers)
-            .map(|i| Layer::load(&w, &config, &p, i))
-            .collect::<Result<_>>()?;
+        let (layers, modern) = match &config.modern {
+            Some(m) => {
+                if w.is_trainable() {
+                    return Err(ModelError::Config {
+                        path: config.path.clone(),
+                        message: "ModernBERT runs for inference only so far: fine-tuning and \
+                                  pretraining it are not supported yet"
+                            .into(),
+                    });
+                }
+                (
+                    Vec::new(),
+                    Some(crate::modernbert::ModernStack::load(&w, &config, m, &p)?),
+                )
+            }
+            None => (
+                (0..config.num_layers)
+                    .map(|i| Layer::load(&w, &config, &p, i))
+                    .collect::<Result<_>>()?,
+                None,
+            ),
+        };
         let pooler_key = names::pooler(&p);
-        let pooler =
-            if config.arch != Arch::DistilBert && w.contains(&format!("{pooler_key}.weight")) {
-                Some(Linear::load(
-                    &w,
-                    &pooler_key,
-                    config.hidden_size,
-                    config.hidden_size,
-                )?)
-            } else {
-                None
-            };
+        let pooler = if !matches!(config.arch, Arch::DistilBert | Arch::ModernBert)
+            && w.contains(&format!("{pooler_key}.weight"))
+        {
+            Some(Linear::load(
+                &w,
+                &pooler_key,
+                config.hidden_size,
+                config.hidden_size,
+            )?)
+        } else {
+            None
+        };
         let mut report = LoadReport::default();
         let kind = config
             .architectures
@@ -132,6 +154,7 @@ impl Model {
             dir: dir.into(),
             embeddings,
             layers,
+            modern,
             pooler,
             head,
             seq_relationship,
@@ -143,6 +166,9 @@ impl Model {
     /// Sets the number format of the encoder layers' matrix products (inference only: the
     /// bf16 copies of the weights do not follow training updates).
     pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        if let Some(m) = &mut self.modern {
+            m.set_precision(p)?;
+        }
         for layer in &mut self.layers {
             for lin in [
                 &mut layer.qkv,
@@ -159,6 +185,9 @@ impl Model {
     /// The linear layers [`Self::set_precision`] packs, in order (what `berth quantize`
     /// stores in the lower precision).
     pub fn packed_linears(&self) -> Vec<&Linear> {
+        if let Some(m) = &self.modern {
+            return m.packed_linears();
+        }
         self.layers
             .iter()
             .flat_map(|l| [&l.qkv, &l.attn_out, &l.inter, &l.out])
@@ -199,6 +228,18 @@ impl Model {
             .embeddings
             .forward_train(batch, d, self.config.dropout.hidden)?;
         let fused = x.track_op();
+        if let Some(m) = &self.modern {
+            if d.is_some() || fused {
+                return Err(ModelError::Input(
+                    "ModernBERT runs for inference only so far (no training forward)".into(),
+                ));
+            }
+            let x = m.forward(x, batch)?;
+            return match rows {
+                Some(rows) => Self::select_rows(&x, rows),
+                None => Ok(x),
+            };
+        }
         let cu = &batch.cu_seqlens;
         for (i, layer) in self.layers.iter().enumerate() {
             let last = i + 1 == self.layers.len();
@@ -445,11 +486,44 @@ impl Model {
 
     /// Number of distinct parameters (the tied decoder counted once).
     pub fn num_parameters(&self) -> usize {
+        if let (Some(stack), Some(m)) = (&self.modern, &self.config.modern) {
+            // Bias-free modules hold zero biases that are not parameters.
+            let norm = |n: &crate::modules::LayerNorm| {
+                n.weight.elem_count() + if m.norm_bias { n.bias.elem_count() } else { 0 }
+            };
+            let head = match &self.head {
+                Some(Head::MaskedLm(h)) => {
+                    h.dense.weight.elem_count()
+                        + if m.classifier_bias {
+                            h.dense.bias.elem_count()
+                        } else {
+                            0
+                        }
+                        + norm(&h.layer_norm)
+                        + if m.decoder_bias {
+                            h.bias.elem_count()
+                        } else {
+                            0
+                        }
+                        + if self.config.tie_word_embeddings {
+                            0
+                        } else {
+                            h.decoder.elem_count()
+                        }
+                }
+                _ => 0,
+            };
+            return self.embeddings.word_embeddings.elem_count()
+                + norm(&self.embeddings.layer_norm)
+                + stack.num_parameters(m)
+                + head;
+        }
         let lin = |l: &Linear| l.weight.elem_count() + l.bias.elem_count();
         let ln = |l: &crate::modules::LayerNorm| l.weight.elem_count() + l.bias.elem_count();
         let e = &self.embeddings;
-        let mut n =
-            e.word_embeddings.elem_count() + e.position_embeddings.elem_count() + ln(&e.layer_norm);
+        let mut n = e.word_embeddings.elem_count()
+            + e.position_embeddings.as_ref().map_or(0, |t| t.elem_count())
+            + ln(&e.layer_norm);
         n += e
             .token_type_embeddings
             .as_ref()

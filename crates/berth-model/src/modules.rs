@@ -82,6 +82,27 @@ impl Linear {
         })
     }
 
+    /// [`Self::load`], or without a bias (`{name}.bias` absent: a zero bias).
+    pub fn load_with_bias(
+        w: &Weights,
+        name: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        if bias {
+            return Self::load(w, name, inp, out);
+        }
+        let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+        Ok(Linear {
+            bias: Tensor::zeros(out, weight.dtype(), weight.device())?,
+            weight,
+            packed: None,
+            int8: w.int8(&[format!("{name}.weight")]),
+            weight_keys: vec![format!("{name}.weight")],
+        })
+    }
+
     /// Several linears with the same input, fused along outputs into one matmul.
     pub fn load_fused(w: &Weights, names: &[&str], inp: usize, out: usize) -> Result<Self> {
         let key = |suffix: &str| {
@@ -195,6 +216,19 @@ impl LayerNorm {
         Ok(LayerNorm {
             weight: w.get(&format!("{name}.weight"), &[h])?,
             bias: w.get(&format!("{name}.bias"), &[h])?,
+            eps,
+        })
+    }
+
+    /// [`Self::load`], or without a bias (a zero shift).
+    pub fn load_with_bias(w: &Weights, name: &str, h: usize, eps: f64, bias: bool) -> Result<Self> {
+        if bias {
+            return Self::load(w, name, h, eps);
+        }
+        let weight = w.get(&format!("{name}.weight"), &[h])?;
+        Ok(LayerNorm {
+            bias: Tensor::zeros(h, weight.dtype(), weight.device())?,
+            weight,
             eps,
         })
     }

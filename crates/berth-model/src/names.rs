@@ -64,6 +64,9 @@ pub(crate) fn layer(arch: Arch, p: &str, i: usize) -> LayerKeys {
                 out_ln: format!("{l}.output_layer_norm"),
             }
         }
+        Arch::ModernBert => {
+            unreachable!("ModernBERT layers are loaded by crate::modernbert with their own keys")
+        }
     }
 }
 
@@ -94,5 +97,6 @@ pub fn mlm_head(arch: Arch) -> [&'static str; 4] {
             "vocab_projector.weight",
             "vocab_projector.bias",
         ],
+        Arch::ModernBert => ["head.dense", "head.norm", "decoder.weight", "decoder.bias"],
     }
 }

@@ -461,6 +461,11 @@ impl Weights {
         v
     }
 
+    /// Whether tensors are handed out as trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        self.params.is_some()
+    }
+
     /// The trainable parameters handed out so far (empty unless loaded trainable).
     pub fn params(&self) -> Vec<Param> {
         self.params

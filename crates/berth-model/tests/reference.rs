@@ -1,9 +1,10 @@
 //! berth against PyTorch + transformers on the tiny checkpoints in fixtures/tiny
-//! (made by scripts/make_reference.py): every output, every head, and all gradients.
+//! (made by scripts/make_reference.py): every output, every head, and all gradients; and on
+//! the ModernBERT checkpoints of fixtures/modernbert (scripts/make_modernbert_reference.py).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use berth_model::{Batch, Model, ModelError};
+use berth_model::{Arch, Batch, EncoderConfig, Model, ModelError};
 use candle_core::{DType, Device, Tensor, D};
 
 fn tiny(name: &str) -> PathBuf {
@@ -454,4 +455,161 @@ fn every_precision_is_deterministic_and_close_to_transformers() {
             }
         }
     }
+}
+
+/// A tiny ModernBERT checkpoint of fixtures/modernbert (scripts/make_modernbert_reference.py):
+/// `mlm` in the published config form without biases, `mlm-biased` in the form
+/// transformers 5 writes with every bias on. Texts run from shorter than the 8-token
+/// sliding window to 1,758 tokens.
+fn modern(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/modernbert")
+        .join(name)
+}
+
+#[test]
+fn modernbert_hidden_states_and_logits_match_transformers() {
+    for name in ["mlm", "mlm-biased"] {
+        let dir = modern(name);
+        let (model, report) = Model::load(&dir, false).unwrap();
+        assert!(report.missing_head.is_none(), "{name}: {report:?}");
+        let count: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("num_parameters.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            model.num_parameters() as u64,
+            count["num_parameters"].as_u64().unwrap(),
+            "{name}: parameters"
+        );
+        assert!(
+            report.unused.is_empty(),
+            "{name}: unused {:?}",
+            report.unused
+        );
+        let r: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        let ids: Vec<u32> = ints(&r["input_ids"])
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let cu: Vec<usize> = ints(&r["cu_seqlens"])
+            .into_iter()
+            .map(|v| v as usize)
+            .collect();
+        let zeros = vec![0u32; ids.len()];
+        let batch = Batch::from_sequences(
+            cu.windows(2)
+                .map(|w| (&ids[w[0]..w[1]], &zeros[w[0]..w[1]])),
+        )
+        .unwrap();
+        assert!(cu.windows(2).any(|w| w[1] - w[0] > 1000));
+        let hidden = model.forward(&batch).unwrap();
+        let d = max_diff(&hidden, &r["last_hidden_state"]);
+        println!("{name}: last hidden state max abs diff {d:.2e}");
+        assert!(d <= 1e-4, "{name}: hidden {d}");
+        let rows: Vec<u32> = ints(&r["logit_rows"])
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let picked = Model::select_rows(&hidden, &rows).unwrap();
+        let logits = model.mlm_logits(&picked).unwrap();
+        let d = max_diff(&logits, &r["logits"]);
+        println!("{name}: masked-LM logits max abs diff {d:.2e}");
+        assert!(d <= 1e-4, "{name}: logits {d}");
+        // One sequence alone gives its rows of the packed batch.
+        let (a, b) = (cu[2], cu[3]);
+        let alone = model
+            .forward(&Batch::from_sequences([(&ids[a..b], &zeros[a..b])]).unwrap())
+            .unwrap();
+        let d = max_diff(&alone, &hidden.narrow(0, a, b - a).unwrap());
+        assert!(d <= 1e-5, "{name}: alone vs packed {d}");
+    }
+}
+
+/// The published form (global_attn_every_n_layers, global / local rope theta) and the one
+/// transformers 5 writes (layer_types, rope_parameters) read the same; bad values are
+/// errors naming the file and the field.
+#[test]
+fn modernbert_config_forms_parse() {
+    let path = Path::new("config.json");
+    let parse = |s: &str| EncoderConfig::from_json(s, path);
+    let base = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"num_hidden_layers":4,"local_attention":6"#;
+    let old = parse(&format!(
+        r#"{{{base},"global_attn_every_n_layers":2,"global_rope_theta":5.0,"local_rope_theta":3.0}}"#
+    ))
+    .unwrap();
+    let new = parse(&format!(
+        r#"{{{base},"layer_types":["full_attention","sliding_attention","full_attention","sliding_attention"],"rope_parameters":{{"full_attention":{{"rope_type":"default","rope_theta":5.0}},"sliding_attention":{{"rope_type":"default","rope_theta":3.0}}}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(old.arch, Arch::ModernBert);
+    assert_eq!(old.modern, new.modern);
+    let m = old.modern.unwrap();
+    assert_eq!(m.global, [true, false, true, false]);
+    assert_eq!(
+        (m.global_rope_theta, m.local_rope_theta, m.half_window),
+        (5.0, 3.0, 3)
+    );
+    // Defaults: every third layer global, bases 160,000 and 10,000.
+    let d = parse(&format!("{{{base}}}")).unwrap().modern.unwrap();
+    assert_eq!(d.global, [true, false, false, true]);
+    assert_eq!(
+        (d.global_rope_theta, d.local_rope_theta),
+        (160_000.0, 10_000.0)
+    );
+    for (bad, needle) in [
+        (r#""layer_types":["full_attention"]"#, "layer_types lists 1"),
+        (
+            r#""layer_types":["full_attention","chunked","full_attention","full_attention"]"#,
+            "chunked",
+        ),
+        (
+            r#""rope_parameters":{"full_attention":{"rope_type":"yarn","rope_theta":5.0}}"#,
+            "yarn",
+        ),
+        (
+            r#""global_attn_every_n_layers":0"#,
+            "global_attn_every_n_layers",
+        ),
+        (r#""classifier_pooling":"max""#, "classifier_pooling"),
+        (r#""global_rope_theta":-1.0"#, "rope theta"),
+    ] {
+        let e = parse(&format!("{{{base},{bad}}}")).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains(needle),
+            "{bad}: {e}"
+        );
+    }
+    // An odd head size cannot be rotated in pairs.
+    let e = parse(
+        r#"{"model_type":"modernbert","vocab_size":10,"hidden_size":6,"num_attention_heads":2}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("even"), "{e}");
+}
+
+/// Training a ModernBERT is refused with a clear error (inference only so far), and a
+/// sequence longer than max_position_embeddings is an input error, not a panic.
+#[test]
+fn modernbert_training_and_over_long_inputs_are_refused() {
+    let e = berth_model::Weights::from_dir(&modern("mlm"), true)
+        .and_then(|w| {
+            let cfg = EncoderConfig::from_file(&modern("mlm").join("config.json"))?;
+            Model::from_weights(cfg, w, &modern("mlm"))
+        })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("inference only"), "{e}");
+    let (model, _) = Model::load(&modern("mlm"), false).unwrap();
+    let ids = vec![5u32; 2049];
+    let zeros = vec![0u32; ids.len()];
+    let e = model
+        .forward(&Batch::from_sequences([(&ids[..], &zeros[..])]).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2048 positions"), "{e}");
 }

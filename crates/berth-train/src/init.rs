@@ -37,6 +37,7 @@ fn class_name(arch: Arch, head: &TaskHead) -> String {
         Arch::Roberta => "Roberta",
         Arch::DistilBert => "DistilBert",
         Arch::Electra => "Electra",
+        Arch::ModernBert => "ModernBert",
     };
     let suffix = match kind {
         HeadKind::MaskedLm => "ForMaskedLM",
@@ -68,6 +69,13 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
         (HeadKind::SequenceClassification, Arch::DistilBert) => {
             [lin("pre_classifier", h, h), lin("classifier", c, h)].concat()
         }
+        // ModernBERT (loading refuses training it for now): dense → act → norm → classifier.
+        (HeadKind::SequenceClassification, Arch::ModernBert) => [
+            lin("head.dense", h, h),
+            vec![("head.norm.weight".into(), vec![h])],
+            lin("classifier", c, h),
+        ]
+        .concat(),
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
         (HeadKind::ReplacedTokenDetection, _) => [
