@@ -15,7 +15,9 @@ Both use a local window of 8 tokens, so every text but the shortest is longer th
 one text is over 1,000 tokens. reference.safetensors holds the packed input ids,
 cu_seqlens, the last hidden state (every token) and masked-LM logits at `logit_rows`;
 fill_mask.json transformers' fill-mask pipeline on a masked text; num_parameters.json the model's
-num_parameters() (the tied decoder counted once). Nothing is computed by berth.
+num_parameters() (the tied decoder counted once). Heads: seqcls-mean (mean pooling),
+seqcls-cls-biased (first token, every bias), tokcls and qa, with their logits over every
+token (sequence logits per text). Nothing is computed by berth.
 """
 import json
 import shutil
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import BertTokenizerFast, ModernBertConfig, ModernBertForMaskedLM, pipeline
+from transformers import (BertTokenizerFast, ModernBertConfig, ModernBertForMaskedLM,
+                          ModernBertForQuestionAnswering, ModernBertForSequenceClassification,
+                          ModernBertForTokenClassification, pipeline)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "fixtures" / "modernbert"
@@ -42,9 +46,9 @@ long_text = " ".join(SENTENCES[i % 4] for i in range(90))
 texts = ["hello world", SENTENCES[2], long_text, MASKED]
 
 
-def build(name, cfg, berth_config):
+def build(name, cfg, berth_config, cls=ModernBertForMaskedLM):
     torch.manual_seed(0)
-    model = ModernBertForMaskedLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
@@ -67,32 +71,42 @@ def build(name, cfg, berth_config):
 
     enc = [tok(t)["input_ids"] for t in texts]
     assert len(enc[2]) > 1000, len(enc[2])
-    hidden, rows, logits = [], [], []
-    start = 0
-    with torch.no_grad():
-        for ids in enc:
-            out = model(torch.tensor([ids]))
-            # The base model's last_hidden_state is after final_norm (hidden_states[-1] is
-            # the last layer's output before it).
-            h = model.model(torch.tensor([ids])).last_hidden_state[0]
-            hidden.append(h)
-            picked = sorted({0, len(ids) // 2, len(ids) - 1} | {i for i in range(0, len(ids), 97)})
-            rows += [start + i for i in picked]
-            logits.append(out.logits[0, picked])
-            start += len(ids)
     cu = [0]
     for ids in enc:
         cu.append(cu[-1] + len(ids))
-    save_file({
-        "input_ids": torch.tensor(sum(enc, []), dtype=torch.int64),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int64),
-        "last_hidden_state": torch.cat(hidden).contiguous(),
-        "logit_rows": torch.tensor(rows, dtype=torch.int64),
-        "logits": torch.cat(logits).contiguous(),
-    }, d / "reference.safetensors")
+    ref = {"input_ids": torch.tensor(sum(enc, []), dtype=torch.int64),
+           "cu_seqlens": torch.tensor(cu, dtype=torch.int64)}
+    hidden, rows, outs = [], [], []
+    with torch.no_grad():
+        for start, ids in zip(cu, enc):
+            x = torch.tensor([ids])
+            out = model(x)
+            # The base model's last_hidden_state is after final_norm (hidden_states[-1] is
+            # the last layer's output before it).
+            hidden.append(model.model(x).last_hidden_state[0])
+            if cls is ModernBertForMaskedLM:
+                picked = sorted({0, len(ids) // 2, len(ids) - 1} | set(range(0, len(ids), 97)))
+                rows += [start + i for i in picked]
+                outs.append(out.logits[0, picked])
+            elif cls is ModernBertForQuestionAnswering:
+                outs.append(torch.stack([out.start_logits[0], out.end_logits[0]], dim=1))
+            else:
+                outs.append(out.logits[0] if cls is ModernBertForTokenClassification else out.logits)
+    if cls is ModernBertForMaskedLM:  # (the heads' references keep their logits only)
+        ref["last_hidden_state"] = torch.cat(hidden).contiguous()
+    if cls is ModernBertForQuestionAnswering:
+        both = torch.cat(outs)
+        ref["start_logits"] = both[:, 0].contiguous()
+        ref["end_logits"] = both[:, 1].contiguous()
+    else:
+        ref["logits"] = torch.cat(outs).contiguous()
+    if rows:
+        ref["logit_rows"] = torch.tensor(rows, dtype=torch.int64)
+    save_file(ref, d / "reference.safetensors")
     (d / "num_parameters.json").write_text(json.dumps({"num_parameters": model.num_parameters()}) + "\n")
-    fill = pipeline("fill-mask", model=model, tokenizer=tok, top_k=5)(MASKED)
-    (d / "fill_mask.json").write_text(json.dumps({"text": MASKED, "predictions": fill}, indent=1) + "\n")
+    if cls is ModernBertForMaskedLM:
+        fill = pipeline("fill-mask", model=model, tokenizer=tok, top_k=5)(MASKED)
+        (d / "fill_mask.json").write_text(json.dumps({"text": MASKED, "predictions": fill}, indent=1) + "\n")
     print(f"{d}: {sum(len(e) for e in enc)} tokens, sequences {[len(e) for e in enc]}")
 
 
@@ -112,3 +126,17 @@ build("mlm-biased", biased, {
                         "sliding_attention": {"rope_type": "default", "rope_theta": 2000.0}},
     "global_attn_every_n_layers": None, "global_rope_theta": None, "local_rope_theta": None,
 })
+
+# Heads: sequence classification with mean pooling (and cls pooling on the biased config),
+# token classification, question answering.
+labels = {"id2label": {0: "negative", 1: "neutral", 2: "positive"},
+          "label2id": {"negative": 0, "neutral": 1, "positive": 2}}
+build("seqcls-mean", ModernBertConfig(**common, classifier_pooling="mean", **labels), {},
+      ModernBertForSequenceClassification)
+build("seqcls-cls-biased", ModernBertConfig(**{**common, "attn_implementation": "eager"},
+      classifier_pooling="cls", norm_bias=True, attention_bias=True, mlp_bias=True,
+      classifier_bias=True, **labels), {}, ModernBertForSequenceClassification)
+tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+build("tokcls", ModernBertConfig(**common, id2label=dict(enumerate(tags)),
+      label2id={t: i for i, t in enumerate(tags)}), {}, ModernBertForTokenClassification)
+build("qa", ModernBertConfig(**common), {}, ModernBertForQuestionAnswering)

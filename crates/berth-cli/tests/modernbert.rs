@@ -112,8 +112,7 @@ fn long_text_embeddings_match_transformers() {
     assert!(worst <= 1e-5, "embedding differs by {worst}");
 }
 
-/// Training a ModernBERT is refused before any work with a clear error; a ModernBERT
-/// checkpoint with an unsupported head too.
+/// Training a ModernBERT is refused before any work with a clear error.
 #[test]
 fn unsupported_uses_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -131,18 +130,50 @@ fn unsupported_uses_are_refused_clearly() {
         tmp.path().join("run").to_str().unwrap(),
     ]);
     fails_with(&out, &["inference only"]);
-    let head = tmp.path().join("seqcls");
-    std::fs::create_dir(&head).unwrap();
-    for e in std::fs::read_dir(root().join("fixtures/modernbert/mlm")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), head.join(e.file_name())).unwrap();
+}
+
+/// `berth classify` on ModernBERT sequence classifiers (mean pooling; first token with every
+/// bias), up to the 1,758-token text: transformers' label (the argmax of its logits) and
+/// its softmax score.
+#[test]
+fn classify_matches_transformers_logits() {
+    let sentences = [
+        "the quick brown fox jumps over the lazy dog.",
+        "hello world, this is a tiny corpus for a tiny tokenizer!",
+        "who is there? the dog is there, and the fox is not.",
+        "berth runs bert in rust, end to end, without padding.",
+    ];
+    let long: Vec<&str> = (0..90).map(|i| sentences[i % 4]).collect();
+    let long = long.join(" ");
+    let texts = [
+        "hello world",
+        sentences[2],
+        &long,
+        "the quick brown [MASK] jumps over the lazy dog.",
+    ];
+    for name in ["seqcls-mean", "seqcls-cls-biased"] {
+        let dir = root().join("fixtures/modernbert").join(name);
+        let r: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        let logits = r["logits"].to_vec2::<f32>().unwrap();
+        let model = dir.display().to_string();
+        let mut args = vec!["classify", "--model", &model, "--max-length", "2048"];
+        args.extend(texts);
+        let out = json_lines(&ok(&berth(&args)));
+        let names = ["negative", "neutral", "positive"];
+        for (k, row) in logits.iter().enumerate() {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+            let best = row.iter().position(|&x| x == max).unwrap();
+            let got = &out[k]["labels"][0];
+            assert_eq!(got["label"], names[best], "{name} text {k}: {got}");
+            let score = got["score"].as_f64().unwrap();
+            assert!(
+                (score - 1.0 / sum).abs() <= 1e-5,
+                "{name} text {k}: {score} vs {}",
+                1.0 / sum
+            );
+        }
     }
-    let cfg = head.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "ModernBertForMaskedLM",
-        "ModernBertForSequenceClassification",
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let out = berth(&["classify", "--model", head.to_str().unwrap(), "hello"]);
-    fails_with(&out, &["sequence-classification head is not supported yet"]);
 }

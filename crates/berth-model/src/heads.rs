@@ -119,6 +119,36 @@ impl MaskedLmHead {
     }
 }
 
+/// ModernBERT's prediction head before its classifiers (`head`): dense → activation → norm.
+#[derive(Debug, Clone)]
+pub struct ModernTransform {
+    /// `[H, H]` (bias per `classifier_bias`).
+    pub dense: Linear,
+    /// `classifier_activation`.
+    pub activation: Activation,
+    /// LayerNorm (bias per `norm_bias`).
+    pub norm: LayerNorm,
+}
+
+impl ModernTransform {
+    /// Loads `head.dense` and `head.norm`.
+    pub(crate) fn load(w: &Weights, cfg: &EncoderConfig) -> Result<Self> {
+        let m = cfg.modern.as_ref().expect("a ModernBERT config");
+        let h = cfg.hidden_size;
+        Ok(ModernTransform {
+            dense: Linear::load_with_bias(w, "head.dense", h, h, m.classifier_bias)?,
+            activation: m.classifier_activation,
+            norm: LayerNorm::load_with_bias(w, "head.norm", h, cfg.layer_norm_eps, m.norm_bias)?,
+        })
+    }
+
+    /// `x [R, H]` → `[R, H]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = berth_kernels::activation(&self.dense.forward(x)?, self.activation)?;
+        self.norm.forward(&x)
+    }
+}
+
 /// Sequence classification on the first token of each sequence.
 #[derive(Debug, Clone)]
 pub enum SequenceClassificationHead {
@@ -147,6 +177,16 @@ pub enum SequenceClassificationHead {
         pre_classifier: Linear,
         /// `[C, H]`.
         classifier: Linear,
+    },
+    /// ModernBERT: first token or mean over the sequence (`classifier_pooling`) → `head`
+    /// → `classifier`.
+    ModernBert {
+        /// The prediction head.
+        transform: ModernTransform,
+        /// `[C, H]`.
+        classifier: Linear,
+        /// Mean over the sequence's tokens instead of its first token.
+        mean_pooling: bool,
     },
 }
 
@@ -188,14 +228,10 @@ impl Head {
         } else {
             cfg.id2label.len()
         };
-        if cfg.arch == Arch::ModernBert && kind != HeadKind::MaskedLm {
+        if cfg.modern.is_some() && kind == HeadKind::ReplacedTokenDetection {
             return Err(crate::error::ModelError::Config {
                 path: cfg.path.clone(),
-                message: format!(
-                    "ModernBERT with a {} head is not supported yet (masked-LM and the bare \
-                     encoder are)",
-                    kind.name()
-                ),
+                message: format!("ModernBERT has no {} head", kind.name()),
             });
         }
         Ok(match kind {
@@ -216,10 +252,22 @@ impl Head {
                     pre_classifier: Linear::load(w, "pre_classifier", h, h)?,
                     classifier: Linear::load(w, "classifier", h, classes)?,
                 },
-                Arch::ModernBert => unreachable!("refused above"),
+                Arch::ModernBert => SequenceClassificationHead::ModernBert {
+                    transform: ModernTransform::load(w, cfg)?,
+                    classifier: Linear::load(w, "classifier", h, classes)?,
+                    mean_pooling: cfg
+                        .modern
+                        .as_ref()
+                        .is_some_and(|m| m.classifier_mean_pooling),
+                },
             }),
             HeadKind::TokenClassification => {
                 Head::TokenClassification(Linear::load(w, "classifier", h, classes)?)
+            }
+            // ModernBERT's QA outputs are its `classifier` (after the transform the model
+            // keeps, see `Model::transform`).
+            HeadKind::QuestionAnswering if cfg.arch == Arch::ModernBert => {
+                Head::QuestionAnswering(Linear::load(w, "classifier", h, 2)?)
             }
             HeadKind::QuestionAnswering => {
                 Head::QuestionAnswering(Linear::load(w, "qa_outputs", h, 2)?)

@@ -41,6 +41,9 @@ pub struct Model {
     pub layers: Vec<Layer>,
     /// ModernBERT's layers, final norm and rotary tables (`None` for the BERT family).
     pub modern: Option<crate::modernbert::ModernStack>,
+    /// ModernBERT's prediction head before the token-classification and QA classifiers
+    /// (`head.dense` → activation → `head.norm`).
+    pub transform: Option<crate::heads::ModernTransform>,
     /// BERT / RoBERTa pooler (`dense` + tanh on the first token), when the checkpoint has it.
     pub pooler: Option<Linear>,
     /// The head named by `architectures`, when the checkpoint has its weights.
@@ -136,6 +139,14 @@ impl Model {
                 Err(e) => return Err(e),
             },
         };
+        let transform = match kind {
+            Some(HeadKind::TokenClassification | HeadKind::QuestionAnswering)
+                if config.modern.is_some() && head.is_some() =>
+            {
+                Some(crate::heads::ModernTransform::load(&w, &config)?)
+            }
+            _ => None,
+        };
         let seq_relationship =
             if config.arch == Arch::Bert && w.contains("cls.seq_relationship.weight") {
                 Some(Linear::load(
@@ -155,6 +166,7 @@ impl Model {
             embeddings,
             layers,
             modern,
+            transform,
             pooler,
             head,
             seq_relationship,
@@ -387,6 +399,20 @@ impl Model {
         batch: &Batch,
         d: Option<&Dropout>,
     ) -> Result<Tensor> {
+        if let Some(Head::SequenceClassification(SequenceClassificationHead::ModernBert {
+            mean_pooling: true,
+            ..
+        })) = &self.head
+        {
+            // ModernBERT's `classifier_pooling: mean`: the mean over each sequence.
+            let means = (0..batch.num_sequences())
+                .map(|s| {
+                    let r = batch.range(s);
+                    hidden.narrow(0, r.start, r.len())?.mean_keepdim(0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return self.sequence_logits_first(&Tensor::cat(&means, 0)?, d);
+        }
         self.sequence_logits_first(&Self::first_tokens(hidden, batch)?, d)
     }
 
@@ -420,6 +446,11 @@ impl Model {
                 pre_classifier,
                 classifier,
             } => classifier.forward(&drop(pre_classifier.forward(first)?.relu()?)?),
+            SequenceClassificationHead::ModernBert {
+                transform,
+                classifier,
+                ..
+            } => classifier.forward(&drop(transform.forward(first)?)?),
         }
     }
 
@@ -431,6 +462,14 @@ impl Model {
     /// [`Self::token_logits`] with the head's training dropout when `d` is given (`hidden`:
     /// the selected token rows the loss reads, keyed as such; see [`Dropout::apply_selected`]).
     pub fn token_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
+        let transformed;
+        let hidden = match &self.transform {
+            Some(t) => {
+                transformed = t.forward(hidden)?;
+                &transformed
+            }
+            None => hidden,
+        };
         match &self.head {
             Some(Head::TokenClassification(l)) => match d {
                 Some(d) => {
@@ -453,6 +492,14 @@ impl Model {
         hidden: &Tensor,
         d: Option<&Dropout>,
     ) -> Result<(Tensor, Tensor)> {
+        let transformed;
+        let hidden = match &self.transform {
+            Some(t) => {
+                transformed = t.forward(hidden)?;
+                &transformed
+            }
+            None => hidden,
+        };
         match &self.head {
             Some(Head::QuestionAnswering(l)) => {
                 let hidden = match d {
@@ -491,14 +538,19 @@ impl Model {
             let norm = |n: &crate::modules::LayerNorm| {
                 n.weight.elem_count() + if m.norm_bias { n.bias.elem_count() } else { 0 }
             };
+            let dense = |l: &Linear| {
+                l.weight.elem_count()
+                    + if m.classifier_bias {
+                        l.bias.elem_count()
+                    } else {
+                        0
+                    }
+            };
+            let transform = |t: &crate::heads::ModernTransform| dense(&t.dense) + norm(&t.norm);
+            let lin = |l: &Linear| l.weight.elem_count() + l.bias.elem_count();
             let head = match &self.head {
                 Some(Head::MaskedLm(h)) => {
-                    h.dense.weight.elem_count()
-                        + if m.classifier_bias {
-                            h.dense.bias.elem_count()
-                        } else {
-                            0
-                        }
+                    dense(&h.dense)
                         + norm(&h.layer_norm)
                         + if m.decoder_bias {
                             h.bias.elem_count()
@@ -510,6 +562,14 @@ impl Model {
                         } else {
                             h.decoder.elem_count()
                         }
+                }
+                Some(Head::SequenceClassification(SequenceClassificationHead::ModernBert {
+                    transform: t,
+                    classifier,
+                    ..
+                })) => transform(t) + lin(classifier),
+                Some(Head::TokenClassification(l) | Head::QuestionAnswering(l)) => {
+                    self.transform.as_ref().map_or(0, transform) + lin(l)
                 }
                 _ => 0,
             };
@@ -561,6 +621,10 @@ impl Model {
                 pre_classifier,
                 classifier,
             })) => lin(pre_classifier) + lin(classifier),
+            // Counted by the ModernBERT branch above.
+            Some(Head::SequenceClassification(SequenceClassificationHead::ModernBert {
+                ..
+            })) => 0,
             Some(Head::TokenClassification(l)) | Some(Head::QuestionAnswering(l)) => lin(l),
         };
         n

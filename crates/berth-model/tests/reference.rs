@@ -613,3 +613,56 @@ fn modernbert_training_and_over_long_inputs_are_refused() {
         .to_string();
     assert!(e.contains("2048 positions"), "{e}");
 }
+
+/// ModernBERT's sequence classification (mean pooling; first token with every bias), token
+/// classification and QA heads: logits of the packed batch against transformers.
+#[test]
+fn modernbert_heads_match_transformers() {
+    for name in ["seqcls-mean", "seqcls-cls-biased", "tokcls", "qa"] {
+        let dir = modern(name);
+        let (model, report) = Model::load(&dir, false).unwrap();
+        assert!(report.missing_head.is_none(), "{name}: {report:?}");
+        assert!(
+            report.unused.is_empty(),
+            "{name}: unused {:?}",
+            report.unused
+        );
+        let count: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("num_parameters.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            model.num_parameters() as u64,
+            count["num_parameters"].as_u64().unwrap(),
+            "{name}: parameters"
+        );
+        let r = load_ref(&dir.join("reference.safetensors"));
+        let ids: Vec<u32> = ints(&r["input_ids"]);
+        let cu: Vec<usize> = ints(&r["cu_seqlens"])
+            .into_iter()
+            .map(|v| v as usize)
+            .collect();
+        let zeros = vec![0u32; ids.len()];
+        let batch = Batch::from_sequences(
+            cu.windows(2)
+                .map(|w| (&ids[w[0]..w[1]], &zeros[w[0]..w[1]])),
+        )
+        .unwrap();
+        let hidden = model.forward(&batch).unwrap();
+        if name == "qa" {
+            let (s, e) = model.qa_logits(&hidden).unwrap();
+            check("modernbert qa start", &s, &r["start_logits"], 1e-4);
+            check("modernbert qa end", &e, &r["end_logits"], 1e-4);
+        } else if name == "tokcls" {
+            check(
+                "modernbert token logits",
+                &model.token_logits(&hidden).unwrap(),
+                &r["logits"],
+                1e-4,
+            );
+        } else {
+            let logits = model.sequence_logits(&hidden, &batch).unwrap();
+            check(&format!("modernbert {name}"), &logits, &r["logits"], 1e-4);
+        }
+    }
+}
