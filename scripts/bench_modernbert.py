@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""berth vs PyTorch (transformers, sdpa attention) on a bert-base-sized ModernBERT with random
+weights (22 layers, hidden 768, 12 heads, intermediate 1152, global attention every 3rd
+layer, local window 128), batch 1, at 512, 2,048 and 8,192 tokens, f32, same threads.
+
+    python3 scripts/bench_modernbert.py [--threads 2] [--lengths 512,2048,8192] [--repeat 3]
+
+berth runs `berth embed --input FILE --batch-tokens N` (one text per batch: batch 1) on 1 + R
+copies of the text and on one copy; the time per text is the difference over R, so model
+loading and process start are left out (R grows for short texts so the difference dwarfs
+that noise). PyTorch
+runs ModernBertModel under torch.inference_mode, the best of --repeat. Prints seconds per
+text, tokens/s and berth's ratio, and berth's time per token across lengths.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--lengths", default="512,2048,8192")
+ap.add_argument("--repeat", type=int, default=3)
+ap.add_argument("--berth", default=str(ROOT / "target" / "release" / "berth"))
+args = ap.parse_args()
+os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+import torch  # noqa: E402
+from transformers import ModernBertConfig, ModernBertModel  # noqa: E402
+
+torch.set_num_threads(args.threads)
+work = Path(tempfile.mkdtemp())
+vocab = ROOT / "fixtures" / "vocab" / "wordpiece"
+cfg = ModernBertConfig(vocab_size=2000, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                       cls_token_id=2, sep_token_id=3, hidden_size=768, num_hidden_layers=22,
+                       num_attention_heads=12, intermediate_size=1152, local_attention=128,
+                       global_attn_every_n_layers=3, max_position_embeddings=8192,
+                       attn_implementation="sdpa")
+torch.manual_seed(0)
+model = ModernBertModel(cfg).eval()
+model.save_pretrained(work / "model", safe_serialization=True)
+for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]:
+    shutil.copy(vocab / f, work / "model" / f)
+
+words = "the quick brown fox jumps over the lazy dog and runs far away".split()
+text = " ".join(words[i % len(words)] for i in range(9000))
+print(f"threads {args.threads}; model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+print("tokens | PyTorch s | berth s | berth / PyTorch speed | berth µs per token")
+for n in [int(x) for x in args.lengths.split(",")]:
+    ids = torch.randint(5, 2000, (1, n))
+    best = float("inf")
+    with torch.inference_mode():
+        model(ids)  # warm-up
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            model(ids)
+            best = min(best, time.perf_counter() - t)
+    # Enough copies that their compute dwarfs the noise of process start and model loading.
+    extra = max(args.repeat, (8192 // n) * args.repeat // 2)
+    times = {}
+    for copies in [1, 1 + extra]:
+        f = work / f"in-{copies}.txt"
+        f.write_text((text + "\n") * copies)
+        t = time.perf_counter()
+        subprocess.run([args.berth, "--threads", str(args.threads), "embed", "--model",
+                        str(work / "model"), "--max-length", str(n), "--batch-tokens", str(n),
+                        "--input", str(f),
+                        "--output", str(work / "out.jsonl")], check=True,
+                       stdout=subprocess.DEVNULL)
+        times[copies] = time.perf_counter() - t
+    ours = (times[1 + extra] - times[1]) / extra
+    print(f"{n} | {best:.3f} | {ours:.3f} | {best / ours:.2f}x | {1e6 * ours / n:.1f}")
+shutil.rmtree(work)
