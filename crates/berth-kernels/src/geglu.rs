@@ -77,25 +77,14 @@ impl CustomOp1 for GeGlu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, gradcheck, randn};
-    use candle_core::{Device, Var};
-
-    fn matrix(v: &serde_json::Value) -> Tensor {
-        let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
-        let (n, w) = (rows.len(), rows[0].len());
-        Tensor::from_vec(rows.concat(), (n, w), &Device::Cpu).unwrap()
-    }
+    use crate::testing::{assert_close, gradcheck, matrix, modernbert_kernels, randn};
+    use candle_core::Var;
 
     /// transformers' `ModernBertMLP` gate (scripts/make_modernbert_kernel_reference.py):
     /// output and input gradient.
     #[test]
     fn matches_transformers() -> Result<()> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/modernbert/kernels.json"
-        );
-        let f: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let f = modernbert_kernels();
         let r = &f["geglu"];
         let act = Activation::from_hidden_act(r["activation"].as_str().unwrap()).unwrap();
         let x = Var::from_tensor(&matrix(&r["x"]))?;

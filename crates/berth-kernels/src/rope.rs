@@ -180,22 +180,8 @@ impl CustomOp1 for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, gradcheck, randn};
+    use crate::testing::{assert_close, gradcheck, matrix, modernbert_kernels as fixture, randn};
     use candle_core::{DType, Device, Var};
-
-    fn fixture() -> serde_json::Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/modernbert/kernels.json"
-        );
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-
-    fn matrix(v: &serde_json::Value) -> Tensor {
-        let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
-        let (n, w) = (rows.len(), rows[0].len());
-        Tensor::from_vec(rows.concat(), (n, w), &Device::Cpu).unwrap()
-    }
 
     /// transformers' `apply_rotary_pos_emb` (scripts/make_modernbert_kernel_reference.py):
     /// two packed sequences, both of ModernBERT's bases, outputs and input gradients.

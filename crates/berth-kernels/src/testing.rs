@@ -80,3 +80,19 @@ pub fn lcg(seed: &mut u64) -> f32 {
         .wrapping_add(1442695040888963407);
     ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
 }
+
+/// fixtures/modernbert/kernels.json (scripts/make_modernbert_kernel_reference.py).
+pub fn modernbert_kernels() -> serde_json::Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/modernbert/kernels.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("kernels.json")).expect("JSON")
+}
+
+/// A JSON list of equal-length rows as an f32 `[rows, cols]` tensor.
+pub fn matrix(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).expect("rows of numbers");
+    let (n, w) = (rows.len(), rows[0].len());
+    Tensor::from_vec(rows.concat(), (n, w), &Device::Cpu).expect("rectangular")
+}

@@ -462,14 +462,7 @@ impl Model {
     /// [`Self::token_logits`] with the head's training dropout when `d` is given (`hidden`:
     /// the selected token rows the loss reads, keyed as such; see [`Dropout::apply_selected`]).
     pub fn token_logits_train(&self, hidden: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
-        let transformed;
-        let hidden = match &self.transform {
-            Some(t) => {
-                transformed = t.forward(hidden)?;
-                &transformed
-            }
-            None => hidden,
-        };
+        let hidden = &self.classifier_input(hidden)?;
         match &self.head {
             Some(Head::TokenClassification(l)) => match d {
                 Some(d) => {
@@ -478,6 +471,15 @@ impl Model {
                 None => l.forward(hidden),
             },
             _ => Err(self.missing(HeadKind::TokenClassification.name())),
+        }
+    }
+
+    /// What the token-classification and QA classifiers read: `hidden`, or ModernBERT's
+    /// prediction head of it.
+    fn classifier_input(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.transform {
+            Some(t) => t.forward(hidden),
+            None => Ok(hidden.clone()),
         }
     }
 
@@ -492,14 +494,7 @@ impl Model {
         hidden: &Tensor,
         d: Option<&Dropout>,
     ) -> Result<(Tensor, Tensor)> {
-        let transformed;
-        let hidden = match &self.transform {
-            Some(t) => {
-                transformed = t.forward(hidden)?;
-                &transformed
-            }
-            None => hidden,
-        };
+        let hidden = &self.classifier_input(hidden)?;
         match &self.head {
             Some(Head::QuestionAnswering(l)) => {
                 let hidden = match d {

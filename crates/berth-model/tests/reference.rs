@@ -457,6 +457,22 @@ fn every_precision_is_deterministic_and_close_to_transformers() {
     }
 }
 
+/// A ModernBERT reference's packed input (no token types): ids, cu_seqlens and the batch.
+fn modern_batch(r: &HashMap<String, Tensor>) -> (Vec<u32>, Vec<usize>, Batch) {
+    let ids = ints(&r["input_ids"]);
+    let cu: Vec<usize> = ints(&r["cu_seqlens"])
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    let zeros = vec![0u32; ids.len()];
+    let batch = Batch::from_sequences(
+        cu.windows(2)
+            .map(|w| (&ids[w[0]..w[1]], &zeros[w[0]..w[1]])),
+    )
+    .unwrap();
+    (ids, cu, batch)
+}
+
 /// A tiny ModernBERT checkpoint of fixtures/modernbert (scripts/make_modernbert_reference.py):
 /// `mlm` in the published config form without biases, `mlm-biased` in the form
 /// transformers 5 writes with every bias on. Texts run from shorter than the 8-token
@@ -487,32 +503,15 @@ fn modernbert_hidden_states_and_logits_match_transformers() {
             "{name}: unused {:?}",
             report.unused
         );
-        let r: HashMap<String, Tensor> =
-            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                .unwrap();
-        let ids: Vec<u32> = ints(&r["input_ids"])
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
-        let cu: Vec<usize> = ints(&r["cu_seqlens"])
-            .into_iter()
-            .map(|v| v as usize)
-            .collect();
+        let r = load_ref(&dir.join("reference.safetensors"));
+        let (ids, cu, batch) = modern_batch(&r);
         let zeros = vec![0u32; ids.len()];
-        let batch = Batch::from_sequences(
-            cu.windows(2)
-                .map(|w| (&ids[w[0]..w[1]], &zeros[w[0]..w[1]])),
-        )
-        .unwrap();
         assert!(cu.windows(2).any(|w| w[1] - w[0] > 1000));
         let hidden = model.forward(&batch).unwrap();
         let d = max_diff(&hidden, &r["last_hidden_state"]);
         println!("{name}: last hidden state max abs diff {d:.2e}");
         assert!(d <= 1e-4, "{name}: hidden {d}");
-        let rows: Vec<u32> = ints(&r["logit_rows"])
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
+        let rows: Vec<u32> = ints(&r["logit_rows"]);
         let picked = Model::select_rows(&hidden, &rows).unwrap();
         let logits = model.mlm_logits(&picked).unwrap();
         let d = max_diff(&logits, &r["logits"]);
@@ -637,17 +636,7 @@ fn modernbert_heads_match_transformers() {
             "{name}: parameters"
         );
         let r = load_ref(&dir.join("reference.safetensors"));
-        let ids: Vec<u32> = ints(&r["input_ids"]);
-        let cu: Vec<usize> = ints(&r["cu_seqlens"])
-            .into_iter()
-            .map(|v| v as usize)
-            .collect();
-        let zeros = vec![0u32; ids.len()];
-        let batch = Batch::from_sequences(
-            cu.windows(2)
-                .map(|w| (&ids[w[0]..w[1]], &zeros[w[0]..w[1]])),
-        )
-        .unwrap();
+        let (_, _, batch) = modern_batch(&r);
         let hidden = model.forward(&batch).unwrap();
         if name == "qa" {
             let (s, e) = model.qa_logits(&hidden).unwrap();
