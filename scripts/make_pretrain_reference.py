@@ -15,6 +15,10 @@ fixtures/pretrain/electra-rtd (+ generator/), and three AdamW steps of generator
 `berth pretrain --objective rtd` trained (fixtures/pretrain/electra-berth, generator/ inside),
 with the discriminator logits ElectraForPreTraining and the masked-LM logits
 ElectraForMaskedLM compute from it (reference-rtd.json), for berth's export test.
+`modernbert`: a tiny ModernBERT that `berth pretrain --arch modernbert` trained
+(fixtures/pretrain/modernbert-berth), what transformers reports loading it into
+ModernBertForMaskedLM (missing / unexpected keys) and the masked-LM logits it computes
+(reference-modernbert.json), for berth's export test.
 
     cargo build --release -p berth-cli && pip install torch transformers
     python3 scripts/make_pretrain_reference.py [mlm] [sop] [parity] [rtd] [electra]    # default: all
@@ -195,7 +199,9 @@ def electra_reference():
 
 
 def main():
-    which = sys.argv[1:] or ["mlm", "sop", "parity", "rtd", "electra"]
+    which = sys.argv[1:] or ["mlm", "sop", "parity", "rtd", "electra", "modernbert"]
+    if "modernbert" in which:
+        modernbert_reference()
     if "rtd" in which:
         rtd_reference()
     if "electra" in which:
@@ -206,6 +212,26 @@ def main():
         parity_reference()
     if "mlm" in which:
         mlm_reference()
+
+
+def modernbert_reference():
+    from transformers import ModernBertForMaskedLM
+    dst = OUT / "modernbert-berth"
+    pretrain(dst, ["--arch", "modernbert", "--layers", "2", "--hidden", "32", "--heads", "2", "--max-steps", "40"])
+    tok = AutoTokenizer.from_pretrained(dst)
+    model, info = ModernBertForMaskedLM.from_pretrained(dst, output_loading_info=True)
+    model.eval()
+    ref = {"transformers": transformers.__version__, "texts": TEXTS, "class": type(model).__name__,
+           "loading_info": {k: sorted(map(str, v)) for k, v in info.items()}, "cases": []}
+    with torch.no_grad():
+        for t in TEXTS:
+            enc = tok(t, return_tensors="pt", return_token_type_ids=False)
+            logits = model(**enc).logits[0]
+            ids = enc["input_ids"][0].tolist()
+            rows = [ids.index(tok.mask_token_id), 1]
+            ref["cases"].append({"ids": ids, "rows": rows, "logits": [logits[r].tolist() for r in rows]})
+    (OUT / "reference-modernbert.json").write_text(json.dumps(ref))
+    print("wrote", dst, info)
 
 
 def mlm_reference():

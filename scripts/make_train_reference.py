@@ -2,7 +2,8 @@
 """Make fixtures/train/: one training recipe run in PyTorch + transformers on the tiny
 checkpoints of fixtures/tiny (made by make_reference.py), for berth's training parity tests.
 
-    python3 scripts/make_train_reference.py
+    python3 scripts/make_train_reference.py              # every recipe
+    python3 scripts/make_train_reference.py modernbert   # only the ModernBERT ones
 
 For each checkpoint: a batch of texts with labels, the loss transformers' head computes
 (dropout off: model.eval()), the gradient of every parameter at step 1, then three steps of
@@ -55,9 +56,10 @@ def decay_groups(model):
     return [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_steps(model, params, loss_fn):
-    """Three AdamW steps: losses, gradient norms, step-1 gradients (params with a gradient)."""
-    opt = torch.optim.AdamW(decay_groups_of(params), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+def train_steps(model, params, loss_fn, groups=None):
+    """Three AdamW steps: losses, gradient norms, step-1 gradients (params with a gradient;
+    with `groups`, the weight-decay groups given, and every parameter must have one)."""
+    opt = torch.optim.AdamW(groups or decay_groups_of(params), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     sched = transformers.get_linear_schedule_with_warmup(opt, 1, 4)
     tensors, losses, norms = {}, [], []
     for step in range(3):
@@ -67,6 +69,7 @@ def train_steps(model, params, loss_fn):
         losses.append(loss.item())
         if step == 1:
             for n, p in params:
+                assert groups is None or p.grad is not None, f"{n} has no gradient"
                 if p.grad is not None:
                     tensors["grad." + n] = p.grad.detach().clone().contiguous()
         norms.append(torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0).item())
@@ -139,10 +142,24 @@ def run_embed():
             "input_ids": [ids_of(f) for f in feats], "losses": losses, "grad_norms": norms}
 
 
+def trainer_decay_groups(model):
+    names = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    return [{"params": [p for n, p in model.named_parameters() if n in names], "weight_decay": 0.01},
+            {"params": [p for n, p in model.named_parameters() if n not in names], "weight_decay": 0.0}]
+
+
+MODERN = ROOT / "fixtures" / "modernbert"
+MODERN_CASES = [("modernbert-seqcls-mean", "seq"), ("modernbert-seqcls-cls-biased", "seq"),
+                ("modernbert-tokcls", "tok"), ("modernbert-qa", "qa")]
+
+
 def run(name, kind):
     torch.manual_seed(0)
-    d = TINY / name
+    modern = name.startswith("modernbert-")
+    d = MODERN / name.removeprefix("modernbert-") if modern else TINY / name
     tok = AutoTokenizer.from_pretrained(d)
+    if modern:  # ModernBERT takes no token type ids
+        tok.model_input_names = ["input_ids", "attention_mask"]
     cls = {"seq": AutoModelForSequenceClassification, "tok": AutoModelForTokenClassification,
            "qa": AutoModelForQuestionAnswering}[kind]
     model = cls.from_pretrained(d).eval()
@@ -172,7 +189,8 @@ def run(name, kind):
                     labels[s, t] = (s * 5 + t * 3) % n_labels
         # Per text, the real tokens' labels (-100 = ignored), unpadded.
         label_list = [labels[s][enc["attention_mask"][s].bool()].tolist() for s in range(len(TEXTS))]
-    opt = torch.optim.AdamW(decay_groups(model), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    groups = trainer_decay_groups(model) if modern else decay_groups(model)
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     sched = transformers.get_linear_schedule_with_warmup(opt, 1, 4)
     tensors, losses, norms = {}, [], []
     for step in range(3):
@@ -211,13 +229,45 @@ def run(name, kind):
             "losses": losses, "grad_norms": norms, "lr": 1e-3, "weight_decay": 0.01, "warmup": 1, "total": 4, "max_grad_norm": 1.0}
 
 
+def run_modern_mlm():
+    """ModernBertForMaskedLM (fixtures/modernbert/mlm) on the texts with every token at
+    (text + position) % 4 == 1 that is not special replaced by [MASK]."""
+    torch.manual_seed(0)
+    d = MODERN / "mlm"
+    tok = AutoTokenizer.from_pretrained(d)
+    model = transformers.ModernBertForMaskedLM.from_pretrained(d).eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt", return_token_type_ids=False)
+    ids, mask = enc["input_ids"].clone(), enc["attention_mask"]
+    labels = torch.full(ids.shape, -100)
+    for s in range(len(TEXTS)):
+        special = tok.get_special_tokens_mask(ids[s].tolist(), already_has_special_tokens=True)
+        for t in range(ids.shape[1]):
+            if mask[s, t] and not special[t] and (s + t) % 4 == 1:
+                labels[s, t] = ids[s, t]
+                ids[s, t] = tok.mask_token_id
+    tensors, losses, norms = train_steps(
+        model, list(model.named_parameters()),
+        lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss, trainer_decay_groups(model))
+    save_file(tensors, str(OUT / "modernbert-mlm.safetensors"))
+    return {"texts": TEXTS, "input_ids": [i[m.bool()].tolist() for i, m in zip(ids, mask)],
+            "labels": [l[m.bool()].tolist() for l, m in zip(labels, mask)],
+            "losses": losses, "grad_norms": norms}
+
+
 if __name__ == "__main__":
+    import sys
     print("torch", torch.__version__, "transformers", transformers.__version__)
     OUT.mkdir(parents=True, exist_ok=True)
-    ref = {name: run(name, kind) for name, kind in CASES}
-    ref["bert-multilabel"] = run_multilabel()
-    ref["bert-rerank"] = run_rerank()
-    ref["bert-embed"] = run_embed()
+    if sys.argv[1:] == ["modernbert"]:
+        ref = json.loads((OUT / "recipe.json").read_text())
+    else:
+        ref = {name: run(name, kind) for name, kind in CASES}
+        ref["bert-multilabel"] = run_multilabel()
+        ref["bert-rerank"] = run_rerank()
+        ref["bert-embed"] = run_embed()
+    for name, kind in MODERN_CASES:
+        ref[name] = run(name, kind)
+    ref["modernbert-mlm"] = run_modern_mlm()
     (OUT / "recipe.json").write_text(json.dumps(ref, indent=1, ensure_ascii=False))
     for k, v in ref.items():
         print(k, v["losses"])

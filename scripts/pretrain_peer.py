@@ -6,7 +6,7 @@ pretrain`, a fixed seeded masking of the held-out text), so only the training di
     cargo build --release -p berth-cli
     pip install torch transformers
     scripts/fetch-sotu                # for --corpus sotu (the default)
-    python3 scripts/pretrain_peer.py [--corpus sotu|books] [--steps 300] [--out DIR]
+    python3 scripts/pretrain_peer.py [--corpus sotu|books] [--steps 300] [--arch bert|modernbert] [--out DIR]
 
 Corpus: the State of the Union addresses 1790-2021 (scripts/fetch-sotu; every 10th address
 held out for the score, the rest tokenized by `berth data prepare` into shards that berth
@@ -19,6 +19,12 @@ berth's training order: `--dump-order`), 15 % masking 80/10/10 (berth: its own d
 PyTorch: DataCollatorForLanguageModeling), AdamW lr 5e-4, weight decay 0.01, 6 % warmup then
 linear decay, clip 1.0, dropout 0.1, seed 42. Throughput: real (unpadded) tokens per second
 of training time (PyTorch pads each batch to its longest sequence).
+
+--arch modernbert: the same recipe on a ModernBERT of the same size (`berth pretrain --arch
+modernbert`: 4 layers, 256 hidden, 4 heads, GeGLU width 384, global attention every third
+layer, a 128-token window elsewhere, no dropout) against transformers' ModernBertForMaskedLM
+with `sparse_prediction` on (the head only at masked positions, as ModernBERT's own recipe
+trains) and sdpa attention; weight decay as the Trainer groups it (biases and norms none).
 """
 import argparse, gzip, json, os, subprocess, sys, time
 from pathlib import Path
@@ -36,9 +42,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
+    ap.add_argument("--arch", choices=["bert", "modernbert"], default="bert")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}")
+    modern = a.arch == "modernbert"
+    out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}" + ("-modernbert" if modern else ""))
     out.mkdir(parents=True, exist_ok=True)
     held = out / "held.txt"
     if a.corpus == "books":
@@ -77,7 +85,8 @@ def main():
     recipe = ["--max-length", "128", "--batch-size", "32", "--lr", "5e-4", "--warmup", "0.06",
               "--weight-decay", "0.01", "--seed", "42", "--max-steps", str(a.steps)]
     best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", train, "--output", run,
-              "--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "1024",
+              "--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "384" if modern else "1024",
+              *(["--arch", "modernbert"] if modern else []),
               "--val-fraction", "0.001", "--log-every", "10", "--dump-order", order, *recipe).strip()
     # (A prepared folder brings its own held-out split; --val-fraction applies to text.)
     steps = [json.loads(l) for l in open(run / "metrics.jsonl") if '"tokens_per_s"' in l]
@@ -93,13 +102,20 @@ def main():
     init = run / "init"
     # berth's initial encoder; the MLM head is initialised by each side alike in distribution
     # (normal 0.02, LayerNorm 1 / 0, bias 0) from its own generator.
-    model = BertForMaskedLM.from_pretrained(init)
+    if modern:
+        from transformers import ModernBertForMaskedLM
+        model = ModernBertForMaskedLM.from_pretrained(init, attn_implementation="sdpa")
+        model.config.sparse_prediction = True
+        model.sparse_prediction = True
+    else:
+        model = BertForMaskedLM.from_pretrained(init)
     seqs = [json.loads(l)["ids"] for l in open(order)]
     n = a.steps * 32
     seqs = seqs[:n]
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-    decay = [p for nm, p in model.named_parameters() if not (nm.endswith(".bias") or "LayerNorm" in nm)]
-    no_decay = [p for nm, p in model.named_parameters() if nm.endswith(".bias") or "LayerNorm" in nm]
+    decay_names = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    decay = [p for nm, p in model.named_parameters() if nm in decay_names]
+    no_decay = [p for nm, p in model.named_parameters() if nm not in decay_names]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=5e-4, betas=(0.9, 0.999), eps=1e-8)
     warm = int(-(-0.06 * a.steps // 1))

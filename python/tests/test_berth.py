@@ -196,6 +196,23 @@ def test_feature_extraction_pipeline():
     close(fe(TEXTS[0]), [want[0]], tol=1e-5)
 
 
+def test_modernbert_models():
+    """ModernBERT checkpoints (fixtures/modernbert) through the same entry points: fill-mask as
+    transformers' pipeline gave it, mean pooling and a mean-pooled classifier as the CLI."""
+    mlm = str(ROOT / "fixtures/modernbert/mlm")
+    ref = json.loads((ROOT / "fixtures/modernbert/mlm/fill_mask.json").read_text())
+    got = berth.pipeline("fill-mask", model=mlm, top_k=5)(ref["text"])
+    assert [p["token"] for p in got] == [p["token"] for p in ref["predictions"]]
+    close([p["score"] for p in got], [p["score"] for p in ref["predictions"]])
+    long = " ".join(["the quick brown fox jumps over the lazy dog."] * 100)
+    enc = berth.SentenceEncoder(mlm, max_length=2048)
+    want = [line["embedding"] for line in cli("embed", "--model", mlm, "--max-length", "2048", TEXTS[0], long)]
+    np.testing.assert_allclose(enc.encode([TEXTS[0], long]), want, atol=1e-6)
+    cls = str(ROOT / "fixtures/modernbert/seqcls-mean")
+    every = [line["labels"] for line in cli("classify", "--model", cls, "--top-k", "0", *TEXTS)]
+    close(berth.pipeline("text-classification", model=cls)(TEXTS, top_k=None), every)
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 

@@ -36,6 +36,10 @@ enum ObjectiveArg {
 enum ArchArg {
     Bert,
     Roberta,
+    /// ModernBERT: pre-norm layers without biases, rotary positions, GeGLU feed-forward,
+    /// attention global every third layer and within a 128-token window otherwise, no
+    /// dropout (its recipe); 8,192 positions.
+    Modernbert,
 }
 
 /// Arguments of `berth pretrain`.
@@ -61,8 +65,9 @@ pub struct PretrainArgs {
     /// Run directory.
     #[arg(long)]
     output: PathBuf,
-    /// Architecture of a new model: BERT (WordPiece, token types) or RoBERTa (byte-level
-    /// BPE, no token types).
+    /// Architecture of a new model: BERT (WordPiece, token types), RoBERTa (byte-level
+    /// BPE, no token types) or ModernBERT (any tokenizer; rotary positions, local / global
+    /// attention).
     #[arg(long, value_enum, default_value_t = ArchArg::Bert)]
     arch: ArchArg,
     /// Encoder layers of a new model (default 4): cost grows linearly with depth.
@@ -74,7 +79,8 @@ pub struct PretrainArgs {
     /// Attention heads (default hidden / 64, at least 1); must divide --hidden.
     #[arg(long)]
     heads: Option<usize>,
-    /// Feed-forward width (default 4 x hidden), most of a layer's parameters and time.
+    /// Feed-forward width (default 4 x hidden; ModernBERT: 3/2 x hidden, each of GeGLU's
+    /// two halves), most of a layer's parameters and time.
     #[arg(long)]
     intermediate: Option<usize>,
     /// How a new model's position embeddings start (from scratch only).
@@ -149,10 +155,25 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
         }
     }
     let seed = a.train_loop.seed;
-    if rtd && a.arch == ArchArg::Roberta {
+    if rtd && a.arch != ArchArg::Bert {
+        let arch = a.arch.to_possible_value().expect("no skipped values");
         anyhow::bail!(
-            "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch roberta"
+            "--objective rtd trains an ELECTRA (BERT's architecture, model_type electra): drop --arch {}",
+            arch.get_name()
         );
+    }
+    let modern = a.arch == ArchArg::Modernbert;
+    if modern && a.tokenizer.is_some() {
+        if matches!(a.objective, ObjectiveArg::Nsp | ObjectiveArg::Sop) {
+            anyhow::bail!(
+                "--objective nsp / sop are BERT's sentence-pair heads; ModernBERT pretrains with --objective mlm"
+            );
+        }
+        if a.position_init != PositionInit::Normal {
+            anyhow::bail!(
+                "--position-init: ModernBERT has no position table (rotary positions inside attention)"
+            );
+        }
     }
     // Under mpirun every rank runs this; rank 0 alone owns the run folder and writes the
     // initial model, which the others read after it (the barrier below).
@@ -191,7 +212,11 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
             let tok = berth_text::TextTokenizer::from_dir(tok_dir)?;
             let (layers, hidden) = (a.layers.unwrap_or(4), a.hidden.unwrap_or(256));
             let heads = a.heads.unwrap_or((hidden / 64).max(1));
-            let intermediate = a.intermediate.unwrap_or(4 * hidden);
+            let intermediate = a.intermediate.unwrap_or(if modern {
+                (3 * hidden / 2).max(1)
+            } else {
+                4 * hidden
+            });
             check_sizes(
                 layers,
                 hidden,
@@ -200,6 +225,11 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                 tok.vocab_size(),
                 a.max_length,
             )?;
+            if modern && (hidden / heads) % 2 != 0 {
+                anyhow::bail!(
+                    "--hidden {hidden} / --heads {heads} gives an odd head size; ModernBERT's rotary embeddings rotate pairs"
+                );
+            }
             let roberta = a.arch == ArchArg::Roberta;
             let pad = tok
                 .token_to_id(if roberta { "<pad>" } else { "[PAD]" })
@@ -229,34 +259,50 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                 "tie_word_embeddings": true,
             });
             let init = a.output.join("init");
-            let positions = a.position_init;
-            if rtd {
-                // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
-                config["embedding_size"] = hidden.into();
-            }
-            if world.is_writer() {
-                berth_train::init::write_random_encoder(&init, &config, tok_dir, seed, positions)
+            if modern {
+                if world.is_writer() {
+                    let config =
+                        modernbert_config(&tok, layers, hidden, heads, intermediate, a.max_length);
+                    berth_train::init::write_random_modernbert(&init, &config, tok_dir, seed)
+                        .with_context(|| {
+                            format!("writing the initial model to {}", init.display())
+                        })?;
+                }
+                init
+            } else {
+                let positions = a.position_init;
+                if rtd {
+                    // ELECTRA: embeddings as wide as the encoder (no embeddings_project).
+                    config["embedding_size"] = hidden.into();
+                }
+                if world.is_writer() {
+                    berth_train::init::write_random_encoder(
+                        &init, &config, tok_dir, seed, positions,
+                    )
                     .with_context(|| format!("writing the initial model to {}", init.display()))?;
+                }
+                if rtd && world.is_writer() {
+                    let mut generator = config.clone();
+                    generator["num_hidden_layers"] =
+                        a.generator_layers.unwrap_or((layers / 3).max(1)).into();
+                    generator["intermediate_size"] = a
+                        .generator_intermediate
+                        .unwrap_or((intermediate / 2).max(1))
+                        .into();
+                    let dir = init.join(GENERATOR_DIR);
+                    berth_train::init::write_random_encoder(
+                        &dir,
+                        &generator,
+                        tok_dir,
+                        seed ^ 0x6e,
+                        positions,
+                    )
+                    .with_context(|| {
+                        format!("writing the initial generator to {}", dir.display())
+                    })?;
+                }
+                init
             }
-            if rtd && world.is_writer() {
-                let mut generator = config.clone();
-                generator["num_hidden_layers"] =
-                    a.generator_layers.unwrap_or((layers / 3).max(1)).into();
-                generator["intermediate_size"] = a
-                    .generator_intermediate
-                    .unwrap_or((intermediate / 2).max(1))
-                    .into();
-                let dir = init.join(GENERATOR_DIR);
-                berth_train::init::write_random_encoder(
-                    &dir,
-                    &generator,
-                    tok_dir,
-                    seed ^ 0x6e,
-                    positions,
-                )
-                .with_context(|| format!("writing the initial generator to {}", dir.display()))?;
-            }
-            init
         }
         (None, None) => {
             anyhow::bail!("--tokenizer DIR (from scratch) or --from CHECKPOINT is needed")
@@ -305,6 +351,68 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
         task: TaskConfig { data, kind },
     };
     crate::finetune::execute(&cfg, &a.train_loop, "pretrain", world)
+}
+
+/// config.json of a new ModernBERT: the published models' settings (ModernBERT-base's
+/// attention pattern, rotary bases, bias-free layers, no dropout, mean pooling for
+/// classifiers), the given sizes, 8,192 positions or `max_length` if longer, and the
+/// tokenizer's special tokens.
+fn modernbert_config(
+    tok: &berth_text::TextTokenizer,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    intermediate: usize,
+    max_length: usize,
+) -> serde_json::Value {
+    let id = |names: &[&str]| names.iter().find_map(|n| tok.token_to_id(n));
+    let pad = id(&["[PAD]", "<pad>", "<|padding|>"]).unwrap_or(0);
+    let cls = id(&["[CLS]", "<s>"]);
+    let sep = id(&["[SEP]", "</s>"]);
+    let mut config = serde_json::json!({
+        "architectures": ["ModernBertModel"],
+        "model_type": "modernbert",
+        "vocab_size": tok.vocab_size(),
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "hidden_activation": "gelu",
+        "max_position_embeddings": max_length.max(8192),
+        "initializer_range": 0.02,
+        "initializer_cutoff_factor": 2.0,
+        "norm_eps": 1e-5,
+        "norm_bias": false,
+        "pad_token_id": pad,
+        "global_rope_theta": 160000.0,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "global_attn_every_n_layers": 3,
+        "local_attention": 128,
+        "local_rope_theta": 10000.0,
+        "embedding_dropout": 0.0,
+        "mlp_bias": false,
+        "mlp_dropout": 0.0,
+        "decoder_bias": true,
+        "classifier_pooling": "mean",
+        "classifier_dropout": 0.0,
+        "classifier_bias": false,
+        "classifier_activation": "gelu",
+        "sparse_prediction": false,
+        "sparse_pred_ignore_index": -100,
+        "tie_word_embeddings": true,
+    });
+    for (key, value) in [
+        ("cls_token_id", cls),
+        ("bos_token_id", cls),
+        ("sep_token_id", sep),
+        ("eos_token_id", sep),
+    ] {
+        if let Some(v) = value {
+            config[key] = v.into();
+        }
+    }
+    config
 }
 
 /// Refuses sizes of a new model that no run can use, naming the flag, before anything is

@@ -8,88 +8,8 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const WORDS: [&str; 12] = [
-    "the", "quick", "brown", "fox", "lazy", "dog", "hello", "world", "who", "is", "there", "not",
-];
-
-/// A small labelled TSV: the label depends on which words a sentence holds, so it is learnable.
-fn write_data(dir: &Path, n: usize, seed: usize) -> PathBuf {
-    let mut lines = vec!["sentence\tlabel".to_string()];
-    for i in 0..n {
-        let k = (i * 7 + seed) % 5 + 2;
-        let words: Vec<&str> = (0..k)
-            .map(|j| WORDS[(i * 3 + j * 5 + seed) % WORDS.len()])
-            .collect();
-        let label = if words.contains(&"dog") || words.contains(&"fox") {
-            "animal"
-        } else {
-            "other"
-        };
-        lines.push(format!("{}\t{label}", words.join(" ")));
-    }
-    let p = dir.join(format!("data-{n}-{seed}.tsv"));
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p
-}
-
 fn finetune(out: &Path, train: &Path, dev: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
-    c.args([
-        "--threads",
-        "2",
-        "finetune",
-        "--task",
-        "classify",
-        "--model",
-        &tiny("bert-base"),
-        "--train",
-    ])
-    .arg(train)
-    .arg("--dev")
-    .arg(dev)
-    .arg("--output")
-    .arg(out)
-    .args(["--batch-size", "4", "--warmup", "0.1"])
-    .args(extra);
-    if !extra.contains(&"--epochs") {
-        c.args(["--epochs", "3"]);
-    }
-    if !extra.contains(&"--lr") {
-        c.args(["--lr", "1e-3"]);
-    }
-    c
-}
-
-/// The (loss, lr, grad_norm) of every logged step, and the evaluations.
-fn curve(run: &Path) -> Vec<(Value, Value, Value, Value)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (
-                v["step"].clone(),
-                v["loss"].clone(),
-                v["grad_norm"].clone(),
-                v["eval"].clone(),
-            )
-        })
-        .collect()
-}
-
-fn last_checkpoint(run: &Path) -> PathBuf {
-    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.unwrap();
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix("step-")
-                .and_then(|s| s.parse().ok())
-                .map(|s| (s, e.path()))
-        })
-        .collect();
-    all.sort();
-    all.pop().expect("a checkpoint").1
+    finetune_classify(&tiny("bert-base"), out, train, dev, extra)
 }
 
 #[test]
@@ -149,37 +69,7 @@ fn the_same_seed_gives_the_same_run_and_the_model_learns() {
 fn a_killed_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, dev) = (write_data(tmp.path(), 80, 2), write_data(tmp.path(), 8, 3));
-    let full = tmp.path().join("full");
-    ok(&finetune(&full, &train, &dev, &["--save-every", "2"])
-        .output()
-        .unwrap());
-    let killed = tmp.path().join("killed");
-    let mut child = finetune(&killed, &train, &dev, &["--save-every", "2"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // SIGKILL once a few checkpoints exist, wherever the run then is.
-    let start = std::time::Instant::now();
-    while !killed.join("checkpoints/step-6").is_dir() {
-        assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    let still_running = child.try_wait().unwrap().is_none();
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
-    let resumed = finetune(&killed, &train, &dev, &["--save-every", "2", "--resume"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&resumed.stderr).into_owned();
-    ok(&resumed);
-    if still_running {
-        assert!(err.contains("resuming at step"), "{err}");
-    }
-    assert_eq!(
-        weights(&last_checkpoint(&killed)),
-        weights(&last_checkpoint(&full)),
-        "resumed run ends elsewhere"
-    );
+    killed_run_resumes_exactly(tmp.path(), |out, extra| finetune(out, &train, &dev, extra));
 }
 
 #[test]
@@ -345,36 +235,6 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
 }
 
 /// A small SQuAD file: each context holds its answer at the stated character offset.
-fn write_squad(dir: &Path, name: &str, n: usize, break_one: bool) -> PathBuf {
-    let subjects = ["the dog", "the fox", "berth", "the world", "café naïve"];
-    let mut qas_paras = Vec::new();
-    for i in 0..n {
-        let subject = subjects[i % subjects.len()];
-        let filler = WORDS[(i * 5) % WORDS.len()];
-        let context = format!(
-            "hello {filler} world, this is a tiny corpus. {subject} is there, and {filler} is not."
-        );
-        let start = context[..context.find(subject).unwrap()].chars().count();
-        let start = if break_one && i == 1 {
-            start + 1
-        } else {
-            start
-        };
-        qas_paras.push(serde_json::json!({
-            "context": context,
-            "qas": [{"id": format!("q{i}"), "question": "who is there?", "answers": [{"text": subject, "answer_start": start}]}]
-        }));
-    }
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        serde_json::json!({"version": "1.1", "data": [{"title": "t", "paragraphs": qas_paras}]})
-            .to_string(),
-    )
-    .unwrap();
-    p
-}
-
 #[test]
 fn question_answering_fine_tunes_and_answers() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
-//! A model `berth pretrain` trained (fixtures/pretrain/bert-mlm, scripts/make_pretrain_reference.py)
-//! loads in transformers' BertForMaskedLM unchanged, and its masked-LM logits there equal
-//! berth's (≤ 1e-4).
+//! A model `berth pretrain` trained (fixtures/pretrain/bert-mlm and modernbert-berth,
+//! scripts/make_pretrain_reference.py) loads in transformers' BertForMaskedLM /
+//! ModernBertForMaskedLM unchanged, and its masked-LM logits there equal berth's (≤ 1e-4).
 use berth_model::{Batch, Model};
 
 mod common;
@@ -21,19 +21,19 @@ fn packed(tok: &berth_text::TextTokenizer, text: &str, ids: &serde_json::Value) 
     Batch::from_sequences([(enc.ids.as_slice(), enc.type_ids.as_slice())]).unwrap()
 }
 
-#[test]
-fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
+/// The masked-LM logits berth computes from `fixtures/pretrain/{ckpt}` against
+/// transformers' in `reference` (rows at the mask and the first word of each text).
+fn mlm_logits_match(ckpt: &str, reference: &str) -> f32 {
     let dir = root().join("fixtures/pretrain");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let (model, report) = Model::load(&dir.join("bert-mlm"), false).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join(reference)).unwrap()).unwrap();
+    let (model, report) = Model::load(&dir.join(ckpt), false).unwrap();
     assert!(
         report.unused.is_empty(),
         "unused weights {:?}",
         report.unused
     );
-    let tok = berth_text::TextTokenizer::from_dir(&dir.join("bert-mlm")).unwrap();
+    let tok = berth_text::TextTokenizer::from_dir(&dir.join(ckpt)).unwrap();
     let mut worst = 0f32;
     for (t, case) in reference["texts"]
         .as_array()
@@ -56,8 +56,38 @@ fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
             }
         }
     }
+    assert!(worst <= 1e-4, "{ckpt}: {worst}");
+    worst
+}
+
+#[test]
+fn pretrained_checkpoints_give_transformers_the_same_mlm_logits() {
+    let worst = mlm_logits_match("bert-mlm", "reference.json");
     println!("berth-pretrained BERT: max abs MLM logit difference to transformers {worst:.2e}");
-    assert!(worst <= 1e-4, "{worst}");
+}
+
+/// `berth pretrain --arch modernbert` writes a ModernBertForMaskedLM that transformers loads
+/// with no missing, unexpected or mismatched weights, and whose masked-LM logits there equal
+/// berth's (fixtures/pretrain/modernbert-berth, reference-modernbert.json).
+#[test]
+fn pretrained_modernbert_loads_in_transformers_unchanged() {
+    let dir = root().join("fixtures/pretrain");
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference-modernbert.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reference["class"], "ModernBertForMaskedLM");
+    for (what, keys) in reference["loading_info"].as_object().unwrap() {
+        assert_eq!(
+            keys.as_array().unwrap().len(),
+            0,
+            "transformers reported {what}: {keys}"
+        );
+    }
+    let worst = mlm_logits_match("modernbert-berth", "reference-modernbert.json");
+    println!(
+        "berth-pretrained ModernBERT: max abs MLM logit difference to transformers {worst:.2e}"
+    );
 }
 
 /// `berth pretrain --objective sop` writes a `BertForPreTraining`; transformers computes the

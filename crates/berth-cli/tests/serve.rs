@@ -920,3 +920,74 @@ fn task_flag_and_startup_errors() {
     let dir = tempfile::tempdir().unwrap();
     start_fails(&["--model", &dir.path().to_string_lossy()], "config.json");
 }
+
+/// ModernBERT models served: fill-mask as transformers' pipeline gave it
+/// (fixtures/modernbert/mlm/fill_mask.json), a 1,702-token embedding and sequence
+/// classification as the CLI gives them.
+#[test]
+fn modernbert_models_serve_as_the_cli() {
+    let mlm = root().join("fixtures/modernbert/mlm").display().to_string();
+    let cls = root()
+        .join("fixtures/modernbert/seqcls-mean")
+        .display()
+        .to_string();
+    let s = Server::start(&[
+        "--model",
+        &format!("mlm={mlm}"),
+        "--model",
+        &format!("cls={cls}"),
+        "--max-input-length",
+        "2048",
+    ]);
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/modernbert/mlm/fill_mask.json")).unwrap(),
+    )
+    .unwrap();
+    let got = s.ok(
+        "/fill-mask",
+        &json!({"inputs": r["text"], "top_k": 5, "model": "mlm"}),
+    );
+    let got = got.as_array().unwrap();
+    let want = r["predictions"].as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["token_id"], w["token"]);
+        assert_eq!(g["sequence"], w["sequence"]);
+        let d = (g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs();
+        assert!(d <= 1e-6, "fill-mask score differs by {d}");
+    }
+    let long = ["the quick brown fox jumps over the lazy dog."; 100].join(" ");
+    let got = s.ok(
+        "/embed",
+        &json!({"inputs": [long], "model": "mlm", "normalize": false}),
+    );
+    let want = cli(
+        &["embed", "--model", &mlm, "--max-length", "2048", &long],
+        "embedding",
+    );
+    close(
+        "long ModernBERT embedding",
+        &floats(&got[0]),
+        &floats(&want[0]),
+    );
+    // Two single texts (a two-string list would be one pair, as in TEI).
+    let got = s.ok(
+        "/predict",
+        &json!({"inputs": [["hello world"], [&long]], "model": "cls"}),
+    );
+    let want = cli(
+        &[
+            "classify",
+            "--model",
+            &cls,
+            "--top-k",
+            "0",
+            "--max-length",
+            "2048",
+            "hello world",
+            &long,
+        ],
+        "labels",
+    );
+    close_value("/predict", &got, &Value::Array(want));
+}

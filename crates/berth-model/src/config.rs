@@ -95,6 +95,8 @@ pub struct ModernBertConfig {
     pub mlp_dropout: Option<f64>,
     #[serde(default)]
     pub classifier_dropout: Option<f64>,
+    #[serde(default)]
+    pub embedding_dropout: Option<f64>,
 }
 
 /// What ModernBERT adds to [`EncoderConfig`].
@@ -122,6 +124,8 @@ pub struct ModernSettings {
     pub classifier_activation: Activation,
     /// How the sequence classifier pools: `cls` (first token) or `mean`.
     pub classifier_mean_pooling: bool,
+    /// Dropout on the embeddings' output (training).
+    pub embedding_dropout: f64,
 }
 
 /// config.json of BERT, RoBERTa, XLM-R and CamemBERT (one schema in transformers).
@@ -579,10 +583,41 @@ fn modern_settings(c: &ModernBertConfig) -> std::result::Result<ModernSettings, 
             (0..n).map(|i| i % every == 0).collect()
         }
     };
+    if let (Some(every), Some(_)) = (c.global_attn_every_n_layers, &c.layer_types) {
+        let implied: Vec<bool> = (0..n).map(|i| every > 0 && i % every == 0).collect();
+        if implied != global {
+            return Err(format!(
+                "layer_types and global_attn_every_n_layers {every} name different global layers"
+            ));
+        }
+    }
+    if global.iter().any(|g| !g) {
+        if c.local_attention < 2 {
+            return Err(format!(
+                "local_attention {} leaves the sliding-window layers no window (at least 2)",
+                c.local_attention
+            ));
+        }
+        if c.local_attention > c.max_position_embeddings {
+            return Err(format!(
+                "local_attention {} is larger than the context of max_position_embeddings {}",
+                c.local_attention, c.max_position_embeddings
+            ));
+        }
+    }
     // transformers 5: rope_parameters.{full,sliding}_attention.rope_theta; earlier configs:
     // global_rope_theta / local_rope_theta (defaults 160,000 and 10,000).
-    let theta = |kind: &str, flat: Option<f64>, default: f64| -> std::result::Result<f64, String> {
+    let theta = |kind: &str,
+                 flat: Option<f64>,
+                 default: f64,
+                 used: bool|
+     -> std::result::Result<f64, String> {
         let nested = c.rope_parameters.as_ref().and_then(|r| r.get(kind));
+        if c.rope_parameters.is_some() && nested.is_none() && flat.is_none() && used {
+            return Err(format!(
+                "rope_parameters has no {kind:?} entry, and a layer uses {kind}"
+            ));
+        }
         if let Some(p) = nested {
             if let Some(t) = p.get("rope_type").and_then(|t| t.as_str()) {
                 if t != "default" {
@@ -590,11 +625,10 @@ fn modern_settings(c: &ModernBertConfig) -> std::result::Result<ModernSettings, 
                 }
             }
         }
-        let value = nested
+        let nested_theta = nested
             .and_then(|p| p.get("rope_theta"))
-            .and_then(|t| t.as_f64())
-            .or(flat)
-            .unwrap_or(default);
+            .and_then(|t| t.as_f64());
+        let value = nested_theta.or(flat).unwrap_or(default);
         if !(value.is_finite() && value > 0.0) {
             return Err(format!(
                 "rope theta {value} for {kind} is not a positive number"
@@ -602,11 +636,36 @@ fn modern_settings(c: &ModernBertConfig) -> std::result::Result<ModernSettings, 
         }
         Ok(value)
     };
-    let global_rope_theta = theta("full_attention", c.global_rope_theta, 160_000.0)?;
+    // Both forms present must agree.
+    for (kind, field, flat) in [
+        ("full_attention", "global_rope_theta", c.global_rope_theta),
+        ("sliding_attention", "local_rope_theta", c.local_rope_theta),
+    ] {
+        let nested = c
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.get(kind))
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64());
+        if let (Some(a), Some(b)) = (nested, flat) {
+            if a != b {
+                return Err(format!(
+                    "rope_parameters gives {kind} rope_theta {a}, {field} gives {b}"
+                ));
+            }
+        }
+    }
+    let global_rope_theta = theta(
+        "full_attention",
+        c.global_rope_theta,
+        160_000.0,
+        global.iter().any(|&g| g),
+    )?;
     let local_rope_theta = theta(
         "sliding_attention",
         c.local_rope_theta.or(c.global_rope_theta),
         10_000.0,
+        global.iter().any(|&g| !g),
     )?;
     let classifier_mean_pooling = match c.classifier_pooling.as_str() {
         "cls" => false,
@@ -638,6 +697,7 @@ fn modern_settings(c: &ModernBertConfig) -> std::result::Result<ModernSettings, 
         classifier_activation: Activation::from_hidden_act(&c.classifier_activation)
             .ok_or_else(|| format!("unsupported activation {:?}", c.classifier_activation))?,
         classifier_mean_pooling,
+        embedding_dropout: c.embedding_dropout.unwrap_or(0.0),
     })
 }
 

@@ -89,20 +89,10 @@ impl Model {
         let p = base_prefix(&config, &w);
         let embeddings = Embeddings::load(&w, &config, &p)?;
         let (layers, modern) = match &config.modern {
-            Some(m) => {
-                if w.is_trainable() {
-                    return Err(ModelError::Config {
-                        path: config.path.clone(),
-                        message: "ModernBERT runs for inference only so far: fine-tuning and \
-                                  pretraining it are not supported yet"
-                            .into(),
-                    });
-                }
-                (
-                    Vec::new(),
-                    Some(crate::modernbert::ModernStack::load(&w, &config, m, &p)?),
-                )
-            }
+            Some(m) => (
+                Vec::new(),
+                Some(crate::modernbert::ModernStack::load(&w, &config, m, &p)?),
+            ),
             None => (
                 (0..config.num_layers)
                     .map(|i| Layer::load(&w, &config, &p, i))
@@ -236,22 +226,29 @@ impl Model {
         if batch.num_tokens() == 0 {
             return Err(ModelError::Input("empty batch".into()));
         }
-        let mut x = self
-            .embeddings
-            .forward_train(batch, d, self.config.dropout.hidden)?;
-        let fused = x.track_op();
-        if let Some(m) = &self.modern {
-            if d.is_some() || fused {
-                return Err(ModelError::Input(
-                    "ModernBERT runs for inference only so far (no training forward)".into(),
-                ));
+        if let (Some(m), Some(settings)) = (&self.modern, &self.config.modern) {
+            if d.is_some() && self.config.dropout.attention > 0.0 {
+                return Err(ModelError::Input(format!(
+                    "{}: attention_dropout {} — berth trains ModernBERT without attention \
+                     dropout (its sliding-window kernel has none); set attention_dropout to 0 \
+                     in config.json or pass --no-dropout",
+                    self.config.path.display(),
+                    self.config.dropout.attention
+                )));
             }
-            let x = m.forward(x, batch)?;
+            let x = self
+                .embeddings
+                .forward_train(batch, d, settings.embedding_dropout)?;
+            let x = m.forward_train(x, batch, d)?;
             return match rows {
                 Some(rows) => Self::select_rows(&x, rows),
                 None => Ok(x),
             };
         }
+        let mut x = self
+            .embeddings
+            .forward_train(batch, d, self.config.dropout.hidden)?;
+        let fused = x.track_op();
         let cu = &batch.cu_seqlens;
         for (i, layer) in self.layers.iter().enumerate() {
             let last = i + 1 == self.layers.len();
@@ -399,25 +396,49 @@ impl Model {
         batch: &Batch,
         d: Option<&Dropout>,
     ) -> Result<Tensor> {
-        if let Some(Head::SequenceClassification(SequenceClassificationHead::ModernBert {
-            mean_pooling: true,
-            ..
-        })) = &self.head
-        {
-            // ModernBERT's `classifier_pooling: mean`: the mean over each sequence.
-            let means = (0..batch.num_sequences())
-                .map(|s| {
-                    let r = batch.range(s);
-                    hidden.narrow(0, r.start, r.len())?.mean_keepdim(0)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            return self.sequence_logits_first(&Tensor::cat(&means, 0)?, d);
-        }
-        self.sequence_logits_first(&Self::first_tokens(hidden, batch)?, d)
+        self.sequence_logits_first(&self.sequence_states(hidden, batch)?, d)
     }
 
-    /// [`Self::sequence_logits_train`] from the first tokens' states `[S, H]` (e.g. from
-    /// [`Self::forward_train_rows`] with [`Self::first_token_rows`]).
+    /// Whether the sequence classifier reads the mean over each sequence (ModernBERT's
+    /// `classifier_pooling: mean`) rather than its first token.
+    fn mean_pooling(&self) -> bool {
+        matches!(
+            &self.head,
+            Some(Head::SequenceClassification(
+                SequenceClassificationHead::ModernBert {
+                    mean_pooling: true,
+                    ..
+                }
+            ))
+        )
+    }
+
+    /// What the sequence classifier reads from `hidden [N, H]`: each sequence's first token,
+    /// or its mean (ModernBERT's `classifier_pooling: mean`), `[S, H]`.
+    pub fn sequence_states(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        if !self.mean_pooling() {
+            return Self::first_tokens(hidden, batch);
+        }
+        let means = (0..batch.num_sequences())
+            .map(|s| {
+                let r = batch.range(s);
+                hidden.narrow(0, r.start, r.len())?.mean_keepdim(0)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&means, 0)?)
+    }
+
+    /// [`Self::sequence_states`] of a training forward: with first-token pooling the last
+    /// layer computes only the first tokens ([`Self::forward_train_rows`]).
+    pub fn forward_train_sequences(&self, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
+        if self.mean_pooling() {
+            return self.sequence_states(&self.forward_train(batch, d)?, batch);
+        }
+        self.forward_train_rows(batch, d, &Self::first_token_rows(batch))
+    }
+
+    /// [`Self::sequence_logits_train`] from the pooled states `[S, H]` of
+    /// [`Self::sequence_states`] or [`Self::forward_train_sequences`].
     pub fn sequence_logits_first(&self, first: &Tensor, d: Option<&Dropout>) -> Result<Tensor> {
         let p = self.config.dropout.sequence_classifier;
         let drop = |t: Tensor| match d {

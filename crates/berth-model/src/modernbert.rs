@@ -21,6 +21,7 @@ use candle_core::Tensor;
 
 use crate::batch::Batch;
 use crate::config::{EncoderConfig, ModernSettings};
+use crate::dropout::Dropout;
 use crate::error::{ModelError, Result};
 use crate::modules::{LayerNorm, Linear, Precision};
 use crate::weights::Weights;
@@ -56,6 +57,7 @@ pub struct ModernStack {
     half_window: usize,
     num_heads: usize,
     activation: Activation,
+    mlp_dropout: f64,
 }
 
 impl ModernStack {
@@ -105,11 +107,20 @@ impl ModernStack {
             half_window: m.half_window,
             num_heads: cfg.num_heads,
             activation: cfg.activation,
+            mlp_dropout: cfg.dropout.hidden,
         })
     }
 
     /// The normed embeddings `x [N, H]` through every layer and the final norm.
     pub fn forward(&self, x: Tensor, batch: &Batch) -> Result<Tensor> {
+        self.forward_train(x, batch, None)
+    }
+
+    /// [`Self::forward`] with transformers' training dropout when `d` is given: `mlp_dropout`
+    /// on the gated feed-forward activations before `Wo`. Attention dropout (on the
+    /// probabilities and after `Wo`) is refused by the caller when its rate is not zero.
+    /// Under autograd every op records its backward (the kernels' custom ops).
+    pub fn forward_train(&self, x: Tensor, batch: &Batch, d: Option<&Dropout>) -> Result<Tensor> {
         let cu = &batch.cu_seqlens;
         if let Some(longest) = cu.windows(2).map(|p| p[1] - p[0]).max() {
             if longest > self.global_rope.len() {
@@ -142,6 +153,10 @@ impl ModernStack {
             x = (x + l.wo.forward(&ctx)?)?;
             let up = l.wi.forward(&l.mlp_norm.forward(&x)?)?;
             let gated = berth_kernels::geglu(&up, self.activation)?;
+            let gated = match d {
+                Some(d) => d.apply(&gated, self.mlp_dropout)?,
+                None => gated,
+            };
             x = (x + l.mlp_wo.forward(&gated)?)?;
         }
         self.final_norm.forward(&x)

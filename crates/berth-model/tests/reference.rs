@@ -534,13 +534,13 @@ fn modernbert_hidden_states_and_logits_match_transformers() {
 fn modernbert_config_forms_parse() {
     let path = Path::new("config.json");
     let parse = |s: &str| EncoderConfig::from_json(s, path);
-    let base = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"num_hidden_layers":4,"local_attention":6"#;
+    let base = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"num_hidden_layers":4"#;
     let old = parse(&format!(
-        r#"{{{base},"global_attn_every_n_layers":2,"global_rope_theta":5.0,"local_rope_theta":3.0}}"#
+        r#"{{{base},"local_attention":6,"global_attn_every_n_layers":2,"global_rope_theta":5.0,"local_rope_theta":3.0}}"#
     ))
     .unwrap();
     let new = parse(&format!(
-        r#"{{{base},"layer_types":["full_attention","sliding_attention","full_attention","sliding_attention"],"rope_parameters":{{"full_attention":{{"rope_type":"default","rope_theta":5.0}},"sliding_attention":{{"rope_type":"default","rope_theta":3.0}}}}}}"#
+        r#"{{{base},"local_attention":6,"layer_types":["full_attention","sliding_attention","full_attention","sliding_attention"],"rope_parameters":{{"full_attention":{{"rope_type":"default","rope_theta":5.0}},"sliding_attention":{{"rope_type":"default","rope_theta":3.0}}}}}}"#
     ))
     .unwrap();
     assert_eq!(old.arch, Arch::ModernBert);
@@ -574,6 +574,24 @@ fn modernbert_config_forms_parse() {
         ),
         (r#""classifier_pooling":"max""#, "classifier_pooling"),
         (r#""global_rope_theta":-1.0"#, "rope theta"),
+        // Missing or contradictory attention settings, a window beyond the context.
+        (
+            r#""layer_types":["full_attention","full_attention","full_attention","full_attention"],"global_attn_every_n_layers":2"#,
+            "name different global layers",
+        ),
+        (
+            r#""rope_parameters":{"full_attention":{"rope_theta":5.0}},"global_rope_theta":7.0"#,
+            "global_rope_theta gives 7",
+        ),
+        (
+            r#""rope_parameters":{"full_attention":{"rope_theta":5.0}}"#,
+            "no \"sliding_attention\" entry",
+        ),
+        (r#""local_attention":0"#, "local_attention 0"),
+        (
+            r#""local_attention":4096,"max_position_embeddings":512"#,
+            "larger than the context",
+        ),
     ] {
         let e = parse(&format!("{{{base},{bad}}}")).unwrap_err().to_string();
         assert!(
@@ -590,19 +608,29 @@ fn modernbert_config_forms_parse() {
     assert!(e.contains("even"), "{e}");
 }
 
-/// Training a ModernBERT is refused with a clear error (inference only so far), and a
-/// sequence longer than max_position_embeddings is an input error, not a panic.
+/// A ModernBERT loads trainable with every parameter (each once; bias-free modules hold
+/// no bias parameter), and a sequence longer than max_position_embeddings is an input
+/// error, not a panic.
 #[test]
-fn modernbert_training_and_over_long_inputs_are_refused() {
-    let e = berth_model::Weights::from_dir(&modern("mlm"), true)
-        .and_then(|w| {
-            let cfg = EncoderConfig::from_file(&modern("mlm").join("config.json"))?;
-            Model::from_weights(cfg, w, &modern("mlm"))
-        })
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("inference only"), "{e}");
+fn modernbert_trainable_parameters_and_over_long_inputs() {
+    for name in ["mlm", "seqcls-cls-biased"] {
+        let (model, _) = Model::load(&modern(name), true).unwrap();
+        let count: usize = model
+            .params
+            .iter()
+            .map(|p| p.view(p.var.as_tensor()).unwrap().elem_count())
+            .sum();
+        // transformers' num_parameters() (the tied decoder counted once).
+        let want: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(modern(name).join("num_parameters.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            count as u64,
+            want["num_parameters"].as_u64().unwrap(),
+            "{name}"
+        );
+    }
     let (model, _) = Model::load(&modern("mlm"), false).unwrap();
     let ids = vec![5u32; 2049];
     let zeros = vec![0u32; ids.len()];

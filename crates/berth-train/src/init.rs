@@ -49,14 +49,34 @@ fn class_name(arch: Arch, head: &TaskHead) -> String {
     format!("{prefix}{suffix}")
 }
 
-/// Head weight names and shapes for `kind` (`h` hidden, `c` outputs).
-fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, Vec<usize>)> {
+/// Head weight names and shapes for `kind` (`c` outputs) on an encoder of `cfg`.
+fn head_shapes(cfg: &EncoderConfig, kind: HeadKind, c: usize) -> Vec<(String, Vec<usize>)> {
+    let (arch, h) = (cfg.arch, cfg.hidden_size);
     let lin = |name: &str, o: usize, i: usize| {
         vec![
             (format!("{name}.weight"), vec![o, i]),
             (format!("{name}.bias"), vec![o]),
         ]
     };
+    if let Some(m) = &cfg.modern {
+        // ModernBERT: every head starts with the prediction head (dense → act → norm), its
+        // biases as the config says; then the classifier, or the tied decoder's bias.
+        let mut shapes = vec![("head.dense.weight".to_string(), vec![h, h])];
+        if m.classifier_bias {
+            shapes.push(("head.dense.bias".into(), vec![h]));
+        }
+        shapes.push(("head.norm.weight".into(), vec![h]));
+        if m.norm_bias {
+            shapes.push(("head.norm.bias".into(), vec![h]));
+        }
+        match kind {
+            HeadKind::MaskedLm if m.decoder_bias => shapes.push(("decoder.bias".into(), vec![c])),
+            HeadKind::MaskedLm | HeadKind::ReplacedTokenDetection => {}
+            HeadKind::QuestionAnswering => shapes.extend(lin("classifier", 2, h)),
+            _ => shapes.extend(lin("classifier", c, h)),
+        }
+        return shapes;
+    }
     match (kind, arch) {
         (HeadKind::SequenceClassification, Arch::Bert) => {
             [lin("bert.pooler.dense", h, h), lin("classifier", c, h)].concat()
@@ -66,16 +86,9 @@ fn head_shapes(arch: Arch, kind: HeadKind, h: usize, c: usize) -> Vec<(String, V
             lin("classifier.out_proj", c, h),
         ]
         .concat(),
-        (HeadKind::SequenceClassification, Arch::DistilBert) => {
+        (HeadKind::SequenceClassification, Arch::DistilBert | Arch::ModernBert) => {
             [lin("pre_classifier", h, h), lin("classifier", c, h)].concat()
         }
-        // ModernBERT (loading refuses training it for now): dense → act → norm → classifier.
-        (HeadKind::SequenceClassification, Arch::ModernBert) => [
-            lin("head.dense", h, h),
-            vec![("head.norm.weight".into(), vec![h])],
-            lin("classifier", c, h),
-        ]
-        .concat(),
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
         (HeadKind::ReplacedTokenDetection, _) => [
@@ -111,9 +124,47 @@ fn is_head_key(k: &str) -> bool {
         "vocab_",
         "discriminator_predictions.",
         "generator_",
+        // ModernBERT's prediction head and masked-LM decoder.
+        "head.",
+        "decoder.",
     ]
     .iter()
     .any(|h| k.starts_with(h))
+}
+
+/// Whether `name` is a LayerNorm weight (initialised to one): BERT's `LayerNorm`,
+/// DistilBERT's `*_layer_norm`, ModernBERT's `norm` / `*_norm`.
+fn is_norm_weight(name: &str) -> bool {
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let last = module.rsplit('.').next().unwrap_or(module);
+    last.to_ascii_lowercase().ends_with("norm")
+}
+
+/// One standard normal draw (Box-Muller) from `rng`.
+fn normal(rng: &mut rand::rngs::StdRng) -> f64 {
+    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// `n` draws of a normal with `std`, redrawn outside `±cutoff · std` (torch's
+/// `trunc_normal_(std=std, a=-cutoff·std, b=cutoff·std)`, as ModernBERT initialises).
+fn truncated_normal(rng: &mut rand::rngs::StdRng, n: usize, std: f64, cutoff: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| loop {
+            let z = normal(rng);
+            if z.abs() <= cutoff {
+                break (z * std) as f32;
+            }
+        })
+        .collect()
+}
+
+/// ModernBERT's `initializer_cutoff_factor` (transformers' default 2).
+fn cutoff_factor(config: &serde_json::Value) -> f64 {
+    config["initializer_cutoff_factor"]
+        .as_f64()
+        .filter(|c| c.is_finite() && *c > 0.0)
+        .unwrap_or(2.0)
 }
 
 /// The config.json for the fine-tuned model: the checkpoint's, with the head's class,
@@ -134,7 +185,21 @@ pub fn task_config(dir: &Path, head: &TaskHead) -> Result<serde_json::Value> {
         )));
     }
     v["architectures"] = serde_json::json!([class_name(arch, head)]);
-    if head.kind != HeadKind::QuestionAnswering {
+    if head.kind == HeadKind::QuestionAnswering {
+        // transformers sizes the start / end classifier by the label count: two (its
+        // default when the config names none).
+        if v["id2label"].as_object().is_some_and(|m| m.len() != 2) {
+            v["id2label"] = serde_json::json!({"0": "LABEL_0", "1": "LABEL_1"});
+            v["label2id"] = serde_json::json!({"LABEL_0": 0, "LABEL_1": 1});
+        }
+    } else if head.labels.is_empty() {
+        // No labels (masked LM): no label maps, rather than empty ones transformers would
+        // read as zero labels.
+        if let Some(o) = v.as_object_mut() {
+            o.remove("id2label");
+            o.remove("label2id");
+        }
+    } else {
         let id2label: serde_json::Map<String, serde_json::Value> = head
             .labels
             .iter()
@@ -171,7 +236,7 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
         // Parts the task's model does not have: the pooler outside sequence classification
         // (transformers builds those models without it), another task's head.
         let other_head = is_head_key(&k)
-            && !head_shapes(config.arch, head.kind, config.hidden_size, 1)
+            && !head_shapes(&config, head.kind, 1)
                 .iter()
                 .any(|(n, _)| k.split('.').next() == n.split('.').next());
         let keeps_pooler = head.kind == HeadKind::SequenceClassification || head.sentence_order;
@@ -192,8 +257,9 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
         _ => head.labels.len(),
     };
     let init_range = config_json["initializer_range"].as_f64().unwrap_or(0.02);
+    let cutoff = cutoff_factor(&config_json);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut shapes = head_shapes(config.arch, head.kind, config.hidden_size, c);
+    let mut shapes = head_shapes(&config, head.kind, c);
     if head.sentence_order {
         let h = config.hidden_size;
         shapes.extend([
@@ -216,19 +282,22 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
             Some(_) => {}
             None => {
                 let n: usize = shape.iter().product();
-                let layer_norm = name.contains("LayerNorm") || name.contains("layer_norm");
                 let data: Vec<f32> = if name.ends_with(".bias") {
                     vec![0.0; n]
-                } else if layer_norm {
+                } else if is_norm_weight(&name) {
                     vec![1.0; n]
+                } else if config.modern.is_some() {
+                    // transformers' ModernBERT init: truncated normal, the prediction head
+                    // at the output-projection scale, the classifier at hidden^-1/2.
+                    let std = if name.starts_with("classifier.") {
+                        (config.hidden_size as f64).powf(-0.5)
+                    } else {
+                        init_range / (2.0 * config.num_layers as f64).sqrt()
+                    };
+                    truncated_normal(&mut rng, n, std, cutoff)
                 } else {
                     // Box-Muller from the seeded generator.
-                    (0..n)
-                        .map(|_| {
-                            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * init_range) as f32
-                        })
-                        .collect()
+                    (0..n).map(|_| (normal(&mut rng) * init_range) as f32).collect()
                 };
                 tensors.insert(name, Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?);
             }
@@ -436,6 +505,31 @@ fn sinusoidal_positions(n: usize, h: usize, rms: f64) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (n, h), &Device::Cpu)?)
 }
 
+/// Creates `dir` with `config` as its config.json, parsed back as berth reads it.
+fn write_new_config(
+    dir: &Path,
+    config: &serde_json::Value,
+) -> Result<(EncoderConfig, std::path::PathBuf)> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_path = dir.join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(config).expect("JSON serialises"),
+    )
+    .map_err(io(&cfg_path))?;
+    Ok((EncoderConfig::from_file(&cfg_path)?, cfg_path))
+}
+
+/// Writes a new model's weights and the tokenizer files of `tokenizer_dir` into `dir`.
+fn save_new_weights(dir: &Path, t: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> Result<()> {
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(t, &weights).map_err(|e| TrainError::Checkpoint {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+    crate::checkpoint::copy_tokenizer_files(tokenizer_dir, dir)
+}
+
 /// Writes a randomly initialised base encoder (`BertModel` / `RobertaModel`, as transformers
 /// initialises one: weights normal with `initializer_range`, biases zero, LayerNorm one and
 /// zero, the padding row of the word embeddings zero) with `config` and the tokenizer files
@@ -447,31 +541,20 @@ pub fn write_random_encoder(
     seed: u64,
     positions: PositionInit,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let cfg_path = dir.join("config.json");
-    std::fs::write(
-        &cfg_path,
-        serde_json::to_string_pretty(config).expect("JSON serialises"),
-    )
-    .map_err(io(&cfg_path))?;
-    let cfg = EncoderConfig::from_file(&cfg_path)?;
+    let (cfg, _) = write_new_config(dir, config)?;
     let (h, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let init_range = config["initializer_range"].as_f64().unwrap_or(0.02);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut normal = |shape: &[usize]| -> Result<Tensor> {
+    let mut normal_tensor = |shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
-            .map(|_| {
-                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * init_range)
-                    as f32
-            })
+            .map(|_| (normal(&mut rng) * init_range) as f32)
             .collect();
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     };
     let fill = |n: usize, value: f32| Tensor::from_vec(vec![value; n], n, &Device::Cpu);
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut words = normal(&[v, h])?;
+    let mut words = normal_tensor(&[v, h])?;
     if let Some(pad) = config["pad_token_id"]
         .as_u64()
         .filter(|&p| (p as usize) < v)
@@ -482,7 +565,7 @@ pub fn write_random_encoder(
     }
     t.insert("embeddings.word_embeddings.weight".into(), words);
     // Drawn either way, so the other weights are the same draw whatever the position init.
-    let normal_positions = normal(&[cfg.max_position_embeddings, h])?;
+    let normal_positions = normal_tensor(&[cfg.max_position_embeddings, h])?;
     t.insert(
         "embeddings.position_embeddings.weight".into(),
         match positions {
@@ -495,7 +578,7 @@ pub fn write_random_encoder(
     if cfg.type_vocab_size > 0 {
         t.insert(
             "embeddings.token_type_embeddings.weight".into(),
-            normal(&[cfg.type_vocab_size, h])?,
+            normal_tensor(&[cfg.type_vocab_size, h])?,
         );
     }
     t.insert("embeddings.LayerNorm.weight".into(), fill(h, 1.0)?);
@@ -510,7 +593,7 @@ pub fn write_random_encoder(
             ("intermediate.dense", f, h),
             ("output.dense", h, f),
         ] {
-            t.insert(format!("{p}.{name}.weight"), normal(&[o, inp])?);
+            t.insert(format!("{p}.{name}.weight"), normal_tensor(&[o, inp])?);
             t.insert(format!("{p}.{name}.bias"), fill(o, 0.0)?);
         }
         for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
@@ -518,17 +601,237 @@ pub fn write_random_encoder(
             t.insert(format!("{p}.{ln}.bias"), fill(h, 0.0)?);
         }
     }
-    let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&t, &weights).map_err(|e| TrainError::Checkpoint {
-        path: weights.clone(),
-        message: e.to_string(),
-    })?;
-    crate::checkpoint::copy_tokenizer_files(tokenizer_dir, dir)
+    save_new_weights(dir, &t, tokenizer_dir)
+}
+
+/// Writes a randomly initialised `ModernBertModel` with `config` (a ModernBERT config.json)
+/// and the tokenizer files of `tokenizer_dir` into `dir`, initialised as transformers
+/// initialises one: truncated normals (cut at `initializer_cutoff_factor` standard
+/// deviations) with `initializer_range` for the token embeddings and the input projections
+/// (`Wqkv`, `Wi`), `initializer_range / sqrt(2 · layers)` for the output projections (`Wo`),
+/// norms one, biases (where the config has them) zero. The masked-LM head is added by
+/// [`load_for_task`] (the prediction head at the output scale, the decoder tied).
+pub fn write_random_modernbert(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer_dir: &Path,
+    seed: u64,
+) -> Result<()> {
+    let (cfg, cfg_path) = write_new_config(dir, config)?;
+    let Some(m) = cfg.modern.clone() else {
+        return Err(TrainError::Config(format!(
+            "{}: not a ModernBERT config",
+            cfg_path.display()
+        )));
+    };
+    let (h, i, v, layers) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.num_layers,
+    );
+    let init_range = config["initializer_range"].as_f64().unwrap_or(0.02);
+    let out_std = init_range / (2.0 * layers as f64).sqrt();
+    let cutoff = cutoff_factor(config);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut draw = |name: String, shape: &[usize], std: f64| -> Result<()> {
+        let n = shape.iter().product();
+        let data = truncated_normal(&mut rng, n, std, cutoff);
+        t.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    draw(
+        "embeddings.tok_embeddings.weight".into(),
+        &[v, h],
+        init_range,
+    )?;
+    for k in 0..layers {
+        let p = format!("layers.{k}");
+        draw(format!("{p}.attn.Wqkv.weight"), &[3 * h, h], init_range)?;
+        draw(format!("{p}.attn.Wo.weight"), &[h, h], out_std)?;
+        draw(format!("{p}.mlp.Wi.weight"), &[2 * i, h], init_range)?;
+        draw(format!("{p}.mlp.Wo.weight"), &[h, i], out_std)?;
+    }
+    let fill = |n: usize, value: f32| Tensor::from_vec(vec![value; n], n, &Device::Cpu);
+    let mut norms = vec!["embeddings.norm".to_string(), "final_norm".into()];
+    for k in 0..layers {
+        if k > 0 {
+            norms.push(format!("layers.{k}.attn_norm"));
+        }
+        norms.push(format!("layers.{k}.mlp_norm"));
+    }
+    for n in norms {
+        t.insert(format!("{n}.weight"), fill(h, 1.0)?);
+        if m.norm_bias {
+            t.insert(format!("{n}.bias"), fill(h, 0.0)?);
+        }
+    }
+    for k in 0..layers {
+        let p = format!("layers.{k}");
+        let biases = [
+            (m.attention_bias, "attn.Wqkv", 3 * h),
+            (m.attention_bias, "attn.Wo", h),
+            (m.mlp_bias, "mlp.Wi", 2 * i),
+            (m.mlp_bias, "mlp.Wo", h),
+        ];
+        for (on, name, n) in biases {
+            if on {
+                t.insert(format!("{p}.{name}.bias"), fill(n, 0.0)?);
+            }
+        }
+    }
+    save_new_weights(dir, &t, tokenizer_dir)?;
+    // ModernBERT takes no token type ids: tokenizers loaded by transformers and
+    // sentence-transformers must not produce them; its context is the position limit.
+    let tc_path = dir.join("tokenizer_config.json");
+    let mut tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: tc_path.clone(),
+            message: e.to_string(),
+        })?,
+        Err(_) => serde_json::json!({}),
+    };
+    if let Some(o) = tc.as_object_mut() {
+        o.insert(
+            "model_input_names".into(),
+            serde_json::json!(["input_ids", "attention_mask"]),
+        );
+        o.insert(
+            "model_max_length".into(),
+            cfg.max_position_embeddings.into(),
+        );
+    }
+    std::fs::write(
+        &tc_path,
+        serde_json::to_string_pretty(&tc).expect("JSON serialises"),
+    )
+    .map_err(io(&tc_path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new ModernBERT and the heads fine-tuning adds start as transformers 4.57 starts
+    /// them. Reference statistics from transformers (ModernBertForMaskedLM /
+    /// ModernBertForSequenceClassification, hidden 64, 4 layers, initializer_range 0.02,
+    /// cutoff 2, torch.manual_seed(0)): token embeddings and Wqkv / Wi std 0.0176, max 0.04;
+    /// Wo std 0.0062, max 0.0141; head.dense std 0.0061-0.0063; classifier std 0.107
+    /// (hidden^-1/2 cut at 2 sigma); norms one; no biases.
+    #[test]
+    fn new_modernbert_weights_follow_transformers_init() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokenizer =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vocab/wordpiece");
+        let config = serde_json::json!({
+            "architectures": ["ModernBertModel"], "model_type": "modernbert", "vocab_size": 2000,
+            "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "intermediate_size": 96, "initializer_range": 0.02, "initializer_cutoff_factor": 2.0,
+            "pad_token_id": 0, "local_attention": 8, "max_position_embeddings": 64,
+        });
+        let dir = tmp.path().join("m");
+        write_random_modernbert(&dir, &config, &tokenizer, 3).unwrap();
+        let t =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(t.keys().all(|k| !k.ends_with(".bias")), "{:?}", t.keys());
+        assert!(!t.contains_key("layers.0.attn_norm.weight"));
+        let stats = |t: &Tensor| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let n = v.len() as f64;
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+            let max = v.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            (var.sqrt(), max)
+        };
+        let close = |name: &str, t: &Tensor, std: f64, max: f64| {
+            let (s, m) = stats(t);
+            assert!((s - std).abs() <= 0.06 * std, "{name}: std {s} vs {std}");
+            assert!(
+                m <= max * 1.0001 && m > 0.9 * max,
+                "{name}: max {m} vs {max}"
+            );
+        };
+        close(
+            "tok_embeddings",
+            &t["embeddings.tok_embeddings.weight"],
+            0.0176,
+            0.04,
+        );
+        for k in 0..4 {
+            close(
+                "Wqkv",
+                &t[&format!("layers.{k}.attn.Wqkv.weight")],
+                0.0176,
+                0.04,
+            );
+            close("Wi", &t[&format!("layers.{k}.mlp.Wi.weight")], 0.0176, 0.04);
+            close(
+                "attn Wo",
+                &t[&format!("layers.{k}.attn.Wo.weight")],
+                0.0062,
+                0.014142,
+            );
+            close(
+                "mlp Wo",
+                &t[&format!("layers.{k}.mlp.Wo.weight")],
+                0.0062,
+                0.014142,
+            );
+        }
+        for (k, v) in &t {
+            if k.ends_with("norm.weight") {
+                assert_eq!(stats(v), (0.0, 1.0), "{k}");
+            }
+        }
+        let head = TaskHead {
+            kind: HeadKind::SequenceClassification,
+            labels: vec!["a".into(), "b".into()],
+            problem_type: None,
+            sentence_order: false,
+        };
+        let (model, _) = load_for_task(&dir, &head, 5).unwrap();
+        let get = |name: &str| {
+            model
+                .params
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+                .var
+                .as_tensor()
+                .clone()
+        };
+        close("head.dense", &get("head.dense.weight"), 0.0062, 0.014142);
+        close("classifier", &get("classifier.weight"), 0.110, 0.25);
+        assert_eq!(stats(&get("head.norm.weight")), (0.0, 1.0));
+        assert_eq!(stats(&get("classifier.bias")), (0.0, 0.0));
+    }
+
+    /// Label maps transformers reads right: a masked-LM config carries none (an empty map
+    /// would read as zero labels), a QA config two (its classifier's width).
+    #[test]
+    fn task_configs_carry_the_label_count_transformers_needs() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("config.json"),
+            r#"{"model_type":"bert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"id2label":{},"label2id":{}}"#,
+        )
+        .unwrap();
+        let head = |kind| TaskHead {
+            kind,
+            labels: Vec::new(),
+            problem_type: None,
+            sentence_order: false,
+        };
+        let mlm = task_config(tmp.path(), &head(HeadKind::MaskedLm)).unwrap();
+        assert!(
+            mlm.get("id2label").is_none() && mlm.get("label2id").is_none(),
+            "{mlm}"
+        );
+        let qa = task_config(tmp.path(), &head(HeadKind::QuestionAnswering)).unwrap();
+        assert_eq!(qa["id2label"].as_object().unwrap().len(), 2, "{qa}");
+        assert_eq!(qa["architectures"][0], "BertForQuestionAnswering");
+    }
 
     #[test]
     fn students_take_evenly_spaced_layers_from_the_first() {

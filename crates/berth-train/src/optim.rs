@@ -38,10 +38,20 @@ impl Default for AdamWConfig {
 }
 
 /// Whether weight decay applies to a parameter, by its Hugging Face name: not to biases
-/// nor LayerNorm weights (the Trainer's `get_decay_parameter_names`).
+/// nor LayerNorm weights (the Trainer's `get_decay_parameter_names`, which skips every
+/// `nn.LayerNorm`: BERT's `LayerNorm`, DistilBERT's `*_layer_norm`, ModernBERT's `norm` and
+/// `*_norm`).
 pub fn decays(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !(name.ends_with(".bias") || lower.contains("layernorm") || lower.contains("layer_norm"))
+    let module = lower.strip_suffix(".weight").unwrap_or(&lower);
+    let norm_module = module
+        .rsplit('.')
+        .next()
+        .is_some_and(|m| m.ends_with("norm"));
+    !(name.ends_with(".bias")
+        || lower.contains("layernorm")
+        || lower.contains("layer_norm")
+        || norm_module)
 }
 
 /// One optimised variable (a fused variable is one slot).
@@ -482,6 +492,12 @@ mod tests {
         assert!(decays("bert.encoder.layer.0.attention.self.query.weight"));
         assert!(!decays("bert.encoder.layer.0.attention.self.query.bias"));
         assert!(!decays("bert.embeddings.LayerNorm.weight"));
+        // ModernBERT's norms (as the Trainer's get_decay_parameter_names lists them).
+        assert!(!decays("model.layers.1.attn_norm.weight"));
+        assert!(!decays("model.embeddings.norm.weight"));
+        assert!(!decays("head.norm.weight"));
+        assert!(decays("model.layers.1.attn.Wqkv.weight"));
+        assert!(decays("model.embeddings.tok_embeddings.weight"));
         assert!(!decays(
             "distilbert.transformer.layer.0.sa_layer_norm.weight"
         ));

@@ -42,7 +42,11 @@ fn check(name: &str, task: Task) {
         &Device::Cpu,
     )
     .unwrap();
-    let dir = root().join("fixtures/tiny").join(name);
+    // ModernBERT's recipes run on the checkpoints of fixtures/modernbert.
+    let dir = match name.strip_prefix("modernbert-") {
+        Some(rest) => root().join("fixtures/modernbert").join(rest),
+        None => root().join("fixtures/tiny").join(name),
+    };
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json")).unwrap();
     let kind = match task {
@@ -398,6 +402,7 @@ fn compare_param_steps(
             let last_ln_bias = task == Task::Qa
                 && p.name.ends_with("bias")
                 && (p.name.starts_with("qa_outputs")
+                    || p.name == "classifier.bias"
                     || (p.name.contains("layer.1.") && p.name.contains("output")));
             assert!(
                 p.name.contains("key") || p.name.contains("k_lin") || last_ln_bias,
@@ -696,6 +701,74 @@ fn bi_encoder_with_in_batch_negatives_trains_like_sentence_transformers() {
                 .unwrap()
         },
     );
+}
+
+/// ModernBERT (pre-norm layers, rotary positions, GeGLU, sliding-window attention on texts
+/// longer than the window of 8) under the recipe: every head, with and without biases.
+#[test]
+fn modernbert_sequence_classification_trains_like_pytorch() {
+    check("modernbert-seqcls-mean", Task::Classify);
+    check("modernbert-seqcls-cls-biased", Task::Classify);
+}
+
+#[test]
+fn modernbert_token_classification_trains_like_pytorch() {
+    check("modernbert-tokcls", Task::Ner);
+}
+
+#[test]
+fn modernbert_question_answering_trains_like_pytorch() {
+    check("modernbert-qa", Task::Qa);
+}
+
+/// ModernBertForMaskedLM (tied decoder with a bias) on masked texts.
+#[test]
+fn modernbert_masked_lm_trains_like_pytorch() {
+    let name = "modernbert-mlm";
+    let recipe: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/train/recipe.json")).unwrap(),
+    )
+    .unwrap();
+    let r = &recipe[name];
+    let reference = candle_core::safetensors::load(
+        root().join(format!("fixtures/train/{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let head = TaskHead {
+        kind: HeadKind::MaskedLm,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let (model, _) = load_for_task(&root().join("fixtures/modernbert/mlm"), &head, 0).unwrap();
+    let ints = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let inputs: Vec<MaskedInput> = (0..r["texts"].as_array().unwrap().len())
+        .map(|i| {
+            let ids: Vec<u32> = ints(&r["input_ids"][i]).iter().map(|&x| x as u32).collect();
+            let labels = ints(&r["labels"][i]);
+            let chosen: Vec<u32> = (0..labels.len() as u32)
+                .filter(|&j| labels[j as usize] >= 0)
+                .collect();
+            MaskedInput {
+                type_ids: vec![0; ids.len()],
+                ids,
+                labels: chosen.iter().map(|&j| labels[j as usize] as u32).collect(),
+                positions: chosen,
+                pair_label: None,
+            }
+        })
+        .collect();
+    assert!(inputs.iter().all(|m| !m.positions.is_empty()));
+    compare_steps(name, &model, &reference, r, false, &[], |m| {
+        masked_lm_loss(m, &inputs, None).unwrap().unwrap()
+    });
 }
 
 #[test]

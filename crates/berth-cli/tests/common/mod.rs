@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::Value;
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -153,3 +155,161 @@ pub const TINY_BERT: [&str; 10] = [
     "--max-length",
     "64",
 ];
+
+pub const WORDS: [&str; 12] = [
+    "the", "quick", "brown", "fox", "lazy", "dog", "hello", "world", "who", "is", "there", "not",
+];
+
+/// A small labelled TSV: the label depends on which words a sentence holds, so it is learnable.
+pub fn write_data(dir: &Path, n: usize, seed: usize) -> PathBuf {
+    let mut lines = vec!["sentence\tlabel".to_string()];
+    for i in 0..n {
+        let k = (i * 7 + seed) % 5 + 2;
+        let words: Vec<&str> = (0..k)
+            .map(|j| WORDS[(i * 3 + j * 5 + seed) % WORDS.len()])
+            .collect();
+        let label = if words.contains(&"dog") || words.contains(&"fox") {
+            "animal"
+        } else {
+            "other"
+        };
+        lines.push(format!("{}\t{label}", words.join(" ")));
+    }
+    let p = dir.join(format!("data-{n}-{seed}.tsv"));
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+/// `berth finetune --task classify` of `model` on a TSV pair, batch 4, 3 epochs at lr 1e-3
+/// unless `extra` says otherwise.
+pub fn finetune_classify(
+    model: &str,
+    out: &Path,
+    train: &Path,
+    dev: &Path,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    c.args([
+        "--threads",
+        "2",
+        "finetune",
+        "--task",
+        "classify",
+        "--model",
+        model,
+        "--train",
+    ])
+    .arg(train)
+    .arg("--dev")
+    .arg(dev)
+    .arg("--output")
+    .arg(out)
+    .args(["--batch-size", "4", "--warmup", "0.1"])
+    .args(extra);
+    if !extra.contains(&"--epochs") {
+        c.args(["--epochs", "3"]);
+    }
+    if !extra.contains(&"--lr") {
+        c.args(["--lr", "1e-3"]);
+    }
+    c
+}
+
+/// The (loss, lr, grad_norm) of every logged step, and the evaluations.
+pub fn curve(run: &Path) -> Vec<(Value, Value, Value, Value)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].clone(),
+                v["loss"].clone(),
+                v["grad_norm"].clone(),
+                v["eval"].clone(),
+            )
+        })
+        .collect()
+}
+
+pub fn last_checkpoint(run: &Path) -> PathBuf {
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("step-")
+                .and_then(|s| s.parse().ok())
+                .map(|s| (s, e.path()))
+        })
+        .collect();
+    all.sort();
+    all.pop().expect("a checkpoint").1
+}
+
+/// Runs `run(out, extra)` to the end with `--save-every 2`, then again SIGKILLed once its
+/// third checkpoint exists and resumed with `--resume`: both end on the same weights.
+pub fn killed_run_resumes_exactly(tmp: &Path, run: impl Fn(&Path, &[&str]) -> Command) {
+    let full = tmp.join("full");
+    ok(&run(&full, &["--save-every", "2"]).output().unwrap());
+    let killed = tmp.join("killed");
+    let mut child = run(&killed, &["--save-every", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL once a few checkpoints exist, wherever the run then is.
+    let start = std::time::Instant::now();
+    while !killed.join("checkpoints/step-6").is_dir() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    let resumed = run(&killed, &["--save-every", "2", "--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&resumed.stderr).into_owned();
+    ok(&resumed);
+    if still_running {
+        assert!(err.contains("resuming at step"), "{err}");
+    }
+    assert_eq!(
+        weights(&last_checkpoint(&killed)),
+        weights(&last_checkpoint(&full)),
+        "resumed run ends elsewhere"
+    );
+}
+
+/// A SQuAD v1.1 file of `n` one-question paragraphs (with `break_one`, the second answer's
+/// offset is off by one).
+pub fn write_squad(dir: &Path, name: &str, n: usize, break_one: bool) -> PathBuf {
+    let subjects = ["the dog", "the fox", "berth", "the world", "café naïve"];
+    let mut qas_paras = Vec::new();
+    for i in 0..n {
+        let subject = subjects[i % subjects.len()];
+        let filler = WORDS[(i * 5) % WORDS.len()];
+        let context = format!(
+            "hello {filler} world, this is a tiny corpus. {subject} is there, and {filler} is not."
+        );
+        let start = context[..context.find(subject).unwrap()].chars().count();
+        let start = if break_one && i == 1 {
+            start + 1
+        } else {
+            start
+        };
+        qas_paras.push(serde_json::json!({
+            "context": context,
+            "qas": [{"id": format!("q{i}"), "question": "who is there?", "answers": [{"text": subject, "answer_start": start}]}]
+        }));
+    }
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        serde_json::json!({"version": "1.1", "data": [{"title": "t", "paragraphs": qas_paras}]})
+            .to_string(),
+    )
+    .unwrap();
+    p
+}

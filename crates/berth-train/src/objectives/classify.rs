@@ -191,8 +191,8 @@ impl Classify {
     }
 }
 
-/// The loss of classification examples from their first tokens' last hidden states
-/// `[S, H]` (the head runs here).
+/// The loss of classification examples from their pooled last hidden states `[S, H]`
+/// ([`Model::sequence_states`]; the head runs here).
 pub fn loss_from_first(
     model: &Model,
     examples: &[&ClassifyExample],
@@ -243,16 +243,15 @@ fn hard_loss(examples: &[&ClassifyExample], logits: &Tensor) -> Result<Option<Te
     }
 }
 
-/// The training loss of a batch: the last layer computes only the first tokens (the head
-/// reads nothing else).
+/// The training loss of a batch: under first-token pooling the last layer computes only
+/// the first tokens (the head reads nothing else).
 pub fn loss(
     model: &Model,
     examples: &[&ClassifyExample],
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
     let batch = pack(examples.iter().map(|e| &e.enc))?;
-    let rows = Model::first_token_rows(&batch);
-    let first = model.forward_train_rows(&batch, d, &rows)?;
+    let first = model.forward_train_sequences(&batch, d)?;
     loss_from_first(model, examples, &first, d)
 }
 
@@ -267,8 +266,7 @@ pub fn distilled_loss(
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
     let batch = pack(examples.iter().map(|e| &e.enc))?;
-    let rows = Model::first_token_rows(&batch);
-    let first = student.forward_train_rows(&batch, d, &rows)?;
+    let first = student.forward_train_sequences(&batch, d)?;
     let logits = student.sequence_logits_first(&first, d)?;
     let taught = teacher.sequence_logits(&teacher.forward(&batch)?, &batch)?;
     distill.blend(hard_loss(examples, &logits)?, &logits, &taught)
@@ -412,7 +410,7 @@ impl Objective for Classify {
             let chunk = &self.dev[r];
             let refs: Vec<&ClassifyExample> = chunk.iter().collect();
             // One forward per batch serves both the dev loss and the predictions.
-            let first = Model::first_tokens(hidden, batch)?;
+            let first = model.sequence_states(hidden, batch)?;
             if let Some(l) = loss_from_first(model, &refs, &first, None)? {
                 loss_sum += l.to_scalar::<f32>()? as f64 * refs.len() as f64;
                 loss_n += refs.len();

@@ -146,15 +146,15 @@ pub fn loss_from_logits(examples: &[&RerankExample], logits: &Tensor) -> Result<
     Ok(Some(loss::bce_with_logits(logits, &t)?))
 }
 
-/// The training loss of a batch (the last layer computes only the first tokens).
+/// The training loss of a batch (under first-token pooling the last layer computes only
+/// the first tokens).
 pub fn loss(
     model: &Model,
     examples: &[&RerankExample],
     d: Option<&Dropout>,
 ) -> Result<Option<Tensor>> {
     let batch = pack(examples.iter().map(|e| &e.enc))?;
-    let rows = Model::first_token_rows(&batch);
-    let first = model.forward_train_rows(&batch, d, &rows)?;
+    let first = model.forward_train_sequences(&batch, d)?;
     loss_from_logits(examples, &model.sequence_logits_first(&first, d)?)
 }
 
