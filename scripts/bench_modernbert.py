@@ -15,7 +15,9 @@ copies of the text and on one copy; the time per text is the difference over R, 
 loading and process start are left out (R grows for short texts so the difference dwarfs
 that noise). PyTorch
 runs ModernBertModel under torch.inference_mode, the best of --repeat. Prints seconds per
-text, tokens/s and berth's ratio, and berth's time per token across lengths.
+text, tokens/s and berth's ratio, and berth's time per token across lengths; then berth
+`--dtype int8` the same way (per-channel int8 weights, per-token uint8 activations), its speed
+against berth f32 and PyTorch f32 and the cosine of its mean-pooled embedding to f32's.
 """
 import argparse
 import json
@@ -83,6 +85,7 @@ words = "the quick brown fox jumps over the lazy dog and runs far away".split()
 text = " ".join(words[i % len(words)] for i in range(9000))
 print(f"threads {args.threads}; model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 print("tokens | PyTorch s | ONNX Runtime s | berth s | berth / PyTorch | berth / ORT | berth µs per token")
+int8_rows = []
 for n in [int(x) for x in args.lengths.split(",")]:
     ids = torch.randint(5, 2000, (1, n))
     best = float("inf")
@@ -100,18 +103,32 @@ for n in [int(x) for x in args.lengths.split(",")]:
         onnx_best = min(onnx_best, time.perf_counter() - t)
     # Enough copies that their compute dwarfs the noise of process start and model loading.
     extra = max(args.repeat, (8192 // n) * args.repeat // 2)
-    times = {}
-    for copies in [1, 1 + extra]:
-        f = work / f"in-{copies}.txt"
-        f.write_text((text + "\n") * copies)
-        t = time.perf_counter()
-        subprocess.run([args.berth, "--threads", str(args.threads), "embed", "--model",
-                        str(work / "model"), "--max-length", str(n), "--batch-tokens", str(n),
-                        "--input", str(f),
-                        "--output", str(work / "out.jsonl")], check=True,
-                       stdout=subprocess.DEVNULL)
-        times[copies] = time.perf_counter() - t
-    ours = (times[1 + extra] - times[1]) / extra
+
+    def berth_run(dtype):
+        """Seconds per text, and the mean-pooled embedding of the text."""
+        times = {}
+        for copies in [1, 1 + extra]:
+            f = work / f"in-{copies}.txt"
+            f.write_text((text + "\n") * copies)
+            t = time.perf_counter()
+            subprocess.run([args.berth, "--threads", str(args.threads), "embed", "--model",
+                            str(work / "model"), "--max-length", str(n), "--batch-tokens", str(n),
+                            "--dtype", dtype, "--pooling", "mean", "--input", str(f),
+                            "--output", str(work / f"out-{copies}.jsonl")], check=True,
+                           stdout=subprocess.DEVNULL)
+            times[copies] = time.perf_counter() - t
+        with open(work / "out-1.jsonl") as f:
+            vec = np.array(json.loads(f.readline())["embedding"])
+        return (times[1 + extra] - times[1]) / extra, vec
+
+    ours, f32_vec = berth_run("f32")
     print(f"{n} | {best:.3f} | {onnx_best:.3f} | {ours:.3f} | {best / ours:.2f}x | "
           f"{onnx_best / ours:.2f}x | {1e6 * ours / n:.1f}")
+    q, q_vec = berth_run("int8")
+    cos = float(f32_vec @ q_vec / (np.linalg.norm(f32_vec) * np.linalg.norm(q_vec)))
+    int8_rows.append(f"{n} | {q:.3f} | {ours / q:.2f}x | {best / q:.2f}x | {cos:.5f}")
+print("berth --dtype int8:")
+print("tokens | berth int8 s | vs berth f32 | vs PyTorch f32 | cosine to f32")
+for row in int8_rows:
+    print(row)
 shutil.rmtree(work)
