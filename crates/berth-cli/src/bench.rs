@@ -9,7 +9,8 @@
 //!      longest member, as they must.
 //!   d. a bert-base-shaped checkpoint (12 layers, 768 hidden, random weights, written to a
 //!      temporary folder and loaded by every engine) at 8 sequences x 128 tokens.
-//! berth runs in f32 and, where the CPU has AMX, in bf16 and int8; the accuracy of each
+//! berth runs in f32, in bf16 where the CPU has AMX, and in int8 where it has AMX or AVX-512
+//! VNNI (not on the portable int8 loop, which is far slower than f32); the accuracy of each
 //! reduced precision is the cosine of its (c) embeddings to berth f32's. Peers run in
 //! scripts/bench_peers.py with the same thread count (PyTorch eager f32 and bf16 autocast,
 //! ONNX Runtime f32 and dynamic int8 with per-channel weights); missing peers are "n/a".
@@ -350,10 +351,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("no AMX bf16 on this CPU: berth bf16 is skipped");
     }
-    if berth_kernels::amx::int8_available() {
-        modes.push(Precision::Int8);
+    let int8_kernel = berth_kernels::amx::int8::I8Kernel::best();
+    if int8_kernel == berth_kernels::amx::int8::I8Kernel::Portable {
+        eprintln!("no AMX int8 or AVX-512 VNNI on this CPU: berth int8 (portable loop) is not benchmarked");
     } else {
-        eprintln!("no AMX int8 on this CPU: berth int8 (portable loop) is not benchmarked");
+        eprintln!("berth int8 runs on {int8_kernel:?}");
+        modes.push(Precision::Int8);
     }
     let max_length = p.max_length;
     let mut p = p;

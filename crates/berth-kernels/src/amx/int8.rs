@@ -14,9 +14,10 @@
 //!
 //! Tiles: `A` (16 rows × 64 uint8 of `x`), `B` (16 rows of 16 × 4 int8: row `r` holds
 //! `W[o][4r..4r + 4]` for the tile's 16 outputs `o`), `C` 16 × 16 i32. The kernel keeps a
-//! 32 × 32 block of `C` in four tiles as the bf16 kernel does. Without AMX int8 a portable
-//! loop computes the same integer sums from the same packed buffers (exactly the same
-//! result, much slower).
+//! 32 × 32 block of `C` in four tiles as the bf16 kernel does. Without AMX int8, AVX-512 VNNI
+//! (`VPDPBUSD`, the same unsigned × signed four-byte dot product per i32 lane) reads the same
+//! packed tiles — one tile row is one 512-bit vector of 16 outputs × 4 inputs — and, without
+//! that either, a portable loop does; all three compute exactly the same integer sums.
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -269,23 +270,76 @@ fn quantize_row_generic(src: &[f32], dst: &mut [u8]) -> (f32, i32) {
     (scale, zero as i32)
 }
 
-/// `act(x W^T + b)` for `x [N, I]` (row-major f32), giving `[N, O]`. Uses AMX int8 tiles
-/// when the CPU has them, else the portable loop (same result).
-pub fn linear_i8(x: &[f32], n: usize, w: &PackedI8, act: Option<Activation>) -> Vec<f32> {
-    let q = quantize_rows(x, n, w.inputs, w.depth);
-    linear_quantized(&q, n, w, act, int8_available())
+/// Which integer kernel computes an int8 product (all give the same sums).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum I8Kernel {
+    /// AMX int8 tiles (`TDPBUSD`).
+    Amx,
+    /// AVX-512 VNNI (`VPDPBUSD`) on the same packed tiles.
+    Vnni,
+    /// Plain loops.
+    Portable,
 }
 
-/// The product of rows already quantized ([`quantize_rows`] with `w`'s depth); `amx`
-/// chooses the tile kernel (it must be [`int8_available`]) or the portable loop.
+impl I8Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        if int8_available() {
+            I8Kernel::Amx
+        } else if vnni_available() {
+            I8Kernel::Vnni
+        } else {
+            I8Kernel::Portable
+        }
+    }
+
+    /// Every kernel this CPU runs.
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![I8Kernel::Portable];
+        if vnni_available() {
+            all.push(I8Kernel::Vnni);
+        }
+        if int8_available() {
+            all.push(I8Kernel::Amx);
+        }
+        all
+    }
+}
+
+/// Whether the CPU has AVX-512 VNNI (with the AVX-512 F / BW it builds on).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `act(x W^T + b)` for `x [N, I]` (row-major f32), giving `[N, O]`, on the fastest
+/// kernel this CPU runs ([`I8Kernel::best`]; all give the same result).
+pub fn linear_i8(x: &[f32], n: usize, w: &PackedI8, act: Option<Activation>) -> Vec<f32> {
+    let q = quantize_rows(x, n, w.inputs, w.depth);
+    linear_quantized(&q, n, w, act, I8Kernel::best())
+}
+
+/// The product of rows already quantized ([`quantize_rows`] with `w`'s depth) on `kernel`
+/// (which the CPU must run: see [`I8Kernel::available`]).
 pub fn linear_quantized(
     q: &QuantRows,
     n: usize,
     w: &PackedI8,
     act: Option<Activation>,
-    amx: bool,
+    kernel: I8Kernel,
 ) -> Vec<f32> {
-    assert!(!amx || int8_available(), "AMX int8 is not available");
+    assert!(
+        I8Kernel::available().contains(&kernel),
+        "the {kernel:?} int8 kernel is not available on this CPU"
+    );
     assert_eq!(q.depth, w.depth, "linear_quantized: depth");
     assert!(q.scale.len() == n, "linear_quantized: rows");
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
@@ -294,15 +348,12 @@ pub fn linear_quantized(
         n.div_ceil(BLOCK),
         w.bias.len() / BLOCK,
         BLOCK * w.depth,
-        |rb, cols| {
-            if amx {
-                // SAFETY: AMX int8 is available (asserted); blocks write disjoint parts of `y`;
-                // pointers stay inside the padded buffers.
-                unsafe { block_row_amx(q, n, w, rb, cols, act, out) }
-            } else {
-                // SAFETY: as above, without the AMX requirement.
-                unsafe { block_row_portable(q, n, w, rb, cols, act, out) }
-            }
+        |rb, cols| match kernel {
+            // SAFETY: the kernel's instructions are available (asserted); blocks write
+            // disjoint parts of `y`; pointers stay inside the padded buffers.
+            I8Kernel::Amx => unsafe { block_row_amx(q, n, w, rb, cols, act, out) },
+            I8Kernel::Vnni => unsafe { block_row_vnni(q, n, w, rb, cols, act, out) },
+            I8Kernel::Portable => unsafe { block_row_portable(q, n, w, rb, cols, act, out) },
         },
     );
     // SAFETY: every element of `y [N, O]` was written (by one block's epilogue, through the
@@ -434,6 +485,75 @@ unsafe fn block_row_amx(
     unreachable!("AMX is x86-64 only")
 }
 
+/// Rows of `x` one VNNI pass keeps in registers (× 2 vectors of 16 outputs).
+const VNNI_ROWS: usize = 8;
+
+/// [`block_row_amx`]'s integer sums with AVX-512 VNNI: for each 4-input group, the tile row
+/// of 16 outputs × 4 int8 weights is one vector, each row's 4 uint8 inputs are broadcast to
+/// every lane, and `VPDPBUSD` adds the 16 four-term dot products; 8 rows × 32 outputs of
+/// accumulators stay in registers over the whole depth.
+///
+/// # Safety
+/// AVX-512 F / BW / VNNI must be available; `q` and `w` have the same depth; `y` holds
+/// `n × O`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_row_vnni(
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    use std::arch::x86_64::*;
+    let kb = w.depth / DEPTH;
+    let mut acc = [0i32; BLOCK * BLOCK];
+    for cb in cols {
+        let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
+        let b1 = b0.add(kb * TILE);
+        for r0 in (0..BLOCK).step_by(VNNI_ROWS) {
+            let a = q.data.as_ptr().add((rb * BLOCK + r0) * w.depth);
+            let mut c0 = [_mm512_setzero_si512(); VNNI_ROWS];
+            let mut c1 = [_mm512_setzero_si512(); VNNI_ROWS];
+            for k in 0..kb {
+                for quad in 0..DEPTH / 4 {
+                    let off = k * TILE + quad * DEPTH;
+                    let w0 = _mm512_loadu_si512(b0.add(off) as *const __m512i);
+                    let w1 = _mm512_loadu_si512(b1.add(off) as *const __m512i);
+                    let col = k * DEPTH + quad * 4;
+                    for r in 0..VNNI_ROWS {
+                        let x4 = (a.add(r * w.depth + col) as *const i32).read_unaligned();
+                        let x = _mm512_set1_epi32(x4);
+                        c0[r] = _mm512_dpbusd_epi32(c0[r], x, w0);
+                        c1[r] = _mm512_dpbusd_epi32(c1[r], x, w1);
+                    }
+                }
+            }
+            let p = acc.as_mut_ptr().add(r0 * BLOCK);
+            for r in 0..VNNI_ROWS {
+                _mm512_storeu_si512(p.add(r * BLOCK) as *mut __m512i, c0[r]);
+                _mm512_storeu_si512(p.add(r * BLOCK + 16) as *mut __m512i, c1[r]);
+            }
+        }
+        epilogue(&acc, q, n, w, rb, cb * BLOCK, act, y);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_vnni(
+    _: &QuantRows,
+    _: usize,
+    _: &PackedI8,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("VNNI is x86-64 only")
+}
+
 /// [`block_row_amx`]'s integer sums by plain loops over the same packed buffers.
 ///
 /// # Safety
@@ -506,14 +626,13 @@ mod tests {
                 assert!((back - w[c * i + k]).abs() <= 0.5001 * packed.scale(c));
             }
         }
-        let mut kernels = vec![false];
-        if int8_available() {
-            kernels.push(true);
-        } else {
-            eprintln!("AMX int8 not available: portable kernel only");
-        }
-        for amx in kernels {
-            let y = linear_quantized(&q, n, &packed, act, amx);
+        let kernels = I8Kernel::available();
+        eprintln!("int8 kernels on this CPU: {kernels:?}");
+        let portable = linear_quantized(&q, n, &packed, act, I8Kernel::Portable);
+        for kernel in kernels {
+            let y = linear_quantized(&q, n, &packed, act, kernel);
+            // The same integer sums and the same epilogue: bit-identical results.
+            assert_eq!(y, portable, "{kernel:?} differs from the portable kernel");
             let mut worst = 0f64;
             for r in 0..n {
                 for c in 0..o {
@@ -530,8 +649,8 @@ mod tests {
                     worst = worst.max((v as f64 - y[r * o + c] as f64).abs());
                 }
             }
-            println!("int8 linear {n}x{i} -> {o} (amx {amx}): max abs diff {worst:.2e}");
-            assert!(worst < 1e-5, "amx {amx}: max abs diff {worst}");
+            println!("int8 linear {n}x{i} -> {o} ({kernel:?}): max abs diff {worst:.2e}");
+            assert!(worst < 1e-5, "{kernel:?}: max abs diff {worst}");
         }
     }
 
