@@ -230,34 +230,6 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                     "--hidden {hidden} / --heads {heads} gives an odd head size; ModernBERT's rotary embeddings rotate pairs"
                 );
             }
-            let roberta = a.arch == ArchArg::Roberta;
-            let pad = tok
-                .token_to_id(if roberta { "<pad>" } else { "[PAD]" })
-                .unwrap_or(0);
-            let (class, model_type) = match (rtd, roberta) {
-                (true, _) => ("ElectraModel", "electra"),
-                (false, true) => ("RobertaModel", "roberta"),
-                (false, false) => ("BertModel", "bert"),
-            };
-            let mut config = serde_json::json!({
-                "architectures": [class],
-                "model_type": model_type,
-                "vocab_size": tok.vocab_size(),
-                "hidden_size": hidden,
-                "num_hidden_layers": layers,
-                "num_attention_heads": heads,
-                "intermediate_size": intermediate,
-                "hidden_act": "gelu",
-                "hidden_dropout_prob": 0.1,
-                "attention_probs_dropout_prob": 0.1,
-                // RoBERTa's positions start past the padding index.
-                "max_position_embeddings": if roberta { a.max_length.max(512) + pad as usize + 1 } else { a.max_length.max(512) },
-                "type_vocab_size": if roberta { 1 } else { 2 },
-                "initializer_range": 0.02,
-                "layer_norm_eps": 1e-12,
-                "pad_token_id": pad,
-                "tie_word_embeddings": true,
-            });
             let init = a.output.join("init");
             if modern {
                 if world.is_writer() {
@@ -270,6 +242,34 @@ fn run_on(a: PretrainArgs, world: &dyn berth_train::dist::Collective) -> anyhow:
                 }
                 init
             } else {
+                let roberta = a.arch == ArchArg::Roberta;
+                let pad = tok
+                    .token_to_id(if roberta { "<pad>" } else { "[PAD]" })
+                    .unwrap_or(0);
+                let (class, model_type) = match (rtd, roberta) {
+                    (true, _) => ("ElectraModel", "electra"),
+                    (false, true) => ("RobertaModel", "roberta"),
+                    (false, false) => ("BertModel", "bert"),
+                };
+                let mut config = serde_json::json!({
+                    "architectures": [class],
+                    "model_type": model_type,
+                    "vocab_size": tok.vocab_size(),
+                    "hidden_size": hidden,
+                    "num_hidden_layers": layers,
+                    "num_attention_heads": heads,
+                    "intermediate_size": intermediate,
+                    "hidden_act": "gelu",
+                    "hidden_dropout_prob": 0.1,
+                    "attention_probs_dropout_prob": 0.1,
+                    // RoBERTa's positions start past the padding index.
+                    "max_position_embeddings": if roberta { a.max_length.max(512) + pad as usize + 1 } else { a.max_length.max(512) },
+                    "type_vocab_size": if roberta { 1 } else { 2 },
+                    "initializer_range": 0.02,
+                    "layer_norm_eps": 1e-12,
+                    "pad_token_id": pad,
+                    "tie_word_embeddings": true,
+                });
                 let positions = a.position_init;
                 if rtd {
                     // ELECTRA: embeddings as wide as the encoder (no embeddings_project).

@@ -86,8 +86,11 @@ fn head_shapes(cfg: &EncoderConfig, kind: HeadKind, c: usize) -> Vec<(String, Ve
             lin("classifier.out_proj", c, h),
         ]
         .concat(),
-        (HeadKind::SequenceClassification, Arch::DistilBert | Arch::ModernBert) => {
+        (HeadKind::SequenceClassification, Arch::DistilBert) => {
             [lin("pre_classifier", h, h), lin("classifier", c, h)].concat()
+        }
+        (HeadKind::SequenceClassification, Arch::ModernBert) => {
+            unreachable!("ModernBERT heads returned above (its config has `modern`)")
         }
         (HeadKind::TokenClassification, _) => lin("classifier", c, h),
         (HeadKind::QuestionAnswering, _) => lin("qa_outputs", 2, h),
@@ -132,9 +135,9 @@ fn is_head_key(k: &str) -> bool {
     .any(|h| k.starts_with(h))
 }
 
-/// Whether `name` is a LayerNorm weight (initialised to one): BERT's `LayerNorm`,
-/// DistilBERT's `*_layer_norm`, ModernBERT's `norm` / `*_norm`.
-fn is_norm_weight(name: &str) -> bool {
+/// Whether `name` is a LayerNorm weight (initialised to one, never weight-decayed): BERT's
+/// `LayerNorm`, DistilBERT's `*_layer_norm`, ModernBERT's `norm` / `*_norm`.
+pub(crate) fn is_norm_weight(name: &str) -> bool {
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let last = module.rsplit('.').next().unwrap_or(module);
     last.to_ascii_lowercase().ends_with("norm")

@@ -43,15 +43,10 @@ impl Default for AdamWConfig {
 /// `*_norm`).
 pub fn decays(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    let module = lower.strip_suffix(".weight").unwrap_or(&lower);
-    let norm_module = module
-        .rsplit('.')
-        .next()
-        .is_some_and(|m| m.ends_with("norm"));
     !(name.ends_with(".bias")
         || lower.contains("layernorm")
         || lower.contains("layer_norm")
-        || norm_module)
+        || crate::init::is_norm_weight(name))
 }
 
 /// One optimised variable (a fused variable is one slot).
