@@ -135,14 +135,6 @@ fn is_head_key(k: &str) -> bool {
     .any(|h| k.starts_with(h))
 }
 
-/// Whether `name` is a LayerNorm weight (initialised to one, never weight-decayed): BERT's
-/// `LayerNorm`, DistilBERT's `*_layer_norm`, ModernBERT's `norm` / `*_norm`.
-pub(crate) fn is_norm_weight(name: &str) -> bool {
-    let module = name.strip_suffix(".weight").unwrap_or(name);
-    let last = module.rsplit('.').next().unwrap_or(module);
-    last.to_ascii_lowercase().ends_with("norm")
-}
-
 /// One standard normal draw (Box-Muller) from `rng`.
 fn normal(rng: &mut rand::rngs::StdRng) -> f64 {
     let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
@@ -287,7 +279,7 @@ pub fn load_for_task(dir: &Path, head: &TaskHead, seed: u64) -> Result<(Model, s
                 let n: usize = shape.iter().product();
                 let data: Vec<f32> = if name.ends_with(".bias") {
                     vec![0.0; n]
-                } else if is_norm_weight(&name) {
+                } else if crate::optim::is_norm_weight(&name) {
                     vec![1.0; n]
                 } else if config.modern.is_some() {
                     // transformers' ModernBERT init: truncated normal, the prediction head

@@ -37,6 +37,14 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Whether `name` is a LayerNorm weight (initialised to one, never weight-decayed): BERT's
+/// `LayerNorm`, DistilBERT's `*_layer_norm`, ModernBERT's `norm` / `*_norm`.
+pub(crate) fn is_norm_weight(name: &str) -> bool {
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let last = module.rsplit('.').next().unwrap_or(module);
+    last.to_ascii_lowercase().ends_with("norm")
+}
+
 /// Whether weight decay applies to a parameter, by its Hugging Face name: not to biases
 /// nor LayerNorm weights (the Trainer's `get_decay_parameter_names`, which skips every
 /// `nn.LayerNorm`: BERT's `LayerNorm`, DistilBERT's `*_layer_norm`, ModernBERT's `norm` and
@@ -46,7 +54,7 @@ pub fn decays(name: &str) -> bool {
     !(name.ends_with(".bias")
         || lower.contains("layernorm")
         || lower.contains("layer_norm")
-        || crate::init::is_norm_weight(name))
+        || is_norm_weight(name))
 }
 
 /// One optimised variable (a fused variable is one slot).
