@@ -3,9 +3,10 @@
 and throughput (same threads, seed, batch size, learning rate, epochs, max length, linear
 schedule, AdamW, clip 1.0).
 
-    pip install torch transformers
+    pip install torch transformers accelerate
     python3 scripts/train_peer.py --task classify --model DIR --train T.tsv --dev D.tsv \
-        --epochs 1 --batch-size 32 --lr 5e-5 --max-length 128 --threads 2 [--limit N]
+        --epochs 1 --batch-size 32 --lr 5e-5 --max-length 128 --threads 2 [--limit N] \
+        [--group-by-length] [--bf16]
     python3 scripts/train_peer.py --task ner --model DIR --train train.txt --dev valid.txt ...
 
 Prints one JSON line: dev metrics, train runtime, examples/s and real (unpadded) tokens/s.
@@ -57,6 +58,9 @@ def main():
     ap.add_argument("--text-column", default="sentence")
     ap.add_argument("--label-column", default="label")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--group-by-length", action="store_true",
+                    help="the Trainer's length grouping (batches of similar lengths, as experts run it)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's bf16=True on CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -102,7 +106,8 @@ def main():
     args = TrainingArguments(output_dir="/tmp/berth-train-peer", per_device_train_batch_size=a.batch_size,
                              per_device_eval_batch_size=64, learning_rate=a.lr, num_train_epochs=a.epochs,
                              seed=a.seed, save_strategy="no", eval_strategy="no", logging_steps=a.log_every, report_to=[],
-                             use_cpu=True, dataloader_num_workers=0)
+                             use_cpu=True, dataloader_num_workers=0,
+                             group_by_length=a.group_by_length, bf16=a.bf16)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, compute_metrics=metrics)
     t0 = time.time()
     out = trainer.train()

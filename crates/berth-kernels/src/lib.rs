@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 mod activation;
+mod adamw;
 pub mod amx;
 mod attention;
 mod attention_tiled;
@@ -29,6 +30,7 @@ mod softmax;
 mod testing;
 
 pub use activation::{activation, Activation};
+pub use adamw::{adamw_update, sum_of_squares, with_values_mut, AdamWStep};
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use attention_window::window_attention;
 pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};

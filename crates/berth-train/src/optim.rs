@@ -63,9 +63,6 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    /// The values, kept here so a step updates them in place and copies them into the
-    /// variable once (only the optimizer writes the variables).
-    value: Vec<f32>,
     grad: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -93,18 +90,11 @@ impl AdamW {
                 Some(&i) => slots[i].decay &= decays(&p.name),
                 None => {
                     let n = p.var.as_tensor().elem_count();
-                    let value = p
-                        .var
-                        .as_tensor()
-                        .flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .unwrap_or_default();
                     index.insert(id, slots.len());
                     slots.push(Slot {
                         name: p.name.clone(),
                         var: p.var.clone(),
                         decay: decays(&p.name),
-                        value,
                         grad: vec![0.0; n],
                         m: vec![0.0; n],
                         v: vec![0.0; n],
@@ -340,14 +330,7 @@ impl AdamW {
         let total: f64 = self
             .slots
             .iter()
-            .map(|s| {
-                let parts: Vec<f64> = s
-                    .grad
-                    .par_chunks(CHUNK)
-                    .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-                    .collect();
-                parts.into_iter().sum::<f64>()
-            })
+            .map(|s| berth_kernels::sum_of_squares(&s.grad))
             .sum();
         let norm = total.sqrt();
         if let Some(max) = max_norm {
@@ -385,26 +368,18 @@ impl AdamW {
             } else {
                 1.0
             };
-            s.value
-                .par_chunks_mut(CHUNK)
-                .zip(s.grad.par_chunks_mut(CHUNK))
-                .zip(s.m.par_chunks_mut(CHUNK).zip(s.v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
-                    for i in 0..p.len() {
-                        let gi = g[i];
-                        p[i] *= decay;
-                        m[i] += (1.0 - b1) * (gi - m[i]);
-                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        let denom = v[i].sqrt() / bc2_sqrt + eps;
-                        p[i] -= step_size * m[i] / denom;
-                        g[i] = 0.0;
-                    }
-                });
-            s.var.set(&Tensor::from_slice(
-                &s.value,
-                s.var.as_tensor().shape(),
-                &Device::Cpu,
-            )?)?;
+            let k = berth_kernels::AdamWStep {
+                decay,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                step_size,
+                bias_correction2_sqrt: bc2_sqrt,
+            };
+            let (g, m, v) = (&mut s.grad, &mut s.m, &mut s.v);
+            berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
+                berth_kernels::adamw_update(p, g, m, v, &k)
+            })?;
             s.touched = false;
         }
         Ok(())
