@@ -2,11 +2,13 @@
 """Peer baselines for `berth bench`: PyTorch eager (f32 and bf16 autocast), ONNX Runtime
 fp32, and ONNX Runtime dynamic int8 with per-channel weights (onnxruntime.quantization's
 quantize_dynamic, per_channel=True, QInt8 weights) on the workloads berth writes to --spec (JSON: "a", "b", "d" = lists of equal-length id
-lists, "c" = texts, "d_model" = the bert-base-shaped checkpoint for "d", "max_length",
-"seconds", "threads"). Prints one JSON line: {"torch": {...}, "torch_bf16": {...},
-"ort": {...}, "ort_int8": {...}, "ort_int8_cosine": {"mean", "min"}} with sequences/s per
-workload ("c" is timed over one pass after a warm-up on its first 256 texts) and the cosine
-of ORT int8's (c) embeddings to ORT fp32's; a peer that is not installed is left out.
+lists, "c" = texts in file order, "c_sorted" = the same texts longest first, as
+sentence-transformers' encode orders them, so each batch of 32 pads little, "d_model" = the
+bert-base-shaped checkpoint for "d", "max_length", "seconds", "threads"). Prints one JSON
+line: {"torch": {...}, "torch_bf16": {...}, "ort": {...}, "ort_int8": {...},
+"ort_int8_cosine": {"mean", "min"}} with sequences/s per workload ("c" and "c_sorted" are
+timed over one pass after a warm-up on their first 256 texts) and the cosine of ORT int8's
+(c) embeddings to ORT fp32's; a peer that is not installed is left out.
 
     pip install torch transformers onnxruntime onnx
 """
@@ -83,6 +85,8 @@ def main():
         out[name] = {"a": 32 * rate(seconds, lambda: torch_ids(model, spec["a"], bf16)),
                      "b": rate(seconds, lambda: torch_ids(model, spec["b"], bf16)),
                      "c": n_c * once(lambda: torch_texts(bf16, spec["c"][:256]), lambda: torch_texts(bf16)),
+                     "c_sorted": n_c * once(lambda: torch_texts(bf16, spec["c_sorted"][:256]),
+                                            lambda: torch_texts(bf16, spec["c_sorted"])),
                      "d": 8 * rate(seconds, lambda: torch_ids(base, spec["d"], bf16))}
         print(f"peers: PyTorch {'bf16 autocast' if bf16 else 'f32'} {out[name]}", file=sys.stderr)
     try:
@@ -133,6 +137,8 @@ def main():
         out[name] = {"a": 32 * rate(seconds, lambda: ort_ids(sess, spec["a"])),
                      "b": rate(seconds, lambda: ort_ids(sess, spec["b"])),
                      "c": n_c * once(lambda: ort_texts(sess, spec["c"][:256]), lambda: ort_texts(sess, spec["c"], keep)),
+                     "c_sorted": n_c * once(lambda: ort_texts(sess, spec["c_sorted"][:256]),
+                                            lambda: ort_texts(sess, spec["c_sorted"])),
                      "d": 8 * rate(seconds, lambda: ort_ids(base_sess, spec["d"]))}
         print(f"peers: ONNX Runtime {'int8 per-channel' if int8 else 'fp32'} {out[name]}", file=sys.stderr)
     cos = (np.concatenate(embeddings["ort"]) * np.concatenate(embeddings["ort_int8"])).sum(1)

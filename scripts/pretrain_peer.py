@@ -6,7 +6,8 @@ pretrain`, a fixed seeded masking of the held-out text), so only the training di
     cargo build --release -p berth-cli
     pip install torch transformers
     scripts/fetch-sotu                # for --corpus sotu (the default)
-    python3 scripts/pretrain_peer.py [--corpus sotu|books] [--steps 300] [--arch bert|modernbert] [--out DIR]
+    python3 scripts/pretrain_peer.py [--corpus sotu|books] [--steps 300] [--arch bert|modernbert] [--out DIR] \
+        [--head sparse|full] [--bf16]
 
 Corpus: the State of the Union addresses 1790-2021 (scripts/fetch-sotu; every 10th address
 held out for the score, the rest tokenized by `berth data prepare` into shards that berth
@@ -19,6 +20,11 @@ berth's training order: `--dump-order`), 15 % masking 80/10/10 (berth: its own d
 PyTorch: DataCollatorForLanguageModeling), AdamW lr 5e-4, weight decay 0.01, 6 % warmup then
 linear decay, clip 1.0, dropout 0.1, seed 42. Throughput: real (unpadded) tokens per second
 of training time (PyTorch pads each batch to its longest sequence).
+
+PyTorch runs as an expert runs it: by default (--head sparse) BertForMaskedLM's prediction
+head (transform, LayerNorm, 16k-way decoder) runs only at the masked positions, as berth's
+does, and the loss is the same mean over them; --head full is the stock model (head at every
+position). --bf16 wraps PyTorch's forward in bf16 autocast (for comparison with berth bf16).
 
 --arch modernbert: the same recipe on a ModernBERT of the same size (`berth pretrain --arch
 modernbert`: 4 layers, 256 hidden, 4 heads, GeGLU width 384, global attention every third
@@ -44,6 +50,9 @@ def main():
     ap.add_argument("--corpus", choices=["sotu", "books"], default="sotu")
     ap.add_argument("--arch", choices=["bert", "modernbert"], default="bert")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--head", choices=["sparse", "full"], default="sparse",
+                    help="PyTorch BERT: prediction head at masked positions only (sparse) or everywhere")
+    ap.add_argument("--bf16", action="store_true", help="PyTorch forward under bf16 autocast")
     a = ap.parse_args()
     modern = a.arch == "modernbert"
     out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}" + ("-modernbert" if modern else ""))
@@ -121,12 +130,24 @@ def main():
     warm = int(-(-0.06 * a.steps // 1))
     sched = transformers.get_linear_schedule_with_warmup(opt, warm, a.steps)
     model.train()
+    sparse = a.head == "sparse" and not modern  # ModernBERT: sparse_prediction above
+
+    def mlm_loss(batch):
+        if not sparse:
+            return model(**batch).loss
+        labels = batch.pop("labels")
+        hidden = model.bert(**batch).last_hidden_state
+        at = labels != -100
+        logits = model.cls(hidden[at])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[at])
+
     torch_losses, tokens = [], 0
     t0 = time.time()
     for step in range(a.steps):
         batch = collator([{"input_ids": s} for s in seqs[step * 32:(step + 1) * 32]])
         tokens += sum(len(s) for s in seqs[step * 32:(step + 1) * 32])
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = mlm_loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -146,7 +167,8 @@ def main():
     print("| side | held-out MLM loss | perplexity | masked accuracy | tokens/s |")
     print("|---|---|---|---|---|")
     print(f"| berth | {b['loss']:.4f} | {b['perplexity']:.1f} | {100 * b['masked_accuracy']:.2f} | {berth_tps:.0f} |")
-    print(f"| PyTorch {torch.__version__} | {p['loss']:.4f} | {p['perplexity']:.1f} | {100 * p['masked_accuracy']:.2f} | {tokens / runtime:.0f} |")
+    how = ("sparse_prediction" if modern else f"{a.head} head") + (", bf16 autocast" if a.bf16 else "")
+    print(f"| PyTorch {torch.__version__} ({how}) | {p['loss']:.4f} | {p['perplexity']:.1f} | {100 * p['masked_accuracy']:.2f} | {tokens / runtime:.0f} |")
     print(f"loss ratio berth / PyTorch {b['loss'] / p['loss']:.4f}; speed ratio {berth_tps / (tokens / runtime):.2f}x")
     # Training-loss curves in windows of 50 steps (each side's own masking and dropout draws).
     w = 50

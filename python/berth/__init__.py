@@ -79,7 +79,7 @@ class SentenceEncoder:
 
     Args:
         model: model directory or name (default: all-MiniLM-L6-v2 in berth's cache).
-        dtype: "f32", or "bf16" / "int8" for the encoder's matrix products (bf16 needs AMX).
+        dtype: "f32", or "bf16" / "int8" for the encoder's matrix products (bf16 needs AMX or AVX-512 BF16).
         max_length: token limit per text (default: the model's ``max_seq_length``); longer
             texts are truncated.
         threads: threads for this encoder's work (default: all cores).

@@ -7,9 +7,12 @@
 //!      the shared datasets) embedded end to end (tokenize, encode, pool, normalise) in
 //!      batches of 32 in file order. berth packs each batch; the peers pad it to its
 //!      longest member, as they must.
+//!   c'. the same texts sorted longest first (by characters, as sentence-transformers'
+//!      `encode` sorts them) before batching: how experts run a padded engine, each
+//!      batch padding little. Every engine gets the same order.
 //!   d. a bert-base-shaped checkpoint (12 layers, 768 hidden, random weights, written to a
 //!      temporary folder and loaded by every engine) at 8 sequences x 128 tokens.
-//! berth runs in f32, in bf16 where the CPU has AMX, and in int8 where it has AMX or AVX-512
+//! berth runs in f32, in bf16 where the CPU has AMX or AVX-512 BF16, and in int8 where it has AMX or AVX-512
 //! VNNI (not on the portable int8 loop, which is far slower than f32); the accuracy of each
 //! reduced precision is the cosine of its (c) embeddings to berth f32's. Peers run in
 //! scripts/bench_peers.py with the same thread count (PyTorch eager f32 and bf16 autocast,
@@ -58,6 +61,9 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// `berth serve` against infinity-emb under the same HTTP load (texts/s, p50 / p99).
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Fine-tuning and MLM pretraining against the length-grouped Trainer and PyTorch with a
+    /// masked-only MLM head (real tokens/s, dev accuracy, held-out loss).
+    Train(crate::bench_train::TrainBenchArgs),
 }
 
 /// Deterministic pseudo-random token ids (no RNG dependency needed for a benchmark).
@@ -298,8 +304,10 @@ fn peers(a: &BenchArgs, dir: &Path, spec: &serde_json::Value) -> anyhow::Result<
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchCommand::Serve(s)) = a.command {
-        return crate::bench_serve::run(s);
+    match a.command {
+        Some(BenchCommand::Serve(s)) => return crate::bench_serve::run(s),
+        Some(BenchCommand::Train(t)) => return crate::bench_train::run(t),
+        None => {}
     }
     let dir = resolve::model_dir(a.model.as_deref())?;
     let (p, _) = Pipeline::load_sentence(&dir, &PipelineOptions::default())?;
@@ -326,12 +334,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let wd = synthetic(8, 128, 30522, cls, sep);
     let texts = mixed_texts(&data, a.sentences)
         .with_context(|| format!("workload (c) needs {} (pass --data DIR)", data.display()))?;
+    let mut sorted = texts.clone();
+    sorted.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
     let encs = p.encode(&texts, 0)?;
     let real: usize = encs.iter().map(|e| e.ids.len()).sum();
-    let padded: usize = encs
-        .chunks(32)
-        .map(|c| c.len() * c.iter().map(|e| e.ids.len()).max().unwrap_or(0))
-        .sum();
+    let padded_in = |lens: Vec<usize>| -> usize {
+        lens.chunks(32)
+            .map(|c| c.len() * c.iter().max().unwrap_or(&0))
+            .sum()
+    };
+    let padded = padded_in(encs.iter().map(|e| e.ids.len()).collect());
+    let padded_sorted = padded_in(p.encode(&sorted, 0)?.iter().map(|e| e.ids.len()).collect());
     let base_dir =
         std::env::temp_dir().join(format!("berth-bench-bert-base-{}", std::process::id()));
     bert_base_checkpoint(&base_dir, &dir).with_context(|| {
@@ -342,14 +355,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     })?;
     let (mut base, _) = Model::load(&base_dir, false)?;
 
-    eprintln!("berth: {} ({} threads); (c) {} texts, {real} real tokens, {padded} when padded per batch of 32 ({:.0} % real)",
-        dir.display(), threads, texts.len(), 100.0 * real as f64 / padded as f64);
+    eprintln!("berth: {} ({} threads); (c) {} texts, {real} real tokens, {padded} when padded per batch of 32 ({:.0} % real; length-sorted {padded_sorted}, {:.0} % real)",
+        dir.display(), threads, texts.len(), 100.0 * real as f64 / padded as f64,
+        100.0 * real as f64 / padded_sorted as f64);
     let pooling = st.map_or(Pooling::Cls, |c| c.pooling);
     let mut modes = vec![Precision::F32];
-    if berth_kernels::amx::available() {
-        modes.push(Precision::Bf16);
-    } else {
-        eprintln!("no AMX bf16 on this CPU: berth bf16 is skipped");
+    match berth_kernels::amx::Bf16Kernel::best() {
+        Some(kernel) => {
+            eprintln!("berth bf16 runs on {kernel:?}");
+            modes.push(Precision::Bf16);
+        }
+        None => eprintln!("no AMX bf16 or AVX-512 BF16 on this CPU: berth bf16 is skipped"),
     }
     let int8_kernel = berth_kernels::amx::int8::I8Kernel::best();
     if int8_kernel == berth_kernels::amx::int8::I8Kernel::Portable {
@@ -360,7 +376,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let max_length = p.max_length;
     let mut p = p;
-    let mut measure = |mode: Precision| -> anyhow::Result<[f64; 4]> {
+    let mut measure = |mode: Precision| -> anyhow::Result<[f64; 5]> {
         p.set_precision(mode)?;
         base.set_precision(mode)?;
         let forward = |m: &Model, seqs: &Vec<Vec<u32>>| {
@@ -376,13 +392,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 || embed_all(&p, &texts, pooling).map(|_| ()),
             )? * texts.len() as f64,
             rate(a.seconds, || forward(&base, &wd))? * 8.0,
+            once(
+                || embed_all(&p, &sorted[..sorted.len().min(256)], pooling).map(|_| ()),
+                || embed_all(&p, &sorted, pooling).map(|_| ()),
+            )? * sorted.len() as f64,
         ])
     };
-    let before: Vec<[f64; 4]> = modes
+    let before: Vec<[f64; 5]> = modes
         .iter()
         .map(|&m| measure(m))
         .collect::<anyhow::Result<_>>()?;
-    let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "d": wd, "d_model": base_dir,
+    let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "c_sorted": sorted, "d": wd, "d_model": base_dir,
         "max_length": max_length, "seconds": a.seconds, "threads": threads});
     let peer = if a.no_peers {
         serde_json::json!({})
@@ -391,10 +411,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     // Shared machines drift: berth is measured before and after the peers and the mean is
     // reported, so a slow or fast phase does not favour either side.
-    let ours: Vec<[f64; 4]> = if a.no_peers {
+    let ours: Vec<[f64; 5]> = if a.no_peers {
         before
     } else {
-        let after: Vec<[f64; 4]> = modes
+        let after: Vec<[f64; 5]> = modes
             .iter()
             .map(|&m| measure(m))
             .collect::<anyhow::Result<_>>()?;
@@ -402,7 +422,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         before
             .iter()
             .zip(&after)
-            .map(|(b, a)| [0, 1, 2, 3].map(|i| (b[i] + a[i]) / 2.0))
+            .map(|(b, a)| [0, 1, 2, 3, 4].map(|i| (b[i] + a[i]) / 2.0))
             .collect()
     };
     let _ = std::fs::remove_dir_all(&base_dir);
@@ -412,6 +432,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "(b) MiniLM 1 x 16".to_string(),
         format!("(c) MiniLM, {} mixed texts, batches of 32", texts.len()),
         "(d) bert-base 8 x 128".to_string(),
+        format!(
+            "(c') the same {} texts, length-sorted batches of 32",
+            sorted.len()
+        ),
     ];
     let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
     let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
@@ -420,7 +444,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let berth_at =
         |mode: Precision, i: usize| modes.iter().position(|&m| m == mode).map(|k| ours[k][i]);
-    const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+    const KEYS: [&str; 5] = ["a", "b", "c", "d", "c_sorted"];
     let get = |peer_name: &str, i: usize| peer[peer_name][KEYS[i]].as_f64();
     println!("sequences/s (higher is better)");
     println!("| workload | berth f32 | berth bf16 | berth int8 | PyTorch f32 | PyTorch bf16 | ORT f32 | ORT int8 |");
@@ -458,14 +482,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     // Useful work per sequence (real tokens only) and berth's own product peak per mode.
     let cfg = &p.model.config;
+    let mixed = encs
+        .iter()
+        .map(|e| encoder_flops(cfg, e.ids.len()))
+        .sum::<f64>()
+        / encs.len() as f64;
     let per_seq = [
         encoder_flops(cfg, 128),
         encoder_flops(cfg, 16),
-        encs.iter()
-            .map(|e| encoder_flops(cfg, e.ids.len()))
-            .sum::<f64>()
-            / encs.len() as f64,
+        mixed,
         encoder_flops(&base.config, 128),
+        mixed,
     ];
     let peaks: Vec<f64> = modes
         .iter()

@@ -17,6 +17,7 @@ use mimalloc::MiMalloc;
 
 mod bench;
 mod bench_serve;
+mod bench_train;
 mod data;
 mod embed;
 mod eval;

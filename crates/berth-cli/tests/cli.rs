@@ -79,11 +79,15 @@ fn reduced_precision_lowest_cosine(dtype: &str) -> Option<f64> {
     let mut args = vec!["embed", "--dtype", dtype, "--model", dir.to_str().unwrap()];
     args.extend(&texts);
     let run = berth(&args);
-    if dtype == "bf16" && !berth_kernels::amx::available() {
-        // bf16 needs AMX tiles; elsewhere the flag must fail with a clear message instead.
+    if dtype == "bf16" && !berth_kernels::amx::bf16_available() {
+        // bf16 needs AMX tiles or AVX-512 BF16; elsewhere the flag must fail with a clear
+        // message instead.
         let err = String::from_utf8_lossy(&run.stderr);
-        assert!(!run.status.success() && err.contains("AMX"), "{err}");
-        println!("no AMX here: bf16 refused with: {err}");
+        assert!(
+            !run.status.success() && err.contains("AVX-512 BF16"),
+            "{err}"
+        );
+        println!("no bf16 kernel here: bf16 refused with: {err}");
         return None;
     }
     let out = json_lines(&ok(&run));

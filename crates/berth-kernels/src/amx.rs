@@ -1,5 +1,8 @@
 //! bf16 matrix products on Intel AMX tiles (inference): `y = x W^T + b` with `x` rounded to
-//! bf16 per call, `W` packed to bf16 once, f32 accumulation and f32 output.
+//! bf16 per call, `W` packed to bf16 once, f32 accumulation and f32 output. On a CPU without
+//! AMX but with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake) the same packed
+//! weights feed `VDPBF16PS` instead ([`Bf16Kernel::Avx512`]): a packed tile row — 16 outputs'
+//! `(k, k+1)` pairs — is exactly one 512-bit operand of that instruction.
 //!
 //! A tile holds 16 rows of 64 bytes. `TDPBF16PS c, a, b` adds to the 16 × 16 f32 tile `c` the
 //! product of `a` (16 rows × 32 bf16 of `x`) and `b` (32 × 16 bf16 of `W^T`, stored as 16 rows
@@ -41,6 +44,59 @@ fn support() -> Support {
 /// Whether this CPU and OS run AMX bf16 tiles (checked, and permission asked, once).
 pub fn available() -> bool {
     support().bf16
+}
+
+/// The kernels that run bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles (`TDPBF16PS`).
+    Amx,
+    /// AVX-512 BF16 (`VDPBF16PS`), sixteen outputs per register.
+    Avx512,
+}
+
+impl Bf16Kernel {
+    /// The fastest bf16 kernel this CPU runs, if any.
+    pub fn best() -> Option<Self> {
+        if available() {
+            Some(Bf16Kernel::Amx)
+        } else if avx512_bf16_available() {
+            Some(Bf16Kernel::Avx512)
+        } else {
+            None
+        }
+    }
+
+    /// Every bf16 kernel this CPU runs.
+    pub fn all() -> Vec<Self> {
+        let mut all = Vec::new();
+        if avx512_bf16_available() {
+            all.push(Bf16Kernel::Avx512);
+        }
+        if available() {
+            all.push(Bf16Kernel::Amx);
+        }
+        all
+    }
+}
+
+/// Whether the CPU has AVX-512 BF16 (with the AVX-512 F / BW it builds on).
+pub fn avx512_bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether bf16 products run here at all (AMX tiles or AVX-512 BF16).
+pub fn bf16_available() -> bool {
+    Bf16Kernel::best().is_some()
 }
 
 /// Whether this CPU and OS run AMX int8 tiles (`TDPBUSD`; see [`int8`]).
@@ -211,15 +267,31 @@ unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// `y [N, O] = act(x [N, I] W^T + b)` with `x` and `W` in bf16 and f32 accumulation; the
-/// activation runs on each 32 × 32 output block while it is in L1.
-/// Panics when AMX is not [`available`] (callers check first).
+/// `y [N, O] = act(x [N, I] W^T + b)` with `x` and `W` in bf16 and f32 accumulation, on the
+/// fastest kernel here ([`Bf16Kernel::best`]); the activation runs on each 32 × 32 output
+/// block while it is in L1. Panics when no bf16 kernel runs here ([`bf16_available`];
+/// callers check first).
 pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16, act: Option<Activation>) -> Vec<f32> {
-    assert!(available(), "linear_bf16 needs AMX");
+    let kernel = Bf16Kernel::best().expect("linear_bf16 needs AMX or AVX-512 BF16");
+    linear_bf16_on(x, n, w, act, kernel)
+}
+
+/// [`linear_bf16`] on `kernel` (which the CPU must run: see [`Bf16Kernel::all`]).
+pub fn linear_bf16_on(
+    x: &[f32],
+    n: usize,
+    w: &PackedBf16,
+    act: Option<Activation>,
+    kernel: Bf16Kernel,
+) -> Vec<f32> {
+    assert!(
+        Bf16Kernel::all().contains(&kernel),
+        "the {kernel:?} bf16 kernel is not available on this CPU"
+    );
     assert_eq!(x.len(), n * w.inputs, "linear_bf16: input size");
     let a = pack_rows(x, n, w.inputs, w.depth);
     let mut y: Vec<f32> = Vec::with_capacity(n * w.outputs);
-    matmul_packed(&a, n, w, act, SendPtr(y.as_mut_ptr()));
+    matmul_packed(&a, n, w, act, SendPtr(y.as_mut_ptr()), kernel);
     // SAFETY: `matmul_packed` wrote every element of `y [N, O]` (through the raw pointer).
     unsafe { y.set_len(n * w.outputs) };
     y
@@ -237,23 +309,35 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16, act: Option<Activation>) -> Res
             w.inputs
         );
     }
-    if !available() {
-        bail!("bf16 linear: this CPU or OS has no AMX bf16 tiles");
+    if !bf16_available() {
+        bail!("bf16 linear: this CPU has neither AMX bf16 tiles nor AVX-512 BF16");
     }
     let y = with_slice::<f32, _>(x, |xs| linear_bf16(xs, n, w, act))?;
     Tensor::from_vec(y, (n, w.outputs), x.device())
 }
 
-/// The tile products for packed rows `a` (from [`pack_rows`]) into `y [N, O]`.
-fn matmul_packed(a: &[u16], n: usize, w: &PackedBf16, act: Option<Activation>, out: SendPtr<f32>) {
+/// The products for packed rows `a` (from [`pack_rows`]) into `y [N, O]` on `kernel`.
+fn matmul_packed(
+    a: &[u16],
+    n: usize,
+    w: &PackedBf16,
+    act: Option<Activation>,
+    out: SendPtr<f32>,
+    kernel: Bf16Kernel,
+) {
     for_each_block(
         n.div_ceil(BLOCK),
         w.bias.len() / BLOCK,
         BLOCK * w.depth * 2,
         |rb, cols| {
-            // SAFETY: AMX is available (checked by the caller); blocks write disjoint parts of
-            // `y`; every pointer stays inside the padded buffers.
-            unsafe { block_row(a, n, w, rb, cols, act, out) }
+            // SAFETY: the kernel runs on this CPU (checked by the caller); blocks write
+            // disjoint parts of `y`; every pointer stays inside the padded buffers.
+            unsafe {
+                match kernel {
+                    Bf16Kernel::Amx => block_row(a, n, w, rb, cols, act, out),
+                    Bf16Kernel::Avx512 => block_row_avx512(a, n, w, rb, cols, act, out),
+                }
+            }
         },
     );
 }
@@ -443,6 +527,96 @@ unsafe fn block_row(
     unreachable!("AMX is x86-64 only")
 }
 
+/// Rows of `y` one AVX-512 BF16 register block holds (× 32 columns in two registers each:
+/// 16 accumulators, two weight registers and a broadcast of `x`).
+const ROWS_AVX: usize = 8;
+
+/// [`block_row`] on AVX-512 BF16: for each 32-column block, groups of [`ROWS_AVX`] rows
+/// keep their 8 × 32 outputs in registers (started from the bias) through the whole depth;
+/// each packed tile row (16 outputs' `(k, k+1)` pairs) meets the broadcast pair
+/// `(x[r][k], x[r][k+1])` of each row in one `VDPBF16PS`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16; `a` holds `rows_padded × depth` values; `y`
+/// holds `n × O`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn block_row_avx512(
+    a: &[u16],
+    n: usize,
+    w: &PackedBf16,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    use std::arch::x86_64::*;
+    let kb = w.depth / DEPTH;
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    let o = w.outputs;
+    // `x` as (k, k+1) pairs: row r's pair p at `pairs[r * depth / 2 + p]`.
+    let pairs = a.as_ptr().add(rb * BLOCK * w.depth) as *const u32;
+    let row_pairs = w.depth / 2;
+    for cb in cols {
+        let c0 = cb * BLOCK;
+        let width = (o - c0).min(BLOCK);
+        let (m0, m1) = (
+            ((1u32 << width.min(16)) - 1) as u16,
+            ((1u64 << width.saturating_sub(16)) - 1) as u16,
+        );
+        let bias0 = _mm512_loadu_ps(w.bias.as_ptr().add(c0));
+        let bias1 = _mm512_loadu_ps(w.bias.as_ptr().add(c0 + 16));
+        let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
+        let b1 = b0.add(kb * TILE);
+        for g in (0..rows).step_by(ROWS_AVX) {
+            let mut acc = [[bias0, bias1]; ROWS_AVX];
+            let xs = pairs.add(g * row_pairs);
+            for k in 0..kb {
+                let (t0, t1) = (b0.add(k * TILE), b1.add(k * TILE));
+                for p in 0..DEPTH / 2 {
+                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        t0.add(p * DEPTH) as *const __m512i
+                    ));
+                    let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        t1.add(p * DEPTH) as *const __m512i
+                    ));
+                    let at = k * (DEPTH / 2) + p;
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                            *xs.add(r * row_pairs + at) as i32,
+                        ));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows - g) {
+                let row = y.get().add((rb * BLOCK + g + r) * o + c0);
+                _mm512_mask_storeu_ps(row, m0, acc[0]);
+                if m1 != 0 {
+                    _mm512_mask_storeu_ps(row.add(16), m1, acc[1]);
+                }
+                if let Some(act) = act {
+                    f32::activate(act, std::slice::from_raw_parts_mut(row, width));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_avx512(
+    _: &[u16],
+    _: usize,
+    _: &PackedBf16,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AVX-512 BF16 is x86-64 only")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,16 +625,23 @@ mod tests {
     /// The product of the bf16-rounded inputs in f64: the AMX result must match it to f32
     /// accumulation error.
     fn check(n: usize, o: usize, i: usize) {
-        if !available() {
-            eprintln!("AMX not available: skipping");
+        let kernels = Bf16Kernel::all();
+        if kernels.is_empty() {
+            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
             return;
         }
+        for kernel in kernels {
+            check_on(n, o, i, kernel);
+        }
+    }
+
+    fn check_on(n: usize, o: usize, i: usize, kernel: Bf16Kernel) {
         let mut s = 7u64;
         let x: Vec<f32> = (0..n * i).map(|_| lcg(&mut s)).collect();
         let w: Vec<f32> = (0..o * i).map(|_| lcg(&mut s)).collect();
         let b: Vec<f32> = (0..o).map(|_| lcg(&mut s)).collect();
         let packed = PackedBf16::pack(&w, &b, o, i);
-        let y = linear_bf16(&x, n, &packed, None);
+        let y = linear_bf16_on(&x, n, &packed, None, kernel);
         let mut worst = 0f64;
         for r in 0..n {
             for c in 0..o {
@@ -472,7 +653,7 @@ mod tests {
                 worst = worst.max((acc - y[r * o + c] as f64).abs());
             }
         }
-        println!("AMX bf16 linear {n}x{i} -> {o}: max abs diff {worst:.2e}");
+        println!("{kernel:?} bf16 linear {n}x{i} -> {o}: max abs diff {worst:.2e}");
         assert!(worst < 1e-4 * (i as f64).sqrt(), "max abs diff {worst}");
     }
 
@@ -485,12 +666,14 @@ mod tests {
     fn amx_matches_bf16_reference_ragged() {
         check(37, 50, 45);
         check(1, 7, 3);
+        // Several row groups and column blocks, a partial last group, MiniLM's depth.
+        check(70, 100, 384);
     }
 
     #[test]
     fn fused_activation_matches_separate_pass() {
-        if !available() {
-            eprintln!("AMX not available: skipping");
+        if !bf16_available() {
+            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
             return;
         }
         let (n, o, i) = (45, 70, 50);

@@ -133,10 +133,10 @@ impl Linear {
                 )))
             }
             Precision::Bf16 => {
-                if !berth_kernels::amx::available() {
+                if !berth_kernels::amx::bf16_available() {
                     return Err(ModelError::Input(
-                        "--dtype bf16 needs a CPU with AMX bf16 tiles (and Linux 5.16+); \
-                         this machine has none: use --dtype f32"
+                        "--dtype bf16 needs a CPU with AMX bf16 tiles (and Linux 5.16+) or \
+                         AVX-512 BF16; this machine has neither: use --dtype f32"
                             .into(),
                     ));
                 }

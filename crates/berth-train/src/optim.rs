@@ -110,11 +110,14 @@ impl AdamW {
         }
     }
 
-    /// Adds `scale ×` the gradients of `grads` to the accumulator.
+    /// Adds `scale ×` the gradients of `grads` to the accumulator. An untouched slot's
+    /// accumulator holds zeros (the step and `zero_grad` clear it), so its first gradient
+    /// is written rather than added: one pass fewer over the gradient, the same sums.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
         for s in &mut self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                add_scaled(&mut s.grad, g, scale, true)?;
+                let how = if s.touched { Store::Add } else { Store::Write };
+                add_scaled(&mut s.grad, g, scale, true, how)?;
                 s.touched = true;
             }
         }
@@ -237,7 +240,7 @@ impl AdamW {
                         }
                     }
                     if let Some(t) = arrived[i].take() {
-                        if let Err(e) = add_scaled(&mut bufs[i], &t, 1.0, false) {
+                        if let Err(e) = add_scaled(&mut bufs[i], &t, 1.0, false, Store::Add) {
                             failed.get_or_insert(e);
                         }
                     }
@@ -439,9 +442,20 @@ impl AdamW {
     }
 }
 
-/// `dst += scale × g` (`g` any layout, `dst.len()` elements): in parallel chunks, or on
-/// the calling thread alone (the summing thread keeps off the pool the backward uses).
-fn add_scaled(dst: &mut [f32], g: &Tensor, scale: f32, parallel: bool) -> Result<()> {
+/// How [`add_scaled`] stores into its destination.
+#[derive(Clone, Copy, PartialEq)]
+enum Store {
+    /// `dst += scale × g`.
+    Add,
+    /// `dst = scale × g` (the destination holds zeros: the same values, bar the sign of a
+    /// zero, without reading it).
+    Write,
+}
+
+/// `dst += scale × g` or `dst = scale × g` (`g` any layout, `dst.len()` elements): in
+/// parallel chunks, or on the calling thread alone (the summing thread keeps off the pool
+/// the backward uses).
+fn add_scaled(dst: &mut [f32], g: &Tensor, scale: f32, parallel: bool, how: Store) -> Result<()> {
     let g = g.contiguous()?;
     let (storage, layout) = g.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -449,15 +463,17 @@ fn add_scaled(dst: &mut [f32], g: &Tensor, scale: f32, parallel: bool) -> Result
     };
     let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
     let src = &cpu.as_slice::<f32>()?[start..end];
+    let apply = |a: &mut [f32], b: &[f32]| match how {
+        Store::Add => a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b),
+        Store::Write => a.iter_mut().zip(b).for_each(|(a, &b)| *a = scale * b),
+    };
     if !parallel {
-        dst.iter_mut().zip(src).for_each(|(a, &b)| *a += scale * b);
+        apply(dst, src);
         return Ok(());
     }
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(a, b)| {
-            a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b);
-        });
+        .for_each(|(a, b)| apply(a, b));
     Ok(())
 }
 

@@ -1,0 +1,226 @@
+//! `berth bench train`: training throughput against PyTorch run as experts run it, in the
+//! same run, one after the other on the same threads:
+//!   1. fine-tuning all-MiniLM-L6-v2 for sequence classification on the first N SST-2 rows
+//!      (1 epoch, batch 32, lr 5e-5, max length 128, seed 42): `berth finetune` against the
+//!      Hugging Face Trainer with `group_by_length` (batches of similar lengths, so little
+//!      padding) via scripts/train_peer.py; real (unpadded) tokens/s and dev accuracy;
+//!   2. MLM pretraining of a 4-layer, 256-wide BERT on pd-books (scripts/pretrain_peer.py):
+//!      `berth pretrain` against BertForMaskedLM with its prediction head run only at the
+//!      masked positions; real tokens/s and the held-out loss both models get from the
+//!      same scorer.
+//! berth's tokens/s is the harmonic mean of its logged windows (equal step counts, so
+//! roughly equal tokens: total tokens over total time), dev evaluation excluded as the
+//! Trainer's `train_runtime` excludes it.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::Value;
+
+use crate::resolve;
+
+/// Arguments of `berth bench train`.
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    /// Model fine-tuned in part 1 (default: all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: Option<String>,
+    /// Datasets folder (default: $BERTH_DATASETS or ../shared/datasets).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// SST-2 training rows in part 1.
+    #[arg(long, default_value_t = 8000)]
+    rows: usize,
+    /// Pretraining steps in part 2 (0 skips it).
+    #[arg(long, default_value_t = 300)]
+    pretrain_steps: usize,
+    /// Skip part 1.
+    #[arg(long)]
+    no_finetune: bool,
+    /// Also run the Trainer with bf16 autocast (berth has no bf16 training yet: reported
+    /// for reference).
+    #[arg(long)]
+    peer_bf16: bool,
+    /// Worker threads for every side.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Python interpreter with torch / transformers / accelerate for the peers.
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(name)
+}
+
+/// Runs `cmd`, its stderr passed through; stdout returned.
+fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// berth's fine-tuning: (tokens/s, dev accuracy).
+fn berth_finetune(
+    a: &TrainBenchArgs,
+    model: &Path,
+    train: &Path,
+    dev: &Path,
+    out: &Path,
+) -> anyhow::Result<(f64, f64)> {
+    let exe = std::env::current_exe().context("cannot find the berth executable")?;
+    let _ = std::fs::remove_dir_all(out);
+    output(
+        Command::new(exe)
+            .args([
+                "--threads",
+                &a.threads.to_string(),
+                "finetune",
+                "--task",
+                "classify",
+            ])
+            .arg("--model")
+            .arg(model)
+            .arg("--train")
+            .arg(train)
+            .arg("--dev")
+            .arg(dev)
+            .arg("--output")
+            .arg(out)
+            .args(["--epochs", "1", "--batch-size", "32", "--lr", "5e-5"])
+            .args(["--max-length", "128", "--seed", "42", "--log-every", "10"]),
+        "berth finetune",
+    )?;
+    let metrics = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics)
+        .with_context(|| format!("{}: cannot read", metrics.display()))?;
+    let rows: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| metrics.display().to_string())?;
+    let rates: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["tokens_per_s"].as_f64())
+        .collect();
+    let accuracy = rows
+        .iter()
+        .rev()
+        .find_map(|r| r["eval"]["accuracy"].as_f64())
+        .context("berth finetune logged no dev accuracy")?;
+    if rates.is_empty() {
+        bail!("{}: no throughput logged", metrics.display());
+    }
+    let harmonic = rates.len() as f64 / rates.iter().map(|r| 1.0 / r).sum::<f64>();
+    let _ = std::fs::remove_dir_all(out);
+    Ok((harmonic, accuracy))
+}
+
+/// The Trainer with length grouping: (tokens/s, dev accuracy).
+fn trainer(
+    a: &TrainBenchArgs,
+    model: &Path,
+    train: &Path,
+    dev: &Path,
+    bf16: bool,
+) -> anyhow::Result<(f64, f64)> {
+    let mut cmd = Command::new(&a.python);
+    cmd.arg(script("train_peer.py"))
+        .args([
+            "--task",
+            "classify",
+            "--group-by-length",
+            "--log-every",
+            "1000",
+        ])
+        .arg("--model")
+        .arg(model)
+        .arg("--train")
+        .arg(train)
+        .arg("--dev")
+        .arg(dev)
+        .args(["--threads", &a.threads.to_string()]);
+    if bf16 {
+        cmd.arg("--bf16");
+    }
+    let out = output(&mut cmd, "scripts/train_peer.py")?;
+    let last = out.lines().last().unwrap_or("{}");
+    let v: Value = serde_json::from_str(last).context("train_peer.py output is not JSON")?;
+    Ok((
+        v["tokens_per_s"].as_f64().context("no tokens_per_s")?,
+        v["eval_accuracy"].as_f64().context("no eval_accuracy")?,
+    ))
+}
+
+pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
+    let data = a
+        .data
+        .clone()
+        .or_else(|| std::env::var_os("BERTH_DATASETS").map(PathBuf::from))
+        .unwrap_or_else(|| "../shared/datasets".into());
+    if !a.no_finetune {
+        let model = resolve::model_dir(a.model.as_deref())?;
+        let source = data.join("sst2/train.tsv");
+        let text = std::fs::read_to_string(&source)
+            .with_context(|| format!("{}: cannot read (pass --data DIR)", source.display()))?;
+        let tmp = std::env::temp_dir().join(format!("berth-bench-train-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
+        let train = tmp.join("train.tsv");
+        let rows: Vec<&str> = text.lines().take(a.rows + 1).collect();
+        std::fs::write(&train, rows.join("\n") + "\n")?;
+        let dev = data.join("sst2/dev.tsv");
+        eprintln!(
+            "fine-tuning {} on {} SST-2 rows, {} threads: berth, then the Trainer (group_by_length)",
+            model.display(),
+            rows.len() - 1,
+            a.threads
+        );
+        let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"))?;
+        let peer = trainer(&a, &model, &train, &dev, false)?;
+        let peer_bf16 = if a.peer_bf16 {
+            Some(trainer(&a, &model, &train, &dev, true)?)
+        } else {
+            None
+        };
+        let _ = std::fs::remove_dir_all(&tmp);
+        println!("fine-tuning, real tokens/s (dev accuracy)");
+        println!("| side | tokens/s | dev accuracy | berth / side |");
+        println!("|---|---|---|---|");
+        println!("| berth f32 | {:.0} | {:.4} | 1.00x |", ours.0, ours.1);
+        println!(
+            "| Trainer f32, group_by_length | {:.0} | {:.4} | {:.2}x |",
+            peer.0,
+            peer.1,
+            ours.0 / peer.0
+        );
+        if let Some(p) = peer_bf16 {
+            println!(
+                "| Trainer bf16 autocast, group_by_length | {:.0} | {:.4} | {:.2}x |",
+                p.0,
+                p.1,
+                ours.0 / p.0
+            );
+        }
+    }
+    if a.pretrain_steps > 0 {
+        eprintln!("pretraining: scripts/pretrain_peer.py --corpus books --head sparse");
+        let out = output(
+            Command::new(&a.python)
+                .arg(script("pretrain_peer.py"))
+                .args(["--corpus", "books", "--head", "sparse"])
+                .args(["--steps", &a.pretrain_steps.to_string()]),
+            "scripts/pretrain_peer.py",
+        )?;
+        println!("\nMLM pretraining, 4 layers x 256, batch 32 x 128, pd-books");
+        print!("{out}");
+    }
+    Ok(())
+}
