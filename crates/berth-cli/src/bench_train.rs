@@ -68,6 +68,18 @@ fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `--model M --train T --dev D`, as both sides take them.
+fn data_args<'a>(model: &'a Path, train: &'a Path, dev: &'a Path) -> [&'a std::ffi::OsStr; 6] {
+    [
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--train".as_ref(),
+        train.as_os_str(),
+        "--dev".as_ref(),
+        dev.as_os_str(),
+    ]
+}
+
 /// berth's fine-tuning: (tokens/s, dev accuracy).
 fn berth_finetune(
     a: &TrainBenchArgs,
@@ -87,12 +99,7 @@ fn berth_finetune(
                 "--task",
                 "classify",
             ])
-            .arg("--model")
-            .arg(model)
-            .arg("--train")
-            .arg(train)
-            .arg("--dev")
-            .arg(dev)
+            .args(data_args(model, train, dev))
             .arg("--output")
             .arg(out)
             .args(["--epochs", "1", "--batch-size", "32", "--lr", "5e-5"])
@@ -141,12 +148,7 @@ fn trainer(
             "--log-every",
             "1000",
         ])
-        .arg("--model")
-        .arg(model)
-        .arg("--train")
-        .arg(train)
-        .arg("--dev")
-        .arg(dev)
+        .args(data_args(model, train, dev))
         .args(["--threads", &a.threads.to_string()]);
     if bf16 {
         cmd.arg("--bf16");
