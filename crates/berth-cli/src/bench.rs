@@ -334,17 +334,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let wd = synthetic(8, 128, 30522, cls, sep);
     let texts = mixed_texts(&data, a.sentences)
         .with_context(|| format!("workload (c) needs {} (pass --data DIR)", data.display()))?;
-    let mut sorted = texts.clone();
-    sorted.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
+    // (c'): longest first by characters (a stable sort: ties keep file order).
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(texts[i].chars().count()));
+    let sorted: Vec<String> = order.iter().map(|&i| texts[i].clone()).collect();
     let encs = p.encode(&texts, 0)?;
-    let real: usize = encs.iter().map(|e| e.ids.len()).sum();
-    let padded_in = |lens: Vec<usize>| -> usize {
+    let lens: Vec<usize> = encs.iter().map(|e| e.ids.len()).collect();
+    let real: usize = lens.iter().sum();
+    let padded_in = |lens: &[usize]| -> usize {
         lens.chunks(32)
             .map(|c| c.len() * c.iter().max().unwrap_or(&0))
             .sum()
     };
-    let padded = padded_in(encs.iter().map(|e| e.ids.len()).collect());
-    let padded_sorted = padded_in(p.encode(&sorted, 0)?.iter().map(|e| e.ids.len()).collect());
+    let padded = padded_in(&lens);
+    let padded_sorted = padded_in(&order.iter().map(|&i| lens[i]).collect::<Vec<_>>());
     let base_dir =
         std::env::temp_dir().join(format!("berth-bench-bert-base-{}", std::process::id()));
     bert_base_checkpoint(&base_dir, &dir).with_context(|| {

@@ -357,27 +357,27 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let bc2_sqrt = bc2_sqrt as f32;
+        let base = berth_kernels::AdamWStep {
+            decay: 1.0,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            step_size: (lr / bc1) as f32,
+            bias_correction2_sqrt: bc2_sqrt as f32,
+        };
         for s in &mut self.slots {
             // As torch.optim.AdamW skips a parameter whose .grad is None: one no loss reached
             // (a BERT pooler under mean pooling) is neither moved nor decayed.
             if !s.touched {
                 continue;
             }
-            let decay = if s.decay {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
             let k = berth_kernels::AdamWStep {
-                decay,
-                beta1: b1,
-                beta2: b2,
-                eps,
-                step_size,
-                bias_correction2_sqrt: bc2_sqrt,
+                decay: if s.decay {
+                    (1.0 - lr * c.weight_decay) as f32
+                } else {
+                    1.0
+                },
+                ..base
             };
             let (g, m, v) = (&mut s.grad, &mut s.m, &mut s.v);
             berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
