@@ -24,7 +24,8 @@ of training time (PyTorch pads each batch to its longest sequence).
 PyTorch runs as an expert runs it: by default (--head sparse) BertForMaskedLM's prediction
 head (transform, LayerNorm, 16k-way decoder) runs only at the masked positions, as berth's
 does, and the loss is the same mean over them; --head full is the stock model (head at every
-position). --bf16 wraps PyTorch's forward in bf16 autocast (for comparison with berth bf16).
+position). --bf16 runs both sides in bf16: berth with --dtype bf16 (bf16 products, f32 weights), PyTorch's
+forward under bf16 autocast.
 
 --arch modernbert: the same recipe on a ModernBERT of the same size (`berth pretrain --arch
 modernbert`: 4 layers, 256 hidden, 4 heads, GeGLU width 384, global attention every third
@@ -52,7 +53,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--head", choices=["sparse", "full"], default="sparse",
                     help="PyTorch BERT: prediction head at masked positions only (sparse) or everywhere")
-    ap.add_argument("--bf16", action="store_true", help="PyTorch forward under bf16 autocast")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides in bf16: berth --dtype bf16, PyTorch's forward under bf16 autocast")
     a = ap.parse_args()
     modern = a.arch == "modernbert"
     out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}" + ("-modernbert" if modern else ""))
@@ -96,7 +98,8 @@ def main():
     best = sh(BERTH, "--threads", "2", "pretrain", "--tokenizer", vocab, "--data", train, "--output", run,
               "--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "384" if modern else "1024",
               *(["--arch", "modernbert"] if modern else []),
-              "--val-fraction", "0.001", "--log-every", "10", "--dump-order", order, *recipe).strip()
+              "--val-fraction", "0.001", "--log-every", "10", "--dump-order", order, *recipe,
+              *(["--dtype", "bf16"] if a.bf16 else [])).strip()
     # (A prepared folder brings its own held-out split; --val-fraction applies to text.)
     steps = [json.loads(l) for l in open(run / "metrics.jsonl") if '"tokens_per_s"' in l]
     berth_tps = sum(s["tokens_per_s"] for s in steps) / len(steps)
@@ -166,7 +169,7 @@ def main():
     b, p = held_out(best), held_out(peer)
     print("| side | held-out MLM loss | perplexity | masked accuracy | tokens/s |")
     print("|---|---|---|---|---|")
-    print(f"| berth | {b['loss']:.4f} | {b['perplexity']:.1f} | {100 * b['masked_accuracy']:.2f} | {berth_tps:.0f} |")
+    print(f"| berth{' bf16' if a.bf16 else ''} | {b['loss']:.4f} | {b['perplexity']:.1f} | {100 * b['masked_accuracy']:.2f} | {berth_tps:.0f} |")
     how = ("sparse_prediction" if modern else f"{a.head} head") + (", bf16 autocast" if a.bf16 else "")
     print(f"| PyTorch {torch.__version__} ({how}) | {p['loss']:.4f} | {p['perplexity']:.1f} | {100 * p['masked_accuracy']:.2f} | {tokens / runtime:.0f} |")
     print(f"loss ratio berth / PyTorch {b['loss'] / p['loss']:.4f}; speed ratio {berth_tps / (tokens / runtime):.2f}x")

@@ -38,10 +38,12 @@ pub struct TrainBenchArgs {
     /// Skip part 1.
     #[arg(long)]
     no_finetune: bool,
-    /// Also run the Trainer with bf16 autocast (berth has no bf16 training yet: reported
-    /// for reference).
-    #[arg(long)]
-    peer_bf16: bool,
+    /// Also compare in bf16: `berth finetune --dtype bf16` against the Trainer with bf16
+    /// autocast, and pretraining with `--dtype bf16` against PyTorch under autocast (berth's
+    /// side needs AMX or AVX-512 BF16; without them only the Trainer's bf16 row runs, for
+    /// reference).
+    #[arg(long, alias = "peer-bf16")]
+    bf16: bool,
     /// Worker threads for every side.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -87,6 +89,7 @@ fn berth_finetune(
     train: &Path,
     dev: &Path,
     out: &Path,
+    dtype: &str,
 ) -> anyhow::Result<(f64, f64)> {
     let exe = std::env::current_exe().context("cannot find the berth executable")?;
     let _ = std::fs::remove_dir_all(out);
@@ -103,7 +106,8 @@ fn berth_finetune(
             .arg("--output")
             .arg(out)
             .args(["--epochs", "1", "--batch-size", "32", "--lr", "5e-5"])
-            .args(["--max-length", "128", "--seed", "42", "--log-every", "10"]),
+            .args(["--max-length", "128", "--seed", "42", "--log-every", "10"])
+            .args(["--dtype", dtype]),
         "berth finetune",
     )?;
     let metrics = out.join("metrics.jsonl");
@@ -185,9 +189,21 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             rows.len() - 1,
             a.threads
         );
-        let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"))?;
+        let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"), "f32")?;
+        let ours_bf16 = if a.bf16 && berth_kernels::amx::bf16_available() {
+            Some(berth_finetune(
+                &a,
+                &model,
+                &train,
+                &dev,
+                &tmp.join("run"),
+                "bf16",
+            )?)
+        } else {
+            None
+        };
         let peer = trainer(&a, &model, &train, &dev, false)?;
-        let peer_bf16 = if a.peer_bf16 {
+        let peer_bf16 = if a.bf16 {
             Some(trainer(&a, &model, &train, &dev, true)?)
         } else {
             None
@@ -204,11 +220,19 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             ours.0 / peer.0
         );
         if let Some(p) = peer_bf16 {
+            // berth bf16 against the Trainer's bf16 when berth ran it, else berth f32.
+            let (side, mine) = match ours_bf16 {
+                Some(b) => ("berth bf16", b),
+                None => ("berth f32", ours),
+            };
+            if let Some(b) = ours_bf16 {
+                println!("| berth bf16 | {:.0} | {:.4} | - |", b.0, b.1);
+            }
             println!(
-                "| Trainer bf16 autocast, group_by_length | {:.0} | {:.4} | {:.2}x |",
+                "| Trainer bf16 autocast, group_by_length | {:.0} | {:.4} | {:.2}x ({side}) |",
                 p.0,
                 p.1,
-                ours.0 / p.0
+                mine.0 / p.0
             );
         }
     }
@@ -218,7 +242,8 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             Command::new(&a.python)
                 .arg(script("pretrain_peer.py"))
                 .args(["--corpus", "books", "--head", "sparse"])
-                .args(["--steps", &a.pretrain_steps.to_string()]),
+                .args(["--steps", &a.pretrain_steps.to_string()])
+                .args((a.bf16 && berth_kernels::amx::bf16_available()).then_some("--bf16")),
             "scripts/pretrain_peer.py",
         )?;
         println!("\nMLM pretraining, 4 layers x 256, batch 32 x 128, pd-books");

@@ -4,7 +4,7 @@
 //! berth-train's task configuration.
 use std::path::{Path, PathBuf};
 
-use berth_train::config::LoopConfig;
+use berth_train::config::{LoopConfig, TrainDtype};
 use berth_train::objective::DataConfig;
 use berth_train::objectives::TaskKind;
 use berth_train::objectives::{classify, embed, ner, qa, rerank};
@@ -72,6 +72,11 @@ pub struct LoopArgs {
     /// their dropout rates.
     #[arg(long)]
     no_dropout: bool,
+    /// Number format of the matrix products, forward and backward: bf16 is mixed
+    /// precision (bf16 operands, f32 accumulation; weights, optimizer and checkpoints stay
+    /// f32), on AMX or AVX-512 BF16.
+    #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
+    dtype: TrainDtype,
 }
 
 /// `--log-format` values.
@@ -225,6 +230,7 @@ impl LoopArgs {
         c.keep_checkpoints = self.keep_checkpoints;
         c.log_every = self.log_every;
         c.dropout = !self.no_dropout;
+        c.dtype = self.dtype;
         c
     }
 }

@@ -65,6 +65,59 @@ fn the_same_seed_gives_the_same_run_and_the_model_learns() {
     );
 }
 
+/// `--dtype bf16`: where the CPU has a bf16 product, the run learns as the f32 run does
+/// (its own curve, close to f32's) and saves f32 weights; elsewhere it is refused before
+/// anything is written.
+#[test]
+fn bf16_training_learns_like_f32_or_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = (write_data(tmp.path(), 48, 0), write_data(tmp.path(), 16, 1));
+    let (a, b) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    let args = ["--log-every", "1", "--epochs", "8"];
+    let bf16 = finetune(
+        &b,
+        &train,
+        &dev,
+        &[&args[..], &["--dtype", "bf16"]].concat(),
+    )
+    .output()
+    .unwrap();
+    if !berth_kernels::amx::bf16_available() {
+        fails_with(&bf16, &["--dtype bf16", "AVX-512 BF16", "--dtype f32"]);
+        assert!(
+            !b.join("config.json").exists(),
+            "a refused run wrote its config"
+        );
+        return;
+    }
+    ok(&bf16);
+    ok(&finetune(&a, &train, &dev, &args).output().unwrap());
+    let loss =
+        |run: &Path| -> Vec<f64> { curve(run).iter().filter_map(|c| c.1.as_f64()).collect() };
+    let (lf, lb) = (loss(&a), loss(&b));
+    assert_eq!(lf.len(), lb.len());
+    assert_ne!(lf, lb, "bf16 products gave the f32 run's curve");
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    let (first, last) = (mean(&lb[..12]), mean(&lb[lb.len() - 12..]));
+    assert!(last < 0.7 * first, "bf16 loss went from {first} to {last}");
+    let f32_last = mean(&lf[lf.len() - 12..]);
+    assert!(
+        (last - f32_last).abs() < 0.1 * first,
+        "last-12-step loss bf16 {last} vs f32 {f32_last} (first {first})"
+    );
+    let saved = read_json(&b.join("config.json"));
+    assert_eq!(saved["loop"]["dtype"], "bf16");
+    let ckpt = last_checkpoint(&b);
+    let st = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    for (k, t) in header.as_object().unwrap() {
+        if k != "__metadata__" {
+            assert_eq!(t["dtype"], "F32", "{k} is saved as {}", t["dtype"]);
+        }
+    }
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();

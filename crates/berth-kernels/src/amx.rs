@@ -437,6 +437,7 @@ macro_rules! tile_store {
 }
 
 pub mod int8;
+pub(crate) mod mixed;
 
 /// Output row block `rb` (32 rows) × column blocks `cols` (32 columns each).
 ///

@@ -40,7 +40,7 @@ pub use encoder_layer::{
 };
 pub use geglu::geglu;
 pub use layer_norm::{add_layer_norm, layer_norm, reference_layer_norm};
-pub use linear::{linear, linear_prepacked};
+pub use linear::{linear, linear_prepacked, linear_with, Products};
 pub use rope::{rope_qkv, RotaryTable};
 pub use softmax::{reference_softmax, softmax_last_dim};
 

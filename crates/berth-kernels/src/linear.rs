@@ -20,6 +20,12 @@ const SMALL_N: usize = 32;
 
 /// `x [N, I]`, `w [O, I]`, `b [O]` → `[N, O]`; differentiable in all three.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    linear_with(x, w, b, Products::F32)
+}
+
+/// [`linear`] with its forward and backward matrix products in `products` (bf16: f32
+/// tensors only, on a CPU with a bf16 product; see [`Products`]).
+pub fn linear_with(x: &Tensor, w: &Tensor, b: &Tensor, products: Products) -> Result<Tensor> {
     let (_, i) = x.dims2()?;
     let (o, wi) = w.dims2()?;
     if wi != i || b.dims() != [o] {
@@ -31,10 +37,23 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         );
     }
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear(products))
 }
 
-struct Linear;
+/// The number format of a training op's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// f32 operands, f32 accumulation.
+    #[default]
+    F32,
+    /// Both operands rounded to bf16 at each product (forward and backward), f32
+    /// accumulation and f32 results (mixed-precision training; AMX or AVX-512 BF16).
+    /// Everything around the products — bias, activations, LayerNorm, attention, losses,
+    /// the gradients passed between ops — stays f32.
+    Bf16,
+}
+
+struct Linear(Products);
 
 fn threads() -> Parallelism {
     match rayon::current_num_threads() {
@@ -159,6 +178,65 @@ pub fn linear_prepacked(
     }
     let y = with_slice::<f32, _>(x, |xs| linear_packed_f32(xs, n, w, b, post))?;
     Tensor::from_vec(y, (n, w.n()), x.device())
+}
+
+/// The f32 slices of a bf16 product's operands, or why it cannot run.
+fn bf16_operands<'a, T: Float, const K: usize>(s: [&'a [T]; K]) -> Result<[&'a [f32]; K]> {
+    // (Unit tests run the products on a portable loop where the CPU has no bf16 kernel.)
+    if !crate::amx::bf16_available() && !cfg!(test) {
+        bail!("bf16 matrix products need a CPU with AMX bf16 tiles or AVX-512 BF16; this one has neither");
+    }
+    if T::DTYPE != candle_core::DType::F32 {
+        bail!("bf16 matrix products take f32 tensors, not {:?}", T::DTYPE);
+    }
+    Ok(s.map(|v| as_f32(v).expect("checked f32")))
+}
+
+/// [`forward`] with its product in `products`.
+pub(crate) fn forward_with<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    products: Products,
+) -> Result<Vec<T>> {
+    if products == Products::F32 {
+        return Ok(forward(x, w, b));
+    }
+    let [xf, wf, bf] = bf16_operands([x, w, b])?;
+    let (o, i) = (b.len(), w.len() / b.len().max(1));
+    let n = if i == 0 { 0 } else { x.len() / i };
+    use crate::amx::mixed::{matmul, View};
+    Ok(from_f32(matmul(
+        View::rows(xf, n, i),
+        View::rows(wf, o, i),
+        Some(bf),
+    )))
+}
+
+/// [`backward`] with its products in `products`.
+pub(crate) fn backward_with<T: Float>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    o: usize,
+    products: Products,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    if products == Products::F32 {
+        return Ok(backward(x, w, dy, o));
+    }
+    let [xf, wf, dyf] = bf16_operands([x, w, dy])?;
+    let i = w.len() / o.max(1);
+    let n = dy.len() / o.max(1);
+    use crate::amx::mixed::{matmul, View};
+    let (xv, wv, dyv) = (
+        View::rows(xf, n, i),
+        View::rows(wf, o, i),
+        View::rows(dyf, n, o),
+    );
+    // dx [N, I] = dy [N, O] w [O, I]; dw [O, I] = dy^T [O, N] x [N, I].
+    let dx = matmul(dyv, wv.t(), None);
+    let dw = matmul(dyv.t(), xv.t(), None);
+    Ok((from_f32(dx), from_f32(dw), column_sums(dy, o)))
 }
 
 pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
@@ -298,16 +376,22 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
-            let y = forward(
+        fn run<T: Float>(s: [(&CpuStorage, &Layout); 3], products: Products) -> Result<CpuStorage> {
+            let y = forward_with(
                 slice::<T>(s[0].0, s[0].1)?,
                 slice(s[1].0, s[1].1)?,
                 slice(s[2].0, s[2].1)?,
-            );
+                products,
+            )?;
             Ok(T::to_cpu_storage_owned(y))
         }
+        let products = self.0;
         let dtype = same_dtype(self.name(), &[s1.dtype(), s2.dtype(), s3.dtype()])?;
-        let out = dispatch!(dtype, self.name(), run([(s1, l1), (s2, l2), (s3, l3)]))?;
+        let out = dispatch!(
+            dtype,
+            self.name(),
+            run([(s1, l1), (s2, l2), (s3, l3)], products)
+        )?;
         let n = l1.dims()[0];
         let o = l2.dims()[0];
         Ok((out, Shape::from((n, o))))
@@ -321,20 +405,25 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float>(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        fn run<T: Float>(
+            x: &Tensor,
+            w: &Tensor,
+            dy: &Tensor,
+            products: Products,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
             let o = w.dim(0)?;
             let (dx, dw, db) = with_slice::<T, _>(x, |xs| {
                 with_slice::<T, _>(w, |ws| {
-                    with_slice::<T, _>(dy, |dys| backward(xs, ws, dys, o))
+                    with_slice::<T, _>(dy, |dys| backward_with(xs, ws, dys, o, products))
                 })
-            })???;
+            })????;
             Ok((
                 Tensor::from_vec(dx, x.shape(), x.device())?,
                 Tensor::from_vec(dw, w.shape(), x.device())?,
                 Tensor::from_vec(db, o, x.device())?,
             ))
         }
-        let (dx, dw, db) = dispatch!(x.dtype(), self.name(), run(x, w, dy))?;
+        let (dx, dw, db) = dispatch!(x.dtype(), self.name(), run(x, w, dy, self.0))?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

@@ -163,6 +163,16 @@ impl Layer {
         })
     }
 
+    /// The four linear layers (QKV, attention output, intermediate, output).
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.qkv,
+            &mut self.attn_out,
+            &mut self.inter,
+            &mut self.out,
+        ]
+    }
+
     /// Whether [`Self::forward_fused`] can run this layer (unpacked f32 / f64 weights).
     pub fn fusable(&self) -> bool {
         [&self.qkv, &self.attn_out, &self.inter, &self.out]
@@ -243,6 +253,7 @@ impl Layer {
             out_ln_eps: self.out_ln.eps,
             num_heads: self.num_heads,
             activation: self.activation,
+            products: self.qkv.products,
         };
         (w, drop)
     }

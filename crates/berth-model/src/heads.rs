@@ -68,6 +68,8 @@ pub struct MaskedLmHead {
     pub decoder: Tensor,
     /// Decoder bias `[V]`.
     pub bias: Tensor,
+    /// The number format of the decoder's products in training (`dense` has its own).
+    pub products: berth_kernels::Products,
 }
 
 impl MaskedLmHead {
@@ -95,6 +97,7 @@ impl MaskedLmHead {
                     Tensor::zeros(v, decoder.dtype(), decoder.device())?
                 },
                 decoder,
+                products: Default::default(),
             });
         }
         Ok(MaskedLmHead {
@@ -108,6 +111,7 @@ impl MaskedLmHead {
             layer_norm: LayerNorm::load(w, ln, h, cfg.layer_norm_eps)?,
             decoder,
             bias: w.get(bias, &[v])?,
+            products: Default::default(),
         })
     }
 
@@ -115,7 +119,12 @@ impl MaskedLmHead {
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = berth_kernels::activation(&self.dense.forward(hidden)?, self.activation)?;
         let x = self.layer_norm.forward(&x)?;
-        Ok(berth_kernels::linear(&x, &self.decoder, &self.bias)?)
+        Ok(berth_kernels::linear_with(
+            &x,
+            &self.decoder,
+            &self.bias,
+            self.products,
+        )?)
     }
 }
 
@@ -214,6 +223,39 @@ pub enum Head {
 }
 
 impl Head {
+    /// Sets the number format of every product of the head's training path.
+    pub fn set_train_products(&mut self, p: berth_kernels::Products) {
+        use SequenceClassificationHead as S;
+        let linears: Vec<&mut Linear> = match self {
+            Head::MaskedLm(m) => {
+                m.products = p;
+                vec![&mut m.dense]
+            }
+            Head::SequenceClassification(s) => match s {
+                S::Pooled { classifier } => vec![classifier],
+                S::Roberta { dense, out_proj } | S::Electra { dense, out_proj } => {
+                    vec![dense, out_proj]
+                }
+                S::DistilBert {
+                    pre_classifier,
+                    classifier,
+                } => vec![pre_classifier, classifier],
+                S::ModernBert {
+                    transform,
+                    classifier,
+                    ..
+                } => vec![&mut transform.dense, classifier],
+            },
+            Head::TokenClassification(l) | Head::QuestionAnswering(l) => vec![l],
+            Head::ReplacedTokenDetection {
+                dense, prediction, ..
+            } => vec![dense, prediction],
+        };
+        for l in linears {
+            l.products = p;
+        }
+    }
+
     /// Loads the head of `kind`; `classes` is the label count of classification heads.
     pub(crate) fn load(
         w: &Weights,

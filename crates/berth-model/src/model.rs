@@ -172,14 +172,51 @@ impl Model {
             m.set_precision(p)?;
         }
         for layer in &mut self.layers {
-            for lin in [
-                &mut layer.qkv,
-                &mut layer.attn_out,
-                &mut layer.inter,
-                &mut layer.out,
-            ] {
+            for lin in layer.linears_mut() {
                 lin.set_precision(p)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Sets the number format of the training path's matrix products (forward and
+    /// backward) in the encoder layers and every head: [`berth_kernels::Products::Bf16`]
+    /// is mixed-precision training — the weights, gradients and optimizer state stay f32.
+    /// Refused for ModernBERT (its training path has no bf16 products yet) and on a CPU
+    /// without a bf16 product.
+    pub fn set_train_products(&mut self, p: berth_kernels::Products) -> Result<()> {
+        if p == berth_kernels::Products::Bf16 {
+            if self.modern.is_some() {
+                return Err(ModelError::Input(
+                    "bf16 training runs BERT, RoBERTa, DistilBERT and ELECTRA encoders; \
+                     ModernBERT trains in f32 only (use --dtype f32)"
+                        .into(),
+                ));
+            }
+            if !berth_kernels::amx::bf16_available() {
+                return Err(ModelError::Input(
+                    "--dtype bf16 training needs a CPU with AMX bf16 tiles (and Linux 5.16+) \
+                     or AVX-512 BF16; this machine has neither: use --dtype f32"
+                        .into(),
+                ));
+            }
+        }
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                lin.products = p;
+            }
+        }
+        for lin in [&mut self.pooler, &mut self.seq_relationship]
+            .into_iter()
+            .flatten()
+        {
+            lin.products = p;
+        }
+        if let Some(t) = &mut self.transform {
+            t.dense.products = p;
+        }
+        if let Some(head) = &mut self.head {
+            head.set_train_products(p);
         }
         Ok(())
     }

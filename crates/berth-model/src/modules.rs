@@ -57,6 +57,9 @@ pub struct Linear {
     pub int8: Option<Arc<Int8Weight>>,
     /// The checkpoint keys `weight` came from (several when fused), in row order.
     pub weight_keys: Vec<String>,
+    /// The number format of the unpacked (training) path's products, forward and
+    /// backward ([`crate::Model::set_train_products`]).
+    pub products: berth_kernels::Products,
 }
 
 /// A linear layer's weight prepared for inference products.
@@ -79,6 +82,7 @@ impl Linear {
             packed: None,
             int8: w.int8(&[format!("{name}.weight")]),
             weight_keys: vec![format!("{name}.weight")],
+            products: Default::default(),
         })
     }
 
@@ -100,6 +104,7 @@ impl Linear {
             packed: None,
             int8: w.int8(&[format!("{name}.weight")]),
             weight_keys: vec![format!("{name}.weight")],
+            products: Default::default(),
         })
     }
 
@@ -117,6 +122,7 @@ impl Linear {
             packed: None,
             int8: w.int8(&key("weight")),
             weight_keys: key("weight"),
+            products: Default::default(),
         })
     }
 
@@ -194,7 +200,12 @@ impl Linear {
             Some(Packed::Int8(w)) if x.dtype() == DType::F32 => {
                 Ok(berth_kernels::amx::int8::linear_packed(x, w, None)?)
             }
-            _ => Ok(berth_kernels::linear(x, &self.weight, &self.bias)?),
+            _ => Ok(berth_kernels::linear_with(
+                x,
+                &self.weight,
+                &self.bias,
+                self.products,
+            )?),
         }
     }
 }

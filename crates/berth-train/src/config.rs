@@ -63,6 +63,36 @@ pub struct LoopConfig {
     /// (`{"epoch", "ids"}`), for a peer to train on the same data order.
     #[serde(default)]
     pub dump_order: Option<PathBuf>,
+    /// The number format of the matrix products, forward and backward (runs saved before
+    /// the field existed trained in f32).
+    #[serde(default)]
+    pub dtype: TrainDtype,
+}
+
+/// The number format of training's matrix products. Weights, gradients, optimizer state
+/// and checkpoints are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDtype {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Mixed precision: the linear layers' products (encoder and heads, forward and
+    /// backward) with both operands rounded to bf16 and f32 accumulation, as PyTorch's bf16
+    /// autocast runs them; attention, LayerNorm, activations, losses and the optimizer in
+    /// f32. Needs AMX or AVX-512 BF16; BERT-family encoders only.
+    Bf16,
+}
+
+impl TrainDtype {
+    /// The products the networks run.
+    pub fn products(self) -> berth_kernels::Products {
+        match self {
+            TrainDtype::F32 => berth_kernels::Products::F32,
+            TrainDtype::Bf16 => berth_kernels::Products::Bf16,
+        }
+    }
 }
 
 impl LoopConfig {
@@ -89,6 +119,7 @@ impl LoopConfig {
             log_every: 10,
             dropout: true,
             dump_order: None,
+            dtype: TrainDtype::F32,
         }
     }
 
@@ -116,6 +147,13 @@ impl LoopConfig {
                 bad(format!("{flag} {v} is outside [{lo}, {hi}]"))
             }
         };
+        if self.dtype == TrainDtype::Bf16 && !berth_kernels::amx::bf16_available() {
+            return bad(
+                "--dtype bf16 needs a CPU with AMX bf16 tiles (and Linux 5.16+) or AVX-512 \
+                 BF16; this machine has neither: use --dtype f32"
+                    .into(),
+            );
+        }
         finite("--lr", self.lr, 0.0, 10.0)?;
         finite("--warmup", self.warmup_ratio, 0.0, 1.0)?;
         finite("--weight-decay", self.adamw.weight_decay, 0.0, 10.0)?;

@@ -237,6 +237,15 @@ pub struct Networks {
 }
 
 impl Networks {
+    /// Sets the matrix products of every trained network (frozen ones stay f32).
+    pub fn set_train_products(&mut self, p: berth_kernels::Products) -> Result<()> {
+        self.main.set_train_products(p)?;
+        for c in &mut self.companions {
+            c.model.set_train_products(p)?;
+        }
+        Ok(())
+    }
+
     /// One trained model and nothing else.
     pub fn single(main: Model, config: serde_json::Value) -> Self {
         Networks {

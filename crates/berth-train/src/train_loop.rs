@@ -335,7 +335,8 @@ pub fn train(
     let from = latest
         .as_ref()
         .map_or(lc.model.as_path(), |(_, d)| d.as_path());
-    let nets = objective.build(from, &env)?;
+    let mut nets = objective.build(from, &env)?;
+    nets.set_train_products(lc.dtype.products())?;
     crate::objective::check_max_length(objective.max_length(), &nets.main, &lc.model)?;
     let mut opt = AdamW::new(&nets.params(), lc.adamw);
     let mut state = TrainerState {
