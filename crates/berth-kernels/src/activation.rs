@@ -117,6 +117,13 @@ pub(crate) unsafe fn activate_f32_avx512(act: Activation, xs: &mut [f32]) {
     activate_f32(act, xs)
 }
 
+/// [`activate_f32`] compiled for AVX2 + FMA (eight wide), for CPUs without AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn activate_f32_avx2(act: Activation, xs: &mut [f32]) {
+    activate_f32(act, xs)
+}
+
 /// f32 backward loops: `dy *= act'(x)`. GELU's slope Φ(x) + x φ(x) uses [`erf_f32`] and
 /// the polynomial `exp_f32`, so the loop vectorises (libm's scalar `expf` made it ~3 % of a
 /// training step); other activations take the exact scalar slope.
@@ -143,6 +150,13 @@ pub(crate) fn backward_f32(act: Activation, xs: &[f32], dys: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn backward_f32_avx512(act: Activation, xs: &[f32], dys: &mut [f32]) {
+    backward_f32(act, xs, dys)
+}
+
+/// [`backward_f32`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn backward_f32_avx2(act: Activation, xs: &[f32], dys: &mut [f32]) {
     backward_f32(act, xs, dys)
 }
 

@@ -60,6 +60,18 @@ fn update_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &
         // SAFETY: the CPU has AVX-512F (checked just above).
         return unsafe { update_avx512(p, g, m, v, s) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { update_avx2(p, g, m, v, s) };
+    }
+    update_slices(p, g, m, v, s)
+}
+
+/// [`update_slices`] compiled for AVX2 + FMA (no fused operations: the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn update_avx2(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
     update_slices(p, g, m, v, s)
 }
 
@@ -107,6 +119,12 @@ unsafe fn squares_avx512(xs: &[f32]) -> f64 {
     squares_chunk(xs)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn squares_avx2(xs: &[f32]) -> f64 {
+    squares_chunk(xs)
+}
+
 /// The sum of squares of `xs` in f64, in parallel over fixed chunks summed in order:
 /// deterministic (the same result on every run, whatever the thread count).
 pub fn sum_of_squares(xs: &[f32]) -> f64 {
@@ -117,6 +135,11 @@ pub fn sum_of_squares(xs: &[f32]) -> f64 {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F (checked just above).
                 return unsafe { squares_avx512(c) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::cpu::avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { squares_avx2(c) };
             }
             squares_chunk(c)
         })

@@ -33,6 +33,20 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Whether the CPU has AVX2 and FMA: the kernels' plain loops (GELU, softmax, LayerNorm,
+/// AdamW, ...) then run compiled for them where AVX-512 is absent. The same source at every
+/// width gives the same bits (Rust never fuses a multiply and an add by itself).
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Checks that all tensors share one dtype, naming the op on failure.
 pub(crate) fn same_dtype(op: &str, dtypes: &[DType]) -> Result<DType> {
     let first = dtypes[0];

@@ -259,6 +259,17 @@ fn add_norm_row(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f
         // SAFETY: the feature was just detected.
         return unsafe { add_norm_row_avx512(x, r, g, b, eps, y) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the features were just detected.
+        return unsafe { add_norm_row_avx2(x, r, g, b, eps, y) };
+    }
+    add_norm_row_generic(x, r, g, b, eps, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_norm_row_avx2(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     add_norm_row_generic(x, r, g, b, eps, y)
 }
 
@@ -289,7 +300,18 @@ pub(crate) fn row_stats_f32(row: &[f32], eps: f64) -> (f32, f32) {
         // SAFETY: the feature was just detected.
         return unsafe { row_stats_avx512(row, eps as f32) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the features were just detected.
+        return unsafe { row_stats_avx2(row, eps as f32) };
+    }
     stats_lanes(row, eps as f32)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_stats_avx2(row: &[f32], eps: f32) -> (f32, f32) {
+    stats_lanes(row, eps)
 }
 
 #[cfg(target_arch = "x86_64")]

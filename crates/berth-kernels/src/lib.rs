@@ -135,6 +135,11 @@ impl Float for f32 {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { activation::activate_f32_avx512(act, xs) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { activation::activate_f32_avx2(act, xs) };
+        }
         activation::activate_f32(act, xs)
     }
 
@@ -144,6 +149,11 @@ impl Float for f32 {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { activation::backward_f32_avx512(act, xs, dys) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { activation::backward_f32_avx2(act, xs, dys) };
+        }
         activation::backward_f32(act, xs, dys)
     }
 
@@ -152,6 +162,11 @@ impl Float for f32 {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { linear::dot_avx512(a, b) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { linear::dot_avx2(a, b) };
         }
         linear::dot_generic(a, b)
     }

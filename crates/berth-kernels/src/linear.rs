@@ -72,6 +72,13 @@ unsafe fn gemm<T: Float>(
     crate::cpu::matmul(dst, accumulate, lhs, rhs, T::one(), threads())
 }
 
+/// [`dot_generic`] for f32 compiled for AVX2 + FMA (its lanes vectorise eight wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_generic(a, b)
+}
+
 /// f32 dot product with AVX-512 FMAs, two accumulators of 16 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]

@@ -1,5 +1,6 @@
-//! f32 matrix product `C = init + A B` for AVX-512, with `B` packed in panels of [`NR`]
-//! columns (weights are packed once at load; other operands per call).
+//! f32 matrix product `C = init + A B` for AVX-512 (or AVX2 + FMA: [`kernel_avx2`]), with
+//! `B` packed in panels of [`NR`] columns (weights are packed once at load; other operands
+//! per call).
 //!
 //! The micro-kernel keeps an `MR × NR` block of `C` in 24 zmm registers: each step of the
 //! inner dimension loads three vectors of the `B` panel (prefetched `PF` steps ahead) and
@@ -36,8 +37,12 @@ const MC: usize = 128;
 /// 77 to 95 GFLOP/s on one core (117 to 138 on two) and left large products unchanged.
 const PF: usize = 16;
 
-/// Whether the AVX-512 kernel runs here.
+/// Whether a kernel runs here: AVX-512, or AVX2 + FMA ([`kernel_avx2`]).
 pub fn available() -> bool {
+    avx512() || crate::cpu::avx2_fma()
+}
+
+fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -153,7 +158,7 @@ pub enum Init<'a> {
 /// `C [M, N] (row stride ldc) = init + A B`, `A` read as `a[i * a_rs + p * a_cs]`.
 ///
 /// # Panics
-/// When AVX-512 is not [`available`], or the views do not fit their buffers.
+/// When no kernel is [`available`], or the views do not fit their buffers.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
@@ -183,7 +188,7 @@ pub fn sgemm_then(
     post: Option<Activation>,
 ) {
     let (n, k) = (b.n, b.k);
-    assert!(available(), "sgemm needs AVX-512");
+    assert!(available(), "sgemm needs AVX-512 or AVX2 + FMA");
     if m == 0 || n == 0 {
         return;
     }
@@ -395,6 +400,28 @@ unsafe fn micro(
     ldc: usize,
     init: Init,
 ) {
+    if !avx512() {
+        // AVX2: at most four rows at a time (two vectors of 16 columns per row).
+        let first = rows.min(4);
+        macro_rules! go2 {
+            ($rows:expr, $a:expr, $c:expr; $($r:literal)*) => {
+                match $rows {
+                    $($r => kernel_avx2::<$r>(cols, k, $a, b, $c, ldc, init),)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go2!(first, a, c; 1 2 3 4);
+        if rows > 4 {
+            let rest = ARows {
+                start: a.start.add(4 * a.row),
+                ..a
+            };
+            // (A bias is per column: the same start for these rows.)
+            go2!(rows - 4, rest, c.add(4 * ldc); 1 2 3 4);
+        }
+        return;
+    }
     macro_rules! go {
         ($($r:literal)*) => {
             match rows {
@@ -404,6 +431,93 @@ unsafe fn micro(
         };
     }
     go!(1 2 3 4 5 6 7 8)
+}
+
+/// [`kernel`] for AVX2 + FMA: the `NR`-wide panel in slices of 16 columns (two 8-lane
+/// vectors), `R ≤ 4` rows, `C` in 2R registers for the whole depth. Each element of `C` is
+/// the same chain of fused multiply-adds in the same order as in the AVX-512 kernel, so
+/// both give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx2<const R: usize>(
+    cols: usize,
+    k: usize,
+    a: ARows,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
+    use std::arch::x86_64::*;
+    let rows: [usize; R] = std::array::from_fn(|r| r * a.row);
+    for c0 in (0..cols).step_by(16) {
+        let width = (cols - c0).min(16);
+        // Lanes `< live` of vector v (8 lanes each) are columns of C.
+        let live = [width.min(8), width.saturating_sub(8)];
+        let masks: [__m256i; 2] = std::array::from_fn(|v| {
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(live[v] as i32), lane)
+        });
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(bias) => {
+                let mut row = [_mm256_setzero_ps(); 2];
+                for v in 0..2 {
+                    if live[v] > 0 {
+                        row[v] = _mm256_maskload_ps(bias.as_ptr().add(c0 + 8 * v), masks[v]);
+                    }
+                }
+                acc = [row; R];
+            }
+            Init::Accumulate => {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    for v in 0..2 {
+                        if live[v] > 0 {
+                            let at = c.add(r * ldc + c0 + 8 * v);
+                            acc_r[v] = _mm256_maskload_ps(at, masks[v]);
+                        }
+                    }
+                }
+            }
+        }
+        let (mut ap, mut bp) = (a.start, b.add(c0));
+        for _ in 0..k {
+            // The slice's 16 columns of a panel row are one cache line.
+            _mm_prefetch::<_MM_HINT_T0>(bp.add(PF * NR) as *const i8);
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            for r in 0..R {
+                let x = _mm256_set1_ps(*ap.add(rows[r]));
+                acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+            }
+            bp = bp.add(NR);
+            ap = ap.add(a.step);
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for v in 0..2 {
+                if live[v] > 0 {
+                    _mm256_maskstore_ps(c.add(r * ldc + c0 + 8 * v), masks[v], acc_r[v]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx2<const R: usize>(
+    _: usize,
+    _: usize,
+    _: ARows,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: Init,
+) {
+    unreachable!("sgemm is x86-64 only")
 }
 
 /// One `R × NR` block of `C` (only its first `cols` columns are written).
@@ -497,7 +611,7 @@ mod tests {
 
     fn check(m: usize, n: usize, k: usize, transposed_a: bool) {
         if !available() {
-            eprintln!("no AVX-512: skipping");
+            eprintln!("neither AVX-512 nor AVX2 + FMA: skipping");
             return;
         }
         let mut s = 11u64;

@@ -83,12 +83,23 @@ unsafe fn softmax_row_f32_avx512(row: &mut [f32]) {
     softmax_row_f32_body(row)
 }
 
-/// f32 softmax of one row with [`exp_f32`], AVX-512 when the CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_f32_avx2(row: &mut [f32]) {
+    softmax_row_f32_body(row)
+}
+
+/// f32 softmax of one row with [`exp_f32`], AVX-512 (or AVX2) when the CPU has it.
 pub(crate) fn softmax_row_f32(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F (checked just above).
         return unsafe { softmax_row_f32_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { softmax_row_f32_avx2(row) };
     }
     softmax_row_f32_body(row)
 }
