@@ -372,7 +372,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let int8_kernel = berth_kernels::amx::int8::I8Kernel::best();
     if int8_kernel == berth_kernels::amx::int8::I8Kernel::Portable {
-        eprintln!("no AMX int8 or AVX-512 VNNI on this CPU: berth int8 (portable loop) is not benchmarked");
+        eprintln!("no AMX int8, AVX-512 VNNI or AVX2 on this CPU: berth int8 (portable loop) is not benchmarked");
     } else {
         eprintln!("berth int8 runs on {int8_kernel:?}");
         modes.push(Precision::Int8);

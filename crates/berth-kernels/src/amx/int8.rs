@@ -16,8 +16,9 @@
 //! `W[o][4r..4r + 4]` for the tile's 16 outputs `o`), `C` 16 × 16 i32. The kernel keeps a
 //! 32 × 32 block of `C` in four tiles as the bf16 kernel does. Without AMX int8, AVX-512 VNNI
 //! (`VPDPBUSD`, the same unsigned × signed four-byte dot product per i32 lane) reads the same
-//! packed tiles — one tile row is one 512-bit vector of 16 outputs × 4 inputs — and, without
-//! that either, a portable loop does; all three compute exactly the same integer sums.
+//! packed tiles — one tile row is one 512-bit vector of 16 outputs × 4 inputs; with AVX2 only,
+//! `VPMADDWD` on both operands widened to i16 does (exact pair sums); without that either, a
+//! portable loop does. All compute exactly the same integer sums.
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -277,6 +278,9 @@ pub enum I8Kernel {
     Amx,
     /// AVX-512 VNNI (`VPDPBUSD`) on the same packed tiles.
     Vnni,
+    /// AVX2 on the same packed tiles, both operands widened to i16 (`VPMADDWD`: exact
+    /// products and pair sums, so the same sums as the others).
+    Avx2,
     /// Plain loops.
     Portable,
 }
@@ -288,6 +292,8 @@ impl I8Kernel {
             I8Kernel::Amx
         } else if vnni_available() {
             I8Kernel::Vnni
+        } else if crate::cpu::avx2_fma() {
+            I8Kernel::Avx2
         } else {
             I8Kernel::Portable
         }
@@ -296,6 +302,9 @@ impl I8Kernel {
     /// Every kernel this CPU runs.
     pub fn available() -> Vec<Self> {
         let mut all = vec![I8Kernel::Portable];
+        if crate::cpu::avx2_fma() {
+            all.push(I8Kernel::Avx2);
+        }
         if vnni_available() {
             all.push(I8Kernel::Vnni);
         }
@@ -353,6 +362,7 @@ pub fn linear_quantized(
             // disjoint parts of `y`; pointers stay inside the padded buffers.
             I8Kernel::Amx => unsafe { block_row_amx(q, n, w, rb, cols, act, out) },
             I8Kernel::Vnni => unsafe { block_row_vnni(q, n, w, rb, cols, act, out) },
+            I8Kernel::Avx2 => unsafe { block_row_avx2(q, n, w, rb, cols, act, out) },
             I8Kernel::Portable => unsafe { block_row_portable(q, n, w, rb, cols, act, out) },
         },
     );
@@ -552,6 +562,111 @@ unsafe fn block_row_vnni(
     _: SendPtr<f32>,
 ) {
     unreachable!("VNNI is x86-64 only")
+}
+
+/// Rows of `x` per AVX2 register block (four accumulators of 8 lanes per row).
+const AVX2_ROWS: usize = 3;
+
+/// Output row block `rb` × column blocks `cols` with AVX2: both operands widened to i16 (the
+/// block's 32 rows of `x` once per call, each column block's two tiles once per block), then
+/// per tile row `VPMADDWD` of a row's 4 values of `x` (repeated across the vector) with 4
+/// outputs × 4 weights gives per output two exact i32 pair sums, added up over the depth
+/// and then to each other — the integer sums of the other kernels.
+///
+/// # Safety
+/// AVX2 must be available; `q` and `w` have the same depth; `y` holds `n × O`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_row_avx2(
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    let kb = w.depth / DEPTH;
+    let x16: Vec<i16> = q.data[rb * BLOCK * w.depth..][..BLOCK * w.depth]
+        .iter()
+        .map(|&v| v as i16)
+        .collect();
+    let mut w16 = vec![0i16; 2 * kb * TILE];
+    let mut acc = [0i32; BLOCK * BLOCK];
+    for cb in cols {
+        let tiles = &w.tiles[2 * cb * kb * TILE..][..2 * kb * TILE];
+        w16.iter_mut().zip(tiles).for_each(|(d, &v)| *d = v as i16);
+        for half in 0..2 {
+            let t = w16.as_ptr().add(half * kb * TILE);
+            let mut r0 = 0;
+            while r0 < BLOCK {
+                let rows = (BLOCK - r0).min(AVX2_ROWS);
+                let x = x16.as_ptr().add(r0 * w.depth);
+                let dst = acc.as_mut_ptr().add(r0 * BLOCK + 16 * half);
+                match rows {
+                    3 => rows_avx2::<3>(x, w.depth, t, kb, dst),
+                    2 => rows_avx2::<2>(x, w.depth, t, kb, dst),
+                    _ => rows_avx2::<1>(x, w.depth, t, kb, dst),
+                }
+                r0 += rows;
+            }
+        }
+        epilogue(&acc, q, n, w, rb, cb * BLOCK, act, y);
+    }
+}
+
+/// `R` rows of widened `x` (row stride `depth`) against one widened column tile group `t`
+/// (`kb` tiles of 16 rows × 16 outputs × 4): the 16 outputs' sums into `dst` (row stride
+/// [`BLOCK`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_avx2<const R: usize>(
+    x: *const i16,
+    depth: usize,
+    t: *const i16,
+    kb: usize,
+    dst: *mut i32,
+) {
+    use std::arch::x86_64::*;
+    // c[r][v]: outputs 4v..4v + 4 of the tile, two partial sums each.
+    let mut c = [[_mm256_setzero_si256(); 4]; R];
+    for k in 0..kb {
+        for quad in 0..DEPTH / 4 {
+            let row = t.add(k * TILE + quad * DEPTH);
+            let col = k * DEPTH + quad * 4;
+            for (r, c) in c.iter_mut().enumerate() {
+                // The row's 4 values of x, repeated in each 64-bit lane.
+                let xr =
+                    _mm256_set1_epi64x((x.add(r * depth + col) as *const i64).read_unaligned());
+                for (v, c) in c.iter_mut().enumerate() {
+                    let wv = _mm256_loadu_si256(row.add(16 * v) as *const __m256i);
+                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(xr, wv));
+                }
+            }
+        }
+    }
+    for (r, c) in c.iter().enumerate() {
+        let mut lanes = [0i32; 32];
+        for (v, c) in c.iter().enumerate() {
+            _mm256_storeu_si256(lanes.as_mut_ptr().add(8 * v) as *mut __m256i, *c);
+        }
+        for o in 0..16 {
+            *dst.add(r * BLOCK + o) = lanes[2 * o] + lanes[2 * o + 1];
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_avx2(
+    _: &QuantRows,
+    _: usize,
+    _: &PackedI8,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AVX2 is x86-64 only")
 }
 
 /// [`block_row_amx`]'s integer sums by plain loops over the same packed buffers.
