@@ -406,7 +406,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|&m| measure(m))
         .collect::<anyhow::Result<_>>()?;
     let spec = serde_json::json!({"a": wa, "b": wb, "c": texts, "c_sorted": sorted, "d": wd, "d_model": base_dir,
-        "max_length": max_length, "seconds": a.seconds, "threads": threads});
+        "max_length": max_length, "seconds": a.seconds, "threads": threads,
+        // PyTorch's bf16 autocast only where berth runs bf16: without a bf16 product the
+        // CPU emulates it, many times slower than f32, and there is no berth row to compare.
+        "bf16": modes.contains(&Precision::Bf16)});
     let peer = if a.no_peers {
         serde_json::json!({})
     } else {
