@@ -167,6 +167,8 @@ fn trainer(
 }
 
 pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
+    // berth's bf16 side runs only where the CPU has a bf16 product.
+    let berth_bf16 = a.bf16 && berth_kernels::amx::bf16_available();
     let data = a
         .data
         .clone()
@@ -190,7 +192,7 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             a.threads
         );
         let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"), "f32")?;
-        let ours_bf16 = if a.bf16 && berth_kernels::amx::bf16_available() {
+        let ours_bf16 = if berth_bf16 {
             Some(berth_finetune(
                 &a,
                 &model,
@@ -243,7 +245,7 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
                 .arg(script("pretrain_peer.py"))
                 .args(["--corpus", "books", "--head", "sparse"])
                 .args(["--steps", &a.pretrain_steps.to_string()])
-                .args((a.bf16 && berth_kernels::amx::bf16_available()).then_some("--bf16")),
+                .args(berth_bf16.then_some("--bf16")),
             "scripts/pretrain_peer.py",
         )?;
         println!("\nMLM pretraining, 4 layers x 256, batch 32 x 128, pd-books");
