@@ -43,8 +43,8 @@ pub struct TextArgs {
     pub batch_tokens: usize,
     /// Number format of the encoder's matrix products: f32; bf16 (Intel AMX tiles or
     /// AVX-512 BF16; outputs within ~1e-5 cosine of f32); or int8 (weights per channel,
-    /// activations per token; AMX int8 tiles or AVX-512 VNNI, a slow portable loop
-    /// elsewhere; outputs within ~1e-3 cosine).
+    /// activations per token; AMX int8 tiles, AVX-512 VNNI or AVX2 (on AVX2 no faster
+    /// than f32), a slow portable loop elsewhere; outputs within ~1e-3 cosine).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
 }

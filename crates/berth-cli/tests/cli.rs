@@ -120,7 +120,8 @@ fn bf16_embeddings_stay_close_to_sentence_transformers() {
 
 #[test]
 fn int8_embeddings_stay_close_to_sentence_transformers() {
-    // AMX int8 tiles where the CPU has them, else the portable loop (the same integers).
+    // AMX int8 tiles, VNNI or AVX2 where the CPU has them, else the portable loop (the
+    // same integers).
     let lowest = reduced_precision_lowest_cosine("int8").expect("int8 runs on every CPU");
     assert!(lowest >= 0.99, "lowest cosine {lowest}");
 }

@@ -20,10 +20,11 @@ pub enum Precision {
     #[default]
     F32,
     /// Weights and activations rounded to bf16 for the linear layers, f32 accumulation
-    /// (Intel AMX tiles).
+    /// (Intel AMX tiles or AVX-512 BF16; refused on other CPUs).
     Bf16,
     /// Weights quantized to int8 per output channel once, activations to uint8 per token
-    /// at each product, i32 accumulation (AMX int8 tiles; a portable loop elsewhere).
+    /// at each product, i32 accumulation (AMX int8 tiles, AVX-512 VNNI or AVX2; the same
+    /// integers on each, a slow portable loop elsewhere).
     Int8,
 }
 
