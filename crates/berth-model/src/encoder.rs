@@ -24,6 +24,64 @@ pub struct Embeddings {
     /// Final LayerNorm.
     pub layer_norm: LayerNorm,
     position_offset: usize,
+    /// Training only: where the backward leaves the word table's gradient as the rows a
+    /// batch used (see [`crate::Model::set_sparse_word_grads`]); `None`: a dense gradient.
+    pub(crate) row_grads: Option<RowGrads>,
+}
+
+/// The word table's gradient of each backward pass, as `(token ids, [N, H] gradient rows)`
+/// in the order the backward reached the lookups: row `j` belongs to table row `ids[j]`.
+pub type RowGrads = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u32>, Tensor)>>>;
+
+/// The word-table lookup of a training forward whose backward hands the output's gradient
+/// to a [`RowGrads`] sink instead of scattering it into a dense `[V, H]` tensor (candle's
+/// `index_select` backward builds a zeroed table-sized tensor, then a copy of it with the
+/// rows added, every step, though a fine-tuning batch touches a few hundred rows).
+struct GatherRows {
+    ids: Vec<u32>,
+    sink: RowGrads,
+}
+
+impl candle_core::CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "gather-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (_, h) = layout.shape().dims2()?;
+        let (candle_core::CpuStorage::F32(table), Some((start, end))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("gather-rows: needs a contiguous f32 table");
+        };
+        let table = &table[start..end];
+        let mut out = Vec::with_capacity(self.ids.len() * h);
+        for &id in &self.ids {
+            let row = id as usize * h;
+            out.extend_from_slice(&table[row..row + h]);
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((self.ids.len(), h)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _table: &Tensor,
+        _rows: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.sink
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gather-rows: sink poisoned".into()))?
+            .push((self.ids.clone(), grad.clone()));
+        Ok(None)
+    }
 }
 
 fn ids_tensor(ids: &[u32], limit: usize, what: &str) -> Result<Tensor> {
@@ -67,6 +125,7 @@ impl Embeddings {
                     m.norm_bias,
                 )?,
                 position_offset: 0,
+                row_grads: None,
             });
         }
         Ok(Embeddings {
@@ -78,6 +137,7 @@ impl Embeddings {
             token_type_embeddings,
             layer_norm: LayerNorm::load(w, &names::embeddings_ln(p), h, cfg.layer_norm_eps)?,
             position_offset: cfg.position_offset,
+            row_grads: None,
         })
     }
 
@@ -89,9 +149,14 @@ impl Embeddings {
     /// [`Self::forward`] with dropout `p` on the output when `d` is given (training).
     pub fn forward_train(&self, b: &Batch, d: Option<&crate::Dropout>, p: f64) -> Result<Tensor> {
         let vocab = self.word_embeddings.dim(0)?;
-        let mut x = self
-            .word_embeddings
-            .index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?;
+        let ids = ids_tensor(&b.input_ids, vocab, "token id")?;
+        let mut x = match &self.row_grads {
+            Some(sink) => self.word_embeddings.apply_op1(GatherRows {
+                ids: b.input_ids.clone(),
+                sink: sink.clone(),
+            })?,
+            None => self.word_embeddings.index_select(&ids, 0)?,
+        };
         if let Some(table) = &self.position_embeddings {
             let positions: Vec<u32> = b
                 .position_ids

@@ -312,6 +312,26 @@ impl Model {
             .collect()
     }
 
+    /// Training: whether the word table's gradient leaves each backward as the rows the
+    /// batch used ([`Self::take_word_grads`]) rather than as a dense `[V, H]` tensor in the
+    /// `GradStore`. Returns whether it is on: it is refused (`false`) for a masked-LM head,
+    /// whose decoder may share the table (its gradient is dense anyway).
+    pub fn set_sparse_word_grads(&mut self, on: bool) -> bool {
+        let on = on && !matches!(self.head, Some(Head::MaskedLm(_)));
+        self.embeddings.row_grads = on.then(Default::default);
+        on
+    }
+
+    /// The word table and the gradient rows of the backward passes since the last call
+    /// (empty unless [`Self::set_sparse_word_grads`] is on).
+    pub fn take_word_grads(&self) -> (Tensor, Vec<(Vec<u32>, Tensor)>) {
+        let rows = match &self.embeddings.row_grads {
+            Some(sink) => std::mem::take(&mut *sink.lock().expect("word-gradient sink poisoned")),
+            None => Vec::new(),
+        };
+        (self.embeddings.word_embeddings.clone(), rows)
+    }
+
     /// Moves the encoder weights' gradients left by the fused layers of a `backward()`
     /// into `grads`. Call after every backward through [`Self::forward_train`].
     pub fn collect_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {

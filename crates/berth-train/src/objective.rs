@@ -11,7 +11,6 @@ use std::path::Path;
 
 use berth_model::{Dropout, Model, Param};
 use berth_text::TextTokenizer;
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -290,12 +289,28 @@ impl Networks {
     }
 
     /// Back-propagates `loss` through every trained network.
-    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        let mut grads = self.main.backward(loss)?;
+    pub fn backward(&self, loss: &Tensor) -> Result<crate::optim::Grads> {
+        let mut dense = self.main.backward(loss)?;
         for c in &self.companions {
-            c.model.collect_grads(&mut grads)?;
+            c.model.collect_grads(&mut dense)?;
         }
-        Ok(grads)
+        let rows = std::iter::once(&self.main)
+            .chain(self.companions.iter().map(|c| &c.model))
+            .map(|m| {
+                let (table, rows) = m.take_word_grads();
+                crate::optim::RowGrads { table, rows }
+            })
+            .filter(|r| !r.rows.is_empty())
+            .collect();
+        Ok(crate::optim::Grads { dense, rows })
+    }
+
+    /// Turns on row gradients for the word table (see
+    /// `berth_model::Model::set_sparse_word_grads`) where they are exact and cheaper: one
+    /// trained network (no companion sharing its table) whose head does not reuse the table
+    /// (not a masked-LM decoder). Returns whether they are on.
+    pub fn use_sparse_word_grads(&mut self) -> bool {
+        self.companions.is_empty() && self.main.set_sparse_word_grads(true)
     }
 }
 

@@ -57,6 +57,24 @@ pub fn decays(name: &str) -> bool {
         || is_norm_weight(name))
 }
 
+/// A word table's gradient of a backward as the rows the batches used (see
+/// `berth_model::Model::set_sparse_word_grads`): `(token ids, [N, H] rows)` per lookup, in
+/// the order the backward reached the lookups.
+pub struct RowGrads {
+    /// The table (a trained variable).
+    pub table: Tensor,
+    /// The lookups' gradient rows.
+    pub rows: Vec<(Vec<u32>, Tensor)>,
+}
+
+/// The gradients of one backward: dense ones by variable, and word tables' rows.
+pub struct Grads {
+    /// Dense gradients.
+    pub dense: GradStore,
+    /// Row gradients of word tables (empty unless sparse word gradients are on).
+    pub rows: Vec<RowGrads>,
+}
+
 /// One optimised variable (a fused variable is one slot).
 struct Slot {
     /// Name of its first parameter (names optimizer state on disk).
@@ -121,6 +139,68 @@ impl AdamW {
                 s.touched = true;
             }
         }
+        Ok(())
+    }
+
+    /// [`Self::accumulate`] of the dense gradients and [`Self::accumulate_rows`] of the
+    /// row gradients of one backward.
+    pub fn accumulate_grads(&mut self, g: &Grads, scale: f32) -> Result<()> {
+        self.accumulate(&g.dense, scale)?;
+        for r in &g.rows {
+            self.accumulate_rows(r, scale)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `scale ×` a word table's row gradients to its accumulator, with the same bits as
+    /// [`Self::accumulate`] of the dense gradient candle's `index_select` backward builds
+    /// (each table row: zero, plus every row that looked it up, in lookup and position
+    /// order; then stored as a dense gradient is) but touching only those rows — no
+    /// table-sized tensor is built, copied or read.
+    pub fn accumulate_rows(&mut self, g: &RowGrads, scale: f32) -> Result<()> {
+        if g.rows.is_empty() {
+            return Ok(());
+        }
+        let id = g.table.id();
+        let Some(s) = self.slots.iter_mut().find(|s| s.var.as_tensor().id() == id) else {
+            // A table no optimizer slot holds (frozen): nothing to accumulate.
+            return Ok(());
+        };
+        let (vocab, h) = g.table.dims2()?;
+        let mut at: HashMap<u32, usize> = HashMap::new();
+        let mut order: Vec<u32> = Vec::new();
+        let mut sums: Vec<f32> = Vec::new();
+        for (ids, rows) in &g.rows {
+            let rows = rows.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            if rows.len() != ids.len() * h || ids.iter().any(|&i| i as usize >= vocab) {
+                return Err(TrainError::Config(format!(
+                    "{}: {} gradient values for {} looked-up rows of a {vocab} x {h} table",
+                    s.name,
+                    rows.len(),
+                    ids.len()
+                )));
+            }
+            for (j, &row) in ids.iter().enumerate() {
+                let k = *at.entry(row).or_insert_with(|| {
+                    sums.resize(sums.len() + h, 0.0);
+                    order.push(row);
+                    order.len() - 1
+                });
+                for (a, &b) in sums[k * h..(k + 1) * h].iter_mut().zip(&rows[j * h..]) {
+                    *a += b;
+                }
+            }
+        }
+        let how = if s.touched { Store::Add } else { Store::Write };
+        for (k, &row) in order.iter().enumerate() {
+            let dst = &mut s.grad[row as usize * h..(row as usize + 1) * h];
+            let src = &sums[k * h..(k + 1) * h];
+            match how {
+                Store::Add => dst.iter_mut().zip(src).for_each(|(a, &b)| *a += scale * b),
+                Store::Write => dst.iter_mut().zip(src).for_each(|(a, &b)| *a = scale * b),
+            }
+        }
+        s.touched = true;
         Ok(())
     }
 

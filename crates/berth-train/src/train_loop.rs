@@ -337,6 +337,11 @@ pub fn train(
         .map_or(lc.model.as_path(), |(_, d)| d.as_path());
     let mut nets = objective.build(from, &env)?;
     nets.set_train_products(lc.dtype.products())?;
+    // The word table's gradient as the rows a step used (one process: the ranks' sums
+    // over the network run on dense gradients).
+    if world == 1 {
+        nets.use_sparse_word_grads();
+    }
     crate::objective::check_max_length(objective.max_length(), &nets.main, &lc.model)?;
     let mut opt = AdamW::new(&nets.params(), lc.adamw);
     let mut state = TrainerState {
@@ -565,14 +570,28 @@ pub fn train(
                                 &nets.fused_weights(),
                                 passes,
                                 &|l| nets.set_grad_listener(l),
-                                || total.map(|t| nets.backward(&t)).transpose(),
+                                || {
+                                    total
+                                        .map(|t| {
+                                            let g = nets.backward(&t)?;
+                                            if !g.rows.is_empty() {
+                                                return Err(TrainError::Config(
+                                                    "row gradients cannot be summed over ranks \
+                                                     during the backward"
+                                                        .into(),
+                                                ));
+                                            }
+                                            Ok(g.dense)
+                                        })
+                                        .transpose()
+                                },
                             )?;
                             (comm, summing) = (comm + waited, summing + busy);
                             summed = true;
                         }
                         _ => {
                             if let Some(t) = total {
-                                opt.accumulate(&nets.backward(&t)?, 1.0)?;
+                                opt.accumulate_grads(&nets.backward(&t)?, 1.0)?;
                             }
                         }
                     }
@@ -588,7 +607,7 @@ pub fn train(
                     loss_acc += value;
                     loss_count += 1;
                     let scaled = (loss / lc.grad_accum as f64)?;
-                    opt.accumulate(&nets.backward(&scaled)?, 1.0)?;
+                    opt.accumulate_grads(&nets.backward(&scaled)?, 1.0)?;
                 }
                 tokens += out.tokens;
             }

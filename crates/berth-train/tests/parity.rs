@@ -936,3 +936,141 @@ fn replaced_token_detection_trains_like_electra() {
         },
     );
 }
+
+/// The word table's gradient as rows (`Networks::use_sparse_word_grads`, on in one-process
+/// fine-tuning) against the dense gradient candle's `index_select` backward builds: the
+/// same accumulated gradient after every step and the same weights and moments after
+/// three AdamW steps, bit for bit — for a bi-encoder (three lookups of the table per loss,
+/// rows repeated within and across them) and a classifier, each with two accumulated
+/// backward passes per step (the second adds to the first). A masked-LM head, whose
+/// decoder may share the table, keeps the dense gradient.
+#[test]
+fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
+    let (r, _) = recipe("bert-embed");
+    let dir = root().join("fixtures/tiny/bert-base");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let ids = &r["input_ids"];
+    let examples: Vec<EmbedExample> = encode(&tok, &r["texts"], None, &ids[0])
+        .into_iter()
+        .zip(encode(&tok, &r["questions"], None, &ids[1]))
+        .zip(encode(&tok, &r["negatives"], None, &ids[2]))
+        .map(|((anchor, positive), n)| EmbedExample {
+            anchor,
+            positive,
+            negative: Some(n),
+        })
+        .collect();
+    let refs: Vec<&EmbedExample> = examples.iter().collect();
+    let embed_run = |sparse: bool| {
+        let (model, _) = berth_train::init::load_encoder(&dir).unwrap();
+        word_grad_steps(model, sparse, |m| {
+            embed::mnrl_loss(m, &refs, berth_tasks::Pooling::Mean, 20.0, None)
+                .unwrap()
+                .unwrap()
+        })
+    };
+    assert_eq!(embed_run(true), embed_run(false), "bi-encoder");
+
+    let (r, _) = recipe("bert-seqcls");
+    let dir = root().join("fixtures/tiny/bert-seqcls");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let examples: Vec<ClassifyExample> = recipe_encodings("bert-seqcls", &r, &tok)
+        .into_iter()
+        .map(|(enc, l)| ClassifyExample {
+            enc,
+            target: Target::Class(Some(l.as_u64().unwrap() as u32)),
+        })
+        .collect();
+    let refs: Vec<&ClassifyExample> = examples.iter().collect();
+    let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json")).unwrap();
+    let head = TaskHead {
+        kind: HeadKind::SequenceClassification,
+        labels: cfg.id2label.clone(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let classify_run = |sparse: bool| {
+        let (model, _) = load_for_task(&dir, &head, 0).unwrap();
+        word_grad_steps(model, sparse, |m| {
+            classify::loss(m, &refs, None).unwrap().unwrap()
+        })
+    };
+    assert_eq!(classify_run(true), classify_run(false), "classifier");
+
+    let mlm = TaskHead {
+        kind: HeadKind::MaskedLm,
+        labels: Vec::new(),
+        problem_type: None,
+        sentence_order: false,
+    };
+    let (mut model, _) = load_for_task(&root().join("fixtures/tiny/bert-base"), &mlm, 0).unwrap();
+    assert!(!model.set_sparse_word_grads(true), "masked-LM head");
+}
+
+/// Three AdamW steps of two accumulated backward passes each, with or without row
+/// gradients for the word table: per step the table's accumulated gradient (as bits),
+/// then every parameter's values and the moments (as bits).
+fn word_grad_steps(
+    model: berth_model::Model,
+    sparse: bool,
+    loss_of: impl Fn(&berth_model::Model) -> candle_core::Tensor,
+) -> Vec<Vec<u32>> {
+    let table = model.embeddings.word_embeddings.id();
+    let name = model
+        .params
+        .iter()
+        .find(|p| p.var.as_tensor().id() == table)
+        .expect("the word table is trained")
+        .name
+        .clone();
+    let mut nets = Networks::single(model, Value::Null);
+    if sparse {
+        assert!(nets.use_sparse_word_grads());
+    }
+    let adamw = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(&nets.params(), adamw);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mut out = Vec::new();
+    for step in 0..3 {
+        for _ in 0..2 {
+            let g = nets.backward(&loss_of(&nets.main)).unwrap();
+            // The sparse run's table gradient is rows only; the dense run has no rows.
+            assert_eq!(g.rows.is_empty(), !sparse, "step {step}: row gradients");
+            assert_eq!(
+                g.dense.get(&nets.main.embeddings.word_embeddings).is_some(),
+                !sparse,
+                "step {step}: dense table gradient"
+            );
+            opt.accumulate_grads(&g, 0.5).unwrap();
+        }
+        assert!(
+            !opt.untouched().contains(&name.as_str()),
+            "{name} got no gradient"
+        );
+        out.push(bits(opt.grad(&name).unwrap()));
+        opt.clip(Some(1.0));
+        opt.step(1e-3).unwrap();
+    }
+    for p in &nets.main.params {
+        out.push(bits(
+            &p.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        ));
+    }
+    let state = opt.state_tensors().unwrap();
+    let mut names: Vec<&String> = state.keys().collect();
+    names.sort();
+    for n in names {
+        out.push(bits(
+            &state[n].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ));
+    }
+    out
+}
