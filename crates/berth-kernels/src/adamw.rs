@@ -103,6 +103,12 @@ fn squares_chunk(xs: &[f32]) -> f64 {
     for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
         *a += (x as f64) * (x as f64);
     }
+    pairwise16(acc)
+}
+
+/// The sixteen running sums of [`squares_chunk`] added pairwise.
+#[inline(always)]
+fn pairwise16(mut acc: [f64; 16]) -> f64 {
     let mut width = 16;
     while width > 1 {
         width /= 2;
@@ -111,6 +117,88 @@ fn squares_chunk(xs: &[f32]) -> f64 {
         }
     }
     acc[0]
+}
+
+/// [`sum_of_squares`] of `xs` where only the rows `rows` (ascending, `width` elements each,
+/// `width` a multiple of 16) can be non-zero, reading only those rows: the same bits, since
+/// a zero adds nothing to a running sum and each row's elements meet the same sums
+/// (element `i` of a chunk goes to sum `i % 16`) in the same order.
+pub fn sum_of_squares_rows(xs: &[f32], width: usize, rows: &[u32]) -> f64 {
+    assert!(
+        width > 0 && width.is_multiple_of(16) && xs.len().is_multiple_of(width),
+        "sum_of_squares_rows: rows of {width} in {} values",
+        xs.len()
+    );
+    assert!(
+        rows.windows(2).all(|w| w[0] < w[1]),
+        "sum_of_squares_rows: rows not ascending"
+    );
+    let mut parts = vec![0f64; xs.len().div_ceil(CHUNK)];
+    let mut next = rows.iter().peekable();
+    for (c, part) in parts.iter_mut().enumerate() {
+        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(xs.len()));
+        let mut acc = [0f64; 16];
+        let mut any = false;
+        while let Some(&&r) = next.peek() {
+            let (start, end) = (r as usize * width, (r as usize + 1) * width);
+            if start >= hi {
+                break;
+            }
+            for b in xs[start.max(lo)..end.min(hi)].chunks_exact(16) {
+                for (a, &x) in acc.iter_mut().zip(b) {
+                    *a += (x as f64) * (x as f64);
+                }
+            }
+            any = true;
+            if end > hi {
+                break; // the row goes on in the next chunk
+            }
+            next.next();
+        }
+        if any {
+            *part = pairwise16(acc);
+        }
+    }
+    parts.into_iter().sum()
+}
+
+/// [`adamw_update`] of the rows (`width` elements each) for which `keep(row)` holds; the
+/// other rows of `p`, `g`, `m` and `v` are left as they are.
+pub fn adamw_update_rows(
+    p: &mut [f32],
+    g: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    width: usize,
+    keep: &(dyn Fn(usize) -> bool + Sync),
+    s: &AdamWStep,
+) {
+    assert!(
+        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+        "adamw_update_rows: slices of different lengths"
+    );
+    assert!(
+        width > 0 && p.len().is_multiple_of(width),
+        "adamw_update_rows: rows of {width} in {} values",
+        p.len()
+    );
+    let per = (CHUNK / width).max(1);
+    let span = per * width;
+    p.par_chunks_mut(span)
+        .zip(g.par_chunks_mut(span))
+        .zip(m.par_chunks_mut(span).zip(v.par_chunks_mut(span)))
+        .enumerate()
+        .for_each(|(b, ((p, g), (m, v)))| {
+            let rows = p
+                .chunks_mut(width)
+                .zip(g.chunks_mut(width))
+                .zip(m.chunks_mut(width).zip(v.chunks_mut(width)));
+            for (r, ((p, g), (m, v))) in rows.enumerate() {
+                if keep(b * per + r) {
+                    update_chunk(p, g, m, v, s);
+                }
+            }
+        });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -215,6 +303,58 @@ mod tests {
         assert_eq!(bits(&v1), bits(&v2));
         assert!(g1.iter().all(|&g| g == 0.0));
         assert_ne!(bits(&p1), bits(&p0), "the step moved nothing");
+    }
+
+    /// A word table where only some rows have a gradient and only some have moments (rows
+    /// across chunk boundaries, the first and the last): the row-wise norm and update give
+    /// the dense ones' bits, the update skipping rows with neither.
+    #[test]
+    fn row_wise_norm_and_update_equal_dense_ones() {
+        let (width, vocab) = (384, 700); // 268,800 values: five chunks, rows straddling them
+        let n = width * vocab;
+        let mut state = 7u64;
+        let mut rnd = || crate::testing::lcg(&mut state);
+        let fresh: Vec<u32> = vec![0, 3, 170, 171, 341, 342, 500, 682, 683, 699];
+        let live: Vec<usize> = vec![1, 3, 170, 400, 683];
+        let mut g = vec![0f32; n];
+        for &r in &fresh {
+            for x in &mut g[r as usize * width..(r as usize + 1) * width] {
+                *x = rnd();
+            }
+        }
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for &r in &live {
+            for i in r * width..(r + 1) * width {
+                m[i] = rnd() * 0.1;
+                v[i] = (rnd() * 0.01).abs();
+            }
+        }
+        let p: Vec<f32> = (0..n).map(|_| rnd()).collect();
+        assert_eq!(
+            sum_of_squares_rows(&g, width, &fresh).to_bits(),
+            sum_of_squares(&g).to_bits()
+        );
+        assert_eq!(sum_of_squares_rows(&g, width, &[]), 0.0);
+        let step = AdamWStep {
+            decay: 1.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step_size: 1e-3,
+            bias_correction2_sqrt: 0.05,
+        };
+        let (mut p1, mut g1, mut m1, mut v1) = (p.clone(), g.clone(), m.clone(), v.clone());
+        adamw_update(&mut p1, &mut g1, &mut m1, &mut v1, &step);
+        let keep = |r: usize| live.contains(&r) || fresh.contains(&(r as u32));
+        let (mut p2, mut g2, mut m2, mut v2) = (p.clone(), g.clone(), m, v);
+        adamw_update_rows(&mut p2, &mut g2, &mut m2, &mut v2, width, &keep, &step);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&p1), bits(&p2));
+        assert_eq!(bits(&g1), bits(&g2));
+        assert_eq!(bits(&m1), bits(&m2));
+        assert_eq!(bits(&v1), bits(&v2));
+        // Skipped rows were really left alone (a row with moments is not skipped).
+        assert_ne!(bits(&p1[width..2 * width]), bits(&p[width..2 * width]));
     }
 
     #[test]

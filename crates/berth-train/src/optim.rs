@@ -86,6 +86,63 @@ struct Slot {
     v: Vec<f32>,
     /// Whether a gradient arrived since the last step.
     touched: bool,
+    /// A word table fed by row gradients: which rows the norm and the step must visit.
+    rows: Option<Rows>,
+}
+
+/// The rows of a word table fed by [`AdamW::accumulate_rows`] that can hold anything but
+/// zeros. A row with no gradient and no moments is left as it is by an AdamW step without
+/// weight decay (its moments stay zero, its update is `0 / ε`), and adds nothing to the
+/// gradient norm, so the norm and the step visit only the others — the same bits.
+struct Rows {
+    width: usize,
+    /// Rows whose moments may be non-zero.
+    live: Vec<bool>,
+    /// Rows with a gradient since the last step (`fresh` lists them).
+    has_grad: Vec<bool>,
+    fresh: Vec<u32>,
+    /// A dense gradient arrived since the last step: any row may have one.
+    dense: bool,
+}
+
+impl Rows {
+    /// The rows of `m` and `v` (`width` values each) holding anything but zeros.
+    fn scan(m: &[f32], v: &[f32], width: usize) -> Self {
+        let nonzero = |x: &[f32]| x.iter().any(|v| v.to_bits() != 0);
+        let live: Vec<bool> = m
+            .chunks(width)
+            .zip(v.chunks(width))
+            .map(|(m, v)| nonzero(m) || nonzero(v))
+            .collect();
+        Rows {
+            width,
+            has_grad: vec![false; live.len()],
+            live,
+            fresh: Vec::new(),
+            dense: false,
+        }
+    }
+
+    /// After a step: the rows that had a gradient have moments; none has a gradient.
+    fn stepped(&mut self) {
+        if self.dense {
+            self.live.fill(true);
+        }
+        for &r in &self.fresh {
+            self.live[r as usize] = true;
+            self.has_grad[r as usize] = false;
+        }
+        self.cleared();
+    }
+
+    /// The gradients were cleared.
+    fn cleared(&mut self) {
+        for &r in &self.fresh {
+            self.has_grad[r as usize] = false;
+        }
+        self.fresh.clear();
+        self.dense = false;
+    }
 }
 
 /// AdamW over a model's parameters, with a gradient accumulator.
@@ -117,6 +174,7 @@ impl AdamW {
                         m: vec![0.0; n],
                         v: vec![0.0; n],
                         touched: false,
+                        rows: None,
                     });
                 }
             }
@@ -137,6 +195,9 @@ impl AdamW {
                 let how = if s.touched { Store::Add } else { Store::Write };
                 add_scaled(&mut s.grad, g, scale, true, how)?;
                 s.touched = true;
+                if let Some(r) = &mut s.rows {
+                    r.dense = true;
+                }
             }
         }
         Ok(())
@@ -191,6 +252,12 @@ impl AdamW {
                 }
             }
         }
+        let rows = s.rows.get_or_insert_with(|| Rows::scan(&s.m, &s.v, h));
+        for &row in &order {
+            if !std::mem::replace(&mut rows.has_grad[row as usize], true) {
+                rows.fresh.push(row);
+            }
+        }
         let how = if s.touched { Store::Add } else { Store::Write };
         for (k, &row) in order.iter().enumerate() {
             let dst = &mut s.grad[row as usize * h..(row as usize + 1) * h];
@@ -212,6 +279,10 @@ impl AdamW {
         }
         for s in &mut self.slots {
             collective.all_reduce_sum(&mut s.grad)?;
+            // Other ranks' rows arrive with the sum.
+            if let Some(r) = &mut s.rows {
+                r.dense = true;
+            }
         }
         Ok(())
     }
@@ -409,20 +480,36 @@ impl AdamW {
     /// `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`). Returns the norm before
     /// clipping.
     pub fn clip(&mut self, max_norm: Option<f64>) -> f64 {
-        // Fixed chunks summed in order: the same result on every run.
+        // Fixed chunks summed in order: the same result on every run (a row-fed table's
+        // rows without a gradient are zeros and skipped: the same sums).
         let total: f64 = self
             .slots
-            .iter()
-            .map(|s| berth_kernels::sum_of_squares(&s.grad))
+            .iter_mut()
+            .map(|s| match &mut s.rows {
+                Some(r) if !r.dense => {
+                    r.fresh.sort_unstable();
+                    berth_kernels::sum_of_squares_rows(&s.grad, r.width, &r.fresh)
+                }
+                _ => berth_kernels::sum_of_squares(&s.grad),
+            })
             .sum();
         let norm = total.sqrt();
         if let Some(max) = max_norm {
             let coef = (max / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
                 for s in &mut self.slots {
-                    s.grad
-                        .par_chunks_mut(CHUNK)
-                        .for_each(|c| c.iter_mut().for_each(|g| *g *= coef));
+                    match &s.rows {
+                        Some(r) if !r.dense => {
+                            for &row in &r.fresh {
+                                let at = row as usize * r.width;
+                                s.grad[at..at + r.width].iter_mut().for_each(|g| *g *= coef);
+                            }
+                        }
+                        _ => s
+                            .grad
+                            .par_chunks_mut(CHUNK)
+                            .for_each(|c| c.iter_mut().for_each(|g| *g *= coef)),
+                    }
                 }
             }
         }
@@ -460,9 +547,22 @@ impl AdamW {
                 ..base
             };
             let (g, m, v) = (&mut s.grad, &mut s.m, &mut s.v);
-            berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
-                berth_kernels::adamw_update(p, g, m, v, &k)
-            })?;
+            match &mut s.rows {
+                // Without weight decay, rows with neither a gradient nor moments stay.
+                Some(r) if !r.dense && k.decay == 1.0 => {
+                    let (live, has_grad) = (&r.live, &r.has_grad);
+                    let keep = |row: usize| live[row] || has_grad[row];
+                    berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
+                        berth_kernels::adamw_update_rows(p, g, m, v, r.width, &keep, &k)
+                    })?;
+                }
+                _ => berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
+                    berth_kernels::adamw_update(p, g, m, v, &k)
+                })?,
+            }
+            if let Some(r) = &mut s.rows {
+                r.stepped();
+            }
             s.touched = false;
         }
         Ok(())
@@ -473,6 +573,9 @@ impl AdamW {
         for s in &mut self.slots {
             s.grad.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
             s.touched = false;
+            if let Some(r) = &mut s.rows {
+                r.cleared();
+            }
         }
     }
 
@@ -516,6 +619,8 @@ impl AdamW {
                 }
                 *dst = v;
             }
+            // Rows with moments are found again from the loaded ones.
+            s.rows = None;
         }
         self.step = step;
         Ok(())

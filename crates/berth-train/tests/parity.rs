@@ -942,7 +942,9 @@ fn replaced_token_detection_trains_like_electra() {
 /// same accumulated gradient after every step and the same weights and moments after
 /// three AdamW steps, bit for bit — for a bi-encoder (three lookups of the table per loss,
 /// rows repeated within and across them) and a classifier, each with two accumulated
-/// backward passes per step (the second adds to the first). A masked-LM head, whose
+/// backward passes per step (the second adds to the first), with weight decay (every row
+/// steps) and without (rows with neither gradient nor moments are skipped; the clipped
+/// norm reads only rows with a gradient). A masked-LM head, whose
 /// decoder may share the table, keeps the dense gradient.
 #[test]
 fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
@@ -961,15 +963,27 @@ fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
         })
         .collect();
     let refs: Vec<&EmbedExample> = examples.iter().collect();
-    let embed_run = |sparse: bool| {
+    let embed_run = |sparse: bool, decay: f64| {
         let (model, _) = berth_train::init::load_encoder(&dir).unwrap();
-        word_grad_steps(model, sparse, |m| {
-            embed::mnrl_loss(m, &refs, berth_tasks::Pooling::Mean, 20.0, None)
-                .unwrap()
-                .unwrap()
+        word_grad_steps(model, sparse, decay, |m, step| {
+            embed::mnrl_loss(
+                m,
+                subset(&refs, step),
+                berth_tasks::Pooling::Mean,
+                20.0,
+                None,
+            )
+            .unwrap()
+            .unwrap()
         })
     };
-    assert_eq!(embed_run(true), embed_run(false), "bi-encoder");
+    for decay in [0.0, 0.01] {
+        assert_eq!(
+            embed_run(true, decay),
+            embed_run(false, decay),
+            "bi-encoder, {decay}"
+        );
+    }
 
     let (r, _) = recipe("bert-seqcls");
     let dir = root().join("fixtures/tiny/bert-seqcls");
@@ -989,13 +1003,21 @@ fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
         problem_type: None,
         sentence_order: false,
     };
-    let classify_run = |sparse: bool| {
+    let classify_run = |sparse: bool, decay: f64| {
         let (model, _) = load_for_task(&dir, &head, 0).unwrap();
-        word_grad_steps(model, sparse, |m| {
-            classify::loss(m, &refs, None).unwrap().unwrap()
+        word_grad_steps(model, sparse, decay, |m, step| {
+            classify::loss(m, subset(&refs, step), None)
+                .unwrap()
+                .unwrap()
         })
     };
-    assert_eq!(classify_run(true), classify_run(false), "classifier");
+    for decay in [0.0, 0.01] {
+        assert_eq!(
+            classify_run(true, decay),
+            classify_run(false, decay),
+            "classifier, {decay}"
+        );
+    }
 
     let mlm = TaskHead {
         kind: HeadKind::MaskedLm,
@@ -1007,13 +1029,24 @@ fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
     assert!(!model.set_sparse_word_grads(true), "masked-LM head");
 }
 
+/// The examples of step `step`: all, then all but the first, then the first two — so
+/// that some rows with moments get no gradient in a step.
+fn subset<'a, T>(all: &'a [&'a T], step: usize) -> &'a [&'a T] {
+    match step {
+        0 => all,
+        1 => &all[1..],
+        _ => &all[..2],
+    }
+}
+
 /// Three AdamW steps of two accumulated backward passes each, with or without row
 /// gradients for the word table: per step the table's accumulated gradient (as bits),
 /// then every parameter's values and the moments (as bits).
 fn word_grad_steps(
     model: berth_model::Model,
     sparse: bool,
-    loss_of: impl Fn(&berth_model::Model) -> candle_core::Tensor,
+    weight_decay: f64,
+    loss_of: impl Fn(&berth_model::Model, usize) -> candle_core::Tensor,
 ) -> Vec<Vec<u32>> {
     let table = model.embeddings.word_embeddings.id();
     let name = model
@@ -1028,7 +1061,7 @@ fn word_grad_steps(
         assert!(nets.use_sparse_word_grads());
     }
     let adamw = AdamWConfig {
-        weight_decay: 0.01,
+        weight_decay,
         ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(&nets.params(), adamw);
@@ -1036,7 +1069,7 @@ fn word_grad_steps(
     let mut out = Vec::new();
     for step in 0..3 {
         for _ in 0..2 {
-            let g = nets.backward(&loss_of(&nets.main)).unwrap();
+            let g = nets.backward(&loss_of(&nets.main, step)).unwrap();
             // The sparse run's table gradient is rows only; the dense run has no rows.
             assert_eq!(g.rows.is_empty(), !sparse, "step {step}: row gradients");
             assert_eq!(
