@@ -64,13 +64,7 @@ fn check(name: &str, task: Task) {
     let encs = recipe_encodings(name, r, &tok);
     match task {
         Task::Classify => {
-            let examples: Vec<ClassifyExample> = encs
-                .into_iter()
-                .map(|(enc, l)| ClassifyExample {
-                    enc,
-                    target: Target::Class(Some(l.as_u64().unwrap() as u32)),
-                })
-                .collect();
+            let examples = class_examples(encs);
             let refs: Vec<&ClassifyExample> = examples.iter().collect();
             compare_steps(name, &model, &reference, r, false, &[], |m| {
                 classify::loss(m, &refs, None).unwrap().unwrap()
@@ -142,6 +136,16 @@ fn recipe_encodings<'a>(
         .collect()
 }
 
+/// Single-label classification examples from encodings and their class labels.
+fn class_examples(encs: Vec<(berth_text::Encoded, &Value)>) -> Vec<ClassifyExample> {
+    encs.into_iter()
+        .map(|(enc, l)| ClassifyExample {
+            enc,
+            target: Target::Class(Some(l.as_u64().unwrap() as u32)),
+        })
+        .collect()
+}
+
 /// Distillation (`DistillConfig::blend` of the teacher's softened logits and the hard
 /// labels) against PyTorch's `KLDivLoss(batchmean) * T²` + cross-entropy
 /// (scripts/make_distill_reference.py): a one-layer student taken from the tiny two-layer
@@ -189,13 +193,7 @@ fn check_distill(name: &str, task: Task) {
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let encs = recipe_encodings(name, r, &tok);
     if task == Task::Classify {
-        let examples: Vec<ClassifyExample> = encs
-            .into_iter()
-            .map(|(enc, l)| ClassifyExample {
-                enc,
-                target: Target::Class(Some(l.as_u64().unwrap() as u32)),
-            })
-            .collect();
+        let examples = class_examples(encs);
         let refs: Vec<&ClassifyExample> = examples.iter().collect();
         compare_steps(name, &student, &reference, r, false, &[], |m| {
             classify::distilled_loss(m, &teacher, &refs, &dc, None)
@@ -988,13 +986,7 @@ fn sparse_word_gradients_equal_dense_ones_bit_for_bit() {
     let (r, _) = recipe("bert-seqcls");
     let dir = root().join("fixtures/tiny/bert-seqcls");
     let tok = TextTokenizer::from_dir(&dir).unwrap();
-    let examples: Vec<ClassifyExample> = recipe_encodings("bert-seqcls", &r, &tok)
-        .into_iter()
-        .map(|(enc, l)| ClassifyExample {
-            enc,
-            target: Target::Class(Some(l.as_u64().unwrap() as u32)),
-        })
-        .collect();
+    let examples = class_examples(recipe_encodings("bert-seqcls", &r, &tok));
     let refs: Vec<&ClassifyExample> = examples.iter().collect();
     let cfg = berth_model::EncoderConfig::from_file(&dir.join("config.json")).unwrap();
     let head = TaskHead {
