@@ -84,12 +84,17 @@ impl candle_core::CustomOp1 for GatherRows {
     }
 }
 
-fn ids_tensor(ids: &[u32], limit: usize, what: &str) -> Result<Tensor> {
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= limit) {
-        return Err(ModelError::Input(format!(
+fn check_ids(ids: &[u32], limit: usize, what: &str) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= limit) {
+        Some(bad) => Err(ModelError::Input(format!(
             "{what} {bad} is out of range (the model has {limit})"
-        )));
+        ))),
+        None => Ok(()),
     }
+}
+
+fn ids_tensor(ids: &[u32], limit: usize, what: &str) -> Result<Tensor> {
+    check_ids(ids, limit, what)?;
     Ok(Tensor::new(ids, &Device::Cpu)?)
 }
 
@@ -149,13 +154,17 @@ impl Embeddings {
     /// [`Self::forward`] with dropout `p` on the output when `d` is given (training).
     pub fn forward_train(&self, b: &Batch, d: Option<&crate::Dropout>, p: f64) -> Result<Tensor> {
         let vocab = self.word_embeddings.dim(0)?;
-        let ids = ids_tensor(&b.input_ids, vocab, "token id")?;
         let mut x = match &self.row_grads {
-            Some(sink) => self.word_embeddings.apply_op1(GatherRows {
-                ids: b.input_ids.clone(),
-                sink: sink.clone(),
-            })?,
-            None => self.word_embeddings.index_select(&ids, 0)?,
+            Some(sink) => {
+                check_ids(&b.input_ids, vocab, "token id")?;
+                self.word_embeddings.apply_op1(GatherRows {
+                    ids: b.input_ids.clone(),
+                    sink: sink.clone(),
+                })?
+            }
+            None => self
+                .word_embeddings
+                .index_select(&ids_tensor(&b.input_ids, vocab, "token id")?, 0)?,
         };
         if let Some(table) = &self.position_embeddings {
             let positions: Vec<u32> = b

@@ -130,7 +130,6 @@ impl Rows {
         }
         for &r in &self.fresh {
             self.live[r as usize] = true;
-            self.has_grad[r as usize] = false;
         }
         self.cleared();
     }
