@@ -111,7 +111,9 @@ fn small() {
     }
 }
 
-/// One product shape (`SHAPE=m,n,k`) repeated for `SECS` seconds (default 3).
+/// One product shape (`SHAPE=m,n,k`) repeated for `SECS` seconds (default 3). `TA=1` reads
+/// `A` transposed (packed per call, as a weight gradient's `dyᵀ`); `PACK=1` packs `B` in
+/// every call (as training does with activations and updated weights).
 fn one(shape: &str) {
     let d: Vec<usize> = shape.split(',').map(|v| v.parse().unwrap()).collect();
     let (m, n, k) = (d[0], d[1], d[2]);
@@ -120,9 +122,25 @@ fn one(shape: &str) {
     let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
     let b = PackedB::pack_transposed(&w, n, k);
     let mut c = vec![0f32; m * n];
+    let flag = |v: &str| std::env::var(v).is_ok_and(|v| v == "1");
+    let (a_rs, a_cs) = if flag("TA") { (1, m) } else { (k, 1) };
+    if flag("PACKONLY") {
+        let (mut packs, t) = (0usize, Instant::now());
+        while t.elapsed().as_secs_f64() < secs {
+            std::hint::black_box(PackedB::pack_transposed(&w, n, k));
+            packs += 1;
+        }
+        let us = t.elapsed().as_secs_f64() / packs as f64 * 1e6;
+        return println!("pack_transposed {n}x{k}: {us:.0} us");
+    }
     let (mut flops, t) = (0usize, Instant::now());
     while t.elapsed().as_secs_f64() < secs {
-        sgemm(m, &a, k, 1, &b, &mut c, n, Init::Zero);
+        if flag("PACK") {
+            let b = PackedB::pack_transposed(&w, n, k);
+            sgemm(m, &a, a_rs, a_cs, &b, &mut c, n, Init::Zero);
+        } else {
+            sgemm(m, &a, a_rs, a_cs, &b, &mut c, n, Init::Zero);
+        }
         flops += 2 * m * n * k;
     }
     println!(

@@ -47,6 +47,44 @@ pub(crate) fn avx2_fma() -> bool {
     }
 }
 
+/// Transposes an 8 × 8 block of f32 held as 8 rows (row `i` of the result: lane `i` of
+/// every input row).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn transpose8(
+    r: [std::arch::x86_64::__m256; 8],
+) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // Rows 2i and 2i + 1 interleaved: t[2i] from the low pair of each 128-bit half, t[2i + 1]
+    // from the high pair.
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+    ];
+    std::array::from_fn(|i| {
+        // Rows 0-3 from the low 128-bit halves, rows 4-7 from the high ones.
+        if i < 4 {
+            _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[i - 4], u[i])
+        }
+    })
+}
+
 /// Checks that all tensors share one dtype, naming the op on failure.
 pub(crate) fn same_dtype(op: &str, dtypes: &[DType]) -> Result<DType> {
     let first = dtypes[0];

@@ -36,6 +36,9 @@ const MC: usize = 128;
 /// it; prefetching 16 steps (3 KB) ahead took 16-row products through MiniLM's weights from
 /// 77 to 95 GFLOP/s on one core (117 to 138 on two) and left large products unchanged.
 const PF: usize = 16;
+/// Panel rows per block when [`PackedB::pack`] transposes a column-strided source: 64 rows
+/// of a panel are 12 KB.
+const PACK_ROWS: usize = 64;
 
 /// Whether a kernel runs here: AVX-512, or AVX2 + FMA ([`kernel_avx2`]).
 pub fn available() -> bool {
@@ -117,12 +120,7 @@ impl PackedB {
                         row[..src.len()].copy_from_slice(src);
                     }
                 } else {
-                    // Column-strided source (a transposed weight): walk each column once.
-                    for (jj, j) in cols.enumerate() {
-                        for p in 0..k {
-                            dst[p * NR + jj] = b[p * rs + j * cs];
-                        }
-                    }
+                    transpose_into_panel(b, rs, cs, k, cols, dst);
                 }
             });
         PackedB { k, n, data }
@@ -141,6 +139,64 @@ impl PackedB {
     /// `N`.
     pub fn n(&self) -> usize {
         self.n
+    }
+}
+
+/// One panel of a column-strided source (a transposed weight, packed at every training
+/// step): `dst[p * NR + jj] = b[p * rs + j * cs]` for the panel's columns `j` (`jj` from 0).
+/// In blocks of [`PACK_ROWS`] panel rows, so the rows being written stay in L1 while each
+/// column's run is read in order; with AVX2 and a unit row stride (`W [N, K]` read as
+/// `Wᵀ`), 8 × 8 tiles are transposed in registers.
+fn transpose_into_panel(
+    b: &[f32],
+    rs: usize,
+    cs: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    for p0 in (0..k).step_by(PACK_ROWS) {
+        let steps = p0..(p0 + PACK_ROWS).min(k);
+        let (mut p_done, mut jj_done) = (p0, 0);
+        #[cfg(target_arch = "x86_64")]
+        if rs == 1 && crate::cpu::avx2_fma() {
+            let full_p = p0 + (steps.len() / 8) * 8;
+            let full_jj = (cols.len() / 8) * 8;
+            for jj in (0..full_jj).step_by(8) {
+                for p in (p0..full_p).step_by(8) {
+                    let j = cols.start + jj;
+                    assert!(p + 7 + (j + 7) * cs < b.len() && (p + 7) * NR + jj + 8 <= dst.len());
+                    // SAFETY: AVX2 checked above; the 8 × 8 source and destination tiles lie
+                    // inside `b` and `dst` (asserted just above).
+                    unsafe {
+                        transpose8_avx2(
+                            b.as_ptr().add(p + j * cs),
+                            cs,
+                            dst.as_mut_ptr().add(p * NR + jj),
+                        )
+                    };
+                }
+            }
+            (p_done, jj_done) = (full_p, full_jj);
+        }
+        // What the tiles left: the last columns (all steps), the last steps (tiled columns).
+        for (jj, j) in cols.clone().enumerate() {
+            let from = if jj < jj_done { p_done } else { p0 };
+            for p in from..steps.end {
+                dst[p * NR + jj] = b[p * rs + j * cs];
+            }
+        }
+    }
+}
+
+/// `dst[r * NR + c] = src[r + c * stride]` for an 8 × 8 tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8_avx2(src: *const f32, stride: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(src.add(c * stride)));
+    for (row, v) in crate::cpu::transpose8(r).iter().enumerate() {
+        _mm256_storeu_ps(dst.add(row * NR), *v);
     }
 }
 
@@ -608,6 +664,44 @@ fn mask(n: usize) -> u16 {
 mod tests {
     use super::*;
     use crate::testing::lcg;
+
+    /// Every packed element is the source element the layout names, padding zero, for
+    /// sources read with a unit row stride (a transposed weight: the 8 × 8 tiles), a
+    /// unit column stride (row copies) and neither; shapes with and without whole tiles,
+    /// panels and `PACK_ROWS` blocks.
+    #[test]
+    fn packing_places_every_element() {
+        let mut s = 5u64;
+        for (k, n) in [
+            (1, 1),
+            (7, 9),
+            (8, 8),
+            (64, 48),
+            (65, 50),
+            (130, 97),
+            (384, 1152),
+        ] {
+            let src: Vec<f32> = (0..k * n + 7).map(|_| lcg(&mut s)).collect();
+            // (rs, cs): B[p, j] at src[p * rs + j * cs].
+            for (rs, cs) in [(1, k), (n, 1), (n + 1, 0), (2, 2 * k + 1)] {
+                let needed = (k - 1) * rs + (n - 1) * cs + 1;
+                if needed > src.len() {
+                    continue;
+                }
+                let packed = PackedB::pack(&src, rs, cs, k, n);
+                for panel in 0..n.div_ceil(NR) {
+                    for p in 0..k {
+                        for jj in 0..NR {
+                            let got = packed.data[panel * k * NR + p * NR + jj];
+                            let j = panel * NR + jj;
+                            let want = if j < n { src[p * rs + j * cs] } else { 0.0 };
+                            assert_eq!(got, want, "k {k} n {n} rs {rs} cs {cs} p {p} j {j}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn check(m: usize, n: usize, k: usize, transposed_a: bool) {
         if !available() {
