@@ -18,6 +18,7 @@ mod attention;
 mod attention_tiled;
 mod attention_window;
 mod cpu;
+mod cross_entropy;
 mod dropout;
 mod encoder_layer;
 mod geglu;
@@ -36,6 +37,7 @@ pub use adamw::{
 };
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use attention_window::window_attention;
+pub use cross_entropy::cross_entropy_rows;
 pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};
 pub use encoder_layer::{
     encoder_layer_train, encoder_layer_train_rows, GradListener, GradSink, LayerDropout,
@@ -76,6 +78,16 @@ pub(crate) trait Float:
     /// In-place softmax of one row (f32: a vectorised exp, AVX-512 when available).
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_generic(row)
+    }
+
+    /// `ln Σ exp(row)`, stable (f32: a vectorised exp, AVX-512 when available).
+    fn log_sum_exp(row: &[Self]) -> Self {
+        cross_entropy::log_sum_exp_generic(row)
+    }
+
+    /// `out = g · exp(row − lse)` (f32: a vectorised exp, AVX-512 when available).
+    fn softmax_scaled(row: &[Self], lse: Self, g: Self, out: &mut [Self]) {
+        cross_entropy::softmax_scaled_generic(row, lse, g, out)
     }
 
     /// LayerNorm statistics of one row: mean and 1/sqrt(var + eps) (f32: sums in 16
@@ -176,6 +188,14 @@ impl Float for f32 {
 
     fn softmax_row(row: &mut [Self]) {
         softmax::softmax_row_f32(row)
+    }
+
+    fn log_sum_exp(row: &[Self]) -> Self {
+        softmax::log_sum_exp_f32(row)
+    }
+
+    fn softmax_scaled(row: &[Self], lse: Self, g: Self, out: &mut [Self]) {
+        softmax::softmax_scaled_f32(row, lse, g, out)
     }
 
     fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {

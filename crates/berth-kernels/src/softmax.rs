@@ -47,19 +47,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// only vectorise when written that way (the compiler may not reassociate them).
 #[inline(always)]
 fn softmax_row_f32_body(row: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        for j in 0..16 {
-            lanes[j] = lanes[j].max(c[j]);
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max_f32(row);
     let mut sums = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -75,6 +63,105 @@ fn softmax_row_f32_body(row: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The max of `row`, in 16 lanes so that the loop vectorises (exact in any order).
+#[inline(always)]
+fn row_max_f32(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            lanes[j] = lanes[j].max(c[j]);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `ln Σ exp(row)` with the max taken out: the sum in 16 lanes with [`exp_f32`], as the
+/// softmax sums.
+#[inline(always)]
+fn log_sum_exp_f32_body(row: &[f32]) -> f32 {
+    let max = row_max_f32(row);
+    let mut sums = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            sums[j] += exp_f32(c[j] - max);
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for &v in chunks.remainder() {
+        sum += exp_f32(v - max);
+    }
+    sum.ln() + max
+}
+
+/// `out = g · exp(row − lse)`: a softmax from its log-sum-exp, scaled.
+#[inline(always)]
+fn softmax_scaled_f32_body(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    out.iter_mut()
+        .zip(row)
+        .for_each(|(o, &x)| *o = g * exp_f32(x - lse));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn log_sum_exp_f32_avx512(row: &[f32]) -> f32 {
+    log_sum_exp_f32_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn log_sum_exp_f32_avx2(row: &[f32]) -> f32 {
+    log_sum_exp_f32_body(row)
+}
+
+/// f32 log-sum-exp of one row with [`exp_f32`], AVX-512 (or AVX2) when the CPU has it.
+pub(crate) fn log_sum_exp_f32(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { log_sum_exp_f32_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { log_sum_exp_f32_avx2(row) };
+    }
+    log_sum_exp_f32_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_scaled_f32_avx512(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    softmax_scaled_f32_body(row, lse, g, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_scaled_f32_avx2(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    softmax_scaled_f32_body(row, lse, g, out)
+}
+
+/// f32 `out = g · exp(row − lse)` with [`exp_f32`], AVX-512 (or AVX2) when the CPU has it.
+pub(crate) fn softmax_scaled_f32(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { softmax_scaled_f32_avx512(row, lse, g, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { softmax_scaled_f32_avx2(row, lse, g, out) };
+    }
+    softmax_scaled_f32_body(row, lse, g, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1,7 +1,7 @@
 //! Losses as transformers' heads compute them, on logits from the packed forward.
 //!
 //! Shapes: `R` rows (sequences or tokens), `C` classes.
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
@@ -20,19 +20,10 @@ pub fn cross_entropy(logits: &Tensor, labels: &[Option<u32>]) -> Result<Option<T
     } else {
         logits.index_select(&Tensor::new(keep.as_slice(), &Device::Cpu)?, 0)?
     };
-    let logits = logits.contiguous()?;
     let targets: Vec<u32> = labels.iter().flatten().copied().collect();
-    let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
-    // log-sum-exp with the row max taken out (detached: its gradient cancels exactly).
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + &max)?;
-    let picked = logits.gather(&targets, D::Minus1)?;
-    Ok(Some((lse - picked)?.mean_all()?))
+    // One op: log-sum-exp (max taken out) minus the target's logit, per row.
+    let per_row = berth_kernels::cross_entropy_rows(&logits, &targets)?;
+    Ok(Some(per_row.mean_all()?))
 }
 
 /// Mean binary cross-entropy with logits over every element (torch's `BCEWithLogitsLoss`):
