@@ -558,9 +558,10 @@ mod tests {
 
     #[test]
     fn tiled_f32_matches_f64_reference() -> Result<()> {
-        // Head dims 32 and 64 take the tiled kernel on AVX-512; lengths around the 8-row
-        // blocks and the 16 / 48-key tiles, up to a long sequence.
-        for (hd, seed) in [(32, 40), (64, 41)] {
+        // Head dims 32 and 64 take the tiled kernel on AVX-512, 8 and 40 its AVX2 form
+        // (AVX2 CPUs: all four); lengths around the 4- and 8-row blocks and the 8 / 16 /
+        // 24 / 48-key tiles, up to a long sequence.
+        for (hd, seed) in [(32, 40), (64, 41), (8, 42), (40, 43)] {
             println!("head dim {hd}: tiled kernel {}", f32::attends_tiled(hd));
             let lens = [1usize, 7, 8, 9, 16, 17, 48, 50, 63, 130, 300];
             let mut cu = vec![0];
@@ -578,10 +579,10 @@ mod tests {
 
     #[test]
     fn tiled_f32_backward_matches_f64() -> Result<()> {
-        // dQKV of the tiled backward (f32, AVX-512) against the general path in f64, with
-        // and without dropout (the same mask), head dims 32 and 64, lengths around every
-        // 8-row block and 16-key tile.
-        for (hd, seed) in [(32, 50), (64, 51)] {
+        // dQKV of the tiled backward (f32, AVX-512 or AVX2) against the general path in
+        // f64, with and without dropout (the same mask), head dims as in the forward test,
+        // lengths around every row block and key tile.
+        for (hd, seed) in [(32, 50), (64, 51), (8, 52), (40, 53)] {
             println!("head dim {hd}: tiled kernel {}", f32::attends_tiled(hd));
             let lens = [1usize, 7, 8, 9, 16, 17, 48, 50, 63, 130];
             let mut cu = vec![0];

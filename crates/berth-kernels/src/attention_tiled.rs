@@ -1,4 +1,5 @@
-//! f32 self-attention of one (sequence, head) in blocks of query rows, for AVX-512.
+//! f32 self-attention of one (sequence, head) in blocks of query rows, for AVX-512 (and, in
+//! [`avx2`], for AVX2 + FMA).
 //!
 //! The general path ([`super::attention`]) builds the whole `[L, L]` probability matrix of a
 //! (sequence, head) with library matmuls, then a separate softmax pass, then `P V`. Here the
@@ -17,6 +18,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Query rows per block.
 const MR: usize = 8;
 
@@ -27,12 +31,17 @@ pub(crate) struct Scratch {
     scores: Vec<f32>,
 }
 
-/// Whether [`attend`] runs here for head dimension `hd`.
+/// Whether [`attend`] runs here for head dimension `hd`: AVX-512 for multiples of 16,
+/// else AVX2 + FMA ([`avx2`]) for multiples of 8.
 pub(crate) fn supported(hd: usize) -> bool {
+    hd > 0 && (avx512(hd) || (hd.is_multiple_of(8) && crate::cpu::avx2_fma()))
+}
+
+/// Whether the AVX-512 kernels run for head dimension `hd`.
+fn avx512(hd: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        hd > 0
-            && hd.is_multiple_of(16)
+        hd.is_multiple_of(16)
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("fma")
     }
@@ -60,8 +69,25 @@ pub(crate) struct Task {
 /// [`supported`] must hold for `task.head_dim`; `qkv` must hold rows
 /// `start..start + len` of width `3 * hidden`, and `out` the same rows of width `hidden`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn attend(
+    qkv: *const f32,
+    out: *mut f32,
+    t: Task,
+    scale: f32,
+    dropout: Option<crate::dropout::DropSite>,
+    sc: &mut Scratch,
+) {
+    if avx512(t.head_dim) {
+        attend_avx512(qkv, out, t, scale, dropout, sc)
+    } else {
+        avx2::attend(qkv, out, t, scale, dropout, sc)
+    }
+}
+
+/// [`attend`] on AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn attend_avx512(
     qkv: *const f32,
     out: *mut f32,
     t: Task,
@@ -162,8 +188,26 @@ pub(crate) struct BackScratch {
 /// # Safety
 /// As [`attend`], with `dout` and `dqkv` covering the task's rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn attend_backward(
+    qkv: *const f32,
+    dout: *const f32,
+    dqkv: *mut f32,
+    t: Task,
+    scale: f32,
+    dropout: Option<crate::dropout::DropSite>,
+    sc: &mut BackScratch,
+) {
+    if avx512(t.head_dim) {
+        attend_backward_avx512(qkv, dout, dqkv, t, scale, dropout, sc)
+    } else {
+        avx2::attend_backward(qkv, dout, dqkv, t, scale, dropout, sc)
+    }
+}
+
+/// [`attend_backward`] on AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn attend_backward_avx512(
     qkv: *const f32,
     dout: *const f32,
     dqkv: *mut f32,
@@ -318,7 +362,7 @@ pub(crate) unsafe fn attend_backward(
     _: Option<crate::dropout::DropSite>,
     _: &mut BackScratch,
 ) {
-    unreachable!("tiled attention is AVX-512 only")
+    unreachable!("tiled attention is x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -330,7 +374,7 @@ pub(crate) unsafe fn attend(
     _: Option<crate::dropout::DropSite>,
     _: &mut Scratch,
 ) {
-    unreachable!("tiled attention is AVX-512 only")
+    unreachable!("tiled attention is x86-64 only")
 }
 
 /// Transposes a 16 × 16 block held as 16 rows: 32-bit, 64-bit, 128-bit and 256-bit

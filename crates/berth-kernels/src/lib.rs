@@ -107,7 +107,7 @@ pub(crate) trait Float:
         false
     }
 
-    /// One (sequence, head) of attention by the tiled kernel (f32 with AVX-512 only).
+    /// One (sequence, head) of attention by the tiled kernel (f32 with AVX-512 or AVX2).
     ///
     /// # Safety
     /// [`Float::attends_tiled`] must hold, and the buffers must cover the task's rows.
@@ -122,7 +122,7 @@ pub(crate) trait Float:
         unreachable!("no tiled attention for this type")
     }
 
-    /// The backward of one (sequence, head) by the tiled kernels (f32 with AVX-512 only).
+    /// The backward of one (sequence, head) by the tiled kernels (f32 with AVX-512 or AVX2).
     ///
     /// # Safety
     /// As [`Float::attend_tiled`], with `dout` and `dqkv` covering the task's rows.
