@@ -107,12 +107,13 @@ fn newest_checkpoint(run: &Path) -> PathBuf {
 }
 
 fn assert_runs_agree(one: &Path, two: &Path, what: &str) {
-    assert_runs_agree_except(one, two, what, &[]);
+    assert_runs_agree_except(one, two, what, &[], 1e-5);
 }
 
 /// [`assert_runs_agree`], leaving out also the weights named by `zero_gradient` (suffixes):
-/// weights whose exact gradient is 0 for the objective, as the key bias is for all.
-fn assert_runs_agree_except(one: &Path, two: &Path, what: &str, zero_gradient: &[&str]) {
+/// weights whose exact gradient is 0 for the objective, as the key bias is for all; final
+/// weights must agree to `tol`.
+fn assert_runs_agree_except(one: &Path, two: &Path, what: &str, zero_gradient: &[&str], tol: f32) {
     let (a, b) = (losses(one), losses(two));
     assert!(
         !a.is_empty() && a.len() == b.len(),
@@ -137,7 +138,7 @@ fn assert_runs_agree_except(one: &Path, two: &Path, what: &str, zero_gradient: &
         // cancels: its exact gradient is 0, its computed one rounding noise, and Adam turns
         // noise into steps of about the learning rate whose signs follow the summation
         // order (seen: 7e-6 vs -8e-6 after 10 steps at 1e-4). Every other weight must
-        // agree to 1e-5.
+        // agree to `tol`.
         if na.ends_with("attention.self.key.bias") || zero_gradient.iter().any(|z| na.ends_with(z))
         {
             continue;
@@ -149,7 +150,7 @@ fn assert_runs_agree_except(one: &Path, two: &Path, what: &str, zero_gradient: &
         }
     }
     assert!(
-        worst <= 1e-5,
+        worst <= tol,
         "{what}: final weights differ by {worst} at {at}"
     );
     println!(
@@ -1147,7 +1148,13 @@ fn two_ranks_fine_tune_qa_and_rerank_as_one_process() {
         } else {
             &[]
         };
-        assert_runs_agree_except(&one, &two, task, zero);
+        // QA steps 44 times at 1e-3, where Adam carries the all-reduce's rounding further
+        // than in the other runs: 5.3e-6 at worst with the general attention path on AVX2,
+        // 1.3e-5 with the tiled one (which gives every sequence the same bits in any batch:
+        // berth-kernels' `a_sequence_computes_the_same_bits_in_any_batch`). 2e-5 is 2 % of
+        // one step; a rank's gradient lost or mis-weighted turns steps of ~1e-3.
+        let tol = if task == "qa" { 2e-5 } else { 1e-5 };
+        assert_runs_agree_except(&one, &two, task, zero, tol);
     }
 }
 
