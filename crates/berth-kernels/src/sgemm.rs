@@ -681,13 +681,10 @@ mod tests {
             (130, 97),
             (384, 1152),
         ] {
-            let src: Vec<f32> = (0..k * n + 7).map(|_| lcg(&mut s)).collect();
+            // Room for the widest view below: (2, 2k + 1) reads up to ~2kn + 2k + n.
+            let src: Vec<f32> = (0..3 * k * n + 8).map(|_| lcg(&mut s)).collect();
             // (rs, cs): B[p, j] at src[p * rs + j * cs].
             for (rs, cs) in [(1, k), (n, 1), (n + 1, 0), (2, 2 * k + 1)] {
-                let needed = (k - 1) * rs + (n - 1) * cs + 1;
-                if needed > src.len() {
-                    continue;
-                }
                 let packed = PackedB::pack(&src, rs, cs, k, n);
                 for panel in 0..n.div_ceil(NR) {
                     for p in 0..k {
