@@ -95,25 +95,14 @@ unsafe fn attend_avx512(
     dropout: Option<crate::dropout::DropSite>,
     sc: &mut Scratch,
 ) {
-    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
-    let w3 = 3 * h;
-    let lp = l.div_ceil(16) * 16;
+    let geo = Geometry::new(&t, 16, scale);
+    let (l, lp, hd, h, w3) = (geo.l, geo.lp, geo.hd, geo.h, geo.w3);
+    let q = qkv.add(t.qkv_offset());
+    let (k, v, o) = (q.add(h), q.add(2 * h), out.add(t.out_offset()));
     // Kᵀ [hd, lp], padded keys zero (their scores are never read).
-    let k = qkv.add(t.start * w3 + h + t.head * hd);
     transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     sc.scores.resize(MR * lp, 0.0);
     let mask = dropout.map(|d| Mask::new(d, &t));
-    let q = qkv.add(t.start * w3 + t.head * hd);
-    let v = qkv.add(t.start * w3 + 2 * h + t.head * hd);
-    let o = out.add(t.start * h + t.head * hd);
-    let geo = Geometry {
-        l,
-        lp,
-        hd,
-        w3,
-        h,
-        scale,
-    };
     for i0 in (0..l).step_by(MR) {
         let rows = (l - i0).min(MR);
         macro_rules! go {
@@ -216,26 +205,17 @@ unsafe fn attend_backward_avx512(
     dropout: Option<crate::dropout::DropSite>,
     sc: &mut BackScratch,
 ) {
-    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
-    let w3 = 3 * h;
-    let lp = l.div_ceil(16) * 16;
-    let base = t.start * w3 + t.head * hd;
+    let geo = Geometry::new(&t, 16, scale);
+    let (l, lp, hd, h, w3) = (geo.l, geo.lp, geo.hd, geo.h, geo.w3);
+    let base = t.qkv_offset();
     let (q, k, v) = (qkv.add(base), qkv.add(base + h), qkv.add(base + 2 * h));
     let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
-    let dout = dout.add(t.start * h + t.head * hd);
+    let dout = dout.add(t.out_offset());
     transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     transpose_head(v, w3, l, hd, lp, &mut sc.vt);
     sc.p.resize(l * lp, 0.0);
     sc.ds.resize(l * lp, 0.0);
     let mask = dropout.map(|d| Mask::new(d, &t));
-    let geo = Geometry {
-        l,
-        lp,
-        hd,
-        w3,
-        h,
-        scale,
-    };
     let ptrs = BackPointers { q, k, dout, dq };
     for i0 in (0..l).step_by(MR) {
         macro_rules! go {
@@ -414,6 +394,33 @@ struct Geometry {
     w3: usize,
     h: usize,
     scale: f32,
+}
+
+impl Geometry {
+    /// The sizes of task `t`, its keys padded to a multiple of `lanes`.
+    fn new(t: &Task, lanes: usize, scale: f32) -> Self {
+        Geometry {
+            l: t.len,
+            lp: t.len.div_ceil(lanes) * lanes,
+            hd: t.head_dim,
+            w3: 3 * t.hidden,
+            h: t.hidden,
+            scale,
+        }
+    }
+}
+
+impl Task {
+    /// Offset of the task's query columns in the packed `qkv` (its keys `hidden`, its
+    /// values `2 * hidden` columns further on); the same for the gradient `dqkv`.
+    fn qkv_offset(&self) -> usize {
+        self.start * 3 * self.hidden + self.head * self.head_dim
+    }
+
+    /// Offset of the task's columns in an `[N, H]` output (or the output's gradient).
+    fn out_offset(&self) -> usize {
+        self.start * self.hidden + self.head * self.head_dim
+    }
 }
 
 /// The dropout mask of one task.

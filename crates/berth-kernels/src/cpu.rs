@@ -47,6 +47,17 @@ pub(crate) fn avx2_fma() -> bool {
     }
 }
 
+/// An 8-lane mask whose first `n.min(8)` lanes are set: the live columns of a tail for
+/// `_mm256_maskload_ps` / `_mm256_maskstore_ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn lanes8(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx)
+}
+
 /// Transposes an 8 × 8 block of f32 held as 8 rows (row `i` of the result: lane `i` of
 /// every input row).
 #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{BackPointers, BackScratch, Geometry, Mask, Scratch, Task, Weights};
+use crate::cpu::lanes8;
 
 /// Query rows per block.
 const MR: usize = 4;
@@ -26,24 +27,13 @@ pub(super) unsafe fn attend(
     dropout: Option<crate::dropout::DropSite>,
     sc: &mut Scratch,
 ) {
-    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
-    let w3 = 3 * h;
-    let lp = l.div_ceil(8) * 8;
-    let k = qkv.add(t.start * w3 + h + t.head * hd);
+    let geo = Geometry::new(&t, 8, scale);
+    let (l, lp, hd, h, w3) = (geo.l, geo.lp, geo.hd, geo.h, geo.w3);
+    let q = qkv.add(t.qkv_offset());
+    let (k, v, o) = (q.add(h), q.add(2 * h), out.add(t.out_offset()));
     transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     sc.scores.resize(MR * lp, 0.0);
     let mask = dropout.map(|d| Mask::new(d, &t));
-    let q = qkv.add(t.start * w3 + t.head * hd);
-    let v = qkv.add(t.start * w3 + 2 * h + t.head * hd);
-    let o = out.add(t.start * h + t.head * hd);
-    let geo = Geometry {
-        l,
-        lp,
-        hd,
-        w3,
-        h,
-        scale,
-    };
     for i0 in (0..l).step_by(MR) {
         let (q, o) = (q.add(i0 * w3), o.add(i0 * h));
         let (kt, s) = (&sc.kt, &mut sc.scores);
@@ -71,26 +61,17 @@ pub(super) unsafe fn attend_backward(
     dropout: Option<crate::dropout::DropSite>,
     sc: &mut BackScratch,
 ) {
-    let (l, hd, h) = (t.len, t.head_dim, t.hidden);
-    let w3 = 3 * h;
-    let lp = l.div_ceil(8) * 8;
-    let base = t.start * w3 + t.head * hd;
+    let geo = Geometry::new(&t, 8, scale);
+    let (l, lp, hd, h, w3) = (geo.l, geo.lp, geo.hd, geo.h, geo.w3);
+    let base = t.qkv_offset();
     let (q, k, v) = (qkv.add(base), qkv.add(base + h), qkv.add(base + 2 * h));
     let (dq, dk, dv) = (dqkv.add(base), dqkv.add(base + h), dqkv.add(base + 2 * h));
-    let dout = dout.add(t.start * h + t.head * hd);
+    let dout = dout.add(t.out_offset());
     transpose_head(k, w3, l, hd, lp, &mut sc.kt);
     transpose_head(v, w3, l, hd, lp, &mut sc.vt);
     sc.p.resize(l * lp, 0.0);
     sc.ds.resize(l * lp, 0.0);
     let mask = dropout.map(|d| Mask::new(d, &t));
-    let geo = Geometry {
-        l,
-        lp,
-        hd,
-        w3,
-        h,
-        scale,
-    };
     let ptrs = BackPointers { q, k, dout, dq };
     for i0 in (0..l).step_by(MR) {
         match (l - i0).min(MR) {
@@ -349,20 +330,13 @@ unsafe fn value_rows<const R: usize>(
     }
 }
 
-/// Lanes `< n` set (all lanes from 8 on).
-#[target_feature(enable = "avx2")]
-unsafe fn lanes(n: usize) -> __m256i {
-    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx)
-}
-
 /// Replaces `row` by `exp(row - max(row))` and returns the sum.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_shifted(row: &mut [f32]) -> f32 {
     let n = row.len();
     let p = row.as_mut_ptr();
     let full = n - n % 8;
-    let tail = lanes(n % 8);
+    let tail = lanes8(n % 8);
     let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut m = ninf;
     for i in (0..full).step_by(8) {
@@ -393,7 +367,7 @@ unsafe fn softmax_grad_row(p: &[f32], d: &mut [f32]) {
     let n = p.len();
     let (pp, dp) = (p.as_ptr(), d.as_mut_ptr());
     let full = n - n % 8;
-    let tail = lanes(n % 8);
+    let tail = lanes8(n % 8);
     let mut acc = _mm256_setzero_ps();
     for i in (0..full).step_by(8) {
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(pp.add(i)), _mm256_loadu_ps(dp.add(i)), acc);
