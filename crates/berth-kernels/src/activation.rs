@@ -130,11 +130,18 @@ pub(crate) unsafe fn activate_f32_avx2(act: Activation, xs: &mut [f32]) {
 #[inline(always)]
 pub(crate) fn backward_f32(act: Activation, xs: &[f32], dys: &mut [f32]) {
     match act {
-        Activation::Gelu => dys.iter_mut().zip(xs).for_each(|(g, &x)| {
-            let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = crate::softmax::exp_f32(-0.5 * x * x) * 0.398_942_3;
-            *g *= cdf + x * pdf
-        }),
+        // An index loop, not `zip().for_each()`: the iterator's `fold` was left out of line
+        // and compiled without the caller's target features (4-wide SSE under AVX2).
+        Activation::Gelu => {
+            let n = dys.len().min(xs.len());
+            let (dys, xs) = (&mut dys[..n], &xs[..n]);
+            for i in 0..n {
+                let x = xs[i];
+                let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = crate::softmax::exp_f32(-0.5 * x * x) * 0.398_942_3;
+                dys[i] *= cdf + x * pdf
+            }
+        }
         Activation::Relu => dys
             .iter_mut()
             .zip(xs)

@@ -164,14 +164,85 @@ pub(crate) fn mask_in_place<T: Float>(xs: &mut [T], key: u64, base: u64, thresho
     );
 }
 
-/// [`mask_in_place`] for f32, 32 elements per mask word with AVX-512 when the CPU has it.
+/// [`mask_in_place`] for f32, 32 elements per mask word with AVX-512 or AVX2 when the CPU
+/// has them.
 pub(crate) fn mask_in_place_f32(xs: &mut [f32], key: u64, base: u64, threshold: u32, scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the CPU has the features (checked just above).
         return unsafe { mask_in_place_avx512(xs, key, base, threshold, scale) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: as above.
+        return unsafe { mask_in_place_avx2(xs, key, base, threshold, scale) };
+    }
     mask_in_place(xs, key, base, threshold, scale)
+}
+
+/// [`word`] on AVX2: the eight mixes in two vectors of four 64-bit lanes (AVX2 has no
+/// 64-bit multiply: each product is assembled from three 32 × 32 → 64-bit ones), the 32
+/// draws compared as unsigned 16-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn word_avx2(key: u64, group: u64, threshold: u32) -> u32 {
+    use std::arch::x86_64::*;
+    if threshold > 0xffff {
+        return 0;
+    }
+    let ones = |v: u64| _mm256_set1_epi64x(v as i64);
+    // The low 64 bits of a * b.
+    let mul = |a: __m256i, b: u64| {
+        let lo = _mm256_mul_epu32(a, ones(b));
+        let cross = _mm256_add_epi64(
+            _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), ones(b)),
+            _mm256_mul_epu32(a, ones(b >> 32)),
+        );
+        _mm256_add_epi64(lo, _mm256_slli_epi64::<32>(cross))
+    };
+    let mix4 = |first: u64| {
+        let g = |k: u64| group.wrapping_add(first + k).wrapping_mul(GOLDEN) as i64;
+        let mut z = _mm256_add_epi64(ones(key), _mm256_setr_epi64x(g(0), g(1), g(2), g(3)));
+        z = _mm256_xor_si256(z, _mm256_srli_epi64::<30>(z));
+        z = mul(z, 0xbf58_476d_1ce4_e5b9);
+        z = _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z));
+        z = mul(z, 0x94d0_49bb_1331_11eb);
+        z = _mm256_xor_si256(z, _mm256_srli_epi64::<31>(z));
+        // Unsigned draw >= threshold; 16-bit lane j is element j of the four mixes.
+        let t = _mm256_set1_epi16(threshold as u16 as i16);
+        _mm256_cmpeq_epi16(_mm256_max_epu16(z, t), z)
+    };
+    let (lo, hi) = (mix4(0), mix4(4));
+    // Saturating packs interleave the 128-bit halves (lo 0-7, hi 0-7, lo 8-15, hi 8-15);
+    // the permute puts the 32 bytes back in element order for the byte mask.
+    let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(lo, hi));
+    _mm256_movemask_epi8(bytes) as u32
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mask_in_place_avx2(xs: &mut [f32], key: u64, base: u64, threshold: u32, scale: f32) {
+    use std::arch::x86_64::*;
+    let s = _mm256_set1_ps(scale);
+    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let p = xs.as_mut_ptr();
+    let words = |g| word_avx2(key, g, threshold);
+    for_each_word(base, xs.len(), words, |j, bits, count| {
+        for v in 0..count.div_ceil(8) {
+            let at = p.add(j + 8 * v);
+            let byte = _mm256_set1_epi32(((bits >> (8 * v)) & 0xff) as i32);
+            let kept = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit));
+            let live = count - 8 * v;
+            if live >= 8 {
+                let x = _mm256_loadu_ps(at);
+                _mm256_storeu_ps(at, _mm256_and_ps(_mm256_mul_ps(x, s), kept));
+            } else {
+                let m = crate::cpu::lanes8(live);
+                let x = _mm256_maskload_ps(at, m);
+                _mm256_maskstore_ps(at, m, _mm256_and_ps(_mm256_mul_ps(x, s), kept));
+            }
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -320,6 +391,24 @@ mod tests {
         let mut all = vec![1f32; 40];
         mask_in_place_f32(&mut all, 5, 0, threshold(1.0), 1.0);
         assert!(all.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn avx2_words_equal_scalar_words() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        // Keys and groups with high bits set exercise the 64-bit products' cross terms;
+        // thresholds 0 and 65,536 keep and drop every element.
+        for key in [0u64, 99, 0xdead_beef_f00d_cafe, u64::MAX] {
+            for group in [0u64, 1, 7, 1 << 40, u64::MAX - 3] {
+                for t in [0, 1, threshold(0.1), threshold(0.5), 0xffff, 0x1_0000] {
+                    // SAFETY: AVX2 is present (checked above).
+                    let fast = unsafe { word_avx2(key, group, t) };
+                    assert_eq!(fast, word(key, group, t), "key {key} group {group} t {t}");
+                }
+            }
+        }
     }
 
     #[test]
