@@ -125,13 +125,24 @@ fn one(shape: &str) {
     let flag = |v: &str| std::env::var(v).is_ok_and(|v| v == "1");
     let (a_rs, a_cs) = if flag("TA") { (1, m) } else { (k, 1) };
     if flag("PACKONLY") {
+        // ROWMAJOR=1: `w` read as a row-major `[K, N]` B (the backward's packs of W and X).
+        let rowmajor = flag("ROWMAJOR");
         let (mut packs, t) = (0usize, Instant::now());
         while t.elapsed().as_secs_f64() < secs {
-            std::hint::black_box(PackedB::pack_transposed(&w, n, k));
+            if rowmajor {
+                std::hint::black_box(PackedB::pack(&w, n, 1, k, n));
+            } else {
+                std::hint::black_box(PackedB::pack_transposed(&w, n, k));
+            }
             packs += 1;
         }
         let us = t.elapsed().as_secs_f64() / packs as f64 * 1e6;
-        return println!("pack_transposed {n}x{k}: {us:.0} us");
+        let what = if rowmajor {
+            "pack (row-major)"
+        } else {
+            "pack_transposed"
+        };
+        return println!("{what} {n}x{k}: {us:.0} us");
     }
     let (mut flops, t) = (0usize, Instant::now());
     while t.elapsed().as_secs_f64() < secs {

@@ -114,7 +114,14 @@ impl PackedB {
             .enumerate()
             .for_each(|(panel, dst)| {
                 let cols = panel * NR..((panel + 1) * NR).min(n);
-                if cs == 1 {
+                if cs == 1 && cols.len() == NR {
+                    // A constant length: six vector moves per row, not a `memmove` call.
+                    for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                        let src: &[f32; NR] = b[p * rs + cols.start..][..NR].try_into().unwrap();
+                        let row: &mut [f32; NR] = row.try_into().unwrap();
+                        *row = *src;
+                    }
+                } else if cs == 1 {
                     for (p, row) in dst.chunks_mut(NR).enumerate() {
                         let src = &b[p * rs + cols.start..p * rs + cols.end];
                         row[..src.len()].copy_from_slice(src);
@@ -511,10 +518,7 @@ unsafe fn kernel_avx2<const R: usize>(
         let width = (cols - c0).min(16);
         // Lanes `< live` of vector v (8 lanes each) are columns of C.
         let live = [width.min(8), width.saturating_sub(8)];
-        let masks: [__m256i; 2] = std::array::from_fn(|v| {
-            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(live[v] as i32), lane)
-        });
+        let masks: [__m256i; 2] = live.map(|n| crate::cpu::lanes8(n));
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         match init {
             Init::Zero => {}
