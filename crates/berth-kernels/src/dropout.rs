@@ -219,6 +219,8 @@ unsafe fn word_avx2(key: u64, group: u64, threshold: u32) -> u32 {
     _mm256_movemask_epi8(bytes) as u32
 }
 
+/// [`mask_in_place`] for f32 with [`word_avx2`]: eight elements a vector, their kept bits
+/// expanded to a lane mask (`bits & lane bit == lane bit`); a short tail is masked.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn mask_in_place_avx2(xs: &mut [f32], key: u64, base: u64, threshold: u32, scale: f32) {
@@ -394,6 +396,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn avx2_words_equal_scalar_words() {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
