@@ -38,6 +38,11 @@ pub struct TrainBenchArgs {
     /// Skip part 1.
     #[arg(long)]
     no_finetune: bool,
+    /// Rounds of part 1, each berth then the Trainer; the table gives every round and the
+    /// median ratio. On a machine whose speed drifts between runs (shared vCPUs), one pair
+    /// can land 10 % either way; alternating rounds puts both sides through the same drift.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Also compare in bf16: `berth finetune --dtype bf16` against the Trainer with bf16
     /// autocast, and pretraining with `--dtype bf16` against PyTorch under autocast (berth's
     /// side needs AMX or AVX-512 BF16; without them only the Trainer's bf16 row runs, for
@@ -166,6 +171,18 @@ fn trainer(
     ))
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let h = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[h]
+    } else {
+        (v[h - 1] + v[h]) / 2.0
+    }
+}
+
 pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
     // berth's bf16 side runs only where the CPU has a bf16 product.
     let berth_bf16 = a.bf16 && berth_kernels::amx::bf16_available();
@@ -175,6 +192,9 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os("BERTH_DATASETS").map(PathBuf::from))
         .unwrap_or_else(|| "../shared/datasets".into());
     if !a.no_finetune {
+        if a.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
         let model = resolve::model_dir(a.model.as_deref())?;
         let source = data.join("sst2/train.tsv");
         let text = std::fs::read_to_string(&source)
@@ -186,12 +206,18 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         std::fs::write(&train, rows.join("\n") + "\n")?;
         let dev = data.join("sst2/dev.tsv");
         eprintln!(
-            "fine-tuning {} on {} SST-2 rows, {} threads: berth, then the Trainer (group_by_length)",
+            "fine-tuning {} on {} SST-2 rows, {} threads, {} round(s): berth, then the Trainer (group_by_length)",
             model.display(),
             rows.len() - 1,
-            a.threads
+            a.threads,
+            a.rounds
         );
-        let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"), "f32")?;
+        let mut results = Vec::with_capacity(a.rounds);
+        for _ in 0..a.rounds {
+            let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"), "f32")?;
+            let peer = trainer(&a, &model, &train, &dev, false)?;
+            results.push((ours, peer));
+        }
         let ours_bf16 = if berth_bf16 {
             Some(berth_finetune(
                 &a,
@@ -204,7 +230,6 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        let peer = trainer(&a, &model, &train, &dev, false)?;
         let peer_bf16 = if a.bf16 {
             Some(trainer(&a, &model, &train, &dev, true)?)
         } else {
@@ -214,13 +239,35 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         println!("fine-tuning, real tokens/s (dev accuracy)");
         println!("| side | tokens/s | dev accuracy | berth / side |");
         println!("|---|---|---|---|");
-        println!("| berth f32 | {:.0} | {:.4} | 1.00x |", ours.0, ours.1);
-        println!(
-            "| Trainer f32, group_by_length | {:.0} | {:.4} | {:.2}x |",
-            peer.0,
-            peer.1,
-            ours.0 / peer.0
-        );
+        for (round, (ours, peer)) in results.iter().enumerate() {
+            let label = if results.len() > 1 {
+                format!(" (round {})", round + 1)
+            } else {
+                String::new()
+            };
+            println!(
+                "| berth f32{label} | {:.0} | {:.4} | 1.00x |",
+                ours.0, ours.1
+            );
+            println!(
+                "| Trainer f32, group_by_length{label} | {:.0} | {:.4} | {:.2}x |",
+                peer.0,
+                peer.1,
+                ours.0 / peer.0
+            );
+        }
+        let ratios: Vec<f64> = results.iter().map(|(o, p)| o.0 / p.0).collect();
+        if ratios.len() > 1 {
+            let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "| median berth / Trainer f32 over {} rounds ({}) | | | {:.2}x |",
+                ratios.len(),
+                list.join(", "),
+                median(&ratios)
+            );
+        }
+        let berth_rates: Vec<f64> = results.iter().map(|(o, _)| o.0).collect();
+        let ours = (median(&berth_rates), results[0].0 .1);
         if let Some(p) = peer_bf16 {
             // berth bf16 against the Trainer's bf16 when berth ran it, else berth f32.
             let (side, mine) = match ours_bf16 {
@@ -252,4 +299,16 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         print!("{out}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[1.6, 1.3, 1.5]), 1.5);
+        assert_eq!(median(&[1.0, 4.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[1.2]), 1.2);
+    }
 }

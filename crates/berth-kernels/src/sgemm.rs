@@ -13,6 +13,8 @@
 //! Shapes: `C [M, N]`, `A [M, K]`, `B [K, N]`.
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use crate::cpu::SendPtr;
 use crate::{Activation, Float};
 
@@ -73,8 +75,43 @@ struct Aligned(Vec<Line>);
 struct Line([f32; 16]);
 
 impl Aligned {
-    fn zeros(len: usize) -> Self {
-        Aligned(vec![Line([0.0; 16]); len.div_ceil(16)])
+    /// `len` floats (a multiple of 16) in chunks of `chunk` floats (a multiple of 16), each
+    /// passed to `fill` with its index, in parallel. `fill` must write every element of its
+    /// chunk.
+    fn filled_per_chunk(
+        len: usize,
+        chunk: usize,
+        fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+    ) -> Self {
+        assert!(
+            len.is_multiple_of(16) && chunk.is_multiple_of(16),
+            "Aligned: lengths in whole lines"
+        );
+        let lines = len / 16;
+        let mut data: Vec<MaybeUninit<Line>> = Vec::with_capacity(lines);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { data.set_len(lines) };
+        if lines > 0 {
+            data.par_chunks_mut(chunk / 16)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    // SAFETY: a `Line` is 16 f32s with no padding, so its uninitialised
+                    // form is 16 uninitialised f32s.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dst.as_mut_ptr() as *mut MaybeUninit<f32>,
+                            dst.len() * 16,
+                        )
+                    };
+                    fill(i, dst);
+                });
+        }
+        let mut data = std::mem::ManuallyDrop::new(data);
+        // SAFETY: `fill` wrote every element (its contract); `MaybeUninit<Line>` has the
+        // layout of `Line`, so pointer, length and capacity carry over.
+        Aligned(unsafe {
+            Vec::from_raw_parts(data.as_mut_ptr() as *mut Line, data.len(), data.capacity())
+        })
     }
 
     fn as_ptr(&self) -> *const f32 {
@@ -103,33 +140,34 @@ impl PackedB {
     /// Packs `B` read as `b[p * rs + j * cs]` for `p < k`, `j < n`.
     pub fn pack(b: &[f32], rs: usize, cs: usize, k: usize, n: usize) -> Self {
         let panels = n.div_ceil(NR);
-        let mut data = Aligned::zeros(panels * k * NR);
         if k > 0 && n > 0 {
             assert!(
                 (k - 1) * rs + (n - 1) * cs < b.len(),
                 "PackedB::pack: view out of bounds"
             );
         }
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(panel, dst)| {
-                let cols = panel * NR..((panel + 1) * NR).min(n);
-                if cs == 1 && cols.len() == NR {
-                    // A constant length: six vector moves per row, not a `memmove` call.
-                    for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
-                        let src: &[f32; NR] = b[p * rs + cols.start..][..NR].try_into().unwrap();
-                        let row: &mut [f32; NR] = row.try_into().unwrap();
-                        *row = *src;
+        // Each panel is written by the thread that packs it, straight into uninitialised
+        // memory (a zeroed allocation was a serial pass over the whole buffer on the calling
+        // thread: 1.5 % of a fine-tuning step's samples, with both workers waiting); only a
+        // last, partial panel is zeroed first, for its padding columns.
+        let data = Aligned::filled_per_chunk(panels * k * NR, k * NR, |panel, dst| {
+            let cols = panel * NR..((panel + 1) * NR).min(n);
+            if cs == 1 && cols.len() == NR {
+                copy_full_rows(b, rs, cols.start, dst);
+                return;
+            }
+            let dst = if cols.len() < NR { zeroed(dst) } else { dst };
+            if cs == 1 {
+                for (p, row) in dst.chunks_mut(NR).enumerate() {
+                    let src = &b[p * rs + cols.start..p * rs + cols.end];
+                    for (d, s) in row.iter_mut().zip(src) {
+                        d.write(*s);
                     }
-                } else if cs == 1 {
-                    for (p, row) in dst.chunks_mut(NR).enumerate() {
-                        let src = &b[p * rs + cols.start..p * rs + cols.end];
-                        row[..src.len()].copy_from_slice(src);
-                    }
-                } else {
-                    transpose_into_panel(b, rs, cs, k, cols, dst);
                 }
-            });
+            } else {
+                transpose_into_panel(b, rs, cs, k, cols, dst);
+            }
+        });
         PackedB { k, n, data }
     }
 
@@ -149,6 +187,53 @@ impl PackedB {
     }
 }
 
+/// `dst` with every element set to zero.
+fn zeroed(dst: &mut [MaybeUninit<f32>]) -> &mut [MaybeUninit<f32>] {
+    for d in dst.iter_mut() {
+        d.write(0.0);
+    }
+    dst
+}
+
+/// The rows of a full panel from a row-major source: `dst[p * NR + jj] = b[p * rs + j0 + jj]`.
+/// With AVX2, six vector moves per row; a `[f32; NR]` assignment compiled to a `memmove`
+/// call per row (2 % of a fine-tuning step's samples).
+fn copy_full_rows(b: &[f32], rs: usize, j0: usize, dst: &mut [MaybeUninit<f32>]) {
+    let k = dst.len() / NR;
+    if k == 0 {
+        return;
+    }
+    assert!(
+        (k - 1) * rs + j0 + NR <= b.len(),
+        "copy_full_rows: source out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::avx2_fma() {
+        // SAFETY: AVX2 checked; every row read lies inside `b` (asserted) and every row
+        // written inside `dst` (`k` rows of `NR`).
+        unsafe { copy_full_rows_avx2(b.as_ptr().add(j0), rs, dst.as_mut_ptr() as *mut f32, k) };
+        return;
+    }
+    for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+        for (d, s) in row.iter_mut().zip(&b[p * rs + j0..][..NR]) {
+            d.write(*s);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_full_rows_avx2(src: *const f32, rs: usize, dst: *mut f32, k: usize) {
+    use std::arch::x86_64::*;
+    for p in 0..k {
+        let (s, d) = (src.add(p * rs), dst.add(p * NR));
+        let v: [__m256; NR / 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(8 * i)));
+        for (i, v) in v.iter().enumerate() {
+            _mm256_storeu_ps(d.add(8 * i), *v);
+        }
+    }
+}
+
 /// One panel of a column-strided source (a transposed weight, packed at every training
 /// step): `dst[p * NR + jj] = b[p * rs + j * cs]` for the panel's columns `j` (`jj` from 0).
 /// In blocks of [`PACK_ROWS`] panel rows, so the rows being written stay in L1 while each
@@ -160,7 +245,7 @@ fn transpose_into_panel(
     cs: usize,
     k: usize,
     cols: std::ops::Range<usize>,
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
 ) {
     for p0 in (0..k).step_by(PACK_ROWS) {
         let steps = p0..(p0 + PACK_ROWS).min(k);
@@ -179,7 +264,7 @@ fn transpose_into_panel(
                         transpose8_avx2(
                             b.as_ptr().add(p + j * cs),
                             cs,
-                            dst.as_mut_ptr().add(p * NR + jj),
+                            dst.as_mut_ptr().add(p * NR + jj) as *mut f32,
                         )
                     };
                 }
@@ -190,7 +275,7 @@ fn transpose_into_panel(
         for (jj, j) in cols.clone().enumerate() {
             let from = if jj < jj_done { p_done } else { p0 };
             for p in from..steps.end {
-                dst[p * NR + jj] = b[p * rs + j * cs];
+                dst[p * NR + jj].write(b[p * rs + j * cs]);
             }
         }
     }
@@ -677,6 +762,7 @@ mod tests {
     fn packing_places_every_element() {
         let mut s = 5u64;
         for (k, n) in [
+            (0, 5),
             (1, 1),
             (7, 9),
             (8, 8),
