@@ -76,9 +76,11 @@ struct Line([f32; 16]);
 
 impl Aligned {
     /// `len` floats (a multiple of 16) in chunks of `chunk` floats (a multiple of 16), each
-    /// passed to `fill` with its index, in parallel. `fill` must write every element of its
-    /// chunk.
-    fn filled_per_chunk(
+    /// passed to `fill` with its index, in parallel.
+    ///
+    /// # Safety
+    /// `fill` must write every element of the chunk it is given.
+    unsafe fn filled_per_chunk(
         len: usize,
         chunk: usize,
         fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
@@ -150,7 +152,7 @@ impl PackedB {
         // memory (a zeroed allocation was a serial pass over the whole buffer on the calling
         // thread: 1.5 % of a fine-tuning step's samples, with both workers waiting); only a
         // last, partial panel is zeroed first, for its padding columns.
-        let data = Aligned::filled_per_chunk(panels * k * NR, k * NR, |panel, dst| {
+        let fill = |panel: usize, dst: &mut [MaybeUninit<f32>]| {
             let cols = panel * NR..((panel + 1) * NR).min(n);
             if cs == 1 && cols.len() == NR {
                 copy_full_rows(b, rs, cols.start, dst);
@@ -167,7 +169,12 @@ impl PackedB {
             } else {
                 transpose_into_panel(b, rs, cs, k, cols, dst);
             }
-        });
+        };
+        // SAFETY: every path writes every element of its panel: a full row-major panel all
+        // `k × NR` by rows; otherwise a partial panel is zeroed first and a full one is
+        // covered by the transpose (its tiles, then the columns and steps they left);
+        // `packing_places_every_element` reads every element back.
+        let data = unsafe { Aligned::filled_per_chunk(panels * k * NR, k * NR, fill) };
         PackedB { k, n, data }
     }
 
