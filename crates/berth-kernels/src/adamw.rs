@@ -28,14 +28,61 @@ pub struct AdamWStep {
     pub bias_correction2_sqrt: f32,
 }
 
+/// A chunk of gradient the update reads: cleared as it goes (the optimizer's own
+/// accumulator, zeroed for the next accumulation) or left as it is (a backward's gradient
+/// tensor the step reads in place).
+trait Gradient {
+    fn len(&self) -> usize;
+    fn get(&self, i: usize) -> f32;
+    fn clear(&mut self, i: usize);
+}
+
+impl Gradient for &mut [f32] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
+    }
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        self[i]
+    }
+    #[inline(always)]
+    fn clear(&mut self, i: usize) {
+        self[i] = 0.0;
+    }
+}
+
+/// A gradient read as `values × scale` and left as it is.
+struct Scaled<'a>(&'a [f32], f32);
+
+impl Gradient for Scaled<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        self.0[i] * self.1
+    }
+    #[inline(always)]
+    fn clear(&mut self, _: usize) {}
+}
+
 /// One element's update (torch's single-tensor AdamW, in its order of operations).
 #[inline(always)]
-fn update_slices(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+fn update_slices<G: Gradient>(
+    p: &mut [f32],
+    mut g: G,
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
     let (one_b1, one_b2) = (1.0 - s.beta1, 1.0 - s.beta2);
     let n = p.len();
-    let (g, m, v) = (&mut g[..n], &mut m[..n], &mut v[..n]);
+    assert!(g.len() >= n && m.len() >= n && v.len() >= n);
+    let (m, v) = (&mut m[..n], &mut v[..n]);
     for i in 0..n {
-        let gi = g[i];
+        let gi = g.get(i);
         let pi = p[i] * s.decay;
         let mi = m[i] + one_b1 * (gi - m[i]);
         let vi = s.beta2 * v[i] + one_b2 * gi * gi;
@@ -43,18 +90,24 @@ fn update_slices(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: 
         p[i] = pi - s.step_size * mi / denom;
         m[i] = mi;
         v[i] = vi;
-        g[i] = 0.0;
+        g.clear(i);
     }
 }
 
 /// [`update_slices`] compiled for AVX-512: the same operations, sixteen lanes at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn update_avx512(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+unsafe fn update_avx512<G: Gradient>(
+    p: &mut [f32],
+    g: G,
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
     update_slices(p, g, m, v, s)
 }
 
-fn update_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+fn update_chunk<G: Gradient>(p: &mut [f32], g: G, m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above).
@@ -71,7 +124,13 @@ fn update_chunk(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &
 /// [`update_slices`] compiled for AVX2 + FMA (no fused operations: the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn update_avx2(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+unsafe fn update_avx2<G: Gradient>(
+    p: &mut [f32],
+    g: G,
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
     update_slices(p, g, m, v, s)
 }
 
@@ -86,6 +145,27 @@ pub fn adamw_update(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], 
         .zip(g.par_chunks_mut(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| update_chunk(p, g, m, v, s));
+}
+
+/// [`adamw_update`] from the gradient `g × scale`, which it only reads (a backward's own
+/// gradient tensor, not copied into an accumulator and scaled there first): the bits of
+/// `adamw_update` of that product for `p`, `m` and `v`; `g` is left as it is.
+pub fn adamw_update_from(
+    p: &mut [f32],
+    g: &[f32],
+    scale: f32,
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
+    assert!(
+        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+        "adamw_update_from: slices of different lengths"
+    );
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| update_chunk(p, Scaled(g, scale), m, v, s));
 }
 
 /// Sum of squares of one chunk in f64: sixteen running sums (element `i` goes to sum
@@ -286,6 +366,9 @@ mod tests {
         let v0: Vec<f32> = gen(19, 0.01).iter().map(|x| x * x).collect();
         let (mut p1, mut g1, mut m1, mut v1) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
         adamw_update(&mut p1, &mut g1, &mut m1, &mut v1, &s);
+        // The same step from a gradient it only reads.
+        let (mut p3, mut m3, mut v3) = (p0.clone(), m0.clone(), v0.clone());
+        adamw_update_from(&mut p3, &g0, 1.0, &mut m3, &mut v3, &s);
         let (mut p2, mut g2, mut m2, mut v2) = (p0.clone(), g0.clone(), m0.clone(), v0.clone());
         // The reference: torch's order written out plainly, one element at a time.
         for i in 0..n {
@@ -303,6 +386,20 @@ mod tests {
         assert_eq!(bits(&v1), bits(&v2));
         assert!(g1.iter().all(|&g| g == 0.0));
         assert_ne!(bits(&p1), bits(&p0), "the step moved nothing");
+        assert_eq!(bits(&p3), bits(&p2));
+        assert_eq!(bits(&m3), bits(&m2));
+        assert_eq!(bits(&v3), bits(&v2));
+        // A scaled gradient read in place steps as its scaled copy does.
+        let scale = 0.37f32;
+        let mut g4: Vec<f32> = g0.iter().map(|g| g * scale).collect();
+        let (mut p4, mut m4, mut v4) = (p0.clone(), m0.clone(), v0.clone());
+        adamw_update(&mut p4, &mut g4, &mut m4, &mut v4, &s);
+        let (mut p5, mut m5, mut v5) = (p0.clone(), m0.clone(), v0.clone());
+        adamw_update_from(&mut p5, &g0, scale, &mut m5, &mut v5, &s);
+        assert_eq!(bits(&p5), bits(&p4));
+        assert_eq!(bits(&m5), bits(&m4));
+        assert_eq!(bits(&v5), bits(&v4));
+        assert_ne!(bits(&p5), bits(&p1), "the scale changed nothing");
     }
 
     /// A word table where only some rows have a gradient and only some have moments (rows

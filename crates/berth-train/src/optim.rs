@@ -81,7 +81,13 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// The accumulated gradient; zeros while `lent` holds it or the slot is untouched.
     grad: Vec<f32>,
+    /// A dense slot's only gradient since the last step, as the backward's own tensor and
+    /// the factor clipping scaled it by: the norm and the step read it where it lies
+    /// instead of copying it into `grad`, scaling it there and zeroing it after the step
+    /// (up to three passes over every weight's gradient per step).
+    lent: Option<(Tensor, f32)>,
     m: Vec<f32>,
     v: Vec<f32>,
     /// Whether a gradient arrived since the last step.
@@ -170,6 +176,7 @@ impl AdamW {
                         var: p.var.clone(),
                         decay: decays(&p.name),
                         grad: vec![0.0; n],
+                        lent: None,
                         m: vec![0.0; n],
                         v: vec![0.0; n],
                         touched: false,
@@ -187,10 +194,28 @@ impl AdamW {
 
     /// Adds `scale ×` the gradients of `grads` to the accumulator. An untouched slot's
     /// accumulator holds zeros (the step and `zero_grad` clear it), so its first gradient
-    /// is written rather than added: one pass fewer over the gradient, the same sums.
+    /// is written rather than added: one pass fewer over the gradient, the same sums. An
+    /// untouched dense slot given its gradient at scale 1 keeps the tensor instead
+    /// ([`Slot::lent`]): no pass at all until a second gradient arrives.
     pub fn accumulate(&mut self, grads: &GradStore, scale: f32) -> Result<()> {
         for s in &mut self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
+                if !s.touched && scale == 1.0 && s.rows.is_none() {
+                    let g = g.contiguous()?;
+                    if g.dtype() != candle_core::DType::F32 || g.elem_count() != s.grad.len() {
+                        return Err(TrainError::Config(format!(
+                            "{}: a {:?} gradient of {} values for {} weights",
+                            s.name,
+                            g.dtype(),
+                            g.elem_count(),
+                            s.grad.len()
+                        )));
+                    }
+                    s.lent = Some((g, 1.0));
+                    s.touched = true;
+                    continue;
+                }
+                s.settle()?;
                 let how = if s.touched { Store::Add } else { Store::Write };
                 add_scaled(&mut s.grad, g, scale, true, how)?;
                 s.touched = true;
@@ -251,7 +276,11 @@ impl AdamW {
                 }
             }
         }
+        // A dense gradient this step, before the table's first rows: any row may have one.
+        let had_dense = s.touched && s.rows.is_none();
+        s.settle()?;
         let rows = s.rows.get_or_insert_with(|| Rows::scan(&s.m, &s.v, h));
+        rows.dense |= had_dense;
         for &row in &order {
             if !std::mem::replace(&mut rows.has_grad[row as usize], true) {
                 rows.fresh.push(row);
@@ -277,6 +306,7 @@ impl AdamW {
             return Ok(());
         }
         for s in &mut self.slots {
+            s.settle()?;
             collective.all_reduce_sum(&mut s.grad)?;
             // Other ranks' rows arrive with the sum.
             if let Some(r) = &mut s.rows {
@@ -343,6 +373,9 @@ impl AdamW {
         order.extend((0..n).filter(|&i| !queued[i]));
         // Deliveries a slot waits for: one per pass for the fused weights, one for the rest.
         let mut want: Vec<usize> = queued.iter().map(|&q| if q { passes } else { 1 }).collect();
+        for s in &mut self.slots {
+            s.settle()?;
+        }
         let mut bufs: Vec<Vec<f32>> = self
             .slots
             .iter_mut()
@@ -468,11 +501,12 @@ impl AdamW {
     }
 
     /// The accumulated gradient of the variable whose first parameter is `name`.
-    pub fn grad(&self, name: &str) -> Option<&[f32]> {
-        self.slots
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.grad.as_slice())
+    pub fn grad(&self, name: &str) -> Option<Vec<f32>> {
+        let s = self.slots.iter().find(|s| s.name == name)?;
+        Some(match &s.lent {
+            Some((g, scale)) => read_values(g, |g| g.iter().map(|&x| x * scale).collect()).ok()?,
+            None => s.grad.clone(),
+        })
     }
 
     /// Global L2 norm of the accumulated gradients; when above `max_norm`, scales them by
@@ -489,7 +523,12 @@ impl AdamW {
                     r.fresh.sort_unstable();
                     berth_kernels::sum_of_squares_rows(&s.grad, r.width, &r.fresh)
                 }
-                _ => berth_kernels::sum_of_squares(&s.grad),
+                // (Clipping comes after the norm: a lent gradient is unscaled here.)
+                _ => match &s.lent {
+                    Some((g, _)) => read_values(g, berth_kernels::sum_of_squares)
+                        .expect("lent gradients are contiguous f32 (checked when lent)"),
+                    None => berth_kernels::sum_of_squares(&s.grad),
+                },
             })
             .sum();
         let norm = total.sqrt();
@@ -497,6 +536,12 @@ impl AdamW {
             let coef = (max / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
                 for s in &mut self.slots {
+                    if let Some((_, scale)) = &mut s.lent {
+                        // Applied as the step reads it: `g × coef`, the bits of scaling
+                        // a copy.
+                        *scale *= coef;
+                        continue;
+                    }
                     match &s.rows {
                         Some(r) if !r.dense => {
                             for &row in &r.fresh {
@@ -555,9 +600,16 @@ impl AdamW {
                         berth_kernels::adamw_update_rows(p, g, m, v, r.width, &keep, &k)
                     })?;
                 }
-                _ => berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
-                    berth_kernels::adamw_update(p, g, m, v, &k)
-                })?,
+                _ => match s.lent.take() {
+                    Some((lent, scale)) => read_values(&lent, |g| {
+                        berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
+                            berth_kernels::adamw_update_from(p, g, scale, m, v, &k)
+                        })
+                    })??,
+                    None => berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
+                        berth_kernels::adamw_update(p, g, m, v, &k)
+                    })?,
+                },
             }
             if let Some(r) = &mut s.rows {
                 r.stepped();
@@ -571,6 +623,7 @@ impl AdamW {
     pub fn zero_grad(&mut self) {
         for s in &mut self.slots {
             s.grad.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+            s.lent = None;
             s.touched = false;
             if let Some(r) = &mut s.rows {
                 r.cleared();
@@ -624,6 +677,28 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+impl Slot {
+    /// Moves a lent gradient into the accumulator (which holds zeros meanwhile).
+    fn settle(&mut self) -> Result<()> {
+        match self.lent.take() {
+            Some((g, scale)) => add_scaled(&mut self.grad, &g, scale, true, Store::Write),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `f` of the values of a contiguous f32 CPU tensor, read where they lie.
+fn read_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(TrainError::Config("training runs on the CPU".into()));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(TrainError::Config("a gradient is not contiguous".into()));
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// How [`add_scaled`] stores into its destination.
@@ -680,5 +755,69 @@ mod tests {
             "distilbert.transformer.layer.0.sa_layer_norm.weight"
         ));
         assert!(decays("classifier.weight"));
+    }
+
+    /// A gradient kept as the backward's tensor ([`Slot::lent`]) gives the bits of one copied
+    /// into the accumulator: steps with and without clipping, and a second gradient added
+    /// after a lent one. The copying runs take each gradient as two halves (`0.5 g + 0.5 g`
+    /// is `g` exactly), which the optimizer cannot lend.
+    #[test]
+    fn lent_gradients_step_as_copied_ones() {
+        use candle_core::{Device, Var};
+        let run = |halves: bool, clip: Option<f64>, twice: bool| {
+            let init = |n: usize, k: f32| {
+                (0..n)
+                    .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * k)
+                    .collect::<Vec<f32>>()
+            };
+            let w = Var::from_vec(init(96, 0.5), (8, 12), &Device::Cpu).unwrap();
+            let b = Var::from_vec(init(12, 0.1), 12, &Device::Cpu).unwrap();
+            let params = [("layer.weight", &w), ("layer.bias", &b)].map(|(name, v)| Param {
+                name: name.into(),
+                var: v.clone(),
+                rows: None,
+            });
+            let mut opt = AdamW::new(
+                &params,
+                AdamWConfig {
+                    weight_decay: 0.01,
+                    ..Default::default()
+                },
+            );
+            let x = Tensor::from_vec(init(40, 1.0), (5, 8), &Device::Cpu).unwrap();
+            let mut out = Vec::new();
+            for step in 0..3 {
+                for _ in 0..(1 + usize::from(twice)) {
+                    let y = x.matmul(w.as_tensor()).unwrap().broadcast_add(&b).unwrap();
+                    let loss = (y.sqr().unwrap().sum_all().unwrap() * (step + 1) as f64).unwrap();
+                    let grads = loss.backward().unwrap();
+                    if halves {
+                        opt.accumulate(&grads, 0.5).unwrap();
+                        opt.accumulate(&grads, 0.5).unwrap();
+                    } else {
+                        opt.accumulate(&grads, 1.0).unwrap();
+                    }
+                }
+                assert!(opt.untouched().is_empty());
+                out.push(opt.grad("layer.weight").unwrap());
+                out.push(vec![opt.clip(clip) as f32]);
+                opt.step(1e-2).unwrap();
+            }
+            out.push(w.as_tensor().flatten_all().unwrap().to_vec1().unwrap());
+            out.push(b.as_tensor().to_vec1().unwrap());
+            out.iter()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+                .collect::<Vec<_>>()
+        };
+        for (clip, twice) in [(None, false), (Some(1e-3), false), (Some(1e-3), true)] {
+            let copied = run(true, clip, twice);
+            assert_eq!(
+                run(false, clip, twice),
+                copied,
+                "clip {clip:?}, twice {twice}"
+            );
+            // The clipped runs did clip (the norm is far above 1e-3).
+            assert!(clip.is_none() || f32::from_bits(copied[1][0]) > 1.0);
+        }
     }
 }

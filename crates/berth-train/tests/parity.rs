@@ -317,7 +317,7 @@ fn compare_param_steps(
                     .find(|q| q.var.as_tensor().id() == p.var.as_tensor().id())
                     .unwrap();
                 let full = candle_core::Tensor::from_vec(
-                    opt.grad(&slot.name).unwrap().to_vec(),
+                    opt.grad(&slot.name).unwrap(),
                     p.var.as_tensor().shape(),
                     &Device::Cpu,
                 )
@@ -1075,7 +1075,7 @@ fn word_grad_steps(
             !opt.untouched().contains(&name.as_str()),
             "{name} got no gradient"
         );
-        out.push(bits(opt.grad(&name).unwrap()));
+        out.push(bits(&opt.grad(&name).unwrap()));
         opt.clip(Some(1.0));
         opt.step(1e-3).unwrap();
     }
