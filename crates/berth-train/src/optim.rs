@@ -513,6 +513,14 @@ impl AdamW {
     /// `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`). Returns the norm before
     /// clipping.
     pub fn clip(&mut self, max_norm: Option<f64>) -> f64 {
+        // A lent gradient clipped before is stored scaled first (a second clip's norm and
+        // scaling read the stored products, as they read any accumulator).
+        for s in &mut self.slots {
+            if matches!(s.lent, Some((_, scale)) if scale != 1.0) {
+                s.settle()
+                    .expect("lent gradients are contiguous f32 (checked when lent)");
+            }
+        }
         // Fixed chunks summed in order: the same result on every run (a row-fed table's
         // rows without a gradient are zeros and skipped: the same sums).
         let total: f64 = self
@@ -523,7 +531,7 @@ impl AdamW {
                     r.fresh.sort_unstable();
                     berth_kernels::sum_of_squares_rows(&s.grad, r.width, &r.fresh)
                 }
-                // (Clipping comes after the norm: a lent gradient is unscaled here.)
+                // (Unscaled here: see above.)
                 _ => match &s.lent {
                     Some((g, _)) => read_values(g, berth_kernels::sum_of_squares)
                         .expect("lent gradients are contiguous f32 (checked when lent)"),
@@ -537,9 +545,9 @@ impl AdamW {
             if coef < 1.0 {
                 for s in &mut self.slots {
                     if let Some((_, scale)) = &mut s.lent {
-                        // Applied as the step reads it: `g × coef`, the bits of scaling
-                        // a copy.
-                        *scale *= coef;
+                        // Applied as the step reads it: `g × coef`, the bits of scaling a
+                        // copy (unscaled until now: see above).
+                        *scale = coef;
                         continue;
                     }
                     match &s.rows {
@@ -758,13 +766,13 @@ mod tests {
     }
 
     /// A gradient kept as the backward's tensor ([`Slot::lent`]) gives the bits of one copied
-    /// into the accumulator: steps with and without clipping, and a second gradient added
-    /// after a lent one. The copying runs take each gradient as two halves (`0.5 g + 0.5 g`
-    /// is `g` exactly), which the optimizer cannot lend.
+    /// into the accumulator: steps with and without clipping, clipped twice, and a second
+    /// gradient added after a lent one. The copying runs take each gradient as two halves
+    /// (`0.5 g + 0.5 g` is `g` exactly), which the optimizer cannot lend.
     #[test]
     fn lent_gradients_step_as_copied_ones() {
         use candle_core::{Device, Var};
-        let run = |halves: bool, clip: Option<f64>, twice: bool| {
+        let run = |halves: bool, clip: Option<f64>, twice: bool, clips: usize| {
             let init = |n: usize, k: f32| {
                 (0..n)
                     .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * k)
@@ -800,7 +808,9 @@ mod tests {
                 }
                 assert!(opt.untouched().is_empty());
                 out.push(opt.grad("layer.weight").unwrap());
-                out.push(vec![opt.clip(clip) as f32]);
+                for _ in 0..clips {
+                    out.push(vec![opt.clip(clip) as f32]);
+                }
                 opt.step(1e-2).unwrap();
             }
             out.push(w.as_tensor().flatten_all().unwrap().to_vec1().unwrap());
@@ -809,12 +819,18 @@ mod tests {
                 .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
                 .collect::<Vec<_>>()
         };
-        for (clip, twice) in [(None, false), (Some(1e-3), false), (Some(1e-3), true)] {
-            let copied = run(true, clip, twice);
+        let cases = [
+            (None, false, 1),
+            (Some(1e-3), false, 1),
+            (Some(1e-3), true, 1),
+            (Some(1e-3), false, 2),
+        ];
+        for (clip, twice, clips) in cases {
+            let copied = run(true, clip, twice, clips);
             assert_eq!(
-                run(false, clip, twice),
+                run(false, clip, twice, clips),
                 copied,
-                "clip {clip:?}, twice {twice}"
+                "clip {clip:?}, twice {twice}, {clips} clip(s)"
             );
             // The clipped runs did clip (the norm is far above 1e-3).
             assert!(clip.is_none() || f32::from_bits(copied[1][0]) > 1.0);
