@@ -137,14 +137,8 @@ unsafe fn update_avx2<G: Gradient>(
 /// One AdamW step over slices of equal length, in parallel: the weights `p` in place,
 /// the moments `m` and `v`, and the gradient `g`, which is left zeroed.
 pub fn adamw_update(p: &mut [f32], g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
-    assert!(
-        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
-        "adamw_update: slices of different lengths"
-    );
-    p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks_mut(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| update_chunk(p, g, m, v, s));
+    assert_eq!(g.len(), p.len(), "adamw_update: gradient length");
+    update_all(p, g.par_chunks_mut(CHUNK), m, v, s);
 }
 
 /// [`adamw_update`] from the gradient `g × scale`, which it only reads (a backward's own
@@ -158,14 +152,28 @@ pub fn adamw_update_from(
     v: &mut [f32],
     s: &AdamWStep,
 ) {
+    assert_eq!(g.len(), p.len(), "adamw_update_from: gradient length");
+    let g = g.par_chunks(CHUNK).map(|g| Scaled(g, scale));
+    update_all(p, g, m, v, s);
+}
+
+/// The update of `p`, `m` and `v` in parallel chunks of [`CHUNK`], `g` giving each chunk's
+/// gradient.
+fn update_all<G: Gradient + Send>(
+    p: &mut [f32],
+    g: impl IndexedParallelIterator<Item = G>,
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &AdamWStep,
+) {
     assert!(
-        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
-        "adamw_update_from: slices of different lengths"
+        m.len() == p.len() && v.len() == p.len(),
+        "adamw: moments of different lengths"
     );
     p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
+        .zip(g)
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| update_chunk(p, Scaled(g, scale), m, v, s));
+        .for_each(|((p, g), (m, v))| update_chunk(p, g, m, v, s));
 }
 
 /// Sum of squares of one chunk in f64: sixteen running sums (element `i` goes to sum
