@@ -323,6 +323,12 @@ pub fn sum_of_squares(xs: &[f32]) -> f64 {
     parts.into_iter().sum()
 }
 
+/// Runs `f` on the f32 values of a CPU tensor, read where they lie when it is contiguous
+/// (the reading counterpart of [`with_values_mut`]).
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    crate::cpu::with_slice::<f32, R>(t, f)
+}
+
 /// Runs `f` on the f32 values of a contiguous CPU tensor in place (a variable's own
 /// storage: every tensor sharing it sees the change).
 pub fn with_values_mut(t: &Tensor, f: impl FnOnce(&mut [f32])) -> candle_core::Result<()> {

@@ -33,7 +33,7 @@ mod testing;
 pub use activation::{activation, Activation};
 pub use adamw::{
     adamw_update, adamw_update_from, adamw_update_rows, sum_of_squares, sum_of_squares_rows,
-    with_values_mut, AdamWStep,
+    with_values, with_values_mut, AdamWStep,
 };
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use attention_window::window_attention;

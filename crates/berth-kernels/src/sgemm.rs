@@ -593,7 +593,7 @@ unsafe fn micro(
 /// the same chain of fused multiply-adds in the same order as in the AVX-512 kernel, so
 /// both give the same bits. Whole vectors of `C` are stored unmasked: AMD cores run a masked
 /// `vmaskmovps` store as a slow microcoded sequence, and the one per vector of every block
-/// cost a 128-deep product on one Zen 3 core 14 % (72 → 83 GFLOP/s, best of 8 interleaved)
+/// held a 128-deep product on one Zen 3 core to 72 GFLOP/s (83 without; best of 8 interleaved)
 /// and MiniLM's training products on two 0–10 %.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -504,7 +504,9 @@ impl AdamW {
     pub fn grad(&self, name: &str) -> Option<Vec<f32>> {
         let s = self.slots.iter().find(|s| s.name == name)?;
         Some(match &s.lent {
-            Some((g, scale)) => read_values(g, |g| g.iter().map(|&x| x * scale).collect()).ok()?,
+            Some((g, scale)) => {
+                berth_kernels::with_values(g, |g| g.iter().map(|&x| x * scale).collect()).ok()?
+            }
             None => s.grad.clone(),
         })
     }
@@ -533,7 +535,7 @@ impl AdamW {
                 }
                 // (Unscaled here: see above.)
                 _ => match &s.lent {
-                    Some((g, _)) => read_values(g, berth_kernels::sum_of_squares)
+                    Some((g, _)) => berth_kernels::with_values(g, berth_kernels::sum_of_squares)
                         .expect("lent gradients are contiguous f32 (checked when lent)"),
                     None => berth_kernels::sum_of_squares(&s.grad),
                 },
@@ -609,7 +611,7 @@ impl AdamW {
                     })?;
                 }
                 _ => match s.lent.take() {
-                    Some((lent, scale)) => read_values(&lent, |g| {
+                    Some((lent, scale)) => berth_kernels::with_values(&lent, |g| {
                         berth_kernels::with_values_mut(s.var.as_tensor(), |p| {
                             berth_kernels::adamw_update_from(p, g, scale, m, v, &k)
                         })
@@ -697,18 +699,6 @@ impl Slot {
     }
 }
 
-/// `f` of the values of a contiguous f32 CPU tensor, read where they lie.
-fn read_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(TrainError::Config("training runs on the CPU".into()));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(TrainError::Config("a gradient is not contiguous".into()));
-    };
-    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
-}
-
 /// How [`add_scaled`] stores into its destination.
 #[derive(Clone, Copy, PartialEq)]
 enum Store {
@@ -723,24 +713,18 @@ enum Store {
 /// parallel chunks, or on the calling thread alone (the summing thread keeps off the pool
 /// the backward uses).
 fn add_scaled(dst: &mut [f32], g: &Tensor, scale: f32, parallel: bool, how: Store) -> Result<()> {
-    let g = g.contiguous()?;
-    let (storage, layout) = g.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(TrainError::Config("training runs on the CPU".into()));
-    };
-    let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-    let src = &cpu.as_slice::<f32>()?[start..end];
     let apply = |a: &mut [f32], b: &[f32]| match how {
         Store::Add => a.iter_mut().zip(b).for_each(|(a, &b)| *a += scale * b),
         Store::Write => a.iter_mut().zip(b).for_each(|(a, &b)| *a = scale * b),
     };
-    if !parallel {
-        apply(dst, src);
-        return Ok(());
-    }
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(a, b)| apply(a, b));
+    berth_kernels::with_values(g, |src| {
+        if !parallel {
+            return apply(dst, src);
+        }
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(a, b)| apply(a, b));
+    })?;
     Ok(())
 }
 
