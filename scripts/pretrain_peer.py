@@ -55,6 +55,9 @@ def main():
                     help="PyTorch BERT: prediction head at masked positions only (sparse) or everywhere")
     ap.add_argument("--bf16", action="store_true",
                     help="both sides in bf16: berth --dtype bf16, PyTorch's forward under bf16 autocast")
+    ap.add_argument("--peak", type=float, default=None,
+                    help="berth's measured matmul peak (GFLOP/s) in the run's precision: also print "
+                         "each side's useful GFLOP/s and berth's fraction of the peak (BERT only)")
     a = ap.parse_args()
     modern = a.arch == "modernbert"
     out = Path(a.out or f"/tmp/berth-pretrain-{a.corpus}" + ("-modernbert" if modern else ""))
@@ -144,11 +147,12 @@ def main():
         logits = model.cls(hidden[at])
         return torch.nn.functional.cross_entropy(logits.float(), labels[at])
 
-    torch_losses, tokens = [], 0
+    torch_losses, tokens, masked = [], 0, 0
     t0 = time.time()
     for step in range(a.steps):
         batch = collator([{"input_ids": s} for s in seqs[step * 32:(step + 1) * 32]])
         tokens += sum(len(s) for s in seqs[step * 32:(step + 1) * 32])
+        masked += int((batch["labels"] != -100).sum())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
             loss = mlm_loss(batch)
         loss.backward()
@@ -173,6 +177,19 @@ def main():
     how = ("sparse_prediction" if modern else f"{a.head} head") + (", bf16 autocast" if a.bf16 else "")
     print(f"| PyTorch {torch.__version__} ({how}) | {p['loss']:.4f} | {p['perplexity']:.1f} | {100 * p['masked_accuracy']:.2f} | {tokens / runtime:.0f} |")
     print(f"loss ratio berth / PyTorch {b['loss'] / p['loss']:.4f}; speed ratio {berth_tps / (tokens / runtime):.2f}x")
+    if a.peak and not modern:
+        # Useful work: three times the forward's products (the backward computes two per
+        # forward one) over real tokens: the encoder's linears and attention per sequence,
+        # and the head (transform + decoder) at the masked positions PyTorch drew (berth draws
+        # its own at the same 15 %). Embeddings, LayerNorm, softmax and padding not counted.
+        c = model.config
+        h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+        enc = sum(c.num_hidden_layers * (2 * len(s) * h * (4 * h + 2 * i) + 4 * len(s) ** 2 * h) for s in seqs)
+        per_token = 3 * (enc + masked * (2 * h * h + 2 * h * v)) / tokens
+        side = "berth bf16" if a.bf16 else "berth f32"
+        gb, gp = berth_tps * per_token / 1e9, tokens / runtime * per_token / 1e9
+        print(f"useful work {per_token / 1e6:.2f} MFLOP per real token: {side} {gb:.1f} GFLOP/s "
+              f"({100 * gb / a.peak:.0f} % of berth's matmul peak, {a.peak:.0f}); PyTorch {gp:.1f} GFLOP/s")
     # Training-loss curves in windows of 50 steps (each side's own masking and dropout draws).
     w = 50
     for i in range(0, a.steps, w):

@@ -97,7 +97,7 @@ fn once(
 
 /// Multiply-adds × 2 of one encoder pass over a sequence of `len` tokens: the four
 /// linears per layer and the two attention products.
-fn encoder_flops(c: &berth_model::EncoderConfig, len: usize) -> f64 {
+pub(crate) fn encoder_flops(c: &berth_model::EncoderConfig, len: usize) -> f64 {
     let (h, i, l) = (c.hidden_size as f64, c.intermediate_size as f64, len as f64);
     c.num_layers as f64 * (2.0 * l * h * (4.0 * h + 2.0 * i) + 4.0 * l * l * h)
 }
@@ -105,7 +105,7 @@ fn encoder_flops(c: &berth_model::EncoderConfig, len: usize) -> f64 {
 /// GFLOP/s of berth's matrix product in `mode` on the model's largest shape
 /// (4096 tokens × hidden → intermediate; activation conversion included for bf16 / int8),
 /// the reference for "fraction of peak".
-fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
+pub(crate) fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
     use berth_kernels::amx::{self, int8::PackedI8, PackedBf16};
     let n = 4096;
     let x: Vec<f32> = (0..n * h)

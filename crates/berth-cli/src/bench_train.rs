@@ -10,7 +10,9 @@
 //!      same scorer.
 //! berth's tokens/s is the harmonic mean of its logged windows (equal step counts, so
 //! roughly equal tokens: total tokens over total time), dev evaluation excluded as the
-//! Trainer's `train_runtime` excludes it.
+//! Trainer's `train_runtime` excludes it. Each part also gives the sides' useful GFLOP/s
+//! (three times the forward's products per real token) and berth's fraction of its own
+//! matrix-product peak in that precision, measured in the same run on the same threads.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -171,6 +173,50 @@ fn trainer(
     ))
 }
 
+/// Useful work per real token of fine-tuning `model` on the TSV `rows` (a header with a
+/// `sentence` column first): three times the encoder's forward products (the backward
+/// computes two products per forward one) over the sequences the rows encode to (at most 128
+/// tokens), and the encoder's config. The pooler, classifier, embeddings, LayerNorm and
+/// softmax are not counted; nor is padding, which berth does not compute and the Trainer's
+/// length grouping keeps small.
+fn finetune_flops_per_token(
+    model: &Path,
+    rows: &[&str],
+) -> anyhow::Result<(f64, berth_model::EncoderConfig)> {
+    let config = model.join("config.json");
+    let cfg = berth_model::EncoderConfig::from_file(&config)?;
+    let tok = berth_text::TextTokenizer::from_dir(model)?;
+    let column = rows
+        .first()
+        .and_then(|h| h.split('\t').position(|c| c == "sentence"))
+        .context("SST-2 train.tsv: no sentence column in its header")?;
+    let (mut flops, mut tokens) = (0f64, 0usize);
+    for (i, row) in rows.iter().enumerate().skip(1) {
+        let text = row.split('\t').nth(column).unwrap_or_default();
+        let enc = tok.encode(text, None, 128, berth_text::Truncation::Truncate, i)?;
+        flops += 3.0 * crate::bench::encoder_flops(&cfg, enc.ids.len());
+        tokens += enc.ids.len();
+    }
+    if tokens == 0 {
+        bail!("SST-2 train.tsv: no rows to fine-tune on");
+    }
+    Ok((flops / tokens as f64, cfg))
+}
+
+/// berth's matrix-product peak in `mode` on `threads` threads for a `hidden → intermediate`
+/// layer (the reference for "fraction of peak"), GFLOP/s: the best of four measurements
+/// (32 products), as this machine's speed drifts.
+fn peak(mode: berth_model::Precision, threads: usize, cfg: (usize, usize)) -> anyhow::Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    Ok(pool.install(|| {
+        (0..4)
+            .map(|_| crate::bench::matmul_peak(mode, cfg.0, cfg.1))
+            .fold(0.0, f64::max)
+    }))
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -204,6 +250,7 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         let train = tmp.join("train.tsv");
         let rows: Vec<&str> = text.lines().take(a.rows + 1).collect();
         std::fs::write(&train, rows.join("\n") + "\n")?;
+        let (per_token, cfg) = finetune_flops_per_token(&model, &rows)?;
         let dev = data.join("sst2/dev.tsv");
         eprintln!(
             "fine-tuning {} on {} SST-2 rows, {} threads, {} round(s): berth, then the Trainer (group_by_length)",
@@ -268,6 +315,22 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         }
         let berth_rates: Vec<f64> = results.iter().map(|(o, _)| o.0).collect();
         let ours = (median(&berth_rates), results[0].0 .1);
+        let f32_peak = peak(
+            berth_model::Precision::F32,
+            a.threads,
+            (cfg.hidden_size, cfg.intermediate_size),
+        )?;
+        let peer_rates: Vec<f64> = results.iter().map(|(_, p)| p.0).collect();
+        let gflops = |tokens_per_s: f64| tokens_per_s * per_token / 1e9;
+        println!(
+            "useful work {:.2} MFLOP per real token (3 x the encoder's forward products); \
+             medians: berth f32 {:.1} GFLOP/s ({:.0} % of berth's f32 matmul peak, {f32_peak:.0}), \
+             Trainer f32 {:.1} GFLOP/s",
+            per_token / 1e6,
+            gflops(ours.0),
+            100.0 * gflops(ours.0) / f32_peak,
+            gflops(median(&peer_rates)),
+        );
         if let Some(p) = peer_bf16 {
             // berth bf16 against the Trainer's bf16 when berth ran it, else berth f32.
             let (side, mine) = match ours_bf16 {
@@ -276,6 +339,16 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             };
             if let Some(b) = ours_bf16 {
                 println!("| berth bf16 | {:.0} | {:.4} | - |", b.0, b.1);
+                let bf16_peak = peak(
+                    berth_model::Precision::Bf16,
+                    a.threads,
+                    (cfg.hidden_size, cfg.intermediate_size),
+                )?;
+                println!(
+                    "berth bf16 {:.1} GFLOP/s ({:.0} % of berth's bf16 matmul peak, {bf16_peak:.0})",
+                    gflops(b.0),
+                    100.0 * gflops(b.0) / bf16_peak
+                );
             }
             println!(
                 "| Trainer bf16 autocast, group_by_length | {:.0} | {:.4} | {:.2}x ({side}) |",
@@ -287,11 +360,19 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
     }
     if a.pretrain_steps > 0 {
         eprintln!("pretraining: scripts/pretrain_peer.py --corpus books --head sparse");
+        // The script's model: 4 layers, 256 wide, feed-forward 1024.
+        let mode = if berth_bf16 {
+            berth_model::Precision::Bf16
+        } else {
+            berth_model::Precision::F32
+        };
+        let pretrain_peak = peak(mode, a.threads, (256, 1024))?;
         let out = output(
             Command::new(&a.python)
                 .arg(script("pretrain_peer.py"))
                 .args(["--corpus", "books", "--head", "sparse"])
                 .args(["--steps", &a.pretrain_steps.to_string()])
+                .args(["--peak", &format!("{pretrain_peak:.1}")])
                 .args(berth_bf16.then_some("--bf16")),
             "scripts/pretrain_peer.py",
         )?;
