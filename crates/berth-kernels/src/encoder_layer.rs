@@ -341,11 +341,26 @@ fn scatter_add<T: Float>(x: &mut [T], a: &[T], rows: Option<&[usize]>, h: usize)
     }
 }
 
-/// `act(x)` into a new buffer, copied and activated chunk by chunk (the second pass hits L1).
+/// `act(x)` into a new buffer, copied and activated chunk by chunk in parallel (the second
+/// pass hits L1). The copy is part of the parallel pass: a `to_vec` first was a serial
+/// memcpy of the whole feed-forward activation on the calling thread, with both workers idle.
 fn activated<T: Float>(act: Activation, x: &[T]) -> Vec<T> {
     const CHUNK: usize = 4096;
-    let mut y = x.to_vec();
-    y.par_chunks_mut(CHUNK).for_each(|c| T::activate(act, c));
+    let mut y: Vec<T> = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(d, c)| {
+            for (d, &v) in d.iter_mut().zip(c) {
+                d.write(v);
+            }
+            // SAFETY: every element of `d` was written just above; `MaybeUninit<T>` has
+            // the layout of `T`.
+            let d = unsafe { &mut *(d as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            T::activate(act, d)
+        });
+    // SAFETY: the chunks cover all `x.len()` elements, each written above.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
