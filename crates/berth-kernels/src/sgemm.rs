@@ -798,10 +798,8 @@ mod tests {
     use super::*;
     use crate::testing::lcg;
 
-    /// Every packed element is the source element the layout names, padding zero, for
-    /// sources read with a unit row stride (a transposed weight: the 8 × 8 tiles), a
-    /// unit column stride (row copies) and neither; shapes with and without whole tiles,
-    /// panels and `PACK_ROWS` blocks.
+    /// Split rows go out in order, every row once, in blocks that never grow and end with
+    /// at most one micro-panel.
     #[test]
     fn row_tasks_cover_the_rows_in_shrinking_blocks() {
         for threads in 2..=4 {
@@ -812,7 +810,7 @@ mod tests {
                 assert_eq!(tasks.last().unwrap().end, m);
                 assert!(tasks.windows(2).all(|w| w[0].end == w[1].start));
                 // Whole micro-panels (the last block may be partial), never growing, at most
-                // `MC`, and the last one (a full one if rows allow) a single micro-panel.
+                // `MC`, and the last at most one micro-panel.
                 let sizes: Vec<usize> = tasks.iter().map(|t| t.len()).collect();
                 assert!(sizes[..sizes.len() - 1].iter().all(|s| s % MR == 0));
                 assert!(
@@ -825,6 +823,10 @@ mod tests {
         }
     }
 
+    /// Every packed element is the source element the layout names, padding zero, for
+    /// sources read with a unit row stride (a transposed weight: the 8 × 8 tiles), a
+    /// unit column stride (row copies) and neither; shapes with and without whole tiles,
+    /// panels and `PACK_ROWS` blocks.
     #[test]
     fn packing_places_every_element() {
         let mut s = 5u64;
