@@ -176,6 +176,29 @@ struct ActOp(Activation);
 
 const CHUNK: usize = 4096;
 
+/// `act(x)` into a new buffer, copied and activated chunk by chunk in parallel (the second
+/// pass hits L1). The copy is part of the parallel pass, into uninitialised memory: a
+/// `to_vec` (or a zero-filled buffer) first was a serial pass over the whole feed-forward
+/// activation on the calling thread, with both workers idle.
+pub(crate) fn activated<T: Float>(act: Activation, x: &[T]) -> Vec<T> {
+    let mut y: Vec<T> = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(d, c)| {
+            for (d, &v) in d.iter_mut().zip(c) {
+                d.write(v);
+            }
+            // SAFETY: every element of `d` was written just above; `MaybeUninit<T>` has
+            // the layout of `T`.
+            let d = unsafe { &mut *(d as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            T::activate(act, d)
+        });
+    // SAFETY: the chunks cover all `x.len()` elements, each written above.
+    unsafe { y.set_len(x.len()) };
+    y
+}
+
 impl CustomOp1 for ActOp {
     fn name(&self) -> &'static str {
         "berth-activation"
@@ -183,16 +206,7 @@ impl CustomOp1 for ActOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(act: Activation, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-            let x = slice::<T>(s, l)?;
-            let mut y = vec![T::zero(); x.len()];
-            // Copy and activate chunk by chunk, in parallel: the second pass hits L1.
-            y.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(|(d, c)| {
-                    d.copy_from_slice(c);
-                    T::activate(act, d)
-                });
-            Ok(T::to_cpu_storage_owned(y))
+            Ok(T::to_cpu_storage_owned(activated(act, slice::<T>(s, l)?)))
         }
         Ok((
             dispatch!(s.dtype(), self.name(), run(self.0, s, l))?,

@@ -341,29 +341,6 @@ fn scatter_add<T: Float>(x: &mut [T], a: &[T], rows: Option<&[usize]>, h: usize)
     }
 }
 
-/// `act(x)` into a new buffer, copied and activated chunk by chunk in parallel (the second
-/// pass hits L1). The copy is part of the parallel pass: a `to_vec` first was a serial
-/// memcpy of the whole feed-forward activation on the calling thread, with both workers idle.
-fn activated<T: Float>(act: Activation, x: &[T]) -> Vec<T> {
-    const CHUNK: usize = 4096;
-    let mut y: Vec<T> = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(d, c)| {
-            for (d, &v) in d.iter_mut().zip(c) {
-                d.write(v);
-            }
-            // SAFETY: every element of `d` was written just above; `MaybeUninit<T>` has
-            // the layout of `T`.
-            let d = unsafe { &mut *(d as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-            T::activate(act, d)
-        });
-    // SAFETY: the chunks cover all `x.len()` elements, each written above.
-    unsafe { y.set_len(x.len()) };
-    y
-}
-
 impl EncoderLayer {
     fn scale(&self, h: usize) -> f64 {
         1.0 / ((h / self.w.num_heads) as f64).sqrt()
@@ -390,7 +367,7 @@ impl EncoderLayer {
             add_rows(&mut ln1_in, x, rows, h);
             let h1 = layer_norm::forward(&ln1_in, g1, b1, self.w.attn_ln_eps);
             let f_pre = linear::forward_with(&h1, wi, bi, p)?;
-            let f_act = activated(self.w.activation, &f_pre);
+            let f_act = crate::activation::activated(self.w.activation, &f_pre);
             let mut ln2_in = linear::forward_with(&f_act, wout, bout, p)?;
             drop_rows(&mut ln2_in, self.drop.ffn_out, rows, h);
             add_assign(&mut ln2_in, &h1);
