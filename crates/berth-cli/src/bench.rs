@@ -104,8 +104,8 @@ pub(crate) fn encoder_flops(c: &berth_model::EncoderConfig, len: usize) -> f64 {
 
 /// GFLOP/s of berth's matrix product in `mode` on the model's largest shape
 /// (4096 tokens × hidden → intermediate; activation conversion included for bf16 / int8),
-/// the reference for "fraction of peak".
-pub(crate) fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
+/// the reference for "fraction of peak": the best of `runs` products.
+pub(crate) fn matmul_peak(mode: Precision, h: usize, i: usize, runs: usize) -> f64 {
     use berth_kernels::amx::{self, int8::PackedI8, PackedBf16};
     let n = 4096;
     let x: Vec<f32> = (0..n * h)
@@ -149,7 +149,7 @@ pub(crate) fn matmul_peak(mode: Precision, h: usize, i: usize) -> f64 {
     };
     run();
     // The best of several single products: the peak this machine reaches right now.
-    let best = (0..8)
+    let best = (0..runs)
         .map(|_| {
             let start = Instant::now();
             run();
@@ -502,7 +502,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     ];
     let peaks: Vec<f64> = modes
         .iter()
-        .map(|&m| matmul_peak(m, cfg.hidden_size, cfg.intermediate_size))
+        .map(|&m| matmul_peak(m, cfg.hidden_size, cfg.intermediate_size, 8))
         .collect();
     println!(
         "\nGFLOP/s of useful work (fraction of berth's measured matmul peak in that precision)"

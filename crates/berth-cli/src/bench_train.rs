@@ -204,17 +204,13 @@ fn finetune_flops_per_token(
 }
 
 /// berth's matrix-product peak in `mode` on `threads` threads for a `hidden → intermediate`
-/// layer (the reference for "fraction of peak"), GFLOP/s: the best of four measurements
-/// (32 products), as this machine's speed drifts.
+/// layer (the reference for "fraction of peak"), GFLOP/s: the best of 32 products, as this
+/// machine's speed drifts.
 fn peak(mode: berth_model::Precision, threads: usize, cfg: (usize, usize)) -> anyhow::Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    Ok(pool.install(|| {
-        (0..4)
-            .map(|_| crate::bench::matmul_peak(mode, cfg.0, cfg.1))
-            .fold(0.0, f64::max)
-    }))
+    Ok(pool.install(|| crate::bench::matmul_peak(mode, cfg.0, cfg.1, 32)))
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
