@@ -1,7 +1,14 @@
 //! Micro-benchmark of the f32 micro-kernel with everything in L1, and of whole products.
 //!     cargo run --release -p berth-kernels --example sgemm_peak [small | amx]
 //!     SHAPE=m,n,k SECS=3 cargo run --release -p berth-kernels --example sgemm_peak
-use berth_kernels::sgemm::{sgemm, Init, PackedB};
+//!     MIMALLOC_PURGE_DELAY=-1 cargo run --release -p berth-kernels --example sgemm_peak \
+//!         unpacked m,n,k[,rows] ...
+// As the CLI (with its purge setting through the environment): freed buffers are reused,
+// not returned to the OS and faulted in again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use berth_kernels::sgemm::{sgemm, sgemm_unpacked, Init, PackedB};
 use std::time::Instant;
 
 fn main() {
@@ -10,6 +17,9 @@ fn main() {
     }
     if std::env::args().any(|a| a == "amx") {
         return amx_products();
+    }
+    if std::env::args().nth(1).is_some_and(|a| a == "unpacked") {
+        return unpacked(std::env::args().skip(2).collect());
     }
     if let Ok(shape) = std::env::var("SHAPE") {
         return one(&shape);
@@ -158,4 +168,51 @@ fn one(shape: &str) {
         "{m}x{n}x{k}: {:.1} GFLOP/s",
         flops as f64 / t.elapsed().as_secs_f64() / 1e9
     );
+}
+
+/// A weight used once, as at a training step: packed whole, then the product
+/// (`PackedB::pack` + `sgemm`), against `sgemm_unpacked` (panel by panel where it chooses
+/// to), alternating call by call in one process, each call after a pass over 4 MB that
+/// evicts the weight and the last call's panels from L2. Each shape `m,n,k` is a forward
+/// product (`B = Wᵀ`, `W [N, K]`); `m,n,k,rows` an input gradient (`B = W [K, N]`).
+fn unpacked(shapes: Vec<String>) {
+    let mut junk = vec![1f32; 1 << 20];
+    for shape in shapes {
+        let d: Vec<&str> = shape.split(',').collect();
+        let [m, n, k] = [0, 1, 2].map(|i| d[i].parse::<usize>().expect("m,n,k"));
+        let (rs, cs) = if d.len() > 3 { (n, 1) } else { (1, k) };
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let bias = vec![0.1f32; n];
+        let mut c = vec![0f32; m * n];
+        let mut call = |panel_by_panel: bool, c: &mut [f32]| {
+            junk.iter_mut().step_by(16).for_each(|x| *x += 1.0);
+            std::hint::black_box(&junk);
+            let t = Instant::now();
+            if panel_by_panel {
+                sgemm_unpacked(m, &a, k, 1, (&w, rs, cs), (k, n), c, n, Init::Bias(&bias));
+            } else {
+                let b = PackedB::pack(&w, rs, cs, k, n);
+                sgemm(m, &a, k, 1, &b, c, n, Init::Bias(&bias));
+            }
+            t.elapsed().as_secs_f64()
+        };
+        let calls = ((15e9 / (2 * m * n * k) as f64) as usize).clamp(20, 400);
+        // Warm-up: the pool's threads, the buffers' first touch.
+        call(false, &mut c);
+        call(true, &mut c);
+        let mut secs = [0f64; 2];
+        for r in 0..calls {
+            for which in [r % 2, 1 - r % 2] {
+                secs[which] += call(which == 1, &mut c);
+            }
+        }
+        let gflop = 2.0 * (m * n * k * calls) as f64 / 1e9;
+        println!(
+            "{shape}: packed whole {:.1} GFLOP/s, sgemm_unpacked {:.1} GFLOP/s ({:.3}x)",
+            gflop / secs[0],
+            gflop / secs[1],
+            secs[0] / secs[1]
+        );
+    }
 }

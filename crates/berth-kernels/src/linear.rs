@@ -251,8 +251,11 @@ pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let n = if i == 0 { 0 } else { x.len() / i };
     if let (Some(xf), Some(wf), Some(bf)) = (as_f32(x), as_f32(w), as_f32(b)) {
         if sgemm::available() && n > 0 && i > 0 {
-            let packed = sgemm::PackedB::pack_transposed(wf, o, i);
-            return from_f32(linear_packed_f32(xf, n, &packed, bf, None));
+            // y [N, O] = x [N, I] w^T + b: `B = w^T`, read with column stride `i`.
+            let mut y = output(n * o);
+            let init = sgemm::Init::Bias(bf);
+            sgemm::sgemm_unpacked(n, xf, i, 1, (wf, 1, i), (i, o), &mut y, o, init);
+            return from_f32(y);
         }
     }
     let mut y: Vec<T> = Vec::with_capacity(n * o);
@@ -334,8 +337,8 @@ pub(crate) fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], o: usize) -> (Vec<T
         if sgemm::available() && n > 0 && i > 0 {
             // dx [N, I] = dy [N, O] @ w [O, I]
             let mut dxf = output(n * i);
-            let wp = sgemm::PackedB::pack(wf, i, 1, o, i);
-            sgemm::sgemm(n, dyf, o, 1, &wp, &mut dxf, i, sgemm::Init::Zero);
+            let init = sgemm::Init::Zero;
+            sgemm::sgemm_unpacked(n, dyf, o, 1, (wf, i, 1), (o, i), &mut dxf, i, init);
             // dw [O, I] = dy^T [O, N] @ x [N, I]
             let mut dwf = output(o * i);
             let xp = sgemm::PackedB::pack(xf, i, 1, n, i);

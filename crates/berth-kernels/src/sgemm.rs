@@ -1,6 +1,6 @@
 //! f32 matrix product `C = init + A B` for AVX-512 (or AVX2 + FMA: [`kernel_avx2`]), with
 //! `B` packed in panels of [`NR`] columns (weights are packed once at load; other operands
-//! per call).
+//! per call, whole or panel by panel: [`sgemm_unpacked`]).
 //!
 //! The micro-kernel keeps an `MR × NR` block of `C` in 24 zmm registers: each step of the
 //! inner dimension loads three vectors of the `B` panel (prefetched `PF` steps ahead) and
@@ -152,24 +152,8 @@ impl PackedB {
         // memory (a zeroed allocation was a serial pass over the whole buffer on the calling
         // thread: 1.5 % of a fine-tuning step's samples, with both workers waiting); only a
         // last, partial panel is zeroed first, for its padding columns.
-        let fill = |panel: usize, dst: &mut [MaybeUninit<f32>]| {
-            let cols = panel * NR..((panel + 1) * NR).min(n);
-            if cs == 1 && cols.len() == NR {
-                copy_full_rows(b, rs, cols.start, dst);
-                return;
-            }
-            let dst = if cols.len() < NR { zeroed(dst) } else { dst };
-            if cs == 1 {
-                for (p, row) in dst.chunks_mut(NR).enumerate() {
-                    let src = &b[p * rs + cols.start..p * rs + cols.end];
-                    for (d, s) in row.iter_mut().zip(src) {
-                        d.write(*s);
-                    }
-                }
-            } else {
-                transpose_into_panel(b, rs, cs, k, cols, dst);
-            }
-        };
+        let fill =
+            |panel: usize, dst: &mut [MaybeUninit<f32>]| fill_panel(b, rs, cs, n, panel, dst);
         // SAFETY: every path writes every element of its panel: a full row-major panel all
         // `k × NR` by rows; otherwise a partial panel is zeroed first and a full one is
         // covered by the transpose (its tiles, then the columns and steps they left);
@@ -191,6 +175,36 @@ impl PackedB {
     /// `N`.
     pub fn n(&self) -> usize {
         self.n
+    }
+}
+
+/// Panel `panel` of `B` read as `b[p * rs + j * cs]` (`n` columns, `dst.len() / NR` steps)
+/// into `dst`, every element written: a full row-major panel by rows; otherwise a partial
+/// panel is zeroed first (its padding columns) and a column-strided one transposed.
+fn fill_panel(
+    b: &[f32],
+    rs: usize,
+    cs: usize,
+    n: usize,
+    panel: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let k = dst.len() / NR;
+    let cols = panel * NR..((panel + 1) * NR).min(n);
+    if cs == 1 && cols.len() == NR {
+        copy_full_rows(b, rs, cols.start, dst);
+        return;
+    }
+    let dst = if cols.len() < NR { zeroed(dst) } else { dst };
+    if cs == 1 {
+        for (p, row) in dst.chunks_mut(NR).enumerate() {
+            let src = &b[p * rs + cols.start..p * rs + cols.end];
+            for (d, s) in row.iter_mut().zip(src) {
+                d.write(*s);
+            }
+        }
+    } else {
+        transpose_into_panel(b, rs, cs, k, cols, dst);
     }
 }
 
@@ -342,7 +356,115 @@ pub fn sgemm_then(
     init: Init,
     post: Option<Activation>,
 ) {
-    let (n, k) = (b.n, b.k);
+    drive(m, a, a_rs, a_cs, Panels::Packed(b), c, ldc, init, post);
+}
+
+/// [`sgemm`] with `B` read as `b[p * rs + j * cs]` (`K × N`), for an operand used once (a
+/// weight at a training step). With few rows of `A`, read in place (row-major), and many
+/// column panels, each thread claims
+/// panels in order, packs one into a buffer of its own and runs every row of `C` past it
+/// while it is still in its cache ([`packs_as_it_goes`]); otherwise `B` is packed whole
+/// first. Either way the same bits.
+///
+/// # Panics
+/// As [`sgemm`], or when the view of `B` does not fit `b`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_unpacked(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    (b, rs, cs): (&[f32], usize, usize),
+    (k, n): (usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+) {
+    if k > 0 && n > 0 {
+        assert!(
+            (k - 1) * rs + (n - 1) * cs < b.len(),
+            "sgemm_unpacked: view of B out of bounds"
+        );
+    }
+    if a_cs == 1 && packs_as_it_goes(m, n) {
+        drive(
+            m,
+            a,
+            a_rs,
+            a_cs,
+            Panels::Raw { b, rs, cs, k, n },
+            c,
+            ldc,
+            init,
+            None,
+        );
+    } else {
+        let packed = PackedB::pack(b, rs, cs, k, n);
+        drive(
+            m,
+            a,
+            a_rs,
+            a_cs,
+            Panels::Packed(&packed),
+            c,
+            ldc,
+            init,
+            None,
+        );
+    }
+}
+
+/// Whether [`sgemm_unpacked`] packs panel by panel (row-major `A` only: a strided `A` would
+/// be packed again for every panel): for at most [`PACKING_ROWS`] rows and at least four
+/// panels per thread, so the threads can balance their shares a panel at a time.
+///
+/// Packing a weight whole writes it into the packing threads' caches; a product splitting
+/// rows then reads every panel back, half of them from the other core's cache, and the
+/// packed weight (1.8–2.4 MB for MiniLM's) does not stay in a 1 MB L2. Alternating call by
+/// call in one process on a Zen 3 (2 threads, the weight evicted from L2 before each call,
+/// `sgemm_peak unpacked`), panel by panel was, for 420 rows through MiniLM's weights:
+/// 2–8 % faster for the QKV and intermediate forward products (24 and 32 panels), 3–5 %
+/// (one run of five 2 % slower) for the output projection's (8 panels of depth 1,536),
+/// and −8 to +6 % (median +4 %) for the input gradients' 384-column products. From 1,024
+/// rows on, `A` no longer stays in L2 while a panel passes it.
+fn packs_as_it_goes(m: usize, n: usize) -> bool {
+    m <= PACKING_ROWS && n.div_ceil(NR) >= 4 * rayon::current_num_threads()
+}
+
+/// Rows up to which [`sgemm_unpacked`] may pack panel by panel.
+const PACKING_ROWS: usize = 768;
+
+/// Where the kernel's `B` panels come from.
+#[derive(Clone, Copy)]
+enum Panels<'a> {
+    /// Packed whole beforehand.
+    Packed(&'a PackedB),
+    /// Packed one panel at a time by the thread that uses it ([`sgemm_unpacked`]).
+    Raw {
+        b: &'a [f32],
+        rs: usize,
+        cs: usize,
+        k: usize,
+        n: usize,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    src: Panels,
+    c: &mut [f32],
+    ldc: usize,
+    init: Init,
+    post: Option<Activation>,
+) {
+    let (n, k) = match src {
+        Panels::Packed(b) => (b.n, b.k),
+        Panels::Raw { n, k, .. } => (n, k),
+    };
     assert!(available(), "sgemm needs AVX-512 or AVX2 + FMA");
     if m == 0 || n == 0 {
         return;
@@ -373,7 +495,10 @@ pub fn sgemm_then(
     let cp = SendPtr(c.as_mut_ptr());
     let ap = a.as_ptr() as usize;
     let in_place = a_cs == 1;
-    let run = |range: std::ops::Range<usize>, rows_t: std::ops::Range<usize>| {
+    // Panel `j` of `B` starts `(j - first) * k * NR` floats after address `at`.
+    let run = |range: std::ops::Range<usize>,
+               rows_t: std::ops::Range<usize>,
+               (at, first): (usize, usize)| {
         thread_local! {
             static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -427,7 +552,7 @@ pub fn sgemm_then(
                                     cols,
                                     depth,
                                     a_block,
-                                    b.data.as_ptr().add(j * k * NR + p0 * NR),
+                                    (at as *const f32).add((j - first) * k * NR + p0 * NR),
                                     cp.get().add((i0 + i) * ldc + j * NR),
                                     ldc,
                                     match init {
@@ -453,8 +578,45 @@ pub fn sgemm_then(
             }
         });
     };
+    if let Panels::Raw { b, rs, cs, .. } = src {
+        thread_local! {
+            static PANEL: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let claim = |_| {
+            PANEL.with_borrow_mut(|buf| {
+                buf.resize(k * NR / 16, Line([0.0; 16]));
+                // SAFETY: a `Line` is 16 f32s with no padding; `fill_panel` only writes.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        buf.as_mut_ptr() as *mut MaybeUninit<f32>,
+                        k * NR,
+                    )
+                };
+                loop {
+                    let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if j >= panels {
+                        break;
+                    }
+                    fill_panel(b, rs, cs, n, j, dst);
+                    run(j..j + 1, 0..m, (buf.as_ptr() as usize, j));
+                }
+            })
+        };
+        let threads = rayon::current_num_threads().min(panels).max(1);
+        if threads == 1 || 2 * m * n * k < 1 << 20 {
+            claim(0);
+        } else {
+            (0..threads).into_par_iter().for_each(claim);
+        }
+        return;
+    }
+    let Panels::Packed(b) = src else {
+        unreachable!("raw panels handled above")
+    };
+    let whole = (b.data.as_ptr() as usize, 0);
     if threads == 1 {
-        run(0..panels, 0..m);
+        run(0..panels, 0..m, whole);
     } else if row_split {
         // Row blocks claimed in order as threads free up, not in equal static shares: the
         // two vCPUs here often run at different speeds (one FMA loop per core: 165 and 140
@@ -471,15 +633,19 @@ pub fn sgemm_then(
             while let Some(rows) =
                 tasks.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
             {
-                run(0..panels, rows.clone());
+                run(0..panels, rows.clone(), whole);
             }
         });
     } else {
         // Few rows (batch-1 inference): static column shares (finer dynamic ones measured
         // no better).
-        (0..threads)
-            .into_par_iter()
-            .for_each(|t| run(panels * t / threads..panels * (t + 1) / threads, 0..m));
+        (0..threads).into_par_iter().for_each(|t| {
+            run(
+                panels * t / threads..panels * (t + 1) / threads,
+                0..m,
+                whole,
+            )
+        });
     }
 }
 
@@ -926,6 +1092,61 @@ mod tests {
         check(260, 60, 3100, true);
         assert_eq!(depth_block(384), 384);
         assert_eq!(depth_block(4096), 1366);
+    }
+
+    /// `sgemm_unpacked` gives the bits of packing `B` whole and calling `sgemm`, whichever
+    /// way it goes: panel by panel (few rows, four panels per thread or more: a ragged last
+    /// panel, depth blocks past `KC_MAX`, one thread for a tiny product) or packed whole
+    /// (many rows, or few panels); `B` as a transposed weight or row-major, `A` row-major
+    /// or transposed (always packed whole).
+    #[test]
+    fn unpacked_equals_packed_bit_for_bit() {
+        if !available() {
+            eprintln!("neither AVX-512 nor AVX2 + FMA: skipping");
+            return;
+        }
+        let mut s = 3u64;
+        let threads = rayon::current_num_threads();
+        let mut ways = [0; 2];
+        for (m, n, k) in [
+            (37, 4 * threads * NR - 5, 67),
+            (420, 4 * threads * NR, 384),
+            (300, 4 * threads * NR + 1, 1600),
+            (2, 4 * threads * NR + 2, 3),
+            (800, 4 * threads * NR, 50),
+            (200, 100, 50),
+        ] {
+            let panel_by_panel = packs_as_it_goes(m, n);
+            assert_eq!(
+                panel_by_panel,
+                m <= PACKING_ROWS && n > (4 * threads - 1) * NR
+            );
+            ways[panel_by_panel as usize] += 1;
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            // B as a weight `[N, K]` read transposed, or as `[K, N]` row-major; A as `[M, K]`
+            // or read through the strides of its transpose.
+            for (rs, cs) in [(1, k), (n, 1)] {
+                for (a_rs, a_cs) in [(k, 1), (1, m)] {
+                    for init in [Init::Zero, Init::Bias(&bias), Init::Accumulate] {
+                        let mut want = c0.clone();
+                        let packed = PackedB::pack(&b, rs, cs, k, n);
+                        sgemm(m, &a, a_rs, a_cs, &packed, &mut want, n, init);
+                        let mut got = c0.clone();
+                        sgemm_unpacked(m, &a, a_rs, a_cs, (&b, rs, cs), (k, n), &mut got, n, init);
+                        assert!(
+                            want.iter()
+                                .zip(&got)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{m}x{n}x{k}, B strides ({rs}, {cs}), A strides ({a_rs}, {a_cs})"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(ways, [2, 4], "shapes packed whole, panel by panel");
     }
 
     #[test]
