@@ -96,6 +96,21 @@ pub(crate) trait Float:
         layer_norm::row_stats_generic(row, eps)
     }
 
+    /// One row of the LayerNorm backward ([`layer_norm::row_backward`]; f32: compiled for
+    /// AVX-512 or AVX2 when available).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_row_backward(
+        xr: &[Self],
+        g: &[Self],
+        dyr: &[Self],
+        eps: f64,
+        dxr: &mut [Self],
+        dg: &mut [Self],
+        db: &mut [Self],
+    ) {
+        layer_norm::row_backward(xr, g, dyr, eps, dxr, dg, db)
+    }
+
     /// Dropout's mask for elements `base..` of stream `key` applied in place: dropped
     /// elements zeroed, kept ones times `scale` (f32: AVX-512 when available).
     fn mask_in_place(xs: &mut [Self], key: u64, base: u64, threshold: u32, scale: Self) {
@@ -200,6 +215,28 @@ impl Float for f32 {
 
     fn row_stats(row: &[Self], eps: f64) -> (Self, Self) {
         layer_norm::row_stats_f32(row, eps)
+    }
+
+    fn layer_norm_row_backward(
+        xr: &[Self],
+        g: &[Self],
+        dyr: &[Self],
+        eps: f64,
+        dxr: &mut [Self],
+        dg: &mut [Self],
+        db: &mut [Self],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { layer_norm::row_backward_f32_avx512(xr, g, dyr, eps, dxr, dg, db) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if cpu::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { layer_norm::row_backward_f32_avx2(xr, g, dyr, eps, dxr, dg, db) };
+        }
+        layer_norm::row_backward(xr, g, dyr, eps, dxr, dg, db)
     }
 
     fn mask_in_place(xs: &mut [Self], key: u64, base: u64, threshold: u32, scale: Self) {
