@@ -311,19 +311,66 @@ fn drop_rows<T: Float>(xs: &mut [T], d: Option<DropSite>, rows: Option<&[usize]>
     }
 }
 
-/// `a[k] += x[rows[k]]` for rows of width `h` (`a += x` when `rows` is `None`).
-fn add_rows<T: Float>(a: &mut [T], x: &[T], rows: Option<&[usize]>, h: usize) {
-    match rows {
-        None => add_assign(a, x),
-        Some(rows) => a
-            .par_chunks_mut(h)
-            .zip(rows.par_iter())
-            .for_each(|(a, &r)| {
-                a.iter_mut()
-                    .zip(&x[r * h..(r + 1) * h])
-                    .for_each(|(a, &b)| *a = *a + b)
-            }),
-    }
+/// `y = drop(y) + residual` in place, then `LayerNorm(y)` into a new buffer, in one
+/// parallel pass over blocks of rows (three passes before, each over the whole tensor:
+/// [`drop_rows`], the residual add and [`layer_norm::forward`]). Each element gets the same
+/// mask, add and normalisation as in the separate passes: the same bits. `y [R, h]`: with
+/// `mask_rows`, row `k` of `y` draws the mask of row `mask_rows[k]` of the whole tensor;
+/// with `res_rows`, its residual is row `res_rows[k]` of `res` (else row `k`).
+fn drop_add_norm<T: Float>(
+    y: &mut [T],
+    res: &[T],
+    d: Option<DropSite>,
+    mask_rows: Option<&[usize]>,
+    res_rows: Option<&[usize]>,
+    (g, b, eps): (&[T], &[T], f64),
+) -> Vec<T> {
+    // A multiple of 4 elements per block whatever `h` (a block never splits the mask's
+    // groups of four draws).
+    const ROWS: usize = 16;
+    let h = g.len();
+    let mut out: Vec<T> = Vec::with_capacity(y.len());
+    let d = d.filter(|d| d.rate > 0.0);
+    let (scale, t) = match d {
+        Some(d) => (
+            T::from_f64(1.0 / (1.0 - d.rate as f64)),
+            dropout::threshold(d.rate),
+        ),
+        None => (T::one(), 0),
+    };
+    out.spare_capacity_mut()[..y.len()]
+        .par_chunks_mut(ROWS * h)
+        .zip(y.par_chunks_mut(ROWS * h))
+        .enumerate()
+        .for_each(|(c, (o, yb))| {
+            let first = c * ROWS;
+            match (d, mask_rows) {
+                (Some(d), _) if d.rate >= 1.0 => yb.iter_mut().for_each(|v| *v = T::zero()),
+                (Some(d), None) => {
+                    T::mask_in_place(yb, d.seed, d.base(h) + (first * h) as u64, t, scale)
+                }
+                (Some(d), Some(rows)) => {
+                    for (k, yr) in yb.chunks_mut(h).enumerate() {
+                        let at = d.base(h) + (rows[first + k] * h) as u64;
+                        T::mask_in_place(yr, d.seed, at, t, scale);
+                    }
+                }
+                (None, _) => {}
+            }
+            for (k, (yr, or)) in yb.chunks_mut(h).zip(o.chunks_mut(h)).enumerate() {
+                let r = res_rows.map_or(first + k, |rows| rows[first + k]);
+                yr.iter_mut()
+                    .zip(&res[r * h..(r + 1) * h])
+                    .for_each(|(a, &v)| *a = *a + v);
+                let (mean, rstd) = T::row_stats(yr, eps);
+                for i in 0..h {
+                    or[i].write((yr[i] - mean) * rstd * g[i] + b[i]);
+                }
+            }
+        });
+    // SAFETY: the blocks cover all `y.len()` elements of `out`, each written above.
+    unsafe { out.set_len(y.len()) };
+    out
 }
 
 /// `x[rows[k]] += a[k]` for rows of width `h` (`x += a` when `rows` is `None`).
@@ -363,15 +410,13 @@ impl EncoderLayer {
                 }
             };
             let mut ln1_in = linear::forward_with(&ctx, wo, bo, p)?;
-            drop_rows(&mut ln1_in, self.drop.attn_out, rows, h);
-            add_rows(&mut ln1_in, x, rows, h);
-            let h1 = layer_norm::forward(&ln1_in, g1, b1, self.w.attn_ln_eps);
+            let ln1 = (g1, b1, self.w.attn_ln_eps);
+            let h1 = drop_add_norm(&mut ln1_in, x, self.drop.attn_out, rows, rows, ln1);
             let f_pre = linear::forward_with(&h1, wi, bi, p)?;
             let f_act = crate::activation::activated(self.w.activation, &f_pre);
             let mut ln2_in = linear::forward_with(&f_act, wout, bout, p)?;
-            drop_rows(&mut ln2_in, self.drop.ffn_out, rows, h);
-            add_assign(&mut ln2_in, &h1);
-            let y = layer_norm::forward(&ln2_in, g2, b2, self.w.out_ln_eps);
+            let ln2 = (g2, b2, self.w.out_ln_eps);
+            let y = drop_add_norm(&mut ln2_in, &h1, self.drop.ffn_out, rows, None, ln2);
             let saved = Saved {
                 qkv,
                 ctx,
