@@ -296,16 +296,50 @@ fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
 /// holds copies of those rows of an `[N, h]` tensor and gets the whole tensor's mask at
 /// their positions.
 fn drop_rows<T: Float>(xs: &mut [T], d: Option<DropSite>, rows: Option<&[usize]>, h: usize) {
-    match (d, rows) {
-        (Some(d), _) if d.rate >= 1.0 => xs.par_iter_mut().for_each(|v| *v = T::zero()),
-        (Some(d), None) if d.rate > 0.0 => dropout::apply_in_place(xs, d.rate, d.seed, d.base(h)),
+    // A multiple of 4 elements per block whatever `h` (a block never splits the mask's
+    // groups of four draws).
+    const ROWS: usize = 16;
+    if d.is_some_and(|d| d.rate > 0.0) {
+        let keep = keep::<T>(d);
+        xs.par_chunks_mut(ROWS * h)
+            .enumerate()
+            .for_each(|(c, xb)| mask_block(xb, c * ROWS, h, d, rows, keep));
+    }
+}
+
+/// Dropout's keep threshold and scale at site `d` (any values when off).
+fn keep<T: Float>(d: Option<DropSite>) -> (u32, T) {
+    match d {
+        Some(d) => (
+            dropout::threshold(d.rate),
+            T::from_f64(1.0 / (1.0 - d.rate as f64)),
+        ),
+        None => (0, T::one()),
+    }
+}
+
+/// [`drop_rows`] on the block of rows `first..` of `y [R, h]` (`(threshold, scale)` from
+/// [`keep`]): each element's mask drawn at its place in the whole `[N, h]` tensor, row
+/// `first + k`, or with `mask_rows` (`y` holds copies of those rows) row
+/// `mask_rows[first + k]`.
+fn mask_block<T: Float>(
+    yb: &mut [T],
+    first: usize,
+    h: usize,
+    d: Option<DropSite>,
+    mask_rows: Option<&[usize]>,
+    (t, scale): (u32, T),
+) {
+    match (d, mask_rows) {
+        (Some(d), _) if d.rate >= 1.0 => yb.iter_mut().for_each(|v| *v = T::zero()),
+        (Some(d), None) if d.rate > 0.0 => {
+            T::mask_in_place(yb, d.seed, d.base(h) + (first * h) as u64, t, scale)
+        }
         (Some(d), Some(rows)) if d.rate > 0.0 => {
-            let scale = T::from_f64(1.0 / (1.0 - d.rate as f64));
-            let t = dropout::threshold(d.rate);
-            let base = d.base(h);
-            xs.par_chunks_mut(h)
-                .zip(rows.par_iter())
-                .for_each(|(x, &r)| T::mask_in_place(x, d.seed, base + (r * h) as u64, t, scale));
+            for (k, yr) in yb.chunks_mut(h).enumerate() {
+                let at = d.base(h) + (rows[first + k] * h) as u64;
+                T::mask_in_place(yr, d.seed, at, t, scale);
+            }
         }
         _ => {}
     }
@@ -313,7 +347,8 @@ fn drop_rows<T: Float>(xs: &mut [T], d: Option<DropSite>, rows: Option<&[usize]>
 
 /// `y = drop(y) + residual` in place, then `LayerNorm(y)` into a new buffer, in one
 /// parallel pass over blocks of rows (three passes before, each over the whole tensor:
-/// [`drop_rows`], the residual add and [`layer_norm::forward`]). Each element gets the same
+/// [`drop_rows`], the residual add and [`layer_norm::forward`]), the blocks masked as
+/// [`drop_rows`] masks them ([`mask_block`]). Each element gets the same
 /// mask, add and normalisation as in the separate passes: the same bits. `y [R, h]`: with
 /// `mask_rows`, row `k` of `y` draws the mask of row `mask_rows[k]` of the whole tensor;
 /// with `res_rows`, its residual is row `res_rows[k]` of `res` (else row `k`).
@@ -330,33 +365,14 @@ fn drop_add_norm<T: Float>(
     const ROWS: usize = 16;
     let h = g.len();
     let mut out: Vec<T> = Vec::with_capacity(y.len());
-    let d = d.filter(|d| d.rate > 0.0);
-    let (scale, t) = match d {
-        Some(d) => (
-            T::from_f64(1.0 / (1.0 - d.rate as f64)),
-            dropout::threshold(d.rate),
-        ),
-        None => (T::one(), 0),
-    };
+    let keep = keep::<T>(d);
     out.spare_capacity_mut()[..y.len()]
         .par_chunks_mut(ROWS * h)
         .zip(y.par_chunks_mut(ROWS * h))
         .enumerate()
         .for_each(|(c, (o, yb))| {
             let first = c * ROWS;
-            match (d, mask_rows) {
-                (Some(d), _) if d.rate >= 1.0 => yb.iter_mut().for_each(|v| *v = T::zero()),
-                (Some(d), None) => {
-                    T::mask_in_place(yb, d.seed, d.base(h) + (first * h) as u64, t, scale)
-                }
-                (Some(d), Some(rows)) => {
-                    for (k, yr) in yb.chunks_mut(h).enumerate() {
-                        let at = d.base(h) + (rows[first + k] * h) as u64;
-                        T::mask_in_place(yr, d.seed, at, t, scale);
-                    }
-                }
-                (None, _) => {}
-            }
+            mask_block(yb, first, h, d, mask_rows, keep);
             for (k, (yr, or)) in yb.chunks_mut(h).zip(o.chunks_mut(h)).enumerate() {
                 let r = res_rows.map_or(first + k, |rows| rows[first + k]);
                 yr.iter_mut()

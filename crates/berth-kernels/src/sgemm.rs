@@ -585,8 +585,12 @@ fn drive(
         let next = std::sync::atomic::AtomicUsize::new(0);
         let claim = |_| {
             PANEL.with_borrow_mut(|buf| {
-                buf.resize(k * NR / 16, Line([0.0; 16]));
-                // SAFETY: a `Line` is 16 f32s with no padding; `fill_panel` only writes.
+                // Grown to the deepest panel yet, never shrunk (so not zeroed again).
+                if buf.len() < k * NR / 16 {
+                    buf.resize(k * NR / 16, Line([0.0; 16]));
+                }
+                // SAFETY: a `Line` is 16 f32s with no padding, and the buffer holds at least
+                // `k * NR` of them; `fill_panel` only writes.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
                         buf.as_mut_ptr() as *mut MaybeUninit<f32>,
