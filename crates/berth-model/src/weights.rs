@@ -345,6 +345,19 @@ impl Weights {
         })
     }
 
+    /// A trained model's own tensors (already f32, keys already normalised), untracked:
+    /// [`crate::Model::detached`]'s source. No checks — they were checked when loaded, and
+    /// a diverged run's non-finite weights must still evaluate (to NaN), not fail.
+    pub(crate) fn in_memory(tensors: HashMap<String, Tensor>, source: PathBuf) -> Self {
+        Weights {
+            tensors,
+            int8: HashMap::new(),
+            source,
+            used: RefCell::new(BTreeSet::new()),
+            params: None,
+        }
+    }
+
     /// The file (or index) the weights came from.
     pub fn source(&self) -> &Path {
         &self.source

@@ -683,3 +683,53 @@ fn modernbert_heads_match_transformers() {
         }
     }
 }
+
+/// The untracked copy evaluation runs on: every head's output equals the trainable
+/// model's bit for bit and records no graph (the trainable forward does), for each
+/// architecture and head (the masked-LM heads' decoders tied to the word table included).
+#[test]
+fn detached_model_equals_the_trainable_one_without_a_graph() {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    };
+    for arch in ["bert", "distilbert", "electra", "roberta"] {
+        for head in ["mlm", "qa", "seqcls", "tokcls"] {
+            let dir = tiny(&format!("{arch}-{head}"));
+            let (model, _) = Model::load(&dir, true).unwrap();
+            assert!(!model.params.is_empty());
+            let detached = model.detached().unwrap();
+            assert!(
+                detached.params.is_empty(),
+                "{arch}-{head}: still has variables"
+            );
+            let batch = batch_of(&load_ref(&dir.join("reference.safetensors")));
+            let outputs = |m: &Model| -> Vec<Tensor> {
+                let hidden = m.forward(&batch).unwrap();
+                let head_out = match head {
+                    "mlm" => m.mlm_logits(&hidden).unwrap(),
+                    "qa" => m.qa_logits(&hidden).unwrap().0,
+                    "seqcls" => m.sequence_logits(&hidden, &batch).unwrap(),
+                    _ => m.token_logits(&hidden).unwrap(),
+                };
+                vec![hidden, head_out]
+            };
+            for (ours, theirs) in outputs(&model).iter().zip(outputs(&detached)) {
+                assert!(
+                    ours.track_op(),
+                    "{arch}-{head}: the trainable forward is tracked"
+                );
+                assert!(
+                    !theirs.track_op(),
+                    "{arch}-{head}: the detached forward is not"
+                );
+                assert_eq!(bits(ours), bits(&theirs), "{arch}-{head}");
+            }
+        }
+    }
+}

@@ -245,6 +245,27 @@ impl Networks {
         Ok(())
     }
 
+    /// The trained networks with untracked weights ([`Model::detached`]), for evaluation;
+    /// frozen networks as they are.
+    pub fn detached(&self) -> Result<Self> {
+        Ok(Networks {
+            main: self.main.detached()?,
+            config: self.config.clone(),
+            companions: self
+                .companions
+                .iter()
+                .map(|c| {
+                    Ok(Companion {
+                        dir: c.dir,
+                        model: c.model.detached()?,
+                        config: c.config.clone(),
+                    })
+                })
+                .collect::<Result<_>>()?,
+            frozen: self.frozen.clone(),
+        })
+    }
+
     /// One trained model and nothing else.
     pub fn single(main: Model, config: serde_json::Value) -> Self {
         Networks {

@@ -663,7 +663,8 @@ pub fn train(
                 continue;
             }
             let paused = Instant::now();
-            let eval = objective.evaluate(&nets)?;
+            // On untracked weights: no autograd graph keeps the batches' activations alive.
+            let eval = objective.evaluate(&nets.detached()?)?;
             let score = eval
                 .get(objective.main_metric())
                 .and_then(|v| v.as_f64())
