@@ -205,7 +205,8 @@ fn finetune_flops_per_token(
 
 /// berth's matrix-product peak in `mode` on `threads` threads for a `hidden → intermediate`
 /// layer (the reference for "fraction of peak"), GFLOP/s: the best of 32 products, as this
-/// machine's speed drifts.
+/// machine's speed drifts (callers also take the better of a measurement before and after
+/// the runs).
 fn peak(mode: berth_model::Precision, threads: usize, cfg: (usize, usize)) -> anyhow::Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -255,6 +256,16 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             a.threads,
             a.rounds
         );
+        // Each precision's matmul peak is taken before the runs and again after them, and
+        // the better kept: one measurement at a slow moment of a drifting machine made the
+        // fraction of peak read above 100 %.
+        let layer = (cfg.hidden_size, cfg.intermediate_size);
+        let f32_peak_before = peak(berth_model::Precision::F32, a.threads, layer)?;
+        let bf16_peak_before = if berth_bf16 {
+            peak(berth_model::Precision::Bf16, a.threads, layer)?
+        } else {
+            0.0
+        };
         let mut results = Vec::with_capacity(a.rounds);
         for _ in 0..a.rounds {
             let ours = berth_finetune(&a, &model, &train, &dev, &tmp.join("run"), "f32")?;
@@ -311,11 +322,7 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         }
         let berth_rates: Vec<f64> = results.iter().map(|(o, _)| o.0).collect();
         let ours = (median(&berth_rates), results[0].0 .1);
-        let f32_peak = peak(
-            berth_model::Precision::F32,
-            a.threads,
-            (cfg.hidden_size, cfg.intermediate_size),
-        )?;
+        let f32_peak = peak(berth_model::Precision::F32, a.threads, layer)?.max(f32_peak_before);
         let peer_rates: Vec<f64> = results.iter().map(|(_, p)| p.0).collect();
         let gflops = |tokens_per_s: f64| tokens_per_s * per_token / 1e9;
         println!(
@@ -335,11 +342,8 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
             };
             if let Some(b) = ours_bf16 {
                 println!("| berth bf16 | {:.0} | {:.4} | - |", b.0, b.1);
-                let bf16_peak = peak(
-                    berth_model::Precision::Bf16,
-                    a.threads,
-                    (cfg.hidden_size, cfg.intermediate_size),
-                )?;
+                let bf16_peak =
+                    peak(berth_model::Precision::Bf16, a.threads, layer)?.max(bf16_peak_before);
                 println!(
                     "berth bf16 {:.1} GFLOP/s ({:.0} % of berth's bf16 matmul peak, {bf16_peak:.0})",
                     gflops(b.0),
