@@ -28,6 +28,17 @@ fn ints(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// The bit patterns of an f32 tensor's values (for bit-for-bit comparisons).
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 fn batch_of(r: &HashMap<String, Tensor>) -> Batch {
     let ids = ints(&r["input_ids"]);
     let types = ints(&r["token_type_ids"]);
@@ -428,15 +439,6 @@ fn every_precision_is_deterministic_and_close_to_transformers() {
             model.set_precision(mode).unwrap();
             let first = model.forward(&batch).unwrap();
             let again = model.forward(&batch).unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect::<Vec<_>>()
-            };
             assert!(
                 bits(&first) == bits(&again),
                 "{dir} {mode:?}: two runs differ"
@@ -689,15 +691,6 @@ fn modernbert_heads_match_transformers() {
 /// architecture and head (the masked-LM heads' decoders tied to the word table included).
 #[test]
 fn detached_model_equals_the_trainable_one_without_a_graph() {
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
-    };
     for arch in ["bert", "distilbert", "electra", "roberta"] {
         for head in ["mlm", "qa", "seqcls", "tokcls"] {
             let dir = tiny(&format!("{arch}-{head}"));
