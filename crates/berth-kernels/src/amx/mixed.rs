@@ -103,49 +103,12 @@ unsafe fn strip_pairs_avx512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     strip_pairs_plain(lo, hi, out)
 }
 
-/// Adjacent values `(row[2p], row[2p + 1])` rounded to bf16, into `out[p]` (an odd last
-/// value pairs with zero).
-fn row_pairs(row: &[f32], out: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected.
-        return unsafe { row_pairs_avx512(row, out) };
-    }
-    row_pairs_plain(row, out)
-}
-
-#[inline(always)]
-fn row_pairs_plain(row: &[f32], out: &mut [u32]) {
-    let whole = row.chunks_exact(2);
-    let last = whole.remainder().first().copied();
-    let mut out = out.iter_mut();
-    // `whole` first: a zip stops when its first iterator ends without taking from the second.
-    for (two, o) in whole.zip(out.by_ref()) {
-        *o = pair(two[0], two[1]);
-    }
-    if let (Some(o), Some(l)) = (out.next(), last) {
-        *o = bf16_bits(l);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn row_pairs_avx512(row: &[f32], out: &mut [u32]) {
-    row_pairs_plain(row, out)
-}
-
-/// Rows `r0..r0 + count` of `v` as bf16 pairs of adjacent columns (columns `2p`, `2p + 1`;
-/// an odd last column pairs with zero), handed over a line at a time: where `v`'s rows are
-/// contiguous (a transposed matrix) `column(p, pairs)` gets pair `p` of every row,
-/// otherwise `row(r - r0, pairs)` gets every pair of row `r`. The rounding runs vectorised
-/// over each line; the callers only place the lines.
-fn pairs_of(
-    v: View,
-    r0: usize,
-    count: usize,
-    mut column: impl FnMut(usize, &[u32]),
-    mut row: impl FnMut(usize, &[u32]),
-) {
+/// Rows `r0..r0 + count` of `v` as bf16 pairs of adjacent columns: `put(p, r - r0, pair)`
+/// for column pair `p` (columns `2p`, `2p + 1`; an odd last column pairs with zero). The
+/// rounding runs vectorised over a line at a time — pair `p` of every row where `v`'s rows
+/// are contiguous (a transposed matrix), else every pair of one row — and `put` only
+/// places the results.
+fn pairs_of(v: View, r0: usize, count: usize, mut put: impl FnMut(usize, usize, u32)) {
     let (k, pairs) = (v.cols, v.cols.div_ceil(2));
     if count == 0 {
         return; // a padding block past the last row
@@ -157,10 +120,12 @@ fn pairs_of(
             let lo = &v.data[2 * p * v.cs + r0..][..count];
             let hi = (2 * p + 1 < k).then(|| &v.data[(2 * p + 1) * v.cs + r0..][..count]);
             strip_pairs(lo, hi, &mut line);
-            column(p, &line);
+            line.iter().enumerate().for_each(|(r, &x)| put(p, r, x));
         }
     } else {
-        let mut line = vec![0u32; pairs];
+        // A row's values rounded in place order are its pairs (low half first); an odd
+        // last value keeps the zero above it.
+        let mut line = vec![0u16; 2 * pairs];
         let mut gathered = Vec::new();
         for r in 0..count {
             let src = if v.cs == 1 {
@@ -170,8 +135,10 @@ fn pairs_of(
                 gathered.extend((0..k).map(|c| v.at(r0 + r, c)));
                 &gathered[..]
             };
-            row_pairs(src, &mut line);
-            row(r, &line);
+            super::convert_row(src, &mut line[..k]);
+            for (p, two) in line.chunks_exact(2).enumerate() {
+                put(p, r, two[0] as u32 | (two[1] as u32) << 16);
+            }
         }
     }
 }
@@ -195,19 +162,11 @@ pub(crate) fn pack_weight(b: View, bias: Option<&[f32]>) -> PackedBf16 {
                 let dst = dst.as_mut_ptr() as *mut u32;
                 let o0 = t * 16;
                 let count = outputs.saturating_sub(o0).min(16);
-                // Pair p of output o0 + col at u32 p * 16 + col (inside this group's tiles:
-                // p < depth / 2, col < count <= 16).
-                let column = |p: usize, line: &[u32]| {
-                    for (col, &v) in line.iter().enumerate() {
-                        unsafe { dst.add(p * 16 + col).write_unaligned(v) }
-                    }
+                // Pair p of output o0 + col at u32 p * 16 + col (inside this group's tiles).
+                let put = |p: usize, col: usize, v: u32| unsafe {
+                    dst.add(p * 16 + col).write_unaligned(v)
                 };
-                let row = |col: usize, line: &[u32]| {
-                    for (p, &v) in line.iter().enumerate() {
-                        unsafe { dst.add(p * 16 + col).write_unaligned(v) }
-                    }
-                };
-                pairs_of(b, o0, count, column, row);
+                pairs_of(b, o0, count, put);
             });
     }
     let mut padded = vec![0f32; out_pad];
@@ -242,19 +201,11 @@ fn pack_input(a: View, depth: usize) -> Vec<u16> {
             let count = n.saturating_sub(r0).min(BLOCK);
             let dst = dst.as_mut_ptr() as *mut u32;
             let row_pairs = depth / 2;
-            // SAFETY (the writes): inside this block's rows (count ≤ BLOCK) and depth
-            // (pairs ≤ depth / 2).
-            let column = |p: usize, line: &[u32]| {
-                for (r, &v) in line.iter().enumerate() {
-                    unsafe { dst.add(r * row_pairs + p).write_unaligned(v) }
-                }
+            // SAFETY: inside this block's rows (count ≤ BLOCK) and depth (pairs ≤ depth / 2).
+            let put = |p: usize, r: usize, v: u32| unsafe {
+                dst.add(r * row_pairs + p).write_unaligned(v)
             };
-            let row = |r: usize, line: &[u32]| {
-                for (p, &v) in line.iter().enumerate() {
-                    unsafe { dst.add(r * row_pairs + p).write_unaligned(v) }
-                }
-            };
-            pairs_of(a, r0, count, column, row);
+            pairs_of(a, r0, count, put);
         });
     out
 }
