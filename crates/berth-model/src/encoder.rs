@@ -384,8 +384,8 @@ impl Layer {
             }
         };
         let x = add_norm(&self.attn_ln, attn, x)?;
-        let f = self.inter.forward_then(&x, Some(self.activation))?; // [N, F]
-        let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
+        let f = self.inter.forward_ffn(&self.out, &x, self.activation)?; // [N, F] → [N, H]
+        let f = drop(f, self.dropout.hidden)?;
         add_norm(&self.out_ln, f, &x)
     }
 }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::{int8_available, CONFIG};
 use crate::cpu::{with_slice, SendPtr};
-use crate::{Activation, Float};
+use crate::Activation;
 
 /// Rows and columns of the output block one kernel call computes.
 const BLOCK: usize = 32;
@@ -332,6 +332,7 @@ pub fn vnni_available() -> bool {
 /// `act(x W^T + b)` for `x [N, I]` (row-major f32), giving `[N, O]`, on the fastest
 /// kernel this CPU runs ([`I8Kernel::best`]; all give the same result).
 pub fn linear_i8(x: &[f32], n: usize, w: &PackedI8, act: Option<Activation>) -> Vec<f32> {
+    assert_eq!(x.len(), n * w.inputs, "linear_i8: input size");
     let q = quantize_rows(x, n, w.inputs, w.depth);
     linear_quantized(&q, n, w, act, I8Kernel::best())
 }
@@ -357,19 +358,159 @@ pub fn linear_quantized(
         n.div_ceil(BLOCK),
         w.bias.len() / BLOCK,
         BLOCK * w.depth,
-        |rb, cols| match kernel {
-            // SAFETY: the kernel's instructions are available (asserted); blocks write
-            // disjoint parts of `y`; pointers stay inside the padded buffers.
-            I8Kernel::Amx => unsafe { block_row_amx(q, n, w, rb, cols, act, out) },
-            I8Kernel::Vnni => unsafe { block_row_vnni(q, n, w, rb, cols, act, out) },
-            I8Kernel::Avx2 => unsafe { block_row_avx2(q, n, w, rb, cols, act, out) },
-            I8Kernel::Portable => unsafe { block_row_portable(q, n, w, rb, cols, act, out) },
-        },
+        // SAFETY: the kernel's instructions are available (asserted); blocks write
+        // disjoint parts of `y`; pointers stay inside the padded buffers.
+        |rb, cols| unsafe { block_row(kernel, q, n, w, rb, cols, act, SendPtr(out.get())) },
     );
     // SAFETY: every element of `y [N, O]` was written (by one block's epilogue, through the
     // raw pointer into the reserved capacity).
     unsafe { y.set_len(n * w.outputs) };
     y
+}
+
+/// Output row block `rb` × column blocks `cols` on `kernel`.
+///
+/// # Safety
+/// The CPU runs `kernel`; `q` holds row block `rb` (padded) with `w`'s depth; `y` holds
+/// `n × O` and no other thread writes these blocks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_row(
+    kernel: I8Kernel,
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    match kernel {
+        I8Kernel::Amx => block_row_amx(q, n, w, rb, cols, act, y),
+        I8Kernel::Vnni => block_row_vnni(q, n, w, rb, cols, act, y),
+        I8Kernel::Avx2 => block_row_avx2(q, n, w, rb, cols, act, y),
+        I8Kernel::Portable => block_row_portable(q, n, w, rb, cols, act, y),
+    }
+}
+
+/// A worker's buffers for [`ffn_i8`]: the group's input rows quantized,
+/// a feed-forward block's intermediate in f32, and that intermediate quantized.
+struct Scratch {
+    x: QuantRows,
+    mid: Vec<f32>,
+    q: QuantRows,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            x: QuantRows { data: Vec::new(), scale: Vec::new(), zero: Vec::new(), depth: 0 },
+            mid: Vec::new(),
+            q: QuantRows { data: Vec::new(), scale: Vec::new(), zero: Vec::new(), depth: 0 },
+        })
+    };
+}
+
+/// One row group's product (see [`super::for_each_row_group`]): `rows` rows of `x` (row
+/// length `w.inputs`) quantized into `q` as [`quantize_rows`] does it (rows past `rows`
+/// keep whatever the scratch held: the kernels compute them and drop them), then every
+/// column block over the group's `blocks` row blocks, row blocks inner so each weight
+/// panel serves them all. Output row `r` goes to `y + r * w.outputs`.
+///
+/// # Safety
+/// The CPU runs `kernel`; `y` holds `rows` rows of `w.outputs` that no other thread writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_product(
+    kernel: I8Kernel,
+    x: &[f32],
+    rows: usize,
+    blocks: usize,
+    w: &PackedI8,
+    act: Option<Activation>,
+    q: &mut QuantRows,
+    y: SendPtr<f32>,
+) {
+    let (inputs, depth) = (w.inputs, w.depth);
+    q.depth = depth;
+    super::scratch(&mut q.data, blocks * BLOCK * depth);
+    q.scale.resize(rows, 1.0);
+    q.zero.resize(rows, 0);
+    q.scale.truncate(rows);
+    q.zero.truncate(rows);
+    for (((d, s), sc), zp) in q
+        .data
+        .chunks_mut(depth)
+        .zip(x.chunks(inputs))
+        .zip(&mut q.scale)
+        .zip(&mut q.zero)
+    {
+        (*sc, *zp) = quantize_row(s, &mut d[..inputs]);
+        d[inputs..].fill(0);
+    }
+    for cb in 0..w.bias.len() / BLOCK {
+        for rb in 0..blocks {
+            block_row(kernel, q, rows, w, rb, cb..cb + 1, act, SendPtr(y.get()));
+        }
+    }
+}
+
+/// The feed-forward block's two products, `act(x W_up^T + b_up) W_down^T + b_down` for
+/// `x [N, I]`, giving `[N, O_down]`: [`linear_i8`] twice, with the same bits, but one row
+/// group at a time, so the `[rows, F]` intermediate is written, activated, quantized and
+/// read again in cache instead of making two round trips through memory. Panics when the
+/// shapes do not chain (callers check).
+pub fn ffn_i8(x: &[f32], n: usize, up: &PackedI8, down: &PackedI8, act: Activation) -> Vec<f32> {
+    assert_eq!(x.len(), n * up.inputs, "ffn_i8: input size");
+    assert_eq!(up.outputs, down.inputs, "ffn_i8: the products do not chain");
+    let kernel = I8Kernel::best();
+    let (f, o) = (up.outputs, down.outputs);
+    let mut y: Vec<f32> = Vec::with_capacity(n * o);
+    let out = SendPtr(y.as_mut_ptr());
+    super::for_each_row_group(n, |r0, rows, blocks| {
+        SCRATCH.with_borrow_mut(|s| {
+            let mid = SendPtr(super::scratch(&mut s.mid, rows * f).as_mut_ptr());
+            let x = &x[r0 * up.inputs..];
+            // SAFETY: `best` runs here; `mid` holds the group's rows; rows `r0..r0 + rows`
+            // of `y` belong to this group alone.
+            unsafe {
+                group_product(kernel, x, rows, blocks, up, Some(act), &mut s.x, mid);
+                let dst = SendPtr(out.get().add(r0 * o));
+                group_product(
+                    kernel,
+                    &s.mid[..rows * f],
+                    rows,
+                    blocks,
+                    down,
+                    None,
+                    &mut s.q,
+                    dst,
+                );
+            }
+        });
+    });
+    // SAFETY: the groups cover all `n` rows, each row's `O` outputs written by the kernels.
+    unsafe { y.set_len(n * o) };
+    y
+}
+
+/// [`ffn_i8`] on a tensor `x [N, I]` (f32), giving `[N, O_down]` f32; the two products
+/// apart ([`linear_packed`]) when `N` is too short to share among the workers by rows.
+pub fn ffn_packed(x: &Tensor, up: &PackedI8, down: &PackedI8, act: Activation) -> Result<Tensor> {
+    let (n, i) = x.dims2()?;
+    if up.outputs != down.inputs {
+        bail!(
+            "int8 feed-forward: weights [{}, {}] and [{}, {}] do not chain",
+            up.outputs,
+            up.inputs,
+            down.outputs,
+            down.inputs
+        );
+    }
+    if !super::by_row_groups(n) || i != up.inputs || x.dtype() != DType::F32 {
+        // The separate products (and their errors for a wrong input).
+        return linear_packed(&linear_packed(x, up, Some(act))?, down, None);
+    }
+    let y = with_slice::<f32, _>(x, |xs| ffn_i8(xs, n, up, down, act))?;
+    Tensor::from_vec(y, (n, down.outputs), x.device())
 }
 
 /// [`linear_i8`] on a tensor `x [N, I]` (f32), giving `[N, O]` f32.
@@ -394,6 +535,7 @@ pub fn linear_packed(x: &Tensor, w: &PackedI8, act: Option<Activation>) -> Resul
 /// # Safety
 /// `y` holds `n × O` values and no other thread writes this block.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn epilogue(
     acc: &[i32; BLOCK * BLOCK],
     q: &QuantRows,
@@ -404,6 +546,10 @@ unsafe fn epilogue(
     act: Option<Activation>,
     y: SendPtr<f32>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return epilogue_avx512(acc, q, n, w, rb, c0, act, y);
+    }
     let rows = (n - rb * BLOCK).min(BLOCK);
     let width = (w.outputs - c0).min(BLOCK);
     let (sw, sums, bias) = (
@@ -421,10 +567,65 @@ unsafe fn epilogue(
             dst[c] = (a[c] - zx * sums[c]) as f32 * (sx * sw[c]) + bias[c];
         }
         if let Some(act) = act {
-            f32::activate(act, dst);
+            crate::activation::activate_reduced(act, dst);
         }
         // `y` is not initialised yet: written through the raw pointer only.
         std::ptr::copy_nonoverlapping(dst.as_ptr(), y.get().add(row * w.outputs + c0), width);
+    }
+}
+
+/// [`epilogue`] in 16-lane registers: the same operations per element (an i32 multiply
+/// and subtraction, the conversion, two f32 multiplies and an add), so the same bits, with
+/// GELU applied before the (masked) store and no staging row to copy.
+///
+/// # Safety
+/// AVX-512 F must be available; as [`epilogue`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn epilogue_avx512(
+    acc: &[i32; BLOCK * BLOCK],
+    q: &QuantRows,
+    n: usize,
+    w: &PackedI8,
+    rb: usize,
+    c0: usize,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    use std::arch::x86_64::*;
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    let width = (w.outputs - c0).min(BLOCK);
+    let masks = [
+        ((1u32 << width.min(16)) - 1) as __mmask16,
+        ((1u64 << width.saturating_sub(16)) - 1) as __mmask16,
+    ];
+    let gelu = act == Some(Activation::Gelu);
+    // The padded per-channel vectors hold whole blocks.
+    let load = |v: &[f32], h: usize| _mm512_loadu_ps(v.as_ptr().add(c0 + 16 * h));
+    let sw = [load(&w.scale, 0), load(&w.scale, 1)];
+    let bias = [load(&w.bias, 0), load(&w.bias, 1)];
+    let sums = [0, 1].map(|h| _mm512_loadu_si512(w.sums.as_ptr().add(c0 + 16 * h) as *const _));
+    for r in 0..rows {
+        let row = rb * BLOCK + r;
+        let (sx, zx) = (_mm512_set1_ps(q.scale[row]), _mm512_set1_epi32(q.zero[row]));
+        let dst = y.get().add(row * w.outputs + c0);
+        for h in 0..2 {
+            if masks[h] == 0 {
+                continue;
+            }
+            let a = _mm512_loadu_si512(acc.as_ptr().add(r * BLOCK + 16 * h) as *const _);
+            let centred = _mm512_sub_epi32(a, _mm512_mullo_epi32(zx, sums[h]));
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sx, sw[h]));
+            let mut v = _mm512_add_ps(v, bias[h]);
+            if gelu {
+                v = crate::activation::gelu_avx512(v);
+            }
+            _mm512_mask_storeu_ps(dst.add(16 * h), masks[h], v);
+        }
+        if let Some(act) = act.filter(|_| !gelu) {
+            crate::activation::activate_reduced(act, std::slice::from_raw_parts_mut(dst, width));
+        }
     }
 }
 
@@ -759,7 +960,7 @@ mod tests {
                     let mut v =
                         (acc * q.scale[r] as f64 * packed.scale(c) as f64 + b[c] as f64) as f32;
                     if let Some(a) = act {
-                        f32::activate(a, std::slice::from_mut(&mut v));
+                        crate::activation::activate_reduced(a, std::slice::from_mut(&mut v));
                     }
                     worst = worst.max((v as f64 - y[r * o + c] as f64).abs());
                 }
@@ -801,6 +1002,25 @@ mod tests {
         let rel = (err / norm).sqrt();
         println!("int8 vs f32 relative error {rel:.2e}");
         assert!(rel < 1e-2, "relative error {rel}");
+    }
+
+    /// The fused feed-forward products equal the two products apart, bit for bit: ragged
+    /// rows, depths and widths that need padding, and a worker scratch left holding a
+    /// larger earlier call's values.
+    #[test]
+    fn feed_forward_equals_the_two_products() {
+        let (i, f) = (50, 70);
+        let (_, wu, bu) = data(1, f, i);
+        let (_, wd, bd) = data(1, i, f);
+        let up = PackedI8::quantize(&wu, &bu, f, i);
+        let down = PackedI8::quantize(&wd, &bd, i, f);
+        for n in [300, 1, 37, 64, 129] {
+            let (x, _, _) = data(n, 1, i);
+            for act in [Activation::Gelu, Activation::Relu] {
+                let apart = linear_i8(&linear_i8(&x, n, &up, Some(act)), n, &down, None);
+                assert_eq!(ffn_i8(&x, n, &up, &down, act), apart, "{n} rows, {act:?}");
+            }
+        }
     }
 
     #[test]
