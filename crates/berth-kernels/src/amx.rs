@@ -316,163 +316,52 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16, act: Option<Activation>) -> Res
     Tensor::from_vec(y, (n, w.outputs), x.device())
 }
 
-/// Row blocks one task of the feed-forward products takes: each packed weight panel
-/// serves this many blocks while it is in L1, and the group's `[rows, F]` intermediate
-/// (f32 and converted) stays well inside L2.
-const GROUP: usize = 2;
-
-/// Runs `run(first_row, rows, blocks)` over groups of up to [`GROUP`] row blocks of an
-/// `n`-row product, in parallel: each task computes a whole group's output rows.
-pub(crate) fn for_each_row_group(n: usize, run: impl Fn(usize, usize, usize) + Sync) {
-    let blocks = n.div_ceil(BLOCK);
-    (0..blocks.div_ceil(GROUP)).into_par_iter().for_each(|g| {
-        let first = g * GROUP;
-        let r0 = first * BLOCK;
-        run(r0, (n - r0).min(GROUP * BLOCK), GROUP.min(blocks - first))
-    });
-}
-
-/// Whether a feed-forward block over `n` rows runs by row groups ([`for_each_row_group`]:
-/// the intermediate never leaves the cache), which needs a few groups per worker to keep
-/// every worker busy; shorter ones run as two products apart, which split the columns too
-/// ([`for_each_block`]). Both give the same bits.
-pub(crate) fn by_row_groups(n: usize) -> bool {
-    n.div_ceil(BLOCK * GROUP) >= 2 * rayon::current_num_threads()
-}
-
-/// Grows `buf` to at least `len` values (zeros when new) and gives its first `len`: a
-/// worker's scratch, kept between calls.
-pub(crate) fn scratch<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
-    if buf.len() < len {
-        buf.resize(len, T::default());
-    }
-    &mut buf[..len]
-}
-
-/// A worker's buffers for the feed-forward products.
-#[derive(Default)]
-struct Scratch {
-    /// The group's input rows, packed.
-    a: Vec<u16>,
-    /// A feed-forward block's `act(x W_up^T + b)` for the group, f32.
-    mid: Vec<f32>,
-    /// `mid` packed for the down product.
-    b: Vec<u16>,
-}
-
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+    static SCRATCH: std::cell::RefCell<rows::GroupScratch<Vec<u16>>> = Default::default();
 }
 
-/// One row group's product: `rows` rows of `x` (row length `w.inputs`) rounded to bf16
-/// into `a` as [`pack_rows`] lays them out (rows past `rows` keep whatever the scratch
-/// held: the kernels compute them and drop them), then every column block over the
-/// group's `blocks` row blocks, row blocks inner so each weight panel serves them all.
-/// Output row `r` goes to `y + r * w.outputs`.
-///
-/// # Safety
-/// The CPU runs `kernel`; `y` holds `rows` rows of `w.outputs` that no other thread writes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn group_product(
-    kernel: Bf16Kernel,
-    x: &[f32],
-    rows: usize,
-    blocks: usize,
-    w: &PackedBf16,
-    act: Option<Activation>,
-    a: &mut Vec<u16>,
-    y: SendPtr<f32>,
-) {
-    let (inputs, depth) = (w.inputs, w.depth);
-    let a = scratch(a, blocks * BLOCK * depth);
-    for (d, s) in a.chunks_mut(depth).zip(x.chunks(inputs)).take(rows) {
-        convert_row(s, &mut d[..inputs]);
-        d[inputs..].fill(0);
+impl rows::GroupProduct for PackedBf16 {
+    type Rows = Vec<u16>;
+
+    fn with_scratch<R>(f: impl FnOnce(&mut rows::GroupScratch<Vec<u16>>) -> R) -> R {
+        SCRATCH.with_borrow_mut(f)
     }
-    for cb in 0..w.bias.len() / BLOCK {
-        for rb in 0..blocks {
-            let y = SendPtr(y.get());
-            match kernel {
-                Bf16Kernel::Amx => block_row(a, rows, w, rb, cb..cb + 1, act, y),
-                Bf16Kernel::Avx512 => block_row_avx512(a, rows, w, rb, cb..cb + 1, act, y),
+
+    fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    unsafe fn group_product(
+        &self,
+        x: &[f32],
+        rows: usize,
+        blocks: usize,
+        act: Option<Activation>,
+        conv: &mut Vec<u16>,
+        y: *mut f32,
+    ) {
+        let kernel = Bf16Kernel::best().expect("bf16 products need AMX or AVX-512 BF16");
+        let (inputs, depth) = (self.inputs, self.depth);
+        let a = rows::scratch(conv, blocks * BLOCK * depth);
+        // `pack_rows`'s rows.
+        for (d, s) in a.chunks_mut(depth).zip(x.chunks(inputs)).take(rows) {
+            convert_row(s, &mut d[..inputs]);
+            d[inputs..].fill(0);
+        }
+        for cb in 0..self.bias.len() / BLOCK {
+            for rb in 0..blocks {
+                let y = SendPtr(y);
+                match kernel {
+                    Bf16Kernel::Amx => block_row(a, rows, self, rb, cb..cb + 1, act, y),
+                    Bf16Kernel::Avx512 => block_row_avx512(a, rows, self, rb, cb..cb + 1, act, y),
+                }
             }
         }
     }
-}
-
-/// The feed-forward block's two products, `act(x W_up^T + b_up) W_down^T + b_down` for
-/// `x [N, I]`, giving `[N, O_down]`: [`linear_bf16`] twice, with the same bits, but one
-/// row group at a time, so the `[rows, F]` intermediate is written, activated, rounded to
-/// bf16 and read again in cache instead of making two round trips through memory (f32
-/// out, bf16 back in). Panics when no bf16 kernel runs here or the shapes do not chain
-/// (callers check).
-pub fn ffn_bf16(
-    x: &[f32],
-    n: usize,
-    up: &PackedBf16,
-    down: &PackedBf16,
-    act: Activation,
-) -> Vec<f32> {
-    let kernel = Bf16Kernel::best().expect("ffn_bf16 needs AMX or AVX-512 BF16");
-    assert_eq!(x.len(), n * up.inputs, "ffn_bf16: input size");
-    assert_eq!(
-        up.outputs, down.inputs,
-        "ffn_bf16: the products do not chain"
-    );
-    let (f, o) = (up.outputs, down.outputs);
-    let mut y: Vec<f32> = Vec::with_capacity(n * o);
-    let out = SendPtr(y.as_mut_ptr());
-    for_each_row_group(n, |r0, rows, blocks| {
-        SCRATCH.with_borrow_mut(|s| {
-            let mid = SendPtr(scratch(&mut s.mid, rows * f).as_mut_ptr());
-            let x = &x[r0 * up.inputs..];
-            // SAFETY: the kernel runs here (`best`); `mid` holds the group's rows; rows
-            // `r0..r0 + rows` of `y` belong to this group alone.
-            unsafe {
-                group_product(kernel, x, rows, blocks, up, Some(act), &mut s.a, mid);
-                let dst = SendPtr(out.get().add(r0 * o));
-                group_product(
-                    kernel,
-                    &s.mid[..rows * f],
-                    rows,
-                    blocks,
-                    down,
-                    None,
-                    &mut s.b,
-                    dst,
-                );
-            }
-        });
-    });
-    // SAFETY: the groups cover all `n` rows, each row's `O` outputs written by the kernels.
-    unsafe { y.set_len(n * o) };
-    y
-}
-
-/// [`ffn_bf16`] on a tensor `x [N, I]` (f32), giving `[N, O_down]` f32; the two products
-/// apart ([`linear_packed`]) when `N` is too short to share among the workers by rows.
-pub fn ffn_packed(
-    x: &Tensor,
-    up: &PackedBf16,
-    down: &PackedBf16,
-    act: Activation,
-) -> Result<Tensor> {
-    let (n, i) = x.dims2()?;
-    if up.outputs != down.inputs {
-        bail!(
-            "bf16 feed-forward: weights [{}, {}] and [{}, {}] do not chain",
-            up.outputs,
-            up.inputs,
-            down.outputs,
-            down.inputs
-        );
-    }
-    if !by_row_groups(n) || i != up.inputs || x.dtype() != DType::F32 || !bf16_available() {
-        // The separate products (and their errors for a wrong input).
-        return linear_packed(&linear_packed(x, up, Some(act))?, down, None);
-    }
-    let y = with_slice::<f32, _>(x, |xs| ffn_bf16(xs, n, up, down, act))?;
-    Tensor::from_vec(y, (n, down.outputs), x.device())
 }
 
 /// The products for packed rows `a` (from [`pack_rows`]) into `y [N, O]` on `kernel`.
@@ -597,6 +486,7 @@ macro_rules! tile_store {
 
 pub mod int8;
 pub(crate) mod mixed;
+pub mod rows;
 
 /// Output row block `rb` (32 rows) × column blocks `cols` (32 columns each).
 ///
@@ -865,29 +755,6 @@ mod tests {
             let mut separate = linear_bf16(&x, n, &packed, None);
             crate::activation::activate_reduced(act, &mut separate);
             assert_eq!(linear_bf16(&x, n, &packed, Some(act)), separate, "{act:?}");
-        }
-    }
-
-    /// The fused feed-forward products equal the two products apart, bit for bit: ragged
-    /// rows, depths and widths that need padding, and a worker scratch left holding a
-    /// larger earlier call's values.
-    #[test]
-    fn feed_forward_equals_the_two_products() {
-        if !bf16_available() {
-            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
-            return;
-        }
-        let (i, f) = (50, 70);
-        let mut s = 5u64;
-        let mut rand = |len: usize, k: f32| (0..len).map(|_| k * lcg(&mut s)).collect::<Vec<_>>();
-        let up = PackedBf16::pack(&rand(f * i, 1.0), &rand(f, 1.0), f, i);
-        let down = PackedBf16::pack(&rand(i * f, 0.5), &rand(i, 1.0), i, f);
-        for n in [300, 1, 37, 64, 129] {
-            let x = rand(n * i, 3.0);
-            for act in [Activation::Gelu, Activation::Relu] {
-                let apart = linear_bf16(&linear_bf16(&x, n, &up, Some(act)), n, &down, None);
-                assert_eq!(ffn_bf16(&x, n, &up, &down, act), apart, "{n} rows, {act:?}");
-            }
         }
     }
 

@@ -313,7 +313,7 @@ pub fn add_layer_norm(
     Tensor::from_vec(y, x.shape(), x.device())
 }
 
-fn add_norm_row(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+pub(crate) fn add_norm_row(x: &[f32], r: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was just detected.

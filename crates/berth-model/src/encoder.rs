@@ -332,6 +332,58 @@ impl Layer {
         (w, drop)
     }
 
+    /// Everything after the attention (output projection, add & norm, feed-forward, add &
+    /// norm) in one pass by row groups, when this layer's weights are packed for bf16 or
+    /// int8 inference and the batch is long enough to share by rows
+    /// ([`berth_kernels::amx::rows::layer_tail`]: the same bits as the ops apart); `None`
+    /// otherwise.
+    fn packed_tail(&self, ctx: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
+        use crate::modules::Packed;
+        use berth_kernels::amx::rows::{self, GroupProduct, Norm, Tail};
+        if ctx.dtype() != candle_core::DType::F32 || !rows::by_row_groups(ctx.dim(0)?) {
+            return Ok(None);
+        }
+        let flat = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        let (g1, b1) = (flat(&self.attn_ln.weight)?, flat(&self.attn_ln.bias)?);
+        let (g2, b2) = (flat(&self.out_ln.weight)?, flat(&self.out_ln.bias)?);
+        fn run<P: GroupProduct>(
+            layer: &Layer,
+            ctx: &Tensor,
+            x: &Tensor,
+            [a, u, d]: [&P; 3],
+            [g1, b1, g2, b2]: [&[f32]; 4],
+        ) -> Result<Tensor> {
+            let tail = Tail {
+                attn_out: a,
+                attn_ln: Norm {
+                    gamma: g1,
+                    beta: b1,
+                    eps: layer.attn_ln.eps as f32,
+                },
+                up: u,
+                act: layer.activation,
+                down: d,
+                out_ln: Norm {
+                    gamma: g2,
+                    beta: b2,
+                    eps: layer.out_ln.eps as f32,
+                },
+            };
+            Ok(rows::layer_tail_tensors(ctx, x, &tail)?)
+        }
+        let norms = [&g1[..], &b1, &g2, &b2];
+        let packed = [&self.attn_out, &self.inter, &self.out].map(|l| l.packed.as_deref());
+        Ok(Some(match packed {
+            [Some(Packed::Bf16(a)), Some(Packed::Bf16(u)), Some(Packed::Bf16(d))] => {
+                run(self, ctx, x, [a, u, d], norms)?
+            }
+            [Some(Packed::Int8(a)), Some(Packed::Int8(u)), Some(Packed::Int8(d))] => {
+                run(self, ctx, x, [a, u, d], norms)?
+            }
+            _ => return Ok(None),
+        }))
+    }
+
     /// `x [N, H]` → `[N, H]`; tokens attend only within their sequence of `cu_seqlens`.
     pub fn forward(&self, x: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
         self.forward_train(x, cu_seqlens, None)
@@ -365,6 +417,11 @@ impl Layer {
             )?,
             _ => berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, scale)?,
         };
+        if d.is_none() {
+            if let Some(y) = self.packed_tail(&ctx, x)? {
+                return Ok(y);
+            }
+        }
         let attn = self.attn_out.forward(&ctx)?;
         let attn = if self.attention_output_dropout {
             drop(attn, self.dropout.hidden)?
@@ -384,8 +441,8 @@ impl Layer {
             }
         };
         let x = add_norm(&self.attn_ln, attn, x)?;
-        let f = self.inter.forward_ffn(&self.out, &x, self.activation)?; // [N, F] → [N, H]
-        let f = drop(f, self.dropout.hidden)?;
+        let f = self.inter.forward_then(&x, Some(self.activation))?; // [N, F]
+        let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
         add_norm(&self.out_ln, f, &x)
     }
 }

@@ -190,24 +190,6 @@ impl Linear {
         }
     }
 
-    /// The feed-forward block `down(act(self(x)))`: with both weights packed for bf16 or
-    /// int8, one fused pass that keeps the intermediate in cache (the same bits as the two
-    /// products apart); otherwise the two products.
-    pub fn forward_ffn(&self, down: &Linear, x: &Tensor, act: Activation) -> Result<Tensor> {
-        if x.dtype() == DType::F32 {
-            match (self.packed.as_deref(), down.packed.as_deref()) {
-                (Some(Packed::Bf16(u)), Some(Packed::Bf16(d))) => {
-                    return Ok(berth_kernels::amx::ffn_packed(x, u, d, act)?)
-                }
-                (Some(Packed::Int8(u)), Some(Packed::Int8(d))) => {
-                    return Ok(berth_kernels::amx::int8::ffn_packed(x, u, d, act)?)
-                }
-                _ => {}
-            }
-        }
-        down.forward(&self.forward_then(x, Some(act))?)
-    }
-
     fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
         match self.packed.as_deref() {
             Some(Packed::Bf16(p)) if x.dtype() == DType::F32 => {

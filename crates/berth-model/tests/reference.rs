@@ -459,6 +459,54 @@ fn every_precision_is_deterministic_and_close_to_transformers() {
     }
 }
 
+/// A batch long enough for bf16 / int8 layers to run their row-local tail by row groups
+/// (`berth_kernels::amx::rows::layer_tail`) gives each sequence the same bits as that
+/// sequence alone, which is too short for it and runs the tail op by op.
+#[test]
+fn row_group_tail_equals_the_ops_apart() {
+    use berth_kernels::amx::rows::by_row_groups;
+    use berth_model::Precision;
+    let mut modes = vec![Precision::Int8];
+    if berth_kernels::amx::bf16_available() {
+        modes.push(Precision::Bf16);
+    }
+    for dir in ["bert-base", "roberta-base", "distilbert-base"] {
+        let (mut model, _) = Model::load(&tiny(dir), false).unwrap();
+        let r = load_ref(&tiny(dir).join("reference.safetensors"));
+        let one = batch_of(&r);
+        let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..one.num_sequences())
+            .map(|s| {
+                let range = one.range(s);
+                (
+                    one.input_ids[range.clone()].to_vec(),
+                    one.token_type_ids[range].to_vec(),
+                )
+            })
+            .collect();
+        let mut long = seqs.clone();
+        while !by_row_groups(long.iter().map(|s| s.0.len()).sum()) {
+            long.extend(seqs.iter().cloned());
+        }
+        let batch =
+            Batch::from_sequences(long.iter().map(|(i, t)| (i.as_slice(), t.as_slice()))).unwrap();
+        for &mode in &modes {
+            model.set_precision(mode).unwrap();
+            let all = model.forward(&batch).unwrap();
+            for (s, (ids, types)) in seqs.iter().enumerate() {
+                assert!(!by_row_groups(ids.len()), "{dir}: sequence {s} is too long");
+                let alone = model
+                    .forward(&Batch::from_sequences([(ids.as_slice(), types.as_slice())]).unwrap())
+                    .unwrap();
+                let range = batch.range(s);
+                assert!(
+                    bits(&alone) == bits(&all.narrow(0, range.start, range.len()).unwrap()),
+                    "{dir} {mode:?}: sequence {s} differs in the long batch"
+                );
+            }
+        }
+    }
+}
+
 /// A ModernBERT reference's packed input (no token types): ids, cu_seqlens and the batch.
 fn modern_batch(r: &HashMap<String, Tensor>) -> (Vec<u32>, Vec<usize>, Batch) {
     let ids = ints(&r["input_ids"]);

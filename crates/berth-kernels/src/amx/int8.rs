@@ -155,7 +155,7 @@ impl PackedI8 {
 
 /// `x [N, I]` quantized per row to uint8, rows of `depth` (zero-padded), `N` rounded up
 /// to [`BLOCK`]: `x[r, k] ≈ scale[r] (data[r, k] - zero[r])`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct QuantRows {
     /// `[N rounded up to BLOCK, depth]`.
     pub data: Vec<u8>,
@@ -392,125 +392,60 @@ unsafe fn block_row(
     }
 }
 
-/// A worker's buffers for [`ffn_i8`]: the group's input rows quantized,
-/// a feed-forward block's intermediate in f32, and that intermediate quantized.
-struct Scratch {
-    x: QuantRows,
-    mid: Vec<f32>,
-    q: QuantRows,
-}
-
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = const {
-        std::cell::RefCell::new(Scratch {
-            x: QuantRows { data: Vec::new(), scale: Vec::new(), zero: Vec::new(), depth: 0 },
-            mid: Vec::new(),
-            q: QuantRows { data: Vec::new(), scale: Vec::new(), zero: Vec::new(), depth: 0 },
-        })
-    };
+    static SCRATCH: std::cell::RefCell<super::rows::GroupScratch<QuantRows>> =
+        Default::default();
 }
 
-/// One row group's product (see [`super::for_each_row_group`]): `rows` rows of `x` (row
-/// length `w.inputs`) quantized into `q` as [`quantize_rows`] does it (rows past `rows`
-/// keep whatever the scratch held: the kernels compute them and drop them), then every
-/// column block over the group's `blocks` row blocks, row blocks inner so each weight
-/// panel serves them all. Output row `r` goes to `y + r * w.outputs`.
-///
-/// # Safety
-/// The CPU runs `kernel`; `y` holds `rows` rows of `w.outputs` that no other thread writes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn group_product(
-    kernel: I8Kernel,
-    x: &[f32],
-    rows: usize,
-    blocks: usize,
-    w: &PackedI8,
-    act: Option<Activation>,
-    q: &mut QuantRows,
-    y: SendPtr<f32>,
-) {
-    let (inputs, depth) = (w.inputs, w.depth);
-    q.depth = depth;
-    super::scratch(&mut q.data, blocks * BLOCK * depth);
-    q.scale.resize(rows, 1.0);
-    q.zero.resize(rows, 0);
-    q.scale.truncate(rows);
-    q.zero.truncate(rows);
-    for (((d, s), sc), zp) in q
-        .data
-        .chunks_mut(depth)
-        .zip(x.chunks(inputs))
-        .zip(&mut q.scale)
-        .zip(&mut q.zero)
-    {
-        (*sc, *zp) = quantize_row(s, &mut d[..inputs]);
-        d[inputs..].fill(0);
+impl super::rows::GroupProduct for PackedI8 {
+    type Rows = QuantRows;
+
+    fn with_scratch<R>(f: impl FnOnce(&mut super::rows::GroupScratch<QuantRows>) -> R) -> R {
+        SCRATCH.with_borrow_mut(f)
     }
-    for cb in 0..w.bias.len() / BLOCK {
-        for rb in 0..blocks {
-            block_row(kernel, q, rows, w, rb, cb..cb + 1, act, SendPtr(y.get()));
+
+    fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    unsafe fn group_product(
+        &self,
+        x: &[f32],
+        rows: usize,
+        blocks: usize,
+        act: Option<Activation>,
+        q: &mut QuantRows,
+        y: *mut f32,
+    ) {
+        let (inputs, depth) = (self.inputs, self.depth);
+        q.depth = depth;
+        super::rows::scratch(&mut q.data, blocks * BLOCK * depth);
+        q.scale.resize(rows, 1.0);
+        q.zero.resize(rows, 0);
+        q.scale.truncate(rows);
+        q.zero.truncate(rows);
+        // `quantize_rows`'s rows.
+        for (((d, s), sc), zp) in q
+            .data
+            .chunks_mut(depth)
+            .zip(x.chunks(inputs))
+            .zip(&mut q.scale)
+            .zip(&mut q.zero)
+        {
+            (*sc, *zp) = quantize_row(s, &mut d[..inputs]);
+            d[inputs..].fill(0);
+        }
+        let kernel = I8Kernel::best();
+        for cb in 0..self.bias.len() / BLOCK {
+            for rb in 0..blocks {
+                block_row(kernel, q, rows, self, rb, cb..cb + 1, act, SendPtr(y));
+            }
         }
     }
-}
-
-/// The feed-forward block's two products, `act(x W_up^T + b_up) W_down^T + b_down` for
-/// `x [N, I]`, giving `[N, O_down]`: [`linear_i8`] twice, with the same bits, but one row
-/// group at a time, so the `[rows, F]` intermediate is written, activated, quantized and
-/// read again in cache instead of making two round trips through memory. Panics when the
-/// shapes do not chain (callers check).
-pub fn ffn_i8(x: &[f32], n: usize, up: &PackedI8, down: &PackedI8, act: Activation) -> Vec<f32> {
-    assert_eq!(x.len(), n * up.inputs, "ffn_i8: input size");
-    assert_eq!(up.outputs, down.inputs, "ffn_i8: the products do not chain");
-    let kernel = I8Kernel::best();
-    let (f, o) = (up.outputs, down.outputs);
-    let mut y: Vec<f32> = Vec::with_capacity(n * o);
-    let out = SendPtr(y.as_mut_ptr());
-    super::for_each_row_group(n, |r0, rows, blocks| {
-        SCRATCH.with_borrow_mut(|s| {
-            let mid = SendPtr(super::scratch(&mut s.mid, rows * f).as_mut_ptr());
-            let x = &x[r0 * up.inputs..];
-            // SAFETY: `best` runs here; `mid` holds the group's rows; rows `r0..r0 + rows`
-            // of `y` belong to this group alone.
-            unsafe {
-                group_product(kernel, x, rows, blocks, up, Some(act), &mut s.x, mid);
-                let dst = SendPtr(out.get().add(r0 * o));
-                group_product(
-                    kernel,
-                    &s.mid[..rows * f],
-                    rows,
-                    blocks,
-                    down,
-                    None,
-                    &mut s.q,
-                    dst,
-                );
-            }
-        });
-    });
-    // SAFETY: the groups cover all `n` rows, each row's `O` outputs written by the kernels.
-    unsafe { y.set_len(n * o) };
-    y
-}
-
-/// [`ffn_i8`] on a tensor `x [N, I]` (f32), giving `[N, O_down]` f32; the two products
-/// apart ([`linear_packed`]) when `N` is too short to share among the workers by rows.
-pub fn ffn_packed(x: &Tensor, up: &PackedI8, down: &PackedI8, act: Activation) -> Result<Tensor> {
-    let (n, i) = x.dims2()?;
-    if up.outputs != down.inputs {
-        bail!(
-            "int8 feed-forward: weights [{}, {}] and [{}, {}] do not chain",
-            up.outputs,
-            up.inputs,
-            down.outputs,
-            down.inputs
-        );
-    }
-    if !super::by_row_groups(n) || i != up.inputs || x.dtype() != DType::F32 {
-        // The separate products (and their errors for a wrong input).
-        return linear_packed(&linear_packed(x, up, Some(act))?, down, None);
-    }
-    let y = with_slice::<f32, _>(x, |xs| ffn_i8(xs, n, up, down, act))?;
-    Tensor::from_vec(y, (n, down.outputs), x.device())
 }
 
 /// [`linear_i8`] on a tensor `x [N, I]` (f32), giving `[N, O]` f32.
@@ -1002,25 +937,6 @@ mod tests {
         let rel = (err / norm).sqrt();
         println!("int8 vs f32 relative error {rel:.2e}");
         assert!(rel < 1e-2, "relative error {rel}");
-    }
-
-    /// The fused feed-forward products equal the two products apart, bit for bit: ragged
-    /// rows, depths and widths that need padding, and a worker scratch left holding a
-    /// larger earlier call's values.
-    #[test]
-    fn feed_forward_equals_the_two_products() {
-        let (i, f) = (50, 70);
-        let (_, wu, bu) = data(1, f, i);
-        let (_, wd, bd) = data(1, i, f);
-        let up = PackedI8::quantize(&wu, &bu, f, i);
-        let down = PackedI8::quantize(&wd, &bd, i, f);
-        for n in [300, 1, 37, 64, 129] {
-            let (x, _, _) = data(n, 1, i);
-            for act in [Activation::Gelu, Activation::Relu] {
-                let apart = linear_i8(&linear_i8(&x, n, &up, Some(act)), n, &down, None);
-                assert_eq!(ffn_i8(&x, n, &up, &down, act), apart, "{n} rows, {act:?}");
-            }
-        }
     }
 
     #[test]
