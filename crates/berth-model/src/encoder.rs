@@ -2,6 +2,7 @@
 //!
 //! Shapes: `N` total tokens of the packed batch, `H` hidden, `nh` heads, `hd = H / nh`,
 //! `F` feed-forward width, `S` sequences.
+use berth_kernels::amx::rows::TailOutput;
 use berth_kernels::Activation;
 use candle_core::{Device, Tensor};
 
@@ -333,11 +334,16 @@ impl Layer {
     }
 
     /// Everything after the attention (output projection, add & norm, feed-forward, add &
-    /// norm) in one pass by row groups, when this layer's weights are packed for bf16 or
-    /// int8 inference and the batch is long enough to share by rows
-    /// ([`berth_kernels::amx::rows::layer_tail`]: the same bits as the ops apart); `None`
-    /// otherwise.
-    fn packed_tail(&self, ctx: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
+    /// norm, and `next`'s Q, K, V projection when it is packed alike) in one pass by row
+    /// groups, when this layer's weights are packed for bf16 or int8 inference and the
+    /// batch is long enough to share by rows ([`berth_kernels::amx::rows::layer_tail`]:
+    /// the same bits as the ops apart); `None` otherwise.
+    fn packed_tail(
+        &self,
+        ctx: &Tensor,
+        x: &Tensor,
+        next: Option<&Layer>,
+    ) -> Result<Option<TailOutput<Tensor>>> {
         use crate::modules::Packed;
         use berth_kernels::amx::rows::{self, GroupProduct, Norm, Tail};
         if ctx.dtype() != candle_core::DType::F32 || !rows::by_row_groups(ctx.dim(0)?) {
@@ -351,8 +357,9 @@ impl Layer {
             ctx: &Tensor,
             x: &Tensor,
             [a, u, d]: [&P; 3],
+            next_qkv: Option<&P>,
             [g1, b1, g2, b2]: [&[f32]; 4],
-        ) -> Result<Tensor> {
+        ) -> Result<TailOutput<Tensor>> {
             let tail = Tail {
                 attn_out: a,
                 attn_ln: Norm {
@@ -368,17 +375,27 @@ impl Layer {
                     beta: b2,
                     eps: layer.out_ln.eps as f32,
                 },
+                next_qkv,
             };
             Ok(rows::layer_tail_tensors(ctx, x, &tail)?)
         }
         let norms = [&g1[..], &b1, &g2, &b2];
         let packed = [&self.attn_out, &self.inter, &self.out].map(|l| l.packed.as_deref());
+        let next = next.and_then(|l| l.qkv.packed.as_deref());
         Ok(Some(match packed {
             [Some(Packed::Bf16(a)), Some(Packed::Bf16(u)), Some(Packed::Bf16(d))] => {
-                run(self, ctx, x, [a, u, d], norms)?
+                let next = match next {
+                    Some(Packed::Bf16(q)) => Some(q),
+                    _ => None,
+                };
+                run(self, ctx, x, [a, u, d], next, norms)?
             }
             [Some(Packed::Int8(a)), Some(Packed::Int8(u)), Some(Packed::Int8(d))] => {
-                run(self, ctx, x, [a, u, d], norms)?
+                let next = match next {
+                    Some(Packed::Int8(q)) => Some(q),
+                    _ => None,
+                };
+                run(self, ctx, x, [a, u, d], next, norms)?
             }
             _ => return Ok(None),
         }))
@@ -398,7 +415,24 @@ impl Layer {
         cu_seqlens: &[usize],
         d: Option<&crate::Dropout>,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x)?; // [N, 3H]
+        Ok(self.forward_chained(x, cu_seqlens, d, None, None)?.0)
+    }
+
+    /// [`Self::forward_train`] starting from this layer's Q, K, V projection `qkv` when the
+    /// previous layer computed it; with `next` (the following layer), also `next`'s
+    /// projection when this layer's row-group tail computed it ([`Self::packed_tail`]).
+    pub fn forward_chained(
+        &self,
+        x: &Tensor,
+        cu_seqlens: &[usize],
+        d: Option<&crate::Dropout>,
+        qkv: Option<Tensor>,
+        next: Option<&Layer>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let qkv = match qkv {
+            Some(qkv) => qkv,
+            None => self.qkv.forward(x)?, // [N, 3H]
+        };
         let hd = x.dim(1)? / self.num_heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let drop = |t: Tensor, p: f64| match d {
@@ -418,8 +452,8 @@ impl Layer {
             _ => berth_kernels::varlen_attention(&qkv, cu_seqlens, self.num_heads, scale)?,
         };
         if d.is_none() {
-            if let Some(y) = self.packed_tail(&ctx, x)? {
-                return Ok(y);
+            if let Some(out) = self.packed_tail(&ctx, x, next)? {
+                return Ok((out.hidden, out.next_qkv));
             }
         }
         let attn = self.attn_out.forward(&ctx)?;
@@ -443,6 +477,6 @@ impl Layer {
         let x = add_norm(&self.attn_ln, attn, x)?;
         let f = self.inter.forward_then(&x, Some(self.activation))?; // [N, F]
         let f = drop(self.out.forward(&f)?, self.dropout.hidden)?;
-        add_norm(&self.out_ln, f, &x)
+        Ok((add_norm(&self.out_ln, f, &x)?, None))
     }
 }

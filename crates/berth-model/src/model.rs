@@ -309,6 +309,8 @@ impl Model {
             .forward_train(batch, d, self.config.dropout.hidden)?;
         let fused = x.track_op();
         let cu = &batch.cu_seqlens;
+        // A layer's Q, K, V projection when the previous layer's tail computed it.
+        let mut qkv = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let last = i + 1 == self.layers.len();
             x = match (fused && layer.fusable(), rows) {
@@ -317,7 +319,12 @@ impl Model {
                     return layer.forward_fused_rows(&x, cu, d, &self.grad_sink, &rows);
                 }
                 (true, _) => layer.forward_fused(&x, cu, d, &self.grad_sink)?,
-                (false, _) => layer.forward_train(&x, cu, d)?,
+                (false, _) => {
+                    let next = self.layers.get(i + 1);
+                    let (y, next_qkv) = layer.forward_chained(&x, cu, d, qkv.take(), next)?;
+                    qkv = next_qkv;
+                    y
+                }
             };
         }
         match rows {

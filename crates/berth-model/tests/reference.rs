@@ -460,8 +460,9 @@ fn every_precision_is_deterministic_and_close_to_transformers() {
 }
 
 /// A batch long enough for bf16 / int8 layers to run their row-local tail by row groups
-/// (`berth_kernels::amx::rows::layer_tail`) gives each sequence the same bits as that
-/// sequence alone, which is too short for it and runs the tail op by op.
+/// (`berth_kernels::amx::rows::layer_tail`, the next layer's Q, K, V projection included)
+/// gives each sequence the same bits as that sequence alone, which is too short for it and
+/// runs op by op.
 #[test]
 fn row_group_tail_equals_the_ops_apart() {
     use berth_kernels::amx::rows::by_row_groups;

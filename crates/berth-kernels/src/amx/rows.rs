@@ -1,6 +1,7 @@
 //! An encoder layer's row-local tail — attention output projection, residual add and
 //! LayerNorm, feed-forward up-projection with its activation, down-projection, residual add
-//! and LayerNorm — on bf16 or int8 packed weights, one group of row blocks at a time.
+//! and LayerNorm, and the next layer's Q, K, V projection — on bf16 or int8 packed weights,
+//! one group of row blocks at a time.
 //!
 //! Run op by op, every step of the tail writes an `[N, H]` or `[N, F]` f32 array, and the
 //! next product reads it back to round it to bf16 (or quantize it) into a fresh
@@ -8,7 +9,7 @@
 //! L2. Here a worker takes [`GROUP`] row blocks, converts their rows into its own scratch,
 //! and carries them through all three products and both LayerNorms while they are in
 //! cache; only the attention context and the residual come in, and only the layer's
-//! output goes out. Each step is the per-op path's own row function (the same kernels,
+//! output and the next layer's Q, K, V go out. Each step is the per-op path's own row function (the same kernels,
 //! conversions, activation and add-and-norm rows), so the result is bit-identical to it.
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
@@ -123,14 +124,31 @@ pub struct Tail<'a, P> {
     pub down: &'a P,
     /// LayerNorm after the feed-forward block.
     pub out_ln: Norm<'a>,
+    /// The next layer's fused Q, K, V projection `[3H', H]`, if it is packed alike: its
+    /// product runs on each group's output rows while they are in cache.
+    pub next_qkv: Option<&'a P>,
+}
+
+/// What [`layer_tail`] gives: the layer's output and, with [`Tail::next_qkv`], the next
+/// layer's Q, K, V.
+pub struct TailOutput<T> {
+    /// `[N, H]`.
+    pub hidden: T,
+    /// `[N, 3H']`.
+    pub next_qkv: Option<T>,
 }
 
 /// The layer's output `[N, H]` from the attention context `ctx [N, H]` and the layer input
 /// `x [N, H]`: `h = LN(ctx W_o^T + b_o + x)`, then `LN(act(h W_up^T + b_up) W_down^T +
-/// b_down + h)`, a row group at a time (see the module docs), bit-identical to those ops
-/// run apart. Panics when the shapes do not chain or no kernel for `P` runs here (callers
-/// check).
-pub fn layer_tail<P: GroupProduct>(ctx: &[f32], x: &[f32], n: usize, w: &Tail<P>) -> Vec<f32> {
+/// b_down + h)` (and the next layer's `qkv` of that), a row group at a time (see the
+/// module docs), bit-identical to those ops run apart. Panics when the shapes do not chain
+/// or no kernel for `P` runs here (callers check).
+pub fn layer_tail<P: GroupProduct>(
+    ctx: &[f32],
+    x: &[f32],
+    n: usize,
+    w: &Tail<P>,
+) -> TailOutput<Vec<f32>> {
     let (h, f) = (w.attn_out.outputs(), w.up.outputs());
     assert!(
         w.attn_out.inputs() == h
@@ -143,11 +161,18 @@ pub fn layer_tail<P: GroupProduct>(ctx: &[f32], x: &[f32], n: usize, w: &Tail<P>
         "layer_tail: the weights do not chain"
     );
     assert!(
+        w.next_qkv.is_none_or(|q| q.inputs() == h),
+        "layer_tail: the next layer's projection does not chain"
+    );
+    assert!(
         ctx.len() == n * h && x.len() == n * h,
         "layer_tail: input size"
     );
     let mut y = vec![0f32; n * h];
     let out = SendPtr(y.as_mut_ptr());
+    let q3 = w.next_qkv.map_or(0, |q| q.outputs());
+    let mut qkv: Vec<f32> = Vec::with_capacity(n * q3);
+    let qkv_out = SendPtr(qkv.as_mut_ptr());
     for_each_row_group(n, |r0, rows, blocks| {
         P::with_scratch(|s| {
             scratch(&mut s.t, rows * h);
@@ -178,18 +203,31 @@ pub fn layer_tail<P: GroupProduct>(ctx: &[f32], x: &[f32], n: usize, w: &Tail<P>
                     .group_product(m, rows, blocks, None, conv, t.as_mut_ptr());
                 let dst = std::slice::from_raw_parts_mut(out.get().add(r0 * h), rows * h);
                 norm(&t[..rows * h], &h1[..rows * h], w.out_ln, dst);
+                if let Some(next) = w.next_qkv {
+                    let q = qkv_out.get().add(r0 * q3);
+                    next.group_product(dst, rows, blocks, None, conv, q);
+                }
             }
         })
     });
-    y
+    let next_qkv = w.next_qkv.map(|_| {
+        // SAFETY: every group wrote its rows' `3H'` values (through the raw pointer).
+        unsafe { qkv.set_len(n * q3) };
+        qkv
+    });
+    TailOutput {
+        hidden: y,
+        next_qkv,
+    }
 }
 
-/// [`layer_tail`] on tensors: `ctx [N, H]` and `x [N, H]` (f32) give `[N, H]` f32.
+/// [`layer_tail`] on tensors: `ctx [N, H]` and `x [N, H]` (f32) give `[N, H]` (and
+/// `[N, 3H']`) f32.
 pub fn layer_tail_tensors<P: GroupProduct>(
     ctx: &Tensor,
     x: &Tensor,
     w: &Tail<P>,
-) -> Result<Tensor> {
+) -> Result<TailOutput<Tensor>> {
     let (n, h) = ctx.dims2()?;
     if x.dims() != ctx.dims()
         || ctx.dtype() != DType::F32
@@ -205,10 +243,17 @@ pub fn layer_tail_tensors<P: GroupProduct>(
             w.attn_out.inputs()
         );
     }
-    let y = with_slice::<f32, _>(ctx, |c| {
+    let out = with_slice::<f32, _>(ctx, |c| {
         with_slice::<f32, _>(x, |xs| layer_tail(c, xs, n, w))
     })??;
-    Tensor::from_vec(y, (n, h), ctx.device())
+    let q3 = w.next_qkv.map_or(0, |q| q.outputs());
+    Ok(TailOutput {
+        hidden: Tensor::from_vec(out.hidden, (n, h), ctx.device())?,
+        next_qkv: out
+            .next_qkv
+            .map(|v| Tensor::from_vec(v, (n, q3), ctx.device()))
+            .transpose()?,
+    })
 }
 
 #[cfg(test)]
@@ -231,6 +276,7 @@ mod tests {
         let a = pack(&rand(h * h, 0.5), &rand(h, 1.0), h, h);
         let u = pack(&rand(f * h, 0.5), &rand(f, 1.0), f, h);
         let d = pack(&rand(h * f, 0.5), &rand(h, 1.0), h, f);
+        let q = pack(&rand(3 * h * h, 0.5), &rand(3 * h, 1.0), 3 * h, h);
         let (g1, b1, g2, b2) = (rand(h, 1.0), rand(h, 1.0), rand(h, 1.0), rand(h, 1.0));
         let norm = |a: &[f32], r: &[f32], g: &[f32], b: &[f32]| {
             let mut y = vec![0f32; a.len()];
@@ -245,6 +291,7 @@ mod tests {
                 let h1 = norm(&linear(&ctx, n, &a, None), &x, &g1, &b1);
                 let mid = linear(&h1, n, &u, Some(act));
                 let apart = norm(&linear(&mid, n, &d, None), &h1, &g2, &b2);
+                let next_apart = linear(&apart, n, &q, None);
                 let tail = Tail {
                     attn_out: &a,
                     attn_ln: Norm {
@@ -260,8 +307,25 @@ mod tests {
                         beta: &b2,
                         eps: 1e-12,
                     },
+                    next_qkv: None,
                 };
-                assert_eq!(layer_tail(&ctx, &x, n, &tail), apart, "{n} rows, {act:?}");
+                let out = layer_tail(&ctx, &x, n, &tail);
+                assert_eq!(out.hidden, apart, "{n} rows, {act:?}");
+                assert!(out.next_qkv.is_none());
+                let with_next = Tail {
+                    next_qkv: Some(&q),
+                    ..tail
+                };
+                let out = layer_tail(&ctx, &x, n, &with_next);
+                assert_eq!(
+                    out.hidden, apart,
+                    "{n} rows, {act:?}, with the next projection"
+                );
+                assert_eq!(
+                    out.next_qkv,
+                    Some(next_apart),
+                    "{n} rows, {act:?}: next qkv"
+                );
             }
         }
     }
