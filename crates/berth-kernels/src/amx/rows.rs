@@ -84,6 +84,9 @@ pub trait GroupProduct: Sync {
     /// every column block over the row blocks, row blocks inner so each weight panel serves
     /// them all. Output row `r` goes to `y + r * O`.
     ///
+    /// It must not call into rayon: the worker's scratch stays borrowed for the whole group,
+    /// and a task stolen meanwhile would find it taken.
+    ///
     /// # Safety
     /// A kernel for this format runs on this CPU; `y` holds `rows` rows of `O` that no other
     /// thread writes.
