@@ -332,7 +332,6 @@ pub fn vnni_available() -> bool {
 /// `act(x W^T + b)` for `x [N, I]` (row-major f32), giving `[N, O]`, on the fastest
 /// kernel this CPU runs ([`I8Kernel::best`]; all give the same result).
 pub fn linear_i8(x: &[f32], n: usize, w: &PackedI8, act: Option<Activation>) -> Vec<f32> {
-    assert_eq!(x.len(), n * w.inputs, "linear_i8: input size");
     let q = quantize_rows(x, n, w.inputs, w.depth);
     linear_quantized(&q, n, w, act, I8Kernel::best())
 }
@@ -426,8 +425,6 @@ impl super::rows::GroupProduct for PackedI8 {
         super::rows::scratch(&mut q.data, blocks * BLOCK * depth);
         q.scale.resize(rows, 1.0);
         q.zero.resize(rows, 0);
-        q.scale.truncate(rows);
-        q.zero.truncate(rows);
         // `quantize_rows`'s rows.
         for (((d, s), sc), zp) in q
             .data
