@@ -12,7 +12,7 @@
 //!      batch padding little. Every engine gets the same order.
 //!   d. a bert-base-shaped checkpoint (12 layers, 768 hidden, random weights, written to a
 //!      temporary folder and loaded by every engine) at 8 sequences x 128 tokens.
-//! berth runs in f32, in bf16 where the CPU has AMX or AVX-512 BF16, and in int8 where it has AMX or AVX-512
+//! berth runs in f32, in bf16 where the CPU has AMX or AVX-512, and in int8 where it has AMX or AVX-512
 //! VNNI (not on the portable int8 loop, which is far slower than f32); the accuracy of each
 //! reduced precision is the cosine of its (c) embeddings to berth f32's. Peers run in
 //! scripts/bench_peers.py with the same thread count (PyTorch eager f32 and bf16 autocast,
@@ -368,7 +368,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             eprintln!("berth bf16 runs on {kernel:?}");
             modes.push(Precision::Bf16);
         }
-        None => eprintln!("no AMX bf16 or AVX-512 BF16 on this CPU: berth bf16 is skipped"),
+        None => eprintln!("no AMX bf16 or AVX-512 on this CPU: berth bf16 is skipped"),
     }
     let int8_kernel = berth_kernels::amx::int8::I8Kernel::best();
     if int8_kernel == berth_kernels::amx::int8::I8Kernel::Portable {

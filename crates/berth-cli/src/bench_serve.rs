@@ -40,7 +40,7 @@ pub struct ServeBenchArgs {
     /// Texts per request in load 2.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// berth precisions to run (bf16: AMX or AVX-512 BF16; int8: AMX, AVX-512 VNNI or
+    /// berth precisions to run (bf16: AMX or AVX-512; int8: AMX, AVX-512 VNNI or
     /// AVX2).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     dtype: Vec<berth_model::Precision>,

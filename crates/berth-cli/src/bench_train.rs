@@ -47,7 +47,7 @@ pub struct TrainBenchArgs {
     rounds: usize,
     /// Also compare in bf16: `berth finetune --dtype bf16` against the Trainer with bf16
     /// autocast, and pretraining with `--dtype bf16` against PyTorch under autocast (berth's
-    /// side needs AMX or AVX-512 BF16; without them only the Trainer's bf16 row runs, for
+    /// side needs AMX or AVX-512; without them only the Trainer's bf16 row runs, for
     /// reference).
     #[arg(long, alias = "peer-bf16")]
     bf16: bool,

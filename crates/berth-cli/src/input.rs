@@ -41,8 +41,8 @@ pub struct TextArgs {
     /// more activation memory (~6 KB per token per 384 hidden).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
-    /// Number format of the encoder's matrix products: f32; bf16 (Intel AMX tiles or
-    /// AVX-512 BF16; outputs within ~1e-5 cosine of f32); or int8 (weights per channel,
+    /// Number format of the encoder's matrix products: f32; bf16 (Intel AMX tiles, AVX-512
+    /// BF16 or AVX-512 F FMAs; outputs within ~1e-5 cosine of f32); or int8 (weights per channel,
     /// activations per token; AMX int8 tiles, AVX-512 VNNI or AVX2 (on AVX2 no faster
     /// than f32), a slow portable loop elsewhere; outputs within ~1e-3 cosine).
     #[arg(long, value_enum, default_value_t = Precision::F32)]

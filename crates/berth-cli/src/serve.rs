@@ -25,7 +25,7 @@ pub struct ServeArgs {
     /// Port; 0 picks a free one (the log line `listening on http://ADDR` names it).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Number format of the matrix products (bf16: AMX or AVX-512 BF16; int8: AMX or
+    /// Number format of the matrix products (bf16: AMX or AVX-512; int8: AMX or
     /// AVX-512 VNNI for speed).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,

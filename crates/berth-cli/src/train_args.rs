@@ -74,7 +74,7 @@ pub struct LoopArgs {
     no_dropout: bool,
     /// Number format of the matrix products, forward and backward: bf16 is mixed
     /// precision (bf16 operands, f32 accumulation; weights, optimizer and checkpoints stay
-    /// f32), on AMX or AVX-512 BF16.
+    /// f32), on AMX or AVX-512.
     #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
     dtype: TrainDtype,
 }

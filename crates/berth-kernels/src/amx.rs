@@ -53,6 +53,10 @@ pub enum Bf16Kernel {
     Amx,
     /// AVX-512 BF16 (`VDPBF16PS`), sixteen outputs per register.
     Avx512,
+    /// AVX-512 F FMAs on the bf16 operands widened to f32 (exact: a bf16 value is the top
+    /// half of an f32): for CPUs whose `VDPBF16PS` is slower than their f32 FMAs (measured:
+    /// Intel Xeon without AMX, a quarter of the FMA instruction rate, half its flops).
+    Avx512Fma,
 }
 
 impl Bf16Kernel {
@@ -60,8 +64,10 @@ impl Bf16Kernel {
     pub fn best() -> Option<Self> {
         if available() {
             Some(Bf16Kernel::Amx)
-        } else if avx512_bf16_available() {
+        } else if avx512_bf16_available() && dot_outruns_fma() {
             Some(Bf16Kernel::Avx512)
+        } else if avx512_fma_available() {
+            Some(Bf16Kernel::Avx512Fma)
         } else {
             None
         }
@@ -70,6 +76,9 @@ impl Bf16Kernel {
     /// Every bf16 kernel this CPU runs.
     pub fn all() -> Vec<Self> {
         let mut all = Vec::new();
+        if avx512_fma_available() {
+            all.push(Bf16Kernel::Avx512Fma);
+        }
         if avx512_bf16_available() {
             all.push(Bf16Kernel::Avx512);
         }
@@ -94,7 +103,88 @@ pub fn avx512_bf16_available() -> bool {
     }
 }
 
-/// Whether bf16 products run here at all (AMX tiles or AVX-512 BF16).
+/// Whether the CPU has AVX-512 F and FMA ([`Bf16Kernel::Avx512Fma`]).
+fn avx512_fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU's `VDPBF16PS` does more flops per second than its f32 FMAs, by a margin
+/// (measured once: a few microseconds of twelve independent chains of each instruction, the
+/// best of several tries). Zen 5 gives ~1.9 (two bf16 products per lane at the FMA's rate);
+/// an Intel Xeon without AMX gives ~0.5. The margin keeps CPUs near 1 on the FMA kernel
+/// every time, so a process's choice (and its output bits) does not flip with the load.
+fn dot_outruns_fma() -> bool {
+    static FASTER: OnceLock<bool> = OnceLock::new();
+    *FASTER.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !avx512_bf16_available() || !avx512_fma_available() {
+                return false;
+            }
+            let best = |f: &dyn Fn() -> f32| {
+                (0..7)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        std::hint::black_box(f());
+                        start.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            // SAFETY: both features were checked above.
+            let dot = best(&|| unsafe { chains::dot() });
+            let fma = best(&|| unsafe { chains::fma() });
+            // Each `VDPBF16PS` does 64 flops, each FMA 32, and both loops run as many.
+            let ratio = (64.0 / dot) / (32.0 / fma);
+            ratio >= 1.3
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The instruction-rate probes of [`dot_outruns_fma`].
+#[cfg(target_arch = "x86_64")]
+mod chains {
+    use std::arch::x86_64::*;
+
+    const STEPS: usize = 2048;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn dot() -> f32 {
+        let mut acc = [_mm512_set1_ps(0.5); 12];
+        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80));
+        let y = std::hint::black_box(x);
+        for _ in 0..STEPS {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, x, y);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn fma() -> f32 {
+        let mut acc = [_mm512_set1_ps(0.5); 12];
+        let x = std::hint::black_box(_mm512_set1_ps(1.0));
+        for _ in 0..STEPS {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, x, x);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    }
+}
+
+/// Whether bf16 products run here at all (AMX tiles or AVX-512).
 pub fn bf16_available() -> bool {
     Bf16Kernel::best().is_some()
 }
@@ -272,7 +362,7 @@ unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
 /// block while it is in L1. Panics when no bf16 kernel runs here ([`bf16_available`];
 /// callers check first).
 pub fn linear_bf16(x: &[f32], n: usize, w: &PackedBf16, act: Option<Activation>) -> Vec<f32> {
-    let kernel = Bf16Kernel::best().expect("linear_bf16 needs AMX or AVX-512 BF16");
+    let kernel = Bf16Kernel::best().expect("linear_bf16 needs AMX or AVX-512");
     linear_bf16_on(x, n, w, act, kernel)
 }
 
@@ -344,7 +434,7 @@ impl rows::GroupProduct for PackedBf16 {
         conv: &mut Vec<u16>,
         y: *mut f32,
     ) {
-        let kernel = Bf16Kernel::best().expect("bf16 products need AMX or AVX-512 BF16");
+        let kernel = Bf16Kernel::best().expect("bf16 products need AMX or AVX-512");
         let (inputs, depth) = (self.inputs, self.depth);
         let a = rows::scratch(conv, blocks * BLOCK * depth);
         // `pack_rows`'s rows.
@@ -358,6 +448,7 @@ impl rows::GroupProduct for PackedBf16 {
                 match kernel {
                     Bf16Kernel::Amx => block_row(a, rows, self, rb, cb..cb + 1, act, y),
                     Bf16Kernel::Avx512 => block_row_avx512(a, rows, self, rb, cb..cb + 1, act, y),
+                    Bf16Kernel::Avx512Fma => block_row_fma(a, rows, self, rb, cb..cb + 1, act, y),
                 }
             }
         }
@@ -384,6 +475,7 @@ fn matmul_packed(
                 match kernel {
                     Bf16Kernel::Amx => block_row(a, n, w, rb, cols, act, out),
                     Bf16Kernel::Avx512 => block_row_avx512(a, n, w, rb, cols, act, out),
+                    Bf16Kernel::Avx512Fma => block_row_fma(a, n, w, rb, cols, act, out),
                 }
             }
         },
@@ -613,10 +705,7 @@ unsafe fn block_row_avx512(
     for cb in cols {
         let c0 = cb * BLOCK;
         let width = (o - c0).min(BLOCK);
-        let (m0, m1) = (
-            ((1u32 << width.min(16)) - 1) as u16,
-            ((1u64 << width.saturating_sub(16)) - 1) as u16,
-        );
+        let [m0, m1] = column_masks(width);
         let bias0 = _mm512_loadu_ps(w.bias.as_ptr().add(c0));
         let bias1 = _mm512_loadu_ps(w.bias.as_ptr().add(c0 + 16));
         let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
@@ -681,6 +770,173 @@ unsafe fn block_row_avx512(
     unreachable!("AVX-512 BF16 is x86-64 only")
 }
 
+/// The store masks of a 32-column block's two 16-lane halves when `width` (≤ 32) columns
+/// are live.
+fn column_masks(width: usize) -> [u16; 2] {
+    [
+        ((1u32 << width.min(16)) - 1) as u16,
+        ((1u64 << width.saturating_sub(16)) - 1) as u16,
+    ]
+}
+
+/// Rows of `y` one [`block_row_fma`] register group holds: 12 × 32 outputs in 24
+/// accumulators, beside the four widened weight registers.
+const ROWS_FMA: usize = 12;
+
+thread_local! {
+    /// [`block_row_fma`]'s block of `x` rows widened to f32.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`block_row`] on AVX-512 F FMAs: the block's rows of `x` are widened to f32 once (a bf16
+/// value shifted into the top half of an f32 is that value exactly), then for each 32-column
+/// block, groups of up to [`ROWS_FMA`] rows keep their outputs in registers (started from the
+/// bias) through the whole depth. Each packed tile row (16 outputs' `(k, k+1)` pairs) is
+/// split into the `k` weights (shifted up) and the `k + 1` weights (low half cleared) and
+/// meets each row's broadcast `x[r][k]` and `x[r][k + 1]` in FMAs. The products of bf16
+/// values are exact in f32, so this differs from `VDPBF16PS` only in the order of the f32
+/// additions.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and FMA; `a` holds `rows_padded × depth` values; `y` holds
+/// `n × O`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_row_fma(
+    a: &[u16],
+    n: usize,
+    w: &PackedBf16,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
+    use std::arch::x86_64::*;
+    let (kb, depth) = (w.depth / DEPTH, w.depth);
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    let o = w.outputs;
+    WIDE.with_borrow_mut(|wide| {
+        if wide.len() < rows * depth {
+            wide.resize(rows * depth, 0.0);
+        }
+        let src = a.as_ptr().add(rb * BLOCK * depth);
+        // depth is a multiple of DEPTH (32): whole 16-value steps.
+        for i in (0..rows * depth).step_by(16) {
+            let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
+            let f = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+            _mm512_storeu_si512(wide.as_mut_ptr().add(i) as *mut __m512i, f);
+        }
+        let gelu = act == Some(Activation::Gelu);
+        for cb in cols {
+            let c0 = cb * BLOCK;
+            let width = (o - c0).min(BLOCK);
+            let [m0, m1] = column_masks(width);
+            let panel = FmaPanel {
+                b0: w.tiles.as_ptr().add(2 * cb * kb * TILE),
+                kb,
+                depth,
+                bias: [
+                    _mm512_loadu_ps(w.bias.as_ptr().add(c0)),
+                    _mm512_loadu_ps(w.bias.as_ptr().add(c0 + 16)),
+                ],
+            };
+            for g in (0..rows).step_by(ROWS_FMA) {
+                let x = wide.as_ptr().add(g * depth);
+                let dst = y.get().add((rb * BLOCK + g) * o + c0);
+                macro_rules! go {
+                    ($($r:literal)*) => {
+                        match (rows - g).min(ROWS_FMA) {
+                            $($r => fma_rows::<$r>(&panel, x, gelu, dst, o, [m0, m1]),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6 7 8 9 10 11 12);
+                if let Some(act) = act.filter(|_| !gelu) {
+                    for r in 0..(rows - g).min(ROWS_FMA) {
+                        crate::activation::activate_reduced(
+                            act,
+                            std::slice::from_raw_parts_mut(dst.add(r * o), width),
+                        );
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One 32-column block of the packed weights, for [`fma_rows`].
+#[cfg(target_arch = "x86_64")]
+struct FmaPanel {
+    /// The block's first 16 columns' tiles (the next 16 follow `kb` tiles later).
+    b0: *const u16,
+    kb: usize,
+    depth: usize,
+    bias: [std::arch::x86_64::__m512; 2],
+}
+
+/// `R` rows (f32, `p.depth` apart, from `x`) × the panel's 32 columns into `dst` (row
+/// stride `o`, column masks `m`), GELU applied on the registers when `gelu`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn fma_rows<const R: usize>(
+    p: &FmaPanel,
+    x: *const f32,
+    gelu: bool,
+    dst: *mut f32,
+    o: usize,
+    m: [u16; 2],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [p.bias; R];
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let b1 = p.b0.add(p.kb * TILE);
+    for kt in 0..p.kb {
+        let (t0, t1) = (p.b0.add(kt * TILE), b1.add(kt * TILE));
+        for q in 0..DEPTH / 2 {
+            let w0 = _mm512_loadu_si512(t0.add(q * DEPTH) as *const __m512i);
+            let w1 = _mm512_loadu_si512(t1.add(q * DEPTH) as *const __m512i);
+            // Pair (k, k + 1) of each output: k in the low half, k + 1 in the high half.
+            let even = [w0, w1].map(|v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)));
+            let odd = [w0, w1].map(|v| _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+            let k = kt * DEPTH + 2 * q;
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xe = _mm512_set1_ps(*x.add(r * p.depth + k));
+                let xo = _mm512_set1_ps(*x.add(r * p.depth + k + 1));
+                acc[0] = _mm512_fmadd_ps(xe, even[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(xe, even[1], acc[1]);
+                acc[0] = _mm512_fmadd_ps(xo, odd[0], acc[0]);
+                acc[1] = _mm512_fmadd_ps(xo, odd[1], acc[1]);
+            }
+        }
+    }
+    if gelu {
+        for acc in acc.iter_mut() {
+            *acc = acc.map(|v| crate::activation::gelu_avx512(v));
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = dst.add(r * o);
+        _mm512_mask_storeu_ps(row, m[0], acc[0]);
+        if m[1] != 0 {
+            _mm512_mask_storeu_ps(row.add(16), m[1], acc[1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_fma(
+    _: &[u16],
+    _: usize,
+    _: &PackedBf16,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AVX-512 is x86-64 only")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,7 +947,7 @@ mod tests {
     fn check(n: usize, o: usize, i: usize) {
         let kernels = Bf16Kernel::all();
         if kernels.is_empty() {
-            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
+            eprintln!("no bf16 kernel (AMX or AVX-512) here: skipping");
             return;
         }
         for kernel in kernels {
@@ -737,7 +993,7 @@ mod tests {
     #[test]
     fn fused_activation_matches_separate_pass() {
         if !bf16_available() {
-            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
+            eprintln!("no bf16 kernel (AMX or AVX-512) here: skipping");
             return;
         }
         let (n, o, i) = (45, 70, 50);

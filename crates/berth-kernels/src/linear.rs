@@ -47,7 +47,7 @@ pub enum Products {
     #[default]
     F32,
     /// Both operands rounded to bf16 at each product (forward and backward), f32
-    /// accumulation and f32 results (mixed-precision training; AMX or AVX-512 BF16).
+    /// accumulation and f32 results (mixed-precision training; AMX or AVX-512).
     /// Everything around the products — bias, activations, LayerNorm, attention, losses,
     /// the gradients passed between ops — stays f32.
     Bf16,
@@ -191,7 +191,9 @@ pub fn linear_prepacked(
 fn bf16_operands<'a, T: Float, const K: usize>(s: [&'a [T]; K]) -> Result<[&'a [f32]; K]> {
     // (Unit tests run the products on a portable loop where the CPU has no bf16 kernel.)
     if !crate::amx::bf16_available() && !cfg!(test) {
-        bail!("bf16 matrix products need a CPU with AMX bf16 tiles or AVX-512 BF16; this one has neither");
+        bail!(
+            "bf16 matrix products need a CPU with AMX bf16 tiles or AVX-512; this one has neither"
+        );
     }
     if T::DTYPE != candle_core::DType::F32 {
         bail!("bf16 matrix products take f32 tensors, not {:?}", T::DTYPE);

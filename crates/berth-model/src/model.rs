@@ -218,7 +218,7 @@ impl Model {
             if !berth_kernels::amx::bf16_available() {
                 return Err(ModelError::Input(
                     "--dtype bf16 training needs a CPU with AMX bf16 tiles (and Linux 5.16+) \
-                     or AVX-512 BF16; this machine has neither: use --dtype f32"
+                     or AVX-512; this machine has neither: use --dtype f32"
                         .into(),
                 ));
             }

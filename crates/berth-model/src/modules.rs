@@ -20,7 +20,7 @@ pub enum Precision {
     #[default]
     F32,
     /// Weights and activations rounded to bf16 for the linear layers, f32 accumulation
-    /// (Intel AMX tiles or AVX-512 BF16; refused on other CPUs).
+    /// (Intel AMX tiles, AVX-512 BF16 or AVX-512 F FMAs; refused on other CPUs).
     Bf16,
     /// Weights quantized to int8 per output channel once, activations to uint8 per token
     /// at each product, i32 accumulation (AMX int8 tiles, AVX-512 VNNI or AVX2; the same
@@ -143,7 +143,7 @@ impl Linear {
                 if !berth_kernels::amx::bf16_available() {
                     return Err(ModelError::Input(
                         "--dtype bf16 needs a CPU with AMX bf16 tiles (and Linux 5.16+) or \
-                         AVX-512 BF16; this machine has neither: use --dtype f32"
+                         AVX-512; this machine has neither: use --dtype f32"
                             .into(),
                     ));
                 }

@@ -81,7 +81,7 @@ pub enum TrainDtype {
     /// Mixed precision: the linear layers' products (encoder and heads, forward and
     /// backward) with both operands rounded to bf16 and f32 accumulation, as PyTorch's bf16
     /// autocast runs them; attention, LayerNorm, activations, losses and the optimizer in
-    /// f32. Needs AMX or AVX-512 BF16; BERT-family encoders only.
+    /// f32. Needs AMX or AVX-512; BERT-family encoders only.
     Bf16,
 }
 

@@ -5,7 +5,7 @@
 //! `dw = dy^T x`), so the packers take strided views and transpose while they round.
 //!
 //! Packed layouts are those of [`PackedBf16`] and [`pack_rows`], so the products run on
-//! the inference kernels (AMX tiles or AVX-512 BF16).
+//! the inference kernels (AMX tiles, AVX-512 BF16 or AVX-512 F FMAs).
 use rayon::prelude::*;
 
 use super::{matmul_packed, Bf16Kernel, PackedBf16, BLOCK, DEPTH, TILE};
@@ -217,7 +217,7 @@ pub(crate) fn matmul(a: View, b: View, bias: Option<&[f32]>) -> Vec<f32> {
     assert_eq!(a.cols, b.cols, "bf16 matmul: depths differ");
     let kernel = Bf16Kernel::best();
     #[cfg(not(test))]
-    let kernel = Some(kernel.expect("bf16 matmul needs AMX or AVX-512 BF16"));
+    let kernel = Some(kernel.expect("bf16 matmul needs AMX or AVX-512"));
     let (n, o) = (a.rows, b.rows);
     let w = pack_weight(b, bias);
     let packed = pack_input(a, w.depth);

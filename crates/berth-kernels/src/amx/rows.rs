@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn bf16_tail_equals_the_ops_apart() {
         if !bf16_available() {
-            eprintln!("neither AMX nor AVX-512 BF16 here: skipping");
+            eprintln!("no bf16 kernel (AMX or AVX-512) here: skipping");
             return;
         }
         check(PackedBf16::pack, linear_bf16);
