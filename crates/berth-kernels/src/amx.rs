@@ -333,8 +333,10 @@ pub fn pack_rows(x: &[f32], n: usize, inputs: usize, depth: usize) -> Vec<u16> {
 
 fn convert_row(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected.
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: the features were just detected.
         return unsafe { convert_row_avx512(src, dst) };
     }
     for (d, s) in dst.iter_mut().zip(src) {
