@@ -444,6 +444,18 @@ impl rows::GroupProduct for PackedBf16 {
             convert_row(s, &mut d[..inputs]);
             d[inputs..].fill(0);
         }
+        if kernel == Bf16Kernel::Avx512Fma {
+            // The group's rows widened once for all its column blocks.
+            return WIDE.with_borrow_mut(|wide| {
+                widen(&a[..rows * depth], wide);
+                for cb in 0..self.bias.len() / BLOCK {
+                    for rb in 0..blocks {
+                        let x = wide.as_ptr().add(rb * BLOCK * depth);
+                        block_row_wide(x, rows, self, rb, cb..cb + 1, act, SendPtr(y));
+                    }
+                }
+            });
+        }
         for cb in 0..self.bias.len() / BLOCK {
             for rb in 0..blocks {
                 let y = SendPtr(y);
@@ -791,13 +803,8 @@ thread_local! {
 }
 
 /// [`block_row`] on AVX-512 F FMAs: the block's rows of `x` are widened to f32 once (a bf16
-/// value shifted into the top half of an f32 is that value exactly), then for each 32-column
-/// block, groups of up to [`ROWS_FMA`] rows keep their outputs in registers (started from the
-/// bias) through the whole depth. Each packed tile row (16 outputs' `(k, k+1)` pairs) is
-/// split into the `k` weights (shifted up) and the `k + 1` weights (low half cleared) and
-/// meets each row's broadcast `x[r][k]` and `x[r][k + 1]` in FMAs. The products of bf16
-/// values are exact in f32, so this differs from `VDPBF16PS` only in the order of the f32
-/// additions.
+/// value shifted into the top half of an f32 is that value exactly), then
+/// [`block_row_wide`] runs on them.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and FMA; `a` holds `rows_padded × depth` values; `y` holds
@@ -813,58 +820,93 @@ unsafe fn block_row_fma(
     act: Option<Activation>,
     y: SendPtr<f32>,
 ) {
+    let rows = (n - rb * BLOCK).min(BLOCK);
+    WIDE.with_borrow_mut(|wide| {
+        widen(&a[rb * BLOCK * w.depth..][..rows * w.depth], wide);
+        block_row_wide(wide.as_ptr(), n, w, rb, cols, act, y)
+    })
+}
+
+/// `dst[..src.len()]` = the bf16 values `src` as f32 (`src.len()` a multiple of 16).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen(src: &[u16], dst: &mut Vec<f32>) {
+    use std::arch::x86_64::*;
+    debug_assert!(src.len().is_multiple_of(16));
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0.0);
+    }
+    for i in (0..src.len()).step_by(16) {
+        let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+        let f = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut __m512i, f);
+    }
+}
+
+/// The products of [`block_row_fma`] from rows already widened (`x`: the block's first row,
+/// rows `depth` apart): for each 32-column block, groups of up to [`ROWS_FMA`] rows keep
+/// their outputs in registers (started from the bias) through the whole depth. Each packed
+/// tile row (16 outputs' `(k, k+1)` pairs) is split into the `k` weights (shifted up) and
+/// the `k + 1` weights (low half cleared) and meets each row's broadcast `x[r][k]` and
+/// `x[r][k + 1]` in FMAs. The products of bf16 values are exact in f32, so this differs
+/// from `VDPBF16PS` only in the order of the f32 additions.
+///
+/// # Safety
+/// As [`block_row_fma`], with `x` holding the block's rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_row_wide(
+    x: *const f32,
+    n: usize,
+    w: &PackedBf16,
+    rb: usize,
+    cols: std::ops::Range<usize>,
+    act: Option<Activation>,
+    y: SendPtr<f32>,
+) {
     use std::arch::x86_64::*;
     let (kb, depth) = (w.depth / DEPTH, w.depth);
     let rows = (n - rb * BLOCK).min(BLOCK);
     let o = w.outputs;
-    WIDE.with_borrow_mut(|wide| {
-        if wide.len() < rows * depth {
-            wide.resize(rows * depth, 0.0);
-        }
-        let src = a.as_ptr().add(rb * BLOCK * depth);
-        // depth is a multiple of DEPTH (32): whole 16-value steps.
-        for i in (0..rows * depth).step_by(16) {
-            let h = _mm256_loadu_si256(src.add(i) as *const __m256i);
-            let f = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
-            _mm512_storeu_si512(wide.as_mut_ptr().add(i) as *mut __m512i, f);
-        }
-        let gelu = act == Some(Activation::Gelu);
-        for cb in cols {
-            let c0 = cb * BLOCK;
-            let width = (o - c0).min(BLOCK);
-            let [m0, m1] = column_masks(width);
-            let panel = FmaPanel {
-                b0: w.tiles.as_ptr().add(2 * cb * kb * TILE),
-                kb,
-                depth,
-                bias: [
-                    _mm512_loadu_ps(w.bias.as_ptr().add(c0)),
-                    _mm512_loadu_ps(w.bias.as_ptr().add(c0 + 16)),
-                ],
-            };
-            for g in (0..rows).step_by(ROWS_FMA) {
-                let x = wide.as_ptr().add(g * depth);
-                let dst = y.get().add((rb * BLOCK + g) * o + c0);
-                macro_rules! go {
-                    ($($r:literal)*) => {
-                        match (rows - g).min(ROWS_FMA) {
-                            $($r => fma_rows::<$r>(&panel, x, gelu, dst, o, [m0, m1]),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                go!(1 2 3 4 5 6 7 8 9 10 11 12);
-                if let Some(act) = act.filter(|_| !gelu) {
-                    for r in 0..(rows - g).min(ROWS_FMA) {
-                        crate::activation::activate_reduced(
-                            act,
-                            std::slice::from_raw_parts_mut(dst.add(r * o), width),
-                        );
+    let gelu = act == Some(Activation::Gelu);
+    for cb in cols {
+        let c0 = cb * BLOCK;
+        let width = (o - c0).min(BLOCK);
+        let [m0, m1] = column_masks(width);
+        let panel = FmaPanel {
+            b0: w.tiles.as_ptr().add(2 * cb * kb * TILE),
+            kb,
+            depth,
+            bias: [
+                _mm512_loadu_ps(w.bias.as_ptr().add(c0)),
+                _mm512_loadu_ps(w.bias.as_ptr().add(c0 + 16)),
+            ],
+        };
+        for g in (0..rows).step_by(ROWS_FMA) {
+            let x = x.add(g * depth);
+            let dst = y.get().add((rb * BLOCK + g) * o + c0);
+            macro_rules! go {
+                ($($r:literal)*) => {
+                    match (rows - g).min(ROWS_FMA) {
+                        $($r => fma_rows::<$r>(&panel, x, gelu, dst, o, [m0, m1]),)*
+                        _ => unreachable!(),
                     }
+                };
+            }
+            go!(1 2 3 4 5 6 7 8 9 10 11 12);
+            if let Some(act) = act.filter(|_| !gelu) {
+                for r in 0..(rows - g).min(ROWS_FMA) {
+                    crate::activation::activate_reduced(
+                        act,
+                        std::slice::from_raw_parts_mut(dst.add(r * o), width),
+                    );
                 }
             }
         }
-    })
+    }
 }
 
 /// One 32-column block of the packed weights, for [`fma_rows`].
@@ -924,6 +966,24 @@ unsafe fn fma_rows<const R: usize>(
             _mm512_mask_storeu_ps(row.add(16), m[1], acc[1]);
         }
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn widen(_: &[u16], _: &mut Vec<f32>) {
+    unreachable!("AVX-512 is x86-64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row_wide(
+    _: *const f32,
+    _: usize,
+    _: &PackedBf16,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: Option<Activation>,
+    _: SendPtr<f32>,
+) {
+    unreachable!("AVX-512 is x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
