@@ -526,37 +526,91 @@ unsafe fn epilogue_avx512(
     y: SendPtr<f32>,
 ) {
     use std::arch::x86_64::*;
-    let rows = (n - rb * BLOCK).min(BLOCK);
-    let width = (w.outputs - c0).min(BLOCK);
-    let masks = [
-        ((1u32 << width.min(16)) - 1) as __mmask16,
-        ((1u64 << width.saturating_sub(16)) - 1) as __mmask16,
-    ];
-    let gelu = act == Some(Activation::Gelu);
-    // The padded per-channel vectors hold whole blocks.
-    let load = |v: &[f32], h: usize| _mm512_loadu_ps(v.as_ptr().add(c0 + 16 * h));
-    let sw = [load(&w.scale, 0), load(&w.scale, 1)];
-    let bias = [load(&w.bias, 0), load(&w.bias, 1)];
-    let sums = [0, 1].map(|h| _mm512_loadu_si512(w.sums.as_ptr().add(c0 + 16 * h) as *const _));
-    for r in 0..rows {
-        let row = rb * BLOCK + r;
+    let ep = RowEpilogue::new(w, c0, act);
+    for r in 0..(n - rb * BLOCK).min(BLOCK) {
+        let a = [0, 1]
+            .map(|h| _mm512_loadu_si512(acc.as_ptr().add(r * BLOCK + 16 * h) as *const __m512i));
+        ep.row(a, q, rb * BLOCK + r, y);
+    }
+}
+
+/// One column block's epilogue constants in registers, applied a row of 2 × 16 i32 sums
+/// at a time ([`epilogue_avx512`], and [`block_row_vnni`] straight from its accumulators).
+/// Only for functions compiled with AVX-512 F (its methods are inlined into them).
+#[cfg(target_arch = "x86_64")]
+struct RowEpilogue {
+    sw: [std::arch::x86_64::__m512; 2],
+    bias: [std::arch::x86_64::__m512; 2],
+    sums: [std::arch::x86_64::__m512i; 2],
+    masks: [std::arch::x86_64::__mmask16; 2],
+    width: usize,
+    outputs: usize,
+    c0: usize,
+    act: Option<Activation>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowEpilogue {
+    /// The constants of the column block starting at `c0`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; `c0` starts a column block of `w`.
+    #[inline(always)]
+    unsafe fn new(w: &PackedI8, c0: usize, act: Option<Activation>) -> Self {
+        use std::arch::x86_64::*;
+        let width = (w.outputs - c0).min(BLOCK);
+        // The padded per-channel vectors hold whole blocks.
+        let load = |v: &[f32], h: usize| _mm512_loadu_ps(v.as_ptr().add(c0 + 16 * h));
+        let sums = |h: usize| _mm512_loadu_si512(w.sums.as_ptr().add(c0 + 16 * h) as *const _);
+        RowEpilogue {
+            sw: [load(&w.scale, 0), load(&w.scale, 1)],
+            bias: [load(&w.bias, 0), load(&w.bias, 1)],
+            sums: [sums(0), sums(1)],
+            masks: [
+                ((1u32 << width.min(16)) - 1) as __mmask16,
+                ((1u64 << width.saturating_sub(16)) - 1) as __mmask16,
+            ],
+            width,
+            outputs: w.outputs,
+            c0,
+            act,
+        }
+    }
+
+    /// Scales the sums `a` of output row `row` (its two 16-column halves) into `y`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; `row < N` of `y [N, O]`, which no other thread writes
+    /// at this block.
+    #[inline(always)]
+    unsafe fn row(
+        &self,
+        a: [std::arch::x86_64::__m512i; 2],
+        q: &QuantRows,
+        row: usize,
+        y: SendPtr<f32>,
+    ) {
+        use std::arch::x86_64::*;
         let (sx, zx) = (_mm512_set1_ps(q.scale[row]), _mm512_set1_epi32(q.zero[row]));
-        let dst = y.get().add(row * w.outputs + c0);
-        for h in 0..2 {
-            if masks[h] == 0 {
+        let dst = y.get().add(row * self.outputs + self.c0);
+        let gelu = self.act == Some(Activation::Gelu);
+        for (h, a) in a.into_iter().enumerate() {
+            if self.masks[h] == 0 {
                 continue;
             }
-            let a = _mm512_loadu_si512(acc.as_ptr().add(r * BLOCK + 16 * h) as *const _);
-            let centred = _mm512_sub_epi32(a, _mm512_mullo_epi32(zx, sums[h]));
-            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sx, sw[h]));
-            let mut v = _mm512_add_ps(v, bias[h]);
+            let centred = _mm512_sub_epi32(a, _mm512_mullo_epi32(zx, self.sums[h]));
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(sx, self.sw[h]));
+            let mut v = _mm512_add_ps(v, self.bias[h]);
             if gelu {
                 v = crate::activation::gelu_avx512(v);
             }
-            _mm512_mask_storeu_ps(dst.add(16 * h), masks[h], v);
+            _mm512_mask_storeu_ps(dst.add(16 * h), self.masks[h], v);
         }
-        if let Some(act) = act.filter(|_| !gelu) {
-            crate::activation::activate_reduced(act, std::slice::from_raw_parts_mut(dst, width));
+        if let Some(act) = self.act.filter(|_| !gelu) {
+            crate::activation::activate_reduced(
+                act,
+                std::slice::from_raw_parts_mut(dst, self.width),
+            );
         }
     }
 }
@@ -634,7 +688,8 @@ const VNNI_ROWS: usize = 8;
 /// [`block_row_amx`]'s integer sums with AVX-512 VNNI: for each 4-input group, the tile row
 /// of 16 outputs × 4 int8 weights is one vector, each row's 4 uint8 inputs are broadcast to
 /// every lane, and `VPDPBUSD` adds the 16 four-term dot products; 8 rows × 32 outputs of
-/// accumulators stay in registers over the whole depth.
+/// accumulators stay in registers over the whole depth and go through the epilogue from
+/// there. Passes of rows past `N` (the padding of a short last block) are skipped.
 ///
 /// # Safety
 /// AVX-512 F / BW / VNNI must be available; `q` and `w` have the same depth; `y` holds
@@ -652,11 +707,12 @@ unsafe fn block_row_vnni(
 ) {
     use std::arch::x86_64::*;
     let kb = w.depth / DEPTH;
-    let mut acc = [0i32; BLOCK * BLOCK];
+    let rows = (n - rb * BLOCK).min(BLOCK);
     for cb in cols {
         let b0 = w.tiles.as_ptr().add(2 * cb * kb * TILE);
         let b1 = b0.add(kb * TILE);
-        for r0 in (0..BLOCK).step_by(VNNI_ROWS) {
+        let ep = RowEpilogue::new(w, cb * BLOCK, act);
+        for r0 in (0..rows).step_by(VNNI_ROWS) {
             let a = q.data.as_ptr().add((rb * BLOCK + r0) * w.depth);
             let mut c0 = [_mm512_setzero_si512(); VNNI_ROWS];
             let mut c1 = [_mm512_setzero_si512(); VNNI_ROWS];
@@ -674,13 +730,10 @@ unsafe fn block_row_vnni(
                     }
                 }
             }
-            let p = acc.as_mut_ptr().add(r0 * BLOCK);
-            for r in 0..VNNI_ROWS {
-                _mm512_storeu_si512(p.add(r * BLOCK) as *mut __m512i, c0[r]);
-                _mm512_storeu_si512(p.add(r * BLOCK + 16) as *mut __m512i, c1[r]);
+            for r in 0..(rows - r0).min(VNNI_ROWS) {
+                ep.row([c0[r], c1[r]], q, rb * BLOCK + r0 + r, y);
             }
         }
-        epilogue(&acc, q, n, w, rb, cb * BLOCK, act, y);
     }
 }
 
