@@ -200,3 +200,21 @@ pub(crate) unsafe fn matmul<T: crate::Float>(
         parallelism,
     )
 }
+
+/// Runs `f` on a worker of the current rayon pool when called from outside it, else in
+/// place. Every kernel is a parallel region: from a thread outside the pool, each region
+/// hands its work to the pool and puts the caller to sleep until it finishes (two wake-ups
+/// per region, dozens of regions per forward or training step); on a worker the caller
+/// works on its regions itself and only idle peers are woken. The kernels split work by
+/// the pool's size, not by the calling thread, so the results are the same bits.
+///
+/// `f` must not wait for another thread that itself needs this pool (with one worker that
+/// wait would never end): a forward or a training step, not a whole command.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its closure before returning")
+}

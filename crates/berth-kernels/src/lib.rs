@@ -37,6 +37,7 @@ pub use adamw::{
 };
 pub use attention::{reference_attention, varlen_attention, varlen_attention_dropout};
 pub use attention_window::window_attention;
+pub use cpu::on_pool;
 pub use cross_entropy::cross_entropy_rows;
 pub use dropout::{dropout, dropout_at, substream as seed_stream, DropSite};
 pub use encoder_layer::{

@@ -1,6 +1,6 @@
 //! Training-time dropout: a seed and a call counter, so every dropout site of a step draws
 //! its own reproducible mask (and a resumed run, given the same seed and step, the same ones).
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::Tensor;
 
@@ -14,10 +14,14 @@ use crate::error::Result;
 /// first tokens) at `sequence_offset + row`, selected token rows (labelled tokens) at
 /// `selected_offset + row`. A data-parallel rank's share of a batch,
 /// given the tokens and sequences before it, draws the masks the whole batch draws.
+///
+/// The call counter is atomic only so that a training step can move to a worker thread
+/// with its dropout ([`berth_kernels::cpu::on_pool`]); the sites of one forward still draw
+/// in program order, one thread at a time.
 #[derive(Debug)]
 pub struct Dropout {
     seed: u64,
-    calls: Cell<u64>,
+    calls: AtomicU64,
     token_offset: u64,
     sequence_offset: u64,
     selected_offset: u64,
@@ -34,7 +38,7 @@ impl Dropout {
     pub fn at(seed: u64, token_offset: u64, sequence_offset: u64) -> Self {
         Dropout {
             seed,
-            calls: Cell::new(0),
+            calls: AtomicU64::new(0),
             token_offset,
             sequence_offset,
             selected_offset: 0,
@@ -46,7 +50,7 @@ impl Dropout {
     pub fn with_selected_offset(&self, n: u64) -> Self {
         Dropout {
             seed: self.seed,
-            calls: Cell::new(self.calls.get()),
+            calls: AtomicU64::new(self.calls.load(Ordering::Relaxed)),
             token_offset: self.token_offset,
             sequence_offset: self.sequence_offset,
             selected_offset: n,
@@ -106,8 +110,7 @@ impl Dropout {
 
     /// A fresh seed for the next dropout site.
     pub fn next_seed(&self) -> u64 {
-        let n = self.calls.get();
-        self.calls.set(n + 1);
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
         berth_kernels::seed_stream(self.seed, n)
     }
 }

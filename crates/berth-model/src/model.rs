@@ -282,15 +282,9 @@ impl Model {
     /// autograd each layer is one fused op (no per-op gradient bookkeeping; its weights'
     /// gradients wait in the sink for `collect_grads`), the last computing only `rows`.
     fn encode(&self, batch: &Batch, d: Option<&Dropout>, rows: Option<&[u32]>) -> Result<Tensor> {
-        // Each kernel of a forward is a parallel region. Called from outside the pool, every
-        // region would hand its work to the pool's threads and put the caller to sleep until
-        // they finish (two wake-ups per region, ~40 regions a forward); run from a worker
-        // of the pool, the caller works on the regions itself and only its idle peers are
-        // woken. Short batches spend most of their time in those wake-ups otherwise.
-        if d.is_none() && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.encode_on_worker(batch, None, rows));
-        }
-        self.encode_on_worker(batch, d, rows)
+        // On a pool worker: short batches spend most of their time waking threads otherwise
+        // (see `on_pool`). Training steps move there whole, dropout included.
+        berth_kernels::on_pool(|| self.encode_on_worker(batch, d, rows))
     }
 
     fn encode_on_worker(

@@ -427,7 +427,7 @@ impl Default for BatchLoss {
 }
 
 /// What is being learned; see the module documentation.
-pub trait Objective {
+pub trait Objective: Sync {
     /// Reads, splits, labels and encodes the training and dev data.
     fn prepare(&mut self, env: &Env) -> Result<DataSummary>;
 

@@ -598,18 +598,29 @@ pub fn train(
                     tokens += all_tokens as usize;
                     continue;
                 }
-                let out = objective.loss(&nets, mine, batch_seed, dropout.as_ref())?;
-                if let Some(loss) = out.loss {
+                // Forward and backward on a pool worker (`on_pool`: their kernels' parallel
+                // regions would each wake the pool from this thread otherwise).
+                let objective: &dyn Objective = objective;
+                let (value, out_tokens) = berth_kernels::on_pool(|| -> Result<_> {
+                    let out = objective.loss(&nets, mine, batch_seed, dropout.as_ref())?;
+                    let Some(loss) = out.loss else {
+                        return Ok((None, out.tokens));
+                    };
                     let value = loss.to_scalar::<f32>()? as f64;
+                    if value.is_finite() {
+                        let scaled = (loss / lc.grad_accum as f64)?;
+                        opt.accumulate_grads(&nets.backward(&scaled)?, 1.0)?;
+                    }
+                    Ok((Some(value), out.tokens))
+                })?;
+                if let Some(value) = value {
                     if !value.is_finite() {
                         return Err(diverged(state.step + 1, "training loss", value));
                     }
                     loss_acc += value;
                     loss_count += 1;
-                    let scaled = (loss / lc.grad_accum as f64)?;
-                    opt.accumulate_grads(&nets.backward(&scaled)?, 1.0)?;
                 }
-                tokens += out.tokens;
+                tokens += out_tokens;
             }
             let c0 = Instant::now();
             if !summed {
@@ -617,12 +628,18 @@ pub fn train(
             }
             opt.touched_anywhere(collective)?;
             comm += c0.elapsed();
-            let grad_norm = opt.clip(lc.max_grad_norm);
+            let grad_norm = berth_kernels::on_pool(|| -> Result<f64> {
+                let grad_norm = opt.clip(lc.max_grad_norm);
+                // A non-finite norm skips the update: the weights stay as the last finite
+                // step left them.
+                if grad_norm.is_finite() {
+                    opt.step(lr)?;
+                }
+                Ok(grad_norm)
+            })?;
             if !grad_norm.is_finite() {
-                // Before the update: the weights stay as the last finite step left them.
                 return Err(diverged(state.step + 1, "gradient norm", grad_norm));
             }
-            opt.step(lr)?;
             state.step += 1;
             state.batch_in_epoch = group_start + group.len();
             state.epoch = epoch;
