@@ -462,7 +462,7 @@ impl rows::GroupProduct for PackedBf16 {
                 match kernel {
                     Bf16Kernel::Amx => block_row(a, rows, self, rb, cb..cb + 1, act, y),
                     Bf16Kernel::Avx512 => block_row_avx512(a, rows, self, rb, cb..cb + 1, act, y),
-                    Bf16Kernel::Avx512Fma => block_row_fma(a, rows, self, rb, cb..cb + 1, act, y),
+                    Bf16Kernel::Avx512Fma => unreachable!("widened once above"),
                 }
             }
         }
@@ -798,7 +798,8 @@ fn column_masks(width: usize) -> [u16; 2] {
 const ROWS_FMA: usize = 12;
 
 thread_local! {
-    /// [`block_row_fma`]'s block of `x` rows widened to f32.
+    /// Rows of `x` widened to f32: a block's in [`block_row_fma`], a row group's in
+    /// `PackedBf16::group_product`.
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
