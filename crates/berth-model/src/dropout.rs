@@ -16,7 +16,7 @@ use crate::error::Result;
 /// given the tokens and sequences before it, draws the masks the whole batch draws.
 ///
 /// The call counter is atomic only so that a training step can move to a worker thread
-/// with its dropout ([`berth_kernels::cpu::on_pool`]); the sites of one forward still draw
+/// with its dropout ([`berth_kernels::on_pool`]); the sites of one forward still draw
 /// in program order, one thread at a time.
 #[derive(Debug)]
 pub struct Dropout {
