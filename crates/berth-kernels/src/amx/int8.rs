@@ -566,10 +566,7 @@ impl RowEpilogue {
             sw: [load(&w.scale, 0), load(&w.scale, 1)],
             bias: [load(&w.bias, 0), load(&w.bias, 1)],
             sums: [sums(0), sums(1)],
-            masks: [
-                ((1u32 << width.min(16)) - 1) as __mmask16,
-                ((1u64 << width.saturating_sub(16)) - 1) as __mmask16,
-            ],
+            masks: super::column_masks(width),
             width,
             outputs: w.outputs,
             c0,
